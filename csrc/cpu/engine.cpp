@@ -1,0 +1,363 @@
+// The CPU engine: rnnfast::forward / rnnfast::backward for one layer in one direction.
+//
+// Forward: xg = x W_ih^T + b for all steps in ONE GEMM; per step the recurrent product
+// hg = h W_hh^T and ONE fused pointwise pass (csrc/cells.h) that writes h, c, the output and
+// the workspace. Backward: a reverse loop of one fused pointwise pass plus the recurrent
+// product per step; the gradients of x, W_ih, W_hh, W_hr and the biases as single GEMMs /
+// reductions over all steps. Buffers are allocated once per call, never per step.
+//
+// Variable lengths (packed sequences) are masks: row b is active at step t when t < len[b].
+// An inactive step keeps the row's state, writes a zero output and a zero gate gradient, so
+// both directions start each row from hx at its own first step.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include "../layer.h"
+#include "recurrent_product.h"
+
+namespace rnnfast {
+namespace {
+
+using at::Tensor;
+
+// Rows of pointwise work below this many scalar cell evaluations run on the calling thread:
+// a thread hand-off costs more than the work.
+constexpr int64_t kParallelGrainElements = 32768;
+
+int64_t row_grain(int64_t hidden_size) {
+  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, hidden_size));
+}
+
+// Raw pointers and sizes of one call, shared by the forward and backward loops.
+template <typename T>
+struct LayerView {
+  int64_t T_, B, I, H, P, G, W;
+  bool reverse;
+  const int64_t* lengths;  // [B] or nullptr (every row runs all T steps)
+
+  int64_t step_time(int64_t step) const { return reverse ? T_ - 1 - step : step; }
+  int64_t length_of(int64_t b) const { return lengths ? lengths[b] : T_; }
+  bool active(int64_t t, int64_t b) const { return t < length_of(b); }
+  // The step at which row b starts (its state before that step is hx[b]).
+  bool is_first_step(int64_t t, int64_t b) const {
+    return reverse ? t == length_of(b) - 1 : t == 0;
+  }
+  int64_t previous_time(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+template <typename T>
+LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse,
+                       const Tensor& lengths) {
+  LayerView<T> v;
+  v.T_ = s.steps;
+  v.B = s.batch;
+  v.I = s.input_size;
+  v.H = s.hidden_size;
+  v.P = s.state_size;
+  v.G = s.gate_size;
+  v.W = workspace_cols;
+  v.reverse = reverse;
+  v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  return v;
+}
+
+Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+template <typename Cell, typename T>
+void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
+                 const Tensor& b_hh_per_step, const Tensor& w_hr, Tensor& h_state,
+                 Tensor& c_state, Tensor& output, Tensor& workspace) {
+  using A = at::opmath_type<T>;
+  const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
+  const bool projecting = w_hr.defined();
+  const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  Tensor hg = at::empty({B, G}, xg.options());
+  Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
+  Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
+  RecurrentProduct<T> recurrent(w_hh, b_hh_per_step);      // hg = h W_hh^T (+ b_hh)
+  RecurrentProduct<T> projection(w_hr, Tensor());          // h = h_unprojected W_hr^T
+
+  const T* xg_data = xg.data_ptr<T>();
+  T* hg_data = hg.data_ptr<T>();
+  T* h_data = h_state.data_ptr<T>();  // [B, P]
+  A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
+  T* out_data = output.data_ptr<T>();
+  T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
+  T* hu_data = projecting ? h_unprojected.data_ptr<T>() : nullptr;
+
+  for (const auto step : c10::irange(v.T_)) {
+    const int64_t t = v.step_time(step);
+    recurrent.run(h_data, B, hg_data);
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b_begin, int64_t b_end) {
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        const int64_t row = t * B + b;
+        T* out_row = out_data + row * P;
+        T* ws_row = ws_data ? ws_data + row * W : nullptr;
+        if (!v.active(t, b)) {
+          std::fill(out_row, out_row + P, T(0));
+          if (ws_row) std::fill(ws_row, ws_row + W, T(0));
+          continue;
+        }
+        const T* xg_row = xg_data + row * G;
+        const T* hg_row = hg_data + b * G;
+        T* h_row = h_data + b * P;
+        A* c_row = c_data ? c_data + b * H : nullptr;
+        T* h_new_row = projecting ? hu_data + b * H : h_row;
+        for (int64_t j = 0; j < H; ++j) {
+          const A h_prev_j = Cell::kReadsPrevHidden ? A(h_row[j]) : A(0);
+          const A c_prev_j = c_row ? c_row[j] : A(0);
+          A h_new_j, c_new_j = A(0);
+          Cell::forward(static_cast<int>(H), static_cast<int>(j), xg_row, hg_row, h_prev_j,
+                        c_prev_j, h_new_j, c_new_j, ws_row);
+          h_new_row[j] = T(h_new_j);
+          if (c_row) c_row[j] = c_new_j;
+          if (!projecting) out_row[j] = T(h_new_j);
+        }
+        if (projecting && ws_row) {
+          std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
+        }
+      }
+    });
+    if (projecting) {
+      // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
+      T* hp_data = h_projected.data_ptr<T>();
+      projection.run(hu_data, B, hp_data);
+      for (const auto b : c10::irange(B)) {
+        if (!v.active(t, b)) continue;
+        std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
+        std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
+    c10::string_view cell, const Tensor& input_, const Tensor& hx_,
+    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
+    const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
+    bool save_workspace) {
+  const std::string cell_name(cell);
+  const LayerSizes s =
+      check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  const Tensor input = input_.contiguous();
+  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = contiguous_or_undefined(w_hr_);
+  const Tensor lengths = contiguous_or_undefined(lengths_);
+  const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
+
+  Tensor output = at::empty({s.steps, s.batch, s.state_size}, input.options());
+  Tensor h_state = hx_.contiguous().clone();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  Tensor c_state = cx_.has_value() ? cx_->to(acc_type).contiguous().clone()
+                                   : at::empty({0}, input.options().dtype(acc_type));
+  Tensor workspace = save_workspace ? at::empty({s.steps, s.batch, ws_cols}, input.options())
+                                    : at::empty({0}, input.options());
+
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
+    const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
+    Tensor xg, b_hh_per_step;
+    if (b_ih_.has_value()) {
+      const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
+      xg = at::addmm(bias, x2d, w_ih.t());
+      if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
+    } else {
+      xg = at::mm(x2d, w_ih.t());
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "rnnfast_forward_cpu", [&] {
+      const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      run_forward<Cell, scalar_t>(v, xg, w_hh, b_hh_per_step, w_hr, h_state, c_state, output,
+                                  workspace);
+    });
+  });
+  Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
+  return {output, h_state, c_n, workspace};
+}
+
+template <typename Cell, typename T>
+void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
+                  const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr,
+                  const Tensor& output, const Tensor& workspace, Tensor& dh_state,
+                  Tensor& dc_state, Tensor& dgate_x, Tensor& dgate_h, Tensor& dprojected) {
+  using A = at::opmath_type<T>;
+  const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
+  const bool projecting = w_hr.defined();
+  Tensor dh_direct = at::empty({B, P}, grad_output.options());
+  Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
+  // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
+  RecurrentProduct<T> recurrent_back(w_hh.t().contiguous(), Tensor());
+  // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
+  RecurrentProduct<T> projection_back(projecting ? w_hr.t().contiguous() : Tensor(), Tensor());
+
+  const T* go_data = grad_output.data_ptr<T>();
+  const T* hx_data = hx.data_ptr<T>();
+  const T* cx_data = Cell::kHasCellState ? cx.data_ptr<T>() : nullptr;
+  const T* out_data = output.data_ptr<T>();
+  const T* ws_data = W > 0 ? workspace.data_ptr<T>() : nullptr;
+  T* dh_data = dh_state.data_ptr<T>();
+  A* dc_data = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+  T* dgx_data = dgate_x.data_ptr<T>();
+  T* dgh_data = dgate_h.data_ptr<T>();
+  T* dhd_data = dh_direct.data_ptr<T>();
+  T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
+  T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
+
+  for (int64_t step = v.T_ - 1; step >= 0; --step) {
+    const int64_t t = v.step_time(step);
+    if (projecting) {
+      // dLoss/dh (projected) of this step, then back through W_hr.
+      for (const auto b : c10::irange(B)) {
+        T* dp_row = dp_data + (t * B + b) * P;
+        if (!v.active(t, b)) {
+          std::fill(dp_row, dp_row + P, T(0));
+          continue;
+        }
+        const T* go_row = go_data + (t * B + b) * P;
+        for (const auto k : c10::irange(P)) dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
+      }
+      projection_back.run(dp_data + t * B * P, B, dhu_data);
+    }
+    at::parallel_for(0, B, row_grain(H), [&](int64_t b_begin, int64_t b_end) {
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        const int64_t row = t * B + b;
+        T* dgx_row = dgx_data + row * G;
+        T* dgh_row = dgh_data + row * G;
+        T* dhd_row = dhd_data + b * P;
+        if (!v.active(t, b)) {
+          // The row's state passes through this step untouched.
+          std::fill(dgx_row, dgx_row + G, T(0));
+          if (Cell::kSeparateHiddenGateGrad) std::fill(dgh_row, dgh_row + G, T(0));
+          std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
+          continue;
+        }
+        const bool first = v.is_first_step(t, b);
+        const int64_t prev_row = v.previous_time(t) * B + b;
+        const T* go_row = go_data + row * P;
+        const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
+        const T* h_prev_row = first ? hx_data + b * P : out_data + prev_row * P;
+        // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
+        const T* c_prev_row = nullptr;
+        if (Cell::kHasCellState) {
+          c_prev_row = first ? cx_data + b * H : ws_data + prev_row * W + 4 * H;
+        }
+        if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
+        for (int64_t j = 0; j < H; ++j) {
+          const A dh_j = projecting ? A(dhu_data[b * H + j])
+                                    : A(go_row[j]) + A(dh_data[b * P + j]);
+          const A dc_j = dc_data ? dc_data[b * H + j] : A(0);
+          const A h_prev_j = Cell::kReadsPrevHidden ? A(h_prev_row[j]) : A(0);
+          const A c_prev_j = c_prev_row ? A(c_prev_row[j]) : A(0);
+          A dc_prev_j = A(0), dh_prev_direct_j = A(0);
+          Cell::backward(static_cast<int>(H), static_cast<int>(j), saved_row, h_prev_j,
+                         c_prev_j, dh_j, dc_j, dgx_row, dgh_row, dc_prev_j, dh_prev_direct_j);
+          if (dc_data) dc_data[b * H + j] = dc_prev_j;
+          if (!projecting) dhd_row[j] = T(dh_prev_direct_j);
+        }
+      }
+    });
+    // dh_prev = dh_direct + dgate_h[t] W_hh
+    const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
+    recurrent_back.run_accumulate(dgate_step, B, dhd_data, dh_data);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    c10::string_view cell, const Tensor& grad_output_, const Tensor& grad_h_n_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const Tensor& hx_,
+    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
+    const Tensor& output_, const Tensor& workspace_, bool input_grad) {
+  const std::string cell_name(cell);
+  const LayerSizes s = check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
+                                        std::nullopt, w_hr_, lengths_);
+  check_backward_args(s, input_, grad_output_, grad_h_n_, grad_c_n_, output_, workspace_);
+  const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
+  const int64_t ws_cols = workspace_width(s.kind, H, s.has_projection);
+  const Tensor input = input_.contiguous(), hx = hx_.contiguous();
+  const Tensor cx = contiguous_or_undefined(cx_);
+  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = contiguous_or_undefined(w_hr_);
+  const Tensor lengths = contiguous_or_undefined(lengths_);
+  const Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
+  const Tensor workspace = workspace_.contiguous();
+  const auto options = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+
+  Tensor dh_state = grad_h_n_.contiguous().clone();
+  Tensor dc_state;
+  if (cx.defined()) {
+    dc_state = grad_c_n_.has_value() ? grad_c_n_->to(acc_type).contiguous().clone()
+                                     : at::zeros({B, H}, options.dtype(acc_type));
+  }
+  Tensor dgate_x = at::empty({T_, B, G}, options);
+  const bool separate = dispatch_cell(s.kind, [](auto c) { return decltype(c)::kSeparateHiddenGateGrad; });
+  Tensor dgate_h = separate ? at::empty({T_, B, G}, options) : dgate_x;
+  Tensor dprojected = s.has_projection ? at::empty({T_, B, P}, options) : Tensor();
+
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "rnnfast_backward_cpu", [&] {
+      const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
+                                   dh_state, dc_state, dgate_x, dgate_h, dprojected);
+    });
+  });
+
+  // Gradients of everything else: single GEMMs / reductions over all T * B rows.
+  const Tensor dgx2d = dgate_x.view({T_ * B, G});
+  const Tensor dgh2d = dgate_h.view({T_ * B, G});
+  Tensor grad_input = input_grad ? at::mm(dgx2d, w_ih).view({T_, B, s.input_size})
+                                 : at::empty({0}, options);
+  Tensor grad_w_ih = at::mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  Tensor grad_b_ih = has_bias ? dgx2d.sum(0) : at::empty({0}, options);
+  Tensor grad_b_hh = has_bias ? (separate ? dgh2d.sum(0) : grad_b_ih.clone()) : at::empty({0}, options);
+
+  // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
+  // (zero where that step was inactive, matching a zero gate gradient), except at each row's
+  // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps.
+  Tensor grad_w_hh = at::zeros({G, P}, options);
+  if (T_ > 1) {
+    const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
+    const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
+    grad_w_hh.addmm_(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
+  }
+  if (T_ > 0) {
+    Tensor first_dgate;
+    if (!reverse) {
+      first_dgate = dgate_h[0];
+    } else if (!lengths.defined()) {
+      first_dgate = dgate_h[T_ - 1];
+    } else {
+      // Row b starts at t = len[b] - 1; rows of length 0 never run.
+      const Tensor first_rows = (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+      first_dgate = dgate_h.view({T_ * B, G}).index_select(0, first_rows);
+      first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+    }
+    grad_w_hh.addmm_(first_dgate.t(), hx);
+  }
+  Tensor grad_w_hr = at::empty({0}, options);
+  if (s.has_projection) {
+    const Tensor h_unprojected = workspace.view({T_ * B, ws_cols}).narrow(1, ws_cols - H, H);
+    grad_w_hr = at::mm(dprojected.view({T_ * B, P}).t(), h_unprojected);
+  }
+  Tensor grad_cx = cx.defined() ? dc_state.to(input.scalar_type()) : at::empty({0}, options);
+  return {grad_input, dh_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace
+}  // namespace rnnfast
+
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("forward", &rnnfast::forward_cpu);
+  m.impl("backward", &rnnfast::backward_cpu);
+}

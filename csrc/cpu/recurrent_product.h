@@ -1,0 +1,75 @@
+// The per-step matrix product of the CPU engine: out[B, N] = in[B, K] M[N, K]^T (+ bias[N]).
+//
+// Inside the time loop the product is small (the batch times one weight matrix), so the fixed
+// cost of a library GEMM call dominates at small sizes; there a plain loop over the rows of M
+// runs without any call or allocation. Larger products go to ATen's GEMM.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+namespace rnnfast {
+
+template <typename T>
+class RecurrentProduct {
+ public:
+  // matrix: [N, K] contiguous (or undefined: the product is never run); bias: [N] or undefined.
+  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias)
+      : matrix_(matrix.defined() ? matrix.contiguous() : matrix),
+        bias_(bias.defined() ? bias.contiguous() : bias) {
+    if (matrix_.defined()) {
+      n_ = matrix_.size(0);
+      k_ = matrix_.size(1);
+    }
+  }
+
+  // out[B, N] = in[B, K] M^T (+ bias)
+  void run(const T* in, int64_t batch, T* out) const {
+    compute(in, batch, bias_.defined() ? bias_.template data_ptr<T>() : nullptr, 0, out);
+  }
+
+  // out[B, N] = addend[B, N] + in[B, K] M^T
+  void run_accumulate(const T* in, int64_t batch, const T* addend, T* out) const {
+    compute(in, batch, addend, n_, out);
+  }
+
+ private:
+  // addend has row stride `addend_stride` (0: one bias row shared by all rows).
+  void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
+               T* out) const {
+    if (batch * n_ * k_ <= kLoopLimit) {
+      using A = at::opmath_type<T>;
+      const T* m = matrix_.template data_ptr<T>();
+      for (int64_t b = 0; b < batch; ++b) {
+        const T* in_row = in + b * k_;
+        for (int64_t n = 0; n < n_; ++n) {
+          const T* m_row = m + n * k_;
+          A acc = addend ? A(addend[b * addend_stride + n]) : A(0);
+          for (int64_t k = 0; k < k_; ++k) acc += A(in_row[k]) * A(m_row[k]);
+          out[b * n_ + n] = T(acc);
+        }
+      }
+      return;
+    }
+    const auto options = matrix_.options();
+    const at::Tensor in_t = at::from_blob(const_cast<T*>(in), {batch, k_}, options);
+    at::Tensor out_t = at::from_blob(out, {batch, n_}, options);
+    if (addend == nullptr) {
+      at::mm_out(out_t, in_t, matrix_.t());
+    } else {
+      const at::Tensor addend_t =
+          addend_stride == 0
+              ? at::from_blob(const_cast<T*>(addend), {n_}, options)
+              : at::from_blob(const_cast<T*>(addend), {batch, n_}, options);
+      at::addmm_out(out_t, addend_t, in_t, matrix_.t());
+    }
+  }
+
+  // Products up to this many multiply-adds run as a plain loop.
+  static constexpr int64_t kLoopLimit = 4096;
+
+  at::Tensor matrix_, bias_;
+  int64_t n_ = 0, k_ = 0;
+};
+
+}  // namespace rnnfast

@@ -1,0 +1,192 @@
+// Op schemas of rnnfast and the argument checks every engine shares.
+//
+// One op pair runs ONE layer in ONE direction over a whole (padded, time-major) sequence:
+//   rnnfast::forward   input [T, B, I] -> output [T, B, P], h_n [B, P], c_n [B, H] (LSTM),
+//                      workspace [T, B, W] (what the backward needs; empty unless asked for)
+//   rnnfast::backward  the gradients of all of forward's tensor inputs.
+// Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "layer.h"
+
+// Built as a Python extension module so that `import rnnfast._C` loads the op registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+#ifdef RNNFAST_WITH_CUDA
+    PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+    PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  }
+  return module;
+}
+
+namespace rnnfast {
+
+CellKind cell_from_name(const std::string& name) {
+  if (name == "lstm") return CellKind::LstmTanh;
+  if (name == "lstm_relu") return CellKind::LstmRelu;
+  if (name == "lstm_sigmoid") return CellKind::LstmSigmoid;
+  if (name == "gru") return CellKind::Gru;
+  if (name == "rnn_tanh") return CellKind::RnnTanh;
+  if (name == "rnn_relu") return CellKind::RnnRelu;
+  if (name == "rnn_sigmoid") return CellKind::RnnSigmoid;
+  TORCH_CHECK_VALUE(false, "rnnfast: cell must be one of 'lstm', 'lstm_relu', 'lstm_sigmoid', "
+                    "'gru', 'rnn_tanh', 'rnn_relu', 'rnn_sigmoid', got '", name, "'");
+}
+
+namespace {
+
+int gates_of(CellKind kind) {
+  return dispatch_cell(kind, [](auto cell) { return decltype(cell)::kGates; });
+}
+
+bool has_cell_state(CellKind kind) {
+  return dispatch_cell(kind, [](auto cell) { return decltype(cell)::kHasCellState; });
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+// Checks that `t` has exactly `expected` as its shape; the message names the argument.
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                 const char* meaning) {
+  TORCH_CHECK(t.sizes() == expected, "rnnfast: ", name, " must have shape ", expected, " (",
+              meaning, "), got ", shape_of(t));
+}
+
+void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast: ", name, " must have the dtype "
+              "of input (", input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "rnnfast: ", name, " must be on the device of "
+              "input (", input.device(), "), got ", t.device());
+}
+
+}  // namespace
+
+int64_t workspace_width(CellKind kind, int64_t hidden_size, bool has_projection) {
+  const int64_t saved = dispatch_cell(kind, [](auto cell) { return decltype(cell)::kSavedPerUnit; });
+  // With a projection the LSTM also keeps the unprojected h for the gradient of w_hr.
+  return (saved + (has_projection ? 1 : 0)) * hidden_size;
+}
+
+LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
+                            const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& b_hh,
+                            const std::optional<at::Tensor>& w_hr,
+                            const std::optional<at::Tensor>& lengths) {
+  LayerSizes s{};
+  s.kind = cell_from_name(cell);
+  TORCH_CHECK(input.dim() == 3, "rnnfast: input must be 3-D [T, B, input_size], got ",
+              input.dim(), "-D input of shape ", shape_of(input));
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "rnnfast: input must be a floating "
+              "point tensor, got ", input.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2, "rnnfast: w_ih must be 2-D [gates * hidden_size, input_size], "
+              "got shape ", shape_of(w_ih));
+  TORCH_CHECK(w_hh.dim() == 2, "rnnfast: w_hh must be 2-D [gates * hidden_size, state_size], "
+              "got shape ", shape_of(w_hh));
+  const int gates = gates_of(s.kind);
+  s.steps = input.size(0);
+  s.batch = input.size(1);
+  s.input_size = input.size(2);
+  s.gate_size = w_ih.size(0);
+  TORCH_CHECK(s.gate_size % gates == 0 && s.gate_size > 0, "rnnfast: w_ih.size(0) must be a "
+              "positive multiple of ", gates, " (the gates of '", cell, "'), got ", s.gate_size);
+  s.hidden_size = s.gate_size / gates;
+  s.has_projection = w_hr.has_value() && w_hr->defined();
+  s.state_size = s.has_projection ? w_hr->size(0) : s.hidden_size;
+  s.has_lengths = lengths.has_value() && lengths->defined();
+
+  TORCH_CHECK(w_ih.size(1) == s.input_size, "rnnfast: input.size(-1) must be equal to "
+              "input_size = ", w_ih.size(1), " (w_ih.size(1)), got ", s.input_size);
+  check_like_input(w_ih, "w_ih", input);
+  check_shape(w_hh, "w_hh", {s.gate_size, s.state_size}, "gates * hidden_size, state_size");
+  check_like_input(w_hh, "w_hh", input);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfast: b_ih and b_hh must be given "
+              "together or not at all");
+  if (b_ih.has_value()) {
+    check_shape(*b_ih, "b_ih", {s.gate_size}, "gates * hidden_size");
+    check_like_input(*b_ih, "b_ih", input);
+    check_shape(*b_hh, "b_hh", {s.gate_size}, "gates * hidden_size");
+    check_like_input(*b_hh, "b_hh", input);
+  }
+  if (s.has_projection) {
+    TORCH_CHECK(has_cell_state(s.kind), "rnnfast: w_hr (a projection) is only for LSTM cells, "
+                "got cell '", cell, "'");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
+                    w_hr->size(0) < s.hidden_size,
+                "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
+                "] with 0 < proj_size < hidden_size, got ", shape_of(*w_hr));
+    check_like_input(*w_hr, "w_hr", input);
+  }
+  check_shape(hx, "hx", {s.batch, s.state_size}, "batch, state_size");
+  check_like_input(hx, "hx", input);
+  if (has_cell_state(s.kind)) {
+    TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '", cell,
+                "'");
+    check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
+    check_like_input(*cx, "cx", input);
+  } else {
+    TORCH_CHECK(!cx.has_value(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
+  }
+  if (s.has_lengths) {
+    TORCH_CHECK(lengths->scalar_type() == at::kLong, "rnnfast: lengths must be int64, got ",
+                lengths->scalar_type());
+    check_shape(*lengths, "lengths", {s.batch}, "batch");
+    TORCH_CHECK(lengths->device() == input.device(), "rnnfast: lengths must be on the device "
+                "of input (", input.device(), "), got ", lengths->device());
+    if (s.batch > 0) {
+      // One host read per call (not per step): bad lengths would index out of the sequence.
+      const auto range = at::aminmax(*lengths);
+      const int64_t lo = std::get<0>(range).item<int64_t>();
+      const int64_t hi = std::get<1>(range).item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= s.steps, "rnnfast: lengths must lie in [0, T = ", s.steps,
+                  "], got values from ", lo, " to ", hi);
+    }
+  }
+  return s;
+}
+
+void check_backward_args(const LayerSizes& s, const at::Tensor& input,
+                         const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
+                         const at::Tensor& workspace) {
+  check_shape(grad_output, "grad_output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
+  check_like_input(grad_output, "grad_output", input);
+  check_shape(grad_h_n, "grad_h_n", {s.batch, s.state_size}, "B, state_size");
+  check_like_input(grad_h_n, "grad_h_n", input);
+  if (grad_c_n.has_value()) {
+    TORCH_CHECK(has_cell_state(s.kind), "rnnfast: grad_c_n is only for LSTM cells");
+    check_shape(*grad_c_n, "grad_c_n", {s.batch, s.hidden_size}, "B, hidden_size");
+    check_like_input(*grad_c_n, "grad_c_n", input);
+  }
+  check_shape(output, "output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
+  check_shape(workspace, "workspace",
+              {s.steps, s.batch, workspace_width(s.kind, s.hidden_size, s.has_projection)},
+              "T, B, saved values; run forward with save_workspace=True");
+}
+
+}  // namespace rnnfast
+
+TORCH_LIBRARY(rnnfast, m) {
+  m.def(
+      "forward(str cell, Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "bool save_workspace) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+  m.def(
+      "backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
+      "Tensor? lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad) -> "
+      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+}

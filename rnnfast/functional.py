@@ -1,0 +1,53 @@
+"""Multi-layer, bidirectional recurrent networks on top of rnnfast's one-layer ops.
+
+Everything here works on time-major tensors: input [T, B, I]. The modules (rnnfast/modules.py)
+translate batch_first, unbatched and packed inputs to this form.
+"""
+import torch
+import torch.nn.functional as F
+
+from rnnfast import _ops  # noqa: F401  (loads the extension and registers the ops)
+
+
+def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
+          reverse=False):
+    """One layer in one direction.
+
+    input [T, B, I]; hx [B, P]; cx [B, H] (LSTM cells) or None; w_ih [G, I]; w_hh [G, P];
+    b_ih, b_hh [G] or None; w_hr [P, H] (LSTM projection) or None; lengths [B] int64 on the
+    input's device or None (row b runs steps 0 .. lengths[b] - 1; later outputs are zero).
+    Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
+    output, h_n, c_n, _ = torch.ops.rnnfast.forward(
+        cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, needs_grad)
+    return output, h_n, c_n
+
+
+def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0,
+            training=False, lengths=None):
+    """num_layers layers of `cell`, each in one or two directions, dropout between layers.
+
+    input [T, B, I]; hx [L * D, B, P]; cx [L * D, B, H] or None;
+    weights: for each layer and direction (in torch.nn's order: l0, l0_reverse, l1, ...) a
+    tuple (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
+    Returns output [T, B, D * P], h_n [L * D, B, P], c_n [L * D, B, H] or None.
+    """
+    directions = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    x = input
+    for index in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = index * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            out, h, c = layer(cell, x, hx[k], cx[k] if cx is not None else None, w_ih, w_hh,
+                              b_ih, b_hh, w_hr, lengths, reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and index < num_layers - 1:
+            x = F.dropout(x, p=dropout, training=True)
+    return x, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)

@@ -1,0 +1,78 @@
+"""Builds rnnfast and its compiled extension rnnfast._C.
+
+The extension holds the op schemas and the CPU engine; when torch was built with CUDA and
+nvcc is found, the CUDA engine (csrc/cuda) is compiled into it too. Build without build
+isolation so the extension is compiled against the torch that is installed:
+
+    pip install -e . --no-build-isolation
+"""
+import glob
+import importlib.util
+import os
+
+from setuptools import find_packages, setup
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def source_hash():
+    """The sources' fingerprint; `import rnnfast` compares it to spot a stale build."""
+    spec = importlib.util.spec_from_file_location(
+        "rnnfast_source_hash", os.path.join(ROOT, "rnnfast", "_source_hash.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(ROOT)
+
+
+def relative_sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17"]
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("RNNFAST_NO_CUDA", "0") != "1"
+    )
+    cuda_sources = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
+    if with_cuda and cuda_sources:
+        # sm_80 and sm_90 unless the user names architectures.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "rnnfast._C",
+            sources + cuda_sources,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DRNNFAST_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "-DRNNFAST_WITH_CUDA"],
+            },
+        )
+    return CppExtension("rnnfast._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+
+class BuildWithSourceHash(BuildExtension.with_options(use_ninja=True)):
+    """Builds the extension, then records which sources it was built from in rnnfast/_built_from.py."""
+
+    def run(self):
+        super().run()
+        stamp = f'"""Written by setup.py after a successful build."""\nSOURCE_HASH = "{source_hash()}"\n'
+        for folder in {os.path.join(ROOT, "rnnfast"), os.path.join(self.build_lib, "rnnfast")}:
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, "_built_from.py"), "w") as out:
+                    out.write(stamp)
+
+
+setup(
+    name="rnnfast",
+    version="0.1.0",
+    description="Fused LSTM, GRU and Elman layers for PyTorch: drop-in replacements for torch.nn",
+    packages=find_packages(include=["rnnfast", "rnnfast.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildWithSourceHash},
+    zip_safe=False,
+)
