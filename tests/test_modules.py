@@ -1,0 +1,719 @@
+"""rnnfast.LSTM/GRU/RNN and the cells against torch.nn (and, for the variants
+torch.nn lacks, against the plain loops in tests/reference.py).
+
+Every comparison covers the outputs, h_n, c_n and the gradients of the input,
+h0, c0 and every parameter, under a loss that weights every output element
+with fresh random weights.  Tolerance: ||a-b||_inf / ||b||_inf <= 1e-5
+(float32), 1e-10 (float64), the same on every device.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from reference import ReferenceCell, ReferenceRNN
+
+CPU = torch.device("cpu")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
+
+
+def assert_close_rel(actual, expected, what=""):
+    """||actual - expected||_inf / ||expected||_inf <= 1e-5 (f32) / 1e-10 (f64)."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, (
+            f"{what}: got {'None' if actual is None else 'a tensor'}, "
+            f"expected {'None' if expected is None else 'a tensor'}")
+        return
+    assert isinstance(actual, torch.Tensor), f"{what}: got {type(actual)}, expected a tensor"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype}"
+    tol = TOL[expected.dtype]
+    a = actual.detach().to(CPU, torch.float64)
+    b = expected.detach().to(CPU, torch.float64)
+    assert torch.isfinite(b).all(), f"{what}: the expected value itself is not finite"
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    ref = b.abs().max().item() if b.numel() else 0.0
+    if ref == 0.0:
+        assert err == 0.0, f"{what}: expected all zeros, got max abs {err:.3e}"
+    else:
+        rel = err / ref
+        assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.0e} (max abs err {err:.3e}, ||expected||_inf {ref:.3e})"
+
+
+def compare_results(actual, expected, label=""):
+    assert sorted(actual) == sorted(expected), f"{label}: result keys differ: {sorted(actual)} vs {sorted(expected)}"
+    for k in expected:
+        assert_close_rel(actual[k], expected[k], f"{label}{k}")
+
+
+# --------------------------------------------------------------------------
+# What is compared: the specs of the layers and cells
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    mode: str          # 'LSTM', 'GRU', 'RNN'
+    act: str = "tanh"  # LSTM activation / Elman nonlinearity
+    proj: bool = False
+    extra: bool = False  # not in torch.nn: compared against tests/reference.py
+
+    def __str__(self):
+        return self.name
+
+
+STANDARD = [
+    Spec("LSTM", "LSTM"),
+    Spec("LSTM-proj", "LSTM", proj=True),
+    Spec("GRU", "GRU"),
+    Spec("RNN-tanh", "RNN", "tanh"),
+    Spec("RNN-relu", "RNN", "relu"),
+]
+EXTRAS = [
+    Spec("RNN-sigmoid", "RNN", "sigmoid", extra=True),
+    Spec("LSTM-relu", "LSTM", "relu", extra=True),
+    Spec("LSTM-relu-proj", "LSTM", "relu", proj=True, extra=True),
+    Spec("LSTM-sigmoid", "LSTM", "sigmoid", extra=True),
+]
+ALL_SPECS = STANDARD + EXTRAS
+
+CELL_STANDARD = [Spec("LSTMCell", "LSTM"), Spec("GRUCell", "GRU"),
+                 Spec("RNNCell-tanh", "RNN", "tanh"), Spec("RNNCell-relu", "RNN", "relu")]
+CELL_EXTRAS = [Spec("RNNCell-sigmoid", "RNN", "sigmoid", extra=True),
+               Spec("LSTMCell-relu", "LSTM", "relu", extra=True),
+               Spec("LSTMCell-sigmoid", "LSTM", "sigmoid", extra=True)]
+
+
+def _skip_extra_on_torch_nn(rf, spec):
+    if spec.extra and getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("harness check against torch.nn: torch.nn has no such variant")
+
+
+def _act_kwargs(spec):
+    if spec.mode == "RNN":
+        return {"nonlinearity": spec.act}
+    if spec.mode == "LSTM" and spec.act != "tanh":
+        return {"activation": spec.act}
+    return {}
+
+
+def rnnfast_layer(rf, spec, cfg, dtype, device):
+    kw = dict(cfg)
+    if spec.mode != "LSTM":
+        kw.pop("proj_size", None)
+    return getattr(rf, spec.mode)(**kw, **_act_kwargs(spec), device=device, dtype=dtype)
+
+
+def expected_layer(spec, cfg, dtype):
+    """torch.nn on the cpu, or the reference loop for the extras."""
+    kw = dict(cfg)
+    if spec.mode != "LSTM":
+        kw.pop("proj_size", None)
+    if spec.extra:
+        return ReferenceRNN(spec.mode, **kw, act=spec.act, dtype=dtype)
+    if spec.mode == "RNN":
+        kw["nonlinearity"] = spec.act
+    return getattr(nn, spec.mode)(**kw, dtype=dtype)
+
+
+def rnnfast_cell(rf, spec, cfg, dtype, device):
+    return getattr(rf, spec.mode + "Cell")(**cfg, **_act_kwargs(spec), device=device, dtype=dtype)
+
+
+def expected_cell(spec, cfg, dtype):
+    if spec.extra:
+        return ReferenceCell(spec.mode, **cfg, act=spec.act, dtype=dtype)
+    kw = {"nonlinearity": spec.act} if spec.mode == "RNN" else {}
+    return getattr(nn, spec.mode + "Cell")(**cfg, **kw, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# Harness: run a module, weight every output with random weights, backprop
+# --------------------------------------------------------------------------
+
+def evaluate(module, device, leaves, call, loss_w=None):
+    """leaves: dict of cpu tensors (input, h0, c0) that become grad leaves on
+    `device`; call(module, leaves) -> (dict of outputs, metadata).
+    Returns ({outputs, grad_<leaf>, grad_<param>}, metadata, loss weights)."""
+    leaves = {k: v.detach().to(device).requires_grad_() for k, v in leaves.items()}
+    before = {k: v.detach().clone() for k, v in leaves.items()}
+    outs, meta = call(module, leaves)
+    for k, v in outs.items():
+        assert v.device.type == device.type, f"{k} is on {v.device}, expected {device}"
+    for k, v in leaves.items():
+        assert torch.equal(v.detach(), before[k]), f"the module modified its argument {k} in place"
+    if loss_w is None:
+        loss_w = {k: torch.randn(v.shape, dtype=v.dtype) for k, v in outs.items()}
+    loss = sum((outs[k] * loss_w[k].to(device)).sum() for k in sorted(outs))
+    for p in module.parameters():
+        p.grad = None
+    loss.backward()
+    res = {k: v.detach() for k, v in outs.items()}
+    for k, v in leaves.items():
+        res["grad_" + k] = v.grad
+    for n, p in module.named_parameters():
+        res["grad_" + n] = p.grad
+    return res, meta, loss_w
+
+
+def layer_call(is_lstm, lengths, batch_first):
+    def call(module, leaves):
+        x = leaves["input"]
+        if lengths is not None:
+            x = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        if "h0" in leaves:
+            hx = (leaves["h0"], leaves["c0"]) if is_lstm else leaves["h0"]
+            result = module(x, hx)
+        else:
+            result = module(x)
+        assert isinstance(result, tuple) and len(result) == 2, "forward must return (output, h_n)"
+        output, hn = result
+        meta = None
+        if lengths is not None:
+            assert isinstance(output, PackedSequence), f"packed input must give a PackedSequence, got {type(output)}"
+            meta = (output.batch_sizes, output.sorted_indices, output.unsorted_indices)
+            output = output.data
+        else:
+            assert isinstance(output, torch.Tensor) and not isinstance(output, PackedSequence)
+        outs = {"output": output}
+        if is_lstm:
+            assert isinstance(hn, tuple) and len(hn) == 2, "LSTM must return (output, (h_n, c_n))"
+            outs["h_n"], outs["c_n"] = hn
+        else:
+            assert isinstance(hn, torch.Tensor), "GRU/RNN must return (output, h_n) with a tensor h_n"
+            outs["h_n"] = hn
+        return outs, meta
+    return call
+
+
+def cell_call(is_lstm):
+    def call(module, leaves):
+        x = leaves["input"]
+        if "h0" in leaves:
+            hx = (leaves["h0"], leaves["c0"]) if is_lstm else leaves["h0"]
+            result = module(x, hx)
+        else:
+            result = module(x)
+        if is_lstm:
+            assert isinstance(result, tuple) and len(result) == 2, "LSTMCell must return (h, c)"
+            return {"h": result[0], "c": result[1]}, None
+        assert isinstance(result, torch.Tensor)
+        return {"h": result}, None
+    return call
+
+
+def compare_meta(actual, expected):
+    if expected is None:
+        assert actual is None
+        return
+    for name, a, b in zip(("batch_sizes", "sorted_indices", "unsorted_indices"), actual, expected):
+        assert torch.equal(a.cpu(), b.cpu()), f"PackedSequence.{name}: {a} != {b}"
+
+
+def rand_int(lo, hi):
+    """Uniform integer in [lo, hi] from the (per-test seeded) global generator."""
+    return int(torch.randint(lo, hi + 1, ()).item())
+
+
+def layer_case(spec, *, num_layers, bidirectional, batch_first, bias, layout, hx_given,
+               dtype, dropout=0.0, sizes=None):
+    """Random sizes and inputs for one layer test -> (cfg, leaves, lengths)."""
+    if sizes is None:
+        sizes = dict(T=rand_int(1, 6), B=rand_int(2 if layout == "packed" else 1, 4),
+                     I=rand_int(1, 4), H=rand_int(2, 5))
+    T, B, I, H = sizes["T"], sizes["B"], sizes["I"], sizes["H"]
+    P = sizes.get("P", rand_int(1, H - 1) if spec.proj else 0)
+    cfg = dict(input_size=I, hidden_size=H, num_layers=num_layers, bias=bias,
+               batch_first=batch_first, dropout=dropout, bidirectional=bidirectional)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = P
+    D = 2 if bidirectional else 1
+    H_out = P if P > 0 else H
+    lengths = None
+    if layout == "unbatched":
+        x = torch.randn(T, I, dtype=dtype)
+        state_shape = (num_layers * D,)
+    else:
+        x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype)
+        state_shape = (num_layers * D, B)
+        if layout == "packed":
+            # random lengths including the maximum, not already sorted, so
+            # that enforce_sorted=False really permutes the batch (and hx)
+            lengths = torch.randint(1, T + 1, (B,))
+            lengths[torch.randint(0, B, ())] = T
+            if bool((lengths[:-1] >= lengths[1:]).all()):
+                lengths = lengths.flip(0)
+    leaves = {"input": x}
+    if hx_given:
+        leaves["h0"] = torch.randn(*state_shape, H_out, dtype=dtype)
+        if spec.mode == "LSTM":
+            leaves["c0"] = torch.randn(*state_shape, H, dtype=dtype)
+    return cfg, leaves, lengths
+
+
+def check_layer(rf, spec, device, dtype, *, train=True, make_actual=None, make_expected=None,
+                sizes=None, **case):
+    """Build the expected module on the cpu, load its state_dict into rnnfast
+    (strict) on `device`, compare everything; on a non-cpu device also compare
+    with rnnfast on the cpu.  make_actual(cfg, device) / make_expected(cfg)
+    override how the two modules are built."""
+    cfg, leaves, lengths = layer_case(spec, dtype=dtype, sizes=sizes, **case)
+    make_actual = make_actual or (lambda cfg, dev: rnnfast_layer(rf, spec, cfg, dtype, dev))
+    make_expected = make_expected or (lambda cfg: expected_layer(spec, cfg, dtype))
+    expected = make_expected(cfg).train(train)
+    actual = make_actual(cfg, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    actual.train(train)
+    call = layer_call(spec.mode == "LSTM", lengths, cfg["batch_first"])
+    exp, exp_meta, w = evaluate(expected, CPU, leaves, call)
+    got, got_meta, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp)
+    compare_meta(got_meta, exp_meta)
+    if device.type != "cpu":
+        on_cpu = make_actual(cfg, CPU)
+        on_cpu.load_state_dict(actual.state_dict(), strict=True)
+        on_cpu.train(train)
+        cpu_res, cpu_meta, _ = evaluate(on_cpu, CPU, leaves, call, w)
+        compare_results(got, cpu_res, f"{device.type} vs cpu: ")
+        compare_meta(got_meta, cpu_meta)
+
+
+def check_cell(rf, spec, device, dtype, *, bias, unbatched, hx_given, make_actual=None, sizes=None):
+    s = sizes or dict(B=rand_int(1, 4), I=rand_int(1, 4), H=rand_int(1, 5))
+    cfg = dict(input_size=s["I"], hidden_size=s["H"], bias=bias)
+    make_actual = make_actual or (lambda dev: rnnfast_cell(rf, spec, cfg, dtype, dev))
+    batch = () if unbatched else (s["B"],)
+    leaves = {"input": torch.randn(*batch, s["I"], dtype=dtype)}
+    if hx_given:
+        leaves["h0"] = torch.randn(*batch, s["H"], dtype=dtype)
+        if spec.mode == "LSTM":
+            leaves["c0"] = torch.randn(*batch, s["H"], dtype=dtype)
+    expected = expected_cell(spec, cfg, dtype)
+    actual = make_actual(device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = cell_call(spec.mode == "LSTM")
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp)
+    if device.type != "cpu":
+        on_cpu = make_actual(CPU)
+        on_cpu.load_state_dict(actual.state_dict(), strict=True)
+        cpu_res, _, _ = evaluate(on_cpu, CPU, leaves, call, w)
+        compare_results(got, cpu_res, f"{device.type} vs cpu: ")
+
+
+# --------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------
+
+LAYOUTS = ["batched", "unbatched", "packed"]  # packed+unbatched does not exist
+GRID = [
+    pytest.mark.parametrize("dtype", DTYPES),
+    pytest.mark.parametrize("hx_given", [False, True], ids=["nohx", "hx"]),
+    pytest.mark.parametrize("layout", LAYOUTS),
+    pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"]),
+    pytest.mark.parametrize("batch_first", [False, True], ids=["seqfirst", "batchfirst"]),
+    pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"]),
+    pytest.mark.parametrize("num_layers", [1, 2, 3], ids=["L1", "L2", "L3"]),
+]
+
+
+def grid(f):
+    for mark in GRID:
+        f = mark(f)
+    return f
+
+
+@grid
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_layer_matches_torch(rf, device, spec, num_layers, bidirectional, batch_first, bias,
+                             layout, hx_given, dtype):
+    """rnnfast.LSTM/GRU/RNN == torch.nn (extras: == tests/reference.py)."""
+    _skip_extra_on_torch_nn(rf, spec)
+    check_layer(rf, spec, device, dtype, num_layers=num_layers, bidirectional=bidirectional,
+                batch_first=batch_first, bias=bias, layout=layout, hx_given=hx_given)
+
+
+@grid
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_reference_matches_torch(spec, num_layers, bidirectional, batch_first, bias, layout,
+                                 hx_given, dtype):
+    """tests/reference.py == torch.nn for the standard activations, so that it
+    can be trusted for the extras."""
+    ref_spec = Spec(spec.name, spec.mode, spec.act, spec.proj, extra=True)
+    check_layer(None, spec, CPU, dtype, num_layers=num_layers, bidirectional=bidirectional,
+                batch_first=batch_first, bias=bias, layout=layout, hx_given=hx_given,
+                make_actual=lambda cfg, dev: expected_layer(ref_spec, cfg, dtype))
+
+
+# --------------------------------------------------------------------------
+# Cells
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hx_given", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+def test_cell_matches_torch(rf, device, spec, bias, unbatched, hx_given, dtype):
+    _skip_extra_on_torch_nn(rf, spec)
+    check_cell(rf, spec, device, dtype, bias=bias, unbatched=unbatched, hx_given=hx_given)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hx_given", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("spec", CELL_STANDARD, ids=str)
+def test_reference_cell_matches_torch(spec, bias, unbatched, hx_given, dtype):
+    s = dict(B=rand_int(1, 4), I=rand_int(1, 4), H=rand_int(1, 5))
+    cfg = dict(input_size=s["I"], hidden_size=s["H"], bias=bias)
+    check_cell(None, spec, CPU, dtype, bias=bias, unbatched=unbatched, hx_given=hx_given, sizes=s,
+               make_actual=lambda dev: ReferenceCell(spec.mode, **cfg, act=spec.act, dtype=dtype))
+
+
+# --------------------------------------------------------------------------
+# Shapes, edge sizes, explicit defaults
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2], ids=["L1", "L2"])
+@pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
+def test_size_one_everything(rf, device, spec, num_layers, bidirectional, layout):
+    """T=1, B=1, H=1, input_size=1."""
+    _skip_extra_on_torch_nn(rf, spec)
+    check_layer(rf, spec, device, torch.float64, num_layers=num_layers, bidirectional=bidirectional,
+                batch_first=False, bias=True, layout=layout, hx_given=True,
+                sizes=dict(T=1, B=1, I=1, H=1))
+
+
+@pytest.mark.parametrize("spec", [s for s in ALL_SPECS if s.proj], ids=str)
+def test_size_one_with_projection(rf, device, spec):
+    """T=1, B=1, proj_size=1 (the smallest projection, hidden_size=2)."""
+    _skip_extra_on_torch_nn(rf, spec)
+    check_layer(rf, spec, device, torch.float64, num_layers=2, bidirectional=True,
+                batch_first=True, bias=True, layout="batched", hx_given=True,
+                sizes=dict(T=1, B=1, I=1, H=2, P=1))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_output_shapes(rf, device, spec, layout):
+    _skip_extra_on_torch_nn(rf, spec)
+    T, B, I, H, L = 5, 3, 4, 6, 2
+    P = 2 if spec.proj else 0
+    cfg = dict(input_size=I, hidden_size=H, num_layers=L, bidirectional=True, batch_first=True)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = P
+    mod = rnnfast_layer(rf, spec, cfg, torch.float32, device)
+    H_out = P or H
+    if layout == "unbatched":
+        x = torch.randn(T, I, device=device)
+        out, hn = mod(x)
+        assert out.shape == (T, 2 * H_out)
+        state = (2 * L,)
+    else:
+        x = torch.randn(B, T, I, device=device)
+        if layout == "packed":
+            x = pack_padded_sequence(x, [T, 2, 4], batch_first=True, enforce_sorted=False)
+        out, hn = mod(x)
+        if layout == "packed":
+            assert isinstance(out, PackedSequence)
+            assert out.data.shape == (T + 2 + 4, 2 * H_out)
+        else:
+            assert out.shape == (B, T, 2 * H_out)
+        state = (2 * L, B)
+    if spec.mode == "LSTM":
+        assert hn[0].shape == (*state, H_out)
+        assert hn[1].shape == (*state, H)
+    else:
+        assert hn.shape == (*state, H)
+
+
+def test_explicit_default_activation(rf, device):
+    """activation='tanh' / nonlinearity='tanh' given explicitly == the default."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("torch.nn.LSTM has no activation argument")
+    spec = Spec("LSTM", "LSTM")
+    check_layer(rf, spec, device, torch.float64, num_layers=2, bidirectional=True, batch_first=False,
+                bias=True, layout="packed", hx_given=True,
+                make_actual=lambda cfg, dev: rf.LSTM(**cfg, activation="tanh",
+                                                     device=dev, dtype=torch.float64))
+    check_cell(rf, spec, device, torch.float64, bias=True, unbatched=False, hx_given=True,
+               sizes=dict(B=3, I=2, H=4),
+               make_actual=lambda dev: rf.LSTMCell(2, 4, activation="tanh", device=dev,
+                                                   dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_constructor_defaults_and_attributes(rf, mode):
+    ours, theirs = getattr(rf, mode)(3, 4), getattr(nn, mode)(3, 4)
+    attrs = ["input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional"]
+    attrs += ["proj_size"] if mode == "LSTM" else []
+    attrs += ["nonlinearity"] if mode == "RNN" else []
+    for a in attrs:
+        assert getattr(ours, a) == getattr(theirs, a), f"{mode}.{a}: {getattr(ours, a)!r} != {getattr(theirs, a)!r}"
+    assert ours.training
+    for p in ours.parameters():
+        assert p.dtype == torch.get_default_dtype() and p.device.type == "cpu"
+    cell_ours, cell_theirs = getattr(rf, mode + "Cell")(3, 4), getattr(nn, mode + "Cell")(3, 4)
+    attrs = ["input_size", "hidden_size", "bias"] + (["nonlinearity"] if mode == "RNN" else [])
+    for a in attrs:
+        assert getattr(cell_ours, a) == getattr(cell_theirs, a), f"{mode}Cell.{a}"
+
+
+# --------------------------------------------------------------------------
+# Parameters: names, shapes, state_dict, initialisation, dtype conversion
+# --------------------------------------------------------------------------
+
+PARAM_CONFIGS = [
+    dict(num_layers=1, bias=True, bidirectional=False),
+    dict(num_layers=3, bias=False, bidirectional=True),
+    dict(num_layers=2, bias=True, bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("conf", PARAM_CONFIGS, ids=["L1", "L3-nobias-bi", "L2-bi"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_parameter_names_and_shapes(rf, spec, conf):
+    _skip_extra_on_torch_nn(rf, spec)
+    cfg = dict(input_size=3, hidden_size=5, **conf)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 2 if spec.proj else 0
+    ours = rnnfast_layer(rf, spec, cfg, None, None)
+    theirs = getattr(nn, spec.mode)(**cfg)  # the parameters do not depend on the activation
+    got = [(n, tuple(p.shape)) for n, p in ours.named_parameters()]
+    want = [(n, tuple(p.shape)) for n, p in theirs.named_parameters()]
+    assert got == want
+    assert list(ours.state_dict().keys()) == list(theirs.state_dict().keys())
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+def test_cell_parameter_names_and_shapes(rf, spec, bias):
+    _skip_extra_on_torch_nn(rf, spec)
+    cfg = dict(input_size=3, hidden_size=5, bias=bias)
+    ours = rnnfast_cell(rf, spec, cfg, None, None)
+    theirs = getattr(nn, spec.mode + "Cell")(**cfg)
+    assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == \
+        [(n, tuple(p.shape)) for n, p in theirs.named_parameters()]
+    assert list(ours.state_dict().keys()) == list(theirs.state_dict().keys())
+
+
+def _check_state_dict_both_ways(ours, theirs_factory):
+    # torch.nn -> rnnfast
+    theirs = theirs_factory()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for (n, a), (m, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert n == m and torch.equal(a.cpu(), b.cpu()), n
+    # rnnfast -> torch.nn: give ours new values first
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(-1, 1)
+    theirs2 = theirs_factory()
+    theirs2.load_state_dict(ours.state_dict(), strict=True)
+    for (n, a), (m, b) in zip(ours.state_dict().items(), theirs2.state_dict().items()):
+        assert n == m and torch.equal(a.cpu(), b.cpu()), n
+
+
+@pytest.mark.parametrize("conf", PARAM_CONFIGS, ids=["L1", "L3-nobias-bi", "L2-bi"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_state_dict_strict_both_ways(rf, spec, conf, device):
+    cfg = dict(input_size=3, hidden_size=5, **conf)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 2 if spec.proj else 0
+    ours = rnnfast_layer(rf, spec, cfg, None, device)
+    _check_state_dict_both_ways(ours, lambda: expected_layer(spec, cfg, None))
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD, ids=str)
+def test_cell_state_dict_strict_both_ways(rf, spec, device):
+    cfg = dict(input_size=3, hidden_size=5, bias=True)
+    ours = rnnfast_cell(rf, spec, cfg, None, device)
+    _check_state_dict_both_ways(ours, lambda: expected_cell(spec, cfg, None))
+
+
+def _check_uniform_init(params, k, label):
+    allv = []
+    for n, p in params:
+        v = p.detach().cpu().double().flatten()
+        assert v.abs().max() <= k, f"{label}.{n}: |value| {v.abs().max():.4f} > 1/sqrt(H) = {k:.4f}"
+        assert v.unique().numel() > 1, f"{label}.{n}: all values equal"
+        allv.append(v)
+    v = torch.cat(allv)
+    n = v.numel()
+    # U(-k, k): mean 0 (sd k/sqrt(3n)), variance k^2/3 (sd k^2 sqrt(4/45)/sqrt(n)); 6 sigma.
+    assert abs(v.mean().item()) < 6 * k / math.sqrt(3 * n), f"{label}: mean {v.mean():.4f}"
+    assert abs(v.var().item() - k * k / 3) < 6 * k * k * math.sqrt(4 / 45) / math.sqrt(n), \
+        f"{label}: variance {v.var():.5f}, expected {k * k / 3:.5f}"
+    assert v.max() > 0.9 * k and v.min() < -0.9 * k, f"{label}: values do not fill [-k, k]"
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_default_init(rf, spec, device):
+    _skip_extra_on_torch_nn(rf, spec)
+    H = 16
+    cfg = dict(input_size=7, hidden_size=H, num_layers=2, bidirectional=True, bias=True)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 5 if spec.proj else 0
+    a = rnnfast_layer(rf, spec, cfg, None, device)
+    _check_uniform_init(a.named_parameters(), 1 / math.sqrt(H), spec.name)
+    b = rnnfast_layer(rf, spec, cfg, None, device)
+    assert not torch.equal(a.weight_hh_l0, b.weight_hh_l0), "two modules got identical weights"
+    # and different parameters of the same module are not copies of each other
+    assert not torch.equal(a.weight_hh_l0, a.weight_hh_l0_reverse)
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+def test_cell_default_init(rf, spec, device):
+    _skip_extra_on_torch_nn(rf, spec)
+    H = 16
+    a = rnnfast_cell(rf, spec, dict(input_size=7, hidden_size=H, bias=True), None, device)
+    _check_uniform_init(a.named_parameters(), 1 / math.sqrt(H), spec.name)
+
+
+@pytest.mark.parametrize("conversion", ["double", "to_float64", "double_then_float"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_dtype_conversion(rf, spec, device, conversion):
+    """Modules built in float32 and converted with .double() / .to(float64) /
+    .double().float() behave like torch.nn converted the same way."""
+    _skip_extra_on_torch_nn(rf, spec)
+    target = torch.float32 if conversion == "double_then_float" else torch.float64
+
+    def convert(m):
+        if conversion == "double":
+            return m.double()
+        if conversion == "to_float64":
+            return m.to(torch.float64)
+        return m.double().float()
+
+    def make_actual(cfg, dev):
+        m = convert(rnnfast_layer(rf, spec, cfg, torch.float32, dev))
+        for p in m.parameters():
+            assert p.dtype == target
+        return m
+
+    check_layer(rf, spec, device, target, num_layers=2, bidirectional=True, batch_first=False,
+                bias=True, layout="packed", hx_given=True, make_actual=make_actual,
+                make_expected=lambda cfg: convert(expected_layer(spec, cfg, torch.float32)))
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD, ids=str)
+def test_cell_dtype_conversion(rf, spec, device):
+    cfg = dict(input_size=3, hidden_size=4, bias=True)
+    check_cell(rf, spec, device, torch.float64, bias=True, unbatched=False, hx_given=True,
+               sizes=dict(B=2, I=3, H=4),
+               make_actual=lambda dev: rnnfast_cell(rf, spec, cfg, torch.float32, dev).double())
+
+
+# --------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_dropout_eval_mode_matches_torch(rf, device, spec, layout):
+    _skip_extra_on_torch_nn(rf, spec)
+    check_layer(rf, spec, device, torch.float64, train=False, dropout=0.5, num_layers=3,
+                bidirectional=True, batch_first=True, bias=True, layout=layout, hx_given=True)
+
+
+def _layer_forward(mod, x, device):
+    out, _ = mod(x.to(device))
+    return out
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_dropout_train_mode_differs_from_eval(rf, device, spec):
+    _skip_extra_on_torch_nn(rf, spec)
+    cfg = dict(input_size=4, hidden_size=5, num_layers=2, dropout=0.5, bidirectional=True)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 3 if spec.proj else 0
+    mod = rnnfast_layer(rf, spec, cfg, torch.float64, device)
+    x = torch.randn(6, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
+    out_train, _ = mod.train()(x)
+    out_eval, _ = mod.eval()(x)
+    assert (out_train - out_eval).abs().max() > 1e-3, "dropout had no effect in training mode"
+    # and training-mode backward works and is finite
+    mod.train()
+    out, _ = mod(x)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mod.parameters())
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_dropout_single_layer_is_ignored(rf, device, spec):
+    """Dropout acts between layers only: a single-layer module in training mode
+    equals eval mode and torch.nn."""
+    _skip_extra_on_torch_nn(rf, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_layer(rf, spec, device, torch.float64, train=True, dropout=0.5, num_layers=1,
+                    bidirectional=True, batch_first=False, bias=True, layout="packed", hx_given=True)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_dropout_single_layer_warns_like_torch(rf, mode):
+    with pytest.warns(UserWarning, match="dropout"):
+        getattr(nn, mode)(3, 4, num_layers=1, dropout=0.5)
+    with pytest.warns(UserWarning, match="dropout"):
+        getattr(rf, mode)(3, 4, num_layers=1, dropout=0.5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_dropout_one_zeroes_the_input_of_layer_two(rf, device, spec, bidirectional):
+    """dropout=1.0, two layers, training mode: layer 2 sees zeros, so the
+    module equals (layer 1 on x) and (layer 2 on zeros), each a 1-layer module."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    T, B, I, H = 5, 3, 4, 5
+    P = 2 if spec.proj else 0
+    D = 2 if bidirectional else 1
+    H_out = P or H
+    is_lstm = spec.mode == "LSTM"
+    cfg = dict(input_size=I, hidden_size=H, num_layers=2, dropout=1.0, bidirectional=bidirectional)
+    if is_lstm:
+        cfg["proj_size"] = P
+    ours = rnnfast_layer(rf, spec, cfg, dtype, device).train()
+
+    def one_layer(layer, in_size):
+        c = dict(cfg, num_layers=1, dropout=0.0, input_size=in_size)
+        m = expected_layer(spec, c, dtype)
+        src = {k: v for k, v in ours.state_dict().items() if f"_l{layer}" in k}
+        m.load_state_dict({k.replace(f"_l{layer}", "_l0"): v.cpu() for k, v in src.items()}, strict=True)
+        return m
+
+    first, second = one_layer(0, I), one_layer(1, D * H_out)
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.randn(2 * D, B, H_out, dtype=dtype)
+    c0 = torch.randn(2 * D, B, H, dtype=dtype)
+
+    xd = x.to(device).requires_grad_()
+    hx = (h0.to(device), c0.to(device)) if is_lstm else h0.to(device)
+    out, hn = ours(xd, hx)
+
+    def split(h):
+        return h[:D], h[D:]
+
+    e1_out, e1_hn = first(x, (split(h0)[0], split(c0)[0]) if is_lstm else split(h0)[0])
+    e2_out, e2_hn = second(torch.zeros(T, B, D * H_out, dtype=dtype),
+                           (split(h0)[1], split(c0)[1]) if is_lstm else split(h0)[1])
+    assert_close_rel(out, e2_out, "output")
+    if is_lstm:
+        assert_close_rel(hn[0], torch.cat([e1_hn[0], e2_hn[0]]), "h_n")
+        assert_close_rel(hn[1], torch.cat([e1_hn[1], e2_hn[1]]), "c_n")
+    else:
+        assert_close_rel(hn, torch.cat([e1_hn, e2_hn]), "h_n")
+    # gradients: the output does not depend on x, and layer 2's input weights get zero gradient
+    out.sum().backward(retain_graph=True)
+    assert xd.grad is None or torch.count_nonzero(xd.grad) == 0, "output depends on x despite dropout=1"
+    assert torch.count_nonzero(ours.weight_ih_l1.grad) == 0
