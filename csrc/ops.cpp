@@ -110,6 +110,15 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   TORCH_CHECK(w_ih.size(1) == s.input_size, "rnnfast: input.size(-1) must be equal to "
               "input_size = ", w_ih.size(1), " (w_ih.size(1)), got ", s.input_size);
   check_like_input(w_ih, "w_ih", input);
+  if (s.has_projection) {
+    TORCH_CHECK(has_cell_state(s.kind), "rnnfast: w_hr (a projection) is only for LSTM cells, "
+                "got cell '", cell, "'");
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
+                    w_hr->size(0) < s.hidden_size,
+                "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
+                "] with 0 < proj_size < hidden_size, got ", shape_of(*w_hr));
+    check_like_input(*w_hr, "w_hr", input);
+  }
   check_shape(w_hh, "w_hh", {s.gate_size, s.state_size}, "gates * hidden_size, state_size");
   check_like_input(w_hh, "w_hh", input);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfast: b_ih and b_hh must be given "
@@ -119,15 +128,6 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
     check_like_input(*b_ih, "b_ih", input);
     check_shape(*b_hh, "b_hh", {s.gate_size}, "gates * hidden_size");
     check_like_input(*b_hh, "b_hh", input);
-  }
-  if (s.has_projection) {
-    TORCH_CHECK(has_cell_state(s.kind), "rnnfast: w_hr (a projection) is only for LSTM cells, "
-                "got cell '", cell, "'");
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
-                    w_hr->size(0) < s.hidden_size,
-                "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
-                "] with 0 < proj_size < hidden_size, got ", shape_of(*w_hr));
-    check_like_input(*w_hr, "w_hr", input);
   }
   check_shape(hx, "hx", {s.batch, s.state_size}, "batch, state_size");
   check_like_input(hx, "hx", input);

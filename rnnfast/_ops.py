@@ -79,16 +79,16 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
 @torch.library.register_fake("rnnfast::backward")
 def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
                    w_hr, lengths, reverse, output, workspace, input_grad):
-    empty = input.new_empty(0)
+    # An absent gradient is an empty tensor of its own (outputs must not alias).
     return (
-        torch.empty_like(input) if input_grad else empty,
+        torch.empty_like(input) if input_grad else input.new_empty(0),
         torch.empty_like(hx),
-        torch.empty_like(cx) if cx is not None else empty,
+        torch.empty_like(cx) if cx is not None else input.new_empty(0),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
-        input.new_empty(w_ih.shape[0]) if has_bias else empty,
-        input.new_empty(w_ih.shape[0]) if has_bias else empty,
-        torch.empty_like(w_hr) if w_hr is not None else empty,
+        input.new_empty(w_ih.shape[0] if has_bias else 0),
+        input.new_empty(w_ih.shape[0] if has_bias else 0),
+        torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0),
     )
 
 

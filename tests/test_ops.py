@@ -1,0 +1,248 @@
+"""The ops themselves: gradcheck, opcheck, torch.compile, extreme sizes, op-level errors."""
+import pytest
+import torch
+
+import rnnfast
+from rnnfast._ops import GATES
+
+CELLS = ["lstm", "lstm_relu", "lstm_sigmoid", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"]
+
+
+def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True, lengths=None,
+              reverse=False, dtype=torch.float64, seed=0, requires_grad=True):
+    """Random arguments of rnnfast::forward (as a list, in schema order)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_(requires_grad)
+
+    gates = GATES[cell] * hidden
+    state = proj if proj else hidden
+    is_lstm = cell.startswith("lstm")
+    return [
+        cell,
+        rand(steps, batch, input_size),
+        rand(batch, state),
+        rand(batch, hidden) if is_lstm else None,
+        rand(gates, input_size),
+        rand(gates, state),
+        rand(gates) if bias else None,
+        rand(gates) if bias else None,
+        rand(proj, hidden) if proj else None,
+        torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None,
+        reverse,
+        True,
+    ]
+
+
+def differentiable_outputs(*args):
+    output, h_n, c_n, _ = torch.ops.rnnfast.forward(*args)
+    return (output, h_n, c_n) if c_n.numel() else (output, h_n)
+
+
+VARIANTS = [
+    dict(),
+    dict(reverse=True),
+    dict(bias=False),
+    dict(lengths=[4, 1, 3]),
+    dict(lengths=[2, 4, 0], reverse=True),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "plain")
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_forward(cell, variant):
+    args = make_args(cell, seed=hash((cell, str(variant))) % 1000, **variant)
+    inputs = tuple(args)
+    assert torch.autograd.gradcheck(lambda *a: differentiable_outputs(*a), inputs)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(reverse=True), dict(lengths=[3, 4, 1])],
+                         ids=["plain", "reverse", "lengths"])
+def test_gradcheck_projection(variant):
+    args = make_args("lstm", hidden=4, proj=2, seed=7, **variant)
+    assert torch.autograd.gradcheck(lambda *a: differentiable_outputs(*a), tuple(args))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_gradcheck_backward_op_inputs(cell):
+    """The backward op is linear in the incoming gradients: gradcheck it as a function of them
+    (its own derivative is not defined by rnnfast, so only through a wrapper that treats the
+    forward's results as constants)."""
+    args = make_args(cell, seed=3, requires_grad=False)
+    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
+    _, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths, reverse, _ = args
+
+    def grads(grad_output, grad_h_n):
+        result = torch.ops.rnnfast.backward(
+            cell, grad_output, grad_h_n, torch.zeros_like(cx) if cx is not None else None,
+            input, hx, cx, w_ih, w_hh, b_ih is not None, w_hr, lengths, reverse, output,
+            workspace, True)
+        return tuple(t for t in result if t.numel())
+
+    grad_output = torch.randn_like(output).requires_grad_()
+    grad_h_n = torch.randn_like(h_n).requires_grad_()
+    # Linear in the incoming gradients, so numerical and analytical Jacobians must agree even
+    # though the op's backward formula is not registered: torch.func would need one, so check
+    # linearity directly instead.
+    a = grads(grad_output, grad_h_n)
+    b = grads(2 * grad_output, 2 * grad_h_n)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(2 * x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
+                                     dict(bias=False)], ids=["plain", "packed", "nobias"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])
+def test_opcheck_forward(cell, variant):
+    args = make_args(cell, dtype=torch.float32, seed=11, **variant)
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
+    no_grad_args = make_args(cell, dtype=torch.float32, seed=12, requires_grad=False, **variant)
+    no_grad_args[-1] = False  # save_workspace=False: inference path
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(no_grad_args))
+
+
+def test_opcheck_forward_projection():
+    args = make_args("lstm", hidden=4, proj=3, dtype=torch.float32, seed=13)
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_opcheck_backward(cell):
+    args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
+                     lengths=[4, 3, 2], reverse=True)
+    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
+    _, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths, reverse, _ = args
+    backward_args = (cell, torch.randn_like(output), torch.randn_like(h_n),
+                     torch.randn_like(cx) if cx is not None else None, input, hx, cx, w_ih,
+                     w_hh, True, w_hr, lengths, reverse, output, workspace, True)
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args)
+
+
+def _module_pair(kind):
+    torch.manual_seed(5)
+    if kind == "lstm":
+        return rnnfast.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    if kind == "lstm_proj":
+        return rnnfast.LSTM(3, 4, proj_size=2, batch_first=True)
+    if kind == "gru":
+        return rnnfast.GRU(3, 4, num_layers=2, batch_first=True)
+    return rnnfast.RNN(3, 4, nonlinearity="sigmoid", bidirectional=True)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+def test_compile_fullgraph_matches_eager(kind):
+    torch._dynamo.reset()
+    model = _module_pair(kind)
+    x = torch.randn(2, 5, 3)
+
+    def step(inputs):
+        output, state = model(inputs)
+        h = state[0] if isinstance(state, tuple) else state
+        return output, h
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_out = step(x)
+    eager_loss = eager_out[0].square().sum() + eager_out[1].sum()
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_out = compiled(x)
+    compiled_loss = compiled_out[0].square().sum() + compiled_out[1].sum()
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    for a, b in zip(compiled_out + compiled_grads, eager_out + eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    model = rnnfast.GRU(2, 3, batch_first=True)
+    x = torch.randn(4, 6, 2)
+    compiled = torch.compile(lambda v: model(v)[0].sum(), fullgraph=True)
+    eager = model(x)[0].sum()
+    result = compiled(x)
+    torch.testing.assert_close(result, eager, rtol=1e-6, atol=1e-6)
+    result.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_minimal_sizes(cls):
+    reference_cls = {rnnfast.LSTM: torch.nn.LSTM, rnnfast.GRU: torch.nn.GRU,
+                     rnnfast.RNN: torch.nn.RNN}[cls]
+    torch.manual_seed(0)
+    reference = reference_cls(1, 1).double()
+    model = cls(1, 1).double()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 1, 1, dtype=torch.float64, requires_grad=True)
+    out, _ = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    ref_out, _ = reference(x)
+    (ref_grad,) = torch.autograd.grad(ref_out.sum(), x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_long_sequence(cls):
+    """T = 20000 steps: no stack or size trouble, and the same numbers as torch.nn."""
+    reference_cls = {rnnfast.LSTM: torch.nn.LSTM, rnnfast.GRU: torch.nn.GRU,
+                     rnnfast.RNN: torch.nn.RNN}[cls]
+    torch.manual_seed(1)
+    reference = reference_cls(2, 3, batch_first=True).double()
+    model = cls(2, 3, batch_first=True).double()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 20000, 2, dtype=torch.float64)
+    out, _ = model(x)
+    out.sum().backward()
+    ref_out, _ = reference(x)
+    ref_out.sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        scale = q.grad.abs().max()
+        assert (p.grad - q.grad).abs().max() <= 1e-10 * scale
+
+
+def test_inference_does_not_save_workspace():
+    args = make_args("lstm", requires_grad=False)
+    args[-1] = False
+    *_, workspace = torch.ops.rnnfast.forward(*args)
+    assert workspace.numel() == 0
+
+
+def test_backward_without_workspace_is_refused():
+    args = make_args("gru")
+    args[-1] = False
+    output, *_ = torch.ops.rnnfast.forward(*args)
+    with pytest.raises(RuntimeError, match="save_workspace"):
+        output.sum().backward()
+
+
+def test_double_backward_is_refused():
+    model = rnnfast.GRU(2, 3).double()
+    x = torch.randn(3, 1, 2, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.__setitem__(0, "lstm_tanh"), "cell must be one of"),
+    (lambda a: a.__setitem__(1, a[1][0]), "input must be 3-D"),
+    (lambda a: a.__setitem__(1, a[1][..., :1]), "input_size"),
+    (lambda a: a.__setitem__(2, a[2][:1]), "hx must have shape"),
+    (lambda a: a.__setitem__(3, a[3][:, :1]), "cx must have shape"),
+    (lambda a: a.__setitem__(3, None), "cx .* is required"),
+    (lambda a: a.__setitem__(4, a[4].float()), "w_ih must have the dtype of input"),
+    (lambda a: a.__setitem__(5, a[5][:, :1]), "w_hh must have shape"),
+    (lambda a: a.__setitem__(6, None), "b_ih and b_hh"),
+    (lambda a: a.__setitem__(8, torch.zeros(5, 3, dtype=torch.float64)), "w_hr"),
+    (lambda a: a.__setitem__(9, torch.tensor([4, 5, 1])), r"lengths must lie in \[0, T = 4\]"),
+    (lambda a: a.__setitem__(9, torch.tensor([4, -1, 1])), "lengths must lie"),
+    (lambda a: a.__setitem__(9, torch.tensor([4, 2])), "lengths must have shape"),
+    (lambda a: a.__setitem__(9, torch.tensor([4.0, 2.0, 1.0])), "lengths must be int64"),
+], ids=["cell", "rank", "input_size", "hx", "cx", "cx-missing", "dtype", "w_hh", "bias",
+        "w_hr", "lengths-range", "lengths-negative", "lengths-size", "lengths-dtype"])
+def test_op_argument_errors(change, match):
+    args = make_args("lstm", requires_grad=False)
+    change(args)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        torch.ops.rnnfast.forward(*args)
