@@ -171,7 +171,7 @@ def load(path, test_fraction=0.2):
     """
     found = find(path)
     if found is None:
-        raise DataError(path, "no Fashion-MNIST data found",
+        raise DataError(path, "no Fashion-MNIST data found" if os.path.exists(path) else "no such file or folder",
                         "the four IDX files " + ", ".join(v + "[.gz]" for v in IDX_NAMES.values())
                         + f", or {CSV_PAIR[0]} and {CSV_PAIR[1]}, or one CSV file "
                         "(label + 784 pixels per row)", WHERE)

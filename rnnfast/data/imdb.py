@@ -4,10 +4,10 @@ Accepted sources:
 
 - the ``aclImdb`` folder tree of the Large Movie Review Dataset
   (``aclImdb/{train,test}/{pos,neg}/*.txt``), the full 25k/25k split;
-- a labelled CSV with a header ``label,text[,is_valid]`` (labels
+- a labelled CSV (``.csv``) with a header ``label,text[,is_valid]`` (labels
   ``negative/positive``, ``neg/pos`` or ``0/1``; texts may contain quoted newlines);
   rows with a true ``is_valid`` form the test part, otherwise the last 20% of rows;
-- a ``text<TAB>label`` file without header (UCI "Sentiment Labelled Sentences",
+- a ``text<TAB>label`` file (``.txt``/``.tsv``) without header (UCI "Sentiment Labelled Sentences",
   e.g. ``imdb_labelled.txt``); its last 20% of rows are held out.
 """
 
@@ -182,10 +182,15 @@ def load(path, test_fraction=0.2):
     """Load labelled reviews from an aclImdb folder, a labelled CSV or a TSV file."""
     src = find(path)
     if src is None:
-        raise DataError(path, "no IMDB data found",
+        raise DataError(path, "no IMDB data found" if os.path.exists(path) else "no such file or folder",
                         "an aclImdb/ folder, or one of " + ", ".join(DEFAULT_FILES), WHERE)
     if os.path.isdir(src):
         return read_aclimdb(src)
+    low = src.lower()
+    if low.endswith((".txt", ".tsv")):
+        return read_tsv(src, test_fraction)
+    if low.endswith(".csv"):
+        return read_csv(src, test_fraction)
     with open(src, "r", encoding="utf-8", errors="replace", newline="") as f:
         first = f.readline()
     if "\t" in first and not first.lower().startswith(("label,", "text,", "sentiment,", "review,")):

@@ -81,8 +81,11 @@ def load(path, name=DEFAULT_FILE):
     """Load the series from a file, or from ``name`` inside a folder."""
     src = find(path, name)
     if src is None:
-        raise DataError(os.path.join(os.fspath(path), name) if os.path.isdir(path) else path,
-                        "file not found", EXPECTED, WHERE)
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise DataError(os.path.join(path, name), "file not found", EXPECTED, WHERE)
+        raise DataError(path, "no such file or folder",
+                        f"{name} or a folder containing it ({EXPECTED})", WHERE)
     return read_fred_csv(src)
 
 
