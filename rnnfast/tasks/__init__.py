@@ -165,8 +165,8 @@ def _run_all(args, opts):
             continue
         print(_line(name, result, wall, ctx), flush=True)
         for i, m in enumerate(result.metrics):
-            rows.append([name, m.model, m.name, fmt_value(m.value),
-                         "" if m.reference is None else fmt_value(m.reference),
+            rows.append([name, m.model, m.name, fmt_value(m.value, m.fmt),
+                         "" if m.reference is None else fmt_value(m.reference, m.fmt),
                          f"{wall:.1f} s" if i == 0 else ""])
     for name, why in skipped:
         rows.append([name, "-", "skipped", why if len(why) < 60 else why[:57] + "...", "", ""])

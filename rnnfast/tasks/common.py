@@ -92,6 +92,7 @@ class Metric:
     name: str
     value: object          # a number (or a short string, e.g. generated text)
     reference: object = None  # the seed's figure where one exists
+    fmt: str = None        # format spec for the table, e.g. ".6f"
 
     def as_dict(self):
         return {"model": self.model, "metric": self.name, "value": _clean(self.value),
@@ -130,7 +131,9 @@ def _clean(v):
     return v
 
 
-def fmt_value(v):
+def fmt_value(v, spec=None):
+    if spec and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, spec)
     if isinstance(v, bool) or v is None:
         return str(v)
     if isinstance(v, int):
@@ -140,7 +143,7 @@ def fmt_value(v):
             return f"{v:.4g}"
         return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
     s = str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
+    return s if len(s) <= 70 else s[:67] + "..."
 
 
 def format_table(rows, headers):

@@ -121,7 +121,7 @@ def run(ctx):
     ax2.set_ylabel("fraction of the sentence recited correctly")
     ax.set_title("solved after %d epochs" % solved_at if solved else
                  f"not solved within {cap} epochs")
-    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.85))
+    fig.legend(loc="center right", bbox_to_anchor=(0.86, 0.5), fontsize=8)
     ctx.savefig(fig, "training")
 
     if solved:

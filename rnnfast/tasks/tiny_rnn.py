@@ -102,8 +102,8 @@ def run(ctx):
     ax.legend()
     ctx.savefig(fig, "tiny_rnn")
 
-    metrics = [Metric("RNN(sigmoid)", "h_2", h[2], REFERENCE["h_2"]),
-               Metric("RNN(sigmoid)", "y_2", y[2], REFERENCE["y_2"])]
+    metrics = [Metric("RNN(sigmoid)", "h_2", h[2], REFERENCE["h_2"], fmt=".6f"),
+               Metric("RNN(sigmoid)", "y_2", y[2], REFERENCE["y_2"], fmt=".6f")]
     return Result(
         models=["rnnfast.RNN(1, 1, nonlinearity='sigmoid') + Linear(1, 1)"],
         metrics=metrics,
