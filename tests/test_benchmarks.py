@@ -1,0 +1,152 @@
+"""The benchmark tool (benchmarks/run.py): a smoke run of --quick on CPU, checked for the
+structure of its JSON and the plot, and unit checks of the harness in benchmarks/bench_lib.py.
+No speed assertions: the timings depend on the machine."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import bench_lib  # noqa: E402
+
+
+def _positive_finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out / "quick.json", out / "quick.png"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--device", "cpu",
+         "--json", str(json_path), "--plot", str(png_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(json_path) as f:
+        data = json.load(f)
+    return proc, data, png_path
+
+
+def test_quick_run_output(quick_run):
+    proc, data, _ = quick_run
+    assert "| shape | cell |" in proc.stdout
+    assert "geomean" in proc.stdout
+    assert "## Targets" in proc.stdout
+    assert ("MET" in proc.stdout) or ("N/A" in proc.stdout)
+
+
+def test_quick_run_json_structure(quick_run):
+    _, data, png_path = quick_run
+    assert data["schema"] == bench_lib.SCHEMA
+    env = data["environment"]
+    for key in ("cpu_model", "torch_threads", "torch_version", "rnnfast_version", "git",
+                "date_utc", "command"):
+        assert key in env, key
+    assert env["torch_threads"] >= 1
+    assert set(env["git"]) == {"commit", "dirty"}
+    assert "--quick" in env["command"]
+    assert data["settings"]["device"] == "cpu"
+    assert data["settings"]["dtypes"] == ["float32"]
+
+    groups = {(g["name"], g["dtype"]) for g in data["groups"]}
+    assert groups == {("course", "float32"), ("grid", "float32")}
+    n_rows = 0
+    for g in data["groups"]:
+        assert g["rows"]
+        for mode in bench_lib.MODES:
+            assert _positive_finite(g["geomean"][mode])
+        for r in g["rows"]:
+            n_rows += 1
+            assert r["error"] is None, r["error"]
+            assert r["label"] == f"{g['name']}/{r['shape']}/{r['cell']}"
+            assert r["max_abs_diff"] < 1e-3  # identical weights: same outputs
+            for mode in bench_lib.MODES:
+                m = r[mode]
+                assert len(m["torch_ms"]) == len(m["rnnfast_ms"]) == m["repeats"] >= 1
+                assert all(_positive_finite(v) for v in m["torch_ms"] + m["rnnfast_ms"])
+                for key in ("torch_median_ms", "rnnfast_median_ms", "speedup"):
+                    assert _positive_finite(m[key]), (r["label"], mode, key)
+                assert math.isclose(m["speedup"], m["torch_median_ms"] / m["rnnfast_median_ms"])
+            mem = r["memory"]
+            assert _positive_finite(mem["torch_peak_bytes"])
+            assert _positive_finite(mem["rnnfast_peak_bytes"])
+            assert math.isclose(mem["ratio"], mem["rnnfast_peak_bytes"] / mem["torch_peak_bytes"])
+    assert 5 <= n_rows <= 12  # "a handful of course shapes + 2 grid shapes"
+
+    assert data["targets"]
+    for t in data["targets"]:
+        assert t["status"] in ("MET", "NOT MET", "N/A")
+        assert t["target"] and isinstance(t["detail"], str)
+    assert any(t["target"].startswith("cpu: adding") for t in data["targets"])
+
+    assert data["plot"] == str(png_path)
+    assert png_path.exists() and png_path.stat().st_size > 1000
+    with open(png_path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_case_lists():
+    course = [c for c in bench_lib.cases("cpu") if c.group == "course"]
+    assert len(course) == 11
+    assert len([c for c in bench_lib.cases("cpu") if c.group == "grid"]) == 27
+    assert len([c for c in bench_lib.cases("cuda") if c.group == "grid"]) == 96
+    sine = [c for c in course if c.shape == "sine"][0]
+    assert (sine.kind, sine.nonlinearity) == ("RNN", "relu")
+    assert [c.label for c in bench_lib.cases("cpu", filter_text="ADDING")] == [
+        "course/adding/LSTM", "course/adding/Elman"]
+
+
+def test_harness_on_torch_nn_both_sides():
+    """torch.nn standing in for rnnfast: identical weights give identical outputs, and the
+    timings and memory figures come out positive."""
+    case = bench_lib.Case("grid", "tiny", "GRU", 4, 10, 8, 16, 2)
+    ref, other = bench_lib.make_pair(case, "cpu", torch.float32, rnnfast_module=torch.nn)
+    x = bench_lib.make_input(case, "cpu", torch.float32)
+    assert not x.requires_grad
+    assert all(p.requires_grad for p in other.parameters())
+    assert bench_lib.max_abs_diff(ref, other, x) == 0.0
+    cfg = bench_lib.TimingConfig(warmup_calls=1, warmup_s=0.0, sample_s=0.001, repeats=4)
+    res = bench_lib.measure_pair(bench_lib.train_step(ref, x), bench_lib.train_step(other, x),
+                                 bench_lib.CpuTimer(), cfg)
+    assert len(res["torch_ms"]) == len(res["rnnfast_ms"]) == 4
+    assert _positive_finite(res["speedup"])
+
+
+def test_cpu_peak_memory_is_sensible_on_torch_nn():
+    """The profiler-based CPU peak counts what a training step must hold at least: the output
+    and the parameter gradients it creates."""
+    case = bench_lib.Case("grid", "mem", "LSTM", 16, 50, 64, 128, 1)
+    ref, _ = bench_lib.make_pair(case, "cpu", torch.float32, rnnfast_module=torch.nn)
+    x = bench_lib.make_input(case, "cpu", torch.float32)
+    peak = bench_lib.peak_train_bytes_cpu(ref, x)
+    out_bytes = 16 * 50 * 128 * 4
+    grad_bytes = sum(p.numel() * 4 for p in ref.parameters())
+    assert peak >= out_bytes + grad_bytes
+    assert peak < 200 * 2**20
+    # reproducible
+    assert abs(bench_lib.peak_train_bytes_cpu(ref, x) - peak) <= 0.05 * peak
+
+
+def test_targets_report_partial_and_status():
+    def row(label_shape, cell, fwd, train, mt=100, mf=50):
+        return {"shape": label_shape, "cell": cell, "label": f"course/{label_shape}/{cell}",
+                "error": None, "forward": {"speedup": fwd}, "train": {"speedup": train},
+                "memory": {"torch_peak_bytes": mt, "rnnfast_peak_bytes": mf,
+                           "ratio": mf / mt}}
+    groups = [{"name": "course", "dtype": "float32",
+               "rows": [row("adding", "LSTM", 10.0, 60.0), row("adding", "Elman", 9.0, 40.0)]}]
+    targets = {t["target"]: t for t in bench_lib.evaluate_targets("cpu", groups)}
+    adding = targets["cpu: adding (LSTM and Elman) training speedup >= 50x"]
+    assert adding["status"] == "NOT MET" and adding["complete"]
+    assert "40.00x" in adding["detail"]
+    course_min = targets["cpu: every course shape, training speedup >= 2x"]
+    assert course_min["status"] == "MET" and not course_min["complete"]
+    assert targets["cpu: grid, geomean >= 1.25x (train)"]["status"] == "N/A"
