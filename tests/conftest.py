@@ -26,8 +26,13 @@ def device(request):
 
 @pytest.fixture(autouse=True)
 def _seed_from_test_id(request):
-    """Fresh random data per test, reproducible from the test id."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """Fresh random data per test, reproducible from the test id (file name and
+    test name with parameters, independent of where pytest is started)."""
+    torch.manual_seed(seed_of(request.node))
+
+
+def seed_of(node):
+    return zlib.crc32(f"{node.path.name}::{node.name}".encode())
 
 
 def _torch_nn_as_rnnfast():
