@@ -134,7 +134,9 @@ def _clean(v):
 def fmt_value(v, spec=None):
     if spec and isinstance(v, (int, float)) and not isinstance(v, bool):
         return format(v, spec)
-    if isinstance(v, bool) or v is None:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
         return str(v)
     if isinstance(v, int):
         return str(v)

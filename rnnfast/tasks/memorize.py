@@ -77,7 +77,7 @@ def run(ctx):
     cap = ctx.epochs(3000, quick=60)
     src, tgt = synthetic.next_char_pairs(text, vocab)
     x = torch.zeros(1, len(text), len(vocab), device=ctx.device)
-    x[0, torch.arange(len(text)), ctx.tensor(src, torch.long)] = 1.0
+    x[0, torch.arange(len(text), device=ctx.device), ctx.tensor(src, torch.long)] = 1.0
     y = ctx.tensor(tgt, torch.long)
     goal = text[1:] + text[0]  # what generation from '*' must produce
 
