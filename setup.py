@@ -9,6 +9,7 @@ isolation so the extension is compiled against the torch that is installed:
 import glob
 import importlib.util
 import os
+import platform
 
 from setuptools import find_packages, setup
 import torch
@@ -30,9 +31,25 @@ def relative_sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def cpu_vector_flags():
+    """AVX2 + FMA for the CPU engine's SIMD cell math (at::vec::Vectorized) when the building
+    machine has them: a source build runs where it is built. RNNFAST_CPU_VECTOR=0 turns it off
+    (for a build that must run on older x86 CPUs); elsewhere the portable code is used."""
+    if os.environ.get("RNNFAST_CPU_VECTOR", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
 def extension():
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++17"] + cpu_vector_flags()
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

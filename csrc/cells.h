@@ -10,9 +10,9 @@
 //   LSTM gates i, f, g, o:  c = f * c_prev + i * act(g);  h = o * act(c)
 //   GRU gates r, z, n:      n = tanh(xg_n + r * hg_n);   h = (1 - z) * n + z * h_prev
 //   Elman:                  h = act(xg + hg)
-// Every function handles one hidden unit j of one batch row; `T` is the storage type of the
-// gate and workspace buffers, `A` the accumulation type (float for float / half / bfloat16
-// storage, double for double).
+// Every function handles hidden unit j of one batch row (or, on the CPU, a run of units j as
+// one SIMD vector); `T` is the storage type of the gate and workspace buffers, `A` the
+// accumulation type (float for float / half / bfloat16 storage, double for double).
 #pragma once
 
 #include <cmath>
@@ -30,23 +30,51 @@ enum class Activation { Tanh, Relu, Sigmoid };
 // The cells the engines know, in the order of the op's `cell` names (see cell_from_name).
 enum class CellKind { LstmTanh, LstmRelu, LstmSigmoid, Gru, RnnTanh, RnnRelu, RnnSigmoid };
 
-// exp and tanh by name for each accumulation type, the same spelling on host and device.
-RNNFAST_HD float exp_of(float x) { return ::expf(x); }
-RNNFAST_HD double exp_of(double x) { return ::exp(x); }
-RNNFAST_HD float tanh_of(float x) { return ::tanhf(x); }
-RNNFAST_HD double tanh_of(double x) { return ::tanh(x); }
+// The few functions the cells need beyond + - * /, per value type A. Specialised here for the
+// scalars; the CPU engine adds SIMD vector types (csrc/cpu/vector_math.h), so the same cell code
+// computes one unit or a vector of units.
+template <typename A>
+struct Math;
+
+template <>
+struct Math<float> {
+  RNNFAST_HD static float exp(float x) { return ::expf(x); }
+  RNNFAST_HD static float tanh(float x) { return ::tanhf(x); }
+  RNNFAST_HD static float relu(float x) { return x > 0.0f ? x : 0.0f; }
+  RNNFAST_HD static float positive(float y) { return y > 0.0f ? 1.0f : 0.0f; }  // 1 where y > 0
+};
+
+template <>
+struct Math<double> {
+  RNNFAST_HD static double exp(double x) { return ::exp(x); }
+  RNNFAST_HD static double tanh(double x) { return ::tanh(x); }
+  RNNFAST_HD static double relu(double x) { return x > 0.0 ? x : 0.0; }
+  RNNFAST_HD static double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
+};
+
+// Unit j of the gate block starting at `offset` of a row, as the accumulation type A. The CPU
+// engine overloads load / store for its vector index type (a run of units).
+template <typename A, typename T>
+RNNFAST_HD A load(const T* row, int offset, int j) {
+  return A(row[offset + j]);
+}
+
+template <typename T, typename A>
+RNNFAST_HD void store(T* row, int offset, int j, A value) {
+  row[offset + j] = T(value);
+}
 
 template <typename A>
 RNNFAST_HD A sigmoid(A x) {
-  return A(1) / (A(1) + exp_of(-x));
+  return A(1) / (A(1) + Math<A>::exp(A(0) - x));
 }
 
 template <Activation Act, typename A>
 RNNFAST_HD A activate(A x) {
   if constexpr (Act == Activation::Tanh) {
-    return tanh_of(x);
+    return Math<A>::tanh(x);
   } else if constexpr (Act == Activation::Relu) {
-    return x > A(0) ? x : A(0);
+    return Math<A>::relu(x);
   } else {
     return sigmoid(x);
   }
@@ -58,7 +86,7 @@ RNNFAST_HD A activation_grad_from_output(A y) {
   if constexpr (Act == Activation::Tanh) {
     return A(1) - y * y;
   } else if constexpr (Act == Activation::Relu) {
-    return y > A(0) ? A(1) : A(0);
+    return Math<A>::positive(y);
   } else {
     return y * (A(1) - y);
   }
@@ -90,43 +118,43 @@ struct LstmCell {
   static constexpr int kSavedPerUnit = 5;
   static constexpr bool kReadsPrevHidden = false;
 
-  // xg, hg: [4H]; c_prev, c_new, h_new: [H]; saved: [5H] or nullptr (inference).
-  template <typename A, typename T>
-  RNNFAST_HD static void forward(int H, int j, const T* xg, const T* hg, A /*h_prev_j*/,
+  // xg, hg: [4H]; saved: [5H] or nullptr (inference). Index: int (one unit) or a vector index.
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void forward(int H, Index j, const T* xg, const T* hg, A /*h_prev_j*/,
                                  A c_prev_j, A& h_new_j, A& c_new_j, T* saved) {
-    const A i = sigmoid(A(xg[j]) + A(hg[j]));
-    const A f = sigmoid(A(xg[H + j]) + A(hg[H + j]));
-    const A g = activate<Act>(A(xg[2 * H + j]) + A(hg[2 * H + j]));
-    const A o = sigmoid(A(xg[3 * H + j]) + A(hg[3 * H + j]));
+    const A i = sigmoid(load<A>(xg, 0, j) + load<A>(hg, 0, j));
+    const A f = sigmoid(load<A>(xg, H, j) + load<A>(hg, H, j));
+    const A g = activate<Act>(load<A>(xg, 2 * H, j) + load<A>(hg, 2 * H, j));
+    const A o = sigmoid(load<A>(xg, 3 * H, j) + load<A>(hg, 3 * H, j));
     const A c = f * c_prev_j + i * g;
     c_new_j = c;
     h_new_j = o * activate<Act>(c);
     if (saved != nullptr) {
-      saved[j] = T(i);
-      saved[H + j] = T(f);
-      saved[2 * H + j] = T(g);
-      saved[3 * H + j] = T(o);
-      saved[4 * H + j] = T(c);
+      store(saved, 0, j, i);
+      store(saved, H, j, f);
+      store(saved, 2 * H, j, g);
+      store(saved, 3 * H, j, o);
+      store(saved, 4 * H, j, c);
     }
   }
 
   // dh_j: dLoss/dh_new (all paths); dc_j: dLoss/dc_new from the next step.
   // Writes d(pre-activation) of the 4 gates into dxg [4H] and dLoss/dc_prev into dc_prev_j.
   // dh_prev_direct_j: LSTM's h_prev reaches the step only through hg, so it is 0.
-  template <typename A, typename T>
-  RNNFAST_HD static void backward(int H, int j, const T* saved, A /*h_prev_j*/, A c_prev_j,
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void backward(int H, Index j, const T* saved, A /*h_prev_j*/, A c_prev_j,
                                   A dh_j, A dc_j, T* dxg, T* /*dhg*/, A& dc_prev_j,
                                   A& dh_prev_direct_j) {
-    const A i = A(saved[j]);
-    const A f = A(saved[H + j]);
-    const A g = A(saved[2 * H + j]);
-    const A o = A(saved[3 * H + j]);
-    const A act_c = activate<Act>(A(saved[4 * H + j]));
+    const A i = load<A>(saved, 0, j);
+    const A f = load<A>(saved, H, j);
+    const A g = load<A>(saved, 2 * H, j);
+    const A o = load<A>(saved, 3 * H, j);
+    const A act_c = activate<Act>(load<A>(saved, 4 * H, j));
     const A dc = dc_j + dh_j * o * activation_grad_from_output<Act>(act_c);
-    dxg[j] = T(dc * g * i * (A(1) - i));
-    dxg[H + j] = T(dc * c_prev_j * f * (A(1) - f));
-    dxg[2 * H + j] = T(dc * i * activation_grad_from_output<Act>(g));
-    dxg[3 * H + j] = T(dh_j * act_c * o * (A(1) - o));
+    store(dxg, 0, j, dc * g * i * (A(1) - i));
+    store(dxg, H, j, dc * c_prev_j * f * (A(1) - f));
+    store(dxg, 2 * H, j, dc * i * activation_grad_from_output<Act>(g));
+    store(dxg, 3 * H, j, dh_j * act_c * o * (A(1) - o));
     dc_prev_j = dc * f;
     dh_prev_direct_j = A(0);
   }
@@ -142,40 +170,40 @@ struct GruCell {
   static constexpr int kSavedPerUnit = 4;
   static constexpr bool kReadsPrevHidden = true;
 
-  template <typename A, typename T>
-  RNNFAST_HD static void forward(int H, int j, const T* xg, const T* hg, A h_prev_j,
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void forward(int H, Index j, const T* xg, const T* hg, A h_prev_j,
                                  A /*c_prev_j*/, A& h_new_j, A& /*c_new_j*/, T* saved) {
-    const A r = sigmoid(A(xg[j]) + A(hg[j]));
-    const A z = sigmoid(A(xg[H + j]) + A(hg[H + j]));
-    const A hn = A(hg[2 * H + j]);
-    const A n = tanh_of(A(xg[2 * H + j]) + r * hn);
+    const A r = sigmoid(load<A>(xg, 0, j) + load<A>(hg, 0, j));
+    const A z = sigmoid(load<A>(xg, H, j) + load<A>(hg, H, j));
+    const A hn = load<A>(hg, 2 * H, j);
+    const A n = Math<A>::tanh(load<A>(xg, 2 * H, j) + r * hn);
     h_new_j = n + z * (h_prev_j - n);
     if (saved != nullptr) {
-      saved[j] = T(r);
-      saved[H + j] = T(z);
-      saved[2 * H + j] = T(n);
-      saved[3 * H + j] = T(hn);
+      store(saved, 0, j, r);
+      store(saved, H, j, z);
+      store(saved, 2 * H, j, n);
+      store(saved, 3 * H, j, hn);
     }
   }
 
   // dxg, dhg: [3H] gradients of xg and hg; they differ only in the n gate (dhg_n = dxg_n * r).
-  template <typename A, typename T>
-  RNNFAST_HD static void backward(int H, int j, const T* saved, A h_prev_j, A /*c_prev_j*/,
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void backward(int H, Index j, const T* saved, A h_prev_j, A /*c_prev_j*/,
                                   A dh_j, A /*dc_j*/, T* dxg, T* dhg, A& /*dc_prev_j*/,
                                   A& dh_prev_direct_j) {
-    const A r = A(saved[j]);
-    const A z = A(saved[H + j]);
-    const A n = A(saved[2 * H + j]);
-    const A hn = A(saved[3 * H + j]);
+    const A r = load<A>(saved, 0, j);
+    const A z = load<A>(saved, H, j);
+    const A n = load<A>(saved, 2 * H, j);
+    const A hn = load<A>(saved, 3 * H, j);
     const A dn_pre = dh_j * (A(1) - z) * (A(1) - n * n);
     const A dr_pre = dn_pre * hn * r * (A(1) - r);
     const A dz_pre = dh_j * (h_prev_j - n) * z * (A(1) - z);
-    dxg[j] = T(dr_pre);
-    dxg[H + j] = T(dz_pre);
-    dxg[2 * H + j] = T(dn_pre);
-    dhg[j] = T(dr_pre);
-    dhg[H + j] = T(dz_pre);
-    dhg[2 * H + j] = T(dn_pre * r);
+    store(dxg, 0, j, dr_pre);
+    store(dxg, H, j, dz_pre);
+    store(dxg, 2 * H, j, dn_pre);
+    store(dhg, 0, j, dr_pre);
+    store(dhg, H, j, dz_pre);
+    store(dhg, 2 * H, j, dn_pre * r);
     dh_prev_direct_j = dh_j * z;
   }
 };
@@ -190,18 +218,18 @@ struct ElmanCell {
   static constexpr int kSavedPerUnit = 0;
   static constexpr bool kReadsPrevHidden = false;
 
-  template <typename A, typename T>
-  RNNFAST_HD static void forward(int /*H*/, int j, const T* xg, const T* hg, A /*h_prev_j*/,
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void forward(int /*H*/, Index j, const T* xg, const T* hg, A /*h_prev_j*/,
                                  A /*c_prev_j*/, A& h_new_j, A& /*c_new_j*/, T* /*saved*/) {
-    h_new_j = activate<Act>(A(xg[j]) + A(hg[j]));
+    h_new_j = activate<Act>(load<A>(xg, 0, j) + load<A>(hg, 0, j));
   }
 
-  // Elman's saved value is its output: the engine passes h_new through `saved`.
-  template <typename A, typename T>
-  RNNFAST_HD static void backward(int /*H*/, int j, const T* h_new, A /*h_prev_j*/,
+  // Elman's saved value is its output: the engine passes the output row h_new as `saved`.
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void backward(int /*H*/, Index j, const T* h_new, A /*h_prev_j*/,
                                   A /*c_prev_j*/, A dh_j, A /*dc_j*/, T* dxg, T* /*dhg*/,
                                   A& /*dc_prev_j*/, A& dh_prev_direct_j) {
-    dxg[j] = T(dh_j * activation_grad_from_output<Act>(A(h_new[j])));
+    store(dxg, 0, j, dh_j * activation_grad_from_output<Act>(load<A>(h_new, 0, j)));
     dh_prev_direct_j = A(0);
   }
 };

@@ -18,6 +18,7 @@
 
 #include "../layer.h"
 #include "recurrent_product.h"
+#include "vector_math.h"
 
 namespace rnnfast {
 namespace {
@@ -109,16 +110,17 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
         T* h_row = h_data + b * P;
         A* c_row = c_data ? c_data + b * H : nullptr;
         T* h_new_row = projecting ? hu_data + b * H : h_row;
-        for (int64_t j = 0; j < H; ++j) {
-          const A h_prev_j = Cell::kReadsPrevHidden ? A(h_row[j]) : A(0);
-          const A c_prev_j = c_row ? c_row[j] : A(0);
-          A h_new_j, c_new_j = A(0);
-          Cell::forward(static_cast<int>(H), static_cast<int>(j), xg_row, hg_row, h_prev_j,
-                        c_prev_j, h_new_j, c_new_j, ws_row);
-          h_new_row[j] = T(h_new_j);
-          if (c_row) c_row[j] = c_new_j;
-          if (!projecting) out_row[j] = T(h_new_j);
-        }
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_row, 0, j) : zero;
+          const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
+          V h_new = zero, c_new = zero;
+          Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h_prev, c_prev, h_new, c_new,
+                        ws_row);
+          store(h_new_row, 0, j, h_new);
+          if (c_row) store(c_row, 0, j, c_new);
+          if (!projecting) store(out_row, 0, j, h_new);
+        });
         if (projecting && ws_row) {
           std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
         }
@@ -250,18 +252,22 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
           c_prev_row = first ? cx_data + b * H : ws_data + prev_row * W + 4 * H;
         }
         if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
-        for (int64_t j = 0; j < H; ++j) {
-          const A dh_j = projecting ? A(dhu_data[b * H + j])
-                                    : A(go_row[j]) + A(dh_data[b * P + j]);
-          const A dc_j = dc_data ? dc_data[b * H + j] : A(0);
-          const A h_prev_j = Cell::kReadsPrevHidden ? A(h_prev_row[j]) : A(0);
-          const A c_prev_j = c_prev_row ? A(c_prev_row[j]) : A(0);
-          A dc_prev_j = A(0), dh_prev_direct_j = A(0);
-          Cell::backward(static_cast<int>(H), static_cast<int>(j), saved_row, h_prev_j,
-                         c_prev_j, dh_j, dc_j, dgx_row, dgh_row, dc_prev_j, dh_prev_direct_j);
-          if (dc_data) dc_data[b * H + j] = dc_prev_j;
-          if (!projecting) dhd_row[j] = T(dh_prev_direct_j);
-        }
+        A* dc_row = dc_data ? dc_data + b * H : nullptr;
+        const T* dh_row = dh_data + b * P;
+        const T* dhu_row = projecting ? dhu_data + b * H : nullptr;
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          const V dh = projecting ? load<V>(dhu_row, 0, j)
+                                  : load<V>(go_row, 0, j) + load<V>(dh_row, 0, j);
+          const V dc = dc_row ? load<V>(dc_row, 0, j) : zero;
+          const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
+          const V c_prev = c_prev_row ? load<V>(c_prev_row, 0, j) : zero;
+          V dc_prev = zero, dh_prev_direct = zero;
+          Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row,
+                         dgh_row, dc_prev, dh_prev_direct);
+          if (dc_row) store(dc_row, 0, j, dc_prev);
+          if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
+        });
       }
     });
     // dh_prev = dh_direct + dgate_h[t] W_hh
