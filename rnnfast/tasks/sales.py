@@ -29,6 +29,7 @@ TITLE = "retail sales forecast with LSTM(100, activation relu)"
 SOURCE = "004 3.3"
 DEFAULT_SEED = 0
 TEST_SIZE, LENGTH, FUTURE = 18, 12, 24
+USD_SERIES = ("RSCCASN", "S4248SM144NCEN")  # FRED retail series in millions of USD
 
 
 class SalesLSTM(nn.Module):
@@ -121,7 +122,8 @@ def run(ctx):
                 label=f"held-out forecast (RMSE {rmse:.0f})")
         ax.plot(future_dates, future, "--", color="tab:green", lw=2,
                 label=f"forecast, {FUTURE} months ahead")
-        ax.set_ylabel(f"{series.name} (millions of USD)")
+        ax.set_ylabel(series.name + (" (millions of USD)" if series.name.upper() in USD_SERIES
+                                     else ""))
     axes[0].set_title("retail sales: history, held-out truth and forecasts")
     axes[1].set_title("the last 4 years and the forecasts")
     axes[1].legend(fontsize=8, loc="upper left")
@@ -136,14 +138,15 @@ def run(ctx):
     ax.legend()
     ctx.savefig(fig, "loss")
 
+    units = "millions of USD" if series.name.upper() in USD_SERIES else f"{series.name} units"
     stop_note = f"early stop after epoch {stopped}" if stopped else f"{len(ep)} epochs"
     return Result(
         models=["rnnfast.LSTM(1, 100, activation='relu') + Linear(100, 1)"],
         metrics=[Metric("LSTM(100, relu)", "held-out RMSE", rmse)],
-        summary=f"RMSE of the {TEST_SIZE}-month held-out forecast {rmse:.1f} (millions of USD, "
+        summary=f"RMSE of the {TEST_SIZE}-month held-out forecast {rmse:.1f} ({units}, "
                 f"held-out mean {test.mean():.0f}); {stop_note}",
         reference="the guide computes this RMSE in sales units (no figure given)",
-        details={"data_source": series.source, "series": series.name,
+        details={"data_source": series.source, "series": series.name, "units": units,
                  "n_months": len(values), "early_stopped_at": stopped, "history": hist,
                  "held_out_truth": test.tolist(), "held_out_forecast": test_pred.tolist(),
                  "future_forecast": {str(d): float(v) for d, v in zip(future_dates, future)}},
