@@ -747,3 +747,59 @@ def test_dropout_one_zeroes_the_input_of_layer_two(rf, device, spec, bidirection
     out.sum().backward(retain_graph=True)
     assert xd.grad is None or torch.count_nonzero(xd.grad) == 0, "output depends on x despite dropout=1"
     assert torch.count_nonzero(ours.weight_ih_l1.grad) == 0
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_dropout_mask_is_inverted_bernoulli(rf, device, p):
+    """Layer 2 of a relu Elman made the identity (W_ih = I, W_hh = 0, b = 0) shows
+    its input: training-mode dropout must zero a fraction ~p of the elements,
+    independently per time step, and scale the rest by 1/(1-p), like F.dropout."""
+    T, B, H = 40, 25, 8
+    mod = rf.RNN(H, H, num_layers=2, nonlinearity="relu", dropout=p, device=device,
+                 dtype=torch.float64).train()
+    with torch.no_grad():
+        mod.weight_ih_l0.copy_(torch.rand(H, H) + 0.1)
+        mod.weight_hh_l0.zero_()
+        mod.bias_ih_l0.fill_(0.1)
+        mod.bias_hh_l0.zero_()
+        mod.weight_ih_l1.copy_(torch.eye(H))
+        mod.weight_hh_l1.zero_()
+        mod.bias_ih_l1.zero_()
+        mod.bias_hh_l1.zero_()
+    x = torch.rand(T, B, H, dtype=torch.float64, device=device)
+    out, hn = mod(x)
+    layer1 = hn[0]  # last step of layer 1; full layer-1 output = relu(x W^T + b) (W_hh = 0)
+    h1 = torch.relu(x @ mod.weight_ih_l0.detach().t() + 0.1)
+    assert_close_rel(layer1, h1[-1], "layer-1 h_n")
+    ratio = (out / h1).cpu()
+    kept = ratio != 0
+    assert_close_rel(ratio[kept], torch.full_like(ratio[kept], 1 / (1 - p)), "kept elements / input")
+    frac = 1 - kept.double().mean().item()
+    sd = math.sqrt(p * (1 - p) / kept.numel())
+    assert abs(frac - p) < 6 * sd, f"dropped fraction {frac:.3f}, expected {p}"
+    same_as_previous_step = (kept[1:] == kept[:-1]).double().mean().item()
+    assert same_as_previous_step < 0.9, "the dropout mask does not change over time"
+
+
+@pytest.mark.parametrize("spec", STANDARD + EXTRAS, ids=str)
+def test_dropout_train_mode_reproducible_and_gradient_consistent(rf, device, spec):
+    """Training mode with dropout: the same torch.manual_seed gives the same
+    result (as torch.nn), and backward is the derivative of that forward
+    (gradcheck with the seed reset before every evaluation)."""
+    _skip_extra_on_torch_nn(rf, spec)
+    cfg = dict(input_size=2, hidden_size=3, num_layers=2, dropout=0.4, bidirectional=True)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 2 if spec.proj else 0
+    mod = rnnfast_layer(rf, spec, cfg, torch.float64, device).train()
+    x = torch.randn(4, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(x):
+        torch.manual_seed(1234)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(1234)
+        out, hn = mod(x)
+        return out, hn[0] if spec.mode == "LSTM" else hn
+
+    a, b = f(x), f(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
