@@ -1,8 +1,8 @@
-"""Loads the compiled extension and teaches PyTorch the ops' shapes and gradients.
+"""Loads the compiled extension and teaches PyTorch the ops' shapes.
 
-The ops themselves (rnnfast::forward, rnnfast::backward) are registered by the extension in C++
-(csrc/ops.cpp); here they get a fake (meta) implementation, so torch.compile can trace them, and
-an autograd formula, so they are differentiable.
+The ops (rnnfast::forward, rnnfast::backward), their CPU and CUDA kernels and their autograd
+formula (csrc/autograd.cpp) are registered by the extension in C++; here they get fake (meta)
+implementations, so torch.compile and the fake-tensor machinery can trace them.
 """
 import os
 
@@ -90,58 +90,3 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w
         input.new_empty(w_ih.shape[0] if has_bias else 0),
         torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0),
     )
-
-
-def _forward_setup_context(ctx, inputs, output):
-    cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace = inputs
-    out, _, _, workspace = output
-    ctx.cell = cell
-    ctx.reverse = reverse
-    ctx.has_bias = b_ih is not None
-    ctx.saved_workspace = save_workspace
-    ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, lengths, out, workspace)
-
-
-def _forward_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_workspace):
-    if not ctx.saved_workspace:
-        raise RuntimeError(
-            "rnnfast::forward ran with save_workspace=False, so it cannot be differentiated; "
-            "call it with save_workspace=True when gradients are needed")
-    input, hx, cx, w_ih, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(output)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
-    if cx is None:
-        grad_c_n = None
-    elif grad_c_n is None:
-        grad_c_n = torch.zeros_like(cx)
-    grads = torch.ops.rnnfast.backward(
-        ctx.cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, ctx.has_bias,
-        w_hr, lengths, ctx.reverse, output, workspace, ctx.needs_input_grad[1])
-    grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr = grads
-    return (
-        None,
-        grad_input if ctx.needs_input_grad[1] else None,
-        grad_hx,
-        grad_cx if cx is not None else None,
-        grad_w_ih,
-        grad_w_hh,
-        grad_b_ih if ctx.has_bias else None,
-        grad_b_hh if ctx.has_bias else None,
-        grad_w_hr if w_hr is not None else None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "rnnfast::forward", _forward_backward, setup_context=_forward_setup_context)
-
-
-def _backward_not_differentiable(ctx, *grads):
-    raise RuntimeError("rnnfast: double backward (gradients of gradients) is not supported")
-
-
-torch.library.register_autograd("rnnfast::backward", _backward_not_differentiable)
