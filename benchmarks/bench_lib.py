@@ -205,16 +205,17 @@ class TimingConfig:
     budget_s: float = 5.0        # target time for all the repeats of one measurement
     min_repeats: int = 5
     max_repeats: int = 15
+    cap_s: float = 30.0          # but fewer (down to 3) where min_repeats would take longer
     repeats: int = None          # fixed repeat count (--repeats) instead of the adaptive one
 
 
 def timing_config(device, quick=False, repeats=None):
     if quick:
         cfg = TimingConfig(warmup_calls=1, warmup_s=0.03, sample_s=0.01, budget_s=0.4,
-                           min_repeats=3, max_repeats=3)
+                           min_repeats=3, max_repeats=3, cap_s=5.0)
     elif device == "cuda":
         cfg = TimingConfig(warmup_calls=3, warmup_s=0.1, sample_s=0.01, budget_s=0.8,
-                           min_repeats=5, max_repeats=10)
+                           min_repeats=5, max_repeats=10, cap_s=10.0)
     else:
         cfg = TimingConfig()
     cfg.repeats = repeats
@@ -285,6 +286,8 @@ def measure_pair(fn_torch, fn_fast, timer, cfg):
         per_repeat = n_t * est_t + n_f * est_f
         repeats = int(cfg.budget_s / per_repeat)
         repeats = min(cfg.max_repeats, max(cfg.min_repeats, repeats))
+        if repeats * per_repeat > cfg.cap_s:  # slow steps (or a busy machine): bound the run
+            repeats = max(min(3, repeats), int(cfg.cap_s / per_repeat))
     samples_t, samples_f = [], []
     for r in range(repeats):
         order = ((fn_torch, n_t, samples_t), (fn_fast, n_f, samples_f))
@@ -387,6 +390,12 @@ def run_case(case, device, dtype, cfg, timer=None, rnnfast_module=None):
     try:
         ref, fast = make_pair(case, device, dtype, rnnfast_module=rnnfast_module)
         x = make_input(case, device, dtype)
+        for side, module in (("torch.nn", ref), ("rnnfast", fast)):  # say which side fails
+            try:
+                train_step(module, x)()
+            except Exception as exc:
+                raise RuntimeError(f"{side} training step failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
         row["max_abs_diff"] = max_abs_diff(ref, fast, x)
         row["forward"] = measure_pair(forward_step(ref, x), forward_step(fast, x), timer, cfg)
         row["train"] = measure_pair(train_step(ref, x), train_step(fast, x), timer, cfg)
