@@ -450,6 +450,14 @@ def _target(name, rows, expected, check, describe):
     return entry
 
 
+def _listing(items, limit=8):
+    """The first `limit` items (worst first), and how many more."""
+    text = ", ".join(items[:limit])
+    if len(items) > limit:
+        text += f", ... ({len(items) - limit} more in the JSON's rows)"
+    return text
+
+
 def _min_target(name, rows, expected, mode, bound):
     def check(ok):
         return all(s >= bound for _, s in _speedups(ok, mode))
@@ -457,10 +465,10 @@ def _min_target(name, rows, expected, mode, bound):
     def describe(ok):
         sp = _speedups(ok, mode)
         worst = min(sp, key=lambda t: t[1])
-        below = [f"{lab} {s:.2f}x" for lab, s in sp if s < bound]
+        below = sorted((t for t in sp if t[1] < bound), key=lambda t: t[1])
         text = f"min {worst[1]:.2f}x ({worst[0]}), need >= {bound}x"
         if below:
-            text += "; below: " + ", ".join(below)
+            text += f"; {len(below)} below: " + _listing([f"{lab} {v:.2f}x" for lab, v in below])
         return text
     return _target(name, rows, expected, check, describe)
 
@@ -492,7 +500,7 @@ def _memory_target(name, rows, expected):
             text += f"max {worst[1]:.2f} ({worst[0]}), geomean {geomean([v for _, v in ratios]):.2f}"
         text += "; need every ratio <= 1"
         if over:
-            text += "; over: " + ", ".join(over)
+            text += f"; {len(over)} over: " + _listing(over)
         return text
     return _target(name, rows, expected, check, describe)
 
@@ -674,7 +682,7 @@ def markdown_table(group):
         if r.get("error"):
             lines.append(f"| {r['shape']}{mark} | {r['cell']} | ({r['batch']}, {r['seq_len']}, "
                          f"{r['input_size']}, {r['hidden_size']}, {r['num_layers']}) | "
-                         f"error: {r['error'][:120]} |||||||||")
+                         f"error: {r['error'][:160]} |" + " |" * 8)
             continue
         f, t, m = r["forward"], r["train"], r["memory"]
         ratio = f"{m['ratio']:.2f}" if m["ratio"] is not None else "-"
