@@ -399,10 +399,14 @@ def run_case(case, device, dtype, cfg, timer=None, rnnfast_module=None):
         row["max_abs_diff"] = max_abs_diff(ref, fast, x)
         row["forward"] = measure_pair(forward_step(ref, x), forward_step(fast, x), timer, cfg)
         row["train"] = measure_pair(train_step(ref, x), train_step(fast, x), timer, cfg)
-        mt = peak_train_bytes(ref, x, device)
-        mf = peak_train_bytes(fast, x, device)
-        row["memory"] = {"torch_peak_bytes": mt, "rnnfast_peak_bytes": mf,
-                         "ratio": (mf / mt) if mt > 0 else None}
+        try:  # a failed memory measurement keeps the timings
+            mt = peak_train_bytes(ref, x, device)
+            mf = peak_train_bytes(fast, x, device)
+            row["memory"] = {"torch_peak_bytes": mt, "rnnfast_peak_bytes": mf,
+                             "ratio": (mf / mt) if mt > 0 else None, "error": None}
+        except Exception as exc:
+            row["memory"] = {"torch_peak_bytes": None, "rnnfast_peak_bytes": None,
+                             "ratio": None, "error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # a measurement: record and go on
         row["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -438,7 +442,10 @@ def _target(name, rows, expected, check, describe):
     entry = {"target": name, "rows_measured": len(ok), "rows_expected": expected,
              "complete": len(ok) == expected and not errors, "errors": errors}
     if not ok:
-        entry.update(status="N/A", detail="no rows measured")
+        if errors:
+            entry.update(status="NOT MET", detail=f"every row failed: {_listing(errors)}")
+        else:
+            entry.update(status="N/A", detail="no rows measured")
         return entry
     met = bool(check(ok)) and not errors
     detail = describe(ok)
@@ -484,6 +491,10 @@ def _geomean_target(name, rows, expected, mode, bound):
 
 
 def _memory_target(name, rows, expected):
+    # rows whose memory measurement failed count as failed rows here
+    rows = [r if r.get("error") or not r["memory"].get("error") else
+            {**r, "error": "memory: " + r["memory"]["error"]} for r in rows]
+
     def check(ok):
         return all(r["memory"]["rnnfast_peak_bytes"] <= r["memory"]["torch_peak_bytes"]
                    for r in ok)
