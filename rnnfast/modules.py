@@ -144,8 +144,9 @@ class _RecurrentBase(nn.Module):
         if not isinstance(state, torch.Tensor):
             raise TypeError(f"{name}: {argument} must be a Tensor, got {type(state).__name__}")
         if _shape(state) != expected:
-            raise RuntimeError(f"{name}: {argument} must have shape {expected} (num_layers * "
-                               f"num_directions, batch, size), got {_shape(state)}")
+            layout = "num_layers * num_directions, " + ("batch, " if len(expected) == 3 else "")
+            raise RuntimeError(f"{name}: {argument} must have shape {expected} ({layout}size), "
+                               f"got {_shape(state)}")
         if state.dtype != input.dtype:
             raise RuntimeError(f"{name}: {argument} must have the dtype of input "
                                f"({input.dtype}), got {state.dtype}")
@@ -217,15 +218,17 @@ class _RecurrentBase(nn.Module):
                     raise RuntimeError(f"{name}: for {kind} input, {argument} must be "
                                        f"{expected_dim}-D, got {state.dim()}-D of shape "
                                        f"{_shape(state)}")
+            # Checked in the caller's own terms (unbatched states have no batch dim).
+            batch_dims = (batch,) if batched else ()
+            self._check_state(h0, "h_0 (hx[0])" if is_lstm else "hx",
+                              (self.num_layers * directions, *batch_dims, state_size), sequence)
+            if is_lstm:
+                self._check_state(c0, "c_0 (hx[1])",
+                                  (self.num_layers * directions, *batch_dims, self.hidden_size),
+                                  sequence)
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
-            self._check_state(h0, "h_0 (hx[0])" if is_lstm else "hx",
-                              (self.num_layers * directions, batch, state_size), sequence)
-            if is_lstm:
-                self._check_state(c0, "c_0 (hx[1])",
-                                  (self.num_layers * directions, batch, self.hidden_size),
-                                  sequence)
             if packed and input.sorted_indices is not None:
                 h0 = h0.index_select(1, input.sorted_indices)
                 c0 = c0.index_select(1, input.sorted_indices) if c0 is not None else None
