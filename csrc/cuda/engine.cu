@@ -1,0 +1,418 @@
+// The CUDA engine: rnnfast::forward / rnnfast::backward for one layer in one direction on the
+// GPU, with exactly the CPU engine's semantics and outputs (csrc/cpu/engine.cpp): the same
+// workspace layout [T, B, W], masking for variable lengths, first-step rules and projection.
+//
+// Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen); per step the
+// recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
+// (csrc/cuda/kernels.cuh, the math of csrc/cells.h) that writes h, c, the output and the
+// workspace. Backward: the reverse loop of one fused kernel plus the recurrent GEMM per step;
+// the gradients of x, W_ih, W_hh, W_hr and the biases as single GEMMs / reductions over all
+// steps. Everything runs on the current stream of the input's device; the time loops never
+// wait for the device (the lengths are read on the device by the kernels).
+//
+// float16 / bfloat16 store in their own type and accumulate in float (LSTM's c state is kept
+// in float, as on the CPU). Under torch.autocast("cuda") the forward runs in the autocast
+// dtype, like torch.nn's RNNs (forward_autocast below).
+//
+// RNNFAST_CUDA_HOST_EMULATION (tests only, never set by setup.py): compiled by a C++ compiler
+// with kernels.cu, the same host code registers itself for CPU tensors and the "kernels" run
+// as host loops over the threads' bodies (kernels.cuh). tests/test_cuda_compile.py builds it so
+// to check this file's indexing and loops against the CPU engine on a machine without a GPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#ifndef RNNFAST_CUDA_HOST_EMULATION
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (at::cuda's is this one)
+#endif
+
+#include "../layer.h"
+#include "kernels.cuh"
+
+namespace rnnfast {
+namespace {
+
+using at::Tensor;
+
+#ifndef RNNFAST_CUDA_HOST_EMULATION
+// Sets the input's device as the current one for the op (a CPU input is refused by the
+// argument checks that follow).
+using DeviceGuard = c10::cuda::OptionalCUDAGuard;
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#define RNNFAST_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CUDA;
+constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCUDA;
+#else
+struct DeviceGuard {
+  void set_device(c10::Device) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#define RNNFAST_KERNEL_LAUNCH_CHECK() ((void)0)
+constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CPU;
+constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCPU;
+#endif
+
+// The ATen calls inside the ops (GEMMs, sums) must run in the op's dtype even when the op is
+// called under autocast (e.g. the backward op during a backward pass inside an autocast
+// region): autocast is off for the duration of each op.
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+// ATen's scalar type -> the kernels' storage type (same size and bits).
+template <typename scalar_t>
+struct KernelTypeOf {
+  using type = scalar_t;
+};
+template <>
+struct KernelTypeOf<at::Half> {
+  using type = cuda::Half;
+};
+template <>
+struct KernelTypeOf<at::BFloat16> {
+  using type = cuda::BFloat16;
+};
+template <typename scalar_t>
+using KernelType = typename KernelTypeOf<scalar_t>::type;
+
+// The data of `t` as the kernels' type; nullptr for an undefined or empty tensor.
+template <typename scalar_t>
+KernelType<scalar_t>* data_of(const Tensor& t) {
+  static_assert(sizeof(KernelType<scalar_t>) == sizeof(scalar_t), "same storage size");
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  return reinterpret_cast<KernelType<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+template <typename Cell, typename scalar_t>
+void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tensor& lengths,
+                 const Tensor& xg, const Tensor& w_hh, const Tensor& b_hh_per_step,
+                 const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
+                 Tensor& workspace) {
+  using T = KernelType<scalar_t>;
+  using A = at::opmath_type<scalar_t>;
+  static_assert(std::is_same<A, cuda::AccType<T>>::value, "accumulation types agree");
+  const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
+  const bool projecting = w_hr.defined();
+  const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  const auto options = xg.options();
+  Tensor hg = at::empty({B, G}, options);
+  Tensor h_unprojected = projecting ? at::zeros({B, H}, options) : Tensor();
+  Tensor h_projected = projecting ? at::empty({B, P}, options) : Tensor();
+  const Tensor w_hh_t = w_hh.t();
+  const Tensor w_hr_t = projecting ? w_hr.t() : Tensor();
+  const cudaStream_t stream = current_stream();
+
+  cuda::ForwardStepArgs<T> args{};
+  args.B = B;
+  args.H = H;
+  args.P = P;
+  args.G = G;
+  args.W = saving ? ws_cols : 0;
+  args.steps = s.steps;
+  args.reverse = reverse;
+  args.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  args.hg = data_of<scalar_t>(hg);
+  args.h = data_of<scalar_t>(h_state);
+  args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+  args.h_unprojected = projecting ? data_of<scalar_t>(h_unprojected) : nullptr;
+  const T* xg_data = data_of<scalar_t>(xg);
+  T* out_data = data_of<scalar_t>(output);
+  T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+
+  cuda::ProjectionCopyArgs<T> copy{};
+  copy.B = B;
+  copy.P = P;
+  copy.steps = s.steps;
+  copy.lengths = args.lengths;
+  copy.h_projected = projecting ? data_of<scalar_t>(h_projected) : nullptr;
+  copy.h = args.h;
+
+  for (int64_t step = 0; step < s.steps; ++step) {
+    const int64_t t = reverse ? s.steps - 1 - step : step;
+    // hg = h W_hh^T (+ b_hh where it could not be folded into xg)
+    if (b_hh_per_step.defined()) {
+      at::addmm_out(hg, b_hh_per_step, h_state, w_hh_t);
+    } else {
+      at::mm_out(hg, h_state, w_hh_t);
+    }
+    args.t = t;
+    args.xg = xg_data + t * B * G;
+    args.out = out_data + t * B * P;
+    args.ws = ws_data != nullptr ? ws_data + t * B * ws_cols : nullptr;
+    cuda::launch_forward_step<Cell, T>(args, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    if (projecting) {
+      // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
+      at::mm_out(h_projected, h_unprojected, w_hr_t);
+      copy.t = t;
+      copy.out = args.out;
+      cuda::launch_projection_copy<T>(copy, stream);
+      RNNFAST_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
+    c10::string_view cell, const Tensor& input_, const Tensor& hx_,
+    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
+    const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
+    bool save_workspace) {
+  DeviceGuard device_guard;
+  if (input_.is_cuda()) device_guard.set_device(input_.device());
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const std::string cell_name(cell);
+  const LayerSizes s =
+      check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  const Tensor input = input_.contiguous();
+  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = contiguous_or_undefined(w_hr_);
+  const Tensor lengths = contiguous_or_undefined(lengths_);
+  const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
+
+  Tensor output = at::empty({s.steps, s.batch, s.state_size}, input.options());
+  Tensor h_state = hx_.contiguous().clone();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  Tensor c_state = cx_.has_value() ? cx_->to(acc_type).contiguous().clone()
+                                   : at::empty({0}, input.options().dtype(acc_type));
+  Tensor workspace = save_workspace ? at::empty({s.steps, s.batch, ws_cols}, input.options())
+                                    : at::empty({0}, input.options());
+
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
+    const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
+    Tensor xg, b_hh_per_step;
+    if (b_ih_.has_value()) {
+      const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
+      xg = at::addmm(bias, x2d, w_ih.t());
+      if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
+    } else {
+      xg = at::mm(x2d, w_ih.t());
+    }
+    xg = xg.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "rnnfast_forward_cuda", [&] {
+      run_forward<Cell, scalar_t>(s, ws_cols, reverse, lengths, xg, w_hh, b_hh_per_step, w_hr,
+                                  h_state, c_state, output, workspace);
+    });
+  });
+  Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
+  return {output, h_state, c_n, workspace};
+}
+
+template <typename Cell, typename scalar_t>
+void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tensor& lengths,
+                  const Tensor& grad_output, const Tensor& hx, const Tensor& cx,
+                  const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
+                  const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
+                  Tensor& dgate_h, Tensor& dprojected) {
+  using T = KernelType<scalar_t>;
+  using A = at::opmath_type<scalar_t>;
+  static_assert(std::is_same<A, cuda::AccType<T>>::value, "accumulation types agree");
+  const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
+  const bool projecting = w_hr.defined();
+  const auto options = grad_output.options();
+  Tensor dh_direct = at::empty({B, P}, options);
+  Tensor dh_unprojected = projecting ? at::empty({B, H}, options) : Tensor();
+  const Tensor& dgate_recurrent = Cell::kSeparateHiddenGateGrad ? dgate_h : dgate_x;
+  const cudaStream_t stream = current_stream();
+
+  cuda::BackwardStepArgs<T> args{};
+  args.B = B;
+  args.H = H;
+  args.P = P;
+  args.G = G;
+  args.W = ws_cols;
+  args.steps = s.steps;
+  args.reverse = reverse;
+  args.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  args.dh = data_of<scalar_t>(dh_state);
+  args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+  args.hx = data_of<scalar_t>(hx);
+  args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+  args.output = data_of<scalar_t>(output);
+  args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+  args.dh_unprojected = projecting ? data_of<scalar_t>(dh_unprojected) : nullptr;
+  args.dh_direct = data_of<scalar_t>(dh_direct);
+  const T* go_data = data_of<scalar_t>(grad_output);
+  T* dgx_data = data_of<scalar_t>(dgate_x);
+  T* dgh_data = data_of<scalar_t>(dgate_h);
+
+  cuda::ProjectionGradArgs<T> pgrad{};
+  pgrad.B = B;
+  pgrad.P = P;
+  pgrad.steps = s.steps;
+  pgrad.lengths = args.lengths;
+  pgrad.dh = args.dh;
+  T* dp_data = projecting ? data_of<scalar_t>(dprojected) : nullptr;
+
+  for (int64_t step = s.steps - 1; step >= 0; --step) {
+    const int64_t t = reverse ? s.steps - 1 - step : step;
+    args.t = t;
+    args.grad_output = go_data + t * B * P;
+    if (projecting) {
+      // dLoss/dh (projected) of this step, then back through W_hr.
+      pgrad.t = t;
+      pgrad.grad_output = args.grad_output;
+      pgrad.dprojected = dp_data + t * B * P;
+      cuda::launch_projection_grad<T>(pgrad, stream);
+      RNNFAST_KERNEL_LAUNCH_CHECK();
+      at::mm_out(dh_unprojected, dprojected.select(0, t), w_hr);
+    }
+    args.dgate_x = dgx_data + t * B * G;
+    args.dgate_h = dgh_data + t * B * G;
+    cuda::launch_backward_step<Cell, T>(args, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    // dh_prev = dh_direct + dgate_h[t] W_hh
+    at::addmm_out(dh_state, dh_direct, dgate_recurrent.select(0, t), w_hh);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    c10::string_view cell, const Tensor& grad_output_, const Tensor& grad_h_n_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const Tensor& hx_,
+    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
+    const Tensor& output_, const Tensor& workspace_, bool input_grad) {
+  DeviceGuard device_guard;
+  if (input_.is_cuda()) device_guard.set_device(input_.device());
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  const std::string cell_name(cell);
+  const LayerSizes s = check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
+                                        std::nullopt, w_hr_, lengths_);
+  check_backward_args(s, input_, grad_output_, grad_h_n_, grad_c_n_, output_, workspace_);
+  const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
+  const int64_t ws_cols = workspace_width(s.kind, H, s.has_projection);
+  const Tensor input = input_.contiguous(), hx = hx_.contiguous();
+  const Tensor cx = contiguous_or_undefined(cx_);
+  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = contiguous_or_undefined(w_hr_);
+  const Tensor lengths = contiguous_or_undefined(lengths_);
+  const Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
+  const Tensor workspace = workspace_.contiguous();
+  const auto options = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+
+  Tensor dh_state = grad_h_n_.contiguous().clone();
+  Tensor dc_state;
+  if (cx.defined()) {
+    dc_state = grad_c_n_.has_value() ? grad_c_n_->to(acc_type).contiguous().clone()
+                                     : at::zeros({B, H}, options.dtype(acc_type));
+  }
+  Tensor dgate_x = at::empty({T_, B, G}, options);
+  const bool separate =
+      dispatch_cell(s.kind, [](auto c) { return decltype(c)::kSeparateHiddenGateGrad; });
+  Tensor dgate_h = separate ? at::empty({T_, B, G}, options) : dgate_x;
+  Tensor dprojected = s.has_projection ? at::empty({T_, B, P}, options) : Tensor();
+
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "rnnfast_backward_cuda", [&] {
+      run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx, cx, w_hh,
+                                   w_hr, output, workspace, dh_state, dc_state, dgate_x,
+                                   dgate_h, dprojected);
+    });
+  });
+
+  // Gradients of everything else: single GEMMs / reductions over all T * B rows (as the CPU
+  // engine computes them).
+  const Tensor dgx2d = dgate_x.view({T_ * B, G});
+  const Tensor dgh2d = dgate_h.view({T_ * B, G});
+  Tensor grad_input = input_grad ? at::mm(dgx2d, w_ih).view({T_, B, s.input_size})
+                                 : at::empty({0}, options);
+  Tensor grad_w_ih = at::mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  Tensor grad_b_ih = has_bias ? dgx2d.sum(0) : at::empty({0}, options);
+  Tensor grad_b_hh =
+      has_bias ? (separate ? dgh2d.sum(0) : grad_b_ih.clone()) : at::empty({0}, options);
+
+  // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]: one GEMM over the shifted outputs (zero where the
+  // previous step was inactive, matching a zero gate gradient) plus one for each row's first
+  // step, whose h_prev is hx.
+  Tensor grad_w_hh = at::zeros({G, P}, options);
+  if (T_ > 1) {
+    const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
+    const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
+    grad_w_hh.addmm_(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
+  }
+  if (T_ > 0) {
+    Tensor first_dgate;
+    if (!reverse) {
+      first_dgate = dgate_h[0];
+    } else if (!lengths.defined()) {
+      first_dgate = dgate_h[T_ - 1];
+    } else {
+      // Row b starts at t = len[b] - 1; rows of length 0 never run.
+      const Tensor first_rows =
+          (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+      first_dgate = dgate_h.view({T_ * B, G}).index_select(0, first_rows);
+      first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+    }
+    grad_w_hh.addmm_(first_dgate.t(), hx);
+  }
+  Tensor grad_w_hr = at::empty({0}, options);
+  if (s.has_projection) {
+    const Tensor h_unprojected = workspace.view({T_ * B, ws_cols}).narrow(1, ws_cols - H, H);
+    grad_w_hr = at::mm(dprojected.view({T_ * B, P}).t(), h_unprojected);
+  }
+  Tensor grad_cx = cx.defined() ? dc_state.to(input.scalar_type()) : at::empty({0}, options);
+  return {grad_input, dh_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+// Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or
+// bfloat16), and so does rnnfast::forward: its floating-point tensors on the device are cast
+// to at::autocast::get_autocast_dtype (float64 ones are left alone, as autocast does; lengths
+// are int64), then the op runs with autocast off. The casts are recorded by autograd, so the
+// gradients reach float32 parameters in float32. The backward op needs no rule: it receives
+// the forward's dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autocast(
+    c10::string_view cell, const Tensor& input, const Tensor& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    bool save_workspace) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(kEngineAutocastKey);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(kEngineDevice);
+  const auto cast = [dtype](const auto& t) {
+    return at::autocast::cached_cast(dtype, t, kEngineDevice);
+  };
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rnnfast::forward", "")
+                             .typed<decltype(forward_cuda)>();
+  return op.call(cell, cast(input), cast(hx), cast(cx), cast(w_ih), cast(w_hh), cast(b_ih),
+                 cast(b_hh), cast(w_hr), lengths, reverse, save_workspace);
+}
+
+}  // namespace
+}  // namespace rnnfast
+
+#ifndef RNNFAST_CUDA_HOST_EMULATION
+TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
+  m.impl("forward", &rnnfast::forward_cuda);
+  m.impl("backward", &rnnfast::backward_cuda);
+}
+
+TORCH_LIBRARY_IMPL(rnnfast, AutocastCUDA, m) {
+  m.impl("forward", &rnnfast::forward_autocast);
+}
+#else
+TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
+  m.impl("forward", &rnnfast::forward_cuda);
+  m.impl("backward", &rnnfast::backward_cuda);
+}
+
+TORCH_LIBRARY_IMPL(rnnfast, AutocastCPU, m) {
+  m.impl("forward", &rnnfast::forward_autocast);
+}
+#endif

@@ -1,0 +1,468 @@
+"""rnnfast's CUDA engine (csrc/cuda) on a GPU.
+
+* the modules on CUDA against torch.nn on CUDA (cuDNN) and against rnnfast on the CPU, for
+  every cell, with layers, bidirectional, projection, packed, unbatched and no-bias inputs:
+  outputs, final states and the gradients of the input, the initial states and every parameter,
+  ||a - b||_inf / ||b||_inf <= 1e-5 (float32) / 1e-10 (float64), TF32 off;
+* gradcheck (float64, CUDA) of the forward op (whose gradient is the backward op) and of the
+  backward op as a function of the incoming gradients; torch.library.opcheck on CUDA;
+* torch.compile(mode="reduce-overhead") (CUDA graphs), forward and backward, equals eager;
+* float16 / bfloat16: rnnfast's error against a float64 reference is no worse than a small
+  multiple of torch.nn's own error in the same dtype;
+* autocast: under torch.autocast("cuda") rnnfast gives outputs in the autocast dtype like
+  torch.nn does, and gradients flow back to the float32 parameters.
+
+Everything is skipped (reason "no CUDA device") where torch.cuda.is_available() is False.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+import rnnfast  # noqa: E402
+from rnnfast._ops import GATES  # noqa: E402
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
+
+# cell name -> (rnnfast constructor, torch.nn constructor or None), both (input, hidden, **kw).
+CELLS = {
+    "lstm": (lambda i, h, **kw: rnnfast.LSTM(i, h, **kw), lambda i, h, **kw: nn.LSTM(i, h, **kw)),
+    "lstm_relu": (lambda i, h, **kw: rnnfast.LSTM(i, h, activation="relu", **kw), None),
+    "lstm_sigmoid": (lambda i, h, **kw: rnnfast.LSTM(i, h, activation="sigmoid", **kw), None),
+    "gru": (lambda i, h, **kw: rnnfast.GRU(i, h, **kw), lambda i, h, **kw: nn.GRU(i, h, **kw)),
+    "rnn_tanh": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="tanh", **kw),
+                 lambda i, h, **kw: nn.RNN(i, h, nonlinearity="tanh", **kw)),
+    "rnn_relu": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="relu", **kw),
+                 lambda i, h, **kw: nn.RNN(i, h, nonlinearity="relu", **kw)),
+    "rnn_sigmoid": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="sigmoid", **kw), None),
+}
+
+# Layer configurations: constructor keywords plus how the input is given.
+CONFIGS = {
+    "plain": dict(kw=dict()),
+    "stacked_bi": dict(kw=dict(num_layers=2, bidirectional=True, batch_first=True)),
+    "nobias_hx": dict(kw=dict(bias=False, num_layers=2), hx=True),
+    "proj": dict(kw=dict(proj_size=3, num_layers=2, bidirectional=True), hx=True, lstm_only=True),
+    "packed": dict(kw=dict(bidirectional=True, num_layers=2), packed=True, hx=True),
+    "packed_proj": dict(kw=dict(proj_size=5, bidirectional=True), packed=True, lstm_only=True),
+    "unbatched": dict(kw=dict(num_layers=2), unbatched=True, hx=True),
+    "large": dict(kw=dict(), sizes=(37, 33, 19, 130)),
+}
+
+STEPS, BATCH, INPUT, HIDDEN = 7, 5, 4, 8
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 GEMMs in cuBLAS and cuDNN, restored afterwards."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def rel_err(actual, expected):
+    """||actual - expected||_inf / ||expected||_inf, in float64 on the CPU (0 for all-zero)."""
+    a = actual.detach().to(CPU, torch.float64)
+    b = expected.detach().to(CPU, torch.float64)
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if b.numel() == 0:
+        return 0.0
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    return err if scale == 0 else err / scale
+
+
+def assert_results_close(actual, expected, tol, label):
+    assert sorted(actual) == sorted(expected), f"{label}: {sorted(actual)} vs {sorted(expected)}"
+    for key in expected:
+        if expected[key] is None:
+            assert actual[key] is None, f"{label}{key}: expected None"
+            continue
+        assert actual[key].dtype == expected[key].dtype, f"{label}{key}: dtype"
+        assert torch.isfinite(expected[key]).all(), f"{label}{key}: reference not finite"
+        err = rel_err(actual[key], expected[key])
+        assert err <= tol, f"{label}{key}: relative error {err:.3e} > {tol:.0e}"
+
+
+def make_case(cell, config, dtype, seed=0):
+    """The rnnfast module (float32 parameters on the CPU, converted to `dtype`), the matching
+    torch.nn module (or None) and the call: input, hx, lengths, batch_first, unbatched."""
+    spec = CONFIGS[config]
+    steps, batch, input_size, hidden = spec.get("sizes", (STEPS, BATCH, INPUT, HIDDEN))
+    make_ours, make_theirs = CELLS[cell]
+    torch.manual_seed(seed)
+    ours = make_ours(input_size, hidden, **spec["kw"]).to(dtype)
+    theirs = None
+    if make_theirs is not None:
+        theirs = make_theirs(input_size, hidden, **spec["kw"]).to(dtype)
+        theirs.load_state_dict(ours.state_dict())
+    generator = torch.Generator().manual_seed(seed + 1)
+    batch_first = spec["kw"].get("batch_first", False)
+    unbatched = spec.get("unbatched", False)
+    shape = (steps, input_size) if unbatched else (
+        (batch, steps, input_size) if batch_first else (steps, batch, input_size))
+    x = torch.randn(*shape, generator=generator).to(dtype)
+    hx = None
+    if spec.get("hx"):
+        layers = ours.num_layers * (2 if ours.bidirectional else 1)
+        state = ours.proj_size or hidden
+        h_shape = (layers, state) if unbatched else (layers, batch, state)
+        c_shape = (layers, hidden) if unbatched else (layers, batch, hidden)
+        h0 = torch.randn(*h_shape, generator=generator).to(dtype)
+        hx = (h0, torch.randn(*c_shape, generator=generator).to(dtype)) if cell.startswith(
+            "lstm") else h0
+    lengths = None
+    if spec.get("packed"):
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps  # pad_packed_sequence's total_length keeps the shapes equal anyway
+    return ours, theirs, dict(x=x, hx=hx, lengths=lengths, batch_first=batch_first)
+
+
+def run(module, device, x, hx, lengths, batch_first, seed=123):
+    """Outputs, final states and gradients of a weighted sum of all of them, by name."""
+    module = module.to(device)
+    x = x.detach().to(device).requires_grad_()
+    leaves = [x]
+    if hx is None:
+        state = None
+    elif isinstance(hx, tuple):
+        state = tuple(t.detach().to(device).requires_grad_() for t in hx)
+        leaves += list(state)
+    else:
+        state = hx.detach().to(device).requires_grad_()
+        leaves.append(state)
+    sequence = x
+    if lengths is not None:
+        sequence = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    out, final = module(sequence, state)
+    if lengths is not None:
+        out, _ = pad_packed_sequence(out, batch_first=batch_first,
+                                     total_length=x.shape[1 if batch_first else 0])
+    h_n, c_n = final if isinstance(final, tuple) else (final, None)
+    generator = torch.Generator().manual_seed(seed)
+
+    def weights(t):
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(device, t.dtype)
+
+    loss = (out * weights(out)).sum() + (h_n * weights(h_n)).sum()
+    if c_n is not None:
+        loss = loss + (c_n * weights(c_n)).sum()
+    names = [name for name, _ in module.named_parameters()]
+    grads = torch.autograd.grad(loss, leaves + [p for _, p in module.named_parameters()])
+    result = dict(output=out, h_n=h_n, c_n=c_n, grad_input=grads[0])
+    for name, grad in zip(["grad_h0", "grad_c0"][: len(leaves) - 1], grads[1:len(leaves)]):
+        result[name] = grad
+    for name, grad in zip(names, grads[len(leaves):]):
+        result["grad_" + name] = grad
+    return {k: (v.detach() if v is not None else None) for k, v in result.items()}
+
+
+def cases():
+    for cell in CELLS:
+        for config, spec in CONFIGS.items():
+            if spec.get("lstm_only") and not cell.startswith("lstm"):
+                continue
+            yield pytest.param(cell, config, id=f"{cell}-{config}")
+
+
+def test_extension_has_cuda_engine():
+    from rnnfast._ops import _C
+
+    assert getattr(_C, "with_cuda", 0) == 1, (
+        "rnnfast._C was built without the CUDA engine although CUDA is available: rebuild with "
+        "`pip install -e . --no-build-isolation` where torch has CUDA and nvcc is found")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell, config", list(cases()))
+def test_module_matches_torch_nn_and_cpu(cell, config, dtype):
+    ours, theirs, call = make_case(cell, config, dtype)
+    cpu = run(ours, CPU, **call)
+    gpu = run(ours, CUDA, **call)
+    for value in gpu.values():
+        assert value is None or value.device.type == CUDA.type
+    assert_results_close(gpu, cpu, TOL[dtype], f"{cell}/{config} cuda vs rnnfast cpu: ")
+    if theirs is not None:
+        expected = run(theirs, CUDA, **call)
+        assert_results_close(gpu, expected, TOL[dtype], f"{cell}/{config} cuda vs torch.nn: ")
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_cells_and_inference_on_cuda(cls):
+    """No-grad forward (no workspace saved) equals the training forward, on a side stream."""
+    torch.manual_seed(3)
+    model = cls(6, 10, num_layers=2).to(CUDA)
+    x = torch.randn(9, 4, 6, device=CUDA)
+    with torch.no_grad():
+        expected, _ = model(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        actual, _ = model(x)
+        trained, _ = model(x.requires_grad_())
+    torch.cuda.current_stream().wait_stream(stream)
+    # Same computation; a tolerance only because cuBLAS may pick other kernels per stream.
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(trained.detach(), expected, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# The ops: gradcheck and opcheck on CUDA
+# ------------------------------------------------------------------------------------------
+
+OP_CELLS = list(CELLS)
+
+
+def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True, lengths=None,
+              reverse=False, dtype=torch.float64, seed=0, requires_grad=True):
+    """Random arguments of rnnfast::forward on CUDA (a list, in schema order)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        t = torch.randn(*shape, generator=generator, dtype=dtype).to(CUDA)
+        return t.requires_grad_(requires_grad)
+
+    gates = GATES[cell] * hidden
+    state = proj if proj else hidden
+    is_lstm = cell.startswith("lstm")
+    return [
+        cell,
+        rand(steps, batch, input_size),
+        rand(batch, state),
+        rand(batch, hidden) if is_lstm else None,
+        rand(gates, input_size),
+        rand(gates, state),
+        rand(gates) if bias else None,
+        rand(gates) if bias else None,
+        rand(proj, hidden) if proj else None,
+        torch.tensor(lengths, dtype=torch.int64, device=CUDA) if lengths is not None else None,
+        reverse,
+        True,
+    ]
+
+
+def differentiable_outputs(*args):
+    output, h_n, c_n, _ = torch.ops.rnnfast.forward(*args)
+    return (output, h_n, c_n) if c_n.numel() else (output, h_n)
+
+
+VARIANTS = {
+    "plain": dict(),
+    "reverse": dict(reverse=True),
+    "nobias": dict(bias=False),
+    "lengths": dict(lengths=[4, 1, 3]),
+    "lengths_reverse": dict(lengths=[2, 4, 0], reverse=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("cell", OP_CELLS)
+def test_gradcheck_forward_cuda(cell, variant):
+    args = make_args(cell, seed=len(cell) * 10 + len(variant), **VARIANTS[variant])
+    assert torch.autograd.gradcheck(differentiable_outputs, tuple(args))
+
+
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_gradcheck_projection_cuda(variant):
+    args = make_args("lstm", hidden=4, proj=2, seed=7, **VARIANTS[variant])
+    assert torch.autograd.gradcheck(differentiable_outputs, tuple(args))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_gradcheck_backward_op_cuda(cell):
+    """The backward op as a function of the incoming gradients (it is linear in them), with
+    the forward's results as constants."""
+    args = make_args(cell, seed=3, requires_grad=False, lengths=[4, 2, 3])
+    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
+    _, input, hx, cx, w_ih, w_hh, _, _, w_hr, lengths, reverse, _ = args
+
+    def grads(grad_output, grad_h_n, *grad_c_n):
+        result = torch.ops.rnnfast.backward(
+            cell, grad_output, grad_h_n, grad_c_n[0] if grad_c_n else None, input, hx, cx,
+            w_ih, w_hh, True, w_hr, lengths, reverse, output, workspace, True)
+        return tuple(t for t in result if t.numel())
+
+    incoming = [torch.randn_like(output), torch.randn_like(h_n)]
+    if cx is not None:
+        incoming.append(torch.randn_like(cx))
+    a = grads(*incoming)
+    b = grads(*(2 * t for t in incoming))
+    for x, y in zip(a, b):
+        assert x.device.type == CUDA.type
+        torch.testing.assert_close(2 * x, y, rtol=1e-12, atol=1e-12)
+    # And against the same op on the CPU.
+    cpu_args = [t.cpu() if isinstance(t, torch.Tensor) else t for t in args]
+    cpu_out = torch.ops.rnnfast.forward(*cpu_args)
+    for ours, theirs in zip((output, h_n, c_n, workspace), cpu_out):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-12, atol=1e-12)
+    _, input_c, hx_c, cx_c, w_ih_c, w_hh_c, _, _, w_hr_c, lengths_c, _, _ = cpu_args
+    cpu_grads = torch.ops.rnnfast.backward(
+        cell, incoming[0].cpu(), incoming[1].cpu(), incoming[2].cpu() if cx is not None else None,
+        input_c, hx_c, cx_c, w_ih_c, w_hh_c, True, w_hr_c, lengths_c, reverse, cpu_out[0],
+        cpu_out[3], True)
+    for ours, theirs in zip(a, [t for t in cpu_grads if t.numel()]):
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse", "nobias"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])
+def test_opcheck_forward_cuda(cell, variant):
+    args = make_args(cell, dtype=torch.float32, seed=11, **VARIANTS[variant])
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
+    no_grad_args = make_args(cell, dtype=torch.float32, seed=12, requires_grad=False,
+                             **VARIANTS[variant])
+    no_grad_args[-1] = False  # save_workspace=False: the inference path
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(no_grad_args))
+
+
+def test_opcheck_forward_projection_cuda():
+    args = make_args("lstm", hidden=4, proj=3, dtype=torch.float32, seed=13)
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_opcheck_backward_cuda(cell):
+    args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
+                     lengths=[4, 3, 2], reverse=True)
+    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
+    _, input, hx, cx, w_ih, w_hh, _, _, w_hr, lengths, reverse, _ = args
+    backward_args = (cell, torch.randn_like(output), torch.randn_like(h_n),
+                     torch.randn_like(cx) if cx is not None else None, input, hx, cx, w_ih,
+                     w_hh, True, w_hr, lengths, reverse, output, workspace, True)
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile with CUDA graphs
+# ------------------------------------------------------------------------------------------
+
+def _compile_model(kind):
+    torch.manual_seed(5)
+    if kind == "lstm":
+        return rnnfast.LSTM(3, 8, num_layers=2, bidirectional=True, batch_first=True)
+    if kind == "lstm_proj":
+        return rnnfast.LSTM(3, 8, proj_size=4, batch_first=True)
+    if kind == "gru":
+        return rnnfast.GRU(3, 8, num_layers=2, batch_first=True)
+    return rnnfast.RNN(3, 8, nonlinearity="sigmoid", bidirectional=True)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+def test_compile_reduce_overhead_matches_eager(kind):
+    torch._dynamo.reset()
+    model = _compile_model(kind).to(CUDA)
+    params = list(model.parameters())
+
+    def step(inputs):
+        output, state = model(inputs)
+        h = state[0] if isinstance(state, tuple) else state
+        return output, h
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    batch_first = getattr(model, "batch_first", False)
+    for iteration in range(4):  # warm-up, recording, then replays of the CUDA graphs
+        x = torch.randn((2, 5, 3) if batch_first else (5, 2, 3), device=CUDA)
+        eager_out, eager_h = step(x)
+        eager_loss = eager_out.square().sum() + eager_h.sum()
+        eager_grads = torch.autograd.grad(eager_loss, params)
+        torch.compiler.cudagraph_mark_step_begin()
+        out, h = compiled(x)
+        loss = out.square().sum() + h.sum()
+        grads = torch.autograd.grad(loss, params)
+        actual = [t.detach().clone() for t in (out, h, *grads)]
+        expected = [t.detach() for t in (eager_out, eager_h, *eager_grads)]
+        for a, b in zip(actual, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"iteration {iteration}: {m}")
+
+
+# ------------------------------------------------------------------------------------------
+# float16 / bfloat16
+# ------------------------------------------------------------------------------------------
+
+LOW = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
+LOW_CASES = [("lstm", "stacked_bi"), ("lstm", "proj"), ("lstm", "packed"), ("gru", "stacked_bi"),
+             ("gru", "packed"), ("rnn_tanh", "nobias_hx"), ("rnn_relu", "plain"),
+             ("lstm", "large"), ("gru", "large")]
+# rnnfast's relative error may be this many times torch.nn's own (each against float64), plus
+# this many units of the dtype's epsilon (for quantities torch.nn happens to get very close).
+LOW_FACTOR, LOW_EPS = 4.0, 4.0
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("cell, config", LOW_CASES, ids=[f"{c}-{k}" for c, k in LOW_CASES])
+def test_low_precision_as_accurate_as_torch_nn(cell, config, dtype):
+    ours, theirs, call = make_case(cell, config, dtype)
+    # The reference: torch.nn in float64 with the same (already rounded) weights and inputs.
+    reference = CELLS[cell][1](ours.input_size, ours.hidden_size, **CONFIGS[config]["kw"])
+    reference.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    reference = reference.double()
+    call64 = dict(call)
+    call64["x"] = call["x"].double()
+    if call["hx"] is not None:
+        call64["hx"] = (tuple(t.double() for t in call["hx"]) if isinstance(call["hx"], tuple)
+                        else call["hx"].double())
+    expected = run(reference, CUDA, **call64)
+    ours_result = run(ours, CUDA, **call)
+    try:
+        theirs_result = run(theirs, CUDA, **call)
+    except RuntimeError as error:  # e.g. a cuDNN without this dtype: nothing to compare with
+        pytest.skip(f"torch.nn's {cell} does not run in {dtype} here: {error}")
+    eps = torch.finfo(dtype).eps
+    report = []
+    for key, value in expected.items():
+        if value is None:
+            continue
+        assert ours_result[key].dtype == dtype
+        assert torch.isfinite(ours_result[key]).all(), f"{key}: not finite"
+        ours_err = rel_err(ours_result[key], value)
+        theirs_err = rel_err(theirs_result[key], value)
+        report.append(f"{key}: rnnfast {ours_err:.2e} torch.nn {theirs_err:.2e}")
+        assert ours_err <= LOW_FACTOR * theirs_err + LOW_EPS * eps, "\n".join(report)
+
+
+# ------------------------------------------------------------------------------------------
+# Autocast
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+def test_autocast_like_torch_nn(kind, dtype):
+    torch.manual_seed(21)
+    kw = dict(batch_first=True)
+    if kind.startswith("lstm"):
+        kw["proj_size"] = 4 if kind == "lstm_proj" else 0
+        ours, theirs = rnnfast.LSTM(6, 8, **kw), nn.LSTM(6, 8, **kw)
+    elif kind == "gru":
+        ours, theirs = rnnfast.GRU(6, 8, num_layers=2, **kw), nn.GRU(6, 8, num_layers=2, **kw)
+    else:
+        ours, theirs = rnnfast.RNN(6, 8, bidirectional=True, **kw), nn.RNN(
+            6, 8, bidirectional=True, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(CUDA), theirs.to(CUDA)
+    x = torch.randn(3, 7, 6, device=CUDA)
+    results = []
+    for model in (ours, theirs):
+        with torch.autocast("cuda", dtype=dtype):
+            out, state = model(x)
+        h = state[0] if isinstance(state, tuple) else state
+        results.append((out, h))
+        (out.float().square().sum() + h.float().sum()).backward()
+    (out, h), (ref_out, ref_h) = results
+    assert out.dtype == ref_out.dtype == dtype
+    assert h.dtype == ref_h.dtype == dtype
+    assert rel_err(out, ref_out) < 8 * torch.finfo(dtype).eps
+    assert rel_err(h, ref_h) < 8 * torch.finfo(dtype).eps
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert p.grad is not None, f"{name}: no gradient under autocast"
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        tol = max(0.05, 16 * torch.finfo(dtype).eps)
+        assert rel_err(p.grad, q.grad) < tol, f"{name}: {rel_err(p.grad, q.grad):.3e}"

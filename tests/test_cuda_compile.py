@@ -1,0 +1,329 @@
+"""Compile checks of the CUDA engine (csrc/cuda) that need nvcc but no GPU.
+
+setup.py compiles csrc/cuda only when torch itself was built with CUDA; on a machine with a
+CPU-only torch these tests are the check that the CUDA sources compile at all:
+
+* test_kernels_compile: csrc/cuda/kernels.cu (the kernels of kernels.cuh with the math of
+  csrc/cells.h, explicitly instantiated for every cell x float / double / half / bfloat16)
+  compiled with nvcc alone, for sm_80 and sm_90. No torch header is involved, so it is fast.
+* test_engine_compiles: csrc/cuda/engine.cu (the host code: ATen GEMMs, the time loops, the op
+  registration) compiled with `nvcc -c` against the installed torch's headers, and its calls
+  of the launchers matched against the instantiations of kernels.cu (nm). A CPU-only torch
+  wheel ships the c10/cuda headers but not the header CMake generates for a CUDA build
+  (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its temporary
+  folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
+
+* test_engine_host_emulation: engine.cu and kernels.cu compiled by the host C++ compiler with
+  RNNFAST_CUDA_HOST_EMULATION (engine.cu registers itself for CPU tensors, each kernel launch
+  becomes a loop over its threads' bodies), loaded in a subprocess (its ops.cpp would clash
+  with rnnfast._C), and its outputs, workspace and gradients compared with the CPU engine's for
+  every cell, dtype (float64 / float32 / float16 / bfloat16), projection, lengths and
+  direction. This checks the CUDA engine's host logic and indexing without a GPU; what it
+  cannot check (the kernels running on a device, cuBLAS) is for tests/test_cuda.py.
+
+All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+
+
+def _find_nvcc():
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+NVCC = _find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+# The flags torch's CUDAExtension gives nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS)
+# plus setup.py's own: the kernels must compile with the half / bfloat16 conversions of
+# cuda_fp16.h / cuda_bf16.h switched off, as they are in the real build.
+NVCC_FLAGS = [
+    "-std=c++17", "-O3", "-DRNNFAST_WITH_CUDA",
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+
+
+def _nvcc(args, timeout):
+    result = subprocess.run([NVCC, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"nvcc failed ({result.returncode}):\n{' '.join([NVCC, *args])}\n"
+        f"{result.stdout[-8000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def _compile_kernels(arch, out_dir):
+    target = os.path.join(out_dir, f"kernels_{arch}.o")
+    _nvcc([*NVCC_FLAGS, f"-arch={arch}", "-c", os.path.join(CUDA_DIR, "kernels.cu"),
+           "-o", target], timeout=600)
+    return target
+
+
+def _symbols(obj, kinds):
+    """Mangled names of the symbols of `obj` whose nm type letter is in `kinds`."""
+    listing = subprocess.run(["nm", obj], capture_output=True, text=True, check=True).stdout
+    names = set()
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[-2] in kinds:
+            names.add(parts[-1])
+    return names
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernels_compile(arch, tmp_path):
+    target = _compile_kernels(arch, str(tmp_path))
+    assert os.path.getsize(target) > 0
+    if shutil.which("nm"):
+        # Every launcher of every cell x dtype is there: 7 cells x 4 dtypes x (forward,
+        # backward) plus 4 dtypes x 2 projection helpers.
+        launchers = {name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
+        assert len(launchers) == 7 * 4 * 2 + 4 * 2, sorted(launchers)
+
+
+def _torch_cuda_headers():
+    """torch's include folders when they hold the c10/cuda headers, else None."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.cpp_extension import include_paths
+
+    paths = include_paths()
+    if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "CUDAGuard.h")) for p in paths):
+        return None
+    return paths, torch
+
+
+def test_engine_compiles(tmp_path):
+    found = _torch_cuda_headers()
+    if found is None:
+        pytest.skip("the installed torch ships no c10/cuda headers")
+    paths, torch = found
+    includes = [f"-I{p}" for p in paths]
+    generated = os.path.join("c10", "cuda", "impl", "cuda_cmake_macros.h")
+    if not any(os.path.isfile(os.path.join(p, generated)) for p in paths):
+        # CPU-only wheel: stand in for the header a CUDA build of torch generates.
+        shim = tmp_path / "shim"
+        (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
+        (shim / generated).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        includes.append(f"-I{shim}")
+    includes.append(f"-I{sysconfig.get_paths()['include']}")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    engine = str(tmp_path / "engine.o")
+    _nvcc([*NVCC_FLAGS, "-arch=sm_80", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes,
+           "-c", os.path.join(CUDA_DIR, "engine.cu"), "-o", engine], timeout=900)
+    assert os.path.getsize(engine) > 0
+    if shutil.which("nm"):
+        # engine.cu calls the launchers; kernels.cu must instantiate every one it calls.
+        kernels = _compile_kernels("sm_80", str(tmp_path))
+        needed = {name for name in _symbols(engine, {"U"}) if "launch_" in name}
+        assert needed, "engine.cu calls no launcher: the extern declarations did not apply"
+        missing = needed - _symbols(kernels, {"T", "W"})
+        assert not missing, f"launchers engine.cu calls but kernels.cu lacks: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------------------
+# Host emulation of the CUDA engine against the CPU engine
+# ------------------------------------------------------------------------------------------
+
+EMULATION_GATES = {"lstm": 4, "lstm_relu": 4, "lstm_sigmoid": 4, "gru": 3, "rnn_tanh": 1,
+                   "rnn_relu": 1, "rnn_sigmoid": 1}
+EMULATION_VARIANTS = {
+    "plain": dict(),
+    "reverse": dict(reverse=True),
+    "nobias": dict(bias=False),
+    "lengths": dict(lengths=[5, 1, 3, 0]),
+    "lengths_reverse": dict(lengths=[2, 5, 0, 4], reverse=True),
+    "proj": dict(proj=3),
+    "proj_lengths": dict(proj=3, lengths=[4, 5, 0, 2]),
+    "proj_lengths_reverse": dict(proj=2, lengths=[5, 3, 1, 4], reverse=True),
+    "one_step": dict(steps=1),
+    "empty_batch": dict(batch=0),
+    "inference": dict(save=False, lengths=[5, 2, 3, 4]),
+}
+EMULATION_DTYPES = ["float64", "float32", "float16", "bfloat16"]
+# ||emulated - cpu||_inf / ||cpu||_inf per dtype (the engines differ only in the order of GEMM
+# sums and in exp / tanh implementations).
+EMULATION_TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+def _emulation_cases():
+    for cell in EMULATION_GATES:
+        for name, variant in EMULATION_VARIANTS.items():
+            if "proj" in variant and not cell.startswith("lstm"):
+                continue
+            for dtype in EMULATION_DTYPES:
+                yield cell, name, variant, dtype
+
+
+def _emulation_run(cell, variant, dtype_name, seed):
+    """One forward (and backward) of the ops with random arguments; results by name."""
+    import torch
+
+    args, rand = _emulation_args(cell, variant, dtype_name, seed)
+    steps, batch, _ = args[1].shape
+    state, hidden, lstm = args[2].shape[1], args[4].shape[0] // EMULATION_GATES[cell], args[3] is not None
+    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
+    result = dict(output=output, h_n=h_n, c_n=c_n, workspace=workspace)
+    if variant.get("save", True):
+        _, x, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths_t, reverse, _ = args
+        grads = torch.ops.rnnfast.backward(
+            cell, rand(steps, batch, state), rand(batch, state), rand(batch, hidden) if lstm
+            else None, x, hx, cx, w_ih, w_hh, b_ih is not None, w_hr, lengths_t, reverse,
+            output, workspace, True)
+        names = ["grad_input", "grad_hx", "grad_cx", "grad_w_ih", "grad_w_hh", "grad_b_ih",
+                 "grad_b_hh", "grad_w_hr"]
+        result.update(zip(names, grads))
+    return result
+
+
+def _emulation_args(cell, variant, dtype_name, seed):
+    """Random arguments of rnnfast::forward (schema order) and the generator of more."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(seed)
+    steps, batch, input_size, hidden = variant.get("steps", 5), variant.get("batch", 4), 3, 6
+    proj = variant.get("proj", 0)
+    state = proj or hidden
+    gates = EMULATION_GATES[cell] * hidden
+    lstm = cell.startswith("lstm")
+
+    def rand(*shape):
+        return (0.8 * torch.randn(*shape, generator=generator)).to(dtype)
+
+    lengths = variant.get("lengths")
+    args = [cell, rand(steps, batch, input_size), rand(batch, state),
+            rand(batch, hidden) if lstm else None, rand(gates, input_size), rand(gates, state),
+            rand(gates) if variant.get("bias", True) else None,
+            rand(gates) if variant.get("bias", True) else None,
+            rand(state, hidden) if proj else None,
+            torch.tensor(lengths[:batch], dtype=torch.int64) if lengths else None,
+            variant.get("reverse", False), variant.get("save", True)]
+    return args, rand
+
+
+def _emulation_check_autocast():
+    """The engine's autocast rule (registered for AutocastCPU in the emulation build, for
+    AutocastCUDA in the real one): the forward runs in the autocast dtype, float64 stays."""
+    import torch
+
+    for cell, variant in (("lstm", dict(proj=3, lengths=[5, 2, 3, 4])), ("gru", dict())):
+        args, _ = _emulation_args(cell, variant, "float32", 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = torch.ops.rnnfast.forward(*args)
+        cast = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                else a for a in args]
+        expected = torch.ops.rnnfast.forward(*cast)
+        for a, b in zip(actual, expected):
+            assert a.dtype == torch.bfloat16, f"{cell}: autocast gave {a.dtype}"
+            assert torch.equal(a, b), f"{cell}: autocast result differs from a bfloat16 call"
+        args64, _ = _emulation_args(cell, variant, "float64", 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = torch.ops.rnnfast.forward(*args64)
+        assert result[0].dtype == torch.float64, "autocast must leave float64 alone"
+
+
+def _emulation_results():
+    return {f"{cell}/{name}/{dtype}": _emulation_run(cell, variant, dtype, seed)
+            for seed, (cell, name, variant, dtype) in enumerate(_emulation_cases())}
+
+
+_EMULATION_SOURCE = """\
+// Generated by tests/test_cuda_compile.py: the CUDA engine's host code with host loops for
+// the kernels, registered for CPU tensors.
+#define RNNFAST_CUDA_HOST_EMULATION 1
+#include "{engine}"
+#include "{kernels}"
+"""
+
+_EMULATION_BUILD = """\
+import sys, torch
+from torch.utils.cpp_extension import load
+load(name="rnnfast_cuda_emulation", sources=sys.argv[1:3], extra_cflags=["-O1"],
+     extra_include_paths=[sys.argv[3]], build_directory=sys.argv[4], is_python_module=False)
+"""
+
+
+def _cuda_include_dir():
+    for candidate in (os.path.join(os.path.dirname(os.path.dirname(NVCC)), "include"),
+                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include"),
+                      "/usr/local/cuda/include"):
+        if os.path.isfile(os.path.join(candidate, "cuda_fp16.h")):
+            return candidate
+    return None
+
+
+def test_engine_host_emulation(tmp_path):
+    torch = pytest.importorskip("torch")
+    include = _cuda_include_dir()
+    if include is None:
+        pytest.skip("no CUDA include folder with cuda_fp16.h next to nvcc")
+    if shutil.which("ninja") is None:
+        pytest.skip("torch.utils.cpp_extension.load needs ninja")
+    source = tmp_path / "engine_emulation.cpp"
+    source.write_text(_EMULATION_SOURCE.format(engine=os.path.join(CUDA_DIR, "engine.cu"),
+                                               kernels=os.path.join(CUDA_DIR, "kernels.cu")))
+    build = tmp_path / "build"
+    build.mkdir()
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    result = subprocess.run(
+        [sys.executable, "-c", _EMULATION_BUILD, os.path.join(ROOT, "csrc", "ops.cpp"),
+         str(source), include, str(build)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    library = build / "rnnfast_cuda_emulation.so"
+    results_file = tmp_path / "emulated.pt"
+    # The emulated engine runs in its own process: its ops.cpp defines the ops as rnnfast._C does.
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--emulate", str(library), str(results_file)],
+        capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert result.returncode == 0, f"emulated run failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    emulated = torch.load(str(results_file))
+
+    import rnnfast  # noqa: F401  (the CPU engine)
+
+    expected = _emulation_results()
+    assert sorted(emulated) == sorted(expected)
+    failures = []
+    for key, values in expected.items():
+        tol = EMULATION_TOL[key.rsplit("/", 1)[1]]
+        assert sorted(emulated[key]) == sorted(values), key
+        for name, value in values.items():
+            actual = emulated[key][name]
+            if actual.shape != value.shape or actual.dtype != value.dtype:
+                failures.append(f"{key} {name}: {actual.dtype}{tuple(actual.shape)} != "
+                                f"{value.dtype}{tuple(value.shape)}")
+                continue
+            if value.numel() == 0:
+                continue
+            a, b = actual.double(), value.double()
+            scale = b.abs().max().item()
+            err = (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+            if not err <= tol:
+                failures.append(f"{key} {name}: relative error {err:.3e} > {tol:.0e}")
+    assert not failures, "\n".join(failures)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--emulate":
+        import torch
+
+        torch.ops.load_library(sys.argv[2])
+        _emulation_check_autocast()
+        torch.save(_emulation_results(), sys.argv[3])
+        sys.exit(0)
+    sys.exit(pytest.main([__file__, "-v"]))
