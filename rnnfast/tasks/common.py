@@ -262,3 +262,41 @@ class Timer:
 
     def __exit__(self, *exc):
         self.elapsed = time.perf_counter() - self.t0
+
+
+# --------------------------------------------------------------------------
+# Keras' default initialisation, for models taken from Keras code
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def keras_init(module):
+    """Re-initialise ``module`` as Keras would: Glorot-uniform input kernels and
+    dense layers, orthogonal recurrent kernels, zero biases, forget-gate bias 1
+    for LSTMs (``unit_forget_bias``).  Works on any module holding rnnfast
+    recurrent layers (torch.nn's parameter names) and ``nn.Linear`` layers."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                sub.bias.zero_()
+            continue
+        mode = type(sub).__name__
+        if mode not in ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"):
+            mode = str(getattr(sub, "mode", ""))    # e.g. a reference implementation
+        gates = 4 if mode.startswith("LSTM") else 3 if mode.startswith("GRU") else \
+            1 if mode.startswith("RNN") else None
+        if gates is None or not hasattr(sub, "hidden_size"):
+            continue
+        for name, p in sub.named_parameters(recurse=False):
+            if name.startswith("weight_ih"):
+                torch.nn.init.xavier_uniform_(p)          # fans: input, gates*hidden
+            elif name.startswith("weight_hh"):
+                h = p.shape[1]
+                for g in range(gates):                    # Keras: one orthogonal (h, gates*h)
+                    torch.nn.init.orthogonal_(p[g * h:(g + 1) * h])
+            elif name.startswith("bias"):
+                p.zero_()
+                if mode.startswith("LSTM") and name.startswith("bias_ih"):
+                    h = p.shape[0] // 4
+                    p[h:2 * h] = 1.0                      # torch gate order i, f, g, o

@@ -18,6 +18,10 @@ one batch of all 10 training sequences (the lecture's Keras fit also set aside
 5% of them, i.e. one sequence, for a validation curve; here all 10 train).  The metric is the lecture's: the MSE over
 all 20 points (the first 12 being the known values).
 
+All models use Keras' default initialisation, as in the lecture (see
+``common.keras_init``); with torch's defaults the LSTM and GRU stacks extrapolate
+much worse (MSE about 0.25 and 0.02 instead of 0.02 and 1e-5 at seed 0).
+
 Quick mode: 15 epochs.
 """
 
@@ -28,7 +32,7 @@ from torch import nn
 import rnnfast
 from rnnfast.data import synthetic
 
-from .common import Metric, Result
+from .common import Metric, Result, keras_init
 
 TITLE = "extrapolating many-body energies with recurrent stacks"
 SOURCE = "000 'An extrapolation example'"
@@ -44,6 +48,7 @@ class SeqNet(nn.Module):
         self.pre = pre
         self.rnn = rnn
         self.out = nn.Linear(hidden, 1)
+        keras_init(self)  # the lecture's Keras models, Keras' default initialisation
 
     def forward(self, x):                # (batch, steps, 1)
         if self.pre is not None:

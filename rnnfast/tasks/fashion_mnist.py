@@ -8,6 +8,8 @@ Data: the four standard IDX files (train/t10k, ``.gz`` or not), Kaggle's CSV
 pair, or one CSV file (label + 784 pixels per row) whose last 20% of rows are
 held out, e.g. the 1000-image sample ``fashion-mnist_1000rows.csv``.
 
+Keras' default initialisation, as in the notebook (see ``common.keras_init``).
+
 Quick mode: at most 1000 training and 500 test images, 2 epochs.
 """
 
@@ -18,7 +20,7 @@ from torch import nn
 import rnnfast
 from rnnfast.data import fashion_mnist as fm
 
-from .common import Metric, Result
+from .common import Metric, Result, keras_init
 
 TITLE = "Fashion-MNIST rows as time steps with an LSTM"
 SOURCE = "003"
@@ -30,6 +32,7 @@ class RowLSTM(nn.Module):
         super().__init__()
         self.lstm = rnnfast.LSTM(28, hidden, batch_first=True)
         self.out = nn.Linear(hidden, n_classes)
+        keras_init(self)  # the notebook's Keras model, Keras' default initialisation
 
     def forward(self, x):            # (batch, 28 rows, 28 pixels)
         _, (h, _) = self.lstm(x)

@@ -11,6 +11,8 @@ windows, patience 5, the last weights kept, as Keras' EarlyStopping does).
 Then the 18 held-out months are forecast autoregressively from the last 12
 training months, and 24 months past the end of the data from its last 12.
 
+Keras' default initialisation, as in the guide (see ``common.keras_init``).
+
 The metric is the RMSE of the held-out forecast in sales units (millions of USD).
 
 Quick mode: 2 epochs.
@@ -23,7 +25,7 @@ from torch import nn
 import rnnfast
 from rnnfast.data import sales as sales_data
 
-from .common import Metric, Result
+from .common import Metric, Result, keras_init
 
 TITLE = "retail sales forecast with LSTM(100, activation relu)"
 SOURCE = "004 3.3"
@@ -37,6 +39,7 @@ class SalesLSTM(nn.Module):
         super().__init__()
         self.lstm = rnnfast.LSTM(1, hidden, activation="relu", batch_first=True)
         self.out = nn.Linear(hidden, 1)
+        keras_init(self)  # the guide's Keras model, Keras' default initialisation
 
     def forward(self, x):            # (batch, LENGTH, 1)
         _, (h, _) = self.lstm(x)

@@ -7,6 +7,8 @@ last value so that there is one window per point, as in the lecture).  Model:
 ``rnnfast.RNN(4, 32, nonlinearity='relu')`` -> Linear(8) relu -> Linear(1);
 RMSprop (Keras defaults: lr 1e-3, rho 0.9), MSE, batch 16, 100 epochs.
 
+Keras' default initialisation, as in the lecture (see ``common.keras_init``).
+
 Quick mode: 5 epochs.
 """
 
@@ -17,7 +19,7 @@ from torch import nn
 import rnnfast
 from rnnfast.data import synthetic
 
-from .common import Metric, Result
+from .common import Metric, Result, keras_init
 
 TITLE = "noisy sine forecast with an Elman network"
 SOURCE = "000 'A simple example'"
@@ -31,6 +33,7 @@ class SineNet(nn.Module):
         self.rnn = rnnfast.RNN(step, hidden, nonlinearity="relu", batch_first=True)
         self.fc = nn.Linear(hidden, 8)
         self.out = nn.Linear(8, 1)
+        keras_init(self)  # the lecture's Keras model, Keras' default initialisation
 
     def forward(self, x):              # x: (batch, 1, step)
         _, h = self.rnn(x)             # last hidden state (1, batch, hidden)
