@@ -7,6 +7,7 @@ with fresh random weights.  Tolerance: ||a-b||_inf / ||b||_inf <= 1e-5
 (float32), 1e-10 (float64), the same on every device.
 """
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -803,3 +804,73 @@ def test_dropout_train_mode_reproducible_and_gradient_consistent(rf, device, spe
     a, b = f(x), f(x)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Which tensors need gradients; inference; sizes that fill SIMD registers
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("what", ["no_grad", "inference_mode", "params_only", "input_only",
+                                  "state_only", "nothing_requires_grad"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_gradient_requirements(rf, device, spec, layout, what):
+    """Forward under no_grad / inference_mode / with only some tensors requiring
+    grad gives the same outputs, and exactly the requested gradients, right."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                      bias=True, layout=layout, hx_given=True, dtype=dtype)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", lengths, False)
+    full, _, w = evaluate(expected, CPU, leaves, call)
+
+    wanted = {"params_only": {"params"}, "input_only": {"input"},
+              "state_only": {"h0", "c0"}}.get(what, set())
+    for p in actual.parameters():
+        p.requires_grad_("params" in wanted)
+    lv = {k: v.to(device).requires_grad_(k in wanted) for k, v in leaves.items()}
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        what, contextlib.nullcontext)
+    with context():
+        outs, _ = call(actual, lv)
+    for k in outs:
+        assert_close_rel(outs[k], full[k], k)
+    if not wanted:
+        assert not any(v.requires_grad for v in outs.values())
+        return
+    loss = sum((outs[k] * w[k].to(device)).sum() for k in sorted(outs))
+    loss.backward()
+    for k, v in lv.items():
+        if k in wanted:
+            assert_close_rel(v.grad, full["grad_" + k], "grad_" + k)
+        else:
+            assert v.grad is None
+    for n, p in actual.named_parameters():
+        if "params" in wanted:
+            assert_close_rel(p.grad, full["grad_" + n], "grad_" + n)
+        else:
+            assert p.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("H", [8, 17, 64])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_larger_sizes(rf, device, spec, H, layout, dtype):
+    """Hidden sizes that fill (8, 64) and overhang (17) vector registers, longer sequences."""
+    _skip_extra_on_torch_nn(rf, spec)
+    sizes = dict(T=12, B=5, I=9, H=H, P=H // 2 if spec.proj else 0)
+    check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=True, batch_first=True,
+                bias=True, layout=layout, hx_given=True, sizes=sizes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [8, 17, 64])
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+def test_cell_larger_sizes(rf, device, spec, H, dtype):
+    _skip_extra_on_torch_nn(rf, spec)
+    check_cell(rf, spec, device, dtype, bias=True, unbatched=False, hx_given=True,
+               sizes=dict(B=5, I=9, H=H))
