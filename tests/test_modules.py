@@ -8,6 +8,7 @@ with fresh random weights.  Tolerance: ||a-b||_inf / ||b||_inf <= 1e-5
 """
 
 import contextlib
+import copy
 import itertools
 import math
 import warnings
@@ -874,3 +875,95 @@ def test_cell_larger_sizes(rf, device, spec, H, dtype):
     _skip_extra_on_torch_nn(rf, spec)
     check_cell(rf, spec, device, dtype, bias=True, unbatched=False, hx_given=True,
                sizes=dict(B=5, I=9, H=H))
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_non_contiguous_inputs(rf, device, spec):
+    """A transposed input and strided slices of larger tensors as h0/c0."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                      bias=True, layout="batched", hx_given=True, dtype=dtype,
+                                      sizes=dict(T=5, B=3, I=4, H=5, P=2 if spec.proj else 0))
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", None, False)
+    exp, _, _ = evaluate(expected, CPU, leaves, call)
+
+    def strided(t):
+        """The same values, as a non-contiguous view on `device`."""
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=device)
+        big[..., ::2] = t.to(device)
+        view = big[..., ::2]
+        assert not view.is_contiguous()
+        return view
+
+    x = leaves["input"].transpose(0, 1).contiguous().to(device).transpose(0, 1)  # (T, B, I) view
+    assert not x.is_contiguous()
+    h0 = strided(leaves["h0"])
+    hx = (h0, strided(leaves["c0"])) if spec.mode == "LSTM" else h0
+    out, hn = actual(x, hx)
+    assert_close_rel(out, exp["output"], "output")
+    if spec.mode == "LSTM":
+        assert_close_rel(hn[0], exp["h_n"], "h_n")
+        assert_close_rel(hn[1], exp["c_n"], "c_n")
+    else:
+        assert_close_rel(hn, exp["h_n"], "h_n")
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_parameter_updates_are_seen(rf, device, spec):
+    """In-place parameter updates (an optimizer step), load_state_dict and
+    reassignment after a first forward are used by the next forward (no stale
+    cached or repacked weights)."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    cfg, leaves, _ = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                bias=True, layout="batched", hx_given=False, dtype=dtype)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", None, False)
+    evaluate(actual, device, leaves, call)  # first forward/backward
+
+    # 1. an optimizer step on both
+    for m in (expected, actual):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, dtype=dtype).to(p.device))
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp, "after an in-place update: ")
+
+    # 2. load_state_dict of other values
+    other = expected_layer(spec, cfg, dtype)
+    actual.load_state_dict(other.state_dict())
+    exp, _, w = evaluate(other, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp, "after load_state_dict: ")
+
+    # 3. a parameter replaced by a new nn.Parameter
+    with torch.no_grad():
+        new = torch.randn_like(other.weight_hh_l1)
+        other.weight_hh_l1 = nn.Parameter(new.clone())
+        actual.weight_hh_l1 = nn.Parameter(new.clone().to(device))
+    exp, _, w = evaluate(other, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp, "after replacing weight_hh_l1: ")
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_deepcopy(rf, device, spec):
+    _skip_extra_on_torch_nn(rf, spec)
+    cfg = dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    if spec.mode == "LSTM":
+        cfg["proj_size"] = 2 if spec.proj else 0
+    a = rnnfast_layer(rf, spec, cfg, torch.float64, device)
+    b = copy.deepcopy(a)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=device)
+    assert_close_rel(b(x)[0], a(x)[0], "output of the copy")
+    with torch.no_grad():
+        b.weight_ih_l0.zero_()
+    assert not torch.equal(a.weight_ih_l0, b.weight_ih_l0), "the copy shares parameters"
