@@ -130,7 +130,8 @@ def main(argv=None):
     load = env.get("load_average_start")
     if load and device == "cpu" and load[0] > 0.5 * (env.get("cpu_affinity") or 1):
         print(f"warning: load average {load[0]} on {env.get('cpu_affinity')} cores before the "
-              "run: other work on the machine makes CPU timings noisy")
+              "run: other work on the machine makes CPU timings noisy (multi-threaded steps "
+              "most of all; --threads 1 is far steadier on a busy machine)")
     print()
 
     t_start = time.perf_counter()

@@ -26,8 +26,10 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     json_path, png_path = out / "quick.json", out / "quick.png"
     proc = subprocess.run(
+        # --threads 1: on a busy machine (the test suite runs beside other work) two
+        # OpenMP threads make the steps many times slower and the smoke test minutes long
         [sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--device", "cpu",
-         "--json", str(json_path), "--plot", str(png_path)],
+         "--threads", "1", "--json", str(json_path), "--plot", str(png_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(json_path) as f:
@@ -55,6 +57,7 @@ def test_quick_run_json_structure(quick_run):
     assert "--quick" in env["command"]
     assert data["settings"]["device"] == "cpu"
     assert data["settings"]["dtypes"] == ["float32"]
+    assert data["settings"]["threads"] == env["torch_threads"] == 1
 
     groups = {(g["name"], g["dtype"]) for g in data["groups"]}
     assert groups == {("course", "float32"), ("grid", "float32")}
@@ -93,6 +96,15 @@ def test_quick_run_json_structure(quick_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs (steady on a busy machine), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_case_lists():
     course = [c for c in bench_lib.cases("cpu") if c.group == "course"]
     assert len(course) == 11
@@ -104,7 +116,7 @@ def test_case_lists():
         "course/adding/LSTM", "course/adding/Elman"]
 
 
-def test_harness_on_torch_nn_both_sides():
+def test_harness_on_torch_nn_both_sides(one_thread):
     """torch.nn standing in for rnnfast: identical weights give identical outputs, and the
     timings and memory figures come out positive."""
     case = bench_lib.Case("grid", "tiny", "GRU", 4, 10, 8, 16, 2)
@@ -120,7 +132,7 @@ def test_harness_on_torch_nn_both_sides():
     assert _positive_finite(res["speedup"])
 
 
-def test_cpu_peak_memory_is_sensible_on_torch_nn():
+def test_cpu_peak_memory_is_sensible_on_torch_nn(one_thread):
     """The profiler-based CPU peak counts what a training step must hold at least: the output
     and the parameter gradients it creates."""
     case = bench_lib.Case("grid", "mem", "LSTM", 16, 50, 64, 128, 1)
