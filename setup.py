@@ -18,13 +18,13 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def source_hash():
+def source_hash(with_cuda):
     """The sources' fingerprint; `import rnnfast` compares it to spot a stale build."""
     spec = importlib.util.spec_from_file_location(
         "rnnfast_source_hash", os.path.join(ROOT, "rnnfast", "_source_hash.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.source_hash(ROOT)
+    return module.source_hash(ROOT, with_cuda)
 
 
 def relative_sources(pattern):
@@ -47,21 +47,25 @@ def cpu_vector_flags():
     return []
 
 
+CUDA_SOURCES = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
+# The CUDA engine is built when torch has CUDA and nvcc is found (RNNFAST_NO_CUDA=1: never).
+WITH_CUDA = bool(
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.environ.get("RNNFAST_NO_CUDA", "0") != "1"
+    and CUDA_SOURCES
+)
+
+
 def extension():
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-std=c++17"] + cpu_vector_flags()
-    with_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("RNNFAST_NO_CUDA", "0") != "1"
-    )
-    cuda_sources = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
-    if with_cuda and cuda_sources:
+    if WITH_CUDA:
         # sm_80 and sm_90 unless the user names architectures.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "rnnfast._C",
-            sources + cuda_sources,
+            sources + CUDA_SOURCES,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DRNNFAST_WITH_CUDA"],
                 "nvcc": ["-O3", "-std=c++17", "-DRNNFAST_WITH_CUDA"],
@@ -75,7 +79,7 @@ class BuildWithSourceHash(BuildExtension.with_options(use_ninja=True)):
 
     def run(self):
         super().run()
-        stamp = f'"""Written by setup.py after a successful build."""\nSOURCE_HASH = "{source_hash()}"\n'
+        stamp = f'"""Written by setup.py after a successful build."""\nSOURCE_HASH = "{source_hash(WITH_CUDA)}"\n'
         for folder in {os.path.join(ROOT, "rnnfast"), os.path.join(self.build_lib, "rnnfast")}:
             if os.path.isdir(folder):
                 with open(os.path.join(folder, "_built_from.py"), "w") as out:

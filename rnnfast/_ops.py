@@ -34,7 +34,7 @@ def _load_extension():
             from rnnfast._built_from import SOURCE_HASH as built_from
         except ImportError:
             built_from = None
-        current = source_hash(_SOURCE_ROOT)
+        current = source_hash(_SOURCE_ROOT, with_cuda=bool(_C.with_cuda))
         if built_from != current and os.environ.get("RNNFAST_ALLOW_STALE") != "1":
             raise ImportError(
                 "rnnfast's compiled extension rnnfast._C is stale: it was built from other "

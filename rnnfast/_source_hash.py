@@ -8,12 +8,16 @@ import hashlib
 import os
 
 
-def source_hash(root):
-    """sha256 over the paths and contents of every file under root/csrc, first 16 hex digits."""
+def source_hash(root, with_cuda):
+    """sha256 over the paths and contents of the files under root/csrc that a build compiles
+    (csrc/cuda only in a build with CUDA), first 16 hex digits."""
     digest = hashlib.sha256()
     csrc = os.path.join(root, "csrc")
     paths = []
     for folder, _, files in os.walk(csrc):
+        relative = os.path.relpath(folder, csrc).replace(os.sep, "/")
+        if not with_cuda and (relative == "cuda" or relative.startswith("cuda/")):
+            continue
         paths.extend(os.path.join(folder, name) for name in files)
     for path in sorted(paths):
         digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode())

@@ -65,20 +65,26 @@ class _RecurrentBase(nn.Module):
         gate_size = self._gates * hidden_size
         state_size = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names = []
+        # Per layer and direction (torch.nn's order: l0, l0_reverse, l1, ...), the parameter
+        # names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where the module has none.
+        self._layer_weight_names = []
         for index in range(num_layers):
             for direction in range(directions):
                 layer_input = input_size if index == 0 else state_size * directions
                 suffix = f"_l{index}" + ("_reverse" if direction == 1 else "")
-                shapes = [("weight_ih", (gate_size, layer_input)),
-                          ("weight_hh", (gate_size, state_size))]
+                shapes = {"weight_ih": (gate_size, layer_input),
+                          "weight_hh": (gate_size, state_size)}
                 if bias:
-                    shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
                 if proj_size > 0:
-                    shapes.append(("weight_hr", (proj_size, hidden_size)))
-                for base, shape in shapes:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for base, shape in shapes.items():
                     self.register_parameter(base + suffix,
                                             nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(base + suffix)
+                self._layer_weight_names.append(tuple(
+                    base + suffix if base in shapes else None
+                    for base in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -93,33 +99,14 @@ class _RecurrentBase(nn.Module):
 
     @property
     def all_weights(self):
-        return [[getattr(self, name) for name in self._layer_weight_names(k)]
-                for k in range(self.num_layers * (2 if self.bidirectional else 1))]
-
-    def _layer_weight_names(self, k):
-        directions = 2 if self.bidirectional else 1
-        suffix = f"_l{k // directions}" + ("_reverse" if k % directions == 1 else "")
-        names = ["weight_ih" + suffix, "weight_hh" + suffix]
-        if self.bias:
-            names += ["bias_ih" + suffix, "bias_hh" + suffix]
-        if self.proj_size > 0:
-            names.append("weight_hr" + suffix)
-        return names
+        return [[w for w in layer if w is not None] for layer in self._weights()]
 
     def _weights(self):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, None where absent."""
-        directions = 2 if self.bidirectional else 1
-        weights = []
-        for k in range(self.num_layers * directions):
-            suffix = f"_l{k // directions}" + ("_reverse" if k % directions == 1 else "")
-            weights.append((
-                getattr(self, "weight_ih" + suffix),
-                getattr(self, "weight_hh" + suffix),
-                getattr(self, "bias_ih" + suffix) if self.bias else None,
-                getattr(self, "bias_hh" + suffix) if self.bias else None,
-                getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
-            ))
-        return weights
+        # Straight from the parameter dict: Module.__getattr__ is slow at this call rate.
+        parameters = self._parameters
+        return [tuple(parameters[name] if name is not None else None for name in names)
+                for names in self._layer_weight_names]
 
     def extra_repr(self):
         text = f"{self.input_size}, {self.hidden_size}"
