@@ -9,8 +9,9 @@
 * torch.compile(mode="reduce-overhead") (CUDA graphs), forward and backward, equals eager;
 * float16 / bfloat16: rnnfast's error against a float64 reference is no worse than a small
   multiple of torch.nn's own error in the same dtype;
-* autocast: under torch.autocast("cuda") rnnfast gives outputs in the autocast dtype like
-  torch.nn does, and gradients flow back to the float32 parameters.
+* autocast: under torch.autocast("cuda", dtype=torch.float16) rnnfast gives float16 outputs
+  like torch.nn does (under bfloat16 autocast rnnfast gives bfloat16, where torch.nn's cuDNN
+  RNNs give float16), and gradients flow back to the float32 parameters.
 
 Everything is skipped (reason "no CUDA device") where torch.cuda.is_available() is False.
 """
@@ -457,12 +458,17 @@ def test_autocast_like_torch_nn(kind, dtype):
         results.append((out, h))
         (out.float().square().sum() + h.float().sum()).backward()
     (out, h), (ref_out, ref_h) = results
-    assert out.dtype == ref_out.dtype == dtype
-    assert h.dtype == ref_h.dtype == dtype
-    assert rel_err(out, ref_out) < 8 * torch.finfo(dtype).eps
-    assert rel_err(h, ref_h) < 8 * torch.finfo(dtype).eps
+    # rnnfast runs in the autocast dtype. torch.nn's cuDNN RNNs cast to float16 whatever the
+    # autocast dtype (ATen's AutocastRNN.cpp hard-codes kHalf), so only float16 is compared
+    # dtype for dtype; the values are compared at the coarser of the two precisions.
+    assert out.dtype == dtype and h.dtype == dtype
+    if dtype == torch.float16:
+        assert ref_out.dtype == torch.float16 and ref_h.dtype == torch.float16
+    eps = max(torch.finfo(out.dtype).eps, torch.finfo(ref_out.dtype).eps)
+    assert rel_err(out, ref_out) < 8 * eps
+    assert rel_err(h, ref_h) < 8 * eps
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         assert p.grad is not None, f"{name}: no gradient under autocast"
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
-        tol = max(0.05, 16 * torch.finfo(dtype).eps)
+        tol = max(0.05, 16 * eps)
         assert rel_err(p.grad, q.grad) < tol, f"{name}: {rel_err(p.grad, q.grad):.3e}"
