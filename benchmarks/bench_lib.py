@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -381,14 +382,34 @@ def peak_train_bytes(module, x, device):
 # One row
 # --------------------------------------------------------------------------------------------
 
-def run_case(case, device, dtype, cfg, timer=None, rnnfast_module=None):
-    """Measure one row: forward, training step, peak memory. Errors are recorded, not raised."""
+class WithoutMkldnn(torch.nn.Module):
+    """A torch.nn module whose forward runs with torch.backends.mkldnn disabled: on CPU,
+    torch.nn.LSTM then takes its aten per-step path instead of oneDNN's fused LSTM (the
+    backward follows the forward's choice)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN")
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self.module(*args)
+
+
+def run_case(case, device, dtype, cfg, timer=None, rnnfast_module=None, torch_mkldnn=True):
+    """Measure one row: forward, training step, peak memory. Errors are recorded, not raised.
+
+    torch_mkldnn=False runs the torch.nn side with oneDNN disabled (see WithoutMkldnn)."""
     timer = timer or timer_for(device)
     row = asdict(case)
     row.update(kind=case.kind, nonlinearity=case.nonlinearity, label=case.label,
                dtype=str(dtype).replace("torch.", ""), error=None)
     try:
         ref, fast = make_pair(case, device, dtype, rnnfast_module=rnnfast_module)
+        if not torch_mkldnn:
+            ref = WithoutMkldnn(ref)
         x = make_input(case, device, dtype)
         for side, module in (("torch.nn", ref), ("rnnfast", fast)):  # say which side fails
             try:
@@ -627,6 +648,7 @@ def environment(device, argv=None):
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "mkldnn_enabled": torch.backends.mkldnn.enabled,
         "git": git_info(),
         "load_average_start": load_average(),
     }

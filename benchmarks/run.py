@@ -43,6 +43,10 @@ def parse_args(argv=None):
                         "e.g. adding, grid/B16, GRU")
     p.add_argument("--repeats", type=int, default=None,
                    help="repeats per measurement (default: adaptive)")
+    p.add_argument("--no-mkldnn", action="store_true",
+                   help="run the torch.nn side with torch.backends.mkldnn disabled (cpu: "
+                        "torch.nn.LSTM's aten per-step path instead of oneDNN's fused LSTM); "
+                        "not the default, not what the targets are about")
     return p.parse_args(argv)
 
 
@@ -79,6 +83,14 @@ def main(argv=None):
                      "torch.backends.cudnn.allow_tf32 = False); "
                      f"cudnn.benchmark = {torch.backends.cudnn.benchmark}")
 
+    if device == "cpu":
+        if args.no_mkldnn:
+            notes.append("--no-mkldnn: torch.nn runs with torch.backends.mkldnn disabled "
+                         "(torch.nn.LSTM on its aten per-step path), NOT torch's default")
+        elif torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+            notes.append("torch.nn.LSTM on CPU (float32) runs oneDNN's fused LSTM kernels "
+                         "(forward and backward); torch.nn.GRU and RNN run aten ops per "
+                         "time step")
     try:
         import rnnfast
     except Exception as exc:
@@ -101,6 +113,7 @@ def main(argv=None):
         "settings": {
             "device": device, "dtypes": dtypes, "quick": args.quick, "filter": args.filter,
             "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "torch_mkldnn": not args.no_mkldnn,
             "timing": {**vars(cfg), "timer": timer.name,
                        "method": "interleaved torch/rnnfast per repeat (first side alternates), "
                                  "after warm-up; each sample = mean of n back-to-back calls; "
@@ -149,7 +162,8 @@ def main(argv=None):
                 i += 1
                 t0 = time.perf_counter()
                 row = bench_lib.run_case(case, device, dtype, cfg, timer=timer,
-                                         rnnfast_module=rnnfast)
+                                         rnnfast_module=rnnfast,
+                                         torch_mkldnn=not args.no_mkldnn)
                 group["rows"].append(row)
                 group["geomean"] = bench_lib.group_summary(group["rows"])
                 if row["error"]:
