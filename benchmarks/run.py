@@ -50,6 +50,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _threads():
+    n = torch.get_num_threads()
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def write_json(path, result):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -132,7 +137,7 @@ def main(argv=None):
     print(f"# rnnfast benchmark: {device}, {', '.join(dtypes)}"
           f"{' (quick)' if args.quick else ''}")
     print(f"torch {env['torch_version']}, rnnfast {env.get('rnnfast_version')}, "
-          f"{torch.get_num_threads()} threads, CPU: {env['cpu_model']}")
+          f"{_threads()}, CPU: {env['cpu_model']}")
     if device == "cuda":
         print(f"GPU: {env.get('gpu_name')} (driver {env.get('gpu_driver')}, "
               f"cuDNN {env.get('cudnn_version')}, CUDA {env.get('torch_cuda')})")
@@ -199,7 +204,7 @@ def main(argv=None):
             title = f"rnnfast vs torch.nn on {env.get('gpu_name')}"
         else:
             title = (f"rnnfast vs torch.nn on cpu: {env['cpu_model']}, "
-                     f"{torch.get_num_threads()} threads")
+                     f"{_threads()}")
         bench_lib.plot_speedups(result["groups"], args.plot, title=title)
         result["plot"] = args.plot
         print(f"plot: {args.plot}")
