@@ -16,6 +16,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../layer.h"
 #include "recurrent_product.h"
 #include "vector_math.h"
@@ -33,10 +35,18 @@ int64_t row_grain(int64_t hidden_size) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, hidden_size));
 }
 
-// Raw pointers and sizes of one call, shared by the forward and backward loops.
+// Sizes of one call as the pointwise loops see them, shared by the forward and backward.
+//
+// Gate-packed view: with fewer hidden units than a SIMD vector has lanes (and no lengths or
+// projection), per-row vectors would be mostly empty. Then the gate buffers of a step are laid
+// out [gates][B][H] instead of [B][gates * H] and the loops see ONE row of B * H units
+// (B = 1, H = B * H, ...), so a vector covers units of several batch rows. The recurrent
+// products (product_rows = the real batch) read or write that layout.
 template <typename T>
 struct LayerView {
   int64_t T_, B, I, H, P, G, W;
+  int64_t product_rows;  // batch rows of the recurrent products
+  bool gate_packed;
   bool reverse;
   const int64_t* lengths;  // [B] or nullptr (every row runs all T steps)
 
@@ -51,19 +61,42 @@ struct LayerView {
 };
 
 template <typename T>
+bool use_gate_packing(const LayerSizes& s) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return !s.has_lengths && !s.has_projection && s.batch > 1 &&
+           s.hidden_size < Vec<T>::size();
+  }
+  return false;
+}
+
+template <typename T>
 LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse,
                        const Tensor& lengths) {
   LayerView<T> v;
+  v.gate_packed = use_gate_packing<T>(s);
+  const int64_t rows = v.gate_packed ? s.batch : 1;  // real rows folded into one
   v.T_ = s.steps;
-  v.B = s.batch;
+  v.B = s.batch / rows;
   v.I = s.input_size;
-  v.H = s.hidden_size;
-  v.P = s.state_size;
-  v.G = s.gate_size;
-  v.W = workspace_cols;
+  v.H = s.hidden_size * rows;
+  v.P = s.state_size * rows;
+  v.G = s.gate_size * rows;
+  v.W = workspace_cols * rows;
+  v.product_rows = s.batch;
   v.reverse = reverse;
   v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   return v;
+}
+
+// [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view (one copy for all steps).
+Tensor pack_gates(const Tensor& rows, int64_t gates) {
+  const auto T_ = rows.size(0), B = rows.size(1), H = rows.size(2) / gates;
+  return rows.view({T_, B, gates, H}).permute({0, 2, 1, 3}).contiguous().view({T_, B, gates * H});
+}
+
+Tensor unpack_gates(const Tensor& packed, int64_t gates) {
+  const auto T_ = packed.size(0), B = packed.size(1), H = packed.size(2) / gates;
+  return packed.view({T_, gates, B, H}).permute({0, 2, 1, 3}).contiguous().view({T_, B, gates * H});
 }
 
 Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
@@ -81,7 +114,11 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
   Tensor hg = at::empty({B, G}, xg.options());
   Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
-  RecurrentProduct<T> recurrent(w_hh, b_hh_per_step);      // hg = h W_hh^T (+ b_hh)
+  using Product = RecurrentProduct<T>;
+  // hg = h W_hh^T (+ b_hh)
+  const Product recurrent(w_hh, b_hh_per_step,
+                          v.gate_packed ? Product::Packed::Output : Product::Packed::None,
+                          v.H / v.product_rows);
   RecurrentProduct<T> projection(w_hr, Tensor());          // h = h_unprojected W_hr^T
 
   const T* xg_data = xg.data_ptr<T>();
@@ -94,7 +131,7 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
 
   for (const auto step : c10::irange(v.T_)) {
     const int64_t t = v.step_time(step);
-    recurrent.run(h_data, B, hg_data);
+    recurrent.run(h_data, v.product_rows, hg_data);
     at::parallel_for(0, B, row_grain(H), [&](int64_t b_begin, int64_t b_end) {
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t row = t * B + b;
@@ -177,8 +214,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_forward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      run_forward<Cell, scalar_t>(v, xg, w_hh, b_hh_per_step, w_hr, h_state, c_state, output,
-                                  workspace);
+      const Tensor step_gates = v.gate_packed
+          ? pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates) : xg;
+      run_forward<Cell, scalar_t>(v, step_gates, w_hh, b_hh_per_step, w_hr, h_state, c_state,
+                                  output, workspace);
     });
   });
   Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
@@ -195,8 +234,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const bool projecting = w_hr.defined();
   Tensor dh_direct = at::empty({B, P}, grad_output.options());
   Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
+  using Product = RecurrentProduct<T>;
   // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
-  RecurrentProduct<T> recurrent_back(w_hh.t().contiguous(), Tensor());
+  const Product recurrent_back(w_hh.t().contiguous(), Tensor(),
+                               v.gate_packed ? Product::Packed::Input : Product::Packed::None,
+                               v.H / v.product_rows);
   // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
   RecurrentProduct<T> projection_back(projecting ? w_hr.t().contiguous() : Tensor(), Tensor());
 
@@ -272,7 +314,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     });
     // dh_prev = dh_direct + dgate_h[t] W_hh
     const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
-    recurrent_back.run_accumulate(dgate_step, B, dhd_data, dh_data);
+    recurrent_back.run_accumulate(dgate_step, v.product_rows, dhd_data, dh_data);
   }
 }
 
@@ -316,6 +358,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    dh_state, dc_state, dgate_x, dgate_h, dprojected);
+      if (v.gate_packed) {
+        dgate_x = unpack_gates(dgate_x, Cell::kGates);
+        dgate_h = separate ? unpack_gates(dgate_h, Cell::kGates) : dgate_x;
+      }
     });
   });
 

@@ -3,6 +3,10 @@
 // Inside the time loop the product is small (the batch times one weight matrix), so the fixed
 // cost of a library GEMM call dominates at small sizes; there a plain loop over the rows of M
 // runs without any call or allocation. Larger products go to ATen's GEMM.
+//
+// Gate-packed layout (small hidden sizes, see engine.cpp): the gate side of the product (the
+// output in the forward, the input in the backward) may be stored as [gates][B][H] instead of
+// [B][gates * H], so the cell math sees all B * H units of a gate as one contiguous run.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,10 +17,16 @@ namespace rnnfast {
 template <typename T>
 class RecurrentProduct {
  public:
+  enum class Packed { None, Output, Input };
+
   // matrix: [N, K] contiguous (or undefined: the product is never run); bias: [N] or undefined.
-  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias)
+  // packed: which side is gate-packed with `packed_hidden` units per gate (None: plain rows).
+  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias,
+                   Packed packed = Packed::None, int64_t packed_hidden = 0)
       : matrix_(matrix.defined() ? matrix.contiguous() : matrix),
-        bias_(bias.defined() ? bias.contiguous() : bias) {
+        bias_(bias.defined() ? bias.contiguous() : bias),
+        packed_(packed),
+        packed_hidden_(packed_hidden) {
     if (matrix_.defined()) {
       n_ = matrix_.size(0);
       k_ = matrix_.size(1);
@@ -37,9 +47,43 @@ class RecurrentProduct {
   // addend has row stride `addend_stride` (0: one bias row shared by all rows).
   void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
                T* out) const {
+    using A = at::opmath_type<T>;
+    const T* m = matrix_.template data_ptr<T>();
+    if (packed_ == Packed::Output) {
+      // out[n / Hp][b][n % Hp] (gate-packed), in: plain rows.
+      const int64_t Hp = packed_hidden_, gates = n_ / Hp;
+      for (int64_t b = 0; b < batch; ++b) {
+        const T* in_row = in + b * k_;
+        for (int64_t g = 0; g < gates; ++g) {
+          T* out_run = out + g * batch * Hp + b * Hp;
+          for (int64_t j = 0; j < Hp; ++j) {
+            const int64_t n = g * Hp + j;
+            const T* m_row = m + n * k_;
+            A acc = addend ? A(addend[b * addend_stride + n]) : A(0);
+            for (int64_t k = 0; k < k_; ++k) acc += A(in_row[k]) * A(m_row[k]);
+            out_run[j] = T(acc);
+          }
+        }
+      }
+      return;
+    }
+    if (packed_ == Packed::Input) {
+      // in[k / Hp][b][k % Hp] (gate-packed), out: plain rows.
+      const int64_t Hp = packed_hidden_, gates = k_ / Hp;
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t n = 0; n < n_; ++n) {
+          const T* m_row = m + n * k_;
+          A acc = addend ? A(addend[b * addend_stride + n]) : A(0);
+          for (int64_t g = 0; g < gates; ++g) {
+            const T* in_run = in + g * batch * Hp + b * Hp;
+            for (int64_t j = 0; j < Hp; ++j) acc += A(in_run[j]) * A(m_row[g * Hp + j]);
+          }
+          out[b * n_ + n] = T(acc);
+        }
+      }
+      return;
+    }
     if (batch * n_ * k_ <= kLoopLimit) {
-      using A = at::opmath_type<T>;
-      const T* m = matrix_.template data_ptr<T>();
       for (int64_t b = 0; b < batch; ++b) {
         const T* in_row = in + b * k_;
         for (int64_t n = 0; n < n_; ++n) {
@@ -69,6 +113,8 @@ class RecurrentProduct {
   static constexpr int64_t kLoopLimit = 4096;
 
   at::Tensor matrix_, bias_;
+  Packed packed_;
+  int64_t packed_hidden_;
   int64_t n_ = 0, k_ = 0;
 };
 
