@@ -104,7 +104,8 @@ Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
 }
 
 template <typename Cell, typename T>
-void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
+void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
+                 const Tensor& w_hh,
                  const Tensor& b_hh_per_step, const Tensor& w_hr, Tensor& h_state,
                  Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
@@ -142,7 +143,9 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, const Tensor& w_hh,
           if (ws_row) std::fill(ws_row, ws_row + W, T(0));
           continue;
         }
-        const T* xg_row = xg_data + row * G;
+        // Where xg lives in the workspace or the output, the cell overwrites it in place: it
+        // reads all gates of a unit before it writes any.
+        const T* xg_row = xg_data + row * xg_row_stride;
         const T* hg_row = hg_data + b * G;
         T* h_row = h_data + b * P;
         A* c_row = c_data ? c_data + b * H : nullptr;
@@ -201,23 +204,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
-    // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
-    const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
-    Tensor xg, b_hh_per_step;
-    if (b_ih_.has_value()) {
-      const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
-      xg = at::addmm(bias, x2d, w_ih.t());
-      if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
-    } else {
-      xg = at::mm(x2d, w_ih.t());
-    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_forward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      const Tensor step_gates = v.gate_packed
-          ? pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates) : xg;
-      run_forward<Cell, scalar_t>(v, step_gates, w_hh, b_hh_per_step, w_hr, h_state, c_state,
-                                  output, workspace);
+      // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
+      // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
+      // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
+      // place); the gate-packed view permutes it, so there it gets its own buffer.
+      const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+      Tensor xg;
+      if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
+        xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
+      } else if (!packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size) {
+        xg = output.view({s.steps * s.batch, s.state_size});
+      } else {
+        xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
+      }
+      const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
+      Tensor b_hh_per_step;
+      if (b_ih_.has_value()) {
+        const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
+        at::addmm_out(xg, bias, x2d, w_ih.t());
+        if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
+      } else {
+        at::mm_out(xg, x2d, w_ih.t());
+      }
+      Tensor step_gates = xg;
+      if (packs_gates) {
+        step_gates = pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates);
+      }
+      // Row stride of xg: the gate-packed view's single row per step spans B * G.
+      const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
+      run_forward<Cell, scalar_t>(v, step_gates, xg_row_stride, w_hh, b_hh_per_step, w_hr,
+                                  h_state, c_state, output, workspace);
     });
   });
   Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
