@@ -47,3 +47,31 @@ void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
                          const at::Tensor& workspace);
 
 }  // namespace rnnfast
+
+namespace rnnfast {
+
+// The running state and gate-gradient buffers of a backward pass, the same on every device.
+struct BackwardState {
+  at::Tensor dh;          // [B, P]  dLoss/dh of the step being processed (starts at grad_h_n)
+  at::Tensor dc;          // [B, H]  dLoss/dc in the accumulation type (LSTM), else undefined
+  at::Tensor dgate_x;     // [T, B, G]  dLoss/dxg per step
+  at::Tensor dgate_h;     // [T, B, G]  dLoss/dhg per step (an alias of dgate_x unless the cell
+                          //            keeps them apart, as GRU)
+  at::Tensor dprojected;  // [T, B, P]  dLoss/d(projected h) per step (projection only)
+  bool separate_hidden_gate_grad;
+};
+
+BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
+                                  const at::Tensor& grad_h_n,
+                                  const std::optional<at::Tensor>& grad_c_n, bool has_cx);
+
+// After the reverse loop: the gradients of the input, the weights and the biases as single
+// GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+finish_backward(const LayerSizes& sizes, BackwardState& state, const at::Tensor& input,
+                const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                const at::Tensor& output, const at::Tensor& workspace,
+                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad);
+
+}  // namespace rnnfast

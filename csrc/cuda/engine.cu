@@ -292,8 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const LayerSizes s = check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
                                         std::nullopt, w_hr_, lengths_);
   check_backward_args(s, input_, grad_output_, grad_h_n_, grad_c_n_, output_, workspace_);
-  const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
-  const int64_t ws_cols = workspace_width(s.kind, H, s.has_projection);
+  const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   const Tensor input = input_.contiguous(), hx = hx_.contiguous();
   const Tensor cx = contiguous_or_undefined(cx_);
   const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -301,73 +300,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const Tensor lengths = contiguous_or_undefined(lengths_);
   const Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
   const Tensor workspace = workspace_.contiguous();
-  const auto options = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-
-  Tensor dh_state = grad_h_n_.contiguous().clone();
-  Tensor dc_state;
-  if (cx.defined()) {
-    dc_state = grad_c_n_.has_value() ? grad_c_n_->to(acc_type).contiguous().clone()
-                                     : at::zeros({B, H}, options.dtype(acc_type));
-  }
-  Tensor dgate_x = at::empty({T_, B, G}, options);
-  const bool separate =
-      dispatch_cell(s.kind, [](auto c) { return decltype(c)::kSeparateHiddenGateGrad; });
-  Tensor dgate_h = separate ? at::empty({T_, B, G}, options) : dgate_x;
-  Tensor dprojected = s.has_projection ? at::empty({T_, B, P}, options) : Tensor();
-
+  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_, cx.defined());
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cuda", [&] {
       run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx, cx, w_hh,
-                                   w_hr, output, workspace, dh_state, dc_state, dgate_x,
-                                   dgate_h, dprojected);
+                                   w_hr, output, workspace, state.dh, state.dc, state.dgate_x,
+                                   state.dgate_h, state.dprojected);
     });
   });
-
-  // Gradients of everything else: single GEMMs / reductions over all T * B rows (as the CPU
-  // engine computes them).
-  const Tensor dgx2d = dgate_x.view({T_ * B, G});
-  const Tensor dgh2d = dgate_h.view({T_ * B, G});
-  Tensor grad_input = input_grad ? at::mm(dgx2d, w_ih).view({T_, B, s.input_size})
-                                 : at::empty({0}, options);
-  Tensor grad_w_ih = at::mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
-  Tensor grad_b_ih = has_bias ? dgx2d.sum(0) : at::empty({0}, options);
-  Tensor grad_b_hh =
-      has_bias ? (separate ? dgh2d.sum(0) : grad_b_ih.clone()) : at::empty({0}, options);
-
-  // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]: one GEMM over the shifted outputs (zero where the
-  // previous step was inactive, matching a zero gate gradient) plus one for each row's first
-  // step, whose h_prev is hx.
-  Tensor grad_w_hh = at::zeros({G, P}, options);
-  if (T_ > 1) {
-    const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
-    const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
-    grad_w_hh.addmm_(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
-  }
-  if (T_ > 0) {
-    Tensor first_dgate;
-    if (!reverse) {
-      first_dgate = dgate_h[0];
-    } else if (!lengths.defined()) {
-      first_dgate = dgate_h[T_ - 1];
-    } else {
-      // Row b starts at t = len[b] - 1; rows of length 0 never run.
-      const Tensor first_rows =
-          (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
-      first_dgate = dgate_h.view({T_ * B, G}).index_select(0, first_rows);
-      first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
-    }
-    grad_w_hh.addmm_(first_dgate.t(), hx);
-  }
-  Tensor grad_w_hr = at::empty({0}, options);
-  if (s.has_projection) {
-    const Tensor h_unprojected = workspace.view({T_ * B, ws_cols}).narrow(1, ws_cols - H, H);
-    grad_w_hr = at::mm(dprojected.view({T_ * B, P}).t(), h_unprojected);
-  }
-  Tensor grad_cx = cx.defined() ? dc_state.to(input.scalar_type()) : at::empty({0}, options);
-  return {grad_input, dh_state, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+  return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
+                         has_bias, input_grad);
 }
 
 // Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or

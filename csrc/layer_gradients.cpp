@@ -1,0 +1,83 @@
+// The device-independent parts of a backward pass (ATen operations only), shared by the CPU
+// and CUDA engines: the buffers of the reverse loop, and the gradients computed after it.
+#include <ATen/OpMathType.h>
+
+#include "layer.h"
+
+namespace rnnfast {
+
+BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
+                                  const at::Tensor& grad_h_n,
+                                  const std::optional<at::Tensor>& grad_c_n, bool has_cx) {
+  const auto options = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  BackwardState state;
+  state.dh = grad_h_n.contiguous().clone();
+  if (has_cx) {
+    state.dc = grad_c_n.has_value() ? grad_c_n->to(acc_type).contiguous().clone()
+                                    : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+  }
+  state.separate_hidden_gate_grad =
+      dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
+  state.dgate_x = at::empty({s.steps, s.batch, s.gate_size}, options);
+  state.dgate_h = state.separate_hidden_gate_grad
+                      ? at::empty({s.steps, s.batch, s.gate_size}, options)
+                      : state.dgate_x;
+  if (s.has_projection) state.dprojected = at::empty({s.steps, s.batch, s.state_size}, options);
+  return state;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& input,
+                const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                const at::Tensor& output, const at::Tensor& workspace,
+                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad) {
+  using at::Tensor;
+  const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
+  const auto options = input.options();
+  const Tensor& dgate_h = state.dgate_h;
+  const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
+  const Tensor dgh2d = dgate_h.view({T_ * B, G});
+  Tensor grad_input = input_grad ? at::mm(dgx2d, w_ih).view({T_, B, s.input_size})
+                                 : at::empty({0}, options);
+  Tensor grad_w_ih = at::mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  Tensor grad_b_ih = has_bias ? dgx2d.sum(0) : at::empty({0}, options);
+  Tensor grad_b_hh = has_bias ? (state.separate_hidden_gate_grad ? dgh2d.sum(0) : grad_b_ih.clone())
+                              : at::empty({0}, options);
+
+  // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
+  // (zero where that step was inactive, matching a zero gate gradient), except at each row's
+  // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps.
+  Tensor grad_w_hh = at::zeros({G, P}, options);
+  if (T_ > 1) {
+    const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
+    const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
+    grad_w_hh.addmm_(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
+  }
+  if (T_ > 0) {
+    Tensor first_dgate;
+    if (!reverse) {
+      first_dgate = dgate_h[0];
+    } else if (!lengths.defined()) {
+      first_dgate = dgate_h[T_ - 1];
+    } else {
+      // Row b starts at t = len[b] - 1; rows of length 0 never run.
+      const Tensor first_rows = (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+      first_dgate = dgh2d.index_select(0, first_rows);
+      first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+    }
+    grad_w_hh.addmm_(first_dgate.t(), hx);
+  }
+  Tensor grad_w_hr = at::empty({0}, options);
+  if (s.has_projection) {
+    // The unprojected h of every step is the workspace's last H columns.
+    const int64_t cols = workspace.size(2);
+    const Tensor h_unprojected = workspace.view({T_ * B, cols}).narrow(1, cols - H, H);
+    grad_w_hr = at::mm(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
+  }
+  Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);
+  return {grad_input, state.dh, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace rnnfast
