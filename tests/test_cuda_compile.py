@@ -254,8 +254,9 @@ _EMULATION_SOURCE = """\
 _EMULATION_BUILD = """\
 import sys, torch
 from torch.utils.cpp_extension import load
-load(name="rnnfast_cuda_emulation", sources=sys.argv[1:3], extra_cflags=["-O1"],
-     extra_include_paths=[sys.argv[3]], build_directory=sys.argv[4], is_python_module=False)
+*sources, include, build = sys.argv[1:]
+load(name="rnnfast_cuda_emulation", sources=sources, extra_cflags=["-O1"],
+     extra_include_paths=[include], build_directory=build, is_python_module=False)
 """
 
 
@@ -283,7 +284,7 @@ def test_engine_host_emulation(tmp_path):
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     result = subprocess.run(
         [sys.executable, "-c", _EMULATION_BUILD, os.path.join(ROOT, "csrc", "ops.cpp"),
-         str(source), include, str(build)],
+         os.path.join(ROOT, "csrc", "layer_gradients.cpp"), str(source), include, str(build)],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     library = build / "rnnfast_cuda_emulation.so"
