@@ -50,6 +50,18 @@ void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
 
 namespace rnnfast {
 
+// The results of a forward pass, allocated before the time loop (the same on every device).
+struct ForwardState {
+  at::Tensor output;     // [T, B, P]
+  at::Tensor h;          // [B, P]  the running hidden state (starts as a copy of hx)
+  at::Tensor c;          // [B, H]  LSTM's cell state in the accumulation type, else empty
+  at::Tensor workspace;  // [T, B, W] when saving for the backward, else empty
+};
+
+ForwardState make_forward_state(const LayerSizes& sizes, const at::Tensor& input,
+                                const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                                bool save_workspace);
+
 // The running state and gate-gradient buffers of a backward pass, the same on every device.
 struct BackwardState {
   at::Tensor dh;          // [B, P]  dLoss/dh of the step being processed (starts at grad_h_n)

@@ -23,6 +23,16 @@ def _shape(t):
     return tuple(t.shape)
 
 
+def _check_matches(owner, argument, tensor, reference, reference_name):
+    """dtype and device of `tensor` must be those of `reference` (named reference_name)."""
+    if tensor.dtype != reference.dtype:
+        raise RuntimeError(f"{owner}: {argument} must have the dtype of {reference_name} "
+                           f"({reference.dtype}), got {tensor.dtype}")
+    if tensor.device != reference.device:
+        raise RuntimeError(f"{owner}: {argument} must be on the device of {reference_name} "
+                           f"({reference.device}), got {tensor.device}")
+
+
 class _RecurrentBase(nn.Module):
     """What LSTM, GRU and RNN share: parameters, checks, and the translation of batch_first,
     unbatched and packed input to the time-major form of rnnfast.functional."""
@@ -134,12 +144,7 @@ class _RecurrentBase(nn.Module):
             layout = "num_layers * num_directions, " + ("batch, " if len(expected) == 3 else "")
             raise RuntimeError(f"{name}: {argument} must have shape {expected} ({layout}size), "
                                f"got {_shape(state)}")
-        if state.dtype != input.dtype:
-            raise RuntimeError(f"{name}: {argument} must have the dtype of input "
-                               f"({input.dtype}), got {state.dtype}")
-        if state.device != input.device:
-            raise RuntimeError(f"{name}: {argument} must be on the device of input "
-                               f"({input.device}), got {state.device}")
+        _check_matches(name, argument, state, input, "input")
 
     def _run(self, input, hx):
         """Shared forward: returns (output, h_n, c_n or None) in torch.nn's layout.
@@ -177,12 +182,7 @@ class _RecurrentBase(nn.Module):
         if sequence.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
                                f"{self.input_size}, got {sequence.size(-1)}")
-        if sequence.dtype != weight.dtype:
-            raise RuntimeError(f"{name}: input must have the dtype of the module's parameters "
-                               f"({weight.dtype}), got {sequence.dtype}")
-        if sequence.device != weight.device:
-            raise RuntimeError(f"{name}: input must be on the device of the module's "
-                               f"parameters ({weight.device}), got {sequence.device}")
+        _check_matches(name, "input", sequence, weight, "the module's parameters")
         batch = sequence.size(1)
 
         h0 = c0 = None
@@ -373,12 +373,7 @@ class _CellBase(nn.Module):
         if _shape(state) != expected:
             raise RuntimeError(f"{name}: {argument} must have shape {expected} (batch, "
                                f"hidden_size), got {_shape(state)}")
-        if state.dtype != input.dtype:
-            raise RuntimeError(f"{name}: {argument} must have the dtype of input "
-                               f"({input.dtype}), got {state.dtype}")
-        if state.device != input.device:
-            raise RuntimeError(f"{name}: {argument} must be on the device of input "
-                               f"({input.device}), got {state.device}")
+        _check_matches(name, argument, state, input, "input")
 
     def _step(self, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
@@ -392,12 +387,7 @@ class _CellBase(nn.Module):
         if input.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
                                f"{self.input_size}, got {input.size(-1)}")
-        if input.dtype != self.weight_ih.dtype:
-            raise RuntimeError(f"{name}: input must have the dtype of the module's parameters "
-                               f"({self.weight_ih.dtype}), got {input.dtype}")
-        if input.device != self.weight_ih.device:
-            raise RuntimeError(f"{name}: input must be on the device of the module's "
-                               f"parameters ({self.weight_ih.device}), got {input.device}")
+        _check_matches(name, "input", input, self.weight_ih, "the module's parameters")
         batched = input.dim() == 2
         is_lstm = self._gates == 4
         for argument, state in (("hx", h), ("cx", c)):

@@ -180,13 +180,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor lengths = contiguous_or_undefined(lengths_);
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 
-  Tensor output = at::empty({s.steps, s.batch, s.state_size}, input.options());
-  Tensor h_state = hx_.contiguous().clone();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  Tensor c_state = cx_.has_value() ? cx_->to(acc_type).contiguous().clone()
-                                   : at::empty({0}, input.options().dtype(acc_type));
-  Tensor workspace = save_workspace ? at::empty({s.steps, s.batch, ws_cols}, input.options())
-                                    : at::empty({0}, input.options());
+  ForwardState state = make_forward_state(s, input, hx_, cx_, save_workspace);
+  Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
+  Tensor& workspace = state.workspace;
 
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);

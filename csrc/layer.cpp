@@ -1,10 +1,27 @@
-// The device-independent parts of a backward pass (ATen operations only), shared by the CPU
-// and CUDA engines: the buffers of the reverse loop, and the gradients computed after it.
+// The device-independent parts of a layer's passes (ATen operations only), shared by the CPU and
+// CUDA engines: the buffers of the forward and the reverse loop, and the gradients computed
+// after the reverse loop.
 #include <ATen/OpMathType.h>
 
 #include "layer.h"
 
 namespace rnnfast {
+
+ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
+                                const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                                bool save_workspace) {
+  const auto options = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  ForwardState state;
+  state.output = at::empty({s.steps, s.batch, s.state_size}, options);
+  state.h = hx.contiguous().clone();
+  state.c = cx.has_value() ? cx->to(acc_type).contiguous().clone()
+                           : at::empty({0}, options.dtype(acc_type));
+  const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
+  state.workspace = save_workspace ? at::empty({s.steps, s.batch, cols}, options)
+                                   : at::empty({0}, options);
+  return state;
+}
 
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
                                   const at::Tensor& grad_h_n,
