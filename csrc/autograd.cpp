@@ -131,6 +131,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool reverse, bool save_workspace) {
+  const auto requires_grad = [](const std::optional<Tensor>& t) {
+    return t.has_value() && t->defined() && t->requires_grad();
+  };
+  const bool differentiable =
+      torch::autograd::GradMode::is_enabled() &&
+      (input.requires_grad() || hx.requires_grad() || w_ih.requires_grad() ||
+       w_hh.requires_grad() || requires_grad(cx) || requires_grad(b_ih) || requires_grad(b_hh) ||
+       requires_grad(w_hr));
+  if (!differentiable) {
+    // Inference: no graph to record, so skip the autograd Function's bookkeeping.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                        save_workspace);
+  }
   auto results = LayerFunction::apply(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                       reverse, save_workspace);
   return {results[0], results[1], results[2], results[3]};

@@ -66,11 +66,13 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
   // (zero where that step was inactive, matching a zero gate gradient), except at each row's
   // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps.
-  Tensor grad_w_hh = at::zeros({G, P}, options);
+  Tensor grad_w_hh;
   if (T_ > 1) {
     const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
     const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
-    grad_w_hh.addmm_(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
+    grad_w_hh = at::mm(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
+  } else {
+    grad_w_hh = at::zeros({G, P}, options);
   }
   if (T_ > 0) {
     Tensor first_dgate;

@@ -50,4 +50,6 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
+    if len(h_n) == 1:  # one layer, one direction: a view instead of a copy
+        return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if cx is not None else None)
     return x, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)

@@ -157,7 +157,7 @@ class _RecurrentBase(nn.Module):
         packed = isinstance(input, PackedSequence)
         directions = 2 if self.bidirectional else 1
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        weight = self.weight_ih_l0
+        weight = self._parameters["weight_ih_l0"]
         lengths = None
         if packed:
             batch_sizes = input.batch_sizes

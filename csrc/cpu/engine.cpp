@@ -107,8 +107,7 @@ Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
 
 template <typename Cell, typename T>
 void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
-                 const Tensor& w_hh,
-                 const Tensor& b_hh_per_step, const Tensor& w_hr, Tensor& h_state,
+                 const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr, Tensor& h_state,
                  Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
@@ -118,11 +117,11 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
   Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
   using Product = RecurrentProduct<T>;
-  // hg = h W_hh^T (+ b_hh)
-  const Product recurrent(w_hh, b_hh_per_step,
+  // hg = h W_hh^T + b_hh
+  const Product recurrent(w_hh, b_hh, v.product_rows,
                           v.gate_packed ? Product::Packed::Output : Product::Packed::None,
                           v.unit_hidden);
-  RecurrentProduct<T> projection(w_hr, Tensor());          // h = h_unprojected W_hr^T
+  const Product projection(w_hr, Tensor(), v.product_rows);  // h = h_unprojected W_hr^T
 
   const T* xg_data = xg.data_ptr<T>();
   T* hg_data = hg.data_ptr<T>();
@@ -205,7 +204,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_forward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
+      // xg = x W_ih^T + b_ih: [T * B, G], one GEMM.
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
       // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
       // place); the gate-packed view permutes it, so there it gets its own buffer.
@@ -219,21 +218,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
         xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
       }
       const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
-      Tensor b_hh_per_step;
+      // b_hh is added by the recurrent product of each step (where it costs nothing extra)
+      // rather than folded into xg, which would allocate b_ih + b_hh on every call.
       if (b_ih_.has_value()) {
-        const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
-        at::addmm_out(xg, bias, x2d, w_ih.t());
-        if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
+        at::addmm_out(xg, *b_ih_, x2d, w_ih.t());
       } else {
         at::mm_out(xg, x2d, w_ih.t());
       }
+      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
       Tensor step_gates = xg;
       if (packs_gates) {
         step_gates = pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates);
       }
       // Row stride of xg: the gate-packed view's single row per step spans B * G.
       const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
-      run_forward<Cell, scalar_t>(v, step_gates, xg_row_stride, w_hh, b_hh_per_step, w_hr,
+      run_forward<Cell, scalar_t>(v, step_gates, xg_row_stride, w_hh, b_hh, w_hr,
                                   h_state, c_state, output, workspace);
     });
   });
@@ -253,11 +252,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
-  const Product recurrent_back(w_hh.t().contiguous(), Tensor(),
+  const Product recurrent_back(w_hh.t(), Tensor(), v.product_rows,
                                v.gate_packed ? Product::Packed::Input : Product::Packed::None,
                                v.unit_hidden);
   // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
-  RecurrentProduct<T> projection_back(projecting ? w_hr.t().contiguous() : Tensor(), Tensor());
+  const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows);
 
   const T* go_data = grad_output.data_ptr<T>();
   const T* hx_data = hx.data_ptr<T>();

@@ -19,18 +19,21 @@ class RecurrentProduct {
  public:
   enum class Packed { None, Output, Input };
 
-  // matrix: [N, K] contiguous (or undefined: the product is never run); bias: [N] or undefined.
-  // packed: which side is gate-packed with `packed_hidden` units per gate (None: plain rows).
-  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias,
+  // matrix: [N, K], any strides (or undefined: the product is never run); bias: [N] or
+  // undefined; rows: the batch the product runs on. packed: which side is gate-packed with
+  // `packed_hidden` units per gate (None: plain rows).
+  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows,
                    Packed packed = Packed::None, int64_t packed_hidden = 0)
-      : matrix_(matrix.defined() ? matrix.contiguous() : matrix),
-        bias_(bias.defined() ? bias.contiguous() : bias),
+      : bias_(bias.defined() ? bias.contiguous() : bias),
         packed_(packed),
         packed_hidden_(packed_hidden) {
-    if (matrix_.defined()) {
-      n_ = matrix_.size(0);
-      k_ = matrix_.size(1);
-    }
+    if (!matrix.defined()) return;
+    n_ = matrix.size(0);
+    k_ = matrix.size(1);
+    // The loop reads rows of M; ATen's GEMM takes M as it comes (a transposed view included),
+    // so the copy is made only for the loop, where M is small.
+    use_loop_ = packed != Packed::None || rows * n_ * k_ <= kLoopLimit;
+    matrix_ = use_loop_ ? matrix.contiguous() : matrix;
   }
 
   // out[B, N] = in[B, K] M^T (+ bias)
@@ -48,7 +51,7 @@ class RecurrentProduct {
   void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
                T* out) const {
     using A = at::opmath_type<T>;
-    const T* m = matrix_.template data_ptr<T>();
+    const T* m = use_loop_ ? matrix_.template data_ptr<T>() : nullptr;
     if (packed_ == Packed::Output) {
       // out[n / Hp][b][n % Hp] (gate-packed), in: plain rows.
       const int64_t Hp = packed_hidden_, gates = n_ / Hp;
@@ -83,7 +86,7 @@ class RecurrentProduct {
       }
       return;
     }
-    if (batch * n_ * k_ <= kLoopLimit) {
+    if (use_loop_) {
       for (int64_t b = 0; b < batch; ++b) {
         const T* in_row = in + b * k_;
         for (int64_t n = 0; n < n_; ++n) {
@@ -113,6 +116,7 @@ class RecurrentProduct {
   static constexpr int64_t kLoopLimit = 4096;
 
   at::Tensor matrix_, bias_;
+  bool use_loop_ = false;
   Packed packed_;
   int64_t packed_hidden_;
   int64_t n_ = 0, k_ = 0;
