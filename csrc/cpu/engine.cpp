@@ -27,12 +27,14 @@ namespace {
 
 using at::Tensor;
 
-// Rows of pointwise work below this many scalar cell evaluations run on the calling thread:
-// a thread hand-off costs more than the work.
-constexpr int64_t kParallelGrainElements = 32768;
+// Batch rows never interact in a layer, so each thread runs the whole sequence for its share
+// of the rows: one parallel region per call, no barrier per step. Below this many multiply-adds
+// of recurrent products over the sequence a call stays on one thread (a region costs more).
+constexpr int64_t kParallelMinWork = 1 << 18;
 
-int64_t row_grain(int64_t hidden_size) {
-  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, hidden_size));
+// at::parallel_for's grain: 1 splits the rows over the threads, `rows` keeps them together.
+int64_t row_grain(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size) {
+  return rows * steps * gate_size * state_size >= kParallelMinWork ? 1 : std::max<int64_t>(rows, 1);
 }
 
 // Sizes of one call as the pointwise loops see them, shared by the forward and backward.
@@ -130,11 +132,14 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
   T* out_data = output.data_ptr<T>();
   T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
   T* hu_data = projecting ? h_unprojected.data_ptr<T>() : nullptr;
+  T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
 
-  for (const auto step : c10::irange(v.T_)) {
-    const int64_t t = v.step_time(step);
-    recurrent.run(h_data, v.product_rows, hg_data);
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b_begin, int64_t b_end) {
+  // The gate-packed view is one row holding all batch rows: its products run on all of them.
+  at::parallel_for(0, B, row_grain(B, v.T_, G, P), [&](int64_t b_begin, int64_t b_end) {
+    const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
+    for (const auto step : c10::irange(v.T_)) {
+      const int64_t t = v.step_time(step);
+      recurrent.run(h_data + b_begin * P, rows, hg_data + b_begin * G);
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t row = t * B + b;
         T* out_row = out_data + row * P;
@@ -166,18 +171,17 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
           std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
         }
       }
-    });
-    if (projecting) {
-      // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
-      T* hp_data = h_projected.data_ptr<T>();
-      projection.run(hu_data, B, hp_data);
-      for (const auto b : c10::irange(B)) {
-        if (!v.active(t, b)) continue;
-        std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
-        std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
+      if (projecting) {
+        // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
+        projection.run(hu_data + b_begin * H, rows, hp_data + b_begin * P);
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          if (!v.active(t, b)) continue;
+          std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
+          std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
+        }
       }
     }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
@@ -271,22 +275,25 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
 
-  for (int64_t step = v.T_ - 1; step >= 0; --step) {
-    const int64_t t = v.step_time(step);
-    if (projecting) {
-      // dLoss/dh (projected) of this step, then back through W_hr.
-      for (const auto b : c10::irange(B)) {
-        T* dp_row = dp_data + (t * B + b) * P;
-        if (!v.active(t, b)) {
-          std::fill(dp_row, dp_row + P, T(0));
-          continue;
+  at::parallel_for(0, B, row_grain(B, v.T_, G, P), [&](int64_t b_begin, int64_t b_end) {
+    const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
+    for (int64_t step = v.T_ - 1; step >= 0; --step) {
+      const int64_t t = v.step_time(step);
+      if (projecting) {
+        // dLoss/dh (projected) of this step, then back through W_hr.
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          T* dp_row = dp_data + (t * B + b) * P;
+          if (!v.active(t, b)) {
+            std::fill(dp_row, dp_row + P, T(0));
+            continue;
+          }
+          const T* go_row = go_data + (t * B + b) * P;
+          for (const auto k : c10::irange(P)) {
+            dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
+          }
         }
-        const T* go_row = go_data + (t * B + b) * P;
-        for (const auto k : c10::irange(P)) dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
+        projection_back.run(dp_data + (t * B + b_begin) * P, rows, dhu_data + b_begin * H);
       }
-      projection_back.run(dp_data + t * B * P, B, dhu_data);
-    }
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b_begin, int64_t b_end) {
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t row = t * B + b;
         T* dgx_row = dgx_data + row * G;
@@ -327,11 +334,12 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
           if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
         });
       }
-    });
-    // dh_prev = dh_direct + dgate_h[t] W_hh
-    const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
-    recurrent_back.run_accumulate(dgate_step, v.product_rows, dhd_data, dh_data);
-  }
+      // dh_prev = dh_direct + dgate_h[t] W_hh
+      const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
+      recurrent_back.run_accumulate(dgate_step + b_begin * G, rows, dhd_data + b_begin * P,
+                                    dh_data + b_begin * P);
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
