@@ -241,3 +241,25 @@ def test_op_argument_errors(change, match):
     change(args)
     with pytest.raises((RuntimeError, ValueError), match=match):
         torch.ops.rnnfast.forward(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_half_precision_on_cpu(cls, dtype):
+    """bfloat16 / float16 storage with float accumulation: outputs and gradients within a few
+    units of the dtype's rounding of a float64 run of the same weights."""
+    torch.manual_seed(3)
+    model = cls(8, 16, num_layers=2, bidirectional=True)
+    reference = cls(8, 16, num_layers=2, bidirectional=True).double()
+    reference.load_state_dict(model.state_dict())
+    model = model.to(dtype)
+    x = torch.randn(5, 3, 8)
+    out = model(x.to(dtype))[0]
+    out.float().sum().backward()
+    expected = reference(x.double())[0]
+    expected.sum().backward()
+    limit = 4 * torch.finfo(dtype).eps
+    assert (out.double() - expected).abs().max() <= limit * expected.abs().max()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.grad.dtype == dtype
+        assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
