@@ -7,6 +7,35 @@
 
 namespace rnnfast {
 
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
+                                const at::Tensor& grad_h_n,
+                                const std::optional<at::Tensor>& grad_c_n,
+                                const at::Tensor& input, const at::Tensor& hx,
+                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                const std::optional<at::Tensor>& lengths,
+                                const at::Tensor& output, const at::Tensor& workspace) {
+  BackwardInputs in;
+  in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
+                              lengths);
+  check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
+  in.input = input.contiguous();
+  in.hx = hx.contiguous();
+  in.cx = contiguous_or_undefined(cx);
+  in.w_ih = w_ih.contiguous();
+  in.w_hh = w_hh.contiguous();
+  in.w_hr = contiguous_or_undefined(w_hr);
+  in.lengths = contiguous_or_undefined(lengths);
+  in.grad_output = grad_output.contiguous();
+  in.output = output.contiguous();
+  in.workspace = workspace.contiguous();
+  return in;
+}
+
 ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
                                 const at::Tensor& hx, const std::optional<at::Tensor>& cx,
                                 bool save_workspace) {

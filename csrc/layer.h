@@ -50,6 +50,25 @@ void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
 
 namespace rnnfast {
 
+// An optional tensor argument made contiguous, or an undefined tensor where it is absent.
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+
+// The backward op's tensor arguments, checked (check_layer_args, check_backward_args) and made
+// contiguous, the same on every device.
+struct BackwardInputs {
+  LayerSizes sizes;
+  at::Tensor input, hx, cx, w_ih, w_hh, w_hr, lengths, grad_output, output, workspace;
+};
+
+BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
+                                const at::Tensor& grad_h_n,
+                                const std::optional<at::Tensor>& grad_c_n,
+                                const at::Tensor& input, const at::Tensor& hx,
+                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                const std::optional<at::Tensor>& lengths,
+                                const at::Tensor& output, const at::Tensor& workspace);
+
 // The results of a forward pass, allocated before the time loop (the same on every device).
 struct ForwardState {
   at::Tensor output;     // [T, B, P]

@@ -103,10 +103,6 @@ Tensor unpack_gates(const Tensor& packed, int64_t gates) {
   return packed.view({T_, gates, B, H}).permute({0, 2, 1, 3}).contiguous().view({T_, B, gates * H});
 }
 
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
 template <typename Cell, typename T>
 void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
                  const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr, Tensor& h_state,
@@ -348,18 +344,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
-  const std::string cell_name(cell);
-  const LayerSizes s = check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                        std::nullopt, w_hr_, lengths_);
-  check_backward_args(s, input_, grad_output_, grad_h_n_, grad_c_n_, output_, workspace_);
+  const BackwardInputs in =
+      prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
+                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_);
+  const LayerSizes& s = in.sizes;
+  const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
+  const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  const Tensor input = input_.contiguous(), hx = hx_.contiguous();
-  const Tensor cx = contiguous_or_undefined(cx_);
-  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = contiguous_or_undefined(w_hr_);
-  const Tensor lengths = contiguous_or_undefined(lengths_);
-  const Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
-  const Tensor workspace = workspace_.contiguous();
   BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_, cx.defined());
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);

@@ -89,10 +89,6 @@ KernelType<scalar_t>* data_of(const Tensor& t) {
   return reinterpret_cast<KernelType<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
 template <typename Cell, typename scalar_t>
 void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tensor& lengths,
                  const Tensor& xg, const Tensor& w_hh, const Tensor& b_hh_per_step,
@@ -284,18 +280,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   DeviceGuard device_guard;
   if (input_.is_cuda()) device_guard.set_device(input_.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const std::string cell_name(cell);
-  const LayerSizes s = check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                        std::nullopt, w_hr_, lengths_);
-  check_backward_args(s, input_, grad_output_, grad_h_n_, grad_c_n_, output_, workspace_);
+  const BackwardInputs in =
+      prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
+                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_);
+  const LayerSizes& s = in.sizes;
+  const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
+  const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
+  const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  const Tensor input = input_.contiguous(), hx = hx_.contiguous();
-  const Tensor cx = contiguous_or_undefined(cx_);
-  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = contiguous_or_undefined(w_hr_);
-  const Tensor lengths = contiguous_or_undefined(lengths_);
-  const Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
-  const Tensor workspace = workspace_.contiguous();
   BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_, cx.defined());
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
