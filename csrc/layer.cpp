@@ -11,6 +11,23 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
+                              const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh,
+                              const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& lengths) {
+  ForwardInputs in;
+  in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+  in.input = input.contiguous();
+  in.w_ih = w_ih.contiguous();
+  in.w_hh = w_hh.contiguous();
+  in.w_hr = contiguous_or_undefined(w_hr);
+  in.lengths = contiguous_or_undefined(lengths);
+  return in;
+}
+
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const at::Tensor& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,

@@ -53,6 +53,21 @@ namespace rnnfast {
 // An optional tensor argument made contiguous, or an undefined tensor where it is absent.
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 
+// The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
+// on every device (the states and biases are copied or read where they are used).
+struct ForwardInputs {
+  LayerSizes sizes;
+  at::Tensor input, w_ih, w_hh, w_hr, lengths;
+};
+
+ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
+                              const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& b_hh,
+                              const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& lengths);
+
 // The backward op's tensor arguments, checked (check_layer_args, check_backward_args) and made
 // contiguous, the same on every device.
 struct BackwardInputs {

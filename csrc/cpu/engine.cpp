@@ -186,13 +186,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     bool save_workspace) {
-  const std::string cell_name(cell);
-  const LayerSizes s =
-      check_layer_args(cell_name, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
-  const Tensor input = input_.contiguous();
-  const Tensor w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = contiguous_or_undefined(w_hr_);
-  const Tensor lengths = contiguous_or_undefined(lengths_);
+  const ForwardInputs in = prepare_forward(std::string(cell), input_, hx_, cx_, w_ih_, w_hh_,
+                                           b_ih_, b_hh_, w_hr_, lengths_);
+  const LayerSizes& s = in.sizes;
+  const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
+  const Tensor& lengths = in.lengths;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 
   ForwardState state = make_forward_state(s, input, hx_, cx_, save_workspace);
