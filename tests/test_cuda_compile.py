@@ -18,8 +18,12 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   becomes a loop over its threads' bodies), loaded in a subprocess (its ops.cpp would clash
   with rnnfast._C), and its outputs, gradients and workspace shape compared with the CPU
   engine's (run in a subprocess too) for every cell, dtype (float64 / float32 / float16 /
-  bfloat16), projection, lengths, direction, one step and an empty batch. This checks the CUDA engine's host logic and indexing without a GPU; what it
-  cannot check (the kernels running on a device, cuBLAS) is for tests/test_cuda.py.
+  bfloat16), projection, lengths, direction, one step and an empty batch; once with the
+  sequence kernels (each emulated block runs its rows' whole time loop; the emulated device has
+  2 multiprocessors, so blocks hold several rows) and once with RNNFAST_SEQUENCE_KERNELS=0 (the
+  GEMM-per-step loop). This checks the CUDA engine's host logic and indexing without a GPU;
+  what it cannot check (the kernels running on a device, cuBLAS, barriers) is for
+  tests/test_cuda.py.
 
 All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
 """
@@ -91,10 +95,11 @@ def test_kernels_compile(arch, tmp_path):
     target = _compile_kernels(arch, str(tmp_path))
     assert os.path.getsize(target) > 0
     if shutil.which("nm"):
-        # Every launcher of every cell x dtype is there: 7 cells x 4 dtypes x (forward,
-        # backward) plus 4 dtypes x 2 projection helpers.
+        # Every launcher of every cell x dtype is there: 7 cells x 4 dtypes x (forward step,
+        # backward step, forward sequence, backward sequence) plus 4 dtypes x 2 projection
+        # helpers.
         launchers = {name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
-        assert len(launchers) == 7 * 4 * 2 + 4 * 2, sorted(launchers)
+        assert len(launchers) == 7 * 4 * 4 + 4 * 2, sorted(launchers)
 
 
 def _torch_cuda_headers():
@@ -307,13 +312,20 @@ def test_engine_host_emulation(tmp_path):
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     library = build / "rnnfast_cuda_emulation.so"
-    results_file = tmp_path / "emulated.pt"
     # The emulated engine runs in its own process: its ops.cpp defines the ops as rnnfast._C does.
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--emulate", str(library), str(results_file)],
-        capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
-    assert result.returncode == 0, f"emulated run failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    emulated = torch.load(str(results_file))
+    # Once with the sequence kernels (where a layer fits) and once with the GEMM-per-step loop.
+    emulated_runs = {}
+    for sequence_kernels in ("1", "0"):
+        results_file = tmp_path / f"emulated_{sequence_kernels}.pt"
+        result = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--emulate", str(library),
+             str(results_file)],
+            capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
+            env=dict(os.environ, RNNFAST_SEQUENCE_KERNELS=sequence_kernels))
+        assert result.returncode == 0, (
+            f"emulated run (RNNFAST_SEQUENCE_KERNELS={sequence_kernels}) failed:\n"
+            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        emulated_runs[sequence_kernels] = torch.load(str(results_file))
     # The CPU engine (rnnfast._C) in a subprocess as well, so a crash is a failure, not the end
     # of the test session.
     reference_file = tmp_path / "cpu.pt"
@@ -325,7 +337,17 @@ def test_engine_host_emulation(tmp_path):
     assert code == 0, f"CPU engine run failed ({why}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     saved = torch.load(str(reference_file))
     expected, truth = saved["results"], saved["truth"]
-    assert sorted(emulated) == sorted(expected)
+    failures = []
+    for sequence_kernels, emulated in emulated_runs.items():
+        assert sorted(emulated) == sorted(expected)
+        failures += _emulation_failures(emulated, expected, truth,
+                                        f"RNNFAST_SEQUENCE_KERNELS={sequence_kernels} ")
+    assert not failures, "\n".join(failures)
+
+
+def _emulation_failures(emulated, expected, truth, label):
+    """The emulated engine's results against the CPU engine's (float16 / bfloat16: against
+    float64, no worse than twice the CPU engine's error)."""
     failures = []
     for key, values in expected.items():
         tol = EMULATION_TOL[key.rsplit("/", 1)[1]]
@@ -333,7 +355,7 @@ def test_engine_host_emulation(tmp_path):
         for name, value in values.items():
             actual = emulated[key][name]
             if actual.shape != value.shape or actual.dtype != value.dtype:
-                failures.append(f"{key} {name}: {actual.dtype}{tuple(actual.shape)} != "
+                failures.append(f"{label}{key} {name}: {actual.dtype}{tuple(actual.shape)} != "
                                 f"{value.dtype}{tuple(value.shape)}")
                 continue
             if value.numel() == 0 or name == "workspace":
@@ -350,13 +372,13 @@ def test_engine_host_emulation(tmp_path):
                 exact = truth[key][name]
                 err, cpu_err = relative_error(actual, exact), relative_error(value, exact)
                 if not err <= 2 * cpu_err + tol:
-                    failures.append(f"{key} {name}: relative error to float64 {err:.3e} > "
+                    failures.append(f"{label}{key} {name}: relative error to float64 {err:.3e} > "
                                     f"2 x the CPU engine's {cpu_err:.3e} + {tol:.0e}")
                 continue
             err = relative_error(actual, value)
             if not err <= tol:
-                failures.append(f"{key} {name}: relative error {err:.3e} > {tol:.0e}")
-    assert not failures, "\n".join(failures)
+                failures.append(f"{label}{key} {name}: relative error {err:.3e} > {tol:.0e}")
+    return failures
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 // GPU, with exactly the CPU engine's semantics and outputs (csrc/cpu/engine.cpp): the same
 // workspace layout [T, B, W], masking for variable lengths, first-step rules and projection.
 //
-// Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen); per step the
-// recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
-// (csrc/cuda/kernels.cuh, the math of csrc/cells.h) that writes h, c, the output and the
-// workspace. Backward: the reverse loop of one fused kernel plus the recurrent GEMM per step;
-// the gradients of x, W_ih, W_hh, W_hr and the biases as single GEMMs / reductions over all
-// steps. Everything runs on the current stream of the input's device; the time loops never
+// Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen). Then, where W_hh
+// and the state fit in one block's shared memory (and the layer does not project), the whole
+// time loop is ONE sequence kernel (kernels.cuh: forward_sequence_block); elsewhere, per step,
+// the recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
+// (the math of csrc/cells.h) that writes h, c, the output and the workspace. Backward: the
+// reverse loop as one sequence kernel, or per step one fused kernel plus the recurrent GEMM;
+// then the gradients of x, W_ih, W_hh, W_hr and the biases as single GEMMs / reductions over
+// all steps. Everything runs on the current stream of the input's device; the time loops never
 // wait for the device (the lengths are read on the device by the kernels).
 //
 // float16 / bfloat16 store in their own type and accumulate in float (LSTM's c state is kept
@@ -34,6 +36,9 @@
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (at::cuda's is this one)
 #endif
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../layer.h"
 #include "kernels.cuh"
 
@@ -50,6 +55,20 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 #define RNNFAST_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CUDA;
 constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCUDA;
+
+// What plan_sequence needs to know of the current device.
+struct DeviceLimits {
+  int64_t multiprocessors, max_shared_bytes;
+};
+DeviceLimits device_limits() {
+  int device = 0, multiprocessors = 0, max_shared_bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared_bytes,
+                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return {multiprocessors, max_shared_bytes};
+}
 #else
 struct DeviceGuard {
   void set_device(c10::Device) {}
@@ -58,7 +77,20 @@ cudaStream_t current_stream() { return nullptr; }
 #define RNNFAST_KERNEL_LAUNCH_CHECK() ((void)0)
 constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CPU;
 constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCPU;
+
+// An emulated device of 2 multiprocessors, so that the emulation's blocks hold several rows.
+struct DeviceLimits {
+  int64_t multiprocessors, max_shared_bytes;
+};
+DeviceLimits device_limits() { return {2, 227 * 1024}; }
 #endif
+
+// RNNFAST_SEQUENCE_KERNELS=0 makes the engine run every layer as the GEMM-per-step loop (to
+// compare the two paths); by default a layer runs as one sequence kernel wherever it fits.
+bool sequence_kernels_enabled() {
+  const char* setting = std::getenv("RNNFAST_SEQUENCE_KERNELS");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
 
 // The ATen calls inside the ops (GEMMs, sums) must run in the op's dtype even when the op is
 // called under autocast (e.g. the backward op during a backward pass inside an autocast
@@ -100,13 +132,46 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  const cudaStream_t stream = current_stream();
+  const T* xg_data = data_of<scalar_t>(xg);
+  T* out_data = data_of<scalar_t>(output);
+  T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+
+  if (!projecting && sequence_kernels_enabled()) {
+    const DeviceLimits limits = device_limits();
+    const cuda::SequencePlan plan =
+        cuda::plan_sequence<Cell, T>(/*backward=*/false, B, H, P, G, ws_cols,
+                                     limits.multiprocessors, limits.max_shared_bytes);
+    if (plan.usable) {
+      cuda::SequenceForwardArgs<T> seq{};
+      seq.B = B;
+      seq.H = H;
+      seq.P = P;
+      seq.G = G;
+      seq.W = ws_data != nullptr ? ws_cols : 0;
+      seq.steps = s.steps;
+      seq.reverse = reverse;
+      seq.rows_per_block = plan.rows_per_block;
+      seq.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+      seq.xg = xg_data;
+      seq.w_hh = data_of<scalar_t>(w_hh);
+      seq.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
+      seq.h = data_of<scalar_t>(h_state);
+      seq.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+      seq.out = out_data;
+      seq.ws = ws_data;
+      cuda::launch_forward_sequence<Cell, T>(seq, plan, stream);
+      RNNFAST_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+
   const auto options = xg.options();
   Tensor hg = at::empty({B, G}, options);
   Tensor h_unprojected = projecting ? at::zeros({B, H}, options) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, options) : Tensor();
   const Tensor w_hh_t = w_hh.t();
   const Tensor w_hr_t = projecting ? w_hr.t() : Tensor();
-  const cudaStream_t stream = current_stream();
 
   cuda::ForwardStepArgs<T> args{};
   args.B = B;
@@ -121,9 +186,6 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   args.h = data_of<scalar_t>(h_state);
   args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
   args.h_unprojected = projecting ? data_of<scalar_t>(h_unprojected) : nullptr;
-  const T* xg_data = data_of<scalar_t>(xg);
-  T* out_data = data_of<scalar_t>(output);
-  T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
 
   cuda::ProjectionCopyArgs<T> copy{};
   copy.B = B;
@@ -212,11 +274,44 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   static_assert(std::is_same<A, cuda::AccType<T>>::value, "accumulation types agree");
   const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
   const bool projecting = w_hr.defined();
+  const cudaStream_t stream = current_stream();
+
+  if (!projecting && sequence_kernels_enabled()) {
+    const DeviceLimits limits = device_limits();
+    const cuda::SequencePlan plan =
+        cuda::plan_sequence<Cell, T>(/*backward=*/true, B, H, P, G, ws_cols,
+                                     limits.multiprocessors, limits.max_shared_bytes);
+    if (plan.usable) {
+      cuda::SequenceBackwardArgs<T> seq{};
+      seq.B = B;
+      seq.H = H;
+      seq.P = P;
+      seq.G = G;
+      seq.W = ws_cols;
+      seq.steps = s.steps;
+      seq.reverse = reverse;
+      seq.rows_per_block = plan.rows_per_block;
+      seq.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+      seq.grad_output = data_of<scalar_t>(grad_output);
+      seq.hx = data_of<scalar_t>(hx);
+      seq.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+      seq.output = data_of<scalar_t>(output);
+      seq.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+      seq.w_hh = data_of<scalar_t>(w_hh);
+      seq.dh = data_of<scalar_t>(dh_state);
+      seq.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+      seq.dgate_x = data_of<scalar_t>(dgate_x);
+      seq.dgate_h = data_of<scalar_t>(dgate_h);
+      cuda::launch_backward_sequence<Cell, T>(seq, plan, stream);
+      RNNFAST_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+
   const auto options = grad_output.options();
   Tensor dh_direct = at::empty({B, P}, options);
   Tensor dh_unprojected = projecting ? at::empty({B, H}, options) : Tensor();
   const Tensor& dgate_recurrent = Cell::kSeparateHiddenGateGrad ? dgate_h : dgate_x;
-  const cudaStream_t stream = current_stream();
 
   cuda::BackwardStepArgs<T> args{};
   args.B = B;
@@ -231,8 +326,8 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
   args.hx = data_of<scalar_t>(hx);
   args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
-  args.output = data_of<scalar_t>(output);
-  args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+  const T* output_data = data_of<scalar_t>(output);
+  const T* ws_data = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
   args.dh_unprojected = projecting ? data_of<scalar_t>(dh_unprojected) : nullptr;
   args.dh_direct = data_of<scalar_t>(dh_direct);
   const T* go_data = data_of<scalar_t>(grad_output);
@@ -251,6 +346,12 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
     const int64_t t = reverse ? s.steps - 1 - step : step;
     args.t = t;
     args.grad_output = go_data + t * B * P;
+    args.output = output_data + t * B * P;
+    args.ws = ws_data != nullptr ? ws_data + t * B * ws_cols : nullptr;
+    const int64_t prev_t = reverse ? t + 1 : t - 1;  // the step before t in time order
+    const bool has_prev = prev_t >= 0 && prev_t < s.steps;
+    args.prev_output = has_prev ? output_data + prev_t * B * P : nullptr;
+    args.prev_ws = has_prev && ws_data != nullptr ? ws_data + prev_t * B * ws_cols : nullptr;
     if (projecting) {
       // dLoss/dh (projected) of this step, then back through W_hr.
       pgrad.t = t;
