@@ -10,6 +10,10 @@ import glob
 import importlib.util
 import os
 import platform
+import shlex
+import shutil
+import subprocess
+import sysconfig
 
 from setuptools import find_packages, setup
 import torch
@@ -46,6 +50,46 @@ def cpu_vector_flags():
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
 
+
+def links_shared_libstdcxx(compiler):
+    """Whether `compiler` (a command line) finds a shared libstdc++. One that finds only
+    libstdc++.a links a private copy into the extension, beside the one torch loads, and the
+    two copies' locales disagree: formatting a number in an error message crashed."""
+    try:
+        found = subprocess.run(shlex.split(compiler) + ["-print-file-name=libstdc++.so"],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return True  # not a GCC-like driver: nothing to check
+    return os.path.isabs(found)
+
+
+def choose_cxx_compiler():
+    """Keeps $CXX (or Python's configured C++ compiler) unless it would link libstdc++
+    statically; then uses g++ or c++ from PATH, or stops with what to do."""
+    if platform.system() != "Linux":
+        return
+    configured = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if links_shared_libstdcxx(configured):
+        return
+    for name in ("g++", "c++"):
+        candidate = shutil.which(name)
+        if candidate and links_shared_libstdcxx(candidate):
+            print(f"rnnfast: the C++ compiler {configured!r} finds no shared libstdc++ (only "
+                  f"libstdc++.a, which would put a second libstdc++ in the extension); building "
+                  f"with {candidate} instead")
+            # CXX compiles the sources and links the C++ extension; CC goes with it
+            os.environ["CXX"] = candidate
+            c_compiler = shutil.which("gcc" if name == "g++" else "cc")
+            if c_compiler:
+                os.environ["CC"] = c_compiler
+            return
+    raise SystemExit(
+        f"rnnfast: the C++ compiler {configured!r} finds no shared libstdc++ (only libstdc++.a); "
+        "an extension linked with it carries a second libstdc++ and crashes. Set CXX (and CC) "
+        "to a compiler that links libstdc++ dynamically, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc")
+
+
+choose_cxx_compiler()
 
 CUDA_SOURCES = relative_sources("csrc/cuda/*.cu") + relative_sources("csrc/cuda/*.cpp")
 # The CUDA engine is built when torch has CUDA and nvcc is found (RNNFAST_NO_CUDA=1: never).
