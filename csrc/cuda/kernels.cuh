@@ -4,14 +4,14 @@
 // This header includes no torch header, so that nvcc can compile (and the test suite can
 // compile-check) the kernels on their own: tests/test_cuda_compile.py builds kernels.cu, which
 // instantiates every cell x dtype, with nothing but nvcc. The host code that allocates buffers,
-// runs the GEMMs through ATen and calls the launchers below is csrc/cuda/engine.cpp.
+// runs the GEMMs through ATen and calls the launchers below is csrc/cuda/engine.cu.
 //
 // Storage types T: float, double, and rnnfast::cuda::Half / BFloat16 (two bytes each, the bit
-// layout of at::Half / at::BFloat16, so engine.cpp passes ATen's data pointers reinterpreted).
+// layout of at::Half / at::BFloat16, so engine.cu passes ATen's data pointers reinterpreted).
 // Accumulation type A = AccType<T>: double for double, float otherwise (at::opmath_type's).
 //
 // Each launcher launches exactly one kernel on `stream` (nothing when there is no work) and
-// returns; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK in engine.cpp).
+// returns; the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK in engine.cu).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -676,7 +676,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 // Each launcher launches one kernel of `threads` threads on `stream`, none when there is no
 // work. Compiled by a plain C++ compiler (the host-emulation test build, see
-// RNNFAST_CUDA_HOST_EMULATION in engine.cpp) they run every thread's body in a loop on the
+// RNNFAST_CUDA_HOST_EMULATION in engine.cu) they run every thread's body in a loop on the
 // calling thread instead; the extension setup.py builds always compiles them with nvcc.
 template <typename Cell, typename T>
 void launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
@@ -775,7 +775,7 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
 }
 
 // Every cell x storage type, for explicit instantiation (kernels.cu) and its declaration
-// (engine.cpp, via the extern declarations below). X(Cell, T) and Y(T) are macros.
+// (engine.cu, via the extern declarations below). X(Cell, T) and Y(T) are macros.
 #define RNNFAST_CUDA_FOR_EACH_TYPE(Y) \
   Y(float)                            \
   Y(double)                           \
@@ -809,7 +809,7 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
   RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_EXTERN_CELL, T)
 
 // Declared here, defined once in kernels.cu: the translation units that only call the
-// launchers (engine.cpp) do not compile the kernels again.
+// launchers (engine.cu) do not compile the kernels again.
 RNNFAST_CUDA_FOR_EACH_TYPE(RNNFAST_CUDA_EXTERN_TYPE)
 
 }  // namespace cuda

@@ -16,11 +16,6 @@
 // in float, as on the CPU). Under torch.autocast("cuda") the forward runs in the autocast
 // dtype, like torch.nn's RNNs (forward_autocast below).
 //
-// This is host code for the C++ compiler (only kernels.cu, which includes no torch header, goes
-// through nvcc): compiled by nvcc, the ATen headers left the extension its own instantiations
-// of std::ostream's number output, whose locale facet ids libstdc++ never registered, and every
-// error message that printed a number crashed.
-//
 // RNNFAST_CUDA_HOST_EMULATION (tests only, never set by setup.py): compiled by a C++ compiler
 // with kernels.cu, the same host code registers itself for CPU tensors and the "kernels" run
 // as host loops over the threads' bodies (kernels.cuh). tests/test_cuda_compile.py builds it so
