@@ -4,7 +4,7 @@
 //
 // Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen). Then, where W_hh
 // and the state fit in one block's shared memory (and the layer does not project), the whole
-// time loop is ONE sequence kernel (kernels.cuh: forward_sequence_block); elsewhere, per step,
+// time loop is ONE sequence kernel (kernels.cuh: sequence_block); elsewhere, per step,
 // the recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
 // (the math of csrc/cells.h) that writes h, c, the output and the workspace. Backward: the
 // reverse loop as one sequence kernel, or per step one fused kernel plus the recurrent GEMM;
@@ -92,6 +92,34 @@ bool sequence_kernels_enabled() {
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
+// The sequence kernel's plan for a layer; an unusable one (run the GEMM-per-step loop) for a
+// projecting layer, under RNNFAST_SEQUENCE_KERNELS=0, or where the layer does not fit.
+template <typename Cell, typename T>
+cuda::SequencePlan sequence_plan(bool backward, const LayerSizes& s, int64_t ws_cols) {
+  if (s.has_projection || !sequence_kernels_enabled()) return {};
+  const DeviceLimits limits = device_limits();
+  return cuda::plan_sequence<Cell, T>(backward, s.batch, s.hidden_size, s.state_size,
+                                      s.gate_size, ws_cols, limits.multiprocessors,
+                                      limits.max_shared_bytes);
+}
+
+// The sizes part of a sequence kernel's arguments. ws_cols: the workspace's columns, 0 when
+// none is written or read.
+cuda::SequenceShape sequence_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
+                                   const cuda::SequencePlan& plan, const Tensor& lengths) {
+  cuda::SequenceShape shape{};
+  shape.B = s.batch;
+  shape.H = s.hidden_size;
+  shape.P = s.state_size;
+  shape.G = s.gate_size;
+  shape.W = ws_cols;
+  shape.steps = s.steps;
+  shape.reverse = reverse;
+  shape.rows_per_block = plan.rows_per_block;
+  shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  return shape;
+}
+
 // The ATen calls inside the ops (GEMMs, sums) must run in the op's dtype even when the op is
 // called under autocast (e.g. the backward op during a backward pass inside an autocast
 // region): autocast is off for the duration of each op.
@@ -137,33 +165,20 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   T* out_data = data_of<scalar_t>(output);
   T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
 
-  if (!projecting && sequence_kernels_enabled()) {
-    const DeviceLimits limits = device_limits();
-    const cuda::SequencePlan plan =
-        cuda::plan_sequence<Cell, T>(/*backward=*/false, B, H, P, G, ws_cols,
-                                     limits.multiprocessors, limits.max_shared_bytes);
-    if (plan.usable) {
-      cuda::SequenceForwardArgs<T> seq{};
-      seq.B = B;
-      seq.H = H;
-      seq.P = P;
-      seq.G = G;
-      seq.W = ws_data != nullptr ? ws_cols : 0;
-      seq.steps = s.steps;
-      seq.reverse = reverse;
-      seq.rows_per_block = plan.rows_per_block;
-      seq.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-      seq.xg = xg_data;
-      seq.w_hh = data_of<scalar_t>(w_hh);
-      seq.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
-      seq.h = data_of<scalar_t>(h_state);
-      seq.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
-      seq.out = out_data;
-      seq.ws = ws_data;
-      cuda::launch_forward_sequence<Cell, T>(seq, plan, stream);
-      RNNFAST_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+  const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/false, s, ws_cols);
+  if (plan.usable) {
+    cuda::SequenceForwardArgs<T> seq{
+        sequence_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, plan, lengths)};
+    seq.xg = xg_data;
+    seq.w_hh = data_of<scalar_t>(w_hh);
+    seq.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
+    seq.h = data_of<scalar_t>(h_state);
+    seq.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+    seq.out = out_data;
+    seq.ws = ws_data;
+    cuda::launch_sequence<Cell, T>(seq, plan, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
   }
 
   const auto options = xg.options();
@@ -276,36 +291,22 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   const bool projecting = w_hr.defined();
   const cudaStream_t stream = current_stream();
 
-  if (!projecting && sequence_kernels_enabled()) {
-    const DeviceLimits limits = device_limits();
-    const cuda::SequencePlan plan =
-        cuda::plan_sequence<Cell, T>(/*backward=*/true, B, H, P, G, ws_cols,
-                                     limits.multiprocessors, limits.max_shared_bytes);
-    if (plan.usable) {
-      cuda::SequenceBackwardArgs<T> seq{};
-      seq.B = B;
-      seq.H = H;
-      seq.P = P;
-      seq.G = G;
-      seq.W = ws_cols;
-      seq.steps = s.steps;
-      seq.reverse = reverse;
-      seq.rows_per_block = plan.rows_per_block;
-      seq.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-      seq.grad_output = data_of<scalar_t>(grad_output);
-      seq.hx = data_of<scalar_t>(hx);
-      seq.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
-      seq.output = data_of<scalar_t>(output);
-      seq.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
-      seq.w_hh = data_of<scalar_t>(w_hh);
-      seq.dh = data_of<scalar_t>(dh_state);
-      seq.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
-      seq.dgate_x = data_of<scalar_t>(dgate_x);
-      seq.dgate_h = data_of<scalar_t>(dgate_h);
-      cuda::launch_backward_sequence<Cell, T>(seq, plan, stream);
-      RNNFAST_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+  const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/true, s, ws_cols);
+  if (plan.usable) {
+    cuda::SequenceBackwardArgs<T> seq{sequence_shape(s, ws_cols, reverse, plan, lengths)};
+    seq.grad_output = data_of<scalar_t>(grad_output);
+    seq.hx = data_of<scalar_t>(hx);
+    seq.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+    seq.output = data_of<scalar_t>(output);
+    seq.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+    seq.w_hh = data_of<scalar_t>(w_hh);
+    seq.dh = data_of<scalar_t>(dh_state);
+    seq.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+    seq.dgate_x = data_of<scalar_t>(dgate_x);
+    seq.dgate_h = data_of<scalar_t>(dgate_h);
+    cuda::launch_sequence<Cell, T>(seq, plan, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
   }
 
   const auto options = grad_output.options();

@@ -251,13 +251,17 @@ constexpr int64_t kMaxSequenceThreads = 1024;
 constexpr int kStagedSteps = 4;
 static_assert(kStagedSteps >= 3, "the backward ring needs 3 slots");
 
-template <typename T>
-struct SequenceForwardArgs {
-  int64_t B, H, P, G, W;     // P == H (no projection)
+// The layer as the sequence kernels of both directions see it.
+struct SequenceShape {
+  int64_t B, H, P, G, W;     // P == H (no projection); W: workspace columns (0: none)
   int64_t steps;
   bool reverse;
   int64_t rows_per_block;
   const int64_t* lengths;    // [B] or nullptr
+};
+
+template <typename T>
+struct SequenceForwardArgs : SequenceShape {
   const T* xg;               // [T, B, G] x W_ih^T + biases, all steps
   const T* w_hh;             // [G, P]
   const T* b_hh;             // [G] added to every step's hg (GRU's unfoldable b_hh), or nullptr
@@ -268,12 +272,7 @@ struct SequenceForwardArgs {
 };
 
 template <typename T>
-struct SequenceBackwardArgs {
-  int64_t B, H, P, G, W;
-  int64_t steps;
-  bool reverse;
-  int64_t rows_per_block;
-  const int64_t* lengths;    // [B] or nullptr
+struct SequenceBackwardArgs : SequenceShape {
   const T* grad_output;      // [T, B, P]
   const T* hx;               // [B, P]
   const T* cx;               // [B, H] or nullptr
@@ -421,8 +420,8 @@ RNNFAST_HD BackwardShared<T> carve_backward_shared(SharedCarver& carver, int64_t
 
 // One block's whole forward time loop (block `block` of ceil(B / rows_per_block)).
 template <typename Cell, typename T>
-RNNFAST_HD void forward_sequence_block(const SequenceForwardArgs<T>& a, int64_t block,
-                                       unsigned char* shared) {
+RNNFAST_HD void sequence_block(const SequenceForwardArgs<T>& a, int64_t block,
+                               unsigned char* shared) {
   using A = AccType<T>;
   const int64_t B = a.B, H = a.H, P = a.P, G = a.G, W = a.W, R = a.rows_per_block;
   const int64_t b0 = block * R;
@@ -493,12 +492,12 @@ RNNFAST_HD void forward_sequence_block(const SequenceForwardArgs<T>& a, int64_t 
   }
 }
 
-// One block's whole backward time loop: the reverse of forward_sequence_block. Processing
+// One block's whole backward time loop: the reverse of the forward one. Processing
 // step q (q = 0 .. T - 1) is time step T - 1 - q (q when reverse); the step before it in time
 // order is processing step q + 1, so both are in the ring.
 template <typename Cell, typename T>
-RNNFAST_HD void backward_sequence_block(const SequenceBackwardArgs<T>& a, int64_t block,
-                                        unsigned char* shared) {
+RNNFAST_HD void sequence_block(const SequenceBackwardArgs<T>& a, int64_t block,
+                               unsigned char* shared) {
   using A = AccType<T>;
   const int64_t B = a.B, H = a.H, P = a.P, G = a.G, W = a.W, R = a.rows_per_block;
   const int64_t b0 = block * R;
@@ -644,18 +643,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   if (index < threads) backward_step_unit<Cell, T>(args, index);
 }
 
-template <typename Cell, typename T>
-__global__ void __launch_bounds__(kMaxSequenceThreads)
-    forward_sequence_kernel(const SequenceForwardArgs<T> args) {
+// Args: SequenceForwardArgs<T> or SequenceBackwardArgs<T>, which picks the direction.
+template <typename Cell, typename T, typename Args>
+__global__ void __launch_bounds__(kMaxSequenceThreads) sequence_kernel(const Args args) {
   extern __shared__ __align__(16) unsigned char shared[];
-  forward_sequence_block<Cell, T>(args, blockIdx.x, shared);
-}
-
-template <typename Cell, typename T>
-__global__ void __launch_bounds__(kMaxSequenceThreads)
-    backward_sequence_kernel(const SequenceBackwardArgs<T> args) {
-  extern __shared__ __align__(16) unsigned char shared[];
-  backward_sequence_block<Cell, T>(args, blockIdx.x, shared);
+  sequence_block<Cell, T>(args, blockIdx.x, shared);
 }
 
 template <typename T>
@@ -704,48 +696,25 @@ void launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) 
 #endif
 }
 
-// One launch of `plan.blocks` blocks for the whole sequence (plan from plan_sequence with the
-// same sizes). Shared memory beyond the default 48 KiB is opted into per launch.
-template <typename Cell, typename T>
-void launch_forward_sequence(const SequenceForwardArgs<T>& args, const SequencePlan& plan,
-                             cudaStream_t stream) {
+// One launch of `plan.blocks` blocks for the whole sequence, forward or backward by the type of
+// `args` (plan from plan_sequence with the same sizes). Shared memory beyond the default 48 KiB
+// is opted into per launch.
+template <typename Cell, typename T, typename Args>
+void launch_sequence(const Args& args, const SequencePlan& plan, cudaStream_t stream) {
   if (plan.blocks <= 0) return;
 #if defined(__CUDACC__)
-  if (cudaFuncSetAttribute(forward_sequence_kernel<Cell, T>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+  const auto kernel = sequence_kernel<Cell, T, Args>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(plan.shared_bytes)) != cudaSuccess) {
     return;  // the error stays as the last error, for the caller's launch check
   }
-  forward_sequence_kernel<Cell, T>
-      <<<static_cast<unsigned int>(plan.blocks), static_cast<unsigned int>(plan.threads),
-         static_cast<size_t>(plan.shared_bytes), stream>>>(args);
+  kernel<<<static_cast<unsigned int>(plan.blocks), static_cast<unsigned int>(plan.threads),
+           static_cast<size_t>(plan.shared_bytes), stream>>>(args);
 #else
   (void)stream;
   std::vector<unsigned char> shared(static_cast<size_t>(plan.shared_bytes));
   for (int64_t block = 0; block < plan.blocks; ++block) {
-    forward_sequence_block<Cell, T>(args, block, shared.data());
-  }
-#endif
-}
-
-template <typename Cell, typename T>
-void launch_backward_sequence(const SequenceBackwardArgs<T>& args, const SequencePlan& plan,
-                              cudaStream_t stream) {
-  if (plan.blocks <= 0) return;
-#if defined(__CUDACC__)
-  if (cudaFuncSetAttribute(backward_sequence_kernel<Cell, T>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(plan.shared_bytes)) != cudaSuccess) {
-    return;  // the error stays as the last error, for the caller's launch check
-  }
-  backward_sequence_kernel<Cell, T>
-      <<<static_cast<unsigned int>(plan.blocks), static_cast<unsigned int>(plan.threads),
-         static_cast<size_t>(plan.shared_bytes), stream>>>(args);
-#else
-  (void)stream;
-  std::vector<unsigned char> shared(static_cast<size_t>(plan.shared_bytes));
-  for (int64_t block = 0; block < plan.blocks; ++block) {
-    backward_sequence_block<Cell, T>(args, block, shared.data());
+    sequence_block<Cell, T>(args, block, shared.data());
   }
 #endif
 }
@@ -794,10 +763,10 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
 #define RNNFAST_CUDA_CELL_LAUNCHERS(PREFIX, Cell, T)                                         \
   PREFIX template void launch_forward_step<Cell, T>(const ForwardStepArgs<T>&, cudaStream_t);   \
   PREFIX template void launch_backward_step<Cell, T>(const BackwardStepArgs<T>&, cudaStream_t); \
-  PREFIX template void launch_forward_sequence<Cell, T>(const SequenceForwardArgs<T>&,          \
-                                                        const SequencePlan&, cudaStream_t);     \
-  PREFIX template void launch_backward_sequence<Cell, T>(const SequenceBackwardArgs<T>&,        \
-                                                         const SequencePlan&, cudaStream_t);
+  PREFIX template void launch_sequence<Cell, T, SequenceForwardArgs<T>>(                       \
+      const SequenceForwardArgs<T>&, const SequencePlan&, cudaStream_t);                        \
+  PREFIX template void launch_sequence<Cell, T, SequenceBackwardArgs<T>>(                      \
+      const SequenceBackwardArgs<T>&, const SequencePlan&, cudaStream_t);
 
 #define RNNFAST_CUDA_TYPE_LAUNCHERS(PREFIX, T)                                                \
   PREFIX template void launch_projection_copy<T>(const ProjectionCopyArgs<T>&, cudaStream_t); \
