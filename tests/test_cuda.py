@@ -28,8 +28,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 
+import op_args  # noqa: E402
 import rnnfast  # noqa: E402
-from rnnfast._ops import GATES  # noqa: E402
+from op_args import VARIANTS, backward_args, differentiable_outputs  # noqa: E402
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -264,46 +265,9 @@ def test_cells_and_inference_on_cuda(cls):
 OP_CELLS = list(CELLS)
 
 
-def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True, lengths=None,
-              reverse=False, dtype=torch.float64, seed=0, requires_grad=True):
-    """Random arguments of rnnfast::forward on CUDA (a list, in schema order)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        t = torch.randn(*shape, generator=generator, dtype=dtype).to(CUDA)
-        return t.requires_grad_(requires_grad)
-
-    gates = GATES[cell] * hidden
-    state = proj if proj else hidden
-    is_lstm = cell.startswith("lstm")
-    return [
-        cell,
-        rand(steps, batch, input_size),
-        rand(batch, state),
-        rand(batch, hidden) if is_lstm else None,
-        rand(gates, input_size),
-        rand(gates, state),
-        rand(gates) if bias else None,
-        rand(gates) if bias else None,
-        rand(proj, hidden) if proj else None,
-        torch.tensor(lengths, dtype=torch.int64, device=CUDA) if lengths is not None else None,
-        reverse,
-        True,
-    ]
-
-
-def differentiable_outputs(*args):
-    output, h_n, c_n, _ = torch.ops.rnnfast.forward(*args)
-    return (output, h_n, c_n) if c_n.numel() else (output, h_n)
-
-
-VARIANTS = {
-    "plain": dict(),
-    "reverse": dict(reverse=True),
-    "nobias": dict(bias=False),
-    "lengths": dict(lengths=[4, 1, 3]),
-    "lengths_reverse": dict(lengths=[2, 4, 0], reverse=True),
-}
+def make_args(cell, **kw):
+    """op_args.make_args on CUDA."""
+    return op_args.make_args(cell, device=CUDA, **kw)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -324,13 +288,13 @@ def test_gradcheck_backward_op_cuda(cell, engine_path):
     """The backward op as a function of the incoming gradients (it is linear in them), with
     the forward's results as constants."""
     args = make_args(cell, seed=3, requires_grad=False, lengths=[4, 2, 3])
-    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
-    _, input, hx, cx, w_ih, w_hh, _, _, w_hr, lengths, reverse, _ = args
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, c_n, workspace = results
+    cx = args[3]
 
     def grads(grad_output, grad_h_n, *grad_c_n):
-        result = torch.ops.rnnfast.backward(
-            cell, grad_output, grad_h_n, grad_c_n[0] if grad_c_n else None, input, hx, cx,
-            w_ih, w_hh, True, w_hr, lengths, reverse, output, workspace, True)
+        result = torch.ops.rnnfast.backward(*backward_args(
+            args, results, grad_output, grad_h_n, grad_c_n[0] if grad_c_n else None))
         return tuple(t for t in result if t.numel())
 
     incoming = [torch.randn_like(output), torch.randn_like(h_n)]
@@ -348,11 +312,9 @@ def test_gradcheck_backward_op_cuda(cell, engine_path):
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-12, atol=1e-12)
     # Only the workspace's shape is shared: its layout is each engine's own.
     assert workspace.shape == cpu_out[3].shape
-    _, input_c, hx_c, cx_c, w_ih_c, w_hh_c, _, _, w_hr_c, lengths_c, _, _ = cpu_args
-    cpu_grads = torch.ops.rnnfast.backward(
-        cell, incoming[0].cpu(), incoming[1].cpu(), incoming[2].cpu() if cx is not None else None,
-        input_c, hx_c, cx_c, w_ih_c, w_hh_c, True, w_hr_c, lengths_c, reverse, cpu_out[0],
-        cpu_out[3], True)
+    cpu_grads = torch.ops.rnnfast.backward(*backward_args(
+        cpu_args, cpu_out, incoming[0].cpu(), incoming[1].cpu(),
+        incoming[2].cpu() if cx is not None else None))
     for ours, theirs in zip(a, [t for t in cpu_grads if t.numel()]):
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-10, atol=1e-12)
 
@@ -377,12 +339,11 @@ def test_opcheck_forward_projection_cuda():
 def test_opcheck_backward_cuda(cell):
     args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
                      lengths=[4, 3, 2], reverse=True)
-    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
-    _, input, hx, cx, w_ih, w_hh, _, _, w_hr, lengths, reverse, _ = args
-    backward_args = (cell, torch.randn_like(output), torch.randn_like(h_n),
-                     torch.randn_like(cx) if cx is not None else None, input, hx, cx, w_ih,
-                     w_hh, True, w_hr, lengths, reverse, output, workspace, True)
-    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args)
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, c_n, _ = results
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args(
+        args, results, torch.randn_like(output), torch.randn_like(h_n),
+        torch.randn_like(c_n) if c_n.numel() else None))
 
 
 # ------------------------------------------------------------------------------------------

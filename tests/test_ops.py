@@ -3,56 +3,15 @@ import pytest
 import torch
 
 import rnnfast
-from rnnfast._ops import GATES
+from op_args import VARIANTS, backward_args, differentiable_outputs, make_args
 
 CELLS = ["lstm", "lstm_relu", "lstm_sigmoid", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"]
 
 
-def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True, lengths=None,
-              reverse=False, dtype=torch.float64, seed=0, requires_grad=True):
-    """Random arguments of rnnfast::forward (as a list, in schema order)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_(requires_grad)
-
-    gates = GATES[cell] * hidden
-    state = proj if proj else hidden
-    is_lstm = cell.startswith("lstm")
-    return [
-        cell,
-        rand(steps, batch, input_size),
-        rand(batch, state),
-        rand(batch, hidden) if is_lstm else None,
-        rand(gates, input_size),
-        rand(gates, state),
-        rand(gates) if bias else None,
-        rand(gates) if bias else None,
-        rand(proj, hidden) if proj else None,
-        torch.tensor(lengths, dtype=torch.int64) if lengths is not None else None,
-        reverse,
-        True,
-    ]
-
-
-def differentiable_outputs(*args):
-    output, h_n, c_n, _ = torch.ops.rnnfast.forward(*args)
-    return (output, h_n, c_n) if c_n.numel() else (output, h_n)
-
-
-VARIANTS = [
-    dict(),
-    dict(reverse=True),
-    dict(bias=False),
-    dict(lengths=[4, 1, 3]),
-    dict(lengths=[2, 4, 0], reverse=True),
-]
-
-
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) or "plain")
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck_forward(cell, variant):
-    args = make_args(cell, seed=hash((cell, str(variant))) % 1000, **variant)
+    args = make_args(cell, seed=hash((cell, variant)) % 1000, **VARIANTS[variant])
     inputs = tuple(args)
     assert torch.autograd.gradcheck(lambda *a: differentiable_outputs(*a), inputs)
 
@@ -69,13 +28,13 @@ def test_backward_op_is_linear_in_incoming_gradients(cell):
     """The backward op maps incoming gradients linearly (the forward's gradcheck above checks
     that map against finite differences; the backward op has no derivative of its own)."""
     args = make_args(cell, seed=3, requires_grad=False, lengths=[4, 2, 3])
-    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
-    _, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths, reverse, _ = args
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, _, _ = results
+    cx = args[3]
 
     def grads(grad_output, grad_h_n, grad_c_n):
         result = torch.ops.rnnfast.backward(
-            cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, b_ih is not None,
-            w_hr, lengths, reverse, output, workspace, True)
+            *backward_args(args, results, grad_output, grad_h_n, grad_c_n))
         return [t for t in result if t.numel()]
 
     one = [torch.randn_like(output), torch.randn_like(h_n),
@@ -107,12 +66,11 @@ def test_opcheck_forward_projection():
 def test_opcheck_backward(cell):
     args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
                      lengths=[4, 3, 2], reverse=True)
-    output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
-    _, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths, reverse, _ = args
-    backward_args = (cell, torch.randn_like(output), torch.randn_like(h_n),
-                     torch.randn_like(cx) if cx is not None else None, input, hx, cx, w_ih,
-                     w_hh, True, w_hr, lengths, reverse, output, workspace, True)
-    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args)
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, c_n, _ = results
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args(
+        args, results, torch.randn_like(output), torch.randn_like(h_n),
+        torch.randn_like(c_n) if c_n.numel() else None))
 
 
 def _module_pair(kind):
