@@ -8,7 +8,8 @@
 * each of those, the gradchecks and the low-precision checks on both of the engine's paths:
   the sequence kernels and the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0);
 * gradcheck (float64, CUDA) of the forward op (whose gradient is the backward op) and of the
-  backward op as a function of the incoming gradients; torch.library.opcheck on CUDA;
+  backward op as a function of the incoming gradients (torch.library.opcheck on CUDA is
+  tests/test_ops.py's, on each device);
 * torch.compile(mode="reduce-overhead") (CUDA graphs), forward and backward, equals eager;
 * float16 / bfloat16: rnnfast's error against a float64 reference is no worse than a small
   multiple of torch.nn's own error in the same dtype;
@@ -259,7 +260,7 @@ def test_cells_and_inference_on_cuda(cls):
 
 
 # ------------------------------------------------------------------------------------------
-# The ops: gradcheck and opcheck on CUDA
+# The ops: gradcheck on CUDA
 # ------------------------------------------------------------------------------------------
 
 OP_CELLS = list(CELLS)
@@ -317,33 +318,6 @@ def test_gradcheck_backward_op_cuda(cell, engine_path):
         incoming[2].cpu() if cx is not None else None))
     for ours, theirs in zip(a, [t for t in cpu_grads if t.numel()]):
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("variant", ["plain", "lengths_reverse", "nobias"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])
-def test_opcheck_forward_cuda(cell, variant):
-    args = make_args(cell, dtype=torch.float32, seed=11, **VARIANTS[variant])
-    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
-    no_grad_args = make_args(cell, dtype=torch.float32, seed=12, requires_grad=False,
-                             **VARIANTS[variant])
-    no_grad_args[-1] = False  # save_workspace=False: the inference path
-    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(no_grad_args))
-
-
-def test_opcheck_forward_projection_cuda():
-    args = make_args("lstm", hidden=4, proj=3, dtype=torch.float32, seed=13)
-    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
-def test_opcheck_backward_cuda(cell):
-    args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
-                     lengths=[4, 3, 2], reverse=True)
-    results = torch.ops.rnnfast.forward(*args)
-    output, h_n, c_n, _ = results
-    torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args(
-        args, results, torch.randn_like(output), torch.randn_like(h_n),
-        torch.randn_like(c_n) if c_n.numel() else None))
 
 
 # ------------------------------------------------------------------------------------------

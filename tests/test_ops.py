@@ -1,4 +1,5 @@
-"""The ops themselves: gradcheck, opcheck, torch.compile, extreme sizes, op-level errors."""
+"""The ops themselves: gradcheck, opcheck (on each device), torch.compile, extreme sizes,
+op-level errors."""
 import pytest
 import torch
 
@@ -49,23 +50,24 @@ def test_backward_op_is_linear_in_incoming_gradients(cell):
 @pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
                                      dict(bias=False)], ids=["plain", "packed", "nobias"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])
-def test_opcheck_forward(cell, variant):
-    args = make_args(cell, dtype=torch.float32, seed=11, **variant)
+def test_opcheck_forward(cell, variant, device):
+    args = make_args(cell, dtype=torch.float32, seed=11, device=device, **variant)
     torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
-    no_grad_args = make_args(cell, dtype=torch.float32, seed=12, requires_grad=False, **variant)
+    no_grad_args = make_args(cell, dtype=torch.float32, seed=12, requires_grad=False,
+                             device=device, **variant)
     no_grad_args[-1] = False  # save_workspace=False: inference path
     torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(no_grad_args))
 
 
-def test_opcheck_forward_projection():
-    args = make_args("lstm", hidden=4, proj=3, dtype=torch.float32, seed=13)
+def test_opcheck_forward_projection(device):
+    args = make_args("lstm", hidden=4, proj=3, dtype=torch.float32, seed=13, device=device)
     torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
-def test_opcheck_backward(cell):
+def test_opcheck_backward(cell, device):
     args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
-                     lengths=[4, 3, 2], reverse=True)
+                     lengths=[4, 3, 2], reverse=True, device=device)
     results = torch.ops.rnnfast.forward(*args)
     output, h_n, c_n, _ = results
     torch.library.opcheck(torch.ops.rnnfast.backward.default, backward_args(
