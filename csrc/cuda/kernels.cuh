@@ -237,16 +237,16 @@ RNNFAST_HD void backward_step_unit(const BackwardStepArgs<T>& a, int64_t index) 
 // rows' running state in shared memory for all T steps; a step is the recurrent product
 // (one thread per output) and then forward_step_unit / backward_step_unit above (one thread per
 // hidden unit), two block barriers apart. The per-step kernels' math and masking are reused
-// as they are: the step arguments point at shared memory for the state and at the device's
-// [T, B, *] tensors for everything else. Only for layers without projection whose W_hh and
+// as they are: the step arguments point at shared memory for the state and the staged inputs,
+// and at the device's [T, B, *] tensors for what the step writes. Only for layers without projection whose W_hh and
 // state fit in one block's shared memory (plan_sequence); otherwise the engine runs the
 // GEMM-per-step loop.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kMaxSequenceThreads = 1024;
 // The inputs of the next kStagedSteps steps (xg; grad_output, output and workspace rows) are
-// copied into a ring of shared memory ahead of their use, without waiting: a step takes far
-// less time than a read from device memory. At least 3: the backward reads two slots per step
+// copied into a ring of shared memory ahead of their use, without waiting, so that no step
+// waits for a read from device memory. At least 3: the backward reads two slots per step
 // (its step and the one before it in time order) while the copy into a third is under way.
 constexpr int kStagedSteps = 4;
 static_assert(kStagedSteps >= 3, "the backward ring needs 3 slots");
