@@ -36,9 +36,11 @@ def relative_sources(pattern):
 
 
 def cpu_vector_flags():
-    """AVX2 + FMA for the CPU engine's SIMD cell math (at::vec::Vectorized) when the building
-    machine has them: a source build runs where it is built. RNNFAST_CPU_VECTOR=0 turns it off
-    (for a build that must run on older x86 CPUs); elsewhere the portable code is used."""
+    """The widest vector instruction set the building machine has, of AVX-512 (F, BW, VL, DQ,
+    as ATen's AVX512 kernels take it) and AVX2 + FMA, for the CPU engine's SIMD code
+    (at::vec::Vectorized): a source build runs where it is built. RNNFAST_CPU_VECTOR=avx2 stops
+    at AVX2, RNNFAST_CPU_VECTOR=0 turns vectors off (for a build that must run on older x86
+    CPUs); elsewhere the portable code is used."""
     if os.environ.get("RNNFAST_CPU_VECTOR", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return []
     try:
@@ -46,8 +48,13 @@ def cpu_vector_flags():
             flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     except OSError:
         return []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= set(flags)
+            and os.environ.get("RNNFAST_CPU_VECTOR") != "avx2"):
+        return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma", "f16c"} <= set(flags):
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
 
 

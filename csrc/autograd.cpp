@@ -9,6 +9,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "layer.h"
+
 namespace rnnfast {
 namespace {
 
@@ -17,7 +19,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
-    c10::string_view cell, const Tensor& input, const Tensor& hx, const std::optional<Tensor>& cx,
+    c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx,
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
     const std::optional<Tensor>& lengths, bool reverse, bool save_workspace) {
@@ -25,8 +28,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::forward", "")
           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-              c10::string_view, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-              const Tensor&, const Tensor&, const std::optional<Tensor>&,
+              c10::string_view, const Tensor&, const std::optional<Tensor>&,
+              const std::optional<Tensor>&, const Tensor&, const Tensor&,
+              const std::optional<Tensor>&,
               const std::optional<Tensor>&, const std::optional<Tensor>&,
               const std::optional<Tensor>&, bool, bool)>();
   return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
@@ -36,8 +40,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
-                             const Tensor& grad_h_n, const std::optional<Tensor>& grad_c_n,
-                             const Tensor& input, const Tensor& hx,
+                             const std::optional<Tensor>& grad_h_n,
+                             const std::optional<Tensor>& grad_c_n, const Tensor& input,
+                             const std::optional<Tensor>& hx,
                              const std::optional<Tensor>& cx, const Tensor& w_ih,
                              const Tensor& w_hh, bool has_bias,
                              const std::optional<Tensor>& w_hr,
@@ -46,8 +51,9 @@ BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::backward", "")
-          .typed<BackwardResult(c10::string_view, const Tensor&, const Tensor&,
-                                const std::optional<Tensor>&, const Tensor&, const Tensor&,
+          .typed<BackwardResult(c10::string_view, const Tensor&, const std::optional<Tensor>&,
+                                const std::optional<Tensor>&, const Tensor&,
+                                const std::optional<Tensor>&,
                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, bool,
                                 const std::optional<Tensor>&, const std::optional<Tensor>&, bool,
                                 const Tensor&, const Tensor&, bool)>();
@@ -65,7 +71,8 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   enum { kCell, kInput, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr, kLengths, kReverse, kSave };
 
   static variable_list forward(AutogradContext* ctx, c10::string_view cell, const Tensor& input,
-                               const Tensor& hx, const std::optional<Tensor>& cx,
+                               const std::optional<Tensor>& hx,
+                               const std::optional<Tensor>& cx,
                                const Tensor& w_ih, const Tensor& w_hh,
                                const std::optional<Tensor>& b_ih,
                                const std::optional<Tensor>& b_hh,
@@ -79,7 +86,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->saved_data["saved_workspace"] = save_workspace;
-    ctx->save_for_backward({input, hx, cx.value_or(Tensor()), w_ih, w_hh,
+    ctx->save_for_backward({input, hx.value_or(Tensor()), cx.value_or(Tensor()), w_ih, w_hh,
                             w_hr.value_or(Tensor()), lengths.value_or(Tensor()), output,
                             workspace});
     ctx->mark_non_differentiable({workspace});
@@ -102,20 +109,21 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                   "supported");
     }
     const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
-    const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(hx);
-    std::optional<Tensor> grad_c_n;
-    if (cx.defined()) grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(cx);
+    // Absent gradients of h_n and c_n are zero: the backward op takes None for them.
     // needs_input_grad counts tensor arguments only: input is the first of them.
     const bool input_grad = ctx->needs_input_grad(0);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::string& cell = ctx->saved_data["cell"].toStringRef();
+    const auto grad_c_n =
+        has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
     auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
-        ctx->saved_data["cell"].toStringRef(), grad_output, grad_h_n, grad_c_n, input, hx,
+        cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
         defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr),
         defined_or_none(lengths), ctx->saved_data["reverse"].toBool(), output, workspace,
         input_grad);
     variable_list result(kSave + 1);
     result[kInput] = input_grad ? g_input : Tensor();
-    result[kHx] = g_hx;
+    result[kHx] = hx.defined() ? g_hx : Tensor();
     result[kCx] = cx.defined() ? g_cx : Tensor();
     result[kWih] = g_w_ih;
     result[kWhh] = g_w_hh;
@@ -127,16 +135,17 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
 };
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
-    c10::string_view cell, const Tensor& input, const Tensor& hx, const std::optional<Tensor>& cx,
-    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths, bool reverse, bool save_workspace) {
+    c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    bool save_workspace) {
   const auto requires_grad = [](const std::optional<Tensor>& t) {
     return t.has_value() && t->defined() && t->requires_grad();
   };
   const bool differentiable =
       torch::autograd::GradMode::is_enabled() &&
-      (input.requires_grad() || hx.requires_grad() || w_ih.requires_grad() ||
+      (input.requires_grad() || requires_grad(hx) || w_ih.requires_grad() ||
        w_hh.requires_grad() || requires_grad(cx) || requires_grad(b_ih) || requires_grad(b_hh) ||
        requires_grad(w_hr));
   if (!differentiable) {
@@ -152,16 +161,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
 
 // The backward op has no derivative of its own: asking for one is an error, not a silent zero.
 BackwardResult backward_autograd(c10::string_view cell, const Tensor& grad_output,
-                                 const Tensor& grad_h_n, const std::optional<Tensor>& grad_c_n,
-                                 const Tensor& input, const Tensor& hx,
+                                 const std::optional<Tensor>& grad_h_n,
+                                 const std::optional<Tensor>& grad_c_n, const Tensor& input,
+                                 const std::optional<Tensor>& hx,
                                  const std::optional<Tensor>& cx, const Tensor& w_ih,
                                  const Tensor& w_hh, bool has_bias,
                                  const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& lengths, bool reverse,
                                  const Tensor& output, const Tensor& workspace, bool input_grad) {
   if (torch::autograd::GradMode::is_enabled()) {
-    for (const Tensor& t : {grad_output, grad_h_n, input, hx, w_ih, w_hh, output}) {
-      TORCH_CHECK(!t.requires_grad(),
+    for (const Tensor& t : {grad_output, grad_h_n.value_or(Tensor()), input,
+                            hx.value_or(Tensor()), w_ih, w_hh, output}) {
+      TORCH_CHECK(!(t.defined() && t.requires_grad()),
                   "rnnfast: double backward (gradients of gradients) is not supported");
     }
   }

@@ -12,7 +12,8 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 }
 
 ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
-                              const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                              const std::optional<at::Tensor>& hx,
+                              const std::optional<at::Tensor>& cx,
                               const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
@@ -29,9 +30,9 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
 }
 
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
-                                const at::Tensor& grad_h_n,
+                                const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
-                                const at::Tensor& input, const at::Tensor& hx,
+                                const at::Tensor& input, const std::optional<at::Tensor>& hx,
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
@@ -41,7 +42,7 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                               lengths);
   check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
   in.input = input.contiguous();
-  in.hx = hx.contiguous();
+  in.hx = contiguous_or_undefined(hx);
   in.cx = contiguous_or_undefined(cx);
   in.w_ih = w_ih.contiguous();
   in.w_hh = w_hh.contiguous();
@@ -54,29 +55,42 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
 }
 
 ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
-                                const at::Tensor& hx, const std::optional<at::Tensor>& cx,
-                                bool save_workspace) {
+                                const std::optional<at::Tensor>& hx,
+                                const std::optional<at::Tensor>& cx, bool save_workspace) {
   const auto options = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   ForwardState state;
   state.output = at::empty({s.steps, s.batch, s.state_size}, options);
-  state.h = hx.contiguous().clone();
-  state.c = cx.has_value() ? cx->to(acc_type).contiguous().clone()
-                           : at::empty({0}, options.dtype(acc_type));
+  state.h = s.has_initial_state ? hx->contiguous().clone()
+                                : at::zeros({s.batch, s.state_size}, options);
+  if (!has_cell_state(s.kind)) {
+    state.c = at::empty({0}, options.dtype(acc_type));
+  } else if (s.has_initial_state) {
+    state.c = cx->to(acc_type).contiguous().clone();
+  } else {
+    state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+  }
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   state.workspace = save_workspace ? at::empty({s.steps, s.batch, cols}, options)
                                    : at::empty({0}, options);
   return state;
 }
 
+at::Tensor final_cell_state(const LayerSizes& s, const ForwardState& state,
+                            const at::Tensor& input) {
+  return has_cell_state(s.kind) ? state.c.to(input.scalar_type())
+                                : at::empty({0}, input.options());
+}
+
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
-                                  const at::Tensor& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n, bool has_cx) {
+                                  const std::optional<at::Tensor>& grad_h_n,
+                                  const std::optional<at::Tensor>& grad_c_n) {
   const auto options = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   BackwardState state;
-  state.dh = grad_h_n.contiguous().clone();
-  if (has_cx) {
+  state.dh = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
+                                  : at::zeros({s.batch, s.state_size}, options);
+  if (has_cell_state(s.kind)) {
     state.dc = grad_c_n.has_value() ? grad_c_n->to(acc_type).contiguous().clone()
                                     : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
@@ -120,7 +134,8 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   } else {
     grad_w_hh = at::zeros({G, P}, options);
   }
-  if (T_ > 0) {
+  // The first steps' term dgate_h^T hx (nothing to add from zero initial states).
+  if (T_ > 0 && hx.defined()) {
     Tensor first_dgate;
     if (!reverse) {
       first_dgate = dgate_h[0];
@@ -141,8 +156,9 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
     const Tensor h_unprojected = workspace.view({T_ * B, cols}).narrow(1, cols - H, H);
     grad_w_hr = at::mm(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
   }
+  Tensor grad_hx = hx.defined() ? state.dh : at::empty({0}, options);
   Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);
-  return {grad_input, state.dh, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};
 }
 
 }  // namespace rnnfast

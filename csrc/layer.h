@@ -13,6 +13,11 @@ namespace rnnfast {
 
 CellKind cell_from_name(const std::string& name);
 
+// Whether the cell keeps a cell state c beside h (LSTM).
+inline bool has_cell_state(CellKind kind) {
+  return dispatch_cell(kind, [](auto cell) { return decltype(cell)::kHasCellState; });
+}
+
 // Values saved per time step and batch row for the backward (the workspace's last dim).
 int64_t workspace_width(CellKind kind, int64_t hidden_size, bool has_projection);
 
@@ -26,14 +31,17 @@ struct LayerSizes {
   int64_t gate_size;    // G = gates * H
   bool has_projection;
   bool has_lengths;
+  bool has_initial_state;  // hx (and cx) given; without them the states start at zero
 };
 
 // Checks the forward op's arguments (ranks, sizes, dtypes, devices, lengths) and returns the
 // sizes; every error names the argument, what was expected and what came.
 //   input [T, B, I], hx [B, P], cx [B, H] (LSTM only), w_ih [G, I], w_hh [G, P],
 //   b_ih [G], b_hh [G], w_hr [P, H] (LSTM with projection only), lengths [B] int64.
+//   hx and cx are both given or both None (zero initial states).
 LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
-                            const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                            const std::optional<at::Tensor>& hx,
+                            const std::optional<at::Tensor>& cx,
                             const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const std::optional<at::Tensor>& b_ih,
                             const std::optional<at::Tensor>& b_hh,
@@ -42,7 +50,7 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
 
 // Checks the backward op's extra arguments against the sizes of the forward.
 void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
-                         const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                         const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
                          const at::Tensor& workspace);
 
@@ -61,7 +69,8 @@ struct ForwardInputs {
 };
 
 ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
-                              const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                              const std::optional<at::Tensor>& hx,
+                              const std::optional<at::Tensor>& cx,
                               const at::Tensor& w_ih, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
@@ -69,16 +78,17 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& lengths);
 
 // The backward op's tensor arguments, checked (check_layer_args, check_backward_args) and made
-// contiguous, the same on every device.
+// contiguous, the same on every device. hx and cx are undefined where the forward started
+// from zero states.
 struct BackwardInputs {
   LayerSizes sizes;
   at::Tensor input, hx, cx, w_ih, w_hh, w_hr, lengths, grad_output, output, workspace;
 };
 
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
-                                const at::Tensor& grad_h_n,
+                                const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
-                                const at::Tensor& input, const at::Tensor& hx,
+                                const at::Tensor& input, const std::optional<at::Tensor>& hx,
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
@@ -87,18 +97,21 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
 // The results of a forward pass, allocated before the time loop (the same on every device).
 struct ForwardState {
   at::Tensor output;     // [T, B, P]
-  at::Tensor h;          // [B, P]  the running hidden state (starts as a copy of hx)
-  at::Tensor c;          // [B, H]  LSTM's cell state in the accumulation type, else empty
+  at::Tensor h;          // [B, P]  the running hidden state (starts as a copy of hx, or 0)
+  at::Tensor c;          // [B, H]  LSTM's cell state in the accumulation type (starts as cx,
+                         //         or 0), else empty
   at::Tensor workspace;  // [T, B, W] when saving for the backward, else empty
 };
 
 ForwardState make_forward_state(const LayerSizes& sizes, const at::Tensor& input,
-                                const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                                const std::optional<at::Tensor>& hx,
+                                const std::optional<at::Tensor>& cx,
                                 bool save_workspace);
 
 // The running state and gate-gradient buffers of a backward pass, the same on every device.
 struct BackwardState {
-  at::Tensor dh;          // [B, P]  dLoss/dh of the step being processed (starts at grad_h_n)
+  at::Tensor dh;          // [B, P]  dLoss/dh of the step being processed (starts at grad_h_n
+                          //         or 0)
   at::Tensor dc;          // [B, H]  dLoss/dc in the accumulation type (LSTM), else undefined
   at::Tensor dgate_x;     // [T, B, G]  dLoss/dxg per step
   at::Tensor dgate_h;     // [T, B, G]  dLoss/dhg per step (an alias of dgate_x unless the cell
@@ -108,11 +121,16 @@ struct BackwardState {
 };
 
 BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
-                                  const at::Tensor& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n, bool has_cx);
+                                  const std::optional<at::Tensor>& grad_h_n,
+                                  const std::optional<at::Tensor>& grad_c_n);
+
+// The final c of a forward pass in the input's dtype (LSTM), else an empty tensor.
+at::Tensor final_cell_state(const LayerSizes& sizes, const ForwardState& state,
+                            const at::Tensor& input);
 
 // After the reverse loop: the gradients of the input, the weights and the biases as single
-// GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results.
+// GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results (those of
+// hx and cx empty where the forward started from zero states). hx, cx: undefined then.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 finish_backward(const LayerSizes& sizes, BackwardState& state, const at::Tensor& input,

@@ -2,8 +2,10 @@
 //
 // One op pair runs ONE layer in ONE direction over a whole (padded, time-major) sequence:
 //   rnnfast::forward   input [T, B, I] -> output [T, B, P], h_n [B, P], c_n [B, H] (LSTM),
-//                      workspace [T, B, W] (what the backward needs; empty unless asked for)
-//   rnnfast::backward  the gradients of all of forward's tensor inputs.
+//                      workspace [T, B, W] (what the backward needs; empty unless asked for);
+//                      hx = cx = None starts from zero states (and skips work on them)
+//   rnnfast::backward  the gradients of all of forward's tensor inputs (grad_h_n, grad_c_n:
+//                      None for zero).
 // Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -46,10 +48,6 @@ int gates_of(CellKind kind) {
   return dispatch_cell(kind, [](auto cell) { return decltype(cell)::kGates; });
 }
 
-bool has_cell_state(CellKind kind) {
-  return dispatch_cell(kind, [](auto cell) { return decltype(cell)::kHasCellState; });
-}
-
 std::string shape_of(const at::Tensor& t) {
   std::ostringstream out;
   out << t.sizes();
@@ -79,7 +77,8 @@ int64_t workspace_width(CellKind kind, int64_t hidden_size, bool has_projection)
 }
 
 LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
-                            const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+                            const std::optional<at::Tensor>& hx,
+                            const std::optional<at::Tensor>& cx,
                             const at::Tensor& w_ih, const at::Tensor& w_hh,
                             const std::optional<at::Tensor>& b_ih,
                             const std::optional<at::Tensor>& b_hh,
@@ -129,13 +128,21 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
     check_shape(*b_hh, "b_hh", {s.gate_size}, "gates * hidden_size");
     check_like_input(*b_hh, "b_hh", input);
   }
-  check_shape(hx, "hx", {s.batch, s.state_size}, "batch, state_size");
-  check_like_input(hx, "hx", input);
+  s.has_initial_state = hx.has_value() && hx->defined();
+  if (s.has_initial_state) {
+    check_shape(*hx, "hx", {s.batch, s.state_size}, "batch, state_size");
+    check_like_input(*hx, "hx", input);
+  }
   if (has_cell_state(s.kind)) {
-    TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '", cell,
-                "'");
-    check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
-    check_like_input(*cx, "cx", input);
+    if (s.has_initial_state) {
+      TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '",
+                  cell, "' when hx is given");
+      check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
+      check_like_input(*cx, "cx", input);
+    } else {
+      TORCH_CHECK(!cx.has_value(), "rnnfast: cx must be None when hx is None (both initial "
+                  "states zero), got a cx of shape ", shape_of(*cx));
+    }
   } else {
     TORCH_CHECK(!cx.has_value(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
   }
@@ -158,13 +165,16 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
 }
 
 void check_backward_args(const LayerSizes& s, const at::Tensor& input,
-                         const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                         const at::Tensor& grad_output,
+                         const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
                          const at::Tensor& workspace) {
   check_shape(grad_output, "grad_output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
   check_like_input(grad_output, "grad_output", input);
-  check_shape(grad_h_n, "grad_h_n", {s.batch, s.state_size}, "B, state_size");
-  check_like_input(grad_h_n, "grad_h_n", input);
+  if (grad_h_n.has_value()) {
+    check_shape(*grad_h_n, "grad_h_n", {s.batch, s.state_size}, "B, state_size");
+    check_like_input(*grad_h_n, "grad_h_n", input);
+  }
   if (grad_c_n.has_value()) {
     TORCH_CHECK(has_cell_state(s.kind), "rnnfast: grad_c_n is only for LSTM cells");
     check_shape(*grad_c_n, "grad_c_n", {s.batch, s.hidden_size}, "B, hidden_size");
@@ -180,12 +190,12 @@ void check_backward_args(const LayerSizes& s, const at::Tensor& input,
 
 TORCH_LIBRARY(rnnfast, m) {
   m.def(
-      "forward(str cell, Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
+      "forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
       "bool save_workspace) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
-      "backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor input, "
-      "Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
+      "backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
       "Tensor? lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");

@@ -65,10 +65,10 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
                   save_workspace):
     steps, batch, _ = input.shape
     hidden = w_ih.shape[0] // GATES[cell]
-    state = hx.shape[1]
+    state = w_hh.shape[1]
     output = input.new_empty(steps, batch, state)
     h_n = input.new_empty(batch, state)
-    c_n = input.new_empty(batch, hidden) if cx is not None else input.new_empty(0)
+    c_n = input.new_empty(batch, hidden) if GATES[cell] == 4 else input.new_empty(0)
     if save_workspace:
         workspace = input.new_empty(steps, batch, workspace_width(cell, hidden, w_hr is not None))
     else:
@@ -82,7 +82,7 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w
     # An absent gradient is an empty tensor of its own (outputs must not alias).
     return (
         torch.empty_like(input) if input_grad else input.new_empty(0),
-        torch.empty_like(hx),
+        torch.empty_like(hx) if hx is not None else input.new_empty(0),
         torch.empty_like(cx) if cx is not None else input.new_empty(0),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),

@@ -13,7 +13,8 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
           reverse=False):
     """One layer in one direction.
 
-    input [T, B, I]; hx [B, P]; cx [B, H] (LSTM cells) or None; w_ih [G, I]; w_hh [G, P];
+    input [T, B, I]; hx [B, P] and cx [B, H] (LSTM cells), or both None for zero initial
+    states (which lets the engine skip work on them); w_ih [G, I]; w_hh [G, P];
     b_ih, b_hh [G] or None; w_hr [P, H] (LSTM projection) or None; lengths [B] int64 on the
     input's device or None (row b runs steps 0 .. lengths[b] - 1; later outputs are zero).
     Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
@@ -29,12 +30,13 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
             training=False, lengths=None):
     """num_layers layers of `cell`, each in one or two directions, dropout between layers.
 
-    input [T, B, I]; hx [L * D, B, P]; cx [L * D, B, H] or None;
+    input [T, B, I]; hx [L * D, B, P] and cx [L * D, B, H] (LSTM), or None for zero states;
     weights: for each layer and direction (in torch.nn's order: l0, l0_reverse, l1, ...) a
     tuple (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
     Returns output [T, B, D * P], h_n [L * D, B, P], c_n [L * D, B, H] or None.
     """
     directions = 2 if bidirectional else 1
+    has_cell_state = _ops.GATES[cell] == 4
     h_n, c_n = [], []
     x = input
     for index in range(num_layers):
@@ -42,8 +44,9 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
         for direction in range(directions):
             k = index * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            out, h, c = layer(cell, x, hx[k], cx[k] if cx is not None else None, w_ih, w_hh,
-                              b_ih, b_hh, w_hr, lengths, reverse=direction == 1)
+            out, h, c = layer(cell, x, hx[k] if hx is not None else None,
+                              cx[k] if cx is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
+                              lengths, reverse=direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -51,5 +54,5 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
         if dropout > 0 and training and index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     if len(h_n) == 1:  # one layer, one direction: a view instead of a copy
-        return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if cx is not None else None)
-    return x, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)
+        return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if has_cell_state else None)
+    return x, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)

@@ -185,7 +185,7 @@ class _RecurrentBase(nn.Module):
         _check_matches(name, "input", sequence, weight, "the module's parameters")
         batch = sequence.size(1)
 
-        h0 = c0 = None
+        h0 = c0 = None  # None: zero initial states, which the engines need not read
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -219,10 +219,6 @@ class _RecurrentBase(nn.Module):
             if packed and input.sorted_indices is not None:
                 h0 = h0.index_select(1, input.sorted_indices)
                 c0 = c0.index_select(1, input.sorted_indices) if c0 is not None else None
-        else:
-            h0 = sequence.new_zeros(self.num_layers * directions, batch, state_size)
-            if is_lstm:
-                c0 = sequence.new_zeros(self.num_layers * directions, batch, self.hidden_size)
 
         if packed:
             lengths = lengths_cpu.to(sequence.device)
@@ -394,15 +390,11 @@ class _CellBase(nn.Module):
             if state is not None:
                 self._check(input, state, argument, batched)
         x = input if batched else input.unsqueeze(0)
-        if h is None:
-            h = x.new_zeros(x.size(0), self.hidden_size)
-        elif not batched:
+        # No state given: None for both (zero initial states).
+        if h is not None and not batched:
             h = h.unsqueeze(0)
-        if is_lstm:
-            if c is None:
-                c = x.new_zeros(x.size(0), self.hidden_size)
-            elif not batched:
-                c = c.unsqueeze(0)
+        if c is not None and not batched:
+            c = c.unsqueeze(0)
         output, h_new, c_new = functional.layer(
             self.cell, x.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
             self.bias_hh)

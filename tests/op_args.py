@@ -11,12 +11,16 @@ VARIANTS = {
     "nobias": dict(bias=False),
     "lengths": dict(lengths=[4, 1, 3]),
     "lengths_reverse": dict(lengths=[2, 4, 0], reverse=True),
+    "zero_state": dict(initial_state=False),
+    "zero_state_lengths_reverse": dict(initial_state=False, lengths=[2, 4, 1], reverse=True),
 }
 
 
 def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True, lengths=None,
-              reverse=False, dtype=torch.float64, seed=0, requires_grad=True, device="cpu"):
-    """Random arguments of rnnfast::forward on `device` (a list, in schema order)."""
+              reverse=False, dtype=torch.float64, seed=0, requires_grad=True, device="cpu",
+              initial_state=True):
+    """Random arguments of rnnfast::forward on `device` (a list, in schema order);
+    initial_state=False passes hx = cx = None (zero initial states)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -29,8 +33,8 @@ def make_args(cell, steps=4, batch=3, input_size=2, hidden=3, proj=0, bias=True,
     return [
         cell,
         rand(steps, batch, input_size),
-        rand(batch, state),
-        rand(batch, hidden) if is_lstm else None,
+        rand(batch, state) if initial_state else None,
+        rand(batch, hidden) if is_lstm and initial_state else None,
         rand(gates, input_size),
         rand(gates, state),
         rand(gates) if bias else None,

@@ -159,6 +159,8 @@ EMULATION_VARIANTS = {
     "one_step": dict(steps=1),
     "empty_batch": dict(batch=0),
     "inference": dict(save=False, lengths=[5, 2, 3, 4]),
+    "zero_state": dict(initial_state=False),
+    "zero_state_lengths_reverse": dict(initial_state=False, lengths=[2, 5, 1, 4], reverse=True),
 }
 EMULATION_DTYPES = ["float64", "float32", "float16", "bfloat16"]
 # ||emulated - cpu||_inf / ||cpu||_inf per dtype (the engines differ only in the order of GEMM
@@ -193,7 +195,8 @@ def _emulation_run(cell, variant, dtype_name, seed, in_float64=False):
         rounded_rand = rand
         rand = lambda *shape: rounded_rand(*shape).double()  # noqa: E731
     steps, batch, _ = args[1].shape
-    state, hidden, lstm = args[2].shape[1], args[4].shape[0] // EMULATION_GATES[cell], args[3] is not None
+    state, hidden = args[5].shape[1], args[4].shape[0] // EMULATION_GATES[cell]
+    lstm = cell.startswith("lstm")
     output, h_n, c_n, workspace = torch.ops.rnnfast.forward(*args)
     result = dict(output=output, h_n=h_n, c_n=c_n, workspace=workspace)
     if variant.get("save", True):
@@ -224,8 +227,10 @@ def _emulation_args(cell, variant, dtype_name, seed):
         return (0.8 * torch.randn(*shape, generator=generator)).to(dtype)
 
     lengths = variant.get("lengths")
-    args = [cell, rand(steps, batch, input_size), rand(batch, state),
-            rand(batch, hidden) if lstm else None, rand(gates, input_size), rand(gates, state),
+    initial_state = variant.get("initial_state", True)
+    args = [cell, rand(steps, batch, input_size), rand(batch, state) if initial_state else None,
+            rand(batch, hidden) if lstm and initial_state else None, rand(gates, input_size),
+            rand(gates, state),
             rand(gates) if variant.get("bias", True) else None,
             rand(gates) if variant.get("bias", True) else None,
             rand(state, hidden) if proj else None,

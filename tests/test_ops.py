@@ -157,6 +157,36 @@ def test_long_sequence(cls):
         assert (p.grad - q.grad).abs().max() <= 1e-10 * scale
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(lengths=[4, 0, 2], reverse=True)],
+                         ids=["plain", "lengths_reverse"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_zero_initial_state_is_zero_hx(cell, variant):
+    """hx = cx = None runs as zero initial states: the same results and gradients as explicit
+    zeros, and no gradient for the states that were not given."""
+    args = make_args(cell, seed=21, **variant)
+    zero_args = list(args)
+    zero_args[2] = torch.zeros_like(args[2]).requires_grad_()
+    if args[3] is not None:
+        zero_args[3] = torch.zeros_like(args[3]).requires_grad_()
+    none_args = list(args)
+    none_args[2] = none_args[3] = None
+    expected = differentiable_outputs(*zero_args)
+    actual = differentiable_outputs(*none_args)
+    weights = [torch.randn_like(t) for t in expected]
+    parameters = [args[1], args[4], args[5], args[6], args[7]]
+    expected_grads = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, expected)), parameters)
+    actual_grads = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, actual)), parameters)
+    for a, b in zip(actual + actual_grads, expected + expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in none_args]
+    results = torch.ops.rnnfast.forward(*detached)
+    grads = torch.ops.rnnfast.backward(*backward_args(
+        detached, results, torch.randn_like(results[0]), None, None))
+    assert grads[1].numel() == 0 and grads[2].numel() == 0
+
+
 def test_inference_does_not_save_workspace():
     args = make_args("lstm", requires_grad=False)
     args[-1] = False
@@ -186,6 +216,7 @@ def test_double_backward_is_refused():
     (lambda a: a.__setitem__(2, a[2][:1]), "hx must have shape"),
     (lambda a: a.__setitem__(3, a[3][:, :1]), "cx must have shape"),
     (lambda a: a.__setitem__(3, None), "cx .* is required"),
+    (lambda a: a.__setitem__(2, None), "cx must be None when hx is None"),
     (lambda a: a.__setitem__(4, a[4].float()), "w_ih must have the dtype of input"),
     (lambda a: a.__setitem__(5, a[5][:, :1]), "w_hh must have shape"),
     (lambda a: a.__setitem__(6, None), "b_ih and b_hh"),
@@ -194,8 +225,9 @@ def test_double_backward_is_refused():
     (lambda a: a.__setitem__(9, torch.tensor([4, -1, 1])), "lengths must lie"),
     (lambda a: a.__setitem__(9, torch.tensor([4, 2])), "lengths must have shape"),
     (lambda a: a.__setitem__(9, torch.tensor([4.0, 2.0, 1.0])), "lengths must be int64"),
-], ids=["cell", "rank", "input_size", "hx", "cx", "cx-missing", "dtype", "w_hh", "bias",
-        "w_hr", "lengths-range", "lengths-negative", "lengths-size", "lengths-dtype"])
+], ids=["cell", "rank", "input_size", "hx", "cx", "cx-missing", "cx-without-hx", "dtype",
+        "w_hh", "bias", "w_hr", "lengths-range", "lengths-negative", "lengths-size",
+        "lengths-dtype"])
 def test_op_argument_errors(change, match):
     args = make_args("lstm", requires_grad=False)
     change(args)

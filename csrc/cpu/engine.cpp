@@ -104,7 +104,8 @@ Tensor unpack_gates(const Tensor& packed, int64_t gates) {
 }
 
 template <typename Cell, typename T>
-void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
+void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
+                 int64_t xg_row_stride,
                  const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr, Tensor& h_state,
                  Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
@@ -135,7 +136,9 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
     const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
     for (const auto step : c10::irange(v.T_)) {
       const int64_t t = v.step_time(step);
-      recurrent.run(h_data + b_begin * P, rows, hg_data + b_begin * G);
+      // Every row active at the first step starts there; from zero states hg is b_hh alone.
+      const bool from_zero = zero_initial_state && step == 0;
+      recurrent.run(from_zero ? nullptr : h_data + b_begin * P, rows, hg_data + b_begin * G);
       for (int64_t b = b_begin; b < b_end; ++b) {
         const int64_t row = t * B + b;
         T* out_row = out_data + row * P;
@@ -181,7 +184,7 @@ void run_forward(const LayerView<T>& v, const Tensor& xg, int64_t xg_row_stride,
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
-    c10::string_view cell, const Tensor& input_, const Tensor& hx_,
+    c10::string_view cell, const Tensor& input_, const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
@@ -230,14 +233,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       }
       // Row stride of xg: the gate-packed view's single row per step spans B * G.
       const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
-      run_forward<Cell, scalar_t>(v, step_gates, xg_row_stride, w_hh, b_hh, w_hr,
-                                  h_state, c_state, output, workspace);
+      run_forward<Cell, scalar_t>(v, !s.has_initial_state, step_gates, xg_row_stride, w_hh,
+                                  b_hh, w_hr, h_state, c_state, output, workspace);
     });
   });
-  Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
-  return {output, h_state, c_n, workspace};
+  return {output, h_state, final_cell_state(s, state, input), workspace};
 }
 
+// hx, cx: undefined where the forward started from zero states.
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
                   const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr,
@@ -257,8 +260,13 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows);
 
   const T* go_data = grad_output.data_ptr<T>();
-  const T* hx_data = hx.data_ptr<T>();
-  const T* cx_data = Cell::kHasCellState ? cx.data_ptr<T>() : nullptr;
+  // Zero initial states read as a zero row.
+  const bool zero_initial_state = !hx.defined();
+  Tensor zero_row = zero_initial_state ? at::zeros({std::max(P, H)}, grad_output.options())
+                                       : Tensor();
+  const T* hx_data = zero_initial_state ? nullptr : hx.data_ptr<T>();
+  const T* cx_data = Cell::kHasCellState && !zero_initial_state ? cx.data_ptr<T>() : nullptr;
+  const T* zero_data = zero_initial_state ? zero_row.data_ptr<T>() : nullptr;
   const T* out_data = output.data_ptr<T>();
   const T* ws_data = W > 0 ? workspace.data_ptr<T>() : nullptr;
   T* dh_data = dh_state.data_ptr<T>();
@@ -304,11 +312,13 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         const int64_t prev_row = v.previous_time(t) * B + b;
         const T* go_row = go_data + row * P;
         const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
-        const T* h_prev_row = first ? hx_data + b * P : out_data + prev_row * P;
+        const T* h_prev_row = !first ? out_data + prev_row * P
+                              : zero_initial_state ? zero_data : hx_data + b * P;
         // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
         const T* c_prev_row = nullptr;
         if (Cell::kHasCellState) {
-          c_prev_row = first ? cx_data + b * H : ws_data + prev_row * W + 4 * H;
+          c_prev_row = !first ? ws_data + prev_row * W + 4 * H
+                       : zero_initial_state ? zero_data : cx_data + b * H;
         }
         if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
         A* dc_row = dc_data ? dc_data + b * H : nullptr;
@@ -328,7 +338,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
           if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
         });
       }
-      // dh_prev = dh_direct + dgate_h[t] W_hh
+      // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
+      // the gradient of hx alone, not needed without one.
+      if (zero_initial_state && step == 0) continue;
       const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
       recurrent_back.run_accumulate(dgate_step + b_begin * G, rows, dhd_data + b_begin * P,
                                     dh_data + b_begin * P);
@@ -337,8 +349,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
-    c10::string_view cell, const Tensor& grad_output_, const Tensor& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const Tensor& hx_,
+    c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
+    const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
@@ -350,7 +363,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_, cx.defined());
+  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),

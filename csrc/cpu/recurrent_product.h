@@ -36,7 +36,7 @@ class RecurrentProduct {
     matrix_ = use_loop_ ? matrix.contiguous() : matrix;
   }
 
-  // out[B, N] = in[B, K] M^T (+ bias)
+  // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
   void run(const T* in, int64_t batch, T* out) const {
     compute(in, batch, bias_.defined() ? bias_.template data_ptr<T>() : nullptr, 0, out);
   }
@@ -51,6 +51,10 @@ class RecurrentProduct {
   void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
                T* out) const {
     using A = at::opmath_type<T>;
+    if (in == nullptr) {
+      compute_from_zero(batch, addend, addend_stride, out);
+      return;
+    }
     const T* m = use_loop_ ? matrix_.template data_ptr<T>() : nullptr;
     if (packed_ == Packed::Output) {
       // out[n / Hp][b][n % Hp] (gate-packed), in: plain rows.
@@ -109,6 +113,20 @@ class RecurrentProduct {
               ? at::from_blob(const_cast<T*>(addend), {n_}, options)
               : at::from_blob(const_cast<T*>(addend), {batch, n_}, options);
       at::addmm_out(out_t, addend_t, in_t, matrix_.t());
+    }
+  }
+
+  // out = addend (rows of it, or the one bias row), or 0: the product of a zero input.
+  void compute_from_zero(int64_t batch, const T* addend, int64_t addend_stride, T* out) const {
+    const int64_t Hp = packed_hidden_;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t n = 0; n < n_; ++n) {
+        const T value = addend ? addend[b * addend_stride + n] : T(0);
+        // Gate-packed output: column n of row b lives at [n / Hp][b][n % Hp].
+        const int64_t at = packed_ == Packed::Output ? (n / Hp) * batch * Hp + b * Hp + n % Hp
+                                                     : b * n_ + n;
+        out[at] = value;
+      }
     }
   }
 

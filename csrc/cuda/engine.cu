@@ -236,7 +236,7 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
-    c10::string_view cell, const Tensor& input_, const Tensor& hx_,
+    c10::string_view cell, const Tensor& input_, const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
@@ -274,8 +274,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
                                   h_state, c_state, output, workspace);
     });
   });
-  Tensor c_n = cx_.has_value() ? c_state.to(input.scalar_type()) : at::empty({0}, input.options());
-  return {output, h_state, c_n, workspace};
+  return {output, h_state, final_cell_state(s, state, input), workspace};
 }
 
 template <typename Cell, typename scalar_t>
@@ -372,8 +371,9 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
-    c10::string_view cell, const Tensor& grad_output_, const Tensor& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const Tensor& hx_,
+    c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
+    const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
@@ -388,14 +388,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_, cx.defined());
+  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_);
+  // The kernels read the initial states; zero ones are materialised for them.
+  const auto options = input.options();
+  const Tensor hx_or_zero = hx.defined() ? hx : at::zeros({s.batch, s.state_size}, options);
+  const Tensor cx_or_zero = cx.defined() || !has_cell_state(s.kind)
+                                ? cx : at::zeros({s.batch, s.hidden_size}, options);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cuda", [&] {
-      run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx, cx, w_hh,
-                                   w_hr, output, workspace, state.dh, state.dc, state.dgate_x,
-                                   state.dgate_h, state.dprojected);
+      run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx_or_zero,
+                                   cx_or_zero, w_hh, w_hr, output, workspace, state.dh,
+                                   state.dc, state.dgate_x, state.dgate_h, state.dprojected);
     });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
@@ -409,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 // gradients reach float32 parameters in float32. The backward op needs no rule: it receives
 // the forward's dtype.
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autocast(
-    c10::string_view cell, const Tensor& input, const Tensor& hx,
+    c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
