@@ -104,37 +104,63 @@ BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
   return state;
 }
 
+namespace {
+
+void aten_matmul(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+void aten_column_sum(at::Tensor& out, const at::Tensor& x) { at::sum_out(out, x, 0); }
+
+}  // namespace
+
+const GradientKernels kAtenGradientKernels{&aten_matmul, &aten_column_sum};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& input,
                 const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                 const at::Tensor& output, const at::Tensor& workspace,
-                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad) {
+                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad,
+                const GradientKernels& kernels) {
   using at::Tensor;
   const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
   const auto options = input.options();
+  const auto mm = [&](const Tensor& a, const Tensor& b) {
+    Tensor out = at::empty({a.size(0), b.size(1)}, options);
+    kernels.matmul(out, a, b, /*accumulate=*/false);
+    return out;
+  };
+  const auto column_sum = [&](const Tensor& x) {
+    Tensor out = at::empty({x.size(1)}, options);
+    kernels.column_sum(out, x);
+    return out;
+  };
   const Tensor& dgate_h = state.dgate_h;
   const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
   const Tensor dgh2d = dgate_h.view({T_ * B, G});
-  Tensor grad_input = input_grad ? at::mm(dgx2d, w_ih).view({T_, B, s.input_size})
+  Tensor grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
                                  : at::empty({0}, options);
-  Tensor grad_w_ih = at::mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
-  Tensor grad_b_ih = has_bias ? dgx2d.sum(0) : at::empty({0}, options);
-  Tensor grad_b_hh = has_bias ? (state.separate_hidden_gate_grad ? dgh2d.sum(0) : grad_b_ih.clone())
+  Tensor grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  Tensor grad_b_ih = has_bias ? column_sum(dgx2d) : at::empty({0}, options);
+  Tensor grad_b_hh = has_bias ? (state.separate_hidden_gate_grad ? column_sum(dgh2d)
+                                                                 : grad_b_ih.clone())
                               : at::empty({0}, options);
 
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
   // (zero where that step was inactive, matching a zero gate gradient), except at each row's
-  // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps.
+  // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps
+  // (none from zero initial states).
   Tensor grad_w_hh;
   if (T_ > 1) {
     const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
     const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
-    grad_w_hh = at::mm(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
-  } else {
-    grad_w_hh = at::zeros({G, P}, options);
+    grad_w_hh = mm(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
   }
-  // The first steps' term dgate_h^T hx (nothing to add from zero initial states).
   if (T_ > 0 && hx.defined()) {
     Tensor first_dgate;
     if (!reverse) {
@@ -147,14 +173,19 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
       first_dgate = dgh2d.index_select(0, first_rows);
       first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
     }
-    grad_w_hh.addmm_(first_dgate.t(), hx);
+    if (grad_w_hh.defined()) {
+      kernels.matmul(grad_w_hh, first_dgate.t(), hx, /*accumulate=*/true);
+    } else {
+      grad_w_hh = mm(first_dgate.t(), hx);
+    }
   }
+  if (!grad_w_hh.defined()) grad_w_hh = at::zeros({G, P}, options);
   Tensor grad_w_hr = at::empty({0}, options);
   if (s.has_projection) {
     // The unprojected h of every step is the workspace's last H columns.
     const int64_t cols = workspace.size(2);
     const Tensor h_unprojected = workspace.view({T_ * B, cols}).narrow(1, cols - H, H);
-    grad_w_hr = at::mm(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
+    grad_w_hr = mm(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
   }
   Tensor grad_hx = hx.defined() ? state.dh : at::empty({0}, options);
   Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);

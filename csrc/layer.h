@@ -128,6 +128,18 @@ BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& inp
 at::Tensor final_cell_state(const LayerSizes& sizes, const ForwardState& state,
                             const at::Tensor& input);
 
+// The matrix products and column sums of finish_backward, as an engine does them.
+struct GradientKernels {
+  // out[m, n] = a[m, k] b[k, n] (+ out where accumulate); a, b: 2-D views with unit stride in
+  // one dimension; out: contiguous.
+  void (*matmul)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+  // out[n] = the sum over the rows of x[rows, n] (x contiguous).
+  void (*column_sum)(at::Tensor& out, const at::Tensor& x);
+};
+
+// ATen's operations: for any device.
+extern const GradientKernels kAtenGradientKernels;
+
 // After the reverse loop: the gradients of the input, the weights and the biases as single
 // GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results (those of
 // hx and cx empty where the forward started from zero states). hx, cx: undefined then.
@@ -136,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 finish_backward(const LayerSizes& sizes, BackwardState& state, const at::Tensor& input,
                 const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                 const at::Tensor& output, const at::Tensor& workspace,
-                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad);
+                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad,
+                const GradientKernels& kernels);
 
 }  // namespace rnnfast

@@ -17,8 +17,10 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "../layer.h"
+#include "blas.h"
 #include "recurrent_product.h"
 #include "vector_math.h"
 
@@ -218,14 +220,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       } else {
         xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
       }
-      const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
       // b_hh is added by the recurrent product of each step (where it costs nothing extra)
       // rather than folded into xg, which would allocate b_ih + b_hh on every call.
+      const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
+      scalar_t* xg_data = xg.data_ptr<scalar_t>();
       if (b_ih_.has_value()) {
-        at::addmm_out(xg, *b_ih_, x2d, w_ih.t());
-      } else {
-        at::mm_out(xg, x2d, w_ih.t());
+        const scalar_t* bias = b_ih_->contiguous().data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(bias, bias + s.gate_size, xg_data + r * xg_stride);
+        }
       }
+      gemm<scalar_t>(rows, s.gate_size, s.input_size,
+                     {input.data_ptr<scalar_t>(), s.input_size, false},
+                     {w_ih.data_ptr<scalar_t>(), s.input_size, true},
+                     scalar_t(b_ih_.has_value() ? 1 : 0), xg_data, xg_stride);
       const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
       Tensor step_gates = xg;
       if (packs_gates) {
@@ -348,6 +356,44 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   });
 }
 
+// A 2-D view with unit stride in one dimension as a GEMM operand. Only a dimension of size
+// above one has a meaningful stride; BLAS wants ld >= the row width.
+template <typename T>
+MatrixRef<T> matrix_ref(const Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (cols == 1 || x.stride(1) == 1) {
+    return {x.data_ptr<T>(), rows > 1 ? x.stride(0) : cols, false};
+  }
+  TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1, "rnnfast: a GEMM operand needs a unit stride");
+  return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
+}
+
+void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rnnfast_matmul",
+                                  [&] {
+    gemm<scalar_t>(out.size(0), out.size(1), a.size(1), matrix_ref<scalar_t>(a),
+                   matrix_ref<scalar_t>(b), scalar_t(accumulate ? 1 : 0),
+                   out.data_ptr<scalar_t>(), out.size(1));
+  });
+}
+
+void cpu_column_sum(Tensor& out, const Tensor& x) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
+                                  "rnnfast_column_sum", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const int64_t rows = x.size(0), cols = x.size(1);
+    std::vector<A> sum(cols, A(0));
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = data + r * cols;
+      for (int64_t c = 0; c < cols; ++c) sum[c] += A(row[c]);
+    }
+    std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
+  });
+}
+
+const GradientKernels kCpuGradientKernels{&cpu_matmul, &cpu_column_sum};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
@@ -380,7 +426,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
-                         has_bias, input_grad);
+                         has_bias, input_grad, kCpuGradientKernels);
 }
 
 }  // namespace

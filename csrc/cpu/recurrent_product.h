@@ -12,6 +12,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include "blas.h"
+
 namespace rnnfast {
 
 template <typename T>
@@ -34,6 +36,19 @@ class RecurrentProduct {
     // so the copy is made only for the loop, where M is small.
     use_loop_ = packed != Packed::None || rows * n_ * k_ <= kLoopLimit;
     matrix_ = use_loop_ ? matrix.contiguous() : matrix;
+    // M^T [K, N] as a GEMM operand. M [N, K] with contiguous rows is read transposed; M as a
+    // transposed view (contiguous columns) is the row-major matrix M^T itself; anything else is
+    // copied first. A leading dimension is only read across rows, so a single row takes its
+    // width as one (BLAS insists on ld >= the row width).
+    if (n_ > 1 && k_ > 1 && matrix_.stride(1) != 1 && matrix_.stride(0) != 1) {
+      matrix_ = matrix_.contiguous();
+    }
+    const T* data = matrix_.template data_ptr<T>();
+    if (k_ == 1 || matrix_.stride(1) == 1) {
+      matrix_transposed_ = {data, n_ > 1 ? matrix_.stride(0) : k_, true};
+    } else {
+      matrix_transposed_ = {data, k_ > 1 ? matrix_.stride(1) : n_, false};
+    }
   }
 
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
@@ -102,18 +117,14 @@ class RecurrentProduct {
       }
       return;
     }
-    const auto options = matrix_.options();
-    const at::Tensor in_t = at::from_blob(const_cast<T*>(in), {batch, k_}, options);
-    at::Tensor out_t = at::from_blob(out, {batch, n_}, options);
-    if (addend == nullptr) {
-      at::mm_out(out_t, in_t, matrix_.t());
-    } else {
-      const at::Tensor addend_t =
-          addend_stride == 0
-              ? at::from_blob(const_cast<T*>(addend), {n_}, options)
-              : at::from_blob(const_cast<T*>(addend), {batch, n_}, options);
-      at::addmm_out(out_t, addend_t, in_t, matrix_.t());
+    // The addend rows first, then out += in M^T.
+    if (addend != nullptr) {
+      for (int64_t b = 0; b < batch; ++b) {
+        std::copy(addend + b * addend_stride, addend + b * addend_stride + n_, out + b * n_);
+      }
     }
+    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, T(addend != nullptr ? 1 : 0),
+            out, n_);
   }
 
   // out = addend (rows of it, or the one bias row), or 0: the product of a zero input.
@@ -134,6 +145,7 @@ class RecurrentProduct {
   static constexpr int64_t kLoopLimit = 4096;
 
   at::Tensor matrix_, bias_;
+  MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   bool use_loop_ = false;
   Packed packed_;
   int64_t packed_hidden_;

@@ -404,7 +404,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
-                         has_bias, input_grad);
+                         has_bias, input_grad, kAtenGradientKernels);
 }
 
 // Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or

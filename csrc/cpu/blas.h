@@ -1,0 +1,81 @@
+// Matrix products of the CPU engine without the dispatcher: the BLAS that torch was built with,
+// called directly.
+//
+// An ATen call (at::mm, at::addmm) costs several microseconds of dispatch, checks and tensor
+// bookkeeping before the BLAS runs, which is more than the whole product at the sizes recurrent
+// layers often have. torch's own CPU builds carry MKL and export its Fortran entry points
+// (sgemm_, dgemm_); they are declared weak here, so a torch without them still loads the
+// extension and its products go through ATen instead.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <climits>
+#include <type_traits>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace rnnfast {
+
+// A row-major matrix operand: `data` with leading dimension `ld` (elements between rows), read
+// transposed when `transposed`.
+template <typename T>
+struct MatrixRef {
+  const T* data;
+  int64_t ld;
+  bool transposed;
+};
+
+// C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
+// Inside a parallel region the BLAS runs on the calling thread only.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta, T* c,
+          int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const bool fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && a.ld < INT_MAX &&
+                        b.ld < INT_MAX && ldc < INT_MAX;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    const auto blas = std::is_same_v<T, float> ? reinterpret_cast<const void*>(&sgemm_)
+                                               : reinterpret_cast<const void*>(&dgemm_);
+    if (blas != nullptr && fits_int && k > 0) {
+      // Column-major BLAS: C^T[n, m] = B^T[n, k] A^T[k, m].
+      const int mi = int(m), ni = int(n), ki = int(k), lda = int(a.ld), ldb = int(b.ld);
+      const int ldci = int(ldc);
+      const char ta = a.transposed ? 'T' : 'N', tb = b.transposed ? 'T' : 'N';
+      const T one = T(1);
+      if constexpr (std::is_same_v<T, float>) {
+        sgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);
+      } else {
+        dgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);
+      }
+      return;
+    }
+  }
+  // ATen on views of the same memory (other dtypes, or a torch without these BLAS symbols).
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto view = [&](MatrixRef<T> x, int64_t rows, int64_t cols) {
+    // op(X)[rows, cols]: stored [rows, cols] with row stride ld, or [cols, rows] transposed.
+    return x.transposed
+               ? at::from_blob(const_cast<T*>(x.data), {cols, rows}, {x.ld, 1}, options).t()
+               : at::from_blob(const_cast<T*>(x.data), {rows, cols}, {x.ld, 1}, options);
+  };
+  at::Tensor c_t = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (k == 0) {
+    if (beta == T(0)) c_t.zero_();
+    return;
+  }
+  if (beta == T(0)) {
+    at::mm_out(c_t, view(a, m, k), view(b, k, n));
+  } else {
+    c_t.addmm_(view(a, m, k), view(b, k, n));
+  }
+}
+
+}  // namespace rnnfast
