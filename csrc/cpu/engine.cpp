@@ -119,10 +119,11 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // hg = h W_hh^T + b_hh
-  const Product recurrent(w_hh, b_hh, v.product_rows,
+  const Product recurrent(w_hh, b_hh, v.product_rows, v.T_,
                           v.gate_packed ? Product::Packed::Output : Product::Packed::None,
                           v.unit_hidden);
-  const Product projection(w_hr, Tensor(), v.product_rows);  // h = h_unprojected W_hr^T
+  // h = h_unprojected W_hr^T
+  const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
 
   const T* xg_data = xg.data_ptr<T>();
   T* hg_data = hg.data_ptr<T>();
@@ -261,11 +262,12 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
-  const Product recurrent_back(w_hh.t(), Tensor(), v.product_rows,
+  const Product recurrent_back(w_hh.t(), Tensor(), v.product_rows, v.T_,
                                v.gate_packed ? Product::Packed::Input : Product::Packed::None,
                                v.unit_hidden);
   // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
-  const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows);
+  const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows,
+                                v.T_);
 
   const T* go_data = grad_output.data_ptr<T>();
   // Zero initial states read as a zero row.

@@ -1,8 +1,10 @@
 // The per-step matrix product of the CPU engine: out[B, N] = in[B, K] M[N, K]^T (+ bias[N]).
 //
 // Inside the time loop the product is small (the batch times one weight matrix), so the fixed
-// cost of a library GEMM call dominates at small sizes; there a plain loop over the rows of M
-// runs without any call or allocation. Larger products go to ATen's GEMM.
+// cost of a library GEMM call dominates at small sizes. There, for float and double, a
+// register-tiled kernel (tiled_product.h) runs on a copy of M^T made once per layer call; the
+// tiniest products (and other dtypes) run as a plain loop over the rows of M. Larger products,
+// and calls of too few steps to repay the copy, go to the BLAS.
 //
 // Gate-packed layout (small hidden sizes, see engine.cpp): the gate side of the product (the
 // output in the forward, the input in the backward) may be stored as [gates][B][H] instead of
@@ -13,6 +15,7 @@
 #include <ATen/OpMathType.h>
 
 #include "blas.h"
+#include "tiled_product.h"
 
 namespace rnnfast {
 
@@ -22,10 +25,10 @@ class RecurrentProduct {
   enum class Packed { None, Output, Input };
 
   // matrix: [N, K], any strides (or undefined: the product is never run); bias: [N] or
-  // undefined; rows: the batch the product runs on. packed: which side is gate-packed with
-  // `packed_hidden` units per gate (None: plain rows).
+  // undefined; rows: the batch the product runs on; steps: how many times it runs. packed:
+  // which side is gate-packed with `packed_hidden` units per gate (None: plain rows).
   RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows,
-                   Packed packed = Packed::None, int64_t packed_hidden = 0)
+                   int64_t steps, Packed packed = Packed::None, int64_t packed_hidden = 0)
       : bias_(bias.defined() ? bias.contiguous() : bias),
         packed_(packed),
         packed_hidden_(packed_hidden) {
@@ -34,6 +37,12 @@ class RecurrentProduct {
     k_ = matrix.size(1);
     // The loop reads rows of M; ATen's GEMM takes M as it comes (a transposed view included),
     // so the copy is made only for the loop, where M is small.
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      if (packed == Packed::None && n_ * k_ <= kTiledLimit && steps >= kTiledMinSteps) {
+        tiled_ = TiledWeights<T>(matrix);
+        return;
+      }
+    }
     use_loop_ = packed != Packed::None || rows * n_ * k_ <= kLoopLimit;
     matrix_ = use_loop_ ? matrix.contiguous() : matrix;
     // M^T [K, N] as a GEMM operand. M [N, K] with contiguous rows is read transposed; M as a
@@ -68,6 +77,10 @@ class RecurrentProduct {
     using A = at::opmath_type<T>;
     if (in == nullptr) {
       compute_from_zero(batch, addend, addend_stride, out);
+      return;
+    }
+    if (tiled_.n() > 0) {
+      tiled_product(in, batch, tiled_, addend, addend_stride, out);
       return;
     }
     const T* m = use_loop_ ? matrix_.template data_ptr<T>() : nullptr;
@@ -143,8 +156,13 @@ class RecurrentProduct {
 
   // Products up to this many multiply-adds run as a plain loop.
   static constexpr int64_t kLoopLimit = 4096;
+  // The tiled kernel takes matrices up to this many elements (M^T stays in the L2 cache), in
+  // calls of at least this many steps (fewer do not repay the copy of M^T).
+  static constexpr int64_t kTiledLimit = 1 << 16;
+  static constexpr int64_t kTiledMinSteps = 3;
 
   at::Tensor matrix_, bias_;
+  TiledWeights<T> tiled_;  // M^T for the tiled kernel, when it runs the product
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   bool use_loop_ = false;
   Packed packed_;

@@ -1,0 +1,136 @@
+// A register-tiled matrix product for the per-step recurrent products of the CPU engine:
+//   out[B, N] = addend[B, N] + in[B, K] Wt[K, N]
+// with Wt held in a padded row-major copy (TiledWeights), made once per layer call.
+//
+// Inside the time loop these products are small (a few rows times one weight matrix that stays
+// in cache), where a BLAS call costs more in setup than in arithmetic. Here a tile of kRows rows
+// by kVectors SIMD vectors of columns stays in registers for the whole k loop: per k, kVectors
+// loads of Wt, kRows broadcasts of `in` and kRows * kVectors fused multiply-adds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace rnnfast {
+
+// Wt [K, N] row-major with each row padded to a whole number of SIMD vectors (zeros beyond N),
+// so the k loop reads whole vectors only.
+template <typename T>
+class TiledWeights {
+ public:
+  static constexpr int kLanes = at::vec::Vectorized<T>::size();
+
+  TiledWeights() = default;
+
+  // From M [N, K] (any strides): Wt = M^T.
+  explicit TiledWeights(const at::Tensor& matrix)
+      : n_(matrix.size(0)), k_(matrix.size(1)), padded_n_((n_ + kLanes - 1) / kLanes * kLanes) {
+    storage_ = at::zeros({k_, padded_n_}, matrix.options());
+    storage_.narrow(1, 0, n_).copy_(matrix.t());
+  }
+
+  int64_t n() const { return n_; }
+  int64_t k() const { return k_; }
+  int64_t padded_n() const { return padded_n_; }
+  const T* data() const { return storage_.template data_ptr<T>(); }
+
+ private:
+  int64_t n_ = 0, k_ = 0, padded_n_ = 0;
+  at::Tensor storage_;
+};
+
+namespace tiled {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Rows per tile; vectors of columns per tile (what the vector registers hold: 16 of them for
+// AVX2, 32 for AVX-512, a few left for Wt and the broadcasts).
+constexpr int kRows = 4;  // tiled_product's tail switch covers 1 .. kRows - 1 rows
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectors = 4;
+#else
+constexpr int kVectors = 2;
+#endif
+
+// One tile: `Rows` rows from b0, `Vectors` vectors of columns from n0; `last_lanes` lanes of the
+// last vector are real columns (the rest is padding, not stored).
+template <typename T, int Rows, int Vectors>
+inline void tile(const T* in, int64_t k_count, const TiledWeights<T>& w, const T* addend,
+                 int64_t addend_stride, T* out, int64_t out_stride, int64_t n0, int last_lanes) {
+  using V = Vec<T>;
+  constexpr int L = V::size();
+  V acc[Rows][Vectors];
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < Vectors; ++c) {
+      const int lanes = c == Vectors - 1 ? last_lanes : L;
+      acc[r][c] = addend ? V::loadu(addend + r * addend_stride + n0 + c * L, lanes) : V(T(0));
+    }
+  }
+  const T* w_col = w.data() + n0;
+  const int64_t ldw = w.padded_n();
+  for (int64_t k = 0; k < k_count; ++k) {
+    V w_vec[Vectors];
+    for (int c = 0; c < Vectors; ++c) w_vec[c] = V::loadu(w_col + k * ldw + c * L);
+    for (int r = 0; r < Rows; ++r) {
+      const V x(in[r * k_count + k]);
+      for (int c = 0; c < Vectors; ++c) acc[r][c] = at::vec::fmadd(x, w_vec[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < Vectors; ++c) {
+      const int lanes = c == Vectors - 1 ? last_lanes : L;
+      acc[r][c].store(out + r * out_stride + n0 + c * L, lanes);
+    }
+  }
+}
+
+// The tiles of `Rows` rows from b0 across all columns.
+template <typename T, int Rows>
+inline void row_block(const T* in, const TiledWeights<T>& w, const T* addend,
+                      int64_t addend_stride, T* out) {
+  constexpr int L = Vec<T>::size();
+  const int64_t N = w.n(), K = w.k();
+  int64_t n0 = 0;
+  for (; n0 + kVectors * L <= N; n0 += kVectors * L) {
+    tile<T, Rows, kVectors>(in, K, w, addend, addend_stride, out, N, n0, L);
+  }
+  // The remaining columns: up to kVectors - 1 whole vectors and a partial one.
+  const int64_t left = N - n0;
+  if (left == 0) return;
+  const int vectors = int((left + L - 1) / L);
+  const int last = int(left - (vectors - 1) * L);
+  switch (vectors) {
+    case 1: tile<T, Rows, 1>(in, K, w, addend, addend_stride, out, N, n0, last); break;
+    case 2: tile<T, Rows, 2>(in, K, w, addend, addend_stride, out, N, n0, last); break;
+    case 3: tile<T, Rows, 3>(in, K, w, addend, addend_stride, out, N, n0, last); break;
+    default: tile<T, Rows, 4>(in, K, w, addend, addend_stride, out, N, n0, last); break;
+  }
+}
+
+}  // namespace tiled
+
+// out[B, N] = addend[B, N] (row stride addend_stride, 0: one row for all; nullptr: zeros)
+//             + in[B, K] Wt[K, N]; in and out are plain rows.
+template <typename T>
+void tiled_product(const T* in, int64_t batch, const TiledWeights<T>& w, const T* addend,
+                   int64_t addend_stride, T* out) {
+  using tiled::kRows;
+  const int64_t N = w.n(), K = w.k();
+  int64_t b0 = 0;
+  const auto addend_at = [&](int64_t b) { return addend ? addend + b * addend_stride : nullptr; };
+  for (; b0 + kRows <= batch; b0 += kRows) {
+    tiled::row_block<T, kRows>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N);
+  }
+  switch (batch - b0) {
+    case 0: break;
+    case 1: tiled::row_block<T, 1>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
+    case 2: tiled::row_block<T, 2>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
+    default: tiled::row_block<T, 3>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
+  }
+}
+
+}  // namespace rnnfast
