@@ -110,7 +110,11 @@ WITH_CUDA = bool(
 
 def extension():
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"] + cpu_vector_flags()
+    # -fopenmp: at::parallel_for is a header template whose threads are an OpenMP pragma; built
+    # without it, the CPU engine's parallel loops would run on one thread. The OpenMP runtime
+    # linked is the libgomp.so.1 torch itself loads.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + cpu_vector_flags()
+    link_flags = ["-fopenmp"]
     if WITH_CUDA:
         # sm_80 and sm_90 unless the user names architectures.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -121,8 +125,10 @@ def extension():
                 "cxx": cxx_flags + ["-DRNNFAST_WITH_CUDA"],
                 "nvcc": ["-O3", "-std=c++17", "-DRNNFAST_WITH_CUDA"],
             },
+            extra_link_args=link_flags,
         )
-    return CppExtension("rnnfast._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("rnnfast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 class BuildWithSourceHash(BuildExtension.with_options(use_ninja=True)):
