@@ -20,6 +20,14 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS enums as ints): a matrix packed once is reused by every step's
+// product without being repacked.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                         int ldc) __attribute__((weak));
 }
 
 namespace rnnfast {
@@ -77,5 +85,47 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
     c_t.addmm_(view(a, m, k), view(b, k, n));
   }
 }
+
+// The B operand of C[m, n] = A[m, k] B[k, n] + beta * C packed once for MKL's packed GEMM, for
+// products that run many times with the same B and the same m (the steps of a layer). Empty
+// (usable() false) where the BLAS has no packed GEMM or the sizes do not fit its ints.
+class PackedOperand {
+ public:
+  PackedOperand() = default;
+
+  PackedOperand(MatrixRef<float> b, int64_t m, int64_t n, int64_t k) {
+    if (&cblas_sgemm_pack == nullptr || &cblas_sgemm_compute == nullptr ||
+        &cblas_sgemm_pack_get_size == nullptr || m <= 0 || n <= 0 || k <= 0 ||
+        m >= INT_MAX || n >= INT_MAX || k >= INT_MAX || b.ld >= INT_MAX) {
+      return;
+    }
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
+    storage_ = at::empty({int64_t(bytes + sizeof(float) - 1) / int64_t(sizeof(float))},
+                         at::TensorOptions().dtype(at::kFloat));
+    cblas_sgemm_pack(kRowMajor, kBMatrix, b.transposed ? kTrans : kNoTrans, int(m), int(n),
+                     int(k), 1.0f, b.data, int(b.ld), storage_.data_ptr<float>());
+    m_ = m;
+    n_ = n;
+    k_ = k;
+  }
+
+  bool usable() const { return storage_.defined(); }
+  int64_t elements() const { return storage_.defined() ? storage_.numel() : 0; }
+  int64_t m() const { return m_; }
+
+  // C[m, n] = A[m, k] B + beta * C, A row-major with leading dimension lda.
+  void multiply(const float* a, int64_t lda, float beta, float* c, int64_t ldc) const {
+    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(lda),
+                        storage_.data_ptr<float>(), int(n_), beta, c, int(ldc));
+  }
+
+ private:
+  // CBLAS_LAYOUT, CBLAS_TRANSPOSE, CBLAS_IDENTIFIER and MKL's CblasPacked.
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151;
+  static constexpr int kBMatrix = 162;
+
+  at::Tensor storage_;
+  int64_t m_ = 0, n_ = 0, k_ = 0;
+};
 
 }  // namespace rnnfast

@@ -30,13 +30,20 @@ namespace {
 using at::Tensor;
 
 // Batch rows never interact in a layer, so each thread runs the whole sequence for its share
-// of the rows: one parallel region per call, no barrier per step. Below this many multiply-adds
-// of recurrent products over the sequence a call stays on one thread (a region costs more).
+// of the rows: one parallel region per call, no barrier per step. That pays where the recurrent
+// product stays in cache (the tiled kernel or the plain loop) and the call has enough work:
+// below this many multiply-adds of recurrent products over the sequence a call stays on one
+// thread (a region costs more). Products that go to the BLAS are threaded by the BLAS instead,
+// each thread on its share of the weights.
 constexpr int64_t kParallelMinWork = 1 << 18;
 
 // at::parallel_for's grain: 1 splits the rows over the threads, `rows` keeps them together.
-int64_t row_grain(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size) {
-  return rows * steps * gate_size * state_size >= kParallelMinWork ? 1 : std::max<int64_t>(rows, 1);
+template <typename T>
+int64_t row_grain(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size,
+                  const RecurrentProduct<T>& product) {
+  const bool split = !product.uses_blas() &&
+                     rows * steps * gate_size * state_size >= kParallelMinWork;
+  return split ? 1 : std::max<int64_t>(rows, 1);
 }
 
 // Sizes of one call as the pointwise loops see them, shared by the forward and backward.
@@ -119,9 +126,11 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // hg = h W_hh^T + b_hh
+  // The forward may use MKL's packed copy of W_hh: its memory is gone before the backward,
+  // whose gate-gradient buffers make the peak of a training step.
   const Product recurrent(w_hh, b_hh, v.product_rows, v.T_,
                           v.gate_packed ? Product::Packed::Output : Product::Packed::None,
-                          v.unit_hidden);
+                          v.unit_hidden, /*may_pack=*/true);
   // h = h_unprojected W_hr^T
   const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
 
@@ -135,7 +144,8 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
 
   // The gate-packed view is one row holding all batch rows: its products run on all of them.
-  at::parallel_for(0, B, row_grain(B, v.T_, G, P), [&](int64_t b_begin, int64_t b_end) {
+  const int64_t grain = row_grain(B, v.T_, G, P, recurrent);
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
     const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
     for (const auto step : c10::irange(v.T_)) {
       const int64_t t = v.step_time(step);
@@ -287,7 +297,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
 
-  at::parallel_for(0, B, row_grain(B, v.T_, G, P), [&](int64_t b_begin, int64_t b_end) {
+  const int64_t grain = row_grain(B, v.T_, G, P, recurrent_back);
+  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
     const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
     for (int64_t step = v.T_ - 1; step >= 0; --step) {
       const int64_t t = v.step_time(step);

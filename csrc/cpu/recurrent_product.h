@@ -27,8 +27,10 @@ class RecurrentProduct {
   // matrix: [N, K], any strides (or undefined: the product is never run); bias: [N] or
   // undefined; rows: the batch the product runs on; steps: how many times it runs. packed:
   // which side is gate-packed with `packed_hidden` units per gate (None: plain rows).
+  // may_pack: a product in the BLAS may use MKL's packed GEMM (more memory, faster steps).
   RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows,
-                   int64_t steps, Packed packed = Packed::None, int64_t packed_hidden = 0)
+                   int64_t steps, Packed packed = Packed::None, int64_t packed_hidden = 0,
+                   bool may_pack = false)
       : bias_(bias.defined() ? bias.contiguous() : bias),
         packed_(packed),
         packed_hidden_(packed_hidden) {
@@ -58,7 +60,19 @@ class RecurrentProduct {
     } else {
       matrix_transposed_ = {data, k_ > 1 ? matrix_.stride(1) : n_, false};
     }
+    if constexpr (std::is_same_v<T, float>) {
+      // MKL's packed copy of M^T is several times its size: it is made only for a batch of
+      // rows (a single row runs as a matrix-vector product anyway) and only where it is at
+      // most twice the products' outputs over all steps, so it never dominates a call.
+      if (may_pack && !use_loop_ && steps > 1 && rows >= kPackMinRows) {
+        PackedOperand packed(matrix_transposed_, rows, n_, k_);
+        if (packed.elements() <= 2 * rows * steps * n_) packed_operand_ = std::move(packed);
+      }
+    }
   }
+
+  // Whether the product runs in the BLAS (large matrices), not in this file's own loops.
+  bool uses_blas() const { return n_ > 0 && tiled_.n() == 0 && !use_loop_; }
 
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
   void run(const T* in, int64_t batch, T* out) const {
@@ -136,8 +150,14 @@ class RecurrentProduct {
         std::copy(addend + b * addend_stride, addend + b * addend_stride + n_, out + b * n_);
       }
     }
-    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, T(addend != nullptr ? 1 : 0),
-            out, n_);
+    const T beta = T(addend != nullptr ? 1 : 0);
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_operand_.usable() && packed_operand_.m() == batch) {
+        packed_operand_.multiply(in, k_, beta, out, n_);
+        return;
+      }
+    }
+    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, n_);
   }
 
   // out = addend (rows of it, or the one bias row), or 0: the product of a zero input.
@@ -160,10 +180,12 @@ class RecurrentProduct {
   // calls of at least this many steps (fewer do not repay the copy of M^T).
   static constexpr int64_t kTiledLimit = 1 << 16;
   static constexpr int64_t kTiledMinSteps = 3;
+  static constexpr int64_t kPackMinRows = 4;
 
   at::Tensor matrix_, bias_;
   TiledWeights<T> tiled_;  // M^T for the tiled kernel, when it runs the product
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
+  PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
   bool use_loop_ = false;
   Packed packed_;
   int64_t packed_hidden_;
