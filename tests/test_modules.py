@@ -868,6 +868,17 @@ def test_larger_sizes(rf, device, spec, H, layout, dtype):
                 bias=True, layout=layout, hx_given=True, sizes=sizes)
 
 
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_large_weights_over_many_steps(rf, device, spec, hx_given):
+    """Recurrent weights too large for the CPU engine's tiled kernel (over 64K elements), a
+    batch and enough steps for the forward to multiply by MKL's packed copy of W_hh, and the
+    backward's products in the BLAS."""
+    sizes = dict(T=100, B=8, I=20, H=160, P=80 if spec.proj else 0)
+    check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=False,
+                batch_first=True, bias=True, layout="batched", hx_given=hx_given, sizes=sizes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [8, 17, 64])
 @pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
