@@ -93,15 +93,17 @@ class PackedOperand {
  public:
   PackedOperand() = default;
 
-  PackedOperand(MatrixRef<float> b, int64_t m, int64_t n, int64_t k) {
+  // Packs B unless the packed copy would take more than max_elements floats.
+  PackedOperand(MatrixRef<float> b, int64_t m, int64_t n, int64_t k, int64_t max_elements) {
     if (&cblas_sgemm_pack == nullptr || &cblas_sgemm_compute == nullptr ||
         &cblas_sgemm_pack_get_size == nullptr || m <= 0 || n <= 0 || k <= 0 ||
         m >= INT_MAX || n >= INT_MAX || k >= INT_MAX || b.ld >= INT_MAX) {
       return;
     }
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
-    storage_ = at::empty({int64_t(bytes + sizeof(float) - 1) / int64_t(sizeof(float))},
-                         at::TensorOptions().dtype(at::kFloat));
+    const int64_t elements = int64_t((bytes + sizeof(float) - 1) / sizeof(float));
+    if (elements > max_elements) return;
+    storage_ = at::empty({elements}, at::TensorOptions().dtype(at::kFloat));
     cblas_sgemm_pack(kRowMajor, kBMatrix, b.transposed ? kTrans : kNoTrans, int(m), int(n),
                      int(k), 1.0f, b.data, int(b.ld), storage_.data_ptr<float>());
     m_ = m;
@@ -110,7 +112,6 @@ class PackedOperand {
   }
 
   bool usable() const { return storage_.defined(); }
-  int64_t elements() const { return storage_.defined() ? storage_.numel() : 0; }
   int64_t m() const { return m_; }
 
   // C[m, n] = A[m, k] B + beta * C, A row-major with leading dimension lda.

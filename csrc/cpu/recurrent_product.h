@@ -65,8 +65,7 @@ class RecurrentProduct {
       // rows (a single row runs as a matrix-vector product anyway) and only where it is at
       // most twice the products' outputs over all steps, so it never dominates a call.
       if (may_pack && !use_loop_ && steps > 1 && rows >= kPackMinRows) {
-        PackedOperand packed(matrix_transposed_, rows, n_, k_);
-        if (packed.elements() <= 2 * rows * steps * n_) packed_operand_ = std::move(packed);
+        packed_operand_ = PackedOperand(matrix_transposed_, rows, n_, k_, 2 * rows * steps * n_);
       }
     }
   }
