@@ -2,7 +2,8 @@
 // run of units that csrc/cells.h needs to evaluate a cell on a whole vector of hidden units.
 //
 // at::vec::Vectorized uses the widest instruction set the extension was compiled for (setup.py
-// enables AVX2 + FMA where the building machine has them) and SLEEF's exp / tanh (1 ulp).
+// enables AVX-512, or AVX2 + FMA, where the building machine has them) and SLEEF's exp / tanh
+// (1 ulp).
 #pragma once
 
 #include <ATen/OpMathType.h>
