@@ -114,9 +114,9 @@ Tensor unpack_gates(const Tensor& packed, int64_t gates) {
 
 template <typename Cell, typename T>
 void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
-                 int64_t xg_row_stride,
-                 const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr, Tensor& h_state,
-                 Tensor& c_state, Tensor& output, Tensor& workspace) {
+                 int64_t xg_row_stride, const Tensor& w_hh, const Tensor& b_hh,
+                 const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
+                 Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
@@ -377,7 +377,8 @@ MatrixRef<T> matrix_ref(const Tensor& x) {
   if (cols == 1 || x.stride(1) == 1) {
     return {x.data_ptr<T>(), rows > 1 ? x.stride(0) : cols, false};
   }
-  TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1, "rnnfast: a GEMM operand needs a unit stride");
+  TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1,
+                        "rnnfast: a GEMM operand needs a unit stride");
   return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
 }
 
