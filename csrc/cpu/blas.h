@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 
@@ -40,6 +41,19 @@ struct MatrixRef {
   int64_t ld;
   bool transposed;
 };
+
+// A 2-D view with unit stride in one dimension as a GEMM operand. Only a dimension of size
+// above one has a meaningful stride; BLAS wants ld >= the row width.
+template <typename T>
+MatrixRef<T> matrix_ref(const at::Tensor& x) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (cols == 1 || x.stride(1) == 1) {
+    return {x.data_ptr<T>(), rows > 1 ? x.stride(0) : cols, false};
+  }
+  TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1,
+                        "rnnfast: a GEMM operand needs a unit stride");
+  return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
+}
 
 // C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
 // Inside a parallel region the BLAS runs on the calling thread only.
@@ -84,6 +98,18 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
   } else {
     c_t.addmm_(view(a, m, k), view(b, k, n));
   }
+}
+
+// The rows of C[m, n] set to those of `addend` (row stride addend_stride, 0: one row for all;
+// nullptr: none), so that a GEMM with beta = 1 adds the product to them. Returns that beta.
+template <typename T>
+T copy_addend_rows(int64_t m, int64_t n, const T* addend, int64_t addend_stride, T* c,
+                   int64_t ldc) {
+  if (addend == nullptr) return T(0);
+  for (int64_t r = 0; r < m; ++r) {
+    std::copy(addend + r * addend_stride, addend + r * addend_stride + n, c + r * ldc);
+  }
+  return T(1);
 }
 
 // The B operand of C[m, n] = A[m, k] B[k, n] + beta * C packed once for MKL's packed GEMM, for

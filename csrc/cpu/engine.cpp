@@ -235,16 +235,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       // rather than folded into xg, which would allocate b_ih + b_hh on every call.
       const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
       scalar_t* xg_data = xg.data_ptr<scalar_t>();
-      if (b_ih_.has_value()) {
-        const scalar_t* bias = b_ih_->contiguous().data_ptr<scalar_t>();
-        for (int64_t r = 0; r < rows; ++r) {
-          std::copy(bias, bias + s.gate_size, xg_data + r * xg_stride);
-        }
-      }
+      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
+      const scalar_t beta = copy_addend_rows<scalar_t>(
+          rows, s.gate_size, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr, 0, xg_data,
+          xg_stride);
       gemm<scalar_t>(rows, s.gate_size, s.input_size,
                      {input.data_ptr<scalar_t>(), s.input_size, false},
-                     {w_ih.data_ptr<scalar_t>(), s.input_size, true},
-                     scalar_t(b_ih_.has_value() ? 1 : 0), xg_data, xg_stride);
+                     {w_ih.data_ptr<scalar_t>(), s.input_size, true}, beta, xg_data, xg_stride);
       const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
       Tensor step_gates = xg;
       if (packs_gates) {
@@ -367,19 +364,6 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
                                     dh_data + b_begin * P);
     }
   });
-}
-
-// A 2-D view with unit stride in one dimension as a GEMM operand. Only a dimension of size
-// above one has a meaningful stride; BLAS wants ld >= the row width.
-template <typename T>
-MatrixRef<T> matrix_ref(const Tensor& x) {
-  const int64_t rows = x.size(0), cols = x.size(1);
-  if (cols == 1 || x.stride(1) == 1) {
-    return {x.data_ptr<T>(), rows > 1 ? x.stride(0) : cols, false};
-  }
-  TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1,
-                        "rnnfast: a GEMM operand needs a unit stride");
-  return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
 }
 
 void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {

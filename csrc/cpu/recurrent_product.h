@@ -37,8 +37,6 @@ class RecurrentProduct {
     if (!matrix.defined()) return;
     n_ = matrix.size(0);
     k_ = matrix.size(1);
-    // The loop reads rows of M; ATen's GEMM takes M as it comes (a transposed view included),
-    // so the copy is made only for the loop, where M is small.
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       if (packed == Packed::None && n_ * k_ <= kTiledLimit && steps >= kTiledMinSteps) {
         tiled_ = TiledWeights<T>(matrix);
@@ -46,25 +44,18 @@ class RecurrentProduct {
       }
     }
     use_loop_ = packed != Packed::None || rows * n_ * k_ <= kLoopLimit;
-    matrix_ = use_loop_ ? matrix.contiguous() : matrix;
-    // M^T [K, N] as a GEMM operand. M [N, K] with contiguous rows is read transposed; M as a
-    // transposed view (contiguous columns) is the row-major matrix M^T itself; anything else is
-    // copied first. A leading dimension is only read across rows, so a single row takes its
-    // width as one (BLAS insists on ld >= the row width).
-    if (n_ > 1 && k_ > 1 && matrix_.stride(1) != 1 && matrix_.stride(0) != 1) {
-      matrix_ = matrix_.contiguous();
+    if (use_loop_) {
+      matrix_ = matrix.contiguous();  // the loop reads rows of M
+      return;
     }
-    const T* data = matrix_.template data_ptr<T>();
-    if (k_ == 1 || matrix_.stride(1) == 1) {
-      matrix_transposed_ = {data, n_ > 1 ? matrix_.stride(0) : k_, true};
-    } else {
-      matrix_transposed_ = {data, k_ > 1 ? matrix_.stride(1) : n_, false};
-    }
+    // The BLAS reads M^T [K, N] as it comes (M's rows or columns contiguous), else a copy.
+    matrix_ = matrix.stride(0) == 1 || matrix.stride(1) == 1 ? matrix : matrix.contiguous();
+    matrix_transposed_ = matrix_ref<T>(matrix_.t());
     if constexpr (std::is_same_v<T, float>) {
       // MKL's packed copy of M^T is several times its size: it is made only for a batch of
       // rows (a single row runs as a matrix-vector product anyway) and only where it is at
       // most twice the products' outputs over all steps, so it never dominates a call.
-      if (may_pack && !use_loop_ && steps > 1 && rows >= kPackMinRows) {
+      if (may_pack && steps > 1 && rows >= kPackMinRows) {
         packed_operand_ = PackedOperand(matrix_transposed_, rows, n_, k_, 2 * rows * steps * n_);
       }
     }
@@ -143,13 +134,7 @@ class RecurrentProduct {
       }
       return;
     }
-    // The addend rows first, then out += in M^T.
-    if (addend != nullptr) {
-      for (int64_t b = 0; b < batch; ++b) {
-        std::copy(addend + b * addend_stride, addend + b * addend_stride + n_, out + b * n_);
-      }
-    }
-    const T beta = T(addend != nullptr ? 1 : 0);
+    const T beta = copy_addend_rows(batch, n_, addend, addend_stride, out, n_);
     if constexpr (std::is_same_v<T, float>) {
       if (packed_operand_.usable() && packed_operand_.m() == batch) {
         packed_operand_.multiply(in, k_, beta, out, n_);
