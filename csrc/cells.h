@@ -38,7 +38,7 @@ struct Math;
 
 template <>
 struct Math<float> {
-  RNNFAST_HD static float exp(float x) { return ::expf(x); }
+  RNNFAST_HD static float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   RNNFAST_HD static float tanh(float x) { return ::tanhf(x); }
   RNNFAST_HD static float relu(float x) { return x > 0.0f ? x : 0.0f; }
   RNNFAST_HD static float positive(float y) { return y > 0.0f ? 1.0f : 0.0f; }  // 1 where y > 0
@@ -46,7 +46,7 @@ struct Math<float> {
 
 template <>
 struct Math<double> {
-  RNNFAST_HD static double exp(double x) { return ::exp(x); }
+  RNNFAST_HD static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   RNNFAST_HD static double tanh(double x) { return ::tanh(x); }
   RNNFAST_HD static double relu(double x) { return x > 0.0 ? x : 0.0; }
   RNNFAST_HD static double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
@@ -66,7 +66,7 @@ RNNFAST_HD void store(T* row, int offset, int j, A value) {
 
 template <typename A>
 RNNFAST_HD A sigmoid(A x) {
-  return A(1) / (A(1) + Math<A>::exp(A(0) - x));
+  return Math<A>::sigmoid(x);
 }
 
 template <Activation Act, typename A>

@@ -101,6 +101,17 @@ LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse
   return v;
 }
 
+// b_ih + b_hh [G], added in the accumulation type.
+template <typename T>
+Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
+  using A = at::opmath_type<T>;
+  Tensor sum = at::empty_like(b_ih);
+  const T *a = b_ih.data_ptr<T>(), *b = b_hh.data_ptr<T>();
+  T* out = sum.data_ptr<T>();
+  for (int64_t n = 0; n < b_ih.numel(); ++n) out[n] = T(A(a[n]) + A(b[n]));
+  return sum;
+}
+
 // [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view (one copy for all steps).
 Tensor pack_gates(const Tensor& rows, int64_t gates) {
   const auto T_ = rows.size(0), B = rows.size(1), H = rows.size(2) / gates;
@@ -114,7 +125,7 @@ Tensor unpack_gates(const Tensor& packed, int64_t gates) {
 
 template <typename Cell, typename T>
 void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
-                 int64_t xg_row_stride, const Tensor& w_hh, const Tensor& b_hh,
+                 int64_t xg_row_stride, const Tensor& w_hh, const Tensor& step_bias,
                  const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
                  Tensor& workspace) {
   using A = at::opmath_type<T>;
@@ -125,10 +136,10 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
   using Product = RecurrentProduct<T>;
-  // hg = h W_hh^T + b_hh
+  // hg = h W_hh^T + step_bias (b_hh, or b_ih + b_hh where xg has no bias)
   // The forward may use MKL's packed copy of W_hh: its memory is gone before the backward,
   // whose gate-gradient buffers make the peak of a training step.
-  const Product recurrent(w_hh, b_hh, v.product_rows, v.T_,
+  const Product recurrent(w_hh, step_bias, v.product_rows, v.T_,
                           v.gate_packed ? Product::Packed::Output : Product::Packed::None,
                           v.unit_hidden, /*may_pack=*/true);
   // h = h_unprojected W_hr^T
@@ -149,7 +160,7 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
     const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
     for (const auto step : c10::irange(v.T_)) {
       const int64_t t = v.step_time(step);
-      // Every row active at the first step starts there; from zero states hg is b_hh alone.
+      // Every row active at the first step starts there; from zero states hg is step_bias alone.
       const bool from_zero = zero_initial_state && step == 0;
       recurrent.run(from_zero ? nullptr : h_data + b_begin * P, rows, hg_data + b_begin * G);
       for (int64_t b = b_begin; b < b_end; ++b) {
@@ -231,18 +242,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       } else {
         xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
       }
-      // b_hh is added by the recurrent product of each step (where it costs nothing extra)
-      // rather than folded into xg, which would allocate b_ih + b_hh on every call.
+      // The biases are added by the recurrent product of each step, where that costs nothing
+      // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
+      // then b_ih goes into xg (a copy into every row before the GEMM).
+      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
+      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+      const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
       const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
       scalar_t* xg_data = xg.data_ptr<scalar_t>();
-      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
-      const scalar_t beta = copy_addend_rows<scalar_t>(
-          rows, s.gate_size, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr, 0, xg_data,
-          xg_stride);
+      const scalar_t* xg_bias = b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>()
+                                                               : nullptr;
+      const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data,
+                                                       xg_stride);
       gemm<scalar_t>(rows, s.gate_size, s.input_size,
                      {input.data_ptr<scalar_t>(), s.input_size, false},
                      {w_ih.data_ptr<scalar_t>(), s.input_size, true}, beta, xg_data, xg_stride);
-      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+      const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
       Tensor step_gates = xg;
       if (packs_gates) {
         step_gates = pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates);
@@ -250,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       // Row stride of xg: the gate-packed view's single row per step spans B * G.
       const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
       run_forward<Cell, scalar_t>(v, !s.has_initial_state, step_gates, xg_row_stride, w_hh,
-                                  b_hh, w_hr, h_state, c_state, output, workspace);
+                                  step_bias, w_hr, h_state, c_state, output, workspace);
     });
   });
   return {output, h_state, final_cell_state(s, state, input), workspace};

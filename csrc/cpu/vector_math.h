@@ -2,8 +2,8 @@
 // run of units that csrc/cells.h needs to evaluate a cell on a whole vector of hidden units.
 //
 // at::vec::Vectorized uses the widest instruction set the extension was compiled for (setup.py
-// enables AVX-512, or AVX2 + FMA, where the building machine has them) and SLEEF's exp / tanh
-// (1 ulp).
+// enables AVX-512, or AVX2 + FMA, where the building machine has them). Float vectors take
+// tanh and sigmoid from one inlined rational function; double vectors SLEEF's (1 ulp).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -21,7 +21,7 @@ using Vec = at::vec::Vectorized<S>;
 
 template <typename S>
 struct VectorMath {
-  static Vec<S> exp(Vec<S> x) { return x.exp(); }
+  static Vec<S> sigmoid(Vec<S> x) { return Vec<S>(S(1)) / (Vec<S>(S(1)) + (Vec<S>(S(0)) - x).exp()); }
   static Vec<S> tanh(Vec<S> x) { return x.tanh(); }
   static Vec<S> relu(Vec<S> x) { return at::vec::maximum(x, Vec<S>(S(0))); }
   static Vec<S> positive(Vec<S> y) { return y.gt(Vec<S>(S(0))); }  // 1.0 where y > 0, else 0.0
@@ -51,6 +51,12 @@ inline Vec<float> rational_tanh(Vec<float> x) {
 template <>
 struct Math<Vec<float>> : VectorMath<float> {
   static Vec<float> tanh(Vec<float> x) { return rational_tanh(x); }
+  // sigmoid(x) = (1 + tanh(x / 2)) / 2: the inlined rational tanh instead of a call to SLEEF's
+  // exp and a division of its own. Within 3e-7 of sigmoid (absolute).
+  static Vec<float> sigmoid(Vec<float> x) {
+    const Vec<float> half(0.5f);
+    return at::vec::fmadd(half, rational_tanh(half * x), half);
+  }
 };
 template <>
 struct Math<Vec<double>> : VectorMath<double> {};
