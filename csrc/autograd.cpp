@@ -80,13 +80,20 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                                const std::optional<Tensor>& lengths, bool reverse,
                                bool save_workspace) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, h_n, c_n, workspace] = call_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                                      w_hr, lengths, reverse, save_workspace);
+    // The engines read the input contiguous: made so once here, the backward reads the same copy
+    // (a batch_first input comes as a transposed view).
+    const Tensor contiguous_input = input.contiguous();
+    auto [output, h_n, c_n, workspace] =
+        call_forward(cell, contiguous_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                     reverse, save_workspace);
+    // Outputs without a gradient (the workspace always, h_n and c_n often) reach the backward
+    // undefined instead of as zero tensors of their size: it treats them as zero.
+    ctx->set_materialize_grads(false);
     ctx->saved_data["cell"] = std::string(cell);
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->saved_data["saved_workspace"] = save_workspace;
-    ctx->save_for_backward({input, hx.value_or(Tensor()), cx.value_or(Tensor()), w_ih, w_hh,
+    ctx->save_for_backward({contiguous_input, hx.value_or(Tensor()), cx.value_or(Tensor()), w_ih, w_hh,
                             w_hr.value_or(Tensor()), lengths.value_or(Tensor()), output,
                             workspace});
     ctx->mark_non_differentiable({workspace});

@@ -34,14 +34,15 @@ using at::Tensor;
 // product stays in cache (the tiled kernel or the plain loop) and the call has enough work:
 // below this many multiply-adds of recurrent products over the sequence a call stays on one
 // thread (a region costs more). Products that go to the BLAS are threaded by the BLAS instead,
-// each thread on its share of the weights.
+// each thread on its share of the weights; the register product (a few rows, bound by the
+// latency of each step) stays on one thread.
 constexpr int64_t kParallelMinWork = 1 << 18;
 
 // at::parallel_for's grain: 1 splits the rows over the threads, `rows` keeps them together.
 template <typename T>
 int64_t row_grain(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size,
                   const RecurrentProduct<T>& product) {
-  const bool split = !product.uses_blas() &&
+  const bool split = product.may_split_rows() &&
                      rows * steps * gate_size * state_size >= kParallelMinWork;
   return split ? 1 : std::max<int64_t>(rows, 1);
 }
@@ -112,15 +113,26 @@ Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
   return sum;
 }
 
-// [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view (one copy for all steps).
-Tensor pack_gates(const Tensor& rows, int64_t gates) {
-  const auto T_ = rows.size(0), B = rows.size(1), H = rows.size(2) / gates;
-  return rows.view({T_, B, gates, H}).permute({0, 2, 1, 3}).contiguous().view({T_, B, gates * H});
-}
-
-Tensor unpack_gates(const Tensor& packed, int64_t gates) {
-  const auto T_ = packed.size(0), B = packed.size(1), H = packed.size(2) / gates;
-  return packed.view({T_, gates, B, H}).permute({0, 2, 1, 3}).contiguous().view({T_, B, gates * H});
+// [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view: a copy with the gate and
+// batch axes swapped (to_packed: from rows to packed, else back). A plain loop: the H of a run
+// is a few units, too short for a strided copy to amortise its setup.
+template <typename T>
+Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
+  const int64_t T_ = from.size(0), B = from.size(1), H = from.size(2) / gates;
+  Tensor to = at::empty_like(from);
+  const T* src = from.data_ptr<T>();
+  T* dst = to.data_ptr<T>();
+  for (int64_t t = 0; t < T_; ++t) {
+    const int64_t step = t * B * gates * H;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t g = 0; g < gates; ++g) {
+        const int64_t row_at = step + (b * gates + g) * H, packed_at = step + (g * B + b) * H;
+        const T* run = src + (to_packed ? row_at : packed_at);
+        std::copy(run, run + H, dst + (to_packed ? packed_at : row_at));
+      }
+    }
+  }
+  return to;
 }
 
 template <typename Cell, typename T>
@@ -260,7 +272,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
       Tensor step_gates = xg;
       if (packs_gates) {
-        step_gates = pack_gates(xg.view({s.steps, s.batch, s.gate_size}), Cell::kGates);
+        step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
+                                                Cell::kGates, /*to_packed=*/true);
       }
       // Row stride of xg: the gate-packed view's single row per step spans B * G.
       const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
@@ -432,9 +445,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
                                    state.dprojected);
       if (v.gate_packed) {
-        state.dgate_x = unpack_gates(state.dgate_x, Cell::kGates);
+        state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
         state.dgate_h = state.separate_hidden_gate_grad
-                            ? unpack_gates(state.dgate_h, Cell::kGates) : state.dgate_x;
+                            ? regroup_gates<scalar_t>(state.dgate_h, Cell::kGates, false)
+                            : state.dgate_x;
       }
     });
   });

@@ -15,6 +15,7 @@
 #include <ATen/OpMathType.h>
 
 #include "blas.h"
+#include "register_product.h"
 #include "tiled_product.h"
 
 namespace rnnfast {
@@ -37,6 +38,13 @@ class RecurrentProduct {
     if (!matrix.defined()) return;
     n_ = matrix.size(0);
     k_ = matrix.size(1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (RegisterProduct::fits(rows * k_, rows * n_, k_)) {
+        register_rows_ = rows;
+        register_ = make_register_product(matrix, rows);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       if (packed == Packed::None && n_ * k_ <= kTiledLimit && steps >= kTiledMinSteps) {
         tiled_ = TiledWeights<T>(matrix);
@@ -61,8 +69,10 @@ class RecurrentProduct {
     }
   }
 
-  // Whether the product runs in the BLAS (large matrices), not in this file's own loops.
-  bool uses_blas() const { return n_ > 0 && tiled_.n() == 0 && !use_loop_; }
+  // Whether the product may run on a share of the rows it was built for: so do the tiled
+  // kernel and the plain loop, which a thread runs on its rows; a product in the BLAS is
+  // threaded by the BLAS, and the register product is built for the whole batch.
+  bool may_split_rows() const { return n_ > 0 && (tiled_.n() > 0 || use_loop_); }
 
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
   void run(const T* in, int64_t batch, T* out) const {
@@ -82,6 +92,15 @@ class RecurrentProduct {
     if (in == nullptr) {
       compute_from_zero(batch, addend, addend_stride, out);
       return;
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      // The register product's bias is the bias row; another addend is read in output order,
+      // which is the addend's own (rows of N) unless the output is gate-packed.
+      if (register_.usable() && batch == register_rows_ &&
+          (addend_stride == 0 || packed_ != Packed::Output)) {
+        register_.run(in, addend_stride == 0 ? nullptr : addend, out);
+        return;
+      }
     }
     if (tiled_.n() > 0) {
       tiled_product(in, batch, tiled_, addend, addend_stride, out);
@@ -144,6 +163,31 @@ class RecurrentProduct {
     gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, n_);
   }
 
+  // The product for `rows` rows as a RegisterProduct: output o and term k (a column of M) in
+  // the layout of this product's packing.
+  RegisterProduct make_register_product(const at::Tensor& matrix, int64_t rows) const {
+    const at::Tensor m = matrix.to(at::kFloat).contiguous();
+    const float* m_data = m.data_ptr<float>();
+    const float* bias = bias_.defined() ? bias_.template data_ptr<float>() : nullptr;
+    const int64_t n = n_, k = k_, hp = packed_hidden_;
+    const Packed packed = packed_;
+    // (row b, column c) of output o: plain rows [B][N], or gate-packed [N / Hp][B][Hp].
+    const auto row_of = [=](int64_t o) {
+      return packed == Packed::Output ? o % (rows * hp) / hp : o / n;
+    };
+    const auto column_of = [=](int64_t o) {
+      return packed == Packed::Output ? o / (rows * hp) * hp + o % hp : o % n;
+    };
+    // Where input element (row b, term s) lives: plain rows [B][K] or gate-packed [K / Hp][B][Hp].
+    const auto source = [=](int64_t o, int64_t s) {
+      const int64_t b = row_of(o);
+      return packed == Packed::Input ? s / hp * rows * hp + b * hp + s % hp : b * k + s;
+    };
+    const auto weight = [=](int64_t o, int64_t s) { return m_data[column_of(o) * k + s]; };
+    const auto start = [=](int64_t o) { return bias ? bias[column_of(o)] : 0.0f; };
+    return RegisterProduct(rows * k, rows * n, k, source, weight, start);
+  }
+
   // out = addend (rows of it, or the one bias row), or 0: the product of a zero input.
   void compute_from_zero(int64_t batch, const T* addend, int64_t addend_stride, T* out) const {
     const int64_t Hp = packed_hidden_;
@@ -167,6 +211,8 @@ class RecurrentProduct {
   static constexpr int64_t kPackMinRows = 4;
 
   at::Tensor matrix_, bias_;
+  RegisterProduct register_;  // the whole product in registers (float, tiny sizes)
+  int64_t register_rows_ = 0;   // the batch register_ was built for
   TiledWeights<T> tiled_;  // M^T for the tiled kernel, when it runs the product
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
