@@ -894,6 +894,24 @@ def test_large_weights_over_many_steps(rf, device, spec, hx_given):
                 batch_first=True, bias=True, layout="batched", hx_given=hx_given, sizes=sizes)
 
 
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layout):
+    """Products in the BLAS with a batch wide enough for the CPU engine to split each step's
+    pointwise pass over two threads, in both directions."""
+    # W_hh past the tiled kernel's 64K elements: [3 H or 4 H, H or P], and Elman's [H, H].
+    sizes = dict(T=6, B=32, I=8, H=260 if spec.mode == "RNN" else 160,
+                 P=150 if spec.proj else 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [8, 17, 64])
 @pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)

@@ -29,22 +29,57 @@ namespace {
 
 using at::Tensor;
 
-// Batch rows never interact in a layer, so each thread runs the whole sequence for its share
-// of the rows: one parallel region per call, no barrier per step. That pays where the recurrent
-// product stays in cache (the tiled kernel or the plain loop) and the call has enough work:
-// below this many multiply-adds of recurrent products over the sequence a call stays on one
-// thread (a region costs more). Products that go to the BLAS are threaded by the BLAS instead,
-// each thread on its share of the weights; the register product (a few rows, bound by the
-// latency of each step) stays on one thread.
+// Batch rows never interact in a layer, so each thread may run the whole sequence for its
+// share of the rows: one parallel region per call, no barrier per step. That pays where the
+// recurrent product stays in cache (the tiled kernel or the plain loop) and the call has enough
+// work: below this many multiply-adds of recurrent products over the sequence a call stays on
+// one thread (a region costs more). The register product (a few rows, bound by the latency of
+// each step) stays on one thread.
 constexpr int64_t kParallelMinWork = 1 << 18;
+// Products in the BLAS are threaded by the BLAS, each thread on its share of the weights. The
+// pointwise pass between them is split over the threads per step where a step has at least
+// this many hidden units (below, a parallel region per step costs more than it saves).
+constexpr int64_t kPointwiseSplitMinUnits = 1 << 12;
 
-// at::parallel_for's grain: 1 splits the rows over the threads, `rows` keeps them together.
+enum class StepThreads { Serial, RowsPerThread, PointwisePerStep };
+
 template <typename T>
-int64_t row_grain(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size,
-                  const RecurrentProduct<T>& product) {
-  const bool split = product.may_split_rows() &&
-                     rows * steps * gate_size * state_size >= kParallelMinWork;
-  return split ? 1 : std::max<int64_t>(rows, 1);
+StepThreads step_threads(int64_t rows, int64_t steps, int64_t gate_size, int64_t state_size,
+                         int64_t hidden_size, const RecurrentProduct<T>& product) {
+  if (at::get_num_threads() < 2) return StepThreads::Serial;
+  if (product.may_split_rows()) {
+    return rows * steps * gate_size * state_size >= kParallelMinWork ? StepThreads::RowsPerThread
+                                                                     : StepThreads::Serial;
+  }
+  return product.uses_blas() && rows * hidden_size >= kPointwiseSplitMinUnits
+             ? StepThreads::PointwisePerStep
+             : StepThreads::Serial;
+}
+
+// Runs the steps of a call over batch rows [0, rows): per step, products(step, begin, end) (the
+// products that run before or after the pointwise pass, on rows begin .. end - 1, which
+// `order` places), pointwise(step, begin, end), in the thread schedule `threads`.
+template <typename Before, typename Pointwise, typename After>
+void run_steps(int64_t rows, int64_t steps, StepThreads threads, const Before& before,
+               const Pointwise& pointwise, const After& after) {
+  if (threads == StepThreads::PointwisePerStep) {
+    for (const auto step : c10::irange(steps)) {
+      before(step, 0, rows);
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        pointwise(step, begin, end);
+      });
+      after(step, 0, rows);
+    }
+    return;
+  }
+  const int64_t grain = threads == StepThreads::RowsPerThread ? 1 : std::max<int64_t>(rows, 1);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (const auto step : c10::irange(steps)) {
+      before(step, begin, end);
+      pointwise(step, begin, end);
+      after(step, begin, end);
+    }
+  });
 }
 
 // Sizes of one call as the pointwise loops see them, shared by the forward and backward.
@@ -114,8 +149,8 @@ Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
 }
 
 // [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view: a copy with the gate and
-// batch axes swapped (to_packed: from rows to packed, else back). A plain loop: the H of a run
-// is a few units, too short for a strided copy to amortise its setup.
+// batch axes swapped (to_packed: from rows to packed, else back). An element loop: a run is a
+// few units (fewer than a vector's lanes), too short for a strided copy or a memcpy call.
 template <typename T>
 Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
   const int64_t T_ = from.size(0), B = from.size(1), H = from.size(2) / gates;
@@ -127,8 +162,9 @@ Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t g = 0; g < gates; ++g) {
         const int64_t row_at = step + (b * gates + g) * H, packed_at = step + (g * B + b) * H;
-        const T* run = src + (to_packed ? row_at : packed_at);
-        std::copy(run, run + H, dst + (to_packed ? packed_at : row_at));
+        const T* from_run = src + (to_packed ? row_at : packed_at);
+        T* to_run = dst + (to_packed ? packed_at : row_at);
+        for (int64_t j = 0; j < H; ++j) to_run[j] = from_run[j];
       }
     }
   }
@@ -167,56 +203,62 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
 
   // The gate-packed view is one row holding all batch rows: its products run on all of them.
-  const int64_t grain = row_grain(B, v.T_, G, P, recurrent);
-  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
-    const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
-    for (const auto step : c10::irange(v.T_)) {
-      const int64_t t = v.step_time(step);
-      // Every row active at the first step starts there; from zero states hg is step_bias alone.
-      const bool from_zero = zero_initial_state && step == 0;
-      recurrent.run(from_zero ? nullptr : h_data + b_begin * P, rows, hg_data + b_begin * G);
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const int64_t row = t * B + b;
-        T* out_row = out_data + row * P;
-        T* ws_row = ws_data ? ws_data + row * W : nullptr;
-        if (!v.active(t, b)) {
-          std::fill(out_row, out_row + P, T(0));
-          if (ws_row) std::fill(ws_row, ws_row + W, T(0));
-          continue;
-        }
-        // Where xg lives in the workspace or the output, the cell overwrites it in place: it
-        // reads all gates of a unit before it writes any.
-        const T* xg_row = xg_data + row * xg_row_stride;
-        const T* hg_row = hg_data + b * G;
-        T* h_row = h_data + b * P;
-        A* c_row = c_data ? c_data + b * H : nullptr;
-        T* h_new_row = projecting ? hu_data + b * H : h_row;
-        for_unit_runs<T>(H, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_row, 0, j) : zero;
-          const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
-          V h_new = zero, c_new = zero;
-          Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h_prev, c_prev, h_new, c_new,
-                        ws_row);
-          store(h_new_row, 0, j, h_new);
-          if (c_row) store(c_row, 0, j, c_new);
-          if (!projecting) store(out_row, 0, j, h_new);
-        });
-        if (projecting && ws_row) {
-          std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
-        }
+  const auto product_rows = [&](int64_t b_begin, int64_t b_end) {
+    return v.gate_packed ? v.product_rows : b_end - b_begin;
+  };
+  const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    // Every row active at the first step starts there; from zero states hg is step_bias alone.
+    const bool from_zero = zero_initial_state && step == 0;
+    recurrent.run(from_zero ? nullptr : h_data + b_begin * P, product_rows(b_begin, b_end),
+                  hg_data + b_begin * G);
+  };
+  const auto pointwise_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    const int64_t t = v.step_time(step);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t row = t * B + b;
+      T* out_row = out_data + row * P;
+      T* ws_row = ws_data ? ws_data + row * W : nullptr;
+      if (!v.active(t, b)) {
+        std::fill(out_row, out_row + P, T(0));
+        if (ws_row) std::fill(ws_row, ws_row + W, T(0));
+        continue;
       }
-      if (projecting) {
-        // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
-        projection.run(hu_data + b_begin * H, rows, hp_data + b_begin * P);
-        for (int64_t b = b_begin; b < b_end; ++b) {
-          if (!v.active(t, b)) continue;
-          std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
-          std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
-        }
+      // Where xg lives in the workspace or the output, the cell overwrites it in place: it
+      // reads all gates of a unit before it writes any.
+      const T* xg_row = xg_data + row * xg_row_stride;
+      const T* hg_row = hg_data + b * G;
+      T* h_row = h_data + b * P;
+      A* c_row = c_data ? c_data + b * H : nullptr;
+      T* h_new_row = projecting ? hu_data + b * H : h_row;
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_row, 0, j) : zero;
+        const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
+        V h_new = zero, c_new = zero;
+        Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h_prev, c_prev, h_new, c_new,
+                      ws_row);
+        store(h_new_row, 0, j, h_new);
+        if (c_row) store(c_row, 0, j, c_new);
+        if (!projecting) store(out_row, 0, j, h_new);
+      });
+      if (projecting && ws_row) {
+        std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
       }
     }
-  });
+  };
+  const auto projection_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    if (!projecting) return;
+    // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
+    const int64_t t = v.step_time(step);
+    projection.run(hu_data + b_begin * H, product_rows(b_begin, b_end), hp_data + b_begin * P);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      if (!v.active(t, b)) continue;
+      std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
+      std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
+    }
+  };
+  run_steps(B, v.T_, step_threads(B, v.T_, G, P, H, recurrent), recurrent_step, pointwise_step,
+            projection_step);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
@@ -322,76 +364,85 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
 
-  const int64_t grain = row_grain(B, v.T_, G, P, recurrent_back);
-  at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
-    const int64_t rows = v.gate_packed ? v.product_rows : b_end - b_begin;
-    for (int64_t step = v.T_ - 1; step >= 0; --step) {
-      const int64_t t = v.step_time(step);
-      if (projecting) {
-        // dLoss/dh (projected) of this step, then back through W_hr.
-        for (int64_t b = b_begin; b < b_end; ++b) {
-          T* dp_row = dp_data + (t * B + b) * P;
-          if (!v.active(t, b)) {
-            std::fill(dp_row, dp_row + P, T(0));
-            continue;
-          }
-          const T* go_row = go_data + (t * B + b) * P;
-          for (const auto k : c10::irange(P)) {
-            dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
-          }
-        }
-        projection_back.run(dp_data + (t * B + b_begin) * P, rows, dhu_data + b_begin * H);
+  // The reverse loop: pass i is step T - 1 - i.
+  const auto product_rows = [&](int64_t b_begin, int64_t b_end) {
+    return v.gate_packed ? v.product_rows : b_end - b_begin;
+  };
+  const auto projection_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
+    if (!projecting) return;
+    // dLoss/dh (projected) of this step, then back through W_hr.
+    const int64_t t = v.step_time(v.T_ - 1 - pass);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      T* dp_row = dp_data + (t * B + b) * P;
+      if (!v.active(t, b)) {
+        std::fill(dp_row, dp_row + P, T(0));
+        continue;
       }
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const int64_t row = t * B + b;
-        T* dgx_row = dgx_data + row * G;
-        T* dgh_row = dgh_data + row * G;
-        T* dhd_row = dhd_data + b * P;
-        if (!v.active(t, b)) {
-          // The row's state passes through this step untouched.
-          std::fill(dgx_row, dgx_row + G, T(0));
-          if (Cell::kSeparateHiddenGateGrad) std::fill(dgh_row, dgh_row + G, T(0));
-          std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
-          continue;
-        }
-        const bool first = v.is_first_step(t, b);
-        const int64_t prev_row = v.previous_time(t) * B + b;
-        const T* go_row = go_data + row * P;
-        const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
-        const T* h_prev_row = !first ? out_data + prev_row * P
-                              : zero_initial_state ? zero_data : hx_data + b * P;
-        // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
-        const T* c_prev_row = nullptr;
-        if (Cell::kHasCellState) {
-          c_prev_row = !first ? ws_data + prev_row * W + 4 * H
-                       : zero_initial_state ? zero_data : cx_data + b * H;
-        }
-        if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
-        A* dc_row = dc_data ? dc_data + b * H : nullptr;
-        const T* dh_row = dh_data + b * P;
-        const T* dhu_row = projecting ? dhu_data + b * H : nullptr;
-        for_unit_runs<T>(H, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          const V dh = projecting ? load<V>(dhu_row, 0, j)
-                                  : load<V>(go_row, 0, j) + load<V>(dh_row, 0, j);
-          const V dc = dc_row ? load<V>(dc_row, 0, j) : zero;
-          const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
-          const V c_prev = c_prev_row ? load<V>(c_prev_row, 0, j) : zero;
-          V dc_prev = zero, dh_prev_direct = zero;
-          Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row,
-                         dgh_row, dc_prev, dh_prev_direct);
-          if (dc_row) store(dc_row, 0, j, dc_prev);
-          if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
-        });
+      const T* go_row = go_data + (t * B + b) * P;
+      for (const auto k : c10::irange(P)) {
+        dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
       }
-      // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
-      // the gradient of hx alone, not needed without one.
-      if (zero_initial_state && step == 0) continue;
-      const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
-      recurrent_back.run_accumulate(dgate_step + b_begin * G, rows, dhd_data + b_begin * P,
-                                    dh_data + b_begin * P);
     }
-  });
+    projection_back.run(dp_data + (t * B + b_begin) * P, product_rows(b_begin, b_end),
+                        dhu_data + b_begin * H);
+  };
+  const auto pointwise_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
+    const int64_t t = v.step_time(v.T_ - 1 - pass);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t row = t * B + b;
+      T* dgx_row = dgx_data + row * G;
+      T* dgh_row = dgh_data + row * G;
+      T* dhd_row = dhd_data + b * P;
+      if (!v.active(t, b)) {
+        // The row's state passes through this step untouched.
+        std::fill(dgx_row, dgx_row + G, T(0));
+        if (Cell::kSeparateHiddenGateGrad) std::fill(dgh_row, dgh_row + G, T(0));
+        std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
+        continue;
+      }
+      const bool first = v.is_first_step(t, b);
+      const int64_t prev_row = v.previous_time(t) * B + b;
+      const T* go_row = go_data + row * P;
+      const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
+      const T* h_prev_row = !first ? out_data + prev_row * P
+                            : zero_initial_state ? zero_data : hx_data + b * P;
+      // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
+      const T* c_prev_row = nullptr;
+      if (Cell::kHasCellState) {
+        c_prev_row = !first ? ws_data + prev_row * W + 4 * H
+                     : zero_initial_state ? zero_data : cx_data + b * H;
+      }
+      if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
+      A* dc_row = dc_data ? dc_data + b * H : nullptr;
+      const T* dh_row = dh_data + b * P;
+      const T* dhu_row = projecting ? dhu_data + b * H : nullptr;
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        const V dh = projecting ? load<V>(dhu_row, 0, j)
+                                : load<V>(go_row, 0, j) + load<V>(dh_row, 0, j);
+        const V dc = dc_row ? load<V>(dc_row, 0, j) : zero;
+        const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
+        const V c_prev = c_prev_row ? load<V>(c_prev_row, 0, j) : zero;
+        V dc_prev = zero, dh_prev_direct = zero;
+        Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row,
+                       dgh_row, dc_prev, dh_prev_direct);
+        if (dc_row) store(dc_row, 0, j, dc_prev);
+        if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
+      });
+    }
+  };
+  const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
+    // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
+    // the gradient of hx alone, not needed without one.
+    const int64_t step = v.T_ - 1 - pass;
+    if (zero_initial_state && step == 0) return;
+    const int64_t t = v.step_time(step);
+    const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
+    recurrent_back.run_accumulate(dgate_step + b_begin * G, product_rows(b_begin, b_end),
+                                  dhd_data + b_begin * P, dh_data + b_begin * P);
+  };
+  run_steps(B, v.T_, step_threads(B, v.T_, G, P, H, recurrent_back), projection_step,
+            pointwise_step, recurrent_step);
 }
 
 void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {

@@ -74,6 +74,11 @@ class RecurrentProduct {
   // threaded by the BLAS, and the register product is built for the whole batch.
   bool may_split_rows() const { return n_ > 0 && (tiled_.n() > 0 || use_loop_); }
 
+  // Whether the product runs in the BLAS (the larger matrices).
+  bool uses_blas() const {
+    return n_ > 0 && !register_.usable() && tiled_.n() == 0 && !use_loop_;
+  }
+
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
   void run(const T* in, int64_t batch, T* out) const {
     compute(in, batch, bias_.defined() ? bias_.template data_ptr<T>() : nullptr, 0, out);
