@@ -22,6 +22,7 @@
 #include "../layer.h"
 #include "blas.h"
 #include "recurrent_product.h"
+#include "register_layer.h"
 #include "vector_math.h"
 
 namespace rnnfast {
@@ -135,6 +136,11 @@ LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse
   v.reverse = reverse;
   v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   return v;
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // b_ih + b_hh [G], added in the accumulation type.
@@ -282,6 +288,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_forward_cpu", [&] {
+      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
+      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
+                                 s.has_projection)) {
+          register_layer::forward<Cell>(
+              {s.steps, s.batch, s.input_size, s.hidden_size, reverse}, input.data_ptr<float>(),
+              w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
+              data_or_null<float>(b_hh), h_state.data_ptr<float>(),
+              Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
+              output.data_ptr<float>(),
+              save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
+          return;
+        }
+      }
+#endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       // xg = x W_ih^T + b_ih: [T * B, G], one GEMM.
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
@@ -299,8 +322,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       // The biases are added by the recurrent product of each step, where that costs nothing
       // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
       // then b_ih goes into xg (a copy into every row before the GEMM).
-      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
-      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
       const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
       const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
       scalar_t* xg_data = xg.data_ptr<scalar_t>();
@@ -491,6 +512,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cpu", [&] {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
+                                 s.has_projection)) {
+          register_layer::backward<Cell>(
+              {s.steps, s.batch, s.input_size, s.hidden_size, reverse},
+              grad_output.data_ptr<float>(), output.data_ptr<float>(),
+              ws_cols > 0 ? workspace.data_ptr<float>() : nullptr,
+              hx.defined() ? hx.data_ptr<float>() : nullptr,
+              cx.defined() ? cx.data_ptr<float>() : nullptr, w_hh.data_ptr<float>(),
+              state.dh.data_ptr<float>(),
+              Cell::kHasCellState ? state.dc.data_ptr<float>() : nullptr,
+              state.dgate_x.data_ptr<float>(),
+              state.separate_hidden_gate_grad ? state.dgate_h.data_ptr<float>() : nullptr);
+          return;
+        }
+      }
+#endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,

@@ -1,0 +1,266 @@
+// Both passes of the tiniest layers with the whole state in vector registers: float, AVX-512,
+// B * H <= 16 hidden units over the batch, B * I <= 32 inputs per step, no lengths, no
+// projection (the course's adding problem: B = 3, H = 2, 3000 steps).
+//
+// There a step is a chain of dependent instructions a few dozen long, and a loop that keeps h,
+// c and the gates in memory spends it on loads of values just stored. Here lane b * H + j of a
+// vector holds unit j of batch row b; per step and gate, the input and recurrent products are a
+// lane permutation and a multiply-add per term (as in register_product.h), the cell math is
+// csrc/cells.h's on those vectors (InRegister: gate k is the k-th vector of an array), and
+// only the outputs, the saved values and the gate gradients go to memory, in the layouts the
+// rest of the engine reads: output [T, B, H], workspace [T, saved, B, H] (the gate-packed
+// view's), gate gradients [T, B, G].
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "vector_math.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace rnnfast {
+
+// Index of a value that is a whole vector of an array (offset k: the k-th vector).
+struct InRegister {};
+
+template <typename A, typename T>
+inline A load(const T* row, int offset, InRegister) {
+  return row[offset];
+}
+
+template <typename T, typename A>
+inline void store(T* row, int offset, InRegister, A value) {
+  row[offset] = value;
+}
+
+namespace register_layer {
+
+constexpr int kLanes = 16;
+constexpr int kMaxGates = 4;
+
+inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool has_lengths,
+                 bool has_projection) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return !has_lengths && !has_projection && batch * hidden_size <= kLanes &&
+         batch * input_size <= 2 * kLanes && batch * hidden_size > 0 && input_size > 0;
+#else
+  (void)batch, (void)input_size, (void)hidden_size, (void)has_lengths, (void)has_projection;
+  return false;
+#endif
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+using V = at::vec::Vectorized<float>;
+
+inline __mmask16 lanes(int64_t count) {
+  return count >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// A product sum_s in[source_s(o)] * weight_s(o) into every output lane o, for one output vector:
+// `terms` pairs of (source lanes, weights). Sources index two input vectors (0 .. 31).
+struct LaneProduct {
+  std::vector<int32_t> sources;  // [terms][16]
+  std::vector<float> weights;    // [terms][16]
+  int64_t terms = 0;
+
+  template <typename Source, typename Weight>
+  LaneProduct(int64_t outputs, int64_t term_count, Source source, Weight weight)
+      : sources(term_count * kLanes, 0), weights(term_count * kLanes, 0.0f), terms(term_count) {
+    for (int64_t s = 0; s < terms; ++s) {
+      for (int64_t o = 0; o < outputs; ++o) {
+        sources[s * kLanes + o] = static_cast<int32_t>(source(o, s));
+        weights[s * kLanes + o] = weight(o, s);
+      }
+    }
+  }
+
+  // acc + the product of the inputs low (lanes 0..15) and high (16..31).
+  __m512 add_to(__m512 acc, __m512 low, __m512 high) const {
+    __m512 odd = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 1 < terms; s += 2) {
+      acc = term(acc, low, high, s);
+      odd = term(odd, low, high, s + 1);
+    }
+    if (s < terms) acc = term(acc, low, high, s);
+    return _mm512_add_ps(acc, odd);
+  }
+
+ private:
+  __m512 term(__m512 acc, __m512 low, __m512 high, int64_t s) const {
+    const __m512i index = _mm512_loadu_si512(sources.data() + s * kLanes);
+    return _mm512_fmadd_ps(_mm512_permutex2var_ps(low, index, high),
+                           _mm512_loadu_ps(weights.data() + s * kLanes), acc);
+  }
+};
+
+// Sizes and data of one call, as both passes see them. Weights: w_ih [G, I], w_hh [G, H],
+// row-major; biases [G] or nullptr.
+struct Layer {
+  int64_t T_, B, I, H;
+  bool reverse;
+  int64_t units() const { return B * H; }
+  int64_t step_time(int64_t step) const { return reverse ? T_ - 1 - step : step; }
+};
+
+// Gate k's input product (x_t [B, I] -> lanes b * H + j) and recurrent product (h [B, H] ->
+// the same lanes), and its biases as vectors.
+struct GateProducts {
+  std::vector<LaneProduct> input, recurrent;
+  std::vector<std::array<float, kLanes>> input_bias, recurrent_bias;
+
+  GateProducts(const Layer& l, int gates, const float* w_ih, const float* w_hh,
+               const float* b_ih, const float* b_hh) {
+    const int64_t H = l.H, I = l.I, units = l.units();
+    for (int g = 0; g < gates; ++g) {
+      input.emplace_back(
+          units, I, [&](int64_t o, int64_t i) { return o / H * I + i; },
+          [&](int64_t o, int64_t i) { return w_ih[(g * H + o % H) * I + i]; });
+      recurrent.emplace_back(
+          units, H, [&](int64_t o, int64_t k) { return o / H * H + k; },
+          [&](int64_t o, int64_t k) { return w_hh[(g * H + o % H) * H + k]; });
+      std::array<float, kLanes> bias_x{}, bias_h{};
+      for (int64_t o = 0; o < units; ++o) {
+        bias_x[o] = b_ih ? b_ih[g * H + o % H] : 0.0f;
+        bias_h[o] = b_hh ? b_hh[g * H + o % H] : 0.0f;
+      }
+      input_bias.push_back(bias_x);
+      recurrent_bias.push_back(bias_h);
+    }
+  }
+};
+
+// input [T, B, I]; h [B, H] and c [B, H] (LSTM) hold the initial states (zeros from zero
+// states) and receive the final ones; output [T, B, H]; workspace [T, kSavedPerUnit, B, H] or
+// nullptr (inference).
+template <typename Cell>
+void forward(const Layer& l, const float* input, const float* w_ih, const float* w_hh,
+             const float* b_ih, const float* b_hh, float* h, float* c, float* output,
+             float* workspace) {
+  constexpr int gates = Cell::kGates;
+  const GateProducts products(l, gates, w_ih, w_hh, b_ih, b_hh);
+  const int64_t units = l.units(), inputs = l.B * l.I;
+  const __mmask16 unit_mask = lanes(units);
+  const __mmask16 input_low = lanes(inputs), input_high = lanes(inputs - kLanes);
+  V h_now = _mm512_maskz_loadu_ps(unit_mask, h);
+  V c_now = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, c)) : V(0.0f);
+  for (int64_t step = 0; step < l.T_; ++step) {
+    const int64_t t = l.step_time(step);
+    const float* x = input + t * inputs;
+    const __m512 x_low = _mm512_maskz_loadu_ps(input_low, x);
+    const __m512 x_high = inputs > kLanes ? _mm512_maskz_loadu_ps(input_high, x + kLanes)
+                                          : _mm512_setzero_ps();
+    std::array<V, gates> xg, hg;
+    for (int g = 0; g < gates; ++g) {
+      xg[g] = products.input[g].add_to(_mm512_loadu_ps(products.input_bias[g].data()), x_low,
+                                       x_high);
+      hg[g] = products.recurrent[g].add_to(_mm512_loadu_ps(products.recurrent_bias[g].data()),
+                                           h_now, _mm512_setzero_ps());
+    }
+    std::array<V, Cell::kSavedPerUnit + 1> saved;  // + 1: Elman saves nothing
+    V h_new(0.0f), c_new(0.0f);
+    Cell::forward(1, InRegister{}, xg.data(), hg.data(), h_now, c_now, h_new, c_new,
+                  workspace ? saved.data() : nullptr);
+    _mm512_mask_storeu_ps(output + t * units, unit_mask, h_new);
+    if (workspace) {
+      float* saved_step = workspace + t * Cell::kSavedPerUnit * units;
+      for (int s = 0; s < Cell::kSavedPerUnit; ++s) {
+        _mm512_mask_storeu_ps(saved_step + s * units, unit_mask, saved[s]);
+      }
+    }
+    h_now = h_new;
+    c_now = c_new;
+  }
+  _mm512_mask_storeu_ps(h, unit_mask, h_now);
+  if (Cell::kHasCellState) _mm512_mask_storeu_ps(c, unit_mask, c_now);
+}
+
+// The reverse pass. grad_output [T, B, H]; output and workspace as the forward wrote them;
+// hx, cx [B, H] or nullptr (zero initial states); dh [B, H] and dc [B, H] (LSTM) hold the
+// gradients of h_n and c_n (or zeros) and receive those of hx and cx; dgate_x, dgate_h
+// [T, B, G] (dgate_h only for cells that keep it apart from dgate_x).
+template <typename Cell>
+void backward(const Layer& l, const float* grad_output, const float* output,
+              const float* workspace, const float* hx, const float* cx, const float* w_hh,
+              float* dh, float* dc, float* dgate_x, float* dgate_h) {
+  constexpr int gates = Cell::kGates;
+  const int64_t units = l.units(), H = l.H, G = gates * H;
+  const __mmask16 unit_mask = lanes(units);
+  // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
+  // W_hh[g * H + j][k].
+  std::vector<LaneProduct> recurrent;
+  for (int g = 0; g < gates; ++g) {
+    recurrent.emplace_back(
+        units, H, [&](int64_t o, int64_t j) { return o / H * H + j; },
+        [&](int64_t o, int64_t j) { return w_hh[(g * H + j) * H + o % H]; });
+  }
+  // Where lane b * H + j of gate g goes in a step's [B, G] block of gate gradients.
+  std::array<__m512i, gates> gate_rows;
+  for (int g = 0; g < gates; ++g) {
+    alignas(64) std::array<int32_t, kLanes> at{};
+    for (int64_t o = 0; o < units; ++o) at[o] = static_cast<int32_t>(o / H * G + g * H + o % H);
+    gate_rows[g] = _mm512_load_si512(at.data());
+  }
+  const V zero(0.0f);
+  V dh_next = _mm512_maskz_loadu_ps(unit_mask, dh);
+  V dc_next = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, dc)) : zero;
+  for (int64_t step = l.T_ - 1; step >= 0; --step) {
+    const int64_t t = l.step_time(step);
+    const bool first = step == 0;
+    const int64_t t_prev = first ? t : l.step_time(step - 1);
+    std::array<V, Cell::kSavedPerUnit + 1> saved;  // Elman's saved value is its output
+    if (Cell::kSavedPerUnit == 0) {
+      saved[0] = _mm512_maskz_loadu_ps(unit_mask, output + t * units);
+    }
+    for (int s = 0; s < Cell::kSavedPerUnit; ++s) {
+      saved[s] = _mm512_maskz_loadu_ps(unit_mask,
+                                       workspace + (t * Cell::kSavedPerUnit + s) * units);
+    }
+    V h_prev = zero, c_prev = zero;
+    if (Cell::kReadsPrevHidden) {
+      const float* from = first ? hx : output + t_prev * units;
+      if (from) h_prev = _mm512_maskz_loadu_ps(unit_mask, from);
+    }
+    if (Cell::kHasCellState) {
+      // The c saved by the previous step (after i, f, g, o), or cx.
+      const float* from = first ? cx : workspace + (t_prev * Cell::kSavedPerUnit + 4) * units;
+      if (from) c_prev = _mm512_maskz_loadu_ps(unit_mask, from);
+    }
+    const V dh_now = V(_mm512_maskz_loadu_ps(unit_mask, grad_output + t * units)) + dh_next;
+    std::array<V, gates> dxg, dhg;
+    V dc_prev = zero, dh_prev_direct = zero;
+    Cell::backward(1, InRegister{}, saved.data(), h_prev, c_prev, dh_now, dc_next, dxg.data(),
+                   dhg.data(), dc_prev, dh_prev_direct);
+    for (int g = 0; g < gates; ++g) {
+      _mm512_mask_i32scatter_ps(dgate_x + t * units * gates, unit_mask, gate_rows[g], dxg[g], 4);
+      if (Cell::kSeparateHiddenGateGrad) {
+        _mm512_mask_i32scatter_ps(dgate_h + t * units * gates, unit_mask, gate_rows[g], dhg[g],
+                                  4);
+      }
+    }
+    // dh_prev = the direct path + the gate gradients through W_hh (for the cells whose hg
+    // gradient is their xg gradient, dhg is left as it came: use dxg).
+    __m512 dh_prev = dh_prev_direct;
+    for (int g = 0; g < gates; ++g) {
+      const V& gate_grad = Cell::kSeparateHiddenGateGrad ? dhg[g] : dxg[g];
+      dh_prev = recurrent[g].add_to(dh_prev, gate_grad, _mm512_setzero_ps());
+    }
+    dh_next = dh_prev;
+    dc_next = dc_prev;
+  }
+  _mm512_mask_storeu_ps(dh, unit_mask, dh_next);
+  if (Cell::kHasCellState) _mm512_mask_storeu_ps(dc, unit_mask, dc_next);
+}
+
+#endif  // CPU_CAPABILITY_AVX512
+
+}  // namespace register_layer
+}  // namespace rnnfast
