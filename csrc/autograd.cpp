@@ -82,7 +82,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // The engines read the input contiguous: made so once here, the backward reads the same copy
     // (a batch_first input comes as a transposed view).
-    const Tensor contiguous_input = input.contiguous();
+    const Tensor contiguous_input = time_major_contiguous(input);
     auto [output, h_n, c_n, workspace] =
         call_forward(cell, contiguous_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                      reverse, save_workspace);

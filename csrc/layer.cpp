@@ -1,7 +1,10 @@
 // The device-independent parts of a layer's passes (ATen operations only), shared by the CPU and
 // CUDA engines: the buffers of the forward and the reverse loop, and the gradients computed
 // after the reverse loop.
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
+
+#include <cstring>
 
 #include "layer.h"
 
@@ -9,6 +12,29 @@ namespace rnnfast {
 
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+at::Tensor time_major_contiguous(const at::Tensor& input) {
+  // Only a plain CPU tensor has data to copy by hand (not a fake or functional one, which
+  // torch.compile traces with).
+  const bool plain_cpu = input.device().is_cpu() &&
+                         !input.unsafeGetTensorImpl()->is_python_dispatch() &&
+                         !at::functionalization::impl::isFunctionalTensor(input);
+  if (input.is_contiguous() || !plain_cpu || input.dim() != 3 ||
+      !input.transpose(0, 1).is_contiguous()) {
+    return input.contiguous();
+  }
+  const int64_t T_ = input.size(0), B = input.size(1), I = input.size(2);
+  at::Tensor out = at::empty({T_, B, I}, input.options());
+  const int64_t bytes = I * static_cast<int64_t>(input.element_size());
+  const char* from = static_cast<const char*>(input.data_ptr());  // [B, T, I]
+  char* to = static_cast<char*>(out.data_ptr());                  // [T, B, I]
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T_; ++t) {
+      std::memcpy(to + (t * B + b) * bytes, from + (b * T_ + t) * bytes, bytes);
+    }
+  }
+  return out;
 }
 
 ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
@@ -21,7 +47,7 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& lengths) {
   ForwardInputs in;
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  in.input = input.contiguous();
+  in.input = time_major_contiguous(input);
   in.w_ih = w_ih.contiguous();
   in.w_hh = w_hh.contiguous();
   in.w_hr = contiguous_or_undefined(w_hr);
@@ -41,7 +67,7 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
                               lengths);
   check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
-  in.input = input.contiguous();
+  in.input = time_major_contiguous(input);
   in.hx = contiguous_or_undefined(hx);
   in.cx = contiguous_or_undefined(cx);
   in.w_ih = w_ih.contiguous();

@@ -61,6 +61,11 @@ namespace rnnfast {
 // An optional tensor argument made contiguous, or an undefined tensor where it is absent.
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 
+// input [T, B, I] made contiguous. A CPU input that is a batch_first tensor transposed (the
+// modules pass those) is copied row by row: ATen's strided copy is several times slower where
+// I is small.
+at::Tensor time_major_contiguous(const at::Tensor& input);
+
 // The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
 // on every device (the states and biases are copied or read where they are used).
 struct ForwardInputs {
