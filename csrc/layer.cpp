@@ -108,18 +108,28 @@ at::Tensor final_cell_state(const LayerSizes& s, const ForwardState& state,
                                 : at::empty({0}, input.options());
 }
 
+std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
+                                                        const at::Tensor& input,
+                                                        const std::optional<at::Tensor>& grad_h_n,
+                                                        const std::optional<at::Tensor>& grad_c_n) {
+  const auto options = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor dh = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
+                                       : at::zeros({s.batch, s.state_size}, options);
+  at::Tensor dc;
+  if (has_cell_state(s.kind)) {
+    dc = grad_c_n.has_value() ? grad_c_n->to(acc_type).contiguous().clone()
+                              : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+  }
+  return {dh, dc};
+}
+
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
                                   const std::optional<at::Tensor>& grad_c_n) {
   const auto options = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
   BackwardState state;
-  state.dh = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
-                                  : at::zeros({s.batch, s.state_size}, options);
-  if (has_cell_state(s.kind)) {
-    state.dc = grad_c_n.has_value() ? grad_c_n->to(acc_type).contiguous().clone()
-                                    : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
-  }
+  std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
   state.separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
   state.dgate_x = at::empty({s.steps, s.batch, s.gate_size}, options);

@@ -125,6 +125,13 @@ struct BackwardState {
   bool separate_hidden_gate_grad;
 };
 
+// dLoss/dh [B, P] and dLoss/dc [B, H] (LSTM, in the accumulation type; else undefined) of the
+// last step: copies of grad_h_n and grad_c_n, or zeros where they are None.
+std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& sizes,
+                                                        const at::Tensor& input,
+                                                        const std::optional<at::Tensor>& grad_h_n,
+                                                        const std::optional<at::Tensor>& grad_c_n);
+
 BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
                                   const std::optional<at::Tensor>& grad_c_n);

@@ -492,7 +492,43 @@ void cpu_column_sum(Tensor& out, const Tensor& x) {
 
 const GradientKernels kCpuGradientKernels{&cpu_matmul, &cpu_column_sum};
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The reverse pass of a float layer whose state fits in vector registers (register_layer.h):
+// the gradients of the weights and biases are summed in the loop, not by GEMMs after it.
+BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& in,
+                                     const std::optional<Tensor>& grad_h_n,
+                                     const std::optional<Tensor>& grad_c_n, bool reverse,
+                                     bool has_bias, bool input_grad) {
+  const auto options = in.input.options();
+  auto [dh, dc] = final_state_gradients(s, in.input, grad_h_n, grad_c_n);
+  const int64_t G = s.gate_size;
+  Tensor grad_input = at::empty(input_grad ? at::IntArrayRef{s.steps, s.batch, s.input_size}
+                                           : at::IntArrayRef{0}, options);
+  Tensor grad_w_ih = at::empty({G, s.input_size}, options);
+  Tensor grad_w_hh = at::empty({G, s.hidden_size}, options);
+  Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
+  Tensor grad_b_hh = at::empty({has_bias ? G : 0}, options);
+  const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    register_layer::backward<Cell>(
+        {s.steps, s.batch, s.input_size, s.hidden_size, reverse}, data(in.input),
+        data(in.grad_output), data(in.output),
+        Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
+        data(in.w_ih), data(in.w_hh), data(dh), data(dc),
+        input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
+        has_bias ? data(grad_b_ih) : nullptr, has_bias ? data(grad_b_hh) : nullptr);
+  });
+  Tensor grad_hx = in.hx.defined() ? dh : at::empty({0}, options);
+  Tensor grad_cx = in.cx.defined() ? dc : at::empty({0}, options);
+  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
+          at::empty({0}, options)};
+}
+#endif
+
+BackwardResult backward_cpu(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
     const std::optional<Tensor>& hx_,
@@ -507,34 +543,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
+#if defined(CPU_CAPABILITY_AVX512)
+  if (input.scalar_type() == at::kFloat &&
+      register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
+                           s.has_projection) &&
+      register_layer::backward_fits(s.gate_size / s.hidden_size, s.input_size, s.hidden_size)) {
+    return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
+  }
+#endif
   BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cpu", [&] {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
-                                 s.has_projection)) {
-          register_layer::backward<Cell>(
-              {s.steps, s.batch, s.input_size, s.hidden_size, reverse},
-              grad_output.data_ptr<float>(), output.data_ptr<float>(),
-              ws_cols > 0 ? workspace.data_ptr<float>() : nullptr,
-              hx.defined() ? hx.data_ptr<float>() : nullptr,
-              cx.defined() ? cx.data_ptr<float>() : nullptr, w_hh.data_ptr<float>(),
-              state.dh.data_ptr<float>(),
-              Cell::kHasCellState ? state.dc.data_ptr<float>() : nullptr,
-              state.dgate_x.data_ptr<float>(),
-              state.separate_hidden_gate_grad ? state.dgate_h.data_ptr<float>() : nullptr);
-          return;
-        }
-      }
-#endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
                                    state.dprojected);
-      if (v.gate_packed) {
+      if (v.gate_packed && Cell::kGates > 1) {
         state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
         state.dgate_h = state.separate_hidden_gate_grad
                             ? regroup_gates<scalar_t>(state.dgate_h, Cell::kGates, false)

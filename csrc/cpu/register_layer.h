@@ -14,6 +14,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -183,33 +184,79 @@ void forward(const Layer& l, const float* input, const float* w_ih, const float*
   if (Cell::kHasCellState) _mm512_mask_storeu_ps(c, unit_mask, c_now);
 }
 
-// The reverse pass. grad_output [T, B, H]; output and workspace as the forward wrote them;
+// Lane o = b * H + j of a vector takes lane b * width + column of `in` (x_t with width I,
+// h_prev with width H): the factor that meets the gate gradient of unit j of row b in the
+// gradient of weight column `column`.
+inline std::vector<__m512i> row_broadcasts(int64_t units, int64_t H, int64_t width) {
+  std::vector<__m512i> tables;
+  for (int64_t column = 0; column < width; ++column) {
+    alignas(64) std::array<int32_t, kLanes> at{};
+    for (int64_t o = 0; o < units; ++o) at[o] = static_cast<int32_t>(o / H * width + column);
+    tables.push_back(_mm512_load_si512(at.data()));
+  }
+  return tables;
+}
+
+// dst[g * H + j][column] (row stride `columns`) = the sum over rows b of lane b * H + j of
+// acc[g * columns + column]: per-lane sums over the steps, folded over the batch.
+inline void fold_batch(const std::vector<V>& acc, int gates, int64_t B, int64_t H,
+                       int64_t columns, float* dst) {
+  for (int g = 0; g < gates; ++g) {
+    for (int64_t column = 0; column < columns; ++column) {
+      alignas(64) std::array<float, kLanes> lanes_of{};
+      acc[g * columns + column].store(lanes_of.data());
+      for (int64_t j = 0; j < H; ++j) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < B; ++b) sum += lanes_of[b * H + j];
+        dst[(g * H + j) * columns + column] = sum;
+      }
+    }
+  }
+}
+
+// Whether the reverse pass fits too: it keeps a sum per gate and weight column in registers.
+inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
+  return gates * (input_size + hidden_size + 1) <= 40;
+}
+
+// The reverse pass, with the weight and bias gradients summed in registers over the steps.
+// input, grad_output [T, B, I] and [T, B, H]; output and workspace as the forward wrote them;
 // hx, cx [B, H] or nullptr (zero initial states); dh [B, H] and dc [B, H] (LSTM) hold the
-// gradients of h_n and c_n (or zeros) and receive those of hx and cx; dgate_x, dgate_h
-// [T, B, G] (dgate_h only for cells that keep it apart from dgate_x).
+// gradients of h_n and c_n (or zeros) and receive those of hx and cx. Writes grad_input
+// [T, B, I] (or nullptr: not needed), grad_w_ih [G, I], grad_w_hh [G, H] and grad_b_ih,
+// grad_b_hh [G] (or nullptr: no biases).
 template <typename Cell>
-void backward(const Layer& l, const float* grad_output, const float* output,
-              const float* workspace, const float* hx, const float* cx, const float* w_hh,
-              float* dh, float* dc, float* dgate_x, float* dgate_h) {
+void backward(const Layer& l, const float* input, const float* grad_output, const float* output,
+              const float* workspace, const float* hx, const float* cx, const float* w_ih,
+              const float* w_hh, float* dh, float* dc, float* grad_input, float* grad_w_ih,
+              float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
   constexpr int gates = Cell::kGates;
-  const int64_t units = l.units(), H = l.H, G = gates * H;
+  const int64_t units = l.units(), H = l.H, I = l.I, inputs = l.B * l.I;
   const __mmask16 unit_mask = lanes(units);
+  const __mmask16 input_low = lanes(inputs), input_high = lanes(inputs - kLanes);
   // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
-  // W_hh[g * H + j][k].
-  std::vector<LaneProduct> recurrent;
+  // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih.
+  std::vector<LaneProduct> recurrent, to_input_low, to_input_high;
   for (int g = 0; g < gates; ++g) {
     recurrent.emplace_back(
         units, H, [&](int64_t o, int64_t j) { return o / H * H + j; },
         [&](int64_t o, int64_t j) { return w_hh[(g * H + j) * H + o % H]; });
+    for (int half = 0; half < 2; ++half) {
+      const int64_t first = half * kLanes;
+      const int64_t outputs = std::max<int64_t>(0, std::min<int64_t>(kLanes, inputs - first));
+      (half == 0 ? to_input_low : to_input_high)
+          .emplace_back(
+              outputs, H, [&](int64_t o, int64_t j) { return (first + o) / I * H + j; },
+              [&](int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
+    }
   }
-  // Where lane b * H + j of gate g goes in a step's [B, G] block of gate gradients.
-  std::array<__m512i, gates> gate_rows;
-  for (int g = 0; g < gates; ++g) {
-    alignas(64) std::array<int32_t, kLanes> at{};
-    for (int64_t o = 0; o < units; ++o) at[o] = static_cast<int32_t>(o / H * G + g * H + o % H);
-    gate_rows[g] = _mm512_load_si512(at.data());
-  }
+  const std::vector<__m512i> from_input = row_broadcasts(units, H, I);
+  const std::vector<__m512i> from_hidden = row_broadcasts(units, H, H);
   const V zero(0.0f);
+  // Per-lane sums over the steps: [gates][I], [gates][H], [gates] (twice for GRU).
+  std::vector<V> sum_w_ih(gates * I, zero), sum_w_hh(gates * H, zero);
+  std::vector<V> sum_b_ih(gates, zero), sum_b_hh(gates, zero);
+
   V dh_next = _mm512_maskz_loadu_ps(unit_mask, dh);
   V dc_next = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, dc)) : zero;
   for (int64_t step = l.T_ - 1; step >= 0; --step) {
@@ -224,11 +271,9 @@ void backward(const Layer& l, const float* grad_output, const float* output,
       saved[s] = _mm512_maskz_loadu_ps(unit_mask,
                                        workspace + (t * Cell::kSavedPerUnit + s) * units);
     }
-    V h_prev = zero, c_prev = zero;
-    if (Cell::kReadsPrevHidden) {
-      const float* from = first ? hx : output + t_prev * units;
-      if (from) h_prev = _mm512_maskz_loadu_ps(unit_mask, from);
-    }
+    const float* h_prev_data = first ? hx : output + t_prev * units;
+    const V h_prev = h_prev_data ? V(_mm512_maskz_loadu_ps(unit_mask, h_prev_data)) : zero;
+    V c_prev = zero;
     if (Cell::kHasCellState) {
       // The c saved by the previous step (after i, f, g, o), or cx.
       const float* from = first ? cx : workspace + (t_prev * Cell::kSavedPerUnit + 4) * units;
@@ -239,25 +284,53 @@ void backward(const Layer& l, const float* grad_output, const float* output,
     V dc_prev = zero, dh_prev_direct = zero;
     Cell::backward(1, InRegister{}, saved.data(), h_prev, c_prev, dh_now, dc_next, dxg.data(),
                    dhg.data(), dc_prev, dh_prev_direct);
-    for (int g = 0; g < gates; ++g) {
-      _mm512_mask_i32scatter_ps(dgate_x + t * units * gates, unit_mask, gate_rows[g], dxg[g], 4);
-      if (Cell::kSeparateHiddenGateGrad) {
-        _mm512_mask_i32scatter_ps(dgate_h + t * units * gates, unit_mask, gate_rows[g], dhg[g],
-                                  4);
-      }
-    }
-    // dh_prev = the direct path + the gate gradients through W_hh (for the cells whose hg
-    // gradient is their xg gradient, dhg is left as it came: use dxg).
+    // For the cells whose hg gradient is their xg gradient, dhg is left as it came.
+    const std::array<V, gates>& hidden_grad = Cell::kSeparateHiddenGateGrad ? dhg : dxg;
+
+    // The next (earlier) step's dh: the direct path and the gate gradients through W_hh.
     __m512 dh_prev = dh_prev_direct;
     for (int g = 0; g < gates; ++g) {
-      const V& gate_grad = Cell::kSeparateHiddenGateGrad ? dhg[g] : dxg[g];
-      dh_prev = recurrent[g].add_to(dh_prev, gate_grad, _mm512_setzero_ps());
+      dh_prev = recurrent[g].add_to(dh_prev, hidden_grad[g], _mm512_setzero_ps());
     }
     dh_next = dh_prev;
     dc_next = dc_prev;
+
+    // Off the chain of steps: this step's share of the weight and bias gradients, and of the
+    // input's.
+    const float* x = input + t * inputs;
+    const __m512 x_low = _mm512_maskz_loadu_ps(input_low, x);
+    const __m512 x_high = inputs > kLanes ? _mm512_maskz_loadu_ps(input_high, x + kLanes)
+                                          : _mm512_setzero_ps();
+    for (int g = 0; g < gates; ++g) {
+      sum_b_ih[g] = sum_b_ih[g] + dxg[g];
+      sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
+      for (int64_t i = 0; i < I; ++i) {
+        sum_w_ih[g * I + i] = _mm512_fmadd_ps(
+            dxg[g], _mm512_permutex2var_ps(x_low, from_input[i], x_high), sum_w_ih[g * I + i]);
+      }
+      for (int64_t k = 0; k < H; ++k) {
+        sum_w_hh[g * H + k] = _mm512_fmadd_ps(
+            hidden_grad[g], _mm512_permutexvar_ps(from_hidden[k], h_prev), sum_w_hh[g * H + k]);
+      }
+    }
+    if (grad_input) {
+      __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();
+      for (int g = 0; g < gates; ++g) {
+        low = to_input_low[g].add_to(low, dxg[g], _mm512_setzero_ps());
+        if (inputs > kLanes) high = to_input_high[g].add_to(high, dxg[g], _mm512_setzero_ps());
+      }
+      _mm512_mask_storeu_ps(grad_input + t * inputs, input_low, low);
+      if (inputs > kLanes) _mm512_mask_storeu_ps(grad_input + t * inputs + kLanes, input_high, high);
+    }
   }
   _mm512_mask_storeu_ps(dh, unit_mask, dh_next);
   if (Cell::kHasCellState) _mm512_mask_storeu_ps(dc, unit_mask, dc_next);
+  fold_batch(sum_w_ih, gates, l.B, H, I, grad_w_ih);
+  fold_batch(sum_w_hh, gates, l.B, H, H, grad_w_hh);
+  if (grad_b_ih) {
+    fold_batch(sum_b_ih, gates, l.B, H, 1, grad_b_ih);
+    fold_batch(sum_b_hh, gates, l.B, H, 1, grad_b_hh);
+  }
 }
 
 #endif  // CPU_CAPABILITY_AVX512
