@@ -870,15 +870,17 @@ def test_larger_sizes(rf, device, spec, H, layout, dtype):
 
 @pytest.mark.parametrize("layout", ["batched", "packed"])
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
-@pytest.mark.parametrize("B,H", [(3, 2), (5, 3), (2, 7), (4, 2), (3, 9), (2, 16), (1, 4)])
+@pytest.mark.parametrize("B,H,I", [(3, 2, 3), (5, 3, 3), (2, 7, 3), (4, 2, 3), (3, 9, 3),
+                                   (2, 16, 3), (1, 4, 3), (1, 4, 30), (2, 5, 12)])
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
-def test_tiny_layers_over_many_steps(rf, device, spec, B, H, hx_given, layout):
-    """Batches and hidden sizes whose per-step products fit in a few vector registers (the CPU
-    engine's register product, float32): inputs of up to one and two registers, outputs of one
-    to several vectors, plain and gate-packed rows, in both directions."""
+def test_tiny_layers_over_many_steps(rf, device, spec, B, H, I, hx_given, layout):
+    """Batches and sizes whose steps fit in a few vector registers (the CPU engine's register
+    product and register layer, float32): inputs of up to one and two registers, outputs of
+    one to several vectors, plain and gate-packed rows, in both directions; and inputs too wide
+    for the register layer's reverse pass, which then runs the general one."""
     if layout == "packed" and B == 1:
         pytest.skip("one row has no lengths to vary")
-    sizes = dict(T=40, B=B, I=3, H=H, P=H - 1 if spec.proj else 0)
+    sizes = dict(T=40, B=B, I=I, H=H, P=H - 1 if spec.proj else 0)
     check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
                 batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
