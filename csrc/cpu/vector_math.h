@@ -52,8 +52,9 @@ inline Vec<float> reciprocal(Vec<float> q) {
 inline Vec<float> rational_tanh(Vec<float> x) {
   using at::vec::fmadd;
   const Vec<float> limit(7.90531110763549805f);  // tanh rounds to +-1 beyond
-  const Vec<float> xc = at::vec::clamp(x, Vec<float>(0.0f) - limit, limit);
-  const Vec<float> x2 = xc * xc;
+  // Past the limit the result is set to +-1 below, whatever the rational form gives there
+  // (even inf or NaN), so x needs no clamp on the way in.
+  const Vec<float> x2 = x * x;
   const Vec<float> x4 = x2 * x2;
   // p(x2) = c0 + c1 x2 + ... + c6 x2^6
   const Vec<float> p01 = fmadd(x2, Vec<float>(6.37261928875436e-04f), Vec<float>(4.89352455891786e-03f));
@@ -61,7 +62,7 @@ inline Vec<float> rational_tanh(Vec<float> x) {
   const Vec<float> p45 = fmadd(x2, Vec<float>(2.00018790482477e-13f), Vec<float>(-8.60467152213735e-11f));
   const Vec<float> p0123 = fmadd(x4, p23, p01);
   const Vec<float> p456 = fmadd(x4, Vec<float>(-2.76076847742355e-16f), p45);
-  const Vec<float> p = xc * fmadd(x4 * x4, p456, p0123);
+  const Vec<float> p = x * fmadd(x4 * x4, p456, p0123);
   Vec<float> q = fmadd(x2, Vec<float>(1.19825839466702e-06f), Vec<float>(1.18534705686654e-04f));
   q = fmadd(x2, q, Vec<float>(2.26843463243900e-03f));
   q = fmadd(x2, q, Vec<float>(4.89352518554385e-03f));
