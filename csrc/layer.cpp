@@ -126,13 +126,15 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
 
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n) {
+                                  const std::optional<at::Tensor>& grad_c_n,
+                                  const at::Tensor& dgate_x_buffer) {
   const auto options = input.options();
   BackwardState state;
   std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
   state.separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
-  state.dgate_x = at::empty({s.steps, s.batch, s.gate_size}, options);
+  state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer
+                                           : at::empty({s.steps, s.batch, s.gate_size}, options);
   state.dgate_h = state.separate_hidden_gate_grad
                       ? at::empty({s.steps, s.batch, s.gate_size}, options)
                       : state.dgate_x;

@@ -132,9 +132,12 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& sizes,
                                                         const std::optional<at::Tensor>& grad_h_n,
                                                         const std::optional<at::Tensor>& grad_c_n);
 
+// dgate_x_buffer: a [T, B, G] tensor the engine may overwrite, taken as dgate_x instead of a new
+// one; undefined: allocate.
 BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n);
+                                  const std::optional<at::Tensor>& grad_c_n,
+                                  const at::Tensor& dgate_x_buffer = at::Tensor());
 
 // The final c of a forward pass in the input's dtype (LSTM), else an empty tensor.
 at::Tensor final_cell_state(const LayerSizes& sizes, const ForwardState& state,

@@ -551,7 +551,15 @@ BackwardResult backward_cpu(
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }
 #endif
-  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_);
+  // An Elman layer's gate gradient of a step and row takes the place of its output gradient
+  // (read just before, same size): where grad_output is this call's own contiguous copy, the
+  // reverse loop writes dgate_x over it instead of into a buffer of its own.
+  const bool owns_grad_output = !grad_output.is_same(grad_output_);
+  const bool gate_grad_over_output_grad =
+      owns_grad_output && s.gate_size == s.state_size && !s.has_projection &&
+      dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
+  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_,
+                                            gate_grad_over_output_grad ? grad_output : Tensor());
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
