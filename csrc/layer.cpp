@@ -178,6 +178,10 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
     kernels.column_sum(out, x);
     return out;
   };
+  // The running state gradients are the gradients of hx and cx now; without those, their
+  // memory goes before the weight gradients are allocated.
+  if (!hx.defined()) state.dh = Tensor();
+  if (!cx.defined()) state.dc = Tensor();
   const Tensor& dgate_h = state.dgate_h;
   const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
   const Tensor dgh2d = dgate_h.view({T_ * B, G});

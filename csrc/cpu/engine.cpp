@@ -356,7 +356,10 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
-  Tensor dh_direct = at::empty({B, P}, grad_output.options());
+  // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
+  // dh passing through). Zero for the other cells without lengths: then no buffer.
+  const bool has_direct_path = Cell::kReadsPrevHidden || v.lengths != nullptr;
+  Tensor dh_direct = has_direct_path ? at::empty({B, P}, grad_output.options()) : Tensor();
   Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
@@ -381,7 +384,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   A* dc_data = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
   T* dgx_data = dgate_x.data_ptr<T>();
   T* dgh_data = dgate_h.data_ptr<T>();
-  T* dhd_data = dh_direct.data_ptr<T>();
+  T* dhd_data = has_direct_path ? dh_direct.data_ptr<T>() : nullptr;
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
 
@@ -413,7 +416,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const int64_t row = t * B + b;
       T* dgx_row = dgx_data + row * G;
       T* dgh_row = dgh_data + row * G;
-      T* dhd_row = dhd_data + b * P;
+      T* dhd_row = has_direct_path ? dhd_data + b * P : nullptr;
       if (!v.active(t, b)) {
         // The row's state passes through this step untouched.
         std::fill(dgx_row, dgx_row + G, T(0));
@@ -433,7 +436,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         c_prev_row = !first ? ws_data + prev_row * W + 4 * H
                      : zero_initial_state ? zero_data : cx_data + b * H;
       }
-      if (projecting) std::fill(dhd_row, dhd_row + P, T(0));
+      if (projecting && dhd_row) std::fill(dhd_row, dhd_row + P, T(0));
       A* dc_row = dc_data ? dc_data + b * H : nullptr;
       const T* dh_row = dh_data + b * P;
       const T* dhu_row = projecting ? dhu_data + b * H : nullptr;
@@ -448,7 +451,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row,
                        dgh_row, dc_prev, dh_prev_direct);
         if (dc_row) store(dc_row, 0, j, dc_prev);
-        if (!projecting) store(dhd_row, 0, j, dh_prev_direct);
+        if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
     }
   };
@@ -459,8 +462,13 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     if (zero_initial_state && step == 0) return;
     const int64_t t = v.step_time(step);
     const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
-    recurrent_back.run_accumulate(dgate_step + b_begin * G, product_rows(b_begin, b_end),
-                                  dhd_data + b_begin * P, dh_data + b_begin * P);
+    if (has_direct_path) {
+      recurrent_back.run_accumulate(dgate_step + b_begin * G, product_rows(b_begin, b_end),
+                                    dhd_data + b_begin * P, dh_data + b_begin * P);
+    } else {
+      recurrent_back.run(dgate_step + b_begin * G, product_rows(b_begin, b_end),
+                         dh_data + b_begin * P);
+    }
   };
   run_steps(B, v.T_, step_threads(B, v.T_, G, P, H, recurrent_back), projection_step,
             pointwise_step, recurrent_step);
