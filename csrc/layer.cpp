@@ -1,10 +1,10 @@
 // The device-independent parts of a layer's passes (ATen operations only), shared by the CPU and
 // CUDA engines: the buffers of the forward and the reverse loop, and the gradients computed
 // after the reverse loop.
+#include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
 
-#include <cstring>
 
 #include "layer.h"
 
@@ -26,14 +26,19 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
   }
   const int64_t T_ = input.size(0), B = input.size(1), I = input.size(2);
   at::Tensor out = at::empty({T_, B, I}, input.options());
-  const int64_t bytes = I * static_cast<int64_t>(input.element_size());
-  const char* from = static_cast<const char*>(input.data_ptr());  // [B, T, I]
-  char* to = static_cast<char*>(out.data_ptr());                  // [T, B, I]
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t t = 0; t < T_; ++t) {
-      std::memcpy(to + (t * B + b) * bytes, from + (b * T_ + t) * bytes, bytes);
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, input.scalar_type(),
+                             "rnnfast_time_major", [&] {
+    const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
+    scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < T_; ++t) {
+        // An element loop: a row is often a few values, too short for a memcpy call.
+        const scalar_t* row = from + (b * T_ + t) * I;
+        scalar_t* dst = to + (t * B + b) * I;
+        for (int64_t i = 0; i < I; ++i) dst[i] = row[i];
+      }
     }
-  }
+  });
   return out;
 }
 
