@@ -4,6 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 
 #include "layer.h"
@@ -30,14 +33,19 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
                              "rnnfast_time_major", [&] {
     const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
     scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t t = 0; t < T_; ++t) {
-        // An element loop: a row is often a few values, too short for a memcpy call.
-        const scalar_t* row = from + (b * T_ + t) * I;
-        scalar_t* dst = to + (t * B + b) * I;
-        for (int64_t i = 0; i < I; ++i) dst[i] = row[i];
+    // Batch rows split over the threads in shares of at least kCopyGrain values.
+    constexpr int64_t kCopyGrain = 1 << 16;
+    const int64_t grain = std::max<int64_t>(1, kCopyGrain / std::max<int64_t>(1, T_ * I));
+    at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        for (int64_t t = 0; t < T_; ++t) {
+          // An element loop: a row is often a few values, too short for a memcpy call.
+          const scalar_t* row = from + (b * T_ + t) * I;
+          scalar_t* dst = to + (t * B + b) * I;
+          for (int64_t i = 0; i < I; ++i) dst[i] = row[i];
+        }
       }
-    }
+    });
   });
   return out;
 }
