@@ -93,9 +93,9 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
     ctx->saved_data["saved_workspace"] = save_workspace;
-    ctx->save_for_backward({contiguous_input, hx.value_or(Tensor()), cx.value_or(Tensor()), w_ih, w_hh,
-                            w_hr.value_or(Tensor()), lengths.value_or(Tensor()), output,
-                            workspace});
+    ctx->save_for_backward({contiguous_input, hx.value_or(Tensor()), cx.value_or(Tensor()),
+                            w_ih, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()),
+                            output, workspace});
     ctx->mark_non_differentiable({workspace});
     return {output, h_n, c_n, workspace};
   }

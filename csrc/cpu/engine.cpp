@@ -57,9 +57,9 @@ StepThreads step_threads(int64_t rows, int64_t steps, int64_t gate_size, int64_t
              : StepThreads::Serial;
 }
 
-// Runs the steps of a call over batch rows [0, rows): per step, products(step, begin, end) (the
-// products that run before or after the pointwise pass, on rows begin .. end - 1, which
-// `order` places), pointwise(step, begin, end), in the thread schedule `threads`.
+// Runs the steps of a call over batch rows [0, rows) in the schedule `threads`: per step
+// before(step, begin, end), pointwise(step, begin, end) and after(step, begin, end) on rows
+// begin .. end - 1 (before and after run the products; with PointwisePerStep on all rows).
 template <typename Before, typename Pointwise, typename After>
 void run_steps(int64_t rows, int64_t steps, StepThreads threads, const Before& before,
                const Pointwise& pointwise, const After& after) {

@@ -171,7 +171,7 @@ class RecurrentProduct {
   // The product for `rows` rows as a RegisterProduct: output o and term k (a column of M) in
   // the layout of this product's packing.
   RegisterProduct make_register_product(const at::Tensor& matrix, int64_t rows) const {
-    const at::Tensor m = matrix.to(at::kFloat).contiguous();
+    const at::Tensor m = matrix.contiguous();
     const float* m_data = m.data_ptr<float>();
     const float* bias = bias_.defined() ? bias_.template data_ptr<float>() : nullptr;
     const int64_t n = n_, k = k_, hp = packed_hidden_;

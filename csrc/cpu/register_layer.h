@@ -320,7 +320,9 @@ void backward(const Layer& l, const float* input, const float* grad_output, cons
         if (inputs > kLanes) high = to_input_high[g].add_to(high, dxg[g], _mm512_setzero_ps());
       }
       _mm512_mask_storeu_ps(grad_input + t * inputs, input_low, low);
-      if (inputs > kLanes) _mm512_mask_storeu_ps(grad_input + t * inputs + kLanes, input_high, high);
+      if (inputs > kLanes) {
+        _mm512_mask_storeu_ps(grad_input + t * inputs + kLanes, input_high, high);
+      }
     }
   }
   _mm512_mask_storeu_ps(dh, unit_mask, dh_next);

@@ -21,7 +21,9 @@ using Vec = at::vec::Vectorized<S>;
 
 template <typename S>
 struct VectorMath {
-  static Vec<S> sigmoid(Vec<S> x) { return Vec<S>(S(1)) / (Vec<S>(S(1)) + (Vec<S>(S(0)) - x).exp()); }
+  static Vec<S> sigmoid(Vec<S> x) {
+    return Vec<S>(S(1)) / (Vec<S>(S(1)) + (Vec<S>(S(0)) - x).exp());
+  }
   static Vec<S> tanh(Vec<S> x) { return x.tanh(); }
   static Vec<S> relu(Vec<S> x) { return at::vec::maximum(x, Vec<S>(S(0))); }
   static Vec<S> positive(Vec<S> y) { return y.gt(Vec<S>(S(0))); }  // 1.0 where y > 0, else 0.0
@@ -50,30 +52,29 @@ inline Vec<float> reciprocal(Vec<float> q) {
 // a reciprocal estimate refined by one Newton step. Relative error under 4 float epsilons over
 // all floats (tests/test_vector_math.py checks it against torch.tanh).
 inline Vec<float> rational_tanh(Vec<float> x) {
+  using F = Vec<float>;
   using at::vec::fmadd;
-  const Vec<float> limit(7.90531110763549805f);  // tanh rounds to +-1 beyond
+  const F limit(7.90531110763549805f);  // tanh rounds to +-1 beyond
   // Past the limit the result is set to +-1 below, whatever the rational form gives there
   // (even inf or NaN), so x needs no clamp on the way in.
-  const Vec<float> x2 = x * x;
-  const Vec<float> x4 = x2 * x2;
+  const F x2 = x * x;
+  const F x4 = x2 * x2;
   // p(x2) = c0 + c1 x2 + ... + c6 x2^6
-  const Vec<float> p01 = fmadd(x2, Vec<float>(6.37261928875436e-04f), Vec<float>(4.89352455891786e-03f));
-  const Vec<float> p23 = fmadd(x2, Vec<float>(5.12229709037114e-08f), Vec<float>(1.48572235717979e-05f));
-  const Vec<float> p45 = fmadd(x2, Vec<float>(2.00018790482477e-13f), Vec<float>(-8.60467152213735e-11f));
-  const Vec<float> p0123 = fmadd(x4, p23, p01);
-  const Vec<float> p456 = fmadd(x4, Vec<float>(-2.76076847742355e-16f), p45);
-  const Vec<float> p = x * fmadd(x4 * x4, p456, p0123);
-  Vec<float> q = fmadd(x2, Vec<float>(1.19825839466702e-06f), Vec<float>(1.18534705686654e-04f));
-  q = fmadd(x2, q, Vec<float>(2.26843463243900e-03f));
-  q = fmadd(x2, q, Vec<float>(4.89352518554385e-03f));
-  const Vec<float> ratio = p * reciprocal(q);
+  const F p01 = fmadd(x2, F(6.37261928875436e-04f), F(4.89352455891786e-03f));
+  const F p23 = fmadd(x2, F(5.12229709037114e-08f), F(1.48572235717979e-05f));
+  const F p45 = fmadd(x2, F(2.00018790482477e-13f), F(-8.60467152213735e-11f));
+  const F p0123 = fmadd(x4, p23, p01);
+  const F p456 = fmadd(x4, F(-2.76076847742355e-16f), p45);
+  const F p = x * fmadd(x4 * x4, p456, p0123);
+  F q = fmadd(x2, F(1.19825839466702e-06f), F(1.18534705686654e-04f));
+  q = fmadd(x2, q, F(2.26843463243900e-03f));
+  q = fmadd(x2, q, F(4.89352518554385e-03f));
+  const F ratio = p * reciprocal(q);
   // Tiny |x|: tanh(x) = x to float precision (the rational form would lose the last bits);
   // past the limit exactly +-1 (the refined reciprocal may leave the ratio an ulp short).
-  const Vec<float> abs_x = x.abs();
-  const Vec<float> saturated =
-      Vec<float>::blendv(Vec<float>(-1.0f), Vec<float>(1.0f), x > Vec<float>(0.0f));
-  return Vec<float>::blendv(Vec<float>::blendv(ratio, x, abs_x < Vec<float>(0.0004f)),
-                            saturated, abs_x >= limit);
+  const F abs_x = x.abs();
+  const F saturated = F::blendv(F(-1.0f), F(1.0f), x > F(0.0f));
+  return F::blendv(F::blendv(ratio, x, abs_x < F(0.0004f)), saturated, abs_x >= limit);
 }
 
 template <>
