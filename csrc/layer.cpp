@@ -1,13 +1,12 @@
-// The device-independent parts of a layer's passes (ATen operations only), shared by the CPU and
-// CUDA engines: the buffers of the forward and the reverse loop, and the gradients computed
-// after the reverse loop.
+// The device-independent parts of a layer's passes (ATen operations, and a row copy for CPU
+// inputs), shared by the CPU and CUDA engines: the buffers of the forward and the reverse loop,
+// and the gradients computed after the reverse loop.
 #include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-
 
 #include "layer.h"
 
@@ -23,14 +22,15 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
   const bool plain_cpu = input.device().is_cpu() &&
                          !input.unsafeGetTensorImpl()->is_python_dispatch() &&
                          !at::functionalization::impl::isFunctionalTensor(input);
+  // Anything else (and any input the op's checks will refuse) takes ATen's copy.
   if (input.is_contiguous() || !plain_cpu || input.dim() != 3 ||
-      !input.transpose(0, 1).is_contiguous()) {
+      !at::isFloatingType(input.scalar_type()) || !input.transpose(0, 1).is_contiguous()) {
     return input.contiguous();
   }
   const int64_t T_ = input.size(0), B = input.size(1), I = input.size(2);
   at::Tensor out = at::empty({T_, B, I}, input.options());
-  AT_DISPATCH_ALL_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, input.scalar_type(),
-                             "rnnfast_time_major", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnnfast_time_major", [&] {
     const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
     scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
     // Batch rows split over the threads in shares of at least kCopyGrain values.
