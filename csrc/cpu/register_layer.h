@@ -5,11 +5,11 @@
 // There a step is a chain of dependent instructions a few dozen long, and a loop that keeps h,
 // c and the gates in memory spends it on loads of values just stored. Here lane b * H + j of a
 // vector holds unit j of batch row b; per step and gate, the input and recurrent products are a
-// lane permutation and a multiply-add per term (as in register_product.h), the cell math is
-// csrc/cells.h's on those vectors (InRegister: gate k is the k-th vector of an array), and
-// only the outputs, the saved values and the gate gradients go to memory, in the layouts the
-// rest of the engine reads: output [T, B, H], workspace [T, saved, B, H] (the gate-packed
-// view's), gate gradients [T, B, G].
+// lane permutation and a multiply-add per term (LaneProduct, register_product.h), the cell math
+// is csrc/cells.h's on those vectors (InRegister: gate k is the k-th vector of an array), and
+// only the outputs and the saved values go to memory, in the layouts the rest of the engine
+// reads: output [T, B, H], workspace [T, saved, B, H] (the gate-packed view's). The reverse
+// pass sums the weight and bias gradients in registers over the steps and writes the input's.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -17,9 +17,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
+#include "register_product.h"
 #include "vector_math.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -43,8 +43,7 @@ inline void store(T* row, int offset, InRegister, A value) {
 
 namespace register_layer {
 
-constexpr int kLanes = 16;
-constexpr int kMaxGates = 4;
+constexpr int kLanes = kRegisterLanes;
 
 inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool has_lengths,
                  bool has_projection) {
@@ -60,48 +59,6 @@ inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool ha
 #if defined(CPU_CAPABILITY_AVX512)
 
 using V = at::vec::Vectorized<float>;
-
-inline __mmask16 lanes(int64_t count) {
-  return count >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-}
-
-// A product sum_s in[source_s(o)] * weight_s(o) into every output lane o, for one output vector:
-// `terms` pairs of (source lanes, weights). Sources index two input vectors (0 .. 31).
-struct LaneProduct {
-  std::vector<int32_t> sources;  // [terms][16]
-  std::vector<float> weights;    // [terms][16]
-  int64_t terms = 0;
-
-  template <typename Source, typename Weight>
-  LaneProduct(int64_t outputs, int64_t term_count, Source source, Weight weight)
-      : sources(term_count * kLanes, 0), weights(term_count * kLanes, 0.0f), terms(term_count) {
-    for (int64_t s = 0; s < terms; ++s) {
-      for (int64_t o = 0; o < outputs; ++o) {
-        sources[s * kLanes + o] = static_cast<int32_t>(source(o, s));
-        weights[s * kLanes + o] = weight(o, s);
-      }
-    }
-  }
-
-  // acc + the product of the inputs low (lanes 0..15) and high (16..31).
-  __m512 add_to(__m512 acc, __m512 low, __m512 high) const {
-    __m512 odd = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 1 < terms; s += 2) {
-      acc = term(acc, low, high, s);
-      odd = term(odd, low, high, s + 1);
-    }
-    if (s < terms) acc = term(acc, low, high, s);
-    return _mm512_add_ps(acc, odd);
-  }
-
- private:
-  __m512 term(__m512 acc, __m512 low, __m512 high, int64_t s) const {
-    const __m512i index = _mm512_loadu_si512(sources.data() + s * kLanes);
-    return _mm512_fmadd_ps(_mm512_permutex2var_ps(low, index, high),
-                           _mm512_loadu_ps(weights.data() + s * kLanes), acc);
-  }
-};
 
 // Sizes and data of one call, as both passes see them. Weights: w_ih [G, I], w_hh [G, H],
 // row-major; biases [G] or nullptr.
@@ -149,8 +106,8 @@ void forward(const Layer& l, const float* input, const float* w_ih, const float*
   constexpr int gates = Cell::kGates;
   const GateProducts products(l, gates, w_ih, w_hh, b_ih, b_hh);
   const int64_t units = l.units(), inputs = l.B * l.I;
-  const __mmask16 unit_mask = lanes(units);
-  const __mmask16 input_low = lanes(inputs), input_high = lanes(inputs - kLanes);
+  const __mmask16 unit_mask = first_lanes(units);
+  const __mmask16 input_low = first_lanes(inputs), input_high = first_lanes(inputs - kLanes);
   V h_now = _mm512_maskz_loadu_ps(unit_mask, h);
   V c_now = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, c)) : V(0.0f);
   for (int64_t step = 0; step < l.T_; ++step) {
@@ -232,8 +189,8 @@ void backward(const Layer& l, const float* input, const float* grad_output, cons
               float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
   constexpr int gates = Cell::kGates;
   const int64_t units = l.units(), H = l.H, I = l.I, inputs = l.B * l.I;
-  const __mmask16 unit_mask = lanes(units);
-  const __mmask16 input_low = lanes(inputs), input_high = lanes(inputs - kLanes);
+  const __mmask16 unit_mask = first_lanes(units);
+  const __mmask16 input_low = first_lanes(inputs), input_high = first_lanes(inputs - kLanes);
   // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
   // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih.
   std::vector<LaneProduct> recurrent, to_input_low, to_input_high;
