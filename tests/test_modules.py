@@ -868,18 +868,21 @@ def test_larger_sizes(rf, device, spec, H, layout, dtype):
                 bias=True, layout=layout, hx_given=True, sizes=sizes)
 
 
-@pytest.mark.parametrize("layout", ["batched", "packed"])
+TINY_SIZES = [(3, 2, 3), (5, 3, 3), (2, 7, 3), (4, 2, 3), (3, 9, 3), (2, 16, 3), (1, 4, 3),
+              (1, 4, 30), (2, 5, 12)]
+
+
+# Packed sequences need two rows or more (lengths to vary).
+@pytest.mark.parametrize("B,H,I,layout", [(B, H, I, layout) for B, H, I in TINY_SIZES
+                                          for layout in ("batched", "packed")
+                                          if B > 1 or layout == "batched"])
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
-@pytest.mark.parametrize("B,H,I", [(3, 2, 3), (5, 3, 3), (2, 7, 3), (4, 2, 3), (3, 9, 3),
-                                   (2, 16, 3), (1, 4, 3), (1, 4, 30), (2, 5, 12)])
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
 def test_tiny_layers_over_many_steps(rf, device, spec, B, H, I, hx_given, layout):
     """Batches and sizes whose steps fit in a few vector registers (the CPU engine's register
     product and register layer, float32): inputs of up to one and two registers, outputs of
     one to several vectors, plain and gate-packed rows, in both directions; and inputs too wide
     for the register layer's reverse pass, which then runs the general one."""
-    if layout == "packed" and B == 1:
-        pytest.skip("one row has no lengths to vary")
     sizes = dict(T=40, B=B, I=I, H=H, P=H - 1 if spec.proj else 0)
     check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
                 batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)

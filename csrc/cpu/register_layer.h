@@ -60,8 +60,8 @@ inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool ha
 
 using V = at::vec::Vectorized<float>;
 
-// Sizes and data of one call, as both passes see them. Weights: w_ih [G, I], w_hh [G, H],
-// row-major; biases [G] or nullptr.
+// Sizes of one call, as both passes see them. (Weights, wherever passed: w_ih [G, I] and
+// w_hh [G, H] row-major; biases [G] or nullptr.)
 struct Layer {
   int64_t T_, B, I, H;
   bool reverse;
@@ -171,9 +171,13 @@ inline void fold_batch(const std::vector<V>& acc, int gates, int64_t B, int64_t 
   }
 }
 
-// Whether the reverse pass fits too: it keeps a sum per gate and weight column in registers.
+// Whether the reverse pass fits too: it keeps gates * (I + H + 1) running sums (a vector per
+// gate and weight column, and the bias), which should stay about as many as the 32 vector
+// registers; wider layers run the engine's general reverse pass and its GEMMs.
+constexpr int64_t kMaxRunningSums = 40;
+
 inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
-  return gates * (input_size + hidden_size + 1) <= 40;
+  return gates * (input_size + hidden_size + 1) <= kMaxRunningSums;
 }
 
 // The reverse pass, with the weight and bias gradients summed in registers over the steps.
