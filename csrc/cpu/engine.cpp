@@ -139,9 +139,22 @@ LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse
 }
 
 template <typename T>
-const T* data_or_null(const Tensor& t) {
+T* data_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Whether a float call of these sizes runs in register_layer.h (the forward; the reverse pass
+// also needs register_layer::backward_fits), and its sizes as that file takes them.
+bool fits_register_layer(const LayerSizes& s) {
+  return register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
+                              s.has_projection);
+}
+
+register_layer::Layer register_layer_sizes(const LayerSizes& s, bool reverse) {
+  return {s.steps, s.batch, s.input_size, s.hidden_size, reverse};
+}
+#endif
 
 // b_ih + b_hh [G], added in the accumulation type.
 template <typename T>
@@ -292,10 +305,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
-                                 s.has_projection)) {
+        if (fits_register_layer(s)) {
           register_layer::forward<Cell>(
-              {s.steps, s.batch, s.input_size, s.hidden_size, reverse}, input.data_ptr<float>(),
+              register_layer_sizes(s, reverse), input.data_ptr<float>(),
               w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
               data_or_null<float>(b_hh), h_state.data_ptr<float>(),
               Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
@@ -518,11 +530,11 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   Tensor grad_w_hh = at::empty({G, s.hidden_size}, options);
   Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
   Tensor grad_b_hh = at::empty({has_bias ? G : 0}, options);
-  const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const auto data = data_or_null<float>;
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
-        {s.steps, s.batch, s.input_size, s.hidden_size, reverse}, data(in.input),
+        register_layer_sizes(s, reverse), data(in.input),
         data(in.grad_output), data(in.output),
         Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
         data(in.w_ih), data(in.w_hh), data(dh), data(dc),
@@ -552,9 +564,7 @@ BackwardResult backward_cpu(
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 #if defined(CPU_CAPABILITY_AVX512)
-  if (input.scalar_type() == at::kFloat &&
-      register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
-                           s.has_projection) &&
+  if (input.scalar_type() == at::kFloat && fits_register_layer(s) &&
       register_layer::backward_fits(s.gate_size / s.hidden_size, s.input_size, s.hidden_size)) {
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }

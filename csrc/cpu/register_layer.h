@@ -196,13 +196,14 @@ void backward(const Layer& l, const float* input, const float* grad_output, cons
   const __mmask16 unit_mask = first_lanes(units);
   const __mmask16 input_low = first_lanes(inputs), input_high = first_lanes(inputs - kLanes);
   // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
-  // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih.
+  // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih, where
+  // the input's gradient is wanted.
   std::vector<LaneProduct> recurrent, to_input_low, to_input_high;
   for (int g = 0; g < gates; ++g) {
     recurrent.emplace_back(
         units, H, [&](int64_t o, int64_t j) { return o / H * H + j; },
         [&](int64_t o, int64_t j) { return w_hh[(g * H + j) * H + o % H]; });
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; grad_input && half < 2; ++half) {
       const int64_t first = half * kLanes;
       const int64_t outputs = std::max<int64_t>(0, std::min<int64_t>(kLanes, inputs - first));
       (half == 0 ? to_input_low : to_input_high)
