@@ -9,6 +9,10 @@ import torch.nn.functional as F
 from rnnfast import _ops  # noqa: F401  (loads the extension and registers the ops)
 
 
+# The op's overload itself: calling it skips the overload resolution of torch.ops.rnnfast.forward.
+_FORWARD = torch.ops.rnnfast.forward.default
+
+
 def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
           reverse=False):
     """One layer in one direction.
@@ -19,10 +23,12 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     input's device or None (row b runs steps 0 .. lengths[b] - 1; later outputs are zero).
     Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
-    output, h_n, c_n, _ = torch.ops.rnnfast.forward(
-        cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, needs_grad)
+    # The weights first: they are the tensors that usually require grad (this runs per call).
+    needs_grad = torch.is_grad_enabled() and (
+        w_ih.requires_grad or w_hh.requires_grad or input.requires_grad
+        or any(t is not None and t.requires_grad for t in (b_ih, b_hh, w_hr, hx, cx)))
+    output, h_n, c_n, _ = _FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                   reverse, needs_grad)
     return output, h_n, c_n
 
 
@@ -35,8 +41,15 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
     tuple (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
     Returns output [T, B, D * P], h_n [L * D, B, P], c_n [L * D, B, H] or None.
     """
-    directions = 2 if bidirectional else 1
     has_cell_state = _ops.GATES[cell] == 4
+    if num_layers == 1 and not bidirectional:
+        # One layer in one direction (most models): no lists, and views of h_n and c_n.
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights[0]
+        output, h, c = layer(cell, input, hx[0] if hx is not None else None,
+                             cx[0] if cx is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
+                             lengths)
+        return output, h.unsqueeze(0), (c.unsqueeze(0) if has_cell_state else None)
+    directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     x = input
     for index in range(num_layers):
@@ -53,6 +66,4 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and index < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
-    if len(h_n) == 1:  # one layer, one direction: a view instead of a copy
-        return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if has_cell_state else None)
     return x, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)
