@@ -25,11 +25,29 @@ class TiledWeights {
 
   TiledWeights() = default;
 
-  // From M [N, K] (any strides): Wt = M^T.
+  // From M [N, K] (any strides): Wt = M^T. Made once per layer call, so made by hand: ATen's
+  // zero fill and strided copy cost several times the few steps of a short sequence.
   explicit TiledWeights(const at::Tensor& matrix)
       : n_(matrix.size(0)), k_(matrix.size(1)), padded_n_((n_ + kLanes - 1) / kLanes * kLanes) {
-    storage_ = at::zeros({k_, padded_n_}, matrix.options());
-    storage_.narrow(1, 0, n_).copy_(matrix.t());
+    storage_ = at::empty({k_, padded_n_}, matrix.options());
+    T* wt = storage_.template data_ptr<T>();
+    if (matrix.stride(0) == 1) {
+      // M's columns are contiguous, and they are the rows of M^T: row copies.
+      const T* m = matrix.template data_ptr<T>();
+      for (int64_t k = 0; k < k_; ++k) {
+        std::copy(m + k * matrix.stride(1), m + k * matrix.stride(1) + n_, wt + k * padded_n_);
+      }
+    } else {
+      // Rows of M: a blocked SIMD transpose.
+      const at::Tensor rows = matrix.contiguous();
+      at::vec::transpose_mxn<T>(rows.template data_ptr<T>(), k_, wt, padded_n_,
+                                static_cast<int>(n_), static_cast<int>(k_));
+    }
+    // The padding columns: the k loop multiplies them too (whole vectors, outputs not stored),
+    // and uninitialised memory could hold denormals, which slow the multiply-adds.
+    for (int64_t k = 0; k < k_; ++k) {
+      std::fill(wt + k * padded_n_ + n_, wt + (k + 1) * padded_n_, T(0));
+    }
   }
 
   int64_t n() const { return n_; }
