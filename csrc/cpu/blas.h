@@ -29,6 +29,10 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
                          const float* a, int lda, const float* b, int ldb, float beta, float* c,
                          int ldc) __attribute__((weak));
+// MKL's thread count for the calling thread's next calls (0: back to the global setting);
+// returns the previous one. (The C entry point: the lower-case names are Fortran's, which take
+// a pointer.)
+int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace rnnfast {
@@ -55,11 +59,19 @@ MatrixRef<T> matrix_ref(const at::Tensor& x) {
   return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
 }
 
+// Who threads a product. A one-off product (the input projection, a weight gradient) of fewer
+// than kThreadedGemmMinWork multiply-adds runs on the calling thread: MKL would split it over
+// its threads, where waking and joining them costs more than the split saves. The per-step
+// products keep MKL's own choice: they repeat with the same weights, which then stay split
+// over the cores' caches.
+enum class GemmThreads { SmallOnCaller, Library };
+constexpr int64_t kThreadedGemmMinWork = 1 << 20;
+
 // C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
 // Inside a parallel region the BLAS runs on the calling thread only.
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta, T* c,
-          int64_t ldc) {
+          int64_t ldc, GemmThreads threads = GemmThreads::SmallOnCaller) {
   if (m == 0 || n == 0) return;
   const bool fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && a.ld < INT_MAX &&
                         b.ld < INT_MAX && ldc < INT_MAX;
@@ -72,11 +84,16 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       const int ldci = int(ldc);
       const char ta = a.transposed ? 'T' : 'N', tb = b.transposed ? 'T' : 'N';
       const T one = T(1);
+      const bool one_thread = threads == GemmThreads::SmallOnCaller &&
+                              &MKL_Set_Num_Threads_Local != nullptr &&
+                              m * n * k < kThreadedGemmMinWork;
+      const int threads_before = one_thread ? MKL_Set_Num_Threads_Local(1) : 0;
       if constexpr (std::is_same_v<T, float>) {
         sgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);
       } else {
         dgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);
       }
+      if (one_thread) MKL_Set_Num_Threads_Local(threads_before);
       return;
     }
   }

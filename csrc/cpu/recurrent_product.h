@@ -165,7 +165,8 @@ class RecurrentProduct {
         return;
       }
     }
-    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, n_);
+    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, n_,
+            GemmThreads::Library);
   }
 
   // The product for `rows` rows as a RegisterProduct: output o and term k (a column of M) in
