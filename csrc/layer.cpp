@@ -17,13 +17,15 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 }
 
 at::Tensor time_major_contiguous(const at::Tensor& input) {
+  // Called up to three times per training step, the last two on its own earlier result.
+  if (input.is_contiguous()) return input;
   // Only a plain CPU tensor has data to copy by hand (not a fake or functional one, which
   // torch.compile traces with).
   const bool plain_cpu = input.device().is_cpu() &&
                          !input.unsafeGetTensorImpl()->is_python_dispatch() &&
                          !at::functionalization::impl::isFunctionalTensor(input);
   // Anything else (and any input the op's checks will refuse) takes ATen's copy.
-  if (input.is_contiguous() || !plain_cpu || input.dim() != 3 ||
+  if (!plain_cpu || input.dim() != 3 ||
       !at::isFloatingType(input.scalar_type()) || !input.transpose(0, 1).is_contiguous()) {
     return input.contiguous();
   }

@@ -100,6 +100,11 @@ struct LayerView {
   const int64_t* lengths;  // [B] or nullptr (every row runs all T steps)
 
   int64_t step_time(int64_t step) const { return reverse ? T_ - 1 - step : step; }
+  // The rows a recurrent product runs on for the loop's rows [b_begin, b_end): the gate-packed
+  // view's one row holds all batch rows, so its products run on all of them.
+  int64_t rows_of_products(int64_t b_begin, int64_t b_end) const {
+    return gate_packed ? product_rows : b_end - b_begin;
+  }
   int64_t length_of(int64_t b) const { return lengths ? lengths[b] : T_; }
   bool active(int64_t t, int64_t b) const { return t < length_of(b); }
   // The step at which row b starts (its state before that step is hx[b]).
@@ -221,15 +226,11 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   T* hu_data = projecting ? h_unprojected.data_ptr<T>() : nullptr;
   T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
 
-  // The gate-packed view is one row holding all batch rows: its products run on all of them.
-  const auto product_rows = [&](int64_t b_begin, int64_t b_end) {
-    return v.gate_packed ? v.product_rows : b_end - b_begin;
-  };
   const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     // Every row active at the first step starts there; from zero states hg is step_bias alone.
     const bool from_zero = zero_initial_state && step == 0;
-    recurrent.run(from_zero ? nullptr : h_data + b_begin * P, product_rows(b_begin, b_end),
-                  hg_data + b_begin * G);
+    recurrent.run(from_zero ? nullptr : h_data + b_begin * P,
+                  v.rows_of_products(b_begin, b_end), hg_data + b_begin * G);
   };
   const auto pointwise_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(step);
@@ -269,7 +270,8 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
     if (!projecting) return;
     // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
     const int64_t t = v.step_time(step);
-    projection.run(hu_data + b_begin * H, product_rows(b_begin, b_end), hp_data + b_begin * P);
+    projection.run(hu_data + b_begin * H, v.rows_of_products(b_begin, b_end),
+                   hp_data + b_begin * P);
     for (int64_t b = b_begin; b < b_end; ++b) {
       if (!v.active(t, b)) continue;
       std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
@@ -401,9 +403,6 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
 
   // The reverse loop: pass i is step T - 1 - i.
-  const auto product_rows = [&](int64_t b_begin, int64_t b_end) {
-    return v.gate_packed ? v.product_rows : b_end - b_begin;
-  };
   const auto projection_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     if (!projecting) return;
     // dLoss/dh (projected) of this step, then back through W_hr.
@@ -419,7 +418,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
       }
     }
-    projection_back.run(dp_data + (t * B + b_begin) * P, product_rows(b_begin, b_end),
+    projection_back.run(dp_data + (t * B + b_begin) * P, v.rows_of_products(b_begin, b_end),
                         dhu_data + b_begin * H);
   };
   const auto pointwise_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
@@ -475,10 +474,10 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     const int64_t t = v.step_time(step);
     const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
     if (has_direct_path) {
-      recurrent_back.run_accumulate(dgate_step + b_begin * G, product_rows(b_begin, b_end),
+      recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
     } else {
-      recurrent_back.run(dgate_step + b_begin * G, product_rows(b_begin, b_end),
+      recurrent_back.run(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                          dh_data + b_begin * P);
     }
   };
