@@ -918,6 +918,25 @@ def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layo
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_large_weights_small_batch_split_by_units(rf, device, spec, layout, dtype):
+    """Products in the BLAS with a small batch over enough steps for the CPU engine's forward
+    to split the hidden units over two threads (each its slice of every gate, one barrier a
+    step); hidden sizes whose second slice ends in a partial vector, in both directions."""
+    # W_hh past the tiled kernel's 64K elements: [4 H or 3 H, H or P], and Elman's [H, H].
+    sizes = dict(T=12, B=5, I=7, H=270 if spec.mode == "RNN" else 150,
+                 P=100 if spec.proj else 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=True,
+                    batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [8, 17, 64])
 @pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
 def test_cell_larger_sizes(rf, device, spec, H, dtype):

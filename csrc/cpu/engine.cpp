@@ -23,6 +23,7 @@
 #include "blas.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
+#include "unit_sliced_product.h"
 #include "vector_math.h"
 
 namespace rnnfast {
@@ -195,6 +196,97 @@ Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
   return to;
 }
 
+// The unit-sliced schedule (unit_sliced_product.h) pays for batches of fewer rows than this:
+// from 16 rows the BLAS's packed GEMM, threaded by the BLAS, runs the products faster than the
+// tiled kernel does on each thread's slice.
+constexpr int64_t kSlicedMaxRows = 15;
+// ... and for at least this many steps, which repay the copies of W_hh's slices (a call of
+// two steps of 10 rows ran 2-3x slower than with the BLAS).
+constexpr int64_t kSlicedMinSteps = 8;
+
+// Whether the forward runs in the unit-sliced schedule: a product the BLAS would run, of a
+// small batch over enough steps; several threads of a region whose threads run concurrently
+// (OpenMP's: StepBarrier spins); float or double; no projection.
+template <typename T>
+bool slices_units(const LayerView<T>& v, bool projecting) {
+#if AT_PARALLEL_OPENMP
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Product = RecurrentProduct<T>;
+    return !projecting && !v.gate_packed && v.product_rows <= kSlicedMaxRows &&
+           v.T_ >= kSlicedMinSteps && at::get_num_threads() > 1 && !at::in_parallel_region() &&
+           Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
+  }
+#endif
+  (void)v, (void)projecting;
+  return false;
+}
+
+// The forward in the unit-sliced schedule: one parallel region, each thread on its slice of
+// the hidden units of every batch row, one barrier per step. h alternates between two buffers:
+// a thread's product of step s reads all of h_{s-1} while another thread may already be
+// writing its units of h_s.
+template <typename Cell, typename T>
+void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
+                          int64_t xg_row_stride, const Tensor& w_hh, const Tensor& step_bias,
+                          Tensor& h_state, Tensor& c_state, Tensor& output, Tensor& workspace) {
+  using A = at::opmath_type<T>;
+  const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
+  const bool saving = workspace.dim() == 3;
+  const UnitSlicedProduct<T> recurrent(w_hh, step_bias, Cell::kGates, B, at::get_num_threads());
+  Tensor hg = at::empty({B, G}, xg.options());
+  Tensor h_buffers = at::empty({2, B, H}, xg.options());  // [s % 2]: h before step s
+  h_buffers[0].copy_(h_state);
+  const T* xg_data = xg.data_ptr<T>();
+  T* hg_data = hg.data_ptr<T>();
+  T* h_data = h_buffers.data_ptr<T>();
+  A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
+  T* out_data = output.data_ptr<T>();
+  T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
+
+  StepBarrier barrier(recurrent.slices());
+  at::parallel_for(0, recurrent.slices(), 1, [&](int64_t first, int64_t end) {
+    const int64_t u0 = recurrent.unit_begin(first), u1 = recurrent.unit_begin(end);
+    for (const auto step : c10::irange(v.T_)) {
+      const int64_t t = v.step_time(step);
+      const T* h_prev = h_data + (step % 2) * B * H;
+      T* h_next = h_data + ((step + 1) % 2) * B * H;
+      recurrent.run(zero_initial_state && step == 0 ? nullptr : h_prev, first, end, hg_data);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = t * B + b;
+        T* out_row = out_data + row * H;
+        T* ws_row = ws_data ? ws_data + row * W : nullptr;
+        const T* h_prev_row = h_prev + b * H;
+        T* h_next_row = h_next + b * H;
+        if (!v.active(t, b)) {
+          // The row keeps its state; its output and saved values of the step are zero.
+          std::copy(h_prev_row + u0, h_prev_row + u1, h_next_row + u0);
+          std::fill(out_row + u0, out_row + u1, T(0));
+          for (int64_t group = 0; ws_row && group < W / H; ++group) {
+            std::fill(ws_row + group * H + u0, ws_row + group * H + u1, T(0));
+          }
+          continue;
+        }
+        const T* xg_row = xg_data + row * xg_row_stride;
+        const T* hg_row = hg_data + b * G;
+        A* c_row = c_data ? c_data + b * H : nullptr;
+        for_unit_runs<T>(u0, u1, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          const V h = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
+          const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
+          V h_new = zero, c_new = zero;
+          Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h, c_prev, h_new, c_new,
+                        ws_row);
+          store(h_next_row, 0, j, h_new);
+          if (c_row) store(c_row, 0, j, c_new);
+          store(out_row, 0, j, h_new);
+        });
+      }
+      barrier.arrive_and_wait(end - first);
+    }
+  });
+  h_state.copy_(h_buffers[v.T_ % 2]);
+}
+
 template <typename Cell, typename T>
 void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
                  int64_t xg_row_stride, const Tensor& w_hh, const Tensor& step_bias,
@@ -204,6 +296,11 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  if (slices_units(v, projecting)) {
+    run_forward_by_units<Cell, T>(v, zero_initial_state, xg, xg_row_stride, w_hh, step_bias,
+                                  h_state, c_state, output, workspace);
+    return;
+  }
   Tensor hg = at::empty({B, G}, xg.options());
   Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();

@@ -38,23 +38,24 @@ class RecurrentProduct {
     if (!matrix.defined()) return;
     n_ = matrix.size(0);
     k_ = matrix.size(1);
-    if constexpr (std::is_same_v<T, float>) {
-      if (RegisterProduct::fits(rows * k_, rows * n_, k_)) {
-        register_rows_ = rows;
-        register_ = make_register_product(matrix, rows);
+    switch (kernel_for(rows, n_, k_, steps, packed)) {
+      case Kernel::Register:
+        if constexpr (std::is_same_v<T, float>) {
+          register_rows_ = rows;
+          register_ = make_register_product(matrix, rows);
+        }
         return;
-      }
-    }
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      if (packed == Packed::None && n_ * k_ <= kTiledLimit && steps >= kTiledMinSteps) {
-        tiled_ = TiledWeights<T>(matrix);
+      case Kernel::Tiled:
+        if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+          tiled_ = TiledWeights<T>(matrix);
+        }
         return;
-      }
-    }
-    use_loop_ = packed != Packed::None || rows * n_ * k_ <= kLoopLimit;
-    if (use_loop_) {
-      matrix_ = matrix.contiguous();  // the loop reads rows of M
-      return;
+      case Kernel::Loop:
+        use_loop_ = true;
+        matrix_ = matrix.contiguous();  // the loop reads rows of M
+        return;
+      case Kernel::Blas:
+        break;
     }
     // The BLAS reads M^T [K, N] as it comes (M's rows or columns contiguous), else a copy.
     matrix_ = matrix.stride(0) == 1 || matrix.stride(1) == 1 ? matrix : matrix.contiguous();
@@ -67,6 +68,21 @@ class RecurrentProduct {
         packed_operand_ = PackedOperand(matrix_transposed_, rows, n_, k_, 2 * rows * steps * n_);
       }
     }
+  }
+
+  // Which kernel runs a product of `rows` rows and an [n, k] matrix, run `steps` times.
+  enum class Kernel { Register, Tiled, Loop, Blas };
+  static Kernel kernel_for(int64_t rows, int64_t n, int64_t k, int64_t steps,
+                           Packed packed = Packed::None) {
+    if (std::is_same_v<T, float> && RegisterProduct::fits(rows * k, rows * n, k)) {
+      return Kernel::Register;
+    }
+    if ((std::is_same_v<T, float> || std::is_same_v<T, double>) && packed == Packed::None &&
+        n * k <= kTiledLimit && steps >= kTiledMinSteps) {
+      return Kernel::Tiled;
+    }
+    if (packed != Packed::None || rows * n * k <= kLoopLimit) return Kernel::Loop;
+    return Kernel::Blas;
   }
 
   // Whether the product may run on a share of the rows it was built for: so do the tiled
@@ -108,7 +124,7 @@ class RecurrentProduct {
       }
     }
     if (tiled_.n() > 0) {
-      tiled_product(in, batch, tiled_, addend, addend_stride, out);
+      tiled_product(in, batch, tiled_, addend, addend_stride, out, n_);
       return;
     }
     const T* m = use_loop_ ? matrix_.template data_ptr<T>() : nullptr;

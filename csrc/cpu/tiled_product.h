@@ -109,12 +109,12 @@ inline void tile(const T* in, int64_t k_count, const TiledWeights<T>& w, const T
 // The tiles of `Rows` rows from b0 across all columns.
 template <typename T, int Rows>
 inline void row_block(const T* in, const TiledWeights<T>& w, const T* addend,
-                      int64_t addend_stride, T* out) {
+                      int64_t addend_stride, T* out, int64_t out_stride) {
   constexpr int L = Vec<T>::size();
   const int64_t N = w.n(), K = w.k();
   int64_t n0 = 0;
   for (; n0 + kVectors * L <= N; n0 += kVectors * L) {
-    tile<T, Rows, kVectors>(in, K, w, addend, addend_stride, out, N, n0, L);
+    tile<T, Rows, kVectors>(in, K, w, addend, addend_stride, out, out_stride, n0, L);
   }
   // The remaining columns: up to kVectors - 1 whole vectors and a partial one.
   const int64_t left = N - n0;
@@ -122,32 +122,37 @@ inline void row_block(const T* in, const TiledWeights<T>& w, const T* addend,
   const int vectors = int((left + L - 1) / L);
   const int last = int(left - (vectors - 1) * L);
   switch (vectors) {
-    case 1: tile<T, Rows, 1>(in, K, w, addend, addend_stride, out, N, n0, last); break;
-    case 2: tile<T, Rows, 2>(in, K, w, addend, addend_stride, out, N, n0, last); break;
-    case 3: tile<T, Rows, 3>(in, K, w, addend, addend_stride, out, N, n0, last); break;
-    default: tile<T, Rows, 4>(in, K, w, addend, addend_stride, out, N, n0, last); break;
+    case 1: tile<T, Rows, 1>(in, K, w, addend, addend_stride, out, out_stride, n0, last); break;
+    case 2: tile<T, Rows, 2>(in, K, w, addend, addend_stride, out, out_stride, n0, last); break;
+    case 3: tile<T, Rows, 3>(in, K, w, addend, addend_stride, out, out_stride, n0, last); break;
+    default: tile<T, Rows, 4>(in, K, w, addend, addend_stride, out, out_stride, n0, last); break;
   }
 }
 
 }  // namespace tiled
 
 // out[B, N] = addend[B, N] (row stride addend_stride, 0: one row for all; nullptr: zeros)
-//             + in[B, K] Wt[K, N]; in and out are plain rows.
+//             + in[B, K] Wt[K, N]; in is plain rows, out has row stride out_stride (>= N).
 template <typename T>
 void tiled_product(const T* in, int64_t batch, const TiledWeights<T>& w, const T* addend,
-                   int64_t addend_stride, T* out) {
+                   int64_t addend_stride, T* out, int64_t out_stride) {
   using tiled::kRows;
-  const int64_t N = w.n(), K = w.k();
+  const int64_t K = w.k();
   int64_t b0 = 0;
   const auto addend_at = [&](int64_t b) { return addend ? addend + b * addend_stride : nullptr; };
   for (; b0 + kRows <= batch; b0 += kRows) {
-    tiled::row_block<T, kRows>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N);
+    tiled::row_block<T, kRows>(in + b0 * K, w, addend_at(b0), addend_stride,
+                               out + b0 * out_stride, out_stride);
   }
+  const auto rows_left = [&](auto rows) {
+    tiled::row_block<T, decltype(rows)::value>(in + b0 * K, w, addend_at(b0), addend_stride,
+                                               out + b0 * out_stride, out_stride);
+  };
   switch (batch - b0) {
     case 0: break;
-    case 1: tiled::row_block<T, 1>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
-    case 2: tiled::row_block<T, 2>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
-    default: tiled::row_block<T, 3>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * N); break;
+    case 1: rows_left(std::integral_constant<int, 1>()); break;
+    case 2: rows_left(std::integral_constant<int, 2>()); break;
+    default: rows_left(std::integral_constant<int, 3>()); break;
   }
 }
 

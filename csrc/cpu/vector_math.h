@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "../cells.h"
 
@@ -107,18 +108,26 @@ inline void store(T* row, int offset, VectorUnits units, A value) {
   value.store(row + offset + units.j, units.count);
 }
 
-// Calls fn(index, A{}) for runs of units covering 0 .. H-1: SIMD vectors of units where the
-// storage type has them (float, double), else one unit at a time in the accumulation type.
+// Calls fn(index, A{}) for runs of units covering begin .. end - 1: SIMD vectors of units where
+// the storage type has them (float, double), else one unit at a time in the accumulation type.
 template <typename T, typename Fn>
-inline void for_unit_runs(int64_t hidden_size, Fn&& fn) {
-  const int H = static_cast<int>(hidden_size);
+inline void for_unit_runs(int64_t begin, int64_t end, Fn&& fn) {
+  const int first = static_cast<int>(begin), last = static_cast<int>(end);
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     constexpr int lanes = Vec<T>::size();
-    for (int j = 0; j < H; j += lanes) fn(VectorUnits{j, std::min(lanes, H - j)}, Vec<T>(T(0)));
+    for (int j = first; j < last; j += lanes) {
+      fn(VectorUnits{j, std::min(lanes, last - j)}, Vec<T>(T(0)));
+    }
   } else {
     using A = at::opmath_type<T>;
-    for (int j = 0; j < H; ++j) fn(j, A(0));
+    for (int j = first; j < last; ++j) fn(j, A(0));
   }
+}
+
+// The same over all units 0 .. H - 1 of a row.
+template <typename T, typename Fn>
+inline void for_unit_runs(int64_t hidden_size, Fn&& fn) {
+  for_unit_runs<T>(0, hidden_size, std::forward<Fn>(fn));
 }
 
 }  // namespace rnnfast
