@@ -142,7 +142,8 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
                                   const std::optional<at::Tensor>& grad_c_n,
-                                  const at::Tensor& dgate_x_buffer) {
+                                  const at::Tensor& dgate_x_buffer,
+                                  bool last_hidden_gate_only) {
   const auto options = input.options();
   BackwardState state;
   std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
@@ -150,8 +151,9 @@ BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
   state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer
                                            : at::empty({s.steps, s.batch, s.gate_size}, options);
+  const int64_t hidden_gate_cols = last_hidden_gate_only ? s.hidden_size : s.gate_size;
   state.dgate_h = state.separate_hidden_gate_grad
-                      ? at::empty({s.steps, s.batch, s.gate_size}, options)
+                      ? at::empty({s.steps, s.batch, hidden_gate_cols}, options)
                       : state.dgate_x;
   if (s.has_projection) state.dprojected = at::empty({s.steps, s.batch, s.state_size}, options);
   return state;
@@ -197,46 +199,63 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   // memory goes before the weight gradients are allocated.
   if (!hx.defined()) state.dh = Tensor();
   if (!cx.defined()) state.dc = Tensor();
-  const Tensor& dgate_h = state.dgate_h;
   const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
-  const Tensor dgh2d = dgate_h.view({T_ * B, G});
   Tensor grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
                                  : at::empty({0}, options);
   Tensor grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
   Tensor grad_b_ih = has_bias ? column_sum(dgx2d) : at::empty({0}, options);
-  Tensor grad_b_hh = has_bias ? (state.separate_hidden_gate_grad ? column_sum(dgh2d)
-                                                                 : grad_b_ih.clone())
-                              : at::empty({0}, options);
+
+  // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
+  // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
+  const int64_t Gh = state.dgate_h.size(2);
+  const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
+  Tensor grad_b_hh = at::empty({0}, options);
+  if (has_bias) {
+    grad_b_hh = at::empty({G}, options);
+    grad_b_hh.narrow(0, 0, shared_cols).copy_(grad_b_ih.narrow(0, 0, shared_cols));
+    if (shared_cols < G) {
+      Tensor last = grad_b_hh.narrow(0, shared_cols, G - shared_cols);
+      kernels.column_sum(last, state.dgate_h.view({T_ * B, Gh}));
+    }
+  }
 
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
   // (zero where that step was inactive, matching a zero gate gradient), except at each row's
   // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps
-  // (none from zero initial states).
-  Tensor grad_w_hh;
-  if (T_ > 1) {
-    const auto later = reverse ? dgate_h.narrow(0, 0, T_ - 1) : dgate_h.narrow(0, 1, T_ - 1);
-    const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
-    grad_w_hh = mm(later.reshape({(T_ - 1) * B, G}).t(), prev_out.reshape({(T_ - 1) * B, P}));
-  }
-  if (T_ > 0 && hx.defined()) {
-    Tensor first_dgate;
-    if (!reverse) {
-      first_dgate = dgate_h[0];
-    } else if (!lengths.defined()) {
-      first_dgate = dgate_h[T_ - 1];
-    } else {
-      // Row b starts at t = len[b] - 1; rows of length 0 never run.
-      const Tensor first_rows = (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
-      first_dgate = dgh2d.index_select(0, first_rows);
-      first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+  // (none from zero initial states). Rows [row0, row0 + count) of it come from the first
+  // `count` columns of dgate ([T, B, cols]).
+  Tensor grad_w_hh = at::empty({G, P}, options);
+  const auto hidden_weight_rows = [&](const Tensor& dgate, int64_t row0, int64_t count) {
+    const int64_t cols = dgate.size(2);
+    Tensor out = grad_w_hh.narrow(0, row0, count);
+    bool written = false;
+    if (T_ > 1) {
+      const auto later = reverse ? dgate.narrow(0, 0, T_ - 1) : dgate.narrow(0, 1, T_ - 1);
+      const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
+      kernels.matmul(out, later.reshape({(T_ - 1) * B, cols}).narrow(1, 0, count).t(),
+                     prev_out.reshape({(T_ - 1) * B, P}), /*accumulate=*/false);
+      written = true;
     }
-    if (grad_w_hh.defined()) {
-      kernels.matmul(grad_w_hh, first_dgate.t(), hx, /*accumulate=*/true);
-    } else {
-      grad_w_hh = mm(first_dgate.t(), hx);
+    if (T_ > 0 && hx.defined()) {
+      Tensor first_dgate;
+      if (!reverse) {
+        first_dgate = dgate[0];
+      } else if (!lengths.defined()) {
+        first_dgate = dgate[T_ - 1];
+      } else {
+        // Row b starts at t = len[b] - 1; rows of length 0 never run.
+        const Tensor first_rows =
+            (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+        first_dgate = dgate.view({T_ * B, cols}).index_select(0, first_rows);
+        first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+      }
+      kernels.matmul(out, first_dgate.narrow(1, 0, count).t(), hx, /*accumulate=*/written);
+      written = true;
     }
-  }
-  if (!grad_w_hh.defined()) grad_w_hh = at::zeros({G, P}, options);
+    if (!written) out.zero_();
+  };
+  if (shared_cols > 0) hidden_weight_rows(state.dgate_x, 0, shared_cols);
+  if (shared_cols < G) hidden_weight_rows(state.dgate_h, shared_cols, G - shared_cols);
   Tensor grad_w_hr = at::empty({0}, options);
   if (s.has_projection) {
     // The unprojected h of every step is the workspace's last H columns.

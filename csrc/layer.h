@@ -120,7 +120,8 @@ struct BackwardState {
   at::Tensor dc;          // [B, H]  dLoss/dc in the accumulation type (LSTM), else undefined
   at::Tensor dgate_x;     // [T, B, G]  dLoss/dxg per step
   at::Tensor dgate_h;     // [T, B, G]  dLoss/dhg per step (an alias of dgate_x unless the cell
-                          //            keeps them apart, as GRU)
+                          //            keeps them apart, as GRU); or [T, B, H], the last gate's
+                          //            only (GRU's n), where the other gates' equal dgate_x's
   at::Tensor dprojected;  // [T, B, P]  dLoss/d(projected h) per step (projection only)
   bool separate_hidden_gate_grad;
 };
@@ -133,11 +134,13 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& sizes,
                                                         const std::optional<at::Tensor>& grad_c_n);
 
 // dgate_x_buffer: a [T, B, G] tensor the engine may overwrite, taken as dgate_x instead of a new
-// one; undefined: allocate.
+// one; undefined: allocate. last_hidden_gate_only: a separate dgate_h holds the last gate only
+// ([T, B, H]; the engine keeps the step's full dLoss/dhg elsewhere).
 BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
                                   const std::optional<at::Tensor>& grad_c_n,
-                                  const at::Tensor& dgate_x_buffer = at::Tensor());
+                                  const at::Tensor& dgate_x_buffer = at::Tensor(),
+                                  bool last_hidden_gate_only = false);
 
 // The final c of a forward pass in the input's dtype (LSTM), else an empty tensor.
 at::Tensor final_cell_state(const LayerSizes& sizes, const ForwardState& state,

@@ -467,6 +467,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
+  // A cell with its own dLoss/dhg (GRU) writes a step's into step_dgate_h [B, G], which the
+  // recurrent product reads; dgate_h keeps the last gate's H columns of every step (the gates
+  // before it are dgate_x's), for the weight gradients.
+  Tensor step_dgate_h = Cell::kSeparateHiddenGateGrad ? at::empty({B, G}, grad_output.options())
+                                                      : Tensor();
   // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
   // dh passing through). Zero for the other cells without lengths: then no buffer.
   const bool has_direct_path = Cell::kReadsPrevHidden || v.lengths != nullptr;
@@ -494,7 +499,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dh_data = dh_state.data_ptr<T>();
   A* dc_data = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
   T* dgx_data = dgate_x.data_ptr<T>();
-  T* dgh_data = dgate_h.data_ptr<T>();
+  T* step_dgh_data = Cell::kSeparateHiddenGateGrad ? step_dgate_h.data_ptr<T>() : nullptr;
+  T* dgh_data = Cell::kSeparateHiddenGateGrad ? dgate_h.data_ptr<T>() : nullptr;
   T* dhd_data = has_direct_path ? dh_direct.data_ptr<T>() : nullptr;
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
@@ -523,12 +529,15 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
       T* dgx_row = dgx_data + row * G;
-      T* dgh_row = dgh_data + row * G;
+      T* dgh_row = step_dgh_data ? step_dgh_data + b * G : nullptr;
       T* dhd_row = has_direct_path ? dhd_data + b * P : nullptr;
       if (!v.active(t, b)) {
         // The row's state passes through this step untouched.
         std::fill(dgx_row, dgx_row + G, T(0));
-        if (Cell::kSeparateHiddenGateGrad) std::fill(dgh_row, dgh_row + G, T(0));
+        if (Cell::kSeparateHiddenGateGrad) {
+          std::fill(dgh_row, dgh_row + G, T(0));
+          std::fill(dgh_data + row * H, dgh_data + (row + 1) * H, T(0));
+        }
         std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
         continue;
       }
@@ -561,6 +570,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
+      // The last gate's columns, also in the gate-packed view (there one row holds the gate's
+      // units of all batch rows, in dgate_h's order).
+      if (Cell::kSeparateHiddenGateGrad) {
+        std::copy(dgh_row + G - H, dgh_row + G, dgh_data + row * H);
+      }
     }
   };
   const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
@@ -569,7 +583,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     const int64_t step = v.T_ - 1 - pass;
     if (zero_initial_state && step == 0) return;
     const int64_t t = v.step_time(step);
-    const T* dgate_step = (Cell::kSeparateHiddenGateGrad ? dgh_data : dgx_data) + t * B * G;
+    const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data : dgx_data + t * B * G;
     if (has_direct_path) {
       recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
@@ -673,7 +687,8 @@ BackwardResult backward_cpu(
       owns_grad_output && s.gate_size == s.state_size && !s.has_projection &&
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
   BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_,
-                                            gate_grad_over_output_grad ? grad_output : Tensor());
+                                            gate_grad_over_output_grad ? grad_output : Tensor(),
+                                            /*last_hidden_gate_only=*/true);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
@@ -683,10 +698,9 @@ BackwardResult backward_cpu(
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
                                    state.dprojected);
       if (v.gate_packed && Cell::kGates > 1) {
+        // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
         state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
-        state.dgate_h = state.separate_hidden_gate_grad
-                            ? regroup_gates<scalar_t>(state.dgate_h, Cell::kGates, false)
-                            : state.dgate_x;
+        if (!state.separate_hidden_gate_grad) state.dgate_h = state.dgate_x;
       }
     });
   });
