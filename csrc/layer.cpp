@@ -70,6 +70,22 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
   return in;
 }
 
+namespace {
+
+// x [T, B, P] with unit stride along P: as it comes where it has that already; else where it is
+// broadcast over steps or rows (stride 0), materialised once along the other dims and
+// broadcast again; else a contiguous copy.
+at::Tensor with_contiguous_rows(const at::Tensor& x) {
+  if (x.size(2) <= 1 || x.stride(2) == 1) return x;
+  at::Tensor base = x;
+  for (int64_t dim = 0; dim < 2; ++dim) {
+    if (x.stride(dim) == 0) base = base.narrow(dim, 0, 1);
+  }
+  return base.contiguous().expand(x.sizes());
+}
+
+}  // namespace
+
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
@@ -77,7 +93,8 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
-                                const at::Tensor& output, const at::Tensor& workspace) {
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                bool grad_output_rows_only) {
   BackwardInputs in;
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
                               lengths);
@@ -89,7 +106,8 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
   in.w_hh = w_hh.contiguous();
   in.w_hr = contiguous_or_undefined(w_hr);
   in.lengths = contiguous_or_undefined(lengths);
-  in.grad_output = grad_output.contiguous();
+  in.grad_output = grad_output_rows_only ? with_contiguous_rows(grad_output)
+                                         : grad_output.contiguous();
   in.output = output.contiguous();
   in.workspace = workspace.contiguous();
   return in;

@@ -90,6 +90,10 @@ struct BackwardInputs {
   at::Tensor input, hx, cx, w_ih, w_hh, w_hr, lengths, grad_output, output, workspace;
 };
 
+// grad_output_rows_only: grad_output [T, B, P] need only have contiguous rows of P, at any
+// strides over t and b (0 where broadcast), instead of being contiguous: an engine that reads
+// it so is spared a [T, B, P] copy (a batch_first gradient is a transposed view, the gradient
+// of output.sum() an expanded scalar).
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
@@ -97,7 +101,8 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
-                                const at::Tensor& output, const at::Tensor& workspace);
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                bool grad_output_rows_only = false);
 
 // The results of a forward pass, allocated before the time loop (the same on every device).
 struct ForwardState {

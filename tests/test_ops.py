@@ -47,6 +47,42 @@ def test_backward_op_is_linear_in_incoming_gradients(cell):
         torch.testing.assert_close(c, 2 * a - 3 * b, rtol=1e-10, atol=1e-12)
 
 
+def _grad_output_layouts(grad):
+    """The values of grad [T, B, P] in the layouts an incoming gradient comes in."""
+    T, B, P = grad.shape
+    batch_first = grad.transpose(0, 1).contiguous().transpose(0, 1)  # rows at strides (P, T * P)
+    wide = torch.zeros(T, B, 2 * P, dtype=grad.dtype)
+    wide[..., ::2] = grad
+    return {"batch_first": batch_first, "strided_columns": wide[..., ::2],
+            "broadcast_row": grad[0, 0].expand(T, B, P),  # output.sum()'s, times a row
+            "broadcast_scalar": grad[0, 0, 0].expand(T, B, P)}
+
+
+LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
+                for name, variant in [("gate-packed", dict(hidden=3)),
+                                      ("reverse-lengths", dict(hidden=3, reverse=True,
+                                                               lengths=[4, 2, 3])),
+                                      ("rows", dict(hidden=20, lengths=[1, 4, 3]))]]
+LAYOUT_CASES.append(("lstm", "projection", dict(hidden=4, proj=2)))
+
+
+@pytest.mark.parametrize("cell,name,variant", LAYOUT_CASES,
+                         ids=[f"{cell}-{name}" for cell, name, _ in LAYOUT_CASES])
+def test_backward_op_reads_any_grad_output_layout(cell, name, variant):
+    """Incoming output gradients that are views (a batch_first gradient, a broadcast one, one
+    with a column stride) give the gradients of the same values made contiguous."""
+    args = make_args(cell, seed=5, requires_grad=False, **variant)
+    results = torch.ops.rnnfast.forward(*args)
+    output = results[0]
+    grad = torch.randn_like(output)
+    for name, view in _grad_output_layouts(grad).items():
+        expected = torch.ops.rnnfast.backward(
+            *backward_args(args, results, view.contiguous(), None, None))
+        actual = torch.ops.rnnfast.backward(*backward_args(args, results, view, None, None))
+        for got, want in zip(actual, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
                                      dict(bias=False)], ids=["plain", "packed", "nobias"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])

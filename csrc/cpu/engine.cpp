@@ -124,6 +124,12 @@ bool use_gate_packing(const LayerSizes& s) {
   return false;
 }
 
+bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {
+  return type == at::kFloat    ? use_gate_packing<float>(s)
+         : type == at::kDouble ? use_gate_packing<double>(s)
+                               : false;
+}
+
 template <typename T>
 LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse,
                        const Tensor& lengths) {
@@ -486,7 +492,13 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows,
                                 v.T_);
 
+  // grad_output [T, B, P]: contiguous rows at any strides over t and b (see prepare_backward);
+  // contiguous in the gate-packed view, whose one row per step spans all batch rows.
   const T* go_data = grad_output.data_ptr<T>();
+  const int64_t go_step = grad_output.stride(0), go_batch = grad_output.stride(1);
+  const auto grad_output_row = [&](int64_t t, int64_t b) {
+    return go_data + t * go_step + b * go_batch;
+  };
   // Zero initial states read as a zero row.
   const bool zero_initial_state = !hx.defined();
   Tensor zero_row = zero_initial_state ? at::zeros({std::max(P, H)}, grad_output.options())
@@ -516,7 +528,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         std::fill(dp_row, dp_row + P, T(0));
         continue;
       }
-      const T* go_row = go_data + (t * B + b) * P;
+      const T* go_row = grad_output_row(t, b);
       for (const auto k : c10::irange(P)) {
         dp_row[k] = T(A(go_row[k]) + A(dh_data[b * P + k]));
       }
@@ -543,7 +555,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       }
       const bool first = v.is_first_step(t, b);
       const int64_t prev_row = v.previous_time(t) * B + b;
-      const T* go_row = go_data + row * P;
+      const T* go_row = grad_output_row(t, b);
       const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
       const T* h_prev_row = !first ? out_data + prev_row * P
                             : zero_initial_state ? zero_data : hx_data + b * P;
@@ -641,11 +653,12 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
   Tensor grad_b_hh = at::empty({has_bias ? G : 0}, options);
   const auto data = data_or_null<float>;
+  const Tensor grad_output = in.grad_output.contiguous();
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
         register_layer_sizes(s, reverse), data(in.input),
-        data(in.grad_output), data(in.output),
+        data(grad_output), data(in.output),
         Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
         data(in.w_ih), data(in.w_hh), data(dh), data(dc),
         input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
@@ -667,10 +680,11 @@ BackwardResult backward_cpu(
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
   const BackwardInputs in =
       prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
-                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_);
+                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
+                       /*grad_output_rows_only=*/true);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
-  const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
+  const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -679,10 +693,14 @@ BackwardResult backward_cpu(
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }
 #endif
+  // The gate-packed view reads a step's gradient rows as one: contiguous.
+  const Tensor grad_output = uses_gate_packing(s, input.scalar_type())
+                                 ? in.grad_output.contiguous()
+                                 : in.grad_output;
   // An Elman layer's gate gradient of a step and row takes the place of its output gradient
   // (read just before, same size): where grad_output is this call's own contiguous copy, the
   // reverse loop writes dgate_x over it instead of into a buffer of its own.
-  const bool owns_grad_output = !grad_output.is_same(grad_output_);
+  const bool owns_grad_output = !grad_output.is_same(grad_output_) && grad_output.is_contiguous();
   const bool gate_grad_over_output_grad =
       owns_grad_output && s.gate_size == s.state_size && !s.has_projection &&
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
