@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <unistd.h>
 #include <type_traits>
 
 extern "C" {
@@ -57,6 +58,18 @@ MatrixRef<T> matrix_ref(const at::Tensor& x) {
   TORCH_INTERNAL_ASSERT(rows == 1 || x.stride(0) == 1,
                         "rnnfast: a GEMM operand needs a unit stride");
   return {x.data_ptr<T>(), cols > 1 ? x.stride(1) : rows, true};
+}
+
+// A core's own (L2) cache in bytes, as the C library reports it; 2 MiB where it does not.
+inline int64_t core_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (reported > 0) return int64_t(reported);
+#endif
+    return int64_t(2) << 20;
+  }();
+  return bytes;
 }
 
 // Who threads a product. A one-off product (the input projection, a weight gradient) of fewer
