@@ -72,10 +72,14 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
 
 namespace {
 
+// Below this many values a contiguous copy costs less than the views that avoid it.
+constexpr int64_t kCopyRowsMaxValues = 1 << 16;
+
 // x [T, B, P] with unit stride along P: as it comes where it has that already; else where it is
 // broadcast over steps or rows (stride 0), materialised once along the other dims and
-// broadcast again; else a contiguous copy.
+// broadcast again; else a contiguous copy. A small x: contiguous.
 at::Tensor with_contiguous_rows(const at::Tensor& x) {
+  if (x.numel() <= kCopyRowsMaxValues) return x.contiguous();
   if (x.size(2) <= 1 || x.stride(2) == 1) return x;
   at::Tensor base = x;
   for (int64_t dim = 0; dim < 2; ++dim) {
@@ -228,13 +232,15 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   const int64_t Gh = state.dgate_h.size(2);
   const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
   Tensor grad_b_hh = at::empty({0}, options);
-  if (has_bias) {
+  if (has_bias && shared_cols == G) {
+    grad_b_hh = grad_b_ih.clone();
+  } else if (has_bias) {
     grad_b_hh = at::empty({G}, options);
-    grad_b_hh.narrow(0, 0, shared_cols).copy_(grad_b_ih.narrow(0, 0, shared_cols));
-    if (shared_cols < G) {
-      Tensor last = grad_b_hh.narrow(0, shared_cols, G - shared_cols);
-      kernels.column_sum(last, state.dgate_h.view({T_ * B, Gh}));
+    if (shared_cols > 0) {
+      grad_b_hh.narrow(0, 0, shared_cols).copy_(grad_b_ih.narrow(0, 0, shared_cols));
     }
+    Tensor last = Gh == G ? grad_b_hh : grad_b_hh.narrow(0, shared_cols, Gh);
+    kernels.column_sum(last, state.dgate_h.view({T_ * B, Gh}));
   }
 
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
@@ -245,12 +251,13 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   Tensor grad_w_hh = at::empty({G, P}, options);
   const auto hidden_weight_rows = [&](const Tensor& dgate, int64_t row0, int64_t count) {
     const int64_t cols = dgate.size(2);
-    Tensor out = grad_w_hh.narrow(0, row0, count);
+    Tensor out = count == G ? grad_w_hh : grad_w_hh.narrow(0, row0, count);
     bool written = false;
     if (T_ > 1) {
       const auto later = reverse ? dgate.narrow(0, 0, T_ - 1) : dgate.narrow(0, 1, T_ - 1);
       const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
-      kernels.matmul(out, later.reshape({(T_ - 1) * B, cols}).narrow(1, 0, count).t(),
+      const Tensor later_rows = later.reshape({(T_ - 1) * B, cols});
+      kernels.matmul(out, (count == cols ? later_rows : later_rows.narrow(1, 0, count)).t(),
                      prev_out.reshape({(T_ - 1) * B, P}), /*accumulate=*/false);
       written = true;
     }
@@ -267,7 +274,8 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
         first_dgate = dgate.view({T_ * B, cols}).index_select(0, first_rows);
         first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
       }
-      kernels.matmul(out, first_dgate.narrow(1, 0, count).t(), hx, /*accumulate=*/written);
+      kernels.matmul(out, (count == cols ? first_dgate : first_dgate.narrow(1, 0, count)).t(),
+                     hx, /*accumulate=*/written);
       written = true;
     }
     if (!written) out.zero_();

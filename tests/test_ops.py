@@ -58,12 +58,16 @@ def _grad_output_layouts(grad):
             "broadcast_scalar": grad[0, 0, 0].expand(T, B, P)}
 
 
+# Over 2^16 gradient values (smaller ones are copied contiguous whatever their layout), except
+# the gate-packed view's, which reads its rows contiguous.
+_LENGTHS = [24 - i % 24 for i in range(48)]
 LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
                 for name, variant in [("gate-packed", dict(hidden=3)),
-                                      ("reverse-lengths", dict(hidden=3, reverse=True,
-                                                               lengths=[4, 2, 3])),
-                                      ("rows", dict(hidden=20, lengths=[1, 4, 3]))]]
-LAYOUT_CASES.append(("lstm", "projection", dict(hidden=4, proj=2)))
+                                      ("rows", dict(steps=24, batch=48, hidden=60)),
+                                      ("reverse-lengths", dict(steps=24, batch=48, hidden=60,
+                                                               reverse=True,
+                                                               lengths=_LENGTHS))]]
+LAYOUT_CASES.append(("lstm", "projection", dict(steps=24, batch=72, hidden=50, proj=40)))
 
 
 @pytest.mark.parametrize("cell,name,variant", LAYOUT_CASES,

@@ -57,7 +57,7 @@ class RecurrentProduct {
       case Kernel::Blas:
         break;
     }
-    if (splits_rows_in_blas(rows, n_, k_)) {
+    if (steps >= kTiledMinSteps && splits_rows_in_blas(rows, n_, k_)) {
       // Each thread runs the product on its own rows (engine.cpp: RowsPerThread), the BLAS on
       // the calling thread: every core keeps all of M^T in its cache, and the threads never
       // wait for each other within a sequence. M^T is read row-major (copied so where M comes
@@ -238,7 +238,8 @@ class RecurrentProduct {
   }
 
   // A product in the BLAS runs on each thread's share of the rows where that share is
-  // kMinRowsPerThread .. kMaxRowsPerThread rows and M fits in half a core's L2 cache. Fewer rows
+  // kMinRowsPerThread .. kMaxRowsPerThread rows, M fits in half a core's L2 cache and the call
+  // has the tiled kernel's kTiledMinSteps steps to repay the copy of M^T. Fewer rows
   // per thread are faster split by columns of M (each core reads half of it); more, or a larger
   // M, by MKL's own threading of its packed copy of M^T (grid LSTM: 16 to 32 rows of 192 to 256
   // units ran 4-18% faster split by rows, 64 rows 3% slower, 512 units 12-30% slower).
