@@ -72,15 +72,16 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
 
 namespace {
 
-// Below this many values a contiguous copy costs less than the views that avoid it.
-constexpr int64_t kCopyRowsMaxValues = 1 << 16;
+// Up to this many values a contiguous copy costs less time than the views that avoid it, and
+// little memory.
+constexpr int64_t kCopyRowsMaxValues = 1 << 12;
 
-// x [T, B, P] with unit stride along P: as it comes where it has that already; else where it is
-// broadcast over steps or rows (stride 0), materialised once along the other dims and
-// broadcast again; else a contiguous copy. A small x: contiguous.
+// x [T, B, P] with unit stride along P: as it comes where it has that already; else a small x
+// contiguous; else where it is broadcast over steps or rows (stride 0), materialised once along
+// the other dims and broadcast again; else a contiguous copy.
 at::Tensor with_contiguous_rows(const at::Tensor& x) {
-  if (x.numel() <= kCopyRowsMaxValues) return x.contiguous();
   if (x.size(2) <= 1 || x.stride(2) == 1) return x;
+  if (x.numel() <= kCopyRowsMaxValues) return x.contiguous();
   at::Tensor base = x;
   for (int64_t dim = 0; dim < 2; ++dim) {
     if (x.stride(dim) == 0) base = base.narrow(dim, 0, 1);

@@ -58,16 +58,16 @@ def _grad_output_layouts(grad):
             "broadcast_scalar": grad[0, 0, 0].expand(T, B, P)}
 
 
-# Over 2^16 gradient values (smaller ones are copied contiguous whatever their layout), except
+# Over 2^12 gradient values (smaller ones are copied contiguous whatever their layout), except
 # the gate-packed view's, which reads its rows contiguous.
-_LENGTHS = [24 - i % 24 for i in range(48)]
+_LENGTHS = [8 - i % 8 for i in range(24)]
 LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
                 for name, variant in [("gate-packed", dict(hidden=3)),
-                                      ("rows", dict(steps=24, batch=48, hidden=60)),
-                                      ("reverse-lengths", dict(steps=24, batch=48, hidden=60,
+                                      ("rows", dict(steps=8, batch=24, hidden=30)),
+                                      ("reverse-lengths", dict(steps=8, batch=24, hidden=30,
                                                                reverse=True,
                                                                lengths=_LENGTHS))]]
-LAYOUT_CASES.append(("lstm", "projection", dict(steps=24, batch=72, hidden=50, proj=40)))
+LAYOUT_CASES.append(("lstm", "projection", dict(steps=8, batch=24, hidden=30, proj=25)))
 
 
 @pytest.mark.parametrize("cell,name,variant", LAYOUT_CASES,

@@ -12,8 +12,11 @@
 
 #include <algorithm>
 #include <climits>
-#include <unistd.h>
 #include <type_traits>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf
+#endif
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
