@@ -71,14 +71,14 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
 }
 
 namespace {
-
 // Up to this many values a contiguous copy costs less time than the views that avoid it, and
 // little memory.
 constexpr int64_t kCopyRowsMaxValues = 1 << 12;
+}  // namespace
 
-// x [T, B, P] with unit stride along P: as it comes where it has that already; else a small x
-// contiguous; else where it is broadcast over steps or rows (stride 0), materialised once along
-// the other dims and broadcast again; else a contiguous copy.
+// As it comes where x has contiguous rows already; else a small x contiguous; else where x is
+// broadcast over steps or rows (stride 0), materialised once along the other dims and
+// broadcast again; else a contiguous copy.
 at::Tensor with_contiguous_rows(const at::Tensor& x) {
   if (x.size(2) <= 1 || x.stride(2) == 1) return x;
   if (x.numel() <= kCopyRowsMaxValues) return x.contiguous();
@@ -89,8 +89,6 @@ at::Tensor with_contiguous_rows(const at::Tensor& x) {
   return base.contiguous().expand(x.sizes());
 }
 
-}  // namespace
-
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
@@ -99,7 +97,7 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
                                 const at::Tensor& output, const at::Tensor& workspace,
-                                bool grad_output_rows_only) {
+                                bool contiguous_grad_output) {
   BackwardInputs in;
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
                               lengths);
@@ -111,8 +109,7 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
   in.w_hh = w_hh.contiguous();
   in.w_hr = contiguous_or_undefined(w_hr);
   in.lengths = contiguous_or_undefined(lengths);
-  in.grad_output = grad_output_rows_only ? with_contiguous_rows(grad_output)
-                                         : grad_output.contiguous();
+  in.grad_output = contiguous_grad_output ? grad_output.contiguous() : grad_output;
   in.output = output.contiguous();
   in.workspace = workspace.contiguous();
   return in;

@@ -90,10 +90,8 @@ struct BackwardInputs {
   at::Tensor input, hx, cx, w_ih, w_hh, w_hr, lengths, grad_output, output, workspace;
 };
 
-// grad_output_rows_only: grad_output [T, B, P] need only have contiguous rows of P, at any
-// strides over t and b (0 where broadcast), instead of being contiguous: an engine that reads
-// it so is spared a [T, B, P] copy (a batch_first gradient is a transposed view, the gradient
-// of output.sum() an expanded scalar).
+// contiguous_grad_output false: grad_output is left as it comes, for an engine that makes it
+// readable itself (with_contiguous_rows, or contiguous).
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
@@ -102,7 +100,12 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
                                 const at::Tensor& output, const at::Tensor& workspace,
-                                bool grad_output_rows_only = false);
+                                bool contiguous_grad_output = true);
+
+// x [T, B, P] with contiguous rows of P at any strides over t and b (0 where broadcast), for an
+// engine that reads it so: it is spared a [T, B, P] copy where x is a view (a batch_first
+// gradient is a transposed one, the gradient of output.sum() an expanded scalar).
+at::Tensor with_contiguous_rows(const at::Tensor& x);
 
 // The results of a forward pass, allocated before the time loop (the same on every device).
 struct ForwardState {

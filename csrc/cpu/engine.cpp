@@ -681,7 +681,7 @@ BackwardResult backward_cpu(
   const BackwardInputs in =
       prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
                        w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
-                       /*grad_output_rows_only=*/true);
+                       /*contiguous_grad_output=*/false);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
@@ -693,10 +693,11 @@ BackwardResult backward_cpu(
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }
 #endif
-  // The gate-packed view reads a step's gradient rows as one: contiguous.
+  // The reverse loop reads rows of grad_output at their strides; the gate-packed view reads a
+  // step's rows as one: contiguous.
   const Tensor grad_output = uses_gate_packing(s, input.scalar_type())
                                  ? in.grad_output.contiguous()
-                                 : in.grad_output;
+                                 : with_contiguous_rows(in.grad_output);
   // An Elman layer's gate gradient of a step and row takes the place of its output gradient
   // (read just before, same size): where grad_output is this call's own contiguous copy, the
   // reverse loop writes dgate_x over it instead of into a buffer of its own.
