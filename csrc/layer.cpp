@@ -229,14 +229,8 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
   const int64_t Gh = state.dgate_h.size(2);
   const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
-  Tensor grad_b_hh = at::empty({0}, options);
-  if (has_bias && shared_cols == G) {
-    grad_b_hh = grad_b_ih.clone();
-  } else if (has_bias) {
-    grad_b_hh = at::empty({G}, options);
-    if (shared_cols > 0) {
-      grad_b_hh.narrow(0, 0, shared_cols).copy_(grad_b_ih.narrow(0, 0, shared_cols));
-    }
+  Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
+  if (has_bias && shared_cols < G) {
     Tensor last = Gh == G ? grad_b_hh : grad_b_hh.narrow(0, shared_cols, Gh);
     kernels.column_sum(last, state.dgate_h.view({T_ * B, Gh}));
   }
@@ -247,16 +241,20 @@ finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& inp
   // (none from zero initial states). Rows [row0, row0 + count) of it come from the first
   // `count` columns of dgate ([T, B, cols]).
   Tensor grad_w_hh = at::empty({G, P}, options);
+  // h_prev of the steps after each row's first [(T - 1) * B, P]
+  const Tensor prev_out =
+      T_ > 1 ? (reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1))
+                   .reshape({(T_ - 1) * B, P})
+             : Tensor();
   const auto hidden_weight_rows = [&](const Tensor& dgate, int64_t row0, int64_t count) {
     const int64_t cols = dgate.size(2);
     Tensor out = count == G ? grad_w_hh : grad_w_hh.narrow(0, row0, count);
     bool written = false;
     if (T_ > 1) {
       const auto later = reverse ? dgate.narrow(0, 0, T_ - 1) : dgate.narrow(0, 1, T_ - 1);
-      const auto prev_out = reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1);
       const Tensor later_rows = later.reshape({(T_ - 1) * B, cols});
       kernels.matmul(out, (count == cols ? later_rows : later_rows.narrow(1, 0, count)).t(),
-                     prev_out.reshape({(T_ - 1) * B, P}), /*accumulate=*/false);
+                     prev_out, /*accumulate=*/false);
       written = true;
     }
     if (T_ > 0 && hx.defined()) {
