@@ -202,6 +202,21 @@ Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
   return to;
 }
 
+// One run of units j of a row's forward step (H: the gate stride of xg_row, hg_row, ws_row):
+// reads h_prev_row (GRU) and c_row (LSTM, updated in place), writes h_new_row (which may be
+// h_prev_row: a unit's h_prev is read first) and the saved values; returns the new h.
+template <typename Cell, typename T, typename A, typename Index, typename V>
+inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row,
+                     const T* h_prev_row, A* c_row, T* h_new_row, T* ws_row) {
+  const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
+  const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
+  V h_new = zero, c_new = zero;
+  Cell::forward(H, j, xg_row, hg_row, h_prev, c_prev, h_new, c_new, ws_row);
+  store(h_new_row, 0, j, h_new);
+  if (c_row) store(c_row, 0, j, c_new);
+  return h_new;
+}
+
 // The unit-sliced schedule (unit_sliced_product.h) pays for batches of fewer rows than this:
 // from 16 rows the BLAS's packed GEMM, threaded by the BLAS, runs the products faster than the
 // tiled kernel does on each thread's slice.
@@ -276,15 +291,9 @@ void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, const 
         const T* hg_row = hg_data + b * G;
         A* c_row = c_data ? c_data + b * H : nullptr;
         for_unit_runs<T>(u0, u1, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          const V h = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
-          const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
-          V h_new = zero, c_new = zero;
-          Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h, c_prev, h_new, c_new,
-                        ws_row);
-          store(h_next_row, 0, j, h_new);
-          if (c_row) store(c_row, 0, j, c_new);
-          store(out_row, 0, j, h_new);
+          const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row,
+                                           h_prev_row, c_row, h_next_row, ws_row);
+          store(out_row, 0, j, h);
         });
       }
       barrier.arrive_and_wait(end - first);
@@ -354,15 +363,9 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
       A* c_row = c_data ? c_data + b * H : nullptr;
       T* h_new_row = projecting ? hu_data + b * H : h_row;
       for_unit_runs<T>(H, [&](auto j, auto zero) {
-        using V = decltype(zero);
-        const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_row, 0, j) : zero;
-        const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
-        V h_new = zero, c_new = zero;
-        Cell::forward(static_cast<int>(H), j, xg_row, hg_row, h_prev, c_prev, h_new, c_new,
-                      ws_row);
-        store(h_new_row, 0, j, h_new);
-        if (c_row) store(c_row, 0, j, c_new);
-        if (!projecting) store(out_row, 0, j, h_new);
+        const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row, h_row,
+                                         c_row, h_new_row, ws_row);
+        if (!projecting) store(out_row, 0, j, h);
       });
       if (projecting && ws_row) {
         std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
