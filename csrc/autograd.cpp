@@ -6,6 +6,9 @@
 // implementations stay in Python (rnnfast/_ops.py); with both, autograd, opcheck and
 // torch.compile(fullgraph=True) work.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/FuncTorchTLS.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -15,7 +18,7 @@ namespace rnnfast {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
@@ -65,81 +68,73 @@ std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-class LayerFunction : public torch::autograd::Function<LayerFunction> {
- public:
-  // Argument positions, for the returned gradients.
-  enum { kCell, kInput, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr, kLengths, kReverse, kSave };
+// The graph node of one differentiable rnnfast::forward call; its backward is the
+// rnnfast::backward op. A Node of its own, as torch's generated ops have, rather than a
+// torch::autograd::Function: the Function's generic bookkeeping (a context with a string-keyed
+// map, per-input and per-output metadata, output wrapping, a mutex) cost more than the whole
+// layer's math at the small sizes recurrent layers often run at.
+struct LayerBackward final : public torch::autograd::Node {
+  // Gradient slots (next edges), in the forward's argument order.
+  enum Slot { kInput, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr, kSlots };
 
-  static variable_list forward(AutogradContext* ctx, c10::string_view cell, const Tensor& input,
-                               const std::optional<Tensor>& hx,
-                               const std::optional<Tensor>& cx,
-                               const Tensor& w_ih, const Tensor& w_hh,
-                               const std::optional<Tensor>& b_ih,
-                               const std::optional<Tensor>& b_hh,
-                               const std::optional<Tensor>& w_hr,
-                               const std::optional<Tensor>& lengths, bool reverse,
-                               bool save_workspace) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    // The engines read the input contiguous: made so once here, the backward reads the same copy
-    // (a batch_first input comes as a transposed view).
-    const Tensor contiguous_input = time_major_contiguous(input);
-    auto [output, h_n, c_n, workspace] =
-        call_forward(cell, contiguous_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                     reverse, save_workspace);
-    // Outputs without a gradient (the workspace always, h_n and c_n often) reach the backward
-    // undefined instead of as zero tensors of their size: it treats them as zero.
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["cell"] = std::string(cell);
-    ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["has_bias"] = b_ih.has_value() && b_ih->defined();
-    ctx->saved_data["saved_workspace"] = save_workspace;
-    ctx->save_for_backward({contiguous_input, hx.value_or(Tensor()), cx.value_or(Tensor()),
-                            w_ih, w_hh, w_hr.value_or(Tensor()), lengths.value_or(Tensor()),
-                            output, workspace});
-    ctx->mark_non_differentiable({workspace});
-    return {output, h_n, c_n, workspace};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(ctx->saved_data["saved_workspace"].toBool(),
-                "rnnfast::forward ran with save_workspace=False, so it cannot be "
-                "differentiated; call it with save_workspace=True when gradients are needed");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &hx = saved[1], &cx = saved[2], &w_ih = saved[3];
-    const Tensor &w_hh = saved[4], &w_hr = saved[5], &lengths = saved[6];
-    const Tensor &output = saved[7], &workspace = saved[8];
-    // With create_graph=True the incoming gradients require grad; refuse at once rather than
-    // return gradients that silently act as constants in a second differentiation.
-    for (const auto& grad : grads) {
-      TORCH_CHECK(!(grad.defined() && grad.requires_grad()),
-                  "rnnfast: double backward (gradients of gradients, create_graph=True) is not "
-                  "supported");
+  variable_list apply(variable_list&& grads) override;
+  std::string name() const override { return "rnnfast::LayerBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&input_, &hx_, &cx_, &w_ih_, &w_hh_, &w_hr_, &lengths_,
+                                 &output_, &workspace_}) {
+      saved->reset_data();
     }
-    const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
-    // Absent gradients of h_n and c_n are zero: the backward op takes None for them.
-    // needs_input_grad counts tensor arguments only: input is the first of them.
-    const bool input_grad = ctx->needs_input_grad(0);
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::string& cell = ctx->saved_data["cell"].toStringRef();
-    const auto grad_c_n =
-        has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
-    auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
-        cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
-        defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr),
-        defined_or_none(lengths), ctx->saved_data["reverse"].toBool(), output, workspace,
-        input_grad);
-    variable_list result(kSave + 1);
-    result[kInput] = input_grad ? g_input : Tensor();
-    result[kHx] = hx.defined() ? g_hx : Tensor();
-    result[kCx] = cx.defined() ? g_cx : Tensor();
-    result[kWih] = g_w_ih;
-    result[kWhh] = g_w_hh;
-    result[kBih] = has_bias ? g_b_ih : Tensor();
-    result[kBhh] = has_bias ? g_b_hh : Tensor();
-    result[kWhr] = w_hr.defined() ? g_w_hr : Tensor();
-    return result;
   }
+
+  std::string cell;
+  bool reverse = false;
+  bool has_bias = false;
+  bool saved_workspace = false;
+  // input_ is the time-major contiguous input both passes read; an absent optional tensor is
+  // saved undefined and unpacks undefined.
+  SavedVariable input_, hx_, cx_, w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_;
 };
+
+variable_list LayerBackward::apply(variable_list&& grads) {
+  // grads: those of (output, h_n, c_n), undefined where no gradient flows (taken as zero).
+  TORCH_CHECK(saved_workspace,
+              "rnnfast::forward ran with save_workspace=False, so it cannot be "
+              "differentiated; call it with save_workspace=True when gradients are needed");
+  // With create_graph=True the incoming gradients require grad; refuse at once rather than
+  // return gradients that silently act as constants in a second differentiation.
+  for (const auto& grad : grads) {
+    TORCH_CHECK(!(grad.defined() && grad.requires_grad()),
+                "rnnfast: double backward (gradients of gradients, create_graph=True) is not "
+                "supported");
+  }
+  const auto self = getptr();
+  const Tensor input = input_.unpack(), hx = hx_.unpack(), cx = cx_.unpack();
+  const Tensor w_ih = w_ih_.unpack(), w_hh = w_hh_.unpack(), w_hr = w_hr_.unpack();
+  const Tensor lengths = lengths_.unpack(), workspace = workspace_.unpack();
+  const Tensor output = output_.unpack(self);
+  const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
+  const bool input_grad = task_should_compute_output(kInput);
+  const auto grad_c_n =
+      has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
+  auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
+      cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
+      defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr),
+      defined_or_none(lengths), reverse, output, workspace, input_grad);
+  // The op returns empty tensors for gradients it did not compute; their slots stay undefined.
+  variable_list result(kSlots);
+  if (input_grad) result[kInput] = std::move(g_input);
+  if (hx.defined()) result[kHx] = std::move(g_hx);
+  if (cx.defined()) result[kCx] = std::move(g_cx);
+  result[kWih] = std::move(g_w_ih);
+  result[kWhh] = std::move(g_w_hh);
+  if (has_bias) {
+    result[kBih] = std::move(g_b_ih);
+    result[kBhh] = std::move(g_b_hh);
+  }
+  if (w_hr.defined()) result[kWhr] = std::move(g_w_hr);
+  return result;
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
@@ -147,23 +142,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
     bool save_workspace) {
-  const auto requires_grad = [](const std::optional<Tensor>& t) {
-    return t.has_value() && t->defined() && t->requires_grad();
-  };
-  const bool differentiable =
-      torch::autograd::GradMode::is_enabled() &&
-      (input.requires_grad() || requires_grad(hx) || w_ih.requires_grad() ||
-       w_hh.requires_grad() || requires_grad(cx) || requires_grad(b_ih) || requires_grad(b_hh) ||
-       requires_grad(w_hr));
-  if (!differentiable) {
-    // Inference: no graph to record, so skip the autograd Function's bookkeeping.
+  if (!torch::autograd::compute_requires_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)) {
+    // Inference: no graph to record.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                         save_workspace);
   }
-  auto results = LayerFunction::apply(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                      reverse, save_workspace);
-  return {results[0], results[1], results[2], results[3]};
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    // torch.func transforms need a Python-level autograd.Function; refuse as torch does for
+    // C++ autograd functions rather than compute silently wrong gradients.
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  for (const auto& t : {std::optional<Tensor>(input), hx, cx, std::optional<Tensor>(w_ih),
+                        std::optional<Tensor>(w_hh), b_ih, b_hh, w_hr}) {
+    TORCH_CHECK(!torch::autograd::isFwGradDefined(t),
+                "rnnfast: forward-mode automatic differentiation (dual tensors, jvp) is not "
+                "supported");
+  }
+  const auto node = c10::make_intrusive<LayerBackward>();
+  node->set_next_edges(
+      torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr));
+  Tensor contiguous_input, output, h_n, c_n, workspace;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // The engines read the input contiguous: made so once here, the backward reads the same
+    // copy (a batch_first input comes as a transposed view).
+    contiguous_input = time_major_contiguous(input);
+    std::tie(output, h_n, c_n, workspace) =
+        call_forward(cell, contiguous_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                     reverse, save_workspace);
+  }
+  // output, h_n and c_n are the node's differentiable outputs, in this order (its grads); the
+  // workspace is not differentiable and gets no history.
+  torch::autograd::set_history({output, h_n, c_n}, node);
+  node->cell = std::string(cell);
+  node->reverse = reverse;
+  node->has_bias = b_ih.has_value() && b_ih->defined();
+  node->saved_workspace = save_workspace;
+  node->input_ = SavedVariable(contiguous_input, false);
+  node->hx_ = SavedVariable(hx, false);
+  node->cx_ = SavedVariable(cx, false);
+  node->w_ih_ = SavedVariable(w_ih, false);
+  node->w_hh_ = SavedVariable(w_hh, false);
+  node->w_hr_ = SavedVariable(w_hr, false);
+  node->lengths_ = SavedVariable(lengths, false);
+  node->output_ = SavedVariable(output, true);
+  node->workspace_ = SavedVariable(workspace, false);
+  return {output, h_n, c_n, workspace};
 }
 
 // The backward op has no derivative of its own: asking for one is an error, not a silent zero.

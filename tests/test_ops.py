@@ -249,6 +249,40 @@ def test_double_backward_is_refused():
         torch.autograd.grad(model(x)[0].square().sum(), x, create_graph=True)
 
 
+
+def test_forward_mode_ad_is_refused():
+    model = rnnfast.LSTM(2, 3).double()
+    x = torch.randn(4, 1, 2, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode"):
+            model(dual)
+
+
+def test_graph_is_freed_after_backward_unless_retained():
+    model = rnnfast.GRU(2, 3).double()
+    x = torch.randn(5, 2, 2, dtype=torch.float64, requires_grad=True)
+    loss = model(x)[0].square().sum()
+    first = torch.autograd.grad(loss, [x, model.weight_hh_l0], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, model.weight_hh_l0])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("modify", ["weight", "output"])
+def test_tensors_changed_in_place_after_the_forward_are_refused(modify):
+    """The backward reads tensors saved by the forward: changing one in place in between must
+    raise autograd's version error, not give gradients of other values."""
+    model = rnnfast.RNN(2, 3)
+    output, _ = model(torch.randn(4, 1, 2))
+    loss = output.sum()
+    with torch.no_grad():
+        (model.weight_hh_l0 if modify == "weight" else output).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
 @pytest.mark.parametrize("change, match", [
     (lambda a: a.__setitem__(0, "lstm_tanh"), "cell must be one of"),
     (lambda a: a.__setitem__(1, a[1][0]), "input must be 3-D"),
