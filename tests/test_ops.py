@@ -58,8 +58,8 @@ def _grad_output_layouts(grad):
             "broadcast_scalar": grad[0, 0, 0].expand(T, B, P)}
 
 
-# Over 2^12 gradient values (smaller ones are copied contiguous whatever their layout), except
-# the gate-packed view's, which reads its rows contiguous.
+# Over 2^12 gradient values (the general reverse pass copies smaller ones contiguous whatever
+# their layout), except the gate-packed view's, which reads its rows contiguous.
 _LENGTHS = [8 - i % 8 for i in range(24)]
 LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
                 for name, variant in [("gate-packed", dict(hidden=3)),
@@ -68,6 +68,9 @@ LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
                                                                reverse=True,
                                                                lengths=_LENGTHS))]]
 LAYOUT_CASES.append(("lstm", "projection", dict(steps=8, batch=24, hidden=30, proj=25)))
+# float32 layers small enough for the CPU's register layer, which reads any layout at any size.
+LAYOUT_CASES += [(cell, "registers", dict(steps=40, batch=3, hidden=2, dtype=torch.float32))
+                 for cell in ["lstm", "gru", "rnn_tanh"]]
 
 
 @pytest.mark.parametrize("cell,name,variant", LAYOUT_CASES,

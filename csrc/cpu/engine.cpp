@@ -656,12 +656,19 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
   Tensor grad_b_hh = at::empty({has_bias ? G : 0}, options);
   const auto data = data_or_null<float>;
-  const Tensor grad_output = in.grad_output.contiguous();
+  // Read at its strides where a step's offsets fit the gather's, else a contiguous copy.
+  const Tensor& given = in.grad_output;
+  const Tensor grad_output =
+      register_layer::StridedSteps::fits(s.batch, s.hidden_size, given.stride(1), given.stride(2))
+          ? given
+          : given.contiguous();
+  const register_layer::StridedSteps grad_output_steps{data(grad_output), grad_output.stride(0),
+                                                       grad_output.stride(1),
+                                                       grad_output.stride(2)};
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
-        register_layer_sizes(s, reverse), data(in.input),
-        data(grad_output), data(in.output),
+        register_layer_sizes(s, reverse), data(in.input), grad_output_steps, data(in.output),
         Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
         data(in.w_ih), data(in.w_hh), data(dh), data(dc),
         input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),

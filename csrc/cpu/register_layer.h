@@ -181,13 +181,52 @@ inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
 }
 
 // The reverse pass, with the weight and bias gradients summed in registers over the steps.
-// input, grad_output [T, B, I] and [T, B, H]; output and workspace as the forward wrote them;
+// A [T, B, H] tensor read a step at a time at any strides (a batch_first output's gradient is a
+// transposed view, that of output.sum() a broadcast scalar): lane b * H + j of step t is
+// data[t * step + b * row + j * column]. Where a step's B * H values are contiguous they are
+// one masked load, else a gather (off the chain of steps: the reverse pass's latency hides it).
+struct StridedSteps {
+  const float* data;
+  int64_t step, row, column;
+
+  // The gather's 32-bit offsets must hold every index within a step.
+  static bool fits(int64_t B, int64_t H, int64_t row, int64_t column) {
+    return (B - 1) * row + (H - 1) * column <= INT32_MAX;
+  }
+};
+
+class StepReader {
+ public:
+  StepReader(const StridedSteps& steps, int64_t B, int64_t H)
+      : steps_(steps), mask_(first_lanes(B * H)), contiguous_(steps.column == 1 && steps.row == H) {
+    alignas(64) std::array<int32_t, kLanes> offsets{};
+    for (int64_t o = 0; o < B * H; ++o) {
+      offsets[o] = static_cast<int32_t>(o / H * steps.row + o % H * steps.column);
+    }
+    offsets_ = _mm512_load_si512(offsets.data());
+  }
+
+  __m512 at(int64_t t) const {
+    const float* first = steps_.data + t * steps_.step;
+    return contiguous_ ? _mm512_maskz_loadu_ps(mask_, first)
+                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask_, offsets_, first, 4);
+  }
+
+ private:
+  StridedSteps steps_;
+  __mmask16 mask_;
+  bool contiguous_;
+  __m512i offsets_;
+};
+
+// input [T, B, I]; grad_output [T, B, H] at its strides; output and workspace as the forward wrote them;
 // hx, cx [B, H] or nullptr (zero initial states); dh [B, H] and dc [B, H] (LSTM) hold the
 // gradients of h_n and c_n (or zeros) and receive those of hx and cx. Writes grad_input
 // [T, B, I] (or nullptr: not needed), grad_w_ih [G, I], grad_w_hh [G, H] and grad_b_ih,
 // grad_b_hh [G] (or nullptr: no biases).
 template <typename Cell>
-void backward(const Layer& l, const float* input, const float* grad_output, const float* output,
+void backward(const Layer& l, const float* input, const StridedSteps& grad_output,
+              const float* output,
               const float* workspace, const float* hx, const float* cx, const float* w_ih,
               const float* w_hh, float* dh, float* dc, float* grad_input, float* grad_w_ih,
               float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
@@ -212,6 +251,7 @@ void backward(const Layer& l, const float* input, const float* grad_output, cons
               [&](int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
     }
   }
+  const StepReader grad_output_at(grad_output, l.B, H);
   const std::vector<__m512i> from_input = row_broadcasts(units, H, I);
   const std::vector<__m512i> from_hidden = row_broadcasts(units, H, H);
   const V zero(0.0f);
@@ -241,7 +281,7 @@ void backward(const Layer& l, const float* input, const float* grad_output, cons
       const float* from = first ? cx : workspace + (t_prev * Cell::kSavedPerUnit + 4) * units;
       if (from) c_prev = _mm512_maskz_loadu_ps(unit_mask, from);
     }
-    const V dh_now = V(_mm512_maskz_loadu_ps(unit_mask, grad_output + t * units)) + dh_next;
+    const V dh_now = V(grad_output_at.at(t)) + dh_next;
     std::array<V, gates> dxg, dhg;
     V dc_prev = zero, dh_prev_direct = zero;
     Cell::backward(1, InRegister{}, saved.data(), h_prev, c_prev, dh_now, dc_next, dxg.data(),
