@@ -91,7 +91,7 @@ struct LayerBackward final : public torch::autograd::Node {
   bool reverse = false;
   bool has_bias = false;
   bool saved_workspace = false;
-  // input_ is the time-major contiguous input both passes read; an absent optional tensor is
+  // input_ is the input as both passes read it (engine_input); an absent optional tensor is
   // saved undefined and unpacks undefined.
   SavedVariable input_, hx_, cx_, w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_;
 };
@@ -162,14 +162,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   const auto node = c10::make_intrusive<LayerBackward>();
   node->set_next_edges(
       torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr));
-  Tensor contiguous_input, output, h_n, c_n, workspace;
+  Tensor engine_read_input, output, h_n, c_n, workspace;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    // The engines read the input contiguous: made so once here, the backward reads the same
-    // copy (a batch_first input comes as a transposed view).
-    contiguous_input = time_major_contiguous(input);
+    // The input as the engine reads it, made so once here (a batch_first input comes as a
+    // transposed view, which most engines copy time-major): the backward reads the same.
+    engine_read_input = engine_input(input, w_hh, lengths.has_value() && lengths->defined(),
+                                     w_hr.has_value() && w_hr->defined());
     std::tie(output, h_n, c_n, workspace) =
-        call_forward(cell, contiguous_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+        call_forward(cell, engine_read_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                      reverse, save_workspace);
   }
   // output, h_n and c_n are the node's differentiable outputs, in this order (its grads); the
@@ -179,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   node->reverse = reverse;
   node->has_bias = b_ih.has_value() && b_ih->defined();
   node->saved_workspace = save_workspace;
-  node->input_ = SavedVariable(contiguous_input, false);
+  node->input_ = SavedVariable(engine_read_input, false);
   node->hx_ = SavedVariable(hx, false);
   node->cx_ = SavedVariable(cx, false);
   node->w_ih_ = SavedVariable(w_ih, false);

@@ -59,10 +59,13 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
                               const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& lengths) {
+                              const std::optional<at::Tensor>& lengths,
+                              ReadsInputAtStrides reads_input_at_strides) {
   ForwardInputs in;
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  in.input = time_major_contiguous(input);
+  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, input)
+                 ? input
+                 : time_major_contiguous(input);
   in.w_ih = w_ih.contiguous();
   in.w_hh = w_hh.contiguous();
   in.w_hr = contiguous_or_undefined(w_hr);
@@ -97,12 +100,15 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
                                 const at::Tensor& output, const at::Tensor& workspace,
-                                bool contiguous_grad_output) {
+                                bool contiguous_grad_output,
+                                ReadsInputAtStrides reads_input_at_strides) {
   BackwardInputs in;
   in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
                               lengths);
   check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
-  in.input = time_major_contiguous(input);
+  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, input)
+                 ? input
+                 : time_major_contiguous(input);
   in.hx = contiguous_or_undefined(hx);
   in.cx = contiguous_or_undefined(cx);
   in.w_ih = w_ih.contiguous();

@@ -66,6 +66,17 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 // I is small.
 at::Tensor time_major_contiguous(const at::Tensor& input);
 
+// Whether an engine reads a layer's input [T, B, I] at the strides it comes with (no
+// time-major copy), given the checked sizes; nullptr: never.
+using ReadsInputAtStrides = bool (*)(const LayerSizes& sizes, const at::Tensor& input);
+
+// The input as the engine of its device reads it: as it comes where the CPU engine reads it at
+// its strides (cpu/engine.cpp), else time_major_contiguous. Taken before the arguments are
+// checked (the autograd kernel saves it for both passes): a malformed call gets the copy, and
+// the op's checks then refuse it.
+at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
+                        bool has_projection);
+
 // The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
 // on every device (the states and biases are copied or read where they are used).
 struct ForwardInputs {
@@ -80,7 +91,8 @@ ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
                               const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& lengths);
+                              const std::optional<at::Tensor>& lengths,
+                              ReadsInputAtStrides reads_input_at_strides = nullptr);
 
 // The backward op's tensor arguments, checked (check_layer_args, check_backward_args) and made
 // contiguous, the same on every device. hx and cx are undefined where the forward started
@@ -100,7 +112,8 @@ BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
                                 const std::optional<at::Tensor>& lengths,
                                 const at::Tensor& output, const at::Tensor& workspace,
-                                bool contiguous_grad_output = true);
+                                bool contiguous_grad_output = true,
+                                ReadsInputAtStrides reads_input_at_strides = nullptr);
 
 // x [T, B, P] with contiguous rows of P at any strides over t and b (0 where broadcast), for an
 // engine that reads it so: it is spared a [T, B, P] copy where x is a view (a batch_first

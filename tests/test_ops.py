@@ -90,6 +90,38 @@ def test_backward_op_reads_any_grad_output_layout(cell, name, variant):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
 
 
+def _input_layouts(x):
+    """The values of x [T, B, I] in the layouts an input comes in."""
+    T, B, I = x.shape
+    wide = torch.zeros(T, B, 2 * I, dtype=x.dtype)
+    wide[..., ::2] = x
+    return {"batch_first": x.transpose(0, 1).contiguous().transpose(0, 1),
+            "strided_columns": wide[..., ::2], "broadcast_steps": x[:1].expand(T, B, I)}
+
+
+@pytest.mark.parametrize("name", ["registers", "general"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_any_input_layout_gives_the_contiguous_results(cell, name):
+    """An input view (a batch_first input is a transposed one) gives exactly the outputs and
+    gradients of its values made contiguous, in both passes, whether the engine reads it at
+    its strides (the CPU's register layer) or copies it."""
+    sizes = dict(steps=30, batch=3, input_size=2, hidden=2) if name == "registers" else \
+        dict(steps=6, batch=5, input_size=7, hidden=9)
+    args = make_args(cell, seed=9, dtype=torch.float32, **sizes)
+    for layout, view in _input_layouts(args[1].detach()).items():
+        results = {}
+        for kind, x in (("view", view), ("contiguous", view.contiguous())):
+            x = x.detach().requires_grad_()
+            call = [args[0], x, *args[2:]]
+            output, h_n, c_n, _ = torch.ops.rnnfast.forward(*call)
+            loss = (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum() \
+                + h_n.square().sum()
+            tensors = [x] + [a for a in args[2:] if isinstance(a, torch.Tensor) and a.requires_grad]
+            results[kind] = [output, h_n, *torch.autograd.grad(loss, tensors)]
+        for got, want in zip(results["view"], results["contiguous"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=layout)
+
+
 @pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
                                      dict(bias=False)], ids=["plain", "packed", "nobias"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])

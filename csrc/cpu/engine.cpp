@@ -166,7 +166,43 @@ bool fits_register_layer(const LayerSizes& s) {
 register_layer::Layer register_layer_sizes(const LayerSizes& s, bool reverse) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, reverse};
 }
+
+register_layer::StridedSteps strided_steps(const Tensor& x) {
+  return {x.data_ptr<float>(), x.stride(0), x.stride(1), x.stride(2)};
+}
 #endif
+
+// Whether the register layer reads this float input [T, B, I] at its strides: sizes it takes,
+// and a step's offsets within its gathers'.
+bool register_layer_reads(const Tensor& input, int64_t hidden_size, bool has_lengths,
+                          bool has_projection) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return input.scalar_type() == at::kFloat && input.dim() == 3 &&
+         register_layer::fits(input.size(1), input.size(2), hidden_size, has_lengths,
+                              has_projection) &&
+         register_layer::StridedSteps::fits(input.size(1), input.size(2), input.stride(1),
+                                            input.stride(2));
+#else
+  (void)input, (void)hidden_size, (void)has_lengths, (void)has_projection;
+  return false;
+#endif
+}
+
+// The forward's and the reverse pass's ReadsInputAtStrides (the reverse pass in registers also
+// needs register_layer::backward_fits).
+bool register_layer_reads_input(const LayerSizes& s, const Tensor& input) {
+  return register_layer_reads(input, s.hidden_size, s.has_lengths, s.has_projection);
+}
+
+bool register_layer_reads_input_backward(const LayerSizes& s, const Tensor& input) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return register_layer_reads_input(s, input) &&
+         register_layer::backward_fits(s.gate_size / s.hidden_size, s.input_size, s.hidden_size);
+#else
+  (void)s, (void)input;
+  return false;
+#endif
+}
 
 // b_ih + b_hh [G], added in the accumulation type.
 template <typename T>
@@ -395,7 +431,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     bool save_workspace) {
   const ForwardInputs in = prepare_forward(std::string(cell), input_, hx_, cx_, w_ih_, w_hh_,
-                                           b_ih_, b_hh_, w_hr_, lengths_);
+                                           b_ih_, b_hh_, w_hr_, lengths_,
+                                           register_layer_reads_input);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
@@ -415,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (fits_register_layer(s)) {
           register_layer::forward<Cell>(
-              register_layer_sizes(s, reverse), input.data_ptr<float>(),
+              register_layer_sizes(s, reverse), strided_steps(input),
               w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
               data_or_null<float>(b_hh), h_state.data_ptr<float>(),
               Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
@@ -662,13 +699,12 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
       register_layer::StridedSteps::fits(s.batch, s.hidden_size, given.stride(1), given.stride(2))
           ? given
           : given.contiguous();
-  const register_layer::StridedSteps grad_output_steps{data(grad_output), grad_output.stride(0),
-                                                       grad_output.stride(1),
-                                                       grad_output.stride(2)};
+  const register_layer::StridedSteps grad_output_steps = strided_steps(grad_output);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
-        register_layer_sizes(s, reverse), data(in.input), grad_output_steps, data(in.output),
+        register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps,
+        data(in.output),
         Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
         data(in.w_ih), data(in.w_hh), data(dh), data(dc),
         input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
@@ -691,7 +727,7 @@ BackwardResult backward_cpu(
   const BackwardInputs in =
       prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
                        w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
-                       /*contiguous_grad_output=*/false);
+                       /*contiguous_grad_output=*/false, register_layer_reads_input_backward);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
@@ -738,6 +774,17 @@ BackwardResult backward_cpu(
 }
 
 }  // namespace
+
+at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
+                        bool has_projection) {
+  // w_hh [G, P]: P is H where there is no projection (with one there is no register layer).
+  if (input.device().is_cpu() && w_hh.dim() == 2 &&
+      register_layer_reads(input, w_hh.size(1), has_lengths, has_projection)) {
+    return input;
+  }
+  return time_major_contiguous(input);
+}
+
 }  // namespace rnnfast
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {

@@ -96,26 +96,82 @@ struct GateProducts {
   }
 };
 
-// input [T, B, I]; h [B, H] and c [B, H] (LSTM) hold the initial states (zeros from zero
+// A [T, B, W] tensor read a step at a time at any strides (a batch_first input or output
+// gradient is a transposed view, the gradient of output.sum() a broadcast scalar): lane
+// b * W + i of step t is data[t * step + b * row + i * column].
+struct StridedSteps {
+  const float* data;
+  int64_t step, row, column;
+
+  // Whether the gather's 32-bit offsets hold every index within a step of B rows of W values.
+  static bool fits(int64_t B, int64_t W, int64_t row, int64_t column) {
+    return (B - 1) * row + (W - 1) * column <= INT32_MAX;
+  }
+};
+
+// Lanes first .. first + 15 of the steps of a StridedSteps: one masked load per step where a
+// step's B * W values are contiguous, else a gather (off the chain of steps, where the
+// latency of a step hides it).
+class StepReader {
+ public:
+  StepReader(const StridedSteps& steps, int64_t B, int64_t W, int64_t first = 0)
+      : steps_(steps),
+        first_(first),
+        mask_(first_lanes(B * W - first)),
+        contiguous_(steps.column == 1 && steps.row == W) {
+    alignas(64) std::array<int32_t, kLanes> offsets{};
+    for (int64_t o = first; o < std::min(B * W, first + kLanes); ++o) {
+      offsets[o - first] = static_cast<int32_t>(o / W * steps.row + o % W * steps.column);
+    }
+    offsets_ = _mm512_load_si512(offsets.data());
+  }
+
+  __m512 at(int64_t t) const {
+    const float* step = steps_.data + t * steps_.step;
+    return contiguous_ ? _mm512_maskz_loadu_ps(mask_, step + first_)
+                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask_, offsets_, step, 4);
+  }
+
+ private:
+  StridedSteps steps_;
+  int64_t first_;
+  __mmask16 mask_;
+  bool contiguous_;
+  __m512i offsets_;
+};
+
+// A step's B * I <= 32 inputs as two vectors (lanes 0 .. 15 and 16 .. 31).
+class InputReader {
+ public:
+  InputReader(const StridedSteps& input, int64_t B, int64_t I)
+      : low_(input, B, I), high_(input, B, I, kLanes), two_(B * I > kLanes) {}
+
+  std::pair<__m512, __m512> at(int64_t t) const {
+    return {low_.at(t), two_ ? high_.at(t) : _mm512_setzero_ps()};
+  }
+
+ private:
+  StepReader low_, high_;
+  bool two_;
+};
+
+// input [T, B, I] at its strides; h [B, H] and c [B, H] (LSTM) hold the initial states (zeros from zero
 // states) and receive the final ones; output [T, B, H]; workspace [T, kSavedPerUnit, B, H] or
 // nullptr (inference).
 template <typename Cell>
-void forward(const Layer& l, const float* input, const float* w_ih, const float* w_hh,
+void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const float* w_hh,
              const float* b_ih, const float* b_hh, float* h, float* c, float* output,
              float* workspace) {
   constexpr int gates = Cell::kGates;
   const GateProducts products(l, gates, w_ih, w_hh, b_ih, b_hh);
-  const int64_t units = l.units(), inputs = l.B * l.I;
+  const int64_t units = l.units();
   const __mmask16 unit_mask = first_lanes(units);
-  const __mmask16 input_low = first_lanes(inputs), input_high = first_lanes(inputs - kLanes);
+  const InputReader input_at(input, l.B, l.I);
   V h_now = _mm512_maskz_loadu_ps(unit_mask, h);
   V c_now = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, c)) : V(0.0f);
   for (int64_t step = 0; step < l.T_; ++step) {
     const int64_t t = l.step_time(step);
-    const float* x = input + t * inputs;
-    const __m512 x_low = _mm512_maskz_loadu_ps(input_low, x);
-    const __m512 x_high = inputs > kLanes ? _mm512_maskz_loadu_ps(input_high, x + kLanes)
-                                          : _mm512_setzero_ps();
+    const auto [x_low, x_high] = input_at.at(t);
     std::array<V, gates> xg, hg;
     for (int g = 0; g < gates; ++g) {
       xg[g] = products.input[g].add_to(_mm512_loadu_ps(products.input_bias[g].data()), x_low,
@@ -181,51 +237,13 @@ inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
 }
 
 // The reverse pass, with the weight and bias gradients summed in registers over the steps.
-// A [T, B, H] tensor read a step at a time at any strides (a batch_first output's gradient is a
-// transposed view, that of output.sum() a broadcast scalar): lane b * H + j of step t is
-// data[t * step + b * row + j * column]. Where a step's B * H values are contiguous they are
-// one masked load, else a gather (off the chain of steps: the reverse pass's latency hides it).
-struct StridedSteps {
-  const float* data;
-  int64_t step, row, column;
-
-  // The gather's 32-bit offsets must hold every index within a step.
-  static bool fits(int64_t B, int64_t H, int64_t row, int64_t column) {
-    return (B - 1) * row + (H - 1) * column <= INT32_MAX;
-  }
-};
-
-class StepReader {
- public:
-  StepReader(const StridedSteps& steps, int64_t B, int64_t H)
-      : steps_(steps), mask_(first_lanes(B * H)), contiguous_(steps.column == 1 && steps.row == H) {
-    alignas(64) std::array<int32_t, kLanes> offsets{};
-    for (int64_t o = 0; o < B * H; ++o) {
-      offsets[o] = static_cast<int32_t>(o / H * steps.row + o % H * steps.column);
-    }
-    offsets_ = _mm512_load_si512(offsets.data());
-  }
-
-  __m512 at(int64_t t) const {
-    const float* first = steps_.data + t * steps_.step;
-    return contiguous_ ? _mm512_maskz_loadu_ps(mask_, first)
-                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask_, offsets_, first, 4);
-  }
-
- private:
-  StridedSteps steps_;
-  __mmask16 mask_;
-  bool contiguous_;
-  __m512i offsets_;
-};
-
-// input [T, B, I]; grad_output [T, B, H] at its strides; output and workspace as the forward wrote them;
-// hx, cx [B, H] or nullptr (zero initial states); dh [B, H] and dc [B, H] (LSTM) hold the
-// gradients of h_n and c_n (or zeros) and receive those of hx and cx. Writes grad_input
-// [T, B, I] (or nullptr: not needed), grad_w_ih [G, I], grad_w_hh [G, H] and grad_b_ih,
-// grad_b_hh [G] (or nullptr: no biases).
+// input [T, B, I] and grad_output [T, B, H] at their strides; output and workspace as the
+// forward wrote them; hx, cx [B, H] or nullptr (zero initial states); dh [B, H] and dc [B, H]
+// (LSTM) hold the gradients of h_n and c_n (or zeros) and receive those of hx and cx. Writes
+// grad_input [T, B, I] (or nullptr: not needed), grad_w_ih [G, I], grad_w_hh [G, H] and
+// grad_b_ih, grad_b_hh [G] (or nullptr: no biases).
 template <typename Cell>
-void backward(const Layer& l, const float* input, const StridedSteps& grad_output,
+void backward(const Layer& l, const StridedSteps& input, const StridedSteps& grad_output,
               const float* output,
               const float* workspace, const float* hx, const float* cx, const float* w_ih,
               const float* w_hh, float* dh, float* dc, float* grad_input, float* grad_w_ih,
@@ -251,6 +269,7 @@ void backward(const Layer& l, const float* input, const StridedSteps& grad_outpu
               [&](int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
     }
   }
+  const InputReader input_at(input, l.B, I);
   const StepReader grad_output_at(grad_output, l.B, H);
   const std::vector<__m512i> from_input = row_broadcasts(units, H, I);
   const std::vector<__m512i> from_hidden = row_broadcasts(units, H, H);
@@ -299,10 +318,7 @@ void backward(const Layer& l, const float* input, const StridedSteps& grad_outpu
 
     // Off the chain of steps: this step's share of the weight and bias gradients, and of the
     // input's.
-    const float* x = input + t * inputs;
-    const __m512 x_low = _mm512_maskz_loadu_ps(input_low, x);
-    const __m512 x_high = inputs > kLanes ? _mm512_maskz_loadu_ps(input_high, x + kLanes)
-                                          : _mm512_setzero_ps();
+    const auto [x_low, x_high] = input_at.at(t);
     for (int g = 0; g < gates; ++g) {
       sum_b_ih[g] = sum_b_ih[g] + dxg[g];
       sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
