@@ -514,10 +514,12 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
   // A cell with its own dLoss/dhg (GRU) writes a step's into step_dgate_h [B, G], which the
-  // recurrent product reads; dgate_h keeps the last gate's H columns of every step (the gates
-  // before it are dgate_x's), for the weight gradients.
+  // recurrent product reads; dgate_h [T, B, Gh] keeps its last Gh columns of every step (all
+  // G, or the last gate's H: the gates before it are dgate_x's), for the weight gradients.
   Tensor step_dgate_h = Cell::kSeparateHiddenGateGrad ? at::empty({B, G}, grad_output.options())
                                                       : Tensor();
+  // In the view's units (the gate-packed view's rows span the batch): G, or the last gate's H.
+  const int64_t Gh = Cell::kSeparateHiddenGateGrad && dgate_h.size(2) < dgate_x.size(2) ? H : G;
   // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
   // dh passing through). Zero for the other cells without lengths: then no buffer.
   const bool has_direct_path = Cell::kReadsPrevHidden || v.lengths != nullptr;
@@ -588,7 +590,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         std::fill(dgx_row, dgx_row + G, T(0));
         if (Cell::kSeparateHiddenGateGrad) {
           std::fill(dgh_row, dgh_row + G, T(0));
-          std::fill(dgh_data + row * H, dgh_data + (row + 1) * H, T(0));
+          std::fill(dgh_data + row * Gh, dgh_data + (row + 1) * Gh, T(0));
         }
         std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
         continue;
@@ -625,7 +627,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       // The last gate's columns, also in the gate-packed view (there one row holds the gate's
       // units of all batch rows, in dgate_h's order).
       if (Cell::kSeparateHiddenGateGrad) {
-        std::copy(dgh_row + G - H, dgh_row + G, dgh_data + row * H);
+        std::copy(dgh_row + G - Gh, dgh_row + G, dgh_data + row * Gh);
       }
     }
   };
@@ -717,6 +719,16 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
 }
 #endif
 
+// Whether GRU's dLoss/dhg [T, B, G] keeps only its last gate's columns (r and z equal dgate_x's,
+// which finish_backward reads instead): a third of the memory, for one more weight-gradient
+// GEMM, which costs more than the memory saves in small calls (measured 1-3% of a training
+// step of the course's GRUs). The gate-packed view keeps the last gate only: its order is the
+// rows' order, where all gates would need regrouping.
+bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
+  constexpr int64_t kAllGatesMaxValues = 1 << 14;
+  return s.steps * s.batch * s.gate_size > kAllGatesMaxValues || uses_gate_packing(s, type);
+}
+
 BackwardResult backward_cpu(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
@@ -753,7 +765,7 @@ BackwardResult backward_cpu(
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
   BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_,
                                             gate_grad_over_output_grad ? grad_output : Tensor(),
-                                            /*last_hidden_gate_only=*/true);
+                                            keeps_last_hidden_gate_only(s, input.scalar_type()));
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
