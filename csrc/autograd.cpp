@@ -26,7 +26,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
     const std::optional<Tensor>& cx,
     const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
     const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths, bool reverse, bool save_workspace) {
+    const std::optional<Tensor>& lengths, bool reverse, bool save_workspace, bool batch_first) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::forward", "")
@@ -35,9 +35,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
               const std::optional<Tensor>&, const Tensor&, const Tensor&,
               const std::optional<Tensor>&,
               const std::optional<Tensor>&, const std::optional<Tensor>&,
-              const std::optional<Tensor>&, bool, bool)>();
+              const std::optional<Tensor>&, bool, bool, bool)>();
   return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                 save_workspace);
+                 save_workspace, batch_first);
 }
 
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -50,7 +50,8 @@ BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
                              const Tensor& w_hh, bool has_bias,
                              const std::optional<Tensor>& w_hr,
                              const std::optional<Tensor>& lengths, bool reverse,
-                             const Tensor& output, const Tensor& workspace, bool input_grad) {
+                             const Tensor& output, const Tensor& workspace, bool input_grad,
+                             bool batch_first) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::backward", "")
@@ -59,9 +60,9 @@ BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
                                 const std::optional<Tensor>&,
                                 const std::optional<Tensor>&, const Tensor&, const Tensor&, bool,
                                 const std::optional<Tensor>&, const std::optional<Tensor>&, bool,
-                                const Tensor&, const Tensor&, bool)>();
+                                const Tensor&, const Tensor&, bool, bool)>();
   return op.call(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                 w_hr, lengths, reverse, output, workspace, input_grad);
+                 w_hr, lengths, reverse, output, workspace, input_grad, batch_first);
 }
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
@@ -91,8 +92,10 @@ struct LayerBackward final : public torch::autograd::Node {
   bool reverse = false;
   bool has_bias = false;
   bool saved_workspace = false;
-  // input_ is the input as both passes read it (engine_input); an absent optional tensor is
-  // saved undefined and unpacks undefined.
+  bool batch_first = false;
+  // input_ is the time-major input as both passes read it (engine_input); output_ the output
+  // as the forward returned it (batch_first: [B, T, P]); an absent optional tensor is saved
+  // undefined and unpacks undefined.
   SavedVariable input_, hx_, cx_, w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_;
 };
 
@@ -112,18 +115,20 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   const Tensor input = input_.unpack(), hx = hx_.unpack(), cx = cx_.unpack();
   const Tensor w_ih = w_ih_.unpack(), w_hh = w_hh_.unpack(), w_hr = w_hr_.unpack();
   const Tensor lengths = lengths_.unpack(), workspace = workspace_.unpack();
-  const Tensor output = output_.unpack(self);
-  const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
+  // The backward op runs time-major: the batch_first output and its gradient as views.
+  const Tensor output = swap_time_and_batch(output_.unpack(self), batch_first);
+  const Tensor grad_output =
+      grads[0].defined() ? swap_time_and_batch(grads[0], batch_first) : at::zeros_like(output);
   const bool input_grad = task_should_compute_output(kInput);
   const auto grad_c_n =
       has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
   auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
       cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
       defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr),
-      defined_or_none(lengths), reverse, output, workspace, input_grad);
+      defined_or_none(lengths), reverse, output, workspace, input_grad, /*batch_first=*/false);
   // The op returns empty tensors for gradients it did not compute; their slots stay undefined.
   variable_list result(kSlots);
-  if (input_grad) result[kInput] = std::move(g_input);
+  if (input_grad) result[kInput] = swap_time_and_batch(g_input, batch_first);
   if (hx.defined()) result[kHx] = std::move(g_hx);
   if (cx.defined()) result[kCx] = std::move(g_cx);
   result[kWih] = std::move(g_w_ih);
@@ -141,12 +146,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    bool save_workspace) {
+    bool save_workspace, bool batch_first) {
   if (!torch::autograd::compute_requires_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)) {
     // Inference: no graph to record.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                        save_workspace);
+                        save_workspace, batch_first);
   }
   if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
     // torch.func transforms need a Python-level autograd.Function; refuse as torch does for
@@ -165,13 +170,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   Tensor engine_read_input, output, h_n, c_n, workspace;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    // The input as the engine reads it, made so once here (a batch_first input comes as a
-    // transposed view, which most engines copy time-major): the backward reads the same.
-    engine_read_input = engine_input(input, w_hh, lengths.has_value() && lengths->defined(),
+    // The time-major input as the engine reads it, made so once here (the view of a
+    // batch_first one most engines copy): the backward reads the same. The op runs time-major
+    // here; a batch_first output is the view the op would have returned.
+    engine_read_input = engine_input(swap_time_and_batch(input, batch_first), w_hh,
+                                     lengths.has_value() && lengths->defined(),
                                      w_hr.has_value() && w_hr->defined());
     std::tie(output, h_n, c_n, workspace) =
         call_forward(cell, engine_read_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                     reverse, save_workspace);
+                     reverse, save_workspace, /*batch_first=*/false);
+    output = swap_time_and_batch(output, batch_first);
   }
   // output, h_n and c_n are the node's differentiable outputs, in this order (its grads); the
   // workspace is not differentiable and gets no history.
@@ -180,6 +188,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   node->reverse = reverse;
   node->has_bias = b_ih.has_value() && b_ih->defined();
   node->saved_workspace = save_workspace;
+  node->batch_first = batch_first;
   node->input_ = SavedVariable(engine_read_input, false);
   node->hx_ = SavedVariable(hx, false);
   node->cx_ = SavedVariable(cx, false);
@@ -201,7 +210,8 @@ BackwardResult backward_autograd(c10::string_view cell, const Tensor& grad_outpu
                                  const Tensor& w_hh, bool has_bias,
                                  const std::optional<Tensor>& w_hr,
                                  const std::optional<Tensor>& lengths, bool reverse,
-                                 const Tensor& output, const Tensor& workspace, bool input_grad) {
+                                 const Tensor& output, const Tensor& workspace, bool input_grad,
+                                 bool batch_first) {
   if (torch::autograd::GradMode::is_enabled()) {
     for (const Tensor& t : {grad_output, grad_h_n.value_or(Tensor()), input,
                             hx.value_or(Tensor()), w_ih, w_hh, output}) {
@@ -211,7 +221,8 @@ BackwardResult backward_autograd(c10::string_view cell, const Tensor& grad_outpu
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_backward(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh,
-                       has_bias, w_hr, lengths, reverse, output, workspace, input_grad);
+                       has_bias, w_hr, lengths, reverse, output, workspace, input_grad,
+                       batch_first);
 }
 
 }  // namespace

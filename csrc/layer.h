@@ -66,6 +66,12 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 // I is small.
 at::Tensor time_major_contiguous(const at::Tensor& input);
 
+// A 3-D tensor's batch_first form [B, T, ...] from its time-major one [T, B, ...] or back (a
+// view); anything else (a malformed argument the checks refuse, an empty placeholder) as it is.
+inline at::Tensor swap_time_and_batch(const at::Tensor& x, bool batch_first) {
+  return batch_first && x.defined() && x.dim() == 3 ? x.transpose(0, 1) : x;
+}
+
 // Whether an engine reads a layer's input [T, B, I] at the strides it comes with (no
 // time-major copy), given the checked sizes; nullptr: never.
 using ReadsInputAtStrides = bool (*)(const LayerSizes& sizes, const at::Tensor& input);

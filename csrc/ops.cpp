@@ -6,6 +6,9 @@
 //                      hx = cx = None starts from zero states (and skips work on them)
 //   rnnfast::backward  the gradients of all of forward's tensor inputs (grad_h_n, grad_c_n:
 //                      None for zero).
+// batch_first=True: input, output (and their gradients) are [B, T, ...] instead, as views of
+// the time-major tensors the engines work on (the workspace stays [T, B, W]); a batch_first
+// model's layer then needs no transposes of its own, which autograd would have to run.
 // Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py).
 #include <Python.h>
 #include <torch/library.h>
@@ -192,11 +195,13 @@ TORCH_LIBRARY(rnnfast, m) {
   m.def(
       "forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
       "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
-      "bool save_workspace) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "bool save_workspace, bool batch_first=False) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
-      "Tensor? lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad) -> "
+      "Tensor? lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, "
+      "bool batch_first=False) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
 }

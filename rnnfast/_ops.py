@@ -62,11 +62,14 @@ def workspace_width(cell, hidden_size, has_projection):
 
 @torch.library.register_fake("rnnfast::forward")
 def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                  save_workspace):
-    steps, batch, _ = input.shape
+                  save_workspace, batch_first=False):
+    steps, batch, _ = input.shape if not batch_first else input.transpose(0, 1).shape
     hidden = w_ih.shape[0] // GATES[cell]
     state = w_hh.shape[1]
+    # batch_first: the view [B, T, P] of the time-major output, as the engines return it.
     output = input.new_empty(steps, batch, state)
+    if batch_first:
+        output = output.transpose(0, 1)
     h_n = input.new_empty(batch, state)
     c_n = input.new_empty(batch, hidden) if GATES[cell] == 4 else input.new_empty(0)
     if save_workspace:
@@ -78,10 +81,17 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
 
 @torch.library.register_fake("rnnfast::backward")
 def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                   w_hr, lengths, reverse, output, workspace, input_grad):
+                   w_hr, lengths, reverse, output, workspace, input_grad, batch_first=False):
     # An absent gradient is an empty tensor of its own (outputs must not alias).
+    if not input_grad:
+        grad_input = input.new_empty(0)
+    elif batch_first:
+        # The view [B, T, I] of a time-major gradient, as the engines return it.
+        grad_input = input.new_empty(input.transpose(0, 1).shape).transpose(0, 1)
+    else:
+        grad_input = torch.empty_like(input)
     return (
-        torch.empty_like(input) if input_grad else input.new_empty(0),
+        grad_input,
         torch.empty_like(hx) if hx is not None else input.new_empty(0),
         torch.empty_like(cx) if cx is not None else input.new_empty(0),
         torch.empty_like(w_ih),

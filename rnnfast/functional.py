@@ -1,7 +1,8 @@
 """Multi-layer, bidirectional recurrent networks on top of rnnfast's one-layer ops.
 
-Everything here works on time-major tensors: input [T, B, I]. The modules (rnnfast/modules.py)
-translate batch_first, unbatched and packed inputs to this form.
+Everything here works on time-major tensors, input [T, B, I], or with batch_first=True on
+[B, T, I] (the ops take that layout as it is). The modules (rnnfast/modules.py) translate
+unbatched and packed inputs to the time-major form.
 """
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ _FORWARD = torch.ops.rnnfast.forward.default
 
 
 def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
-          reverse=False):
+          reverse=False, batch_first=False):
     """One layer in one direction.
 
     input [T, B, I]; hx [B, P] and cx [B, H] (LSTM cells), or both None for zero initial
@@ -22,24 +23,26 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     b_ih, b_hh [G] or None; w_hr [P, H] (LSTM projection) or None; lengths [B] int64 on the
     input's device or None (row b runs steps 0 .. lengths[b] - 1; later outputs are zero).
     Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
+    batch_first=True: input [B, T, I] and output [B, T, P].
     """
     # The weights first: they are the tensors that usually require grad (this runs per call).
     needs_grad = torch.is_grad_enabled() and (
         w_ih.requires_grad or w_hh.requires_grad or input.requires_grad
         or any(t is not None and t.requires_grad for t in (b_ih, b_hh, w_hr, hx, cx)))
     output, h_n, c_n, _ = _FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                   reverse, needs_grad)
+                                   reverse, needs_grad, batch_first)
     return output, h_n, c_n
 
 
 def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0,
-            training=False, lengths=None):
+            training=False, lengths=None, batch_first=False):
     """num_layers layers of `cell`, each in one or two directions, dropout between layers.
 
     input [T, B, I]; hx [L * D, B, P] and cx [L * D, B, H] (LSTM), or None for zero states;
     weights: for each layer and direction (in torch.nn's order: l0, l0_reverse, l1, ...) a
     tuple (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
     Returns output [T, B, D * P], h_n [L * D, B, P], c_n [L * D, B, H] or None.
+    batch_first=True: input [B, T, I] and output [B, T, D * P].
     """
     has_cell_state = _ops.GATES[cell] == 4
     if num_layers == 1 and not bidirectional:
@@ -47,7 +50,7 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[0]
         output, h, c = layer(cell, input, hx[0] if hx is not None else None,
                              cx[0] if cx is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
-                             lengths)
+                             lengths, batch_first=batch_first)
         return output, h.unsqueeze(0), (c.unsqueeze(0) if has_cell_state else None)
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
@@ -59,7 +62,7 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             out, h, c = layer(cell, x, hx[k] if hx is not None else None,
                               cx[k] if cx is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
-                              lengths, reverse=direction == 1)
+                              lengths, reverse=direction == 1, batch_first=batch_first)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)

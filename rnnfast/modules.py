@@ -34,8 +34,9 @@ def _check_matches(owner, argument, tensor, reference, reference_name):
 
 
 class _RecurrentBase(nn.Module):
-    """What LSTM, GRU and RNN share: parameters, checks, and the translation of batch_first,
-    unbatched and packed input to the time-major form of rnnfast.functional."""
+    """What LSTM, GRU and RNN share: parameters, checks, and the translation of unbatched and
+    packed input to the time-major form of rnnfast.functional (batch_first input goes as it
+    is)."""
 
     _gates = 1
 
@@ -177,13 +178,13 @@ class _RecurrentBase(nn.Module):
             sequence = input
             if not batched:
                 sequence = sequence.unsqueeze(1)
-            elif self.batch_first:
-                sequence = sequence.transpose(0, 1)
+        # The ops take a batch_first input [B, T, I] as it is and return a batch_first output.
+        batch_first = self.batch_first and batched and not packed
         if sequence.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
                                f"{self.input_size}, got {sequence.size(-1)}")
         _check_matches(name, "input", sequence, weight, "the module's parameters")
-        batch = sequence.size(1)
+        batch = sequence.size(0 if batch_first else 1)
 
         h0 = c0 = None  # None: zero initial states, which the engines need not read
         if hx is not None:
@@ -224,7 +225,7 @@ class _RecurrentBase(nn.Module):
             lengths = lengths_cpu.to(sequence.device)
         output, h_n, c_n = functional.stacked(
             self.cell, sequence, h0, c0, self._weights(), self.num_layers, self.bidirectional,
-            self.dropout, self.training, lengths)
+            self.dropout, self.training, lengths, batch_first)
 
         if packed:
             data, _ = torch._pack_padded_sequence(output, lengths_cpu, False)
@@ -237,8 +238,6 @@ class _RecurrentBase(nn.Module):
             output = output.squeeze(1)
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
-        elif self.batch_first:
-            output = output.transpose(0, 1)
         return output, h_n, c_n
 
 

@@ -150,6 +150,68 @@ def test_opcheck_backward(cell, device):
         torch.randn_like(c_n) if c_n.numel() else None))
 
 
+def _batch_first_args(args):
+    """The same call with batch_first=True: the input as a [B, T, I] tensor of its own."""
+    x = args[1].detach().transpose(0, 1).contiguous().requires_grad_(args[1].requires_grad)
+    return [args[0], x, *args[2:], True]
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
+                                     dict(steps=30, batch=3, input_size=2, hidden=2)],
+                         ids=["plain", "packed", "registers"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_batch_first_ops_are_the_time_major_ops_transposed(cell, variant, device):
+    """batch_first=True takes input [B, T, I] and returns output and grad_input [B, T, ...]:
+    exactly the time-major op's, transposed, through autograd and the backward op alike."""
+    args = make_args(cell, dtype=torch.float32, seed=19, device=device, **variant)
+    first = _batch_first_args(args)
+    time_major = torch.ops.rnnfast.forward(*args)
+    batch_first = torch.ops.rnnfast.forward(*first)
+    torch.testing.assert_close(batch_first[0], time_major[0].transpose(0, 1), rtol=0, atol=0)
+    for got, want in zip(batch_first[1:], time_major[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weight = torch.linspace(-1, 1, time_major[0].numel(), device=device)
+    leaves = [a for a in args[2:] if isinstance(a, torch.Tensor) and a.requires_grad]
+    want = torch.autograd.grad((time_major[0] * weight.view_as(time_major[0])).sum(),
+                               [args[1], *leaves])
+    got = torch.autograd.grad(
+        (batch_first[0].transpose(0, 1) * weight.view_as(time_major[0])).sum(),
+        [first[1], *leaves])
+    torch.testing.assert_close(got[0], want[0].transpose(0, 1), rtol=0, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # The backward op called directly with batch_first=True.
+    with torch.no_grad():
+        grad = torch.randn_like(time_major[0])
+        want = torch.ops.rnnfast.backward(*backward_args(args, time_major, grad, None, None))
+        got = torch.ops.rnnfast.backward(
+            *backward_args(first[:-1], batch_first, grad.transpose(0, 1), None, None), True)
+    torch.testing.assert_close(got[0], want[0].transpose(0, 1), rtol=0, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+def test_opcheck_batch_first(cell, device):
+    args = _batch_first_args(make_args(cell, dtype=torch.float32, seed=23, device=device,
+                                       lengths=[4, 3, 2]))
+    torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
+    args = _batch_first_args(make_args(cell, dtype=torch.float32, seed=23, device=device,
+                                       lengths=[4, 3, 2], requires_grad=False))
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, _, _ = results
+    # The fake implementation gives the output the real one's layout (a time-major tensor's
+    # transposed view), which opcheck does not compare.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = torch.ops.rnnfast.forward(
+            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    assert fake[0].shape == output.shape and fake[0].stride() == output.stride()
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, (
+        *backward_args(args[:-1], results, torch.randn_like(output), torch.randn_like(h_n),
+                       None), True))
+
+
 def _module_pair(kind):
     torch.manual_seed(5)
     if kind == "lstm":

@@ -429,9 +429,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
-    bool save_workspace) {
-  const ForwardInputs in = prepare_forward(std::string(cell), input_, hx_, cx_, w_ih_, w_hh_,
-                                           b_ih_, b_hh_, w_hr_, lengths_,
+    bool save_workspace, bool batch_first) {
+  const ForwardInputs in = prepare_forward(std::string(cell),
+                                           swap_time_and_batch(input_, batch_first), hx_, cx_,
+                                           w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_,
                                            register_layer_reads_input);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
@@ -501,7 +502,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
                                   step_bias, w_hr, h_state, c_state, output, workspace);
     });
   });
-  return {output, h_state, final_cell_state(s, state, input), workspace};
+  return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
+          workspace};
 }
 
 // hx, cx: undefined where the forward started from zero states.
@@ -729,7 +731,8 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
   return s.steps * s.batch * s.gate_size > kAllGatesMaxValues || uses_gate_packing(s, type);
 }
 
-BackwardResult backward_cpu(
+// The backward op on time-major tensors (backward_cpu below: the op's batch_first form).
+BackwardResult backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
     const std::optional<Tensor>& hx_,
@@ -783,6 +786,20 @@ BackwardResult backward_cpu(
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
                          has_bias, input_grad, kCpuGradientKernels);
+}
+
+BackwardResult backward_cpu(
+    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
+  BackwardResult gradients = backward_time_major(
+      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
+      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
+      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
+  std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
+  return gradients;
 }
 
 }  // namespace

@@ -240,12 +240,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
-    bool save_workspace) {
+    bool save_workspace, bool batch_first) {
   DeviceGuard device_guard;
   if (input_.is_cuda()) device_guard.set_device(input_.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const ForwardInputs in = prepare_forward(std::string(cell), input_, hx_, cx_, w_ih_, w_hh_,
-                                           b_ih_, b_hh_, w_hr_, lengths_);
+  const ForwardInputs in = prepare_forward(std::string(cell),
+                                           swap_time_and_batch(input_, batch_first), hx_, cx_,
+                                           w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
@@ -274,7 +275,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
                                   h_state, c_state, output, workspace);
     });
   });
-  return {output, h_state, final_cell_state(s, state, input), workspace};
+  return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
+          workspace};
 }
 
 template <typename Cell, typename scalar_t>
@@ -370,7 +372,8 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+// The backward op on time-major tensors (backward_cuda below: the op's batch_first form).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
     const std::optional<Tensor>& hx_,
@@ -407,6 +410,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                          has_bias, input_grad, kAtenGradientKernels);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
+  auto gradients = backward_time_major(
+      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
+      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
+      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
+  std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
+  return gradients;
+}
+
 // Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or
 // bfloat16), and so does rnnfast::forward: its floating-point tensors on the device are cast
 // to at::autocast::get_autocast_dtype (float64 ones are left alone, as autocast does; lengths
@@ -418,7 +435,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autocast(
     const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    bool save_workspace) {
+    bool save_workspace, bool batch_first) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(kEngineAutocastKey);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(kEngineDevice);
   const auto cast = [dtype](const auto& t) {
@@ -428,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autocast(
                              .findSchemaOrThrow("rnnfast::forward", "")
                              .typed<decltype(forward_cuda)>();
   return op.call(cell, cast(input), cast(hx), cast(cx), cast(w_ih), cast(w_hh), cast(b_ih),
-                 cast(b_hh), cast(w_hr), lengths, reverse, save_workspace);
+                 cast(b_hh), cast(w_hr), lengths, reverse, save_workspace, batch_first);
 }
 
 }  // namespace
