@@ -93,9 +93,12 @@ struct LayerBackward final : public torch::autograd::Node {
   bool has_bias = false;
   bool saved_workspace = false;
   bool batch_first = false;
-  // input_ is the time-major input as both passes read it (engine_input); output_ the output
-  // as the forward returned it (batch_first: [B, T, P]); an absent optional tensor is saved
-  // undefined and unpacks undefined.
+  // input_ is the caller's input where the engine reads a view of it, so that its version
+  // counter catches in-place changes made before the backward (the view made below autograd
+  // has a counter of its own), else the engine's time-major copy (engine_input); output_ the
+  // output as the forward returned it (batch_first: [B, T, P]); an absent optional tensor is
+  // saved undefined and unpacks undefined.
+  bool saved_caller_input = false;
   SavedVariable input_, hx_, cx_, w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_;
 };
 
@@ -112,7 +115,10 @@ variable_list LayerBackward::apply(variable_list&& grads) {
                 "supported");
   }
   const auto self = getptr();
-  const Tensor input = input_.unpack(), hx = hx_.unpack(), cx = cx_.unpack();
+  const Tensor input = saved_caller_input
+                           ? swap_time_and_batch(input_.unpack(), batch_first)
+                           : input_.unpack();
+  const Tensor hx = hx_.unpack(), cx = cx_.unpack();
   const Tensor w_ih = w_ih_.unpack(), w_hh = w_hh_.unpack(), w_hr = w_hr_.unpack();
   const Tensor lengths = lengths_.unpack(), workspace = workspace_.unpack();
   // The backward op runs time-major: the batch_first output and its gradient as views.
@@ -167,13 +173,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   const auto node = c10::make_intrusive<LayerBackward>();
   node->set_next_edges(
       torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr));
-  Tensor engine_read_input, output, h_n, c_n, workspace;
+  Tensor time_major_input, engine_read_input, output, h_n, c_n, workspace;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // The time-major input as the engine reads it, made so once here (the view of a
     // batch_first one most engines copy): the backward reads the same. The op runs time-major
     // here; a batch_first output is the view the op would have returned.
-    engine_read_input = engine_input(swap_time_and_batch(input, batch_first), w_hh,
+    time_major_input = swap_time_and_batch(input, batch_first);
+    engine_read_input = engine_input(time_major_input, w_hh,
                                      lengths.has_value() && lengths->defined(),
                                      w_hr.has_value() && w_hr->defined());
     std::tie(output, h_n, c_n, workspace) =
@@ -189,7 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   node->has_bias = b_ih.has_value() && b_ih->defined();
   node->saved_workspace = save_workspace;
   node->batch_first = batch_first;
-  node->input_ = SavedVariable(engine_read_input, false);
+  node->saved_caller_input = engine_read_input.is_same(time_major_input);
+  node->input_ = SavedVariable(node->saved_caller_input ? input : engine_read_input, false);
   node->hx_ = SavedVariable(hx, false);
   node->cx_ = SavedVariable(cx, false);
   node->w_ih_ = SavedVariable(w_ih, false);

@@ -368,6 +368,28 @@ def test_graph_is_freed_after_backward_unless_retained():
         loss.backward()
 
 
+@pytest.mark.parametrize("sizes", [dict(T=40, B=3, I=2, H=2), dict(T=6, B=5, I=7, H=9)],
+                         ids=["registers", "general"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+def test_input_changed_in_place_after_the_forward(sizes, batch_first):
+    """An input changed in place between the passes: the backward refuses it (autograd's version
+    error) or gives the gradients of the values the forward saw, never a mix."""
+    T, B, I, H = sizes["T"], sizes["B"], sizes["I"], sizes["H"]
+    model = rnnfast.LSTM(I, H, batch_first=batch_first)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I))
+    output, _ = model(x)
+    expected = torch.autograd.grad(output.square().sum(), model.weight_ih_l0)[0]
+    output, _ = model(x)
+    with torch.no_grad():
+        x.mul_(2.0)
+    try:
+        got = torch.autograd.grad(output.square().sum(), model.weight_ih_l0)[0]
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("modify", ["weight", "output"])
 def test_tensors_changed_in_place_after_the_forward_are_refused(modify):
     """The backward reads tensors saved by the forward: changing one in place in between must
