@@ -61,9 +61,9 @@ namespace rnnfast {
 // An optional tensor argument made contiguous, or an undefined tensor where it is absent.
 at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
 
-// input [T, B, I] made contiguous. A CPU input that is a batch_first tensor transposed (the
-// modules pass those) is copied row by row: ATen's strided copy is several times slower where
-// I is small.
+// input [T, B, I] made contiguous. A CPU input that is a batch_first tensor transposed (what a
+// batch_first call of the ops reads) is copied row by row: ATen's strided copy is several
+// times slower where I is small.
 at::Tensor time_major_contiguous(const at::Tensor& input);
 
 // A 3-D tensor's batch_first form [B, T, ...] from its time-major one [T, B, ...] or back (a

@@ -63,7 +63,10 @@ def workspace_width(cell, hidden_size, has_projection):
 @torch.library.register_fake("rnnfast::forward")
 def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                   save_workspace, batch_first=False):
-    steps, batch, _ = input.shape if not batch_first else input.transpose(0, 1).shape
+    if batch_first:
+        batch, steps, _ = input.shape
+    else:
+        steps, batch, _ = input.shape
     hidden = w_ih.shape[0] // GATES[cell]
     state = w_hh.shape[1]
     # batch_first: the view [B, T, P] of the time-major output, as the engines return it.

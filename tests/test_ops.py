@@ -390,11 +390,12 @@ def test_input_changed_in_place_after_the_forward(sizes, batch_first):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
 @pytest.mark.parametrize("modify", ["weight", "output"])
-def test_tensors_changed_in_place_after_the_forward_are_refused(modify):
+def test_tensors_changed_in_place_after_the_forward_are_refused(modify, batch_first):
     """The backward reads tensors saved by the forward: changing one in place in between must
     raise autograd's version error, not give gradients of other values."""
-    model = rnnfast.RNN(2, 3)
+    model = rnnfast.RNN(2, 3, batch_first=batch_first)
     output, _ = model(torch.randn(4, 1, 2))
     loss = output.sum()
     with torch.no_grad():

@@ -155,9 +155,9 @@ class InputReader {
   bool two_;
 };
 
-// input [T, B, I] at its strides; h [B, H] and c [B, H] (LSTM) hold the initial states (zeros from zero
-// states) and receive the final ones; output [T, B, H]; workspace [T, kSavedPerUnit, B, H] or
-// nullptr (inference).
+// input [T, B, I] at its strides; h [B, H] and c [B, H] (LSTM) hold the initial states (zeros
+// from zero states) and receive the final ones; output [T, B, H]; workspace
+// [T, kSavedPerUnit, B, H] or nullptr (inference).
 template <typename Cell>
 void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const float* w_hh,
              const float* b_ih, const float* b_hh, float* h, float* c, float* output,
@@ -244,10 +244,9 @@ inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
 // grad_b_ih, grad_b_hh [G] (or nullptr: no biases).
 template <typename Cell>
 void backward(const Layer& l, const StridedSteps& input, const StridedSteps& grad_output,
-              const float* output,
-              const float* workspace, const float* hx, const float* cx, const float* w_ih,
-              const float* w_hh, float* dh, float* dc, float* grad_input, float* grad_w_ih,
-              float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
+              const float* output, const float* workspace, const float* hx, const float* cx,
+              const float* w_ih, const float* w_hh, float* dh, float* dc, float* grad_input,
+              float* grad_w_ih, float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
   constexpr int gates = Cell::kGates;
   const int64_t units = l.units(), H = l.H, I = l.I, inputs = l.B * l.I;
   const __mmask16 unit_mask = first_lanes(units);
