@@ -196,4 +196,39 @@ finish_backward(const LayerSizes& sizes, BackwardState& state, const at::Tensor&
                 const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad,
                 const GradientKernels& kernels);
 
+// The backward op's results, and an engine's backward on time-major tensors (rnnfast::backward's
+// arguments without batch_first).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+using TimeMajorBackward = BackwardResult (*)(
+    c10::string_view cell, const at::Tensor& grad_output,
+    const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
+    const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    bool has_bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output,
+    const at::Tensor& workspace, bool input_grad);
+
+// rnnfast::backward around an engine's time-major backward: a batch_first call's input, output
+// and output gradient [B, T, ...] go in as time-major views, and its input gradient comes back
+// as a [B, T, I] view.
+template <TimeMajorBackward time_major>
+BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
+                           const std::optional<at::Tensor>& grad_h_n,
+                           const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                           const std::optional<at::Tensor>& hx,
+                           const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, bool has_bias,
+                           const std::optional<at::Tensor>& w_hr,
+                           const std::optional<at::Tensor>& lengths, bool reverse,
+                           const at::Tensor& output, const at::Tensor& workspace,
+                           bool input_grad, bool batch_first) {
+  BackwardResult gradients = time_major(
+      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
+      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
+      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
+  std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
+  return gradients;
+}
+
 }  // namespace rnnfast

@@ -678,7 +678,6 @@ void cpu_column_sum(Tensor& out, const Tensor& x) {
 
 const GradientKernels kCpuGradientKernels{&cpu_matmul, &cpu_column_sum};
 
-using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The reverse pass of a float layer whose state fits in vector registers (register_layer.h):
@@ -733,7 +732,7 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
   return 8 * extra_values > weight_gradient_values || uses_gate_packing(s, type);
 }
 
-// The backward op on time-major tensors (backward_cpu below: the op's batch_first form).
+// The backward op on time-major tensors (registered as backward_op<backward_time_major>).
 BackwardResult backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
@@ -790,20 +789,6 @@ BackwardResult backward_time_major(
                          has_bias, input_grad, kCpuGradientKernels);
 }
 
-BackwardResult backward_cpu(
-    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
-  BackwardResult gradients = backward_time_major(
-      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
-      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
-      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
-  std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
-  return gradients;
-}
-
 }  // namespace
 
 at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
@@ -820,5 +805,5 @@ at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool ha
 
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("forward", &rnnfast::forward_cpu);
-  m.impl("backward", &rnnfast::backward_cpu);
+  m.impl("backward", &rnnfast::backward_op<rnnfast::backward_time_major>);
 }

@@ -372,8 +372,8 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   }
 }
 
-// The backward op on time-major tensors (backward_cuda below: the op's batch_first form).
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_time_major(
+// The backward op on time-major tensors (registered as backward_op<backward_time_major>).
+BackwardResult backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
     const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
     const std::optional<Tensor>& hx_,
@@ -410,20 +410,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                          has_bias, input_grad, kAtenGradientKernels);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
-    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
-  auto gradients = backward_time_major(
-      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
-      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
-      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
-  std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
-  return gradients;
-}
-
 // Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or
 // bfloat16), and so does rnnfast::forward: its floating-point tensors on the device are cast
 // to at::autocast::get_autocast_dtype (float64 ones are left alone, as autocast does; lengths
@@ -454,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autocast(
 #ifndef RNNFAST_CUDA_HOST_EMULATION
 TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
   m.impl("forward", &rnnfast::forward_cuda);
-  m.impl("backward", &rnnfast::backward_cuda);
+  m.impl("backward", &rnnfast::backward_op<rnnfast::backward_time_major>);
 }
 
 TORCH_LIBRARY_IMPL(rnnfast, AutocastCUDA, m) {
@@ -463,7 +449,7 @@ TORCH_LIBRARY_IMPL(rnnfast, AutocastCUDA, m) {
 #else
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("forward", &rnnfast::forward_cuda);
-  m.impl("backward", &rnnfast::backward_cuda);
+  m.impl("backward", &rnnfast::backward_op<rnnfast::backward_time_major>);
 }
 
 TORCH_LIBRARY_IMPL(rnnfast, AutocastCPU, m) {
