@@ -178,8 +178,13 @@ class _RecurrentBase(nn.Module):
             sequence = input
             if not batched:
                 sequence = sequence.unsqueeze(1)
-        # The ops take a batch_first input [B, T, I] as it is and return a batch_first output.
-        batch_first = self.batch_first and batched and not packed
+        # The ops take a batch_first input [B, T, I] as it is and return a batch_first output. A
+        # stack of bidirectional layers runs time-major: their concatenated outputs would be
+        # copied time-major again for each next layer.
+        batch_first_io = self.batch_first and batched and not packed
+        batch_first = batch_first_io and not (self.bidirectional and self.num_layers > 1)
+        if batch_first_io and not batch_first:
+            sequence = sequence.transpose(0, 1)
         if sequence.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
                                f"{self.input_size}, got {sequence.size(-1)}")
@@ -238,6 +243,8 @@ class _RecurrentBase(nn.Module):
             output = output.squeeze(1)
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
+        elif batch_first_io and not batch_first:
+            output = output.transpose(0, 1)
         return output, h_n, c_n
 
 
