@@ -35,8 +35,8 @@ def _check_matches(owner, argument, tensor, reference, reference_name):
 
 class _RecurrentBase(nn.Module):
     """What LSTM, GRU and RNN share: parameters, checks, and the translation of unbatched and
-    packed input to the time-major form of rnnfast.functional (batch_first input goes as it
-    is)."""
+    packed input to the time-major form of rnnfast.functional (batch_first input goes to the
+    ops as it is, except in a stack of bidirectional layers)."""
 
     _gates = 1
 
