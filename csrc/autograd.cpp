@@ -40,8 +40,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
                  save_workspace, batch_first);
 }
 
-using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
 BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
                              const std::optional<Tensor>& grad_h_n,
                              const std::optional<Tensor>& grad_c_n, const Tensor& input,

@@ -201,13 +201,12 @@ void aten_column_sum(at::Tensor& out, const at::Tensor& x) { at::sum_out(out, x,
 
 const GradientKernels kAtenGradientKernels{&aten_matmul, &aten_column_sum};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& input,
-                const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-                const at::Tensor& output, const at::Tensor& workspace,
-                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad,
-                const GradientKernels& kernels) {
+BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
+                               const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& cx, const at::Tensor& w_ih,
+                               const at::Tensor& output, const at::Tensor& workspace,
+                               const at::Tensor& lengths, bool reverse, bool has_bias,
+                               bool input_grad, const GradientKernels& kernels) {
   using at::Tensor;
   const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
   const auto options = input.options();

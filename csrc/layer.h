@@ -185,21 +185,22 @@ struct GradientKernels {
 // ATen's operations: for any device.
 extern const GradientKernels kAtenGradientKernels;
 
+// rnnfast::backward's results: the gradients of input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+
 // After the reverse loop: the gradients of the input, the weights and the biases as single
 // GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results (those of
 // hx and cx empty where the forward started from zero states). hx, cx: undefined then.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-finish_backward(const LayerSizes& sizes, BackwardState& state, const at::Tensor& input,
-                const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
-                const at::Tensor& output, const at::Tensor& workspace,
-                const at::Tensor& lengths, bool reverse, bool has_bias, bool input_grad,
-                const GradientKernels& kernels);
+BackwardResult finish_backward(const LayerSizes& sizes, BackwardState& state,
+                               const at::Tensor& input, const at::Tensor& hx,
+                               const at::Tensor& cx, const at::Tensor& w_ih,
+                               const at::Tensor& output, const at::Tensor& workspace,
+                               const at::Tensor& lengths, bool reverse, bool has_bias,
+                               bool input_grad, const GradientKernels& kernels);
 
-// The backward op's results, and an engine's backward on time-major tensors (rnnfast::backward's
-// arguments without batch_first).
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor>;
+// An engine's backward on time-major tensors (rnnfast::backward's arguments without
+// batch_first).
 using TimeMajorBackward = BackwardResult (*)(
     c10::string_view cell, const at::Tensor& grad_output,
     const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,

@@ -156,13 +156,7 @@ T* data_or_null(const Tensor& t) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Whether a float call of these sizes runs in register_layer.h (the forward; the reverse pass
-// also needs register_layer::backward_fits), and its sizes as that file takes them.
-bool fits_register_layer(const LayerSizes& s) {
-  return register_layer::fits(s.batch, s.input_size, s.hidden_size, s.has_lengths,
-                              s.has_projection);
-}
-
+// A call's sizes as register_layer.h takes them.
 register_layer::Layer register_layer_sizes(const LayerSizes& s, bool reverse) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, reverse};
 }
@@ -172,8 +166,8 @@ register_layer::StridedSteps strided_steps(const Tensor& x) {
 }
 #endif
 
-// Whether the register layer reads this float input [T, B, I] at its strides: sizes it takes,
-// and a step's offsets within its gathers'.
+// Whether the register layer runs on this float input [T, B, I], which it reads at its strides:
+// sizes it takes, and a step's offsets within its gathers'.
 bool register_layer_reads(const Tensor& input, int64_t hidden_size, bool has_lengths,
                           bool has_projection) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -188,8 +182,9 @@ bool register_layer_reads(const Tensor& input, int64_t hidden_size, bool has_len
 #endif
 }
 
-// The forward's and the reverse pass's ReadsInputAtStrides (the reverse pass in registers also
-// needs register_layer::backward_fits).
+// Whether the forward and the reverse pass run in register_layer.h (the reverse pass also needs
+// register_layer::backward_fits), on the input as prepare_forward / prepare_backward leave it;
+// before that, their ReadsInputAtStrides.
 bool register_layer_reads_input(const LayerSizes& s, const Tensor& input) {
   return register_layer_reads(input, s.hidden_size, s.has_lengths, s.has_projection);
 }
@@ -451,7 +446,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
 #if defined(CPU_CAPABILITY_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (fits_register_layer(s)) {
+        if (register_layer_reads_input(s, input)) {
           register_layer::forward<Cell>(
               register_layer_sizes(s, reverse), strided_steps(input),
               w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
@@ -750,8 +745,7 @@ BackwardResult backward_time_major(
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 #if defined(CPU_CAPABILITY_AVX512)
-  if (input.scalar_type() == at::kFloat && fits_register_layer(s) &&
-      register_layer::backward_fits(s.gate_size / s.hidden_size, s.input_size, s.hidden_size)) {
+  if (register_layer_reads_input_backward(s, input)) {
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }
 #endif
