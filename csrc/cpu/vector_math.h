@@ -52,12 +52,15 @@ inline Vec<float> reciprocal(Vec<float> q) {
 // Estrin's scheme (three levels of multiply-adds instead of six in a row) and the division as
 // a reciprocal estimate refined by one Newton step. Relative error under 4 float epsilons over
 // all floats (tests/test_vector_math.py checks it against torch.tanh).
-inline Vec<float> rational_tanh(Vec<float> x) {
+//
+// tanh_ratio is the rational form alone, right for 0.0004 <= |x| < kTanhLimit; rational_tanh
+// and saturated_tanh mend the rest.
+constexpr float kTanhLimit = 7.90531110763549805f;  // tanh rounds to +-1 beyond
+constexpr float kTanhLinearBelow = 0.0004f;         // tanh(x) rounds to x below
+
+inline Vec<float> tanh_ratio(Vec<float> x) {
   using F = Vec<float>;
   using at::vec::fmadd;
-  const F limit(7.90531110763549805f);  // tanh rounds to +-1 beyond
-  // Past the limit the result is set to +-1 below, whatever the rational form gives there
-  // (even inf or NaN), so x needs no clamp on the way in.
   const F x2 = x * x;
   const F x4 = x2 * x2;
   // p(x2) = c0 + c1 x2 + ... + c6 x2^6
@@ -70,22 +73,51 @@ inline Vec<float> rational_tanh(Vec<float> x) {
   F q = fmadd(x2, F(1.19825839466702e-06f), F(1.18534705686654e-04f));
   q = fmadd(x2, q, F(2.26843463243900e-03f));
   q = fmadd(x2, q, F(4.89352518554385e-03f));
-  const F ratio = p * reciprocal(q);
-  // Tiny |x|: tanh(x) = x to float precision (the rational form would lose the last bits);
-  // past the limit exactly +-1 (the refined reciprocal may leave the ratio an ulp short).
-  const F abs_x = x.abs();
+  return p * reciprocal(q);
+}
+
+// tanh(x), except that below kTanhLinearBelow in magnitude it may be an ulp or two from x
+// (where sigmoid adds it to 1). Past the limit exactly +-1, whatever the rational form gives
+// there (even inf or NaN: x needs no clamp on the way in; the refined reciprocal may leave the
+// ratio an ulp short of 1); NaN stays NaN.
+inline Vec<float> saturated_tanh(Vec<float> x) {
+  using F = Vec<float>;
+  const F ratio = tanh_ratio(x);
+#if defined(CPU_CAPABILITY_AVX512)
+  // Compare masks and masked moves: at::vec's blendv turns each compare into a vector and back
+  // into a mask, three instructions more per blend, in the hottest loop of the cells.
+  const __m512 abs_x = _mm512_abs_ps(x);
+  const __mmask16 saturated = _mm512_cmp_ps_mask(abs_x, F(kTanhLimit), _CMP_GE_OQ);
+  const __m512 one_signed_as_x = _mm512_or_ps(_mm512_and_ps(x, F(-0.0f)), F(1.0f));
+  return _mm512_mask_mov_ps(ratio, saturated, one_signed_as_x);
+#else
   const F saturated = F::blendv(F(-1.0f), F(1.0f), x > F(0.0f));
-  return F::blendv(F::blendv(ratio, x, abs_x < F(0.0004f)), saturated, abs_x >= limit);
+  return F::blendv(ratio, saturated, x.abs() >= F(kTanhLimit));
+#endif
+}
+
+// tanh(x) to within 4 float epsilons (relative) over all floats: tiny |x| gives x itself, to
+// float precision tanh there (the rational form would lose the last bits).
+inline Vec<float> rational_tanh(Vec<float> x) {
+  using F = Vec<float>;
+  const F tanh_x = saturated_tanh(x);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), F(kTanhLinearBelow), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(tanh_x, tiny, x);
+#else
+  return F::blendv(tanh_x, x, x.abs() < F(kTanhLinearBelow));
+#endif
 }
 
 template <>
 struct Math<Vec<float>> : VectorMath<float> {
   static Vec<float> tanh(Vec<float> x) { return rational_tanh(x); }
   // sigmoid(x) = (1 + tanh(x / 2)) / 2: the inlined rational tanh instead of a call to SLEEF's
-  // exp and a division of its own. Within 3e-7 of sigmoid (absolute).
+  // exp and a division of its own. Within 3e-7 of sigmoid (absolute); for tiny x, tanh's last
+  // bits vanish in the sum with 1, so the saturated form does.
   static Vec<float> sigmoid(Vec<float> x) {
     const Vec<float> half(0.5f);
-    return at::vec::fmadd(half, rational_tanh(half * x), half);
+    return at::vec::fmadd(half, saturated_tanh(half * x), half);
   }
 };
 template <>
