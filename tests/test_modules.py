@@ -872,6 +872,31 @@ TINY_SIZES = [(3, 2, 3), (5, 3, 3), (2, 7, 3), (4, 2, 3), (3, 9, 3), (2, 16, 3),
               (1, 4, 30), (2, 5, 12)]
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("sizes", [dict(T=12, B=5, I=9, H=17), dict(T=9, B=3, I=20, H=160),
+                                   dict(T=4, B=20, I=7, H=33)], ids=["tiled", "blas", "rows"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_batch_first_inference(rf, device, spec, sizes, bidirectional):
+    """Under no_grad the CPU engine projects a batch_first input as it comes (xg in batch-major
+    rows, no time-major copy): the outputs are torch.nn's, at hidden sizes without gate packing,
+    in the kernels of the recurrent product (tiled, the BLAS in unit slices, rows per thread)."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float32
+    sizes = dict(sizes, P=sizes["H"] // 2 if spec.proj else 0)
+    cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=bidirectional, batch_first=True,
+                                bias=True, layout="batched", hx_given=True, dtype=dtype,
+                                sizes=sizes)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", None, batch_first=True)
+    with torch.no_grad():
+        exp, _ = call(expected, leaves)
+        got, _ = call(actual, {k: v.to(device) for k, v in leaves.items()})
+    for k in exp:
+        assert_close_rel(got[k].cpu(), exp[k], k)
+
+
 # Packed sequences need two rows or more (lengths to vary).
 @pytest.mark.parametrize("B,H,I,layout", [(B, H, I, layout) for B, H, I in TINY_SIZES
                                           for layout in ("batched", "packed")

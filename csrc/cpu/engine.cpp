@@ -199,6 +199,23 @@ bool register_layer_reads_input_backward(const LayerSizes& s, const Tensor& inpu
 #endif
 }
 
+// Whether the forward's input projection runs on this input [T, B, I] as it is, a batch_first
+// tensor's transposed view (its memory holds the rows of [B, T, I] in order): the GEMM takes the
+// rows batch-major, and the steps read xg at batch-major strides. Only where xg gets a buffer
+// of its own anyway (the inference's: training writes it into the workspace, time-major, and
+// the backward reads the time-major copy of the input that the autograd kernel makes) and the
+// gate-packed view does not regroup it.
+bool projects_batch_major_input(const LayerSizes& s, const Tensor& input) {
+  return input.device().is_cpu() && input.dim() == 3 && !input.is_contiguous() &&
+         input.transpose(0, 1).is_contiguous() && !uses_gate_packing(s, input.scalar_type());
+}
+
+// The inference forward's ReadsInputAtStrides: the register layer's, or a batch_first input
+// that the input projection takes as it is.
+bool inference_reads_input_at_strides(const LayerSizes& s, const Tensor& input) {
+  return register_layer_reads_input(s, input) || projects_batch_major_input(s, input);
+}
+
 // b_ih + b_hh [G], added in the accumulation type.
 template <typename T>
 Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
@@ -248,6 +265,16 @@ inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row,
   return h_new;
 }
 
+// Where row b of step t of the input projection xg starts: time-major rows (step = B * row
+// stride), or batch-major ones (batch = T * G) where the GEMM ran on a batch_first input as it
+// is; the gate-packed view's one row per step spans B * G.
+template <typename T>
+struct StepRows {
+  const T* data;
+  int64_t step, batch;
+  const T* row(int64_t t, int64_t b) const { return data + t * step + b * batch; }
+};
+
 // The unit-sliced schedule (unit_sliced_product.h) pays for batches of fewer rows than this:
 // from 16 rows the BLAS's packed GEMM, threaded by the BLAS, runs the products faster than the
 // tiled kernel does on each thread's slice.
@@ -278,17 +305,16 @@ bool slices_units(const LayerView<T>& v, bool projecting) {
 // a thread's product of step s reads all of h_{s-1} while another thread may already be
 // writing its units of h_s.
 template <typename Cell, typename T>
-void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
-                          int64_t xg_row_stride, const Tensor& w_hh, const Tensor& step_bias,
+void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
+                          const Tensor& w_hh, const Tensor& step_bias,
                           Tensor& h_state, Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
   const bool saving = workspace.dim() == 3;
   const UnitSlicedProduct<T> recurrent(w_hh, step_bias, Cell::kGates, B, at::get_num_threads());
-  Tensor hg = at::empty({B, G}, xg.options());
-  Tensor h_buffers = at::empty({2, B, H}, xg.options());  // [s % 2]: h before step s
+  Tensor hg = at::empty({B, G}, h_state.options());
+  Tensor h_buffers = at::empty({2, B, H}, h_state.options());  // [s % 2]: h before step s
   h_buffers[0].copy_(h_state);
-  const T* xg_data = xg.data_ptr<T>();
   T* hg_data = hg.data_ptr<T>();
   T* h_data = h_buffers.data_ptr<T>();
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
@@ -318,7 +344,7 @@ void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, const 
           }
           continue;
         }
-        const T* xg_row = xg_data + row * xg_row_stride;
+        const T* xg_row = xg.row(t, b);
         const T* hg_row = hg_data + b * G;
         A* c_row = c_data ? c_data + b * H : nullptr;
         for_unit_runs<T>(u0, u1, [&](auto j, auto zero) {
@@ -334,8 +360,8 @@ void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, const 
 }
 
 template <typename Cell, typename T>
-void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& xg,
-                 int64_t xg_row_stride, const Tensor& w_hh, const Tensor& step_bias,
+void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
+                 const Tensor& w_hh, const Tensor& step_bias,
                  const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
                  Tensor& workspace) {
   using A = at::opmath_type<T>;
@@ -343,13 +369,13 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
   if (slices_units(v, projecting)) {
-    run_forward_by_units<Cell, T>(v, zero_initial_state, xg, xg_row_stride, w_hh, step_bias,
+    run_forward_by_units<Cell, T>(v, zero_initial_state, xg, w_hh, step_bias,
                                   h_state, c_state, output, workspace);
     return;
   }
-  Tensor hg = at::empty({B, G}, xg.options());
-  Tensor h_unprojected = projecting ? at::empty({B, H}, xg.options()) : Tensor();
-  Tensor h_projected = projecting ? at::empty({B, P}, xg.options()) : Tensor();
+  Tensor hg = at::empty({B, G}, h_state.options());
+  Tensor h_unprojected = projecting ? at::empty({B, H}, h_state.options()) : Tensor();
+  Tensor h_projected = projecting ? at::empty({B, P}, h_state.options()) : Tensor();
   using Product = RecurrentProduct<T>;
   // hg = h W_hh^T + step_bias (b_hh, or b_ih + b_hh where xg has no bias)
   // The forward may use MKL's packed copy of W_hh: its memory is gone before the backward,
@@ -360,7 +386,6 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
   // h = h_unprojected W_hr^T
   const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
 
-  const T* xg_data = xg.data_ptr<T>();
   T* hg_data = hg.data_ptr<T>();
   T* h_data = h_state.data_ptr<T>();  // [B, P]
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
@@ -388,7 +413,7 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, const Tensor& x
       }
       // Where xg lives in the workspace or the output, the cell overwrites it in place: it
       // reads all gates of a unit before it writes any.
-      const T* xg_row = xg_data + row * xg_row_stride;
+      const T* xg_row = xg.row(t, b);
       const T* hg_row = hg_data + b * G;
       T* h_row = h_data + b * P;
       A* c_row = c_data ? c_data + b * H : nullptr;
@@ -428,7 +453,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const ForwardInputs in = prepare_forward(std::string(cell),
                                            swap_time_and_batch(input_, batch_first), hx_, cx_,
                                            w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_,
-                                           register_layer_reads_input);
+                                           save_workspace ? register_layer_reads_input
+                                                          : inference_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
@@ -459,13 +485,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       }
 #endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      // xg = x W_ih^T + b_ih: [T * B, G], one GEMM.
+      // xg = x W_ih^T + b_ih: [T * B, G], one GEMM, its rows in the input's order (time-major,
+      // or batch-major: see projects_batch_major_input).
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
       // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
-      // place); the gate-packed view permutes it, so there it gets its own buffer.
+      // place); the gate-packed view permutes it, so there it gets its own buffer, as do
+      // batch-major rows.
       const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+      const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
       Tensor xg;
-      if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
+      if (batch_major) {
+        xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
+      } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
         xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
       } else if (!packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size) {
         xg = output.view({s.steps * s.batch, s.state_size});
@@ -491,10 +522,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
         step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
                                                 Cell::kGates, /*to_packed=*/true);
       }
-      // Row stride of xg: the gate-packed view's single row per step spans B * G.
-      const int64_t xg_row_stride = v.gate_packed ? v.G : step_gates.stride(0);
-      run_forward<Cell, scalar_t>(v, !s.has_initial_state, step_gates, xg_row_stride, w_hh,
-                                  step_bias, w_hr, h_state, c_state, output, workspace);
+      const int64_t row_stride = step_gates.stride(0);
+      const StepRows<scalar_t> xg_rows{
+          step_gates.data_ptr<scalar_t>(),
+          v.gate_packed ? v.G : batch_major ? row_stride : s.batch * row_stride,
+          batch_major ? s.steps * row_stride : row_stride};
+      run_forward<Cell, scalar_t>(v, !s.has_initial_state, xg_rows, w_hh, step_bias, w_hr,
+                                  h_state, c_state, output, workspace);
     });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
