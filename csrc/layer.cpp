@@ -8,6 +8,7 @@
 
 #include <algorithm>
 
+#include "cpu/buffer_pool.h"
 #include "layer.h"
 
 namespace rnnfast {
@@ -30,7 +31,7 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
     return input.contiguous();
   }
   const int64_t T_ = input.size(0), B = input.size(1), I = input.size(2);
-  at::Tensor out = at::empty({T_, B, I}, input.options());
+  at::Tensor out = pooled_empty({T_, B, I}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnnfast_time_major", [&] {
     const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
@@ -127,7 +128,7 @@ ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
   const auto options = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   ForwardState state;
-  state.output = at::empty({s.steps, s.batch, s.state_size}, options);
+  state.output = pooled_empty({s.steps, s.batch, s.state_size}, options);
   state.h = s.has_initial_state ? hx->contiguous().clone()
                                 : at::zeros({s.batch, s.state_size}, options);
   if (!has_cell_state(s.kind)) {
@@ -138,7 +139,7 @@ ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
     state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  state.workspace = save_workspace ? at::empty({s.steps, s.batch, cols}, options)
+  state.workspace = save_workspace ? pooled_empty({s.steps, s.batch, cols}, options)
                                    : at::empty({0}, options);
   return state;
 }
@@ -175,13 +176,16 @@ BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
   std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
   state.separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
-  state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer
-                                           : at::empty({s.steps, s.batch, s.gate_size}, options);
+  state.dgate_x = dgate_x_buffer.defined()
+                      ? dgate_x_buffer
+                      : pooled_empty({s.steps, s.batch, s.gate_size}, options);
   const int64_t hidden_gate_cols = last_hidden_gate_only ? s.hidden_size : s.gate_size;
   state.dgate_h = state.separate_hidden_gate_grad
-                      ? at::empty({s.steps, s.batch, hidden_gate_cols}, options)
+                      ? pooled_empty({s.steps, s.batch, hidden_gate_cols}, options)
                       : state.dgate_x;
-  if (s.has_projection) state.dprojected = at::empty({s.steps, s.batch, s.state_size}, options);
+  if (s.has_projection) {
+    state.dprojected = pooled_empty({s.steps, s.batch, s.state_size}, options);
+  }
   return state;
 }
 
@@ -211,7 +215,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
   const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
   const auto options = input.options();
   const auto mm = [&](const Tensor& a, const Tensor& b) {
-    Tensor out = at::empty({a.size(0), b.size(1)}, options);
+    Tensor out = pooled_empty({a.size(0), b.size(1)}, options);
     kernels.matmul(out, a, b, /*accumulate=*/false);
     return out;
   };
@@ -245,7 +249,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
   // first step, where it is hx: one GEMM over the shifted outputs plus one for the first steps
   // (none from zero initial states). Rows [row0, row0 + count) of it come from the first
   // `count` columns of dgate ([T, B, cols]).
-  Tensor grad_w_hh = at::empty({G, P}, options);
+  Tensor grad_w_hh = pooled_empty({G, P}, options);
   // h_prev of the steps after each row's first [(T - 1) * B, P]
   const Tensor prev_out =
       T_ > 1 ? (reverse ? output.narrow(0, 1, T_ - 1) : output.narrow(0, 0, T_ - 1))

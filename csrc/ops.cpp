@@ -15,11 +15,36 @@
 
 #include <sstream>
 
+#include "cpu/buffer_pool.h"
 #include "layer.h"
+
+namespace {
+
+// _C.empty_cpu_cache(): gives the CPU engine's free buffers back to the system.
+PyObject* empty_cpu_cache(PyObject* /*module*/, PyObject* /*args*/) {
+  rnnfast::BufferPool::instance().empty_cache();
+  Py_RETURN_NONE;
+}
+
+// _C.cpu_cache_info() -> (bytes, blocks) the CPU engine keeps free for reuse.
+PyObject* cpu_cache_info(PyObject* /*module*/, PyObject* /*args*/) {
+  rnnfast::BufferPool& pool = rnnfast::BufferPool::instance();
+  return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(pool.cached_bytes()),
+                       static_cast<Py_ssize_t>(pool.cached_blocks()));
+}
+
+PyMethodDef module_methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
+     "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
 
 // Built as a Python extension module so that `import rnnfast._C` loads the op registrations.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr) {
 #ifdef RNNFAST_WITH_CUDA

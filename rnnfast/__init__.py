@@ -12,4 +12,21 @@ from rnnfast import _ops  # noqa: F401  (loads the compiled extension; clear err
 from rnnfast import functional  # noqa: E402
 from rnnfast.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "__version__"]
+
+def empty_cache():
+    """Gives back to the system the free buffers the CPU engine keeps for reuse.
+
+    The CPU engine takes its large tensors (outputs, workspaces, gradients, from 64 KiB) from a
+    pool that keeps them when they are freed (up to 128 MiB in all), so that the next call of
+    the same shapes does not page-fault on fresh memory; torch.cuda.empty_cache() is the
+    analogue for CUDA's caching allocator."""
+    _ops._C.empty_cpu_cache()
+
+
+def cpu_cache_info():
+    """(bytes, blocks) of free buffers the CPU engine keeps for reuse (see empty_cache)."""
+    return tuple(_ops._C.cpu_cache_info())
+
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "empty_cache",
+           "cpu_cache_info", "__version__"]

@@ -21,6 +21,7 @@
 
 #include "../layer.h"
 #include "blas.h"
+#include "buffer_pool.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
 #include "unit_sliced_product.h"
@@ -233,7 +234,7 @@ Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
 template <typename T>
 Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
   const int64_t T_ = from.size(0), B = from.size(1), H = from.size(2) / gates;
-  Tensor to = at::empty_like(from);
+  Tensor to = pooled_empty(from.sizes(), from.options());
   const T* src = from.data_ptr<T>();
   T* dst = to.data_ptr<T>();
   for (int64_t t = 0; t < T_; ++t) {
@@ -495,13 +496,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
       Tensor xg;
       if (batch_major) {
-        xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
+        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
       } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
         xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
       } else if (!packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size) {
         xg = output.view({s.steps * s.batch, s.state_size});
       } else {
-        xg = at::empty({s.steps * s.batch, s.gate_size}, input.options());
+        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
       }
       // The biases are added by the recurrent product of each step, where that costs nothing
       // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
