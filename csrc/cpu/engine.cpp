@@ -682,7 +682,28 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
             pointwise_step, recurrent_step);
 }
 
+// A weight gradient C [M, N] = A^T B from the K rows of all steps, A [K, M] and B [K, N] with
+// contiguous rows. Where K is long next to C, MKL runs C^T = B^T A into a buffer faster, and C
+// is its transpose: measured 1.5x for the fashion-MNIST LSTM's [120, 28] and [120, 30] from 3584
+// rows (no gain from 20 rows, nor for outputs of 10^5 values and more).
+bool runs_transposed(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  const int64_t M = out.size(0), N = out.size(1), K = a.size(1);
+  return !accumulate && out.scalar_type() == at::kFloat && out.is_contiguous() && M > 1 &&
+         N > 1 && a.stride(0) == 1 && b.stride(1) == 1 && M * N <= 2 * K;
+}
+
 void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (runs_transposed(out, a, b, accumulate)) {
+    const int64_t M = out.size(0), N = out.size(1), K = a.size(1);
+    Tensor transposed = at::empty({N, M}, out.options());
+    float* c_t = transposed.data_ptr<float>();  // C^T [N, M] = B^T A
+    gemm<float>(N, M, K, matrix_ref<float>(b.t()), matrix_ref<float>(a.t()), 0.0f, c_t, M);
+    float* c = out.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) c[m * N + n] = c_t[n * M + m];
+    }
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rnnfast_matmul",
                                   [&] {
     gemm<scalar_t>(out.size(0), out.size(1), a.size(1), matrix_ref<scalar_t>(a),
