@@ -273,9 +273,10 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
   const std::vector<__m512i> from_input = row_broadcasts(units, H, I);
   const std::vector<__m512i> from_hidden = row_broadcasts(units, H, H);
   const V zero(0.0f);
-  // Per-lane sums over the steps: [gates][I], [gates][H], [gates] (twice for GRU).
+  // Per-lane sums over the steps: [gates][I], [gates][H], [gates] (twice for GRU; the other
+  // cells' bias gradients are equal).
   std::vector<V> sum_w_ih(gates * I, zero), sum_w_hh(gates * H, zero);
-  std::vector<V> sum_b_ih(gates, zero), sum_b_hh(gates, zero);
+  std::vector<V> sum_b_ih(gates, zero), sum_b_hh(Cell::kSeparateHiddenGateGrad ? gates : 0);
 
   V dh_next = _mm512_maskz_loadu_ps(unit_mask, dh);
   V dc_next = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, dc)) : zero;
@@ -320,7 +321,7 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
     const auto [x_low, x_high] = input_at.at(t);
     for (int g = 0; g < gates; ++g) {
       sum_b_ih[g] = sum_b_ih[g] + dxg[g];
-      sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
+      if (Cell::kSeparateHiddenGateGrad) sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
       for (int64_t i = 0; i < I; ++i) {
         sum_w_ih[g * I + i] = _mm512_fmadd_ps(
             dxg[g], _mm512_permutex2var_ps(x_low, from_input[i], x_high), sum_w_ih[g * I + i]);
@@ -348,7 +349,7 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
   fold_batch(sum_w_hh, gates, l.B, H, H, grad_w_hh);
   if (grad_b_ih) {
     fold_batch(sum_b_ih, gates, l.B, H, 1, grad_b_ih);
-    fold_batch(sum_b_hh, gates, l.B, H, 1, grad_b_hh);
+    fold_batch(Cell::kSeparateHiddenGateGrad ? sum_b_hh : sum_b_ih, gates, l.B, H, 1, grad_b_hh);
   }
 }
 
