@@ -1,3 +1,4 @@
+// The CPU engine's buffer pool (see buffer_pool.h).
 #include "buffer_pool.h"
 
 #include <ATen/EmptyTensor.h>
@@ -85,9 +86,9 @@ size_t BufferPool::cached_blocks() {
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty(sizes, options);
-  return at::Tensor(at::detail::empty_generic(sizes, &BufferPool::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt));
+  return at::Tensor(at::detail::empty_generic(
+      sizes, &BufferPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+      c10::typeMetaToScalarType(options.dtype()), std::nullopt));
 }
 
 }  // namespace rnnfast
