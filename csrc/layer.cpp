@@ -232,7 +232,10 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
   Tensor grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
                                  : at::empty({0}, options);
   Tensor grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
-  Tensor grad_b_ih = has_bias ? column_sum(dgx2d) : at::empty({0}, options);
+  Tensor grad_b_ih = !has_bias ? at::empty({0}, options)
+                     : state.dgate_x_column_sums.defined()
+                         ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
+                         : column_sum(dgx2d);
 
   // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
   // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).

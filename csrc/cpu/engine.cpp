@@ -536,12 +536,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           workspace};
 }
 
-// hx, cx: undefined where the forward started from zero states.
+// hx, cx: undefined where the forward started from zero states. column_sums: [threads, G] zeros
+// in the accumulation type, into which each thread adds the dgate_x rows it writes (not in the
+// gate-packed view, whose rows are not the gates' columns); or undefined.
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
                   const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr,
                   const Tensor& output, const Tensor& workspace, Tensor& dh_state,
-                  Tensor& dc_state, Tensor& dgate_x, Tensor& dgate_h, Tensor& dprojected) {
+                  Tensor& dc_state, Tensor& dgate_x, Tensor& dgate_h, Tensor& dprojected,
+                  Tensor& column_sums) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
@@ -590,6 +593,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dhd_data = has_direct_path ? dh_direct.data_ptr<T>() : nullptr;
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
+  A* sums_data = column_sums.defined() ? column_sums.data_ptr<A>() : nullptr;
 
   // The reverse loop: pass i is step T - 1 - i.
   const auto projection_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
@@ -656,6 +660,14 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
+      if (sums_data) {
+        // The row's gate gradients, just written (in L1), into this thread's column sums.
+        A* sums = sums_data + at::get_thread_num() * column_sums.stride(0);
+        for_unit_runs<T>(G, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          store(sums, 0, j, load<V>(sums, 0, j) + load<V>(dgx_row, 0, j));
+        });
+      }
       // The last gate's columns, also in the gate-packed view (there one row holds the gate's
       // units of all batch rows, in dgate_h's order).
       if (Cell::kSeparateHiddenGateGrad) {
@@ -825,9 +837,19 @@ BackwardResult backward_time_major(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      // The bias gradient summed in the reverse loop, a pass over dgate_x fewer. (Not inside a
+      // parallel region: there a thread's number may not index the sums.)
+      if (has_bias && !v.gate_packed && !at::in_parallel_region()) {
+        // Each thread's row on cache lines of its own (no false sharing).
+        const int64_t padded = (s.gate_size + 15) / 16 * 16 + 16;
+        state.dgate_x_column_sums =
+            at::zeros({at::get_num_threads(), padded},
+                      input.options().dtype(at::toOpMathType(input.scalar_type())))
+                .narrow(1, 0, s.gate_size);
+      }
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                   state.dprojected);
+                                   state.dprojected, state.dgate_x_column_sums);
       if (v.gate_packed && Cell::kGates > 1) {
         // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
         state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
