@@ -872,6 +872,18 @@ TINY_SIZES = [(3, 2, 3), (5, 3, 3), (2, 7, 3), (4, 2, 3), (3, 9, 3), (2, 16, 3),
               (1, 4, 30), (2, 5, 12)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_bias_gradients_summed_in_the_reverse_loop(rf, device, spec, layout, dtype):
+    """Gate gradients of 2^16 values and more (T * B * G): the CPU engine sums the bias
+    gradients as its threads write the gate gradients, not in a pass after the loop."""
+    _skip_extra_on_torch_nn(rf, spec)
+    sizes = dict(T=32, B=16, I=9, H=128, P=32 if spec.proj else 0)
+    check_layer(rf, spec, device, dtype, num_layers=1, bidirectional=True, batch_first=True,
+                bias=True, layout=layout, hx_given=True, sizes=sizes)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("sizes", [dict(T=12, B=5, I=9, H=17), dict(T=9, B=3, I=20, H=160),
                                    dict(T=4, B=20, I=7, H=33)], ids=["tiled", "blas", "rows"])

@@ -837,9 +837,13 @@ BackwardResult backward_time_major(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                     "rnnfast_backward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      // The bias gradient summed in the reverse loop, a pass over dgate_x fewer. (Not inside a
-      // parallel region: there a thread's number may not index the sums.)
-      if (has_bias && !v.gate_packed && !at::in_parallel_region()) {
+      // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
+      // pass is long enough to cost more than the sums' buffer and their reduction (ATen calls
+      // that a one-step layer would notice). Not inside a parallel region: there a thread's
+      // number may not index the sums.
+      constexpr int64_t kLoopSumsMinValues = 1 << 16;
+      if (has_bias && !v.gate_packed && !at::in_parallel_region() &&
+          s.steps * s.batch * s.gate_size >= kLoopSumsMinValues) {
         // Each thread's row on cache lines of its own (no false sharing).
         const int64_t padded = (s.gate_size + 15) / 16 * 16 + 16;
         state.dgate_x_column_sums =
