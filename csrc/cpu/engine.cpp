@@ -616,6 +616,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   };
   const auto pointwise_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(v.T_ - 1 - pass);
+    // This thread's column sums (a call runs on one thread).
+    A* sums = sums_data ? sums_data + at::get_thread_num() * column_sums.stride(0) : nullptr;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
       T* dgx_row = dgx_data + row * G;
@@ -660,9 +662,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
-      if (sums_data) {
+      if (sums) {
         // The row's gate gradients, just written (in L1), into this thread's column sums.
-        A* sums = sums_data + at::get_thread_num() * column_sums.stride(0);
         for_unit_runs<T>(G, [&](auto j, auto zero) {
           using V = decltype(zero);
           store(sums, 0, j, load<V>(sums, 0, j) + load<V>(dgx_row, 0, j));
