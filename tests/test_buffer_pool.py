@@ -74,3 +74,24 @@ def test_the_profiler_sees_pooled_allocations_and_frees():
             del output
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     assert output_bytes in sizes and -output_bytes in sizes, sorted(set(sizes))
+
+
+def test_a_full_cache_makes_room_for_the_blocks_freed_last():
+    # Two live outputs of an Elman layer of 16 units, 64 MB each (the pool's largest blocks),
+    # about fill its 128 MiB once freed; then a layer half as long: its output's block must take
+    # the place of an old one, whose size will not come back.
+    layer = rnnfast.RNN(1, 16)
+    long_input, short_input = torch.randn(1000, 1000, 1), torch.randn(500, 1000, 1)
+    cap = 128 << 20
+    rnnfast.empty_cache()
+    with torch.no_grad():
+        outputs = [layer(long_input)[0] for _ in range(2)]
+        del outputs
+        full = rnnfast.cpu_cache_info()
+        assert full[1] >= 2 and full[0] > cap - (64 << 20)
+        layer(short_input)
+        after_short = rnnfast.cpu_cache_info()
+        assert after_short != full and after_short[0] <= cap
+        layer(short_input)  # the same sizes again: served from the cache, which stays as it was
+        assert rnnfast.cpu_cache_info() == after_short
+    rnnfast.empty_cache()

@@ -29,11 +29,12 @@ c10::DataPtr BufferPool::allocate(size_t bytes) {
     if (found != free_by_size_.end() && !found->second.empty()) {
       block = found->second.back();
       found->second.pop_back();
+      free_order_.erase(block->in_free_order);
       cached_bytes_ -= block->bytes;
       --cached_blocks_;
     }
   }
-  if (block == nullptr) block = new Block{c10::alloc_cpu(block_bytes), block_bytes};
+  if (block == nullptr) block = new Block{c10::alloc_cpu(block_bytes), block_bytes, {}};
   // Reported as torch's CPU allocator reports its blocks: the profiler's memory events.
   c10::profiledCPUMemoryReporter().New(block->data, bytes);
   return {block->data, block, &BufferPool::release, c10::Device(c10::DeviceType::CPU)};
@@ -45,32 +46,47 @@ void BufferPool::release(void* block) {
 
 void BufferPool::give_back(Block* block) {
   c10::profiledCPUMemoryReporter().Delete(block->data);
+  std::vector<Block*> evicted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (cached_bytes_ + block->bytes <= kMaxCachedBytes) {
-      free_by_size_[block->bytes].push_back(block);
-      cached_bytes_ += block->bytes;
-      ++cached_blocks_;
-      return;
+    while (cached_bytes_ + block->bytes > kMaxCachedBytes && !free_order_.empty()) {
+      evicted.push_back(evict_oldest());
     }
+    free_by_size_[block->bytes].push_back(block);
+    block->in_free_order = free_order_.insert(free_order_.end(), block);
+    cached_bytes_ += block->bytes;
+    ++cached_blocks_;
   }
-  c10::free_cpu(block->data);
-  delete block;
+  // Out of the lock: giving memory back to the system takes a while.
+  for (Block* old : evicted) {
+    c10::free_cpu(old->data);
+    delete old;
+  }
+}
+
+BufferPool::Block* BufferPool::evict_oldest() {
+  Block* oldest = free_order_.front();
+  free_order_.pop_front();
+  // The oldest block of all is the oldest of its size: the first of its list.
+  auto& same_size = free_by_size_[oldest->bytes];
+  same_size.erase(same_size.begin());
+  cached_bytes_ -= oldest->bytes;
+  --cached_blocks_;
+  return oldest;
 }
 
 void BufferPool::empty_cache() {
-  std::unordered_map<size_t, std::vector<Block*>> blocks;
+  std::list<Block*> blocks;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    blocks.swap(free_by_size_);
+    blocks.swap(free_order_);
+    free_by_size_.clear();
     cached_bytes_ = 0;
     cached_blocks_ = 0;
   }
-  for (auto& [bytes, list] : blocks) {
-    for (Block* block : list) {
-      c10::free_cpu(block->data);
-      delete block;
-    }
+  for (Block* block : blocks) {
+    c10::free_cpu(block->data);
+    delete block;
   }
 }
 

@@ -11,13 +11,16 @@
 // The pool is an at::Allocator: a tensor from it is an ordinary CPU tensor (resizable; the
 // profiler sees its allocation and its free, as it sees those of torch's own CPU allocator, so
 // memory measurements count it the same). Freed blocks are kept up to kMaxCachedBytes in all;
-// empty_cache() gives them back.
+// to make room for a newly freed block, those freed longest ago go back to the system first, so
+// that the sizes of the layers in use now, not those of earlier ones, stay cached. empty_cache()
+// gives them all back.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/core/Allocator.h>
 
 #include <cstddef>
+#include <list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -52,12 +55,18 @@ class BufferPool final : public c10::Allocator {
   struct Block {
     void* data;
     size_t bytes;  // the block's size (the request rounded up to whole pages)
+    std::list<Block*>::iterator in_free_order;  // its place in free_order_ while cached
   };
   static void release(void* block);
   void give_back(Block* block);
+  // Takes the block freed longest ago out of the cache (the caller holds mutex_).
+  Block* evict_oldest();
 
   std::mutex mutex_;
+  // Cached blocks by size, each list in the order they were freed (the last freed last).
   std::unordered_map<size_t, std::vector<Block*>> free_by_size_;
+  // All cached blocks, the one freed longest ago first.
+  std::list<Block*> free_order_;
   size_t cached_bytes_ = 0;
   size_t cached_blocks_ = 0;
 };
