@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "cpu/buffer_pool.h"
+#include "cpu/parallel_rows.h"
 #include "layer.h"
 
 namespace rnnfast {
@@ -36,10 +37,8 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
                                   "rnnfast_time_major", [&] {
     const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
     scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
-    // Batch rows split over the threads in shares of at least kCopyGrain values.
-    constexpr int64_t kCopyGrain = 1 << 16;
-    const int64_t grain = std::max<int64_t>(1, kCopyGrain / std::max<int64_t>(1, T_ * I));
-    at::parallel_for(0, B, grain, [&](int64_t b_begin, int64_t b_end) {
+    // Batch rows (T * I values each) split over the threads.
+    for_rows_in_copy_shares(B, T_ * I, [&](int64_t b_begin, int64_t b_end) {
       for (int64_t b = b_begin; b < b_end; ++b) {
         for (int64_t t = 0; t < T_; ++t) {
           // An element loop: a row is often a few values, too short for a memcpy call.

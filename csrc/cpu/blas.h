@@ -9,7 +9,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <climits>
@@ -18,6 +17,8 @@
 #if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf
 #endif
+
+#include "parallel_rows.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -136,15 +137,13 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
 
 // The rows of C[m, n] set to those of `addend` (row stride addend_stride, 0: one row for all;
 // nullptr: none), so that a GEMM with beta = 1 adds the product to them. Returns that beta.
-// Split over the threads in shares of at least kCopyGrain values: the bias rows of a GRU's
-// input projection over all steps are tens of MB (B64-H256: 3.5% of its forward, serial).
+// Split over the threads: the bias rows of a GRU's input projection over all steps are tens of
+// MB (B64-H256: 3.5% of its forward on one thread).
 template <typename T>
 T copy_addend_rows(int64_t m, int64_t n, const T* addend, int64_t addend_stride, T* c,
                    int64_t ldc) {
   if (addend == nullptr) return T(0);
-  constexpr int64_t kCopyGrain = 1 << 16;
-  at::parallel_for(0, m, std::max<int64_t>(1, kCopyGrain / std::max<int64_t>(n, 1)),
-                   [&](int64_t begin, int64_t end) {
+  for_rows_in_copy_shares(m, n, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       std::copy(addend + r * addend_stride, addend + r * addend_stride + n, c + r * ldc);
     }

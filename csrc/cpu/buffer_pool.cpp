@@ -26,9 +26,10 @@ c10::DataPtr BufferPool::allocate(size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = free_by_size_.find(block_bytes);
-    if (found != free_by_size_.end() && !found->second.empty()) {
+    if (found != free_by_size_.end()) {
       block = found->second.back();
       found->second.pop_back();
+      if (found->second.empty()) free_by_size_.erase(found);
       free_order_.erase(block->in_free_order);
       cached_bytes_ -= block->bytes;
       --cached_blocks_;
@@ -67,9 +68,11 @@ void BufferPool::give_back(Block* block) {
 BufferPool::Block* BufferPool::evict_oldest() {
   Block* oldest = free_order_.front();
   free_order_.pop_front();
-  // The oldest block of all is the oldest of its size: the first of its list.
-  auto& same_size = free_by_size_[oldest->bytes];
-  same_size.erase(same_size.begin());
+  // The oldest block of all is the oldest of its size: the first of its list. A size without
+  // blocks leaves the map (a process running many sizes would otherwise keep one entry each).
+  const auto same_size = free_by_size_.find(oldest->bytes);
+  same_size->second.erase(same_size->second.begin());
+  if (same_size->second.empty()) free_by_size_.erase(same_size);
   cached_bytes_ -= oldest->bytes;
   --cached_blocks_;
   return oldest;

@@ -63,7 +63,8 @@ class BufferPool final : public c10::Allocator {
   Block* evict_oldest();
 
   std::mutex mutex_;
-  // Cached blocks by size, each list in the order they were freed (the last freed last).
+  // Cached blocks by size, each list in the order they were freed (the last freed last); no
+  // entry for a size without any.
   std::unordered_map<size_t, std::vector<Block*>> free_by_size_;
   // All cached blocks, the one freed longest ago first.
   std::list<Block*> free_order_;
