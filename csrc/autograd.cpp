@@ -21,25 +21,6 @@ using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
-    c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx,
-    const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-    const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr,
-    const std::optional<Tensor>& lengths, bool reverse, bool save_workspace, bool batch_first) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("rnnfast::forward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-              c10::string_view, const Tensor&, const std::optional<Tensor>&,
-              const std::optional<Tensor>&, const Tensor&, const Tensor&,
-              const std::optional<Tensor>&,
-              const std::optional<Tensor>&, const std::optional<Tensor>&,
-              const std::optional<Tensor>&, bool, bool, bool)>();
-  return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                 save_workspace, batch_first);
-}
-
 BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
                              const std::optional<Tensor>& grad_h_n,
                              const std::optional<Tensor>& grad_c_n, const Tensor& input,

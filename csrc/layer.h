@@ -48,6 +48,15 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
                             const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& lengths);
 
+// rnnfast::forward called through the dispatcher, from the dispatch keys the calling thread is
+// at (the autograd kernel calls it below autograd; _C.layer from Python above it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
+    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    bool reverse, bool save_workspace, bool batch_first);
+
 // Checks the backward op's extra arguments against the sizes of the forward.
 void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
                          const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,

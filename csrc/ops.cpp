@@ -9,52 +9,14 @@
 // batch_first=True: input, output (and their gradients) are [B, T, ...] instead, as views of
 // the time-major tensors the engines work on (the workspace stays [T, B, W]); a batch_first
 // model's layer then needs no transposes of its own, which autograd would have to run.
-// Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py).
-#include <Python.h>
+// Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py),
+// which calls the forward op through rnnfast._C.layer in eager mode (csrc/python_module.cpp).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <sstream>
 
-#include "cpu/buffer_pool.h"
 #include "layer.h"
-
-namespace {
-
-// _C.empty_cpu_cache(): gives the CPU engine's free buffers back to the system.
-PyObject* empty_cpu_cache(PyObject* /*module*/, PyObject* /*args*/) {
-  rnnfast::BufferPool::instance().empty_cache();
-  Py_RETURN_NONE;
-}
-
-// _C.cpu_cache_info() -> (bytes, blocks) the CPU engine keeps free for reuse.
-PyObject* cpu_cache_info(PyObject* /*module*/, PyObject* /*args*/) {
-  rnnfast::BufferPool& pool = rnnfast::BufferPool::instance();
-  return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(pool.cached_bytes()),
-                       static_cast<Py_ssize_t>(pool.cached_blocks()));
-}
-
-PyMethodDef module_methods[] = {
-    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
-    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
-     "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},
-    {nullptr, nullptr, 0, nullptr}};
-
-}  // namespace
-
-// Built as a Python extension module so that `import rnnfast._C` loads the op registrations.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          module_methods};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr) {
-#ifdef RNNFAST_WITH_CUDA
-    PyModule_AddIntConstant(module, "with_cuda", 1);
-#else
-    PyModule_AddIntConstant(module, "with_cuda", 0);
-#endif
-  }
-  return module;
-}
 
 namespace rnnfast {
 
@@ -190,6 +152,25 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
     }
   }
   return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
+    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    bool reverse, bool save_workspace, bool batch_first) {
+  using at::Tensor;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("rnnfast::forward", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+              c10::string_view, const Tensor&, const std::optional<Tensor>&,
+              const std::optional<Tensor>&, const Tensor&, const Tensor&,
+              const std::optional<Tensor>&, const std::optional<Tensor>&,
+              const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool, bool)>();
+  return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                 save_workspace, batch_first);
 }
 
 void check_backward_args(const LayerSizes& s, const at::Tensor& input,

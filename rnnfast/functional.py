@@ -25,7 +25,15 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
     batch_first=True: input [B, T, I] and output [B, T, P].
     """
-    # The weights first: they are the tensors that usually require grad (this runs per call).
+    if not torch.compiler.is_compiling():
+        # Eager: the op called from C++ (see csrc/python_module.cpp), which also decides whether
+        # to save the workspace for a backward.
+        result = _ops._C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                               reverse, batch_first)
+        if result is not NotImplemented:
+            return result
+    # Traced by torch.compile, or arguments only torch.ops handles. The weights first: they
+    # are the tensors that usually require grad.
     needs_grad = torch.is_grad_enabled() and (
         w_ih.requires_grad or w_hh.requires_grad or input.requires_grad
         or any(t is not None and t.requires_grad for t in (b_ih, b_hh, w_hr, hx, cx)))

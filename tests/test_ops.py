@@ -257,6 +257,49 @@ def test_compile_inductor_fullgraph():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+class _RecordingTensor(torch.Tensor):
+    """A tensor subclass that records the functions its __torch_function__ is called for."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _RecordingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("how", ["subclass", "mode"])
+def test_torch_function_sees_the_op_of_eager_calls(how):
+    """Eager layers call the op from C++ (rnnfast._C.layer), not through torch.ops; a tensor
+    subclass with __torch_function__, or a torch function mode, must still see the call and
+    get the same results."""
+    model = rnnfast.GRU(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    expected_output, expected_h = model(x)
+    if how == "subclass":
+        _RecordingTensor.seen.clear()
+        output, h_n = model(x.as_subclass(_RecordingTensor))
+        seen = _RecordingTensor.seen
+        assert type(output) is _RecordingTensor
+    else:
+        with _RecordingMode() as mode:
+            output, h_n = model(x)
+        seen = mode.seen
+    assert seen.count(torch.ops.rnnfast.forward.default) == 2
+    torch.testing.assert_close(output.as_subclass(torch.Tensor), expected_output, rtol=0, atol=0)
+    torch.testing.assert_close(h_n.as_subclass(torch.Tensor), expected_h, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
 def test_minimal_sizes(cls):
     reference_cls = {rnnfast.LSTM: torch.nn.LSTM, rnnfast.GRU: torch.nn.GRU,

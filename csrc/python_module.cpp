@@ -1,0 +1,117 @@
+// The Python module rnnfast._C: importing it loads the op registrations (ops.cpp, autograd.cpp,
+// the engines); its functions are the eager entry to the forward op and the CPU buffer pool's
+// controls.
+#include <Python.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+
+#include "cpu/buffer_pool.h"
+#include "layer.h"
+
+namespace {
+
+using at::Tensor;
+
+// A tensor argument as the op takes it, or nullopt where it is None (or is no plain tensor, a
+// torch.Tensor or nn.Parameter: then *plain is set false).
+std::optional<Tensor> optional_tensor(PyObject* object, bool* plain) {
+  if (object == Py_None) return std::nullopt;
+  if (!THPVariable_CheckExact(object)) {
+    *plain = false;
+    return std::nullopt;
+  }
+  return THPVariable_Unpack(object);
+}
+
+// _C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_first)
+// -> (output, h_n, c_n): rnnfast::forward, saving the workspace where a gradient will be asked
+// for (grad mode on and a tensor argument requiring grad), called through the dispatcher from
+// C++. torch.ops' call from Python goes through the op's boxed form, which at the small sizes
+// recurrent layers often run at costs as much as the layer (a third of a one-step layer's
+// forward). Arguments torch.ops would treat otherwise return NotImplemented: a tensor subclass
+// (it may define __torch_function__), a torch function mode in force, anything but a tensor or
+// None where a tensor goes, flags that are not bools. The caller then calls the op through
+// torch.ops, which handles or refuses them.
+PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 12) {
+    PyErr_Format(PyExc_TypeError, "rnnfast._C.layer takes 12 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  Py_ssize_t cell_size = 0;
+  const char* cell = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8AndSize(args[0], &cell_size)
+                                              : nullptr;
+  if (cell == nullptr) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  bool plain = PyBool_Check(args[10]) && PyBool_Check(args[11]) &&
+               !at::impl::torch_function_mode_enabled();
+  // input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths (args[1 .. 9]); input, w_ih and w_hh
+  // are required.
+  std::optional<Tensor> tensors[9];
+  for (int i = 0; i < 9; ++i) tensors[i] = optional_tensor(args[1 + i], &plain);
+  if (!plain || !tensors[0] || !tensors[3] || !tensors[4]) Py_RETURN_NOTIMPLEMENTED;
+  const auto& [input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths] = tensors;
+  const bool reverse = args[10] == Py_True, batch_first = args[11] == Py_True;
+  std::tuple<Tensor, Tensor, Tensor, Tensor> results;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const bool save_workspace =
+        torch::autograd::compute_requires_grad(*input, hx, cx, *w_ih, *w_hh, b_ih, b_hh, w_hr);
+    results = rnnfast::call_forward(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih,
+                                    *w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
+                                    batch_first);
+  }
+  PyObject* outputs = PyTuple_New(3);
+  if (outputs == nullptr) return nullptr;
+  PyTuple_SET_ITEM(outputs, 0, THPVariable_Wrap(std::move(std::get<0>(results))));
+  PyTuple_SET_ITEM(outputs, 1, THPVariable_Wrap(std::move(std::get<1>(results))));
+  PyTuple_SET_ITEM(outputs, 2, THPVariable_Wrap(std::move(std::get<2>(results))));
+  return outputs;
+  END_HANDLE_TH_ERRORS
+}
+
+// _C.empty_cpu_cache(): gives the CPU engine's free buffers back to the system.
+PyObject* empty_cpu_cache(PyObject* /*module*/, PyObject* /*args*/) {
+  rnnfast::BufferPool::instance().empty_cache();
+  Py_RETURN_NONE;
+}
+
+// _C.cpu_cache_info() -> (bytes, blocks) the CPU engine keeps free for reuse.
+PyObject* cpu_cache_info(PyObject* /*module*/, PyObject* /*args*/) {
+  rnnfast::BufferPool& pool = rnnfast::BufferPool::instance();
+  return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(pool.cached_bytes()),
+                       static_cast<Py_ssize_t>(pool.cached_blocks()));
+}
+
+PyMethodDef module_methods[] = {
+    {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
+     "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented "
+     "for arguments only torch.ops handles."},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
+     "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Built as a Python extension module so that `import rnnfast._C` loads the op registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          module_methods};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+#ifdef RNNFAST_WITH_CUDA
+    PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+    PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  }
+  return module;
+}
