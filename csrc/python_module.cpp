@@ -29,14 +29,14 @@ std::optional<Tensor> optional_tensor(PyObject* object, bool* plain) {
 }
 
 // _C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_first)
-// -> (output, h_n, c_n): rnnfast::forward, saving the workspace where a gradient will be asked
-// for (grad mode on and a tensor argument requiring grad), called through the dispatcher from
-// C++. torch.ops' call from Python goes through the op's boxed form: at the small sizes
-// recurrent layers often run at, that is a large share of the call (2 of the 7 us of a one-step
-// layer's forward under no_grad). Arguments torch.ops would treat otherwise return NotImplemented: a tensor subclass
-// (it may define __torch_function__), a torch function mode in force, anything but a tensor or
-// None where a tensor goes, flags that are not bools. The caller then calls the op through
-// torch.ops, which handles or refuses them.
+// -> (output, h_n, c_n): rnnfast::forward, saving the workspace where a gradient will be asked for
+// (grad mode on and a tensor argument requiring grad), called through the dispatcher from C++.
+// torch.ops' call from Python goes through the op's boxed form: at the small sizes recurrent
+// layers often run at, that is a large share of the call (2 of the 7 us of a one-step layer's
+// forward under no_grad). Arguments torch.ops would treat otherwise return NotImplemented: a
+// tensor subclass (it may define __torch_function__), a torch function mode in force, anything but
+// a tensor or None where a tensor goes, flags that are not bools. The caller then calls the op
+// through torch.ops, which handles or refuses them.
 PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 12) {
