@@ -32,11 +32,11 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
                                reverse, batch_first)
         if result is not NotImplemented:
             return result
-    # Traced by torch.compile, or arguments only torch.ops handles. The weights first: they
-    # are the tensors that usually require grad.
-    needs_grad = torch.is_grad_enabled() and (
-        w_ih.requires_grad or w_hh.requires_grad or input.requires_grad
-        or any(t is not None and t.requires_grad for t in (b_ih, b_hh, w_hr, hx, cx)))
+    # Traced by torch.compile, or arguments only torch.ops handles (and refuses where they are
+    # no tensors: its error names the argument).
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr))
     output, h_n, c_n, _ = _FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                    reverse, needs_grad, batch_first)
     return output, h_n, c_n

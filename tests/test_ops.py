@@ -300,6 +300,12 @@ def test_torch_function_sees_the_op_of_eager_calls(how):
     torch.testing.assert_close(h_n.as_subclass(torch.Tensor), expected_h, rtol=0, atol=0)
 
 
+def test_functional_layer_names_an_argument_that_is_no_tensor():
+    x, w_ih = torch.randn(3, 2, 4), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="w_hh"):
+        rnnfast.functional.layer("gru", x, None, None, w_ih, "not a tensor")
+
+
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
 def test_minimal_sizes(cls):
     reference_cls = {rnnfast.LSTM: torch.nn.LSTM, rnnfast.GRU: torch.nn.GRU,
