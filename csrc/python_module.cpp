@@ -17,8 +17,8 @@ namespace {
 
 using at::Tensor;
 
-// A tensor argument as the op takes it, or nullopt where it is None (or is no plain tensor, a
-// torch.Tensor or nn.Parameter: then *plain is set false).
+// A tensor argument as the op takes it, or nullopt where it is None; also nullopt, with *plain
+// set false, where it is anything but exactly a torch.Tensor or an nn.Parameter.
 std::optional<Tensor> optional_tensor(PyObject* object, bool* plain) {
   if (object == Py_None) return std::nullopt;
   if (!THPVariable_CheckExact(object)) {
