@@ -12,6 +12,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <type_traits>
+
 #include "layer.h"
 
 namespace rnnfast {
@@ -46,6 +49,18 @@ BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+// A new graph node, held the way the installed torch holds them (the type of Edge::function):
+// by c10::intrusive_ptr from torch 2.13 on, by std::shared_ptr before.
+template <typename NodeType>
+auto make_node() {
+  using NodeHandle = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodeHandle, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>();
+  } else {
+    return c10::make_intrusive<NodeType>();
+  }
 }
 
 // The graph node of one differentiable rnnfast::forward call; its backward is the
@@ -149,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
                 "rnnfast: forward-mode automatic differentiation (dual tensors, jvp) is not "
                 "supported");
   }
-  const auto node = c10::make_intrusive<LayerBackward>();
+  const auto node = make_node<LayerBackward>();
   node->set_next_edges(
       torch::autograd::collect_next_edges(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr));
   Tensor time_major_input, engine_read_input, output, h_n, c_n, workspace;
