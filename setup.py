@@ -149,7 +149,8 @@ setup(
     description="Fused LSTM, GRU and Elman layers for PyTorch: drop-in replacements for torch.nn",
     packages=find_packages(include=["rnnfast", "rnnfast.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    # 2.9: the oldest torch whose headers the extension compiles against (at::vec::fnmadd).
+    install_requires=["torch>=2.9", "numpy"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithSourceHash},
     zip_safe=False,
