@@ -973,6 +973,20 @@ def test_large_weights_small_batch_split_by_units(rf, device, spec, layout, dtyp
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_few_long_rows_times_weights_as_stored(rf, device, spec, hx_given, layout):
+    """Forward products of 8 to 16 rows and 200 or more terms (as in the course's 2-layer
+    energy models), which the CPU engine runs on W_ih, W_hh and W_hr as stored: the input
+    projection of 2 steps x 8 rows, the recurrent and projection products of 8 rows; outputs
+    ending in a partial block of 8 columns, terms ending in a partial vector, in both
+    directions and with a second layer."""
+    sizes = dict(T=2, B=8, I=203, H=205, P=201 if spec.proj else 0)
+    check_layer(rf, spec, device, torch.float32, num_layers=2, bidirectional=True,
+                batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [8, 17, 64])
 @pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)

@@ -19,6 +19,7 @@
 #endif
 
 #include "parallel_rows.h"
+#include "row_dot_product.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -91,6 +92,16 @@ template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta, T* c,
           int64_t ldc, GemmThreads threads = GemmThreads::SmallOnCaller) {
   if (m == 0 || n == 0) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // A few long rows times a matrix stored [n, k] (the forward's products): row_dot_product.h.
+    if (!a.transposed && b.transposed && (beta == T(0) || beta == T(1)) &&
+        row_dot::takes(m, n, k)) {
+      row_dot::product(m, n, k, a.data, a.ld, b.data, b.ld, beta == T(1), c, ldc);
+      return;
+    }
+  }
+#endif
   const bool fits_int = m < INT_MAX && n < INT_MAX && k < INT_MAX && a.ld < INT_MAX &&
                         b.ld < INT_MAX && ldc < INT_MAX;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
