@@ -28,9 +28,6 @@ namespace row_dot {
 constexpr int64_t kBlockRows = 8;  // rows of B (columns of C) per block
 // Products this kernel takes (measured from 10 to 20 rows): few rows of A, and long ones.
 constexpr int64_t kMinRows = 8, kMaxRows = 16, kMinDepth = 200;
-// Below this many multiply-adds a product runs on the calling thread (waking a thread costs
-// more than it saves).
-constexpr int64_t kThreadedMinWork = 1 << 20;
 
 inline bool takes(int64_t m, int64_t n, int64_t k) {
   return m >= kMinRows && m <= kMaxRows && k >= kMinDepth && n >= kBlockRows;
@@ -92,12 +89,12 @@ inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlo
 }
 
 // C[m, n] = A[m, k] B[n, k]^T, plus C where `accumulate`; A's and B's rows contiguous.
-// The blocks of B's rows are split over the threads (one each where the work is small).
+// `threaded`: the blocks of B's rows are split over the threads (else all on the calling one).
 inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+                    const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
+                    bool threaded) {
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  const int64_t grain = m * n * k < kThreadedMinWork ? blocks : 1;
-  at::parallel_for(0, blocks, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, threaded ? 1 : blocks, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t j0 = index * kBlockRows;
       const int64_t columns = std::min(kBlockRows, n - j0);
