@@ -96,8 +96,7 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
   if constexpr (std::is_same_v<T, float>) {
     // A few long rows times a matrix stored [n, k] (the forward's products): row_dot_product.h,
     // threaded by the work, per-step products too.
-    if (!a.transposed && b.transposed && (beta == T(0) || beta == T(1)) &&
-        row_dot::takes(m, n, k)) {
+    if (!a.transposed && b.transposed && row_dot::takes(m, n, k)) {
       row_dot::product(m, n, k, a.data, a.ld, b.data, b.ld, beta == T(1), c, ldc,
                        /*threaded=*/m * n * k >= kThreadedGemmMinWork);
       return;
