@@ -6,6 +6,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
@@ -30,7 +31,8 @@ std::optional<Tensor> optional_tensor(PyObject* object, bool* plain) {
 
 // _C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_first)
 // -> (output, h_n, c_n): rnnfast::forward, saving the workspace where a gradient will be asked for
-// (grad mode on and a tensor argument requiring grad), called through the dispatcher from C++.
+// (grad mode on and a tensor argument requiring grad, or a trace being recorded), called through
+// the dispatcher from C++.
 // torch.ops' call from Python goes through the op's boxed form: at the small sizes recurrent
 // layers often run at, that is a large share of the call (2 of the 7 us of a one-step layer's
 // forward under no_grad). Arguments torch.ops would treat otherwise return NotImplemented: a
@@ -62,7 +64,11 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   std::tuple<Tensor, Tensor, Tensor, Tensor> results;
   {
     pybind11::gil_scoped_release no_gil;
+    // torch.jit.trace records the flag as a constant, which the traced module then passes in
+    // any grad mode (and the trace's check runs under no_grad): a trace always saves the
+    // workspace, so that the traced module can be differentiated.
     const bool save_workspace =
+        torch::jit::tracer::isTracing() ||
         torch::autograd::compute_requires_grad(*input, hx, cx, *w_ih, *w_hh, b_ih, b_hh, w_hr);
     results = rnnfast::call_forward(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih,
                                     *w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,

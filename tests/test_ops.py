@@ -1,5 +1,7 @@
 """The ops themselves: gradcheck, opcheck (on each device), torch.compile, extreme sizes,
 op-level errors."""
+import warnings
+
 import pytest
 import torch
 
@@ -242,6 +244,30 @@ def test_compile_fullgraph_matches_eager(kind):
     compiled_loss = compiled_out[0].square().sum() + compiled_out[1].sum()
     compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
     for a, b in zip(compiled_out + compiled_grads, eager_out + eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+def test_jit_trace_matches_eager(kind):
+    # torch.jit.trace checks its trace by tracing again under no_grad; the traced module must
+    # then give eager's outputs and, differentiated, eager's gradients, on a longer sequence.
+    model = _module_pair(kind)
+    batch_first = kind != "rnn"
+    x_shape = (2, 5, 3) if batch_first else (5, 2, 3)
+    with warnings.catch_warnings():
+        # The modules' size checks compare sizes the tracer records as constants.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, torch.randn(x_shape))
+    x = torch.randn((2, 8, 3) if batch_first else (8, 2, 3))
+    results = {}
+    for name, module in (("eager", model), ("traced", traced)):
+        output, state = module(x)
+        h = state[0] if isinstance(state, tuple) else state
+        loss = (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum() + h.sum()
+        results[name] = [output, h, *torch.autograd.grad(loss, list(model.parameters()))]
+        with torch.no_grad():
+            results[name].append(module(x)[0])
+    for a, b in zip(results["traced"], results["eager"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
