@@ -116,8 +116,14 @@ class _RecurrentBase(nn.Module):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, None where absent."""
         # Straight from the parameter dict: Module.__getattr__ is slow at this call rate.
         parameters = self._parameters
-        return [tuple(parameters[name] if name is not None else None for name in names)
-                for names in self._layer_weight_names]
+        try:
+            return [tuple(parameters[name] if name is not None else None for name in names)
+                    for names in self._layer_weight_names]
+        except KeyError:
+            # A parametrization (weight_norm, spectral_norm) or pruning has replaced a parameter
+            # with an attribute computed from others.
+            return [tuple(getattr(self, name) if name is not None else None for name in names)
+                    for names in self._layer_weight_names]
 
     def extra_repr(self):
         text = f"{self.input_size}, {self.hidden_size}"
@@ -158,7 +164,8 @@ class _RecurrentBase(nn.Module):
         packed = isinstance(input, PackedSequence)
         directions = 2 if self.bidirectional else 1
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        weight = self._parameters["weight_ih_l0"]
+        weights = self._weights()
+        weight = weights[0][0]  # weight_ih_l0
         lengths = None
         if packed:
             batch_sizes = input.batch_sizes
@@ -229,7 +236,7 @@ class _RecurrentBase(nn.Module):
         if packed:
             lengths = lengths_cpu.to(sequence.device)
         output, h_n, c_n = functional.stacked(
-            self.cell, sequence, h0, c0, self._weights(), self.num_layers, self.bidirectional,
+            self.cell, sequence, h0, c0, weights, self.num_layers, self.bidirectional,
             self.dropout, self.training, lengths, batch_first)
 
         if packed:
@@ -389,7 +396,9 @@ class _CellBase(nn.Module):
         if input.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
                                f"{self.input_size}, got {input.size(-1)}")
-        _check_matches(name, "input", input, self.weight_ih, "the module's parameters")
+        # Read once: a parametrized weight (weight_norm) is computed at each read.
+        w_ih = self.weight_ih
+        _check_matches(name, "input", input, w_ih, "the module's parameters")
         batched = input.dim() == 2
         is_lstm = self._gates == 4
         for argument, state in (("hx", h), ("cx", c)):
@@ -402,8 +411,7 @@ class _CellBase(nn.Module):
         if c is not None and not batched:
             c = c.unsqueeze(0)
         output, h_new, c_new = functional.layer(
-            self.cell, x.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-            self.bias_hh)
+            self.cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if not batched:
             h_new = h_new.squeeze(0)
             c_new = c_new.squeeze(0) if is_lstm else c_new

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch import nn
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune, which torch does not import)
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from reference import ReferenceCell, ReferenceRNN
@@ -1071,6 +1072,54 @@ def test_parameter_updates_are_seen(rf, device, spec):
     exp, _, w = evaluate(other, CPU, leaves, call)
     got, _, _ = evaluate(actual, device, leaves, call, w)
     compare_results(got, exp, "after replacing weight_hh_l1: ")
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_parametrized_and_pruned_weights(rf, device, spec):
+    """weight_norm on weight_hh_l0 and pruning of weight_ih_l1 (each replaces the parameter
+    with an attribute computed from others) on both sides: the same outputs and gradients of
+    the underlying parameters."""
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    # weight_hh_l0 rows of 2+ values (weight_norm's gradient of a one-value row's direction
+    # is zero, up to rounding).
+    cfg, leaves, _ = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                bias=True, layout="batched", hx_given=True, dtype=dtype,
+                                sizes=dict(T=4, B=3, I=3, H=5, P=3 if spec.proj else 0))
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    for m in (expected, actual):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+        torch.nn.utils.prune.l1_unstructured(m, "weight_ih_l1", amount=0.4)
+    call = layer_call(spec.mode == "LSTM", None, False)
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    assert "grad_parametrizations.weight_hh_l0.original0" in got
+    assert "grad_weight_ih_l1_orig" in got
+    compare_results(got, exp)
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+def test_parametrized_cell_weights(rf, device, spec):
+    _skip_extra_on_torch_nn(rf, spec)
+    dtype = torch.float64
+    cfg = dict(input_size=3, hidden_size=4)
+    expected = expected_cell(spec, cfg, dtype)
+    actual = rnnfast_cell(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    for m in (expected, actual):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh")
+    x = torch.randn(2, 3, dtype=dtype)
+    loss_w = torch.randn(2, 4, dtype=dtype)
+    results = []
+    for m, dev in ((expected, CPU), (actual, device)):
+        h = m(x.to(dev))
+        h = h[0] if isinstance(h, tuple) else h
+        grads = torch.autograd.grad((h * loss_w.to(dev)).sum(), list(m.parameters()))
+        results.append([h, *grads])
+    for got, want in zip(results[1], results[0]):
+        assert_close_rel(got, want, "cell with weight_norm")
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
