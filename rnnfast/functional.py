@@ -6,6 +6,8 @@ unbatched and packed inputs to the time-major form.
 """
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import TransformType, get_interpreter_stack
+from torch.autograd.function import once_differentiable
 
 from rnnfast import _ops  # noqa: F401  (loads the extension and registers the ops)
 
@@ -25,6 +27,16 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     Returns output [T, B, P], h_n [B, P] and c_n [B, H] (an empty tensor for non-LSTM cells).
     batch_first=True: input [B, T, I] and output [B, T, P].
     """
+    if torch._C._are_functorch_transforms_active():
+        # torch.func's transforms refuse the C++ graph node of eager calls.
+        differentiating = sum(1 for interpreter in get_interpreter_stack()
+                              if interpreter.key() in (TransformType.Grad, TransformType.Jvp))
+        if differentiating > 1:
+            raise RuntimeError("rnnfast: gradients of gradients (nested torch.func.grad, vjp, "
+                               "jacrev, jacfwd or hessian) are not supported")
+        output, h_n, c_n, _ = _LayerFunction.apply(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                                   w_hr, lengths, reverse, batch_first)
+        return output, h_n, c_n
     if not torch.compiler.is_compiling():
         # Eager: the op called from C++ (see csrc/python_module.cpp), which also decides whether
         # to save the workspace for a backward.
@@ -40,6 +52,53 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     output, h_n, c_n, _ = _FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                    reverse, needs_grad, batch_first)
     return output, h_n, c_n
+
+
+class _LayerFunction(torch.autograd.Function):
+    """rnnfast::forward and rnnfast::backward as a Python autograd.Function, the form torch.func's
+    transforms (grad, vjp, jacrev, vmap) take: they refuse the C++ graph node of eager calls.
+    Under vmap each op runs once per vmapped slice (functorch's loop over ops without a batching
+    rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                batch_first):
+        return _FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, True,
+                        batch_first)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        cell, input, hx, cx, w_ih, w_hh, b_ih, _, w_hr, lengths, reverse, batch_first = inputs
+        output, _, _, workspace = outputs
+        ctx.mark_non_differentiable(workspace)
+        ctx.save_for_backward(input, hx, cx, w_ih, w_hh, w_hr, lengths, output, workspace)
+        ctx.cell, ctx.reverse, ctx.batch_first = cell, reverse, batch_first
+        ctx.has_bias = b_ih is not None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("rnnfast: forward-mode automatic differentiation (torch.func.jvp, "
+                           "jacfwd) is not supported")
+
+    @staticmethod
+    @once_differentiable  # the backward op has no derivative: differentiating its results raises
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, _):
+        input, hx, cx, w_ih, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
+        # Undefined gradients come as zeros (the Function materialises them); c_n of the other
+        # cells is an empty tensor with no gradient of its own.
+        grad_c_n = grad_c_n if _ops.GATES[ctx.cell] == 4 else None
+        grads = torch.ops.rnnfast.backward(
+            ctx.cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, ctx.has_bias,
+            w_hr, lengths, ctx.reverse, output, workspace, ctx.needs_input_grad[1],
+            ctx.batch_first)
+        g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = grads
+        return (None, g_input if ctx.needs_input_grad[1] else None,
+                g_hx if hx is not None else None, g_cx if cx is not None else None,
+                g_w_ih, g_w_hh, g_b_ih if ctx.has_bias else None,
+                g_b_hh if ctx.has_bias else None, g_w_hr if w_hr is not None else None,
+                None, None, None)
 
 
 def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0,

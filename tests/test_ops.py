@@ -271,6 +271,71 @@ def test_jit_trace_matches_eager(kind):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _torch_nn_twin(model):
+    """torch.nn's module of the same configuration and parameters (float64), or None."""
+    from torch import nn
+    if type(model).__name__ == "RNN" and model.nonlinearity == "sigmoid":
+        return None
+    kw = dict(num_layers=model.num_layers, batch_first=model.batch_first,
+              bidirectional=model.bidirectional)
+    if type(model).__name__ == "LSTM":
+        kw["proj_size"] = model.proj_size
+    if type(model).__name__ == "RNN":
+        kw["nonlinearity"] = model.nonlinearity
+    twin = getattr(nn, type(model).__name__)(model.input_size, model.hidden_size, **kw).double()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn"])
+def test_torch_func_grad_and_vmap(kind):
+    model = _module_pair(kind).double()
+    twin = _torch_nn_twin(model)
+    x_shape = (2, 5, 3) if model.batch_first else (5, 2, 3)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    weights = torch.randn(128, dtype=torch.float64)  # one per output element
+
+    def loss(module):
+        def f(params, inputs):
+            output = torch.func.functional_call(module, params, (inputs,))[0]
+            return (output * weights[:output.numel()].view_as(output)).sum()
+        return f
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(loss(model), argnums=(0, 1))(params, x)
+    # Against eager autograd of the same module, and torch.nn's torch.func.grad where it has
+    # the variant.
+    eager_params = dict(model.named_parameters())
+    x_leaf = x.clone().requires_grad_()
+    eager = torch.autograd.grad(loss(model)(eager_params, x_leaf),
+                                [*eager_params.values(), x_leaf])
+    expected = [(dict(zip(eager_params, eager[:-1])), eager[-1])]
+    if twin is not None:
+        expected.append(torch.func.grad(loss(twin), argnums=(0, 1))(params, x))
+    for want in expected:
+        for k in params:
+            torch.testing.assert_close(grads[0][k], want[0][k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[1], want[1], rtol=1e-10, atol=1e-12)
+
+    # Per-sample gradients: vmap over a batch of inputs equals a loop of grads.
+    inputs = torch.randn(3, *x_shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        # functorch's loop over ops without a batching rule warns of its speed.
+        warnings.simplefilter("ignore", UserWarning)
+        per_sample = torch.func.vmap(torch.func.grad(loss(model)), in_dims=(None, 0))(
+            params, inputs)
+    for i in range(3):
+        one = torch.func.grad(loss(model))(params, inputs[i])
+        for k in params:
+            torch.testing.assert_close(per_sample[k][i], one[k], rtol=1e-12, atol=1e-14)
+
+    with pytest.raises(RuntimeError, match="gradients of gradients"):
+        torch.func.grad(lambda p: torch.func.grad(loss(model))(p, x)["weight_hh_l0"].sum())(
+            params)
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.jvp(lambda inputs: loss(model)(params, inputs), (x,), (torch.ones_like(x),))
+
+
 def test_compile_inductor_fullgraph():
     torch._dynamo.reset()
     model = rnnfast.GRU(2, 3, batch_first=True)
