@@ -571,15 +571,19 @@ def test_op_argument_errors(change, match):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
-def test_half_precision_on_cpu(cls, dtype):
+@pytest.mark.parametrize("batch,hidden", [(3, 16), (5, 4), (20, 160)],
+                         ids=["tiled", "gate-packed", "blas"])
+def test_half_precision_on_cpu(cls, dtype, batch, hidden):
     """bfloat16 / float16 storage with float accumulation: outputs and gradients within a few
-    units of the dtype's rounding of a float64 run of the same weights."""
+    units of the dtype's rounding of a float64 run of the same weights. The sizes take the
+    per-step products' kernels (which run in float): the tiled kernel, the gate-packed layout
+    of a few units, the BLAS with the batch split over the threads."""
     torch.manual_seed(3)
-    model = cls(8, 16, num_layers=2, bidirectional=True)
-    reference = cls(8, 16, num_layers=2, bidirectional=True).double()
+    model = cls(8, hidden, num_layers=2, bidirectional=True)
+    reference = cls(8, hidden, num_layers=2, bidirectional=True).double()
     reference.load_state_dict(model.state_dict())
     model = model.to(dtype)
-    x = torch.randn(5, 3, 8)
+    x = torch.randn(5, batch, 8)
     out = model(x.to(dtype))[0]
     out.float().sum().backward()
     expected = reference(x.double())[0]

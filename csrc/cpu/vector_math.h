@@ -130,18 +130,49 @@ struct VectorUnits {
   int count;
 };
 
+// bfloat16 and float16 values are stored in their type and computed in float: the cells on float
+// vectors here, the per-step products in float (recurrent_product.h).
+template <typename T>
+constexpr bool kComputedInFloat =
+    std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
 template <typename A, typename T>
 inline A load(const T* row, int offset, VectorUnits units) {
-  return A::loadu(row + offset + units.j, units.count);
+  const T* from = row + offset + units.j;
+  if constexpr (kComputedInFloat<T>) {
+    constexpr int lanes = Vec<float>::size();
+    alignas(64) float values[lanes];
+    if (units.count == lanes) {
+      for (int i = 0; i < lanes; ++i) values[i] = static_cast<float>(from[i]);
+    } else {
+      for (int i = 0; i < units.count; ++i) values[i] = static_cast<float>(from[i]);
+    }
+    return Vec<float>::loadu(values, units.count);
+  } else {
+    return A::loadu(from, units.count);
+  }
 }
 
 template <typename T, typename A>
 inline void store(T* row, int offset, VectorUnits units, A value) {
-  value.store(row + offset + units.j, units.count);
+  T* to = row + offset + units.j;
+  if constexpr (kComputedInFloat<T>) {
+    constexpr int lanes = Vec<float>::size();
+    alignas(64) float values[lanes];
+    value.store(values);
+    if (units.count == lanes) {
+      for (int i = 0; i < lanes; ++i) to[i] = T(values[i]);
+    } else {
+      for (int i = 0; i < units.count; ++i) to[i] = T(values[i]);
+    }
+  } else {
+    value.store(to, units.count);
+  }
 }
 
 // Calls fn(index, A{}) for runs of units covering begin .. end - 1: SIMD vectors of units where
-// the storage type has them (float, double), else one unit at a time in the accumulation type.
+// the storage type has them (float, double) or is computed in float vectors (bfloat16,
+// float16), else one unit at a time in the accumulation type.
 template <typename T, typename Fn>
 inline void for_unit_runs(int64_t begin, int64_t end, Fn&& fn) {
   const int first = static_cast<int>(begin), last = static_cast<int>(end);
@@ -149,6 +180,11 @@ inline void for_unit_runs(int64_t begin, int64_t end, Fn&& fn) {
     constexpr int lanes = Vec<T>::size();
     for (int j = first; j < last; j += lanes) {
       fn(VectorUnits{j, std::min(lanes, last - j)}, Vec<T>(T(0)));
+    }
+  } else if constexpr (kComputedInFloat<T>) {
+    constexpr int lanes = Vec<float>::size();
+    for (int j = first; j < last; j += lanes) {
+      fn(VectorUnits{j, std::min(lanes, last - j)}, Vec<float>(0.0f));
     }
   } else {
     using A = at::opmath_type<T>;
