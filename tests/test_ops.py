@@ -571,13 +571,14 @@ def test_op_argument_errors(change, match):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
-@pytest.mark.parametrize("batch,hidden", [(3, 16), (5, 4), (20, 160)],
-                         ids=["tiled", "gate-packed", "blas"])
+@pytest.mark.parametrize("batch,hidden", [(3, 16), (5, 4), (20, 160), (64, 256)],
+                         ids=["tiled", "gate-packed", "blas", "aten"])
 def test_half_precision_on_cpu(cls, dtype, batch, hidden):
     """bfloat16 / float16 storage with float accumulation: outputs and gradients within a few
     units of the dtype's rounding of a float64 run of the same weights. The sizes take the
-    per-step products' kernels (which run in float): the tiled kernel, the gate-packed layout
-    of a few units, the BLAS with the batch split over the threads."""
+    per-step products' kernels: in float the tiled kernel, the gate-packed layout of a few
+    units, the BLAS with the batch split over the threads; ATen's GEMM of the dtype for the
+    largest."""
     torch.manual_seed(3)
     model = cls(8, hidden, num_layers=2, bidirectional=True)
     reference = cls(8, hidden, num_layers=2, bidirectional=True).double()

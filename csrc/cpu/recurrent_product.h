@@ -6,8 +6,8 @@
 // tiniest products run as a plain loop over the rows of M. Larger products, and calls of too
 // few steps to repay the copy, go to the BLAS.
 //
-// bfloat16 and float16 products run in float on a float copy of M made once per call (see
-// RecurrentProduct::widened_).
+// bfloat16 and float16 products run in float on a float copy of M made once per call, up to a
+// size (see RecurrentProduct::widened_).
 //
 // Gate-packed layout (small hidden sizes, see engine.cpp): the gate side of the product (the
 // output in the forward, the input in the backward) may be stored as [gates][B][H] instead of
@@ -49,7 +49,7 @@ class RecurrentProduct {
     if (!matrix.defined()) return;
     n_ = matrix.size(0);
     k_ = matrix.size(1);
-    if constexpr (kWidened) {
+    if (kWidened && rows * n_ * k_ < kWidenedMaxWork) {
       widened_ = std::make_shared<const RecurrentProduct<float>>(
           matrix.to(at::kFloat), bias.defined() ? bias.to(at::kFloat) : bias, rows, steps,
           packed, packed_hidden, may_pack);
@@ -129,7 +129,7 @@ class RecurrentProduct {
 
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
   void run(const T* in, int64_t batch, T* out) const {
-    if constexpr (kWidened) {
+    if (widened_) {
       compute_widened(in, batch, nullptr, out);
     } else {
       compute(in, batch, bias_.defined() ? bias_.template data_ptr<T>() : nullptr, 0, out);
@@ -138,7 +138,7 @@ class RecurrentProduct {
 
   // out[B, N] = addend[B, N] + in[B, K] M^T
   void run_accumulate(const T* in, int64_t batch, const T* addend, T* out) const {
-    if constexpr (kWidened) {
+    if (widened_) {
       compute_widened(in, batch, addend, out);
     } else {
       compute(in, batch, addend, n_, out);
@@ -146,10 +146,14 @@ class RecurrentProduct {
   }
 
  private:
-  // bfloat16 and float16: the BLAS path would call ATen's GEMM of these types per step, whose
-  // products took 3.5 of the 6.4 ms of fashion-MNIST's LSTM forward (128 rows, 30 units;
-  // torch.nn's whole forward: 0.44 ms).
+  // bfloat16 and float16 products run in float below kWidenedMaxWork multiply-adds per step:
+  // ATen's GEMM of these types took 3.5 of the 6.4 ms of fashion-MNIST's LSTM forward (128
+  // rows, 30 units; torch.nn's whole forward: 0.44 ms). From there ATen's GEMM of the type
+  // (oneDNN, on AMX where the CPU has it) is the faster one: the 64-row LSTM's forward of 512
+  // units ran 27 ms against 53 in float, of 256 units 11 against 17, 16 rows of 512 units 12
+  // against 16 ms; 16 rows of 256 units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads).
   static constexpr bool kWidened = kComputedInFloat<T>;
+  static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
 
   // The widened product: in [batch, K] (or nullptr: zeros) and addend [batch, N] (or nullptr:
   // the bias) converted to float, the float product, its result rounded to T once. Both sides
@@ -313,8 +317,8 @@ class RecurrentProduct {
   static constexpr int64_t kPackMinRows = 4;
 
   at::Tensor matrix_, bias_;
-  // The float product that runs a bfloat16 or float16 one (kWidened), on float copies of M and
-  // the bias.
+  // The float product that runs a bfloat16 or float16 one below kWidenedMaxWork, on float
+  // copies of M and the bias; else null.
   std::shared_ptr<const RecurrentProduct<float>> widened_;
   RegisterProduct register_;  // the whole product in registers (float, tiny sizes)
   int64_t register_rows_ = 0;   // the batch register_ was built for
