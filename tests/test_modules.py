@@ -997,17 +997,25 @@ def test_cell_larger_sizes(rf, device, spec, H, dtype):
                sizes=dict(B=5, I=9, H=H))
 
 
+def _two_layer_bidirectional_pair(rf, spec, device, sizes):
+    """(expected module, rnnfast's with its state dict, leaves with h0 / c0) of 2 bidirectional
+    layers in float64, time-major, with biases."""
+    dtype = torch.float64
+    cfg, leaves, _ = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                bias=True, layout="batched", hx_given=True, dtype=dtype,
+                                sizes=sizes)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    return expected, actual, leaves
+
+
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
 def test_non_contiguous_inputs(rf, device, spec):
     """A transposed input and strided slices of larger tensors as h0/c0."""
     _skip_extra_on_torch_nn(rf, spec)
-    dtype = torch.float64
-    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
-                                      bias=True, layout="batched", hx_given=True, dtype=dtype,
-                                      sizes=dict(T=5, B=3, I=4, H=5, P=2 if spec.proj else 0))
-    expected = expected_layer(spec, cfg, dtype)
-    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
-    actual.load_state_dict(expected.state_dict(), strict=True)
+    expected, actual, leaves = _two_layer_bidirectional_pair(
+        rf, spec, device, dict(T=5, B=3, I=4, H=5, P=2 if spec.proj else 0))
     call = layer_call(spec.mode == "LSTM", None, False)
     exp, _, _ = evaluate(expected, CPU, leaves, call)
 
@@ -1080,15 +1088,10 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     with an attribute computed from others) on both sides: the same outputs and gradients of
     the underlying parameters."""
     _skip_extra_on_torch_nn(rf, spec)
-    dtype = torch.float64
     # weight_hh_l0 rows of 2+ values (weight_norm's gradient of a one-value row's direction
     # is zero, up to rounding).
-    cfg, leaves, _ = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
-                                bias=True, layout="batched", hx_given=True, dtype=dtype,
-                                sizes=dict(T=4, B=3, I=3, H=5, P=3 if spec.proj else 0))
-    expected = expected_layer(spec, cfg, dtype)
-    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
-    actual.load_state_dict(expected.state_dict(), strict=True)
+    expected, actual, leaves = _two_layer_bidirectional_pair(
+        rf, spec, device, dict(T=4, B=3, I=3, H=5, P=3 if spec.proj else 0))
     for m in (expected, actual):
         nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
         torch.nn.utils.prune.l1_unstructured(m, "weight_ih_l1", amount=0.4)
