@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import rnnfast
 from op_args import VARIANTS, backward_args, differentiable_outputs, make_args
@@ -273,7 +274,6 @@ def test_jit_trace_matches_eager(kind):
 
 def _torch_nn_twin(model):
     """torch.nn's module of the same configuration and parameters (float64), or None."""
-    from torch import nn
     if type(model).__name__ == "RNN" and model.nonlinearity == "sigmoid":
         return None
     kw = dict(num_layers=model.num_layers, batch_first=model.batch_first,
