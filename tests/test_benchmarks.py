@@ -15,6 +15,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import bench_lib  # noqa: E402
+import floor  # noqa: E402
 
 
 def _positive_finite(v):
@@ -162,3 +163,44 @@ def test_targets_report_partial_and_status():
     course_min = targets["cpu: every course shape, training speedup >= 2x"]
     assert course_min["status"] == "MET" and not course_min["complete"]
     assert targets["cpu: grid, geomean >= 1.25x (train)"]["status"] == "N/A"
+
+
+@pytest.mark.parametrize("kind, kwargs", [("LSTM", dict(num_layers=2, bidirectional=True)),
+                                          ("LSTM", dict(proj_size=3)),
+                                          ("GRU", dict(bias=False)),
+                                          ("RNN", dict(nonlinearity="relu"))])
+def test_floor_stand_in_has_the_layers_parameters_and_output(kind, kwargs):
+    """benchmarks/floor.py's stand-in: torch.nn's parameters (names, shapes, values), an output of
+    the layer's shape, and a gradient of each parameter's shape after a training step."""
+    reference = getattr(torch.nn, kind)(5, 7, batch_first=True, **kwargs)
+    stand_in = floor.WithoutWork(reference)
+    named = dict(stand_in.named_parameters())
+    assert list(named) == [name for name, _ in reference.named_parameters()]
+    for name, parameter in reference.named_parameters():
+        assert torch.equal(named[name], parameter)
+    x = torch.randn(3, 4, 5)
+    expected_output, _ = reference(x)
+    bench_lib.train_step(stand_in, x)()
+    output, _ = stand_in(x)
+    assert output.shape == expected_output.shape
+    for name, parameter in named.items():
+        assert parameter.grad is not None and parameter.grad.shape == parameter.shape, name
+
+
+def test_floor_quick_run(tmp_path):
+    json_path = tmp_path / "floor.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "floor.py"), "--quick", "--threads", "1",
+         "--filter", "course/sine", "--json", str(json_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| sine | Elman-relu |" in proc.stdout
+    with open(json_path) as f:
+        data = json.load(f)
+    [row] = data["rows"]
+    assert row["label"] == "course/sine/Elman-relu"
+    for side in ("floor", "rnnfast"):
+        assert len(row[side]["torch_ms"]) == len(row[side]["rnnfast_ms"]) == row[side]["repeats"]
+    assert math.isclose(row["ceiling"], row["floor"]["speedup"])
+    assert math.isclose(row["speedup"], row["rnnfast"]["speedup"])
+    assert _positive_finite(row["ceiling"]) and _positive_finite(row["speedup"])
