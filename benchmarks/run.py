@@ -157,7 +157,7 @@ def main(argv=None):
     i = 0
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        for group_name in ("course", "grid"):
+        for group_name in ("course", "grid", "models"):
             group_cases = [c for c in all_cases if c.group == group_name]
             if not group_cases:
                 continue

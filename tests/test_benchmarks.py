@@ -61,7 +61,7 @@ def test_quick_run_json_structure(quick_run):
     assert data["settings"]["threads"] == env["torch_threads"] == 1
 
     groups = {(g["name"], g["dtype"]) for g in data["groups"]}
-    assert groups == {("course", "float32"), ("grid", "float32")}
+    assert groups == {("course", "float32"), ("grid", "float32"), ("models", "float32")}
     n_rows = 0
     for g in data["groups"]:
         assert g["rows"]
@@ -83,7 +83,7 @@ def test_quick_run_json_structure(quick_run):
             assert _positive_finite(mem["torch_peak_bytes"])
             assert _positive_finite(mem["rnnfast_peak_bytes"])
             assert math.isclose(mem["ratio"], mem["rnnfast_peak_bytes"] / mem["torch_peak_bytes"])
-    assert 5 <= n_rows <= 12  # "a handful of course shapes + 2 grid shapes"
+    assert 5 <= n_rows <= 13  # "a handful of course shapes, 2 grid shapes and a model"
 
     assert data["targets"]
     for t in data["targets"]:
@@ -111,6 +111,9 @@ def test_case_lists():
     assert len(course) == 11
     assert len([c for c in bench_lib.cases("cpu") if c.group == "grid"]) == 27
     assert len([c for c in bench_lib.cases("cuda") if c.group == "grid"]) == 96
+    models = [c for c in bench_lib.cases("cpu") if c.group == "models"]
+    assert len(models) == 8
+    assert {c.cell for c in models} == {"LSTM", "GRU", "Elman"}
     sine = [c for c in course if c.shape == "sine"][0]
     assert (sine.kind, sine.nonlinearity) == ("RNN", "relu")
     assert [c.label for c in bench_lib.cases("cpu", filter_text="ADDING")] == [
@@ -160,9 +163,9 @@ def test_targets_report_partial_and_status():
     adding = targets["cpu: adding (LSTM and Elman) training speedup >= 50x"]
     assert adding["status"] == "NOT MET" and adding["complete"]
     assert "40.00x" in adding["detail"]
-    course_min = targets["cpu: every course shape, training speedup >= 2x"]
+    course_min = targets["cpu: every course shape, forward (no_grad) speedup >= 1.5x"]
     assert course_min["status"] == "MET" and not course_min["complete"]
-    assert targets["cpu: grid, geomean >= 1.25x (train)"]["status"] == "N/A"
+    assert targets["cpu: LSTM rows of grid and models, geomean >= 1.5x (train)"]["status"] == "N/A"
 
 
 @pytest.mark.parametrize("kind, kwargs", [("LSTM", dict(num_layers=2, bidirectional=True)),
