@@ -942,9 +942,10 @@ def test_large_weights_over_many_steps(rf, device, spec, hx_given):
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
 def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layout):
     """Products in the BLAS with a batch wide enough for the CPU engine to split each step's
-    pointwise pass over two threads, in both directions."""
+    pointwise pass over two threads (40 rows: past the forward's gate panels where the BLAS
+    is MKL on an Intel CPU), in both directions."""
     # W_hh past the tiled kernel's 64K elements: [3 H or 4 H, H or P], and Elman's [H, H].
-    sizes = dict(T=6, B=32, I=8, H=260 if spec.mode == "RNN" else 160,
+    sizes = dict(T=6, B=40, I=8, H=260 if spec.mode == "RNN" else 160,
                  P=150 if spec.proj else 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -955,23 +956,28 @@ def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layo
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["batched", "packed"])
-@pytest.mark.parametrize("spec", STANDARD, ids=str)
-def test_large_weights_small_batch_split_by_units(rf, device, spec, layout, dtype):
-    """Products in the BLAS with a small batch over enough steps for the CPU engine's forward
-    to split the hidden units over two threads (each its slice of every gate, one barrier a
-    step); hidden sizes whose second slice ends in a partial vector, in both directions."""
-    # W_hh past the tiled kernel's 64K elements: [4 H or 3 H, H or P], and Elman's [H, H].
-    sizes = dict(T=12, B=5, I=7, H=270 if spec.mode == "RNN" else 150,
-                 P=100 if spec.proj else 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
+def test_large_weights_in_gate_panels(rf, device, spec, layout, dtype, hx_given, threads):
+    """Products past the tiled kernel's 64K elements with a batch of at most 32 rows over 4
+    steps or more: the CPU engine's forward packs W_hh in panels of a vector of units of every
+    gate (csrc/cpu/gate_panels.h) and runs each tile of the product straight into the cell
+    math, the threads splitting the panels with one barrier a step. 13 rows make uneven row
+    tiles; hidden sizes end in a partial vector (150 = 9 x 16 + 6, 270); both directions, a
+    second layer, zero or given initial states, one thread or two."""
+    _skip_extra_on_torch_nn(rf, spec)
+    # W_hh: [4 H or 3 H, H], and Elman's [H, H].
+    sizes = dict(T=12, B=13, I=7, H=270 if spec.mode == "RNN" else 150)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=True,
-                    batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
+                    batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("layout", ["batched", "packed"])

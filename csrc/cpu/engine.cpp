@@ -19,12 +19,17 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 #include "../layer.h"
 #include "blas.h"
 #include "buffer_pool.h"
+#include "gate_panels.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
-#include "unit_sliced_product.h"
+#include "step_barrier.h"
 #include "vector_math.h"
 
 namespace rnnfast {
@@ -276,43 +281,64 @@ struct StepRows {
   const T* row(int64_t t, int64_t b) const { return data + t * step + b * batch; }
 };
 
-// The unit-sliced schedule (unit_sliced_product.h) pays for batches of fewer rows than this:
-// from 16 rows the BLAS's packed GEMM, threaded by the BLAS, runs the products faster than the
-// tiled kernel does on each thread's slice.
-constexpr int64_t kSlicedMaxRows = 15;
-// ... and for at least this many steps, which repay the copies of W_hh's slices (a call of
-// two steps of 10 rows ran 2-3x slower than with the BLAS).
-constexpr int64_t kSlicedMinSteps = 8;
+// The panel schedule (gate_panels.h) runs a float or double forward whose product the BLAS
+// would run, over at least this many steps (fewer do not repay the packing of W_hh).
+constexpr int64_t kPanelMinSteps = 4;
+// ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
+// GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
+// 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
+// against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
+// generic kernels at half of oneDNN's rate: there the panels run every batch.
+constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
 
-// Whether the forward runs in the unit-sliced schedule: a product the BLAS would run, of a
-// small batch over enough steps; several threads of a region whose threads run concurrently
-// (OpenMP's: StepBarrier spins); float or double; no projection.
-template <typename T>
-bool slices_units(const LayerView<T>& v, bool projecting) {
-#if AT_PARALLEL_OPENMP
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    using Product = RecurrentProduct<T>;
-    return !projecting && !v.gate_packed && v.product_rows <= kSlicedMaxRows &&
-           v.T_ >= kSlicedMinSteps && at::get_num_threads() > 1 && !at::in_parallel_region() &&
-           Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
-  }
+bool blas_is_fast_here() {
+  static const bool fast = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    // "GenuineIntel" in ebx, edx, ecx; MKL is the BLAS of torch's x86 builds.
+    const bool intel = ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
+    return intel && &sgemm_ != nullptr;
+#else
+    return false;
 #endif
+  }();
+  return fast;
+}
+
+// Whether the forward runs in the panel schedule: a product the BLAS would run; float or
+// double with SIMD vectors; no projection; one thread, or the threads of a region that run
+// concurrently (OpenMP's: StepBarrier spins).
+template <typename T>
+bool runs_by_panels(const LayerView<T>& v, bool projecting) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    using Product = RecurrentProduct<T>;
+    const bool concurrent_threads = AT_PARALLEL_OPENMP || at::get_num_threads() == 1 ||
+                                    at::in_parallel_region();
+    return !projecting && !v.gate_packed && v.T_ >= kPanelMinSteps && concurrent_threads &&
+           (v.product_rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
+           Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
+#endif
+  }
   (void)v, (void)projecting;
   return false;
 }
 
-// The forward in the unit-sliced schedule: one parallel region, each thread on its slice of
-// the hidden units of every batch row, one barrier per step. h alternates between two buffers:
-// a thread's product of step s reads all of h_{s-1} while another thread may already be
-// writing its units of h_s.
+// The forward in the panel schedule: one parallel region, each thread on its panels (blocks of
+// hidden units, every gate) for all batch rows and steps, one barrier per step. Per panel and
+// tile of rows, the product's tile and at once the cell math of its units. h alternates
+// between two buffers: a thread's product of step s reads all of h_{s-1} while another
+// thread may already be writing its units of h_s.
 template <typename Cell, typename T>
-void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
-                          const Tensor& w_hh, const Tensor& step_bias,
-                          Tensor& h_state, Tensor& c_state, Tensor& output, Tensor& workspace) {
+void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
+                           const Tensor& w_hh, const Tensor& step_bias, Tensor& h_state,
+                           Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
+  constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
   const bool saving = workspace.dim() == 3;
-  const UnitSlicedProduct<T> recurrent(w_hh, step_bias, Cell::kGates, B, at::get_num_threads());
+  GatePanels<T> panels(w_hh.contiguous(), step_bias, Cell::kGates);
   Tensor hg = at::empty({B, G}, h_state.options());
   Tensor h_buffers = at::empty({2, B, H}, h_state.options());  // [s % 2]: h before step s
   h_buffers[0].copy_(h_state);
@@ -321,38 +347,75 @@ void run_forward_by_units(const LayerView<T>& v, bool zero_initial_state, StepRo
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
   T* out_data = output.data_ptr<T>();
   T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
+  // Row tiles as even as kRows allows: 20 LSTM rows as 4 tiles of 5, not 6 + 6 + 6 + 2 (a
+  // tile of 2 rows runs its multiply-adds at a third of the rate). Tile i: rows
+  // tile_begin(i) .. tile_begin(i + 1) - 1.
+  const int64_t tiles = (B + kRows - 1) / kRows;
+  const auto tile_begin = [&](int64_t tile) { return tile * B / tiles; };
 
-  StepBarrier barrier(recurrent.slices());
-  at::parallel_for(0, recurrent.slices(), 1, [&](int64_t first, int64_t end) {
-    const int64_t u0 = recurrent.unit_begin(first), u1 = recurrent.unit_begin(end);
+  // The cell math of rows b0 .. b1 - 1, units `units`, of step t, from hg.
+  const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units,
+                             const T* h_prev, T* h_next) {
+    const int64_t u0 = units.j, u1 = u0 + units.count;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = t * B + b;
+      T* out_row = out_data + row * H;
+      T* ws_row = ws_data ? ws_data + row * W : nullptr;
+      const T* h_prev_row = h_prev + b * H;
+      T* h_next_row = h_next + b * H;
+      if (!v.active(t, b)) {
+        // The row keeps its state; its output and saved values of the step are zero.
+        std::copy(h_prev_row + u0, h_prev_row + u1, h_next_row + u0);
+        std::fill(out_row + u0, out_row + u1, T(0));
+        for (int64_t group = 0; ws_row && group < W / H; ++group) {
+          std::fill(ws_row + group * H + u0, ws_row + group * H + u1, T(0));
+        }
+        continue;
+      }
+      A* c_row = c_data ? c_data + b * H : nullptr;
+      const auto h = forward_run<Cell>(static_cast<int>(H), units, Vec<A>(A(0)), xg.row(t, b),
+                                       hg_data + b * G, h_prev_row, c_row, h_next_row, ws_row);
+      store(out_row, 0, units, h);
+    }
+  };
+
+  // What the cell math of rows b0 .. b1 - 1, units `units`, of step t reads from memory that is
+  // not in cache (xg: a step's rows are a few hundred KB apart from the last time they were
+  // read, in another step; c), fetched into the L2 cache while the product's tile runs: the
+  // hardware's prefetchers do not follow strides of a row per gate, and the cells waited on
+  // these loads for a third of their time (64 rows of 512 LSTM units).
+  const auto fetch_cell_inputs = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* xg_row = xg.row(t, b) + units.j;
+      for (int gate = 0; gate < Cell::kGates; ++gate) __builtin_prefetch(xg_row + gate * H, 0, 2);
+      if (c_data) __builtin_prefetch(c_data + b * H + units.j, 1, 2);
+    }
+  };
+
+  StepBarrier barrier(panels.blocks());
+  at::parallel_for(0, panels.blocks(), 1, [&](int64_t first, int64_t end) {
+    panels.pack(first, end);
+    const int64_t K = panels.terms(), chunk = panels.chunk_terms();
     for (const auto step : c10::irange(v.T_)) {
       const int64_t t = v.step_time(step);
       const T* h_prev = h_data + (step % 2) * B * H;
       T* h_next = h_data + ((step + 1) % 2) * B * H;
-      recurrent.run(zero_initial_state && step == 0 ? nullptr : h_prev, first, end, hg_data);
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = t * B + b;
-        T* out_row = out_data + row * H;
-        T* ws_row = ws_data ? ws_data + row * W : nullptr;
-        const T* h_prev_row = h_prev + b * H;
-        T* h_next_row = h_next + b * H;
-        if (!v.active(t, b)) {
-          // The row keeps its state; its output and saved values of the step are zero.
-          std::copy(h_prev_row + u0, h_prev_row + u1, h_next_row + u0);
-          std::fill(out_row + u0, out_row + u1, T(0));
-          for (int64_t group = 0; ws_row && group < W / H; ++group) {
-            std::fill(ws_row + group * H + u0, ws_row + group * H + u1, T(0));
+      const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
+      for (int64_t block = first; block < end; ++block) {
+        const VectorUnits units{static_cast<int>(panels.first_unit(block)), panels.units(block)};
+        // The k loop in chunks that stay in the L1 cache over all row tiles; after the last
+        // chunk of a tile, its cell math while the tile is in L1 too.
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t k1 = std::min(K, k0 + chunk);
+          for (int64_t row_tile = 0; row_tile < tiles; ++row_tile) {
+            const int64_t b0 = tile_begin(row_tile), b1 = tile_begin(row_tile + 1);
+            if (k0 == 0) fetch_cell_inputs(t, b0, b1, units);
+            panels.template tile<Cell::kGates>(h_rows ? h_rows + b0 * H : nullptr,
+                                               static_cast<int>(b1 - b0), block, k0, k1,
+                                               hg_data + b0 * G, G, row_tile == 0);
+            if (k1 == K) pointwise(t, b0, b1, units, h_prev, h_next);
           }
-          continue;
         }
-        const T* xg_row = xg.row(t, b);
-        const T* hg_row = hg_data + b * G;
-        A* c_row = c_data ? c_data + b * H : nullptr;
-        for_unit_runs<T>(u0, u1, [&](auto j, auto zero) {
-          const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row,
-                                           h_prev_row, c_row, h_next_row, ws_row);
-          store(out_row, 0, j, h);
-        });
       }
       barrier.arrive_and_wait(end - first);
     }
@@ -369,9 +432,9 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
-  if (slices_units(v, projecting)) {
-    run_forward_by_units<Cell, T>(v, zero_initial_state, xg, w_hh, step_bias,
-                                  h_state, c_state, output, workspace);
+  if (runs_by_panels(v, projecting)) {
+    run_forward_by_panels<Cell, T>(v, zero_initial_state, xg, w_hh, step_bias, h_state,
+                                   c_state, output, workspace);
     return;
   }
   Tensor hg = at::empty({B, G}, h_state.options());
