@@ -98,7 +98,7 @@ def test_tiny_rnn_exact_values(tmp_path, capsys):
     assert values["RNN(sigmoid)/y_2"] == pytest.approx(0.4950576961588203, abs=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_tiny_rnn_cuda():
     from rnnfast.tasks import tiny_rnn
     h, y = tiny_rnn.compute(torch.device("cuda"), torch.float32)
