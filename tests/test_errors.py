@@ -350,7 +350,7 @@ def test_lstm_cell_hx_must_be_a_tuple(rf, device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", CELLS)
 def test_cell_device_mismatch(rf, mode):
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     m = make_cell(rf, mode, cuda)
     raises(lambda: m(torch.randn(2, 3)), IN_NAME, "cuda", "cpu")
     x = torch.randn(2, 3, device=cuda)

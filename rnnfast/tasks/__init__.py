@@ -154,7 +154,7 @@ def main(argv=None):
 
 
 def _run_all(args, opts):
-    from .common import DataError, Metric, fmt_value, format_table
+    from .common import DataError, fmt_value, format_table
     root = Path(args.out) if args.out else Path("runs") / f"all-{_timestamp()}"
     rows, skipped, failed = [], [], []
     t_all = time.perf_counter()
