@@ -4,7 +4,9 @@ The extension holds the op schemas and the CPU engine; when torch was built with
 nvcc is found, the CUDA engine (csrc/cuda) is compiled into it too. Build without build
 isolation so the extension is compiled against the torch that is installed:
 
-    pip install -e . --no-build-isolation
+    pip install --no-build-isolation -e .      # or: pip install / pip wheel --no-build-isolation .
+
+The objects are kept in build/temp, so a rebuild compiles only the sources that changed.
 """
 import glob
 import importlib.util
@@ -16,8 +18,18 @@ import subprocess
 import sysconfig
 
 from setuptools import find_packages, setup
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as missing_torch:
+    # pip builds in an isolated environment by default, where the installed torch is not
+    # importable; a torch fetched into it could differ from the one the extension must match.
+    raise SystemExit(
+        f"rnnfast: building the extension needs torch, which this Python cannot import "
+        f"({missing_torch}). Install torch first (pip install torch), then build without build "
+        "isolation so the extension is compiled against that torch:\n"
+        "    pip install --no-build-isolation .        (or -e ., or pip wheel --no-build-isolation .)")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -132,11 +144,20 @@ def extension():
 
 
 class BuildWithSourceHash(BuildExtension.with_options(use_ninja=True)):
-    """Builds the extension, then records which sources it was built from in rnnfast/_built_from.py."""
+    """Builds the extension, then records in rnnfast/_built_from.py which sources and which torch
+    it was built from."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # pip's editable install would compile into a fresh temporary folder every time; the
+        # project's own folder keeps ninja's objects and dependency files between builds.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
 
     def run(self):
         super().run()
-        stamp = f'"""Written by setup.py after a successful build."""\nSOURCE_HASH = "{source_hash(WITH_CUDA)}"\n'
+        stamp = (f'"""Written by setup.py after a successful build."""\n'
+                 f'SOURCE_HASH = "{source_hash(WITH_CUDA)}"\n'
+                 f'TORCH_VERSION = "{torch.__version__}"\n')
         for folder in {os.path.join(ROOT, "rnnfast"), os.path.join(self.build_lib, "rnnfast")}:
             if os.path.isdir(folder):
                 with open(os.path.join(folder, "_built_from.py"), "w") as out:
@@ -151,6 +172,11 @@ setup(
     python_requires=">=3.9",
     # 2.9: the oldest torch whose headers the extension compiles against (at::vec::fnmadd).
     install_requires=["torch>=2.9", "numpy"],
+    # Keep requirements.txt (what scripts/setup.sh installs) in step with these.
+    extras_require={
+        "tasks": ["tqdm", "matplotlib"],
+        "test": ["pytest", "numpy", "ruff"],
+    },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithSourceHash},
     zip_safe=False,

@@ -13,6 +13,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
+# The scripts run with benchmarks/ as their path entry; PYTHONPATH makes them import the rnnfast
+# of this checkout, as the tests do, rather than whichever one is installed.
+CHECKOUT_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
 
 import bench_lib  # noqa: E402
 import floor  # noqa: E402
@@ -31,7 +35,7 @@ def quick_run(tmp_path_factory):
         # OpenMP threads make the steps many times slower and the smoke test minutes long
         [sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--device", "cpu",
          "--threads", "1", "--json", str(json_path), "--plot", str(png_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=CHECKOUT_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(json_path) as f:
         data = json.load(f)
@@ -195,7 +199,7 @@ def test_floor_quick_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(BENCH, "floor.py"), "--quick", "--threads", "1",
          "--filter", "course/sine", "--json", str(json_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=CHECKOUT_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| sine | Elman-relu |" in proc.stdout
     with open(json_path) as f:

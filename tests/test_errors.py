@@ -249,7 +249,7 @@ def test_lstm_hx_must_be_a_tuple(rf, device):
            exc=TypeError)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", LAYERS)
 def test_device_mismatch(rf, mode):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -347,10 +347,10 @@ def test_lstm_cell_hx_must_be_a_tuple(rf, device):
            r"\bhx\b", "tuple", exc=TypeError)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("mode", CELLS)
 def test_cell_device_mismatch(rf, mode):
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     m = make_cell(rf, mode, cuda)
     raises(lambda: m(torch.randn(2, 3)), IN_NAME, "cuda", "cpu")
     x = torch.randn(2, 3, device=cuda)

@@ -1,6 +1,7 @@
 """The ops themselves: gradcheck, opcheck (on each device), torch.compile, extreme sizes,
 op-level errors."""
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ CELLS = ["lstm", "lstm_relu", "lstm_sigmoid", "gru", "rnn_tanh", "rnn_relu", "rn
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("cell", CELLS)
 def test_gradcheck_forward(cell, variant):
-    args = make_args(cell, seed=hash((cell, variant)) % 1000, **VARIANTS[variant])
+    # crc32, not hash(): str hashes change from run to run (PYTHONHASHSEED)
+    args = make_args(cell, seed=zlib.crc32(f"{cell}/{variant}".encode()) % 1000, **VARIANTS[variant])
     inputs = tuple(args)
     assert torch.autograd.gradcheck(lambda *a: differentiable_outputs(*a), inputs)
 

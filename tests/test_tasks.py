@@ -7,6 +7,7 @@ small files written here.
 """
 
 import gzip
+import io
 import json
 import math
 import os
@@ -97,7 +98,7 @@ def test_tiny_rnn_exact_values(tmp_path, capsys):
     assert values["RNN(sigmoid)/y_2"] == pytest.approx(0.4950576961588203, abs=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_tiny_rnn_cuda():
     from rnnfast.tasks import tiny_rnn
     h, y = tiny_rnn.compute(torch.device("cuda"), torch.float32)
@@ -190,6 +191,44 @@ def test_missing_data_subprocess(tmp_path):
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in proc.stderr and "fashion-mnist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_no_progress_bars_in_a_log(tmp_path):
+    """stderr to a file or pipe (CI, `> log 2>&1`): no bar redraws, only the outcome."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rnnfast.tasks", "sine", "--quick", "--out", str(tmp_path / "out"),
+         "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[sine]" in proc.stdout
+    assert "\r" not in proc.stderr and "epoch/s" not in proc.stderr, proc.stderr[:500]
+
+
+def test_progress_bar_drawn_on_a_terminal(tmp_path, monkeypatch):
+    from rnnfast.tasks.common import Context
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = Context("sine", tmp_path, device="cpu").progress(3, "Elman")
+    assert not bar.disable
+    bar.update(3)
+    bar.close()
+    assert "sine: Elman" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert Context("sine", tmp_path, device="cpu").progress(3, "Elman").disable
+
+
+def test_missing_task_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert run_cli(["tiny-rnn"], tmp_path / "out") == tasks.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "rnnfast[tasks]" in err and "matplotlib" in err and "tqdm" not in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_all_skips_tasks_without_data(tmp_path, capsys, monkeypatch):

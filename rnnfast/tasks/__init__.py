@@ -53,7 +53,8 @@ def run_task(name, out=None, device=None, seed=None, quick=False, epochs=None, d
     On the CPU the task runs with ``threads`` intra-op threads (default 1: the
     models are tiny, and more threads only add synchronisation overhead)."""
     import torch
-    from .common import Context, Timer, seed_everything, write_result
+    from .common import Context, Timer, require_task_extras, seed_everything, write_result
+    require_task_extras()
     module = load_module(name)
     if seed is None:
         seed = getattr(module, "DEFAULT_SEED", 0)
@@ -92,7 +93,8 @@ def _parser():
                         "subfolder per task)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default 1: the models are small)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn only when stderr is a terminal)")
     return p
 
 
@@ -113,9 +115,14 @@ def main(argv=None):
     """The command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from .common import DataError, TaskFailed, resolve_device
+    from .common import DataError, TaskFailed, require_task_extras, resolve_device
     if args.task == "list":
         return _list()
+    try:
+        require_task_extras()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     if args.task != "all" and args.task not in TASKS:
         print(f"error: unknown task {args.task!r}; choose one of: list, all, "
               + ", ".join(TASKS), file=sys.stderr)
@@ -147,7 +154,7 @@ def main(argv=None):
 
 
 def _run_all(args, opts):
-    from .common import DataError, Metric, fmt_value, format_table
+    from .common import DataError, fmt_value, format_table
     root = Path(args.out) if args.out else Path("runs") / f"all-{_timestamp()}"
     rows, skipped, failed = [], [], []
     t_all = time.perf_counter()

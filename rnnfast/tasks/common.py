@@ -2,6 +2,7 @@
 data location, progress bars, plots, result.json and the summary table."""
 
 import datetime as _dt
+import importlib
 import json
 import math
 import os
@@ -25,6 +26,24 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 class TaskFailed(RuntimeError):
     """A task ran but could not produce its result (message is user-facing)."""
+
+
+# The packages the tasks need beyond rnnfast's own: the extra rnnfast[tasks] (setup.py).
+TASK_EXTRAS = ("tqdm", "matplotlib")
+
+
+def require_task_extras():
+    """Raises ImportError naming what to install when a package of rnnfast[tasks] is missing."""
+    missing = []
+    for name in TASK_EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ImportError(
+            f"the course tasks need {' and '.join(missing)}, which cannot be imported: "
+            f"pip install 'rnnfast[tasks]' (or: pip install {' '.join(missing)})")
 
 
 # --------------------------------------------------------------------------
@@ -177,7 +196,9 @@ class Context:
         self.epochs_override = epochs
         self.data = resolve_data(data)
         self.data_given = data is not None
-        self.show_progress = progress
+        # A bar redraws itself many times a second: in a log file (stderr not a terminal)
+        # every redraw would be a line of its own.
+        self.show_progress = progress and sys.stderr.isatty()
         self.plots = []
         self.rng = np.random.default_rng(self.seed)
 
@@ -193,7 +214,8 @@ class Context:
 
     # progress ------------------------------------------------------------
     def progress(self, total, desc, unit="epoch"):
-        """A tqdm bar on stderr; ``bar.set_postfix(loss=...)`` shows the running loss."""
+        """A tqdm bar on stderr, drawn only when stderr is a terminal;
+        ``bar.set_postfix(loss=...)`` shows the running loss."""
         from tqdm.auto import tqdm
         return tqdm(total=total, desc=f"{self.task}: {desc}", unit=unit, leave=False,
                     dynamic_ncols=True, mininterval=0.25, file=sys.stderr,

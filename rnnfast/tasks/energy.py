@@ -154,7 +154,7 @@ def run(ctx):
     return Result(
         models=names,
         metrics=[Metric(n, "MSE (20 points)", mse[n]) for n in names],
-        summary=f"MSE over the 20 points: " + ", ".join(f"{n} {mse[n]:.2e}" for n in names)
+        summary="MSE over the 20 points: " + ", ".join(f"{n} {mse[n]:.2e}" for n in names)
                 + f"; best sequence model {best}",
         reference="the lecture prints the MSE over the 20 points per model (no fixed figure)",
         details={"predictions": {n: preds[n].tolist() for n in names},
