@@ -1,12 +1,15 @@
 """Drop-in replacements for torch.nn.LSTM, GRU, RNN and their cells.
 
-Each class is a subclass of its torch.nn counterpart (isinstance(rnnfast.LSTM(...), nn.LSTM)
-holds), built by torch.nn's own constructor: the same arguments, defaults, checks, parameter
-names and shapes (state_dicts move both ways), initialisation, repr and torch.nn.RNNBase
-surface (_flat_weights, all_weights, flatten_parameters). Only the forward differs: it checks
-its arguments as torch.nn does, raising torch.nn's exception types with torch.nn's wording,
-and runs rnnfast's fused ops. Beyond torch.nn, as Keras has them: RNN(nonlinearity='sigmoid')
-and LSTM(activation='relu' | 'sigmoid') for the cell candidate and the cell state.
+The cells are subclasses of torch.nn's (isinstance(rnnfast.LSTMCell(...), nn.LSTMCell)); the
+layers are subclasses of torch.nn.RNNBase, not of nn.LSTM / GRU / RNN: TorchDynamo refuses to
+trace any instance of those three (torch._dynamo.config.allow_rnn), which would take
+torch.compile from rnnfast's layers. Each is built by torch.nn's own constructor: the same
+arguments, defaults, checks, parameter names and shapes (state_dicts move both ways),
+initialisation, repr and RNNBase surface (_flat_weights, all_weights, flatten_parameters). Only
+the forward differs: it checks its arguments as torch.nn does, raising torch.nn's exception
+types with torch.nn's wording, and runs rnnfast's fused ops. Beyond torch.nn, as Keras has
+them: RNN(nonlinearity='sigmoid') and LSTM(activation='relu' | 'sigmoid') for the cell
+candidate and the cell state.
 """
 import torch
 from torch import nn
@@ -25,13 +28,22 @@ def _shape(t):
 
 
 def _check_matches(owner, argument, tensor, reference, reference_name):
-    """dtype and device of `tensor` must be those of `reference` (named reference_name)."""
-    if tensor.dtype != reference.dtype:
+    """dtype and device of `tensor` must be those of `reference` (named reference_name); under
+    autocast, where the op casts its tensors to one dtype, the device only."""
+    if tensor.dtype != reference.dtype and not torch._C._is_any_autocast_enabled():
         raise RuntimeError(f"{owner}: {argument} must have the dtype of {reference_name} "
                            f"({reference.dtype}), got {tensor.dtype}")
     if tensor.device != reference.device:
         raise RuntimeError(f"{owner}: {argument} must be on the device of {reference_name} "
                            f"({reference.device}), got {tensor.device}")
+
+
+def _refuse_scripting(module):
+    raise RuntimeError(
+        f"rnnfast.{type(module).__name__} cannot be compiled by torch.jit.script: its forward "
+        "is Python around rnnfast's compiled op. Use torch.jit.trace(model, example_inputs) "
+        "(or torch.compile / torch.export), or rnnfast.convert(model, to='torch') to script "
+        "torch.nn's layers.")
 
 
 def _check_input_dtype(input, weight):
@@ -52,6 +64,9 @@ class _RecurrentLayer:
     # torch.nn's wording of a wrong input rank ends "got 4D instead" (LSTM, GRU) or
     # "got 4D tensor instead" (RNN).
     _rank_noun = ""
+
+    # torch.jit.script calls it on the module and each submodule before compiling.
+    __prepare_scriptable__ = _refuse_scripting
 
     def flatten_parameters(self):
         """torch.nn's: on CUDA with cuDNN, the parameters become views of one buffer
@@ -206,7 +221,7 @@ class _RecurrentLayer:
         return output, h_n, c_n
 
 
-class LSTM(_RecurrentLayer, nn.LSTM):
+class LSTM(_RecurrentLayer, nn.RNNBase):
     """torch.nn.LSTM on rnnfast's fused engine.
 
     LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -223,7 +238,7 @@ class LSTM(_RecurrentLayer, nn.LSTM):
         if activation not in _LSTM_ACTIVATIONS:
             raise ValueError(f"LSTM: activation must be one of {_LSTM_ACTIVATIONS}, got "
                              f"{activation!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__("LSTM", *args, **kwargs)
         self.activation = activation
 
     @property
@@ -239,7 +254,13 @@ class LSTM(_RecurrentLayer, nn.LSTM):
         return text + (f", activation={self.activation!r}" if self.activation != "tanh" else "")
 
 
-class GRU(_RecurrentLayer, nn.GRU):
+def _refuse_projection(kwargs):
+    """torch.nn.GRU's and RNN's check, with their wording."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
+class GRU(_RecurrentLayer, nn.RNNBase):
     """torch.nn.GRU on rnnfast's fused engine.
 
     GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -250,12 +271,16 @@ class GRU(_RecurrentLayer, nn.GRU):
     _kind = "GRU"
     _cell = "gru"
 
+    def __init__(self, *args, **kwargs):
+        _refuse_projection(kwargs)
+        super().__init__("GRU", *args, **kwargs)
+
     def forward(self, input, hx=None):
         output, h_n, _ = self._run(input, hx)
         return output, h_n
 
 
-class RNN(_RecurrentLayer, nn.RNN):
+class RNN(_RecurrentLayer, nn.RNNBase):
     """torch.nn.RNN (Elman) on rnnfast's fused engine, with nonlinearity 'tanh', 'relu' or
     (beyond torch.nn) 'sigmoid'.
 
@@ -268,23 +293,21 @@ class RNN(_RecurrentLayer, nn.RNN):
     _rank_noun = " tensor"
 
     def __init__(self, *args, **kwargs):
-        # torch.nn.RNN's own reading of the arguments: nonlinearity is the fourth.
-        given = args[3] if len(args) > 3 else kwargs.get("nonlinearity", "tanh")
-        if given == "sigmoid":
-            # torch.nn.RNN builds the module as a tanh one: the same parameters.
-            if len(args) > 3:
-                args = args[:3] + ("tanh",) + args[4:]
-            else:
-                kwargs["nonlinearity"] = "tanh"
-        try:
-            super().__init__(*args, **kwargs)
-        except ValueError as error:
-            if "Unknown nonlinearity" in str(error):
-                raise ValueError(f"{error} (rnnfast also has 'sigmoid')") from None
-            raise
-        if given == "sigmoid":
-            self.nonlinearity = "sigmoid"
-            self.mode = "RNN_SIGMOID"
+        _refuse_projection(kwargs)
+        # torch.nn.RNN's reading of the arguments: nonlinearity is the fourth.
+        if len(args) > 3:
+            nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity not in _RNN_NONLINEARITIES:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             "'relu'. (rnnfast also has 'sigmoid'.)")
+        mode = f"RNN_{nonlinearity.upper()}"
+        # The sigmoid cell has a tanh one's parameters; its mode is rnnfast's own.
+        super().__init__("RNN_TANH" if nonlinearity == "sigmoid" else mode, *args, **kwargs)
+        self.nonlinearity = nonlinearity
+        self.mode = mode
 
     @property
     def _cell(self):
@@ -303,6 +326,8 @@ class RNN(_RecurrentLayer, nn.RNN):
 class _RecurrentCell:
     """What rnnfast's cells put in front of torch.nn.RNNCellBase: one step of a cell, the
     one-layer op run over a sequence of length 1, with torch.nn's checks."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def _step(self, cell, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""

@@ -194,11 +194,27 @@ def test_repr_names_the_extras():
         "RNNCell(3, 4, nonlinearity=sigmoid)"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_isinstance_of_torch_nn_class(name):
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_are_instances_of_torch_nn_cells(name):
     module = getattr(rnnfast, name)(3, 4)
-    assert isinstance(module, getattr(nn, name))
-    assert isinstance(module, nn.RNNBase if "Cell" not in name else nn.RNNCellBase)
+    assert isinstance(module, getattr(nn, name)) and isinstance(module, nn.RNNCellBase)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3)
+    got, want = compiled(x), module(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_layers_are_instances_of_rnnbase(name):
+    """Instances of torch.nn.RNNBase, not of nn.LSTM / GRU / RNN themselves: TorchDynamo
+    refuses to trace any instance of those (torch._dynamo.config.allow_rnn), which would take
+    torch.compile from rnnfast's layers."""
+    module = getattr(rnnfast, name)(3, 4)
+    assert isinstance(module, nn.RNNBase)
+    assert not isinstance(module, (nn.LSTM, nn.GRU, nn.RNN))
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(compiled(x)[0], module(x)[0], rtol=0, atol=0)
 
 
 LAYER_CONFIGS = [
@@ -414,3 +430,44 @@ def test_convert_word_language_model_same_outputs_and_gradients():
         results.append([loss, h, c] + [p.grad for p in model.parameters()])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+# ---- PyTorch's tooling ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_cpu_autocast_after_a_linear_as_torch_nn(name):
+    """Under torch.autocast("cpu", bfloat16) a Linear feeds the layer bfloat16 input: the layer
+    runs in bfloat16 as torch.nn's does, and the float32 parameters get float32 gradients."""
+    expected, actual = _pair(name, dict(num_layers=2), dtype=torch.float32)
+    linear = nn.Linear(4, 3)
+    x = torch.randn(6, 2, 4)
+    loss_weights = torch.randn(6, 2, 5)
+    results = []
+    for module in (expected, actual):
+        linear.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, _ = module(linear(x))
+        (output.float() * loss_weights).sum().backward()
+        results.append((output, module.weight_ih_l0.grad, module.weight_hh_l1.grad,
+                        linear.weight.grad.clone()))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got.dtype == want.dtype
+        # bfloat16 keeps 8 significant bits; the two round at different places: 2 units in
+        # the last place of a value of magnitude 1.
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_script_refused_with_a_pointer_to_trace(name):
+    model = nn.Sequential(nn.Identity(), getattr(rnnfast, name)(3, 4))
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.trace"):
+        torch.jit.script(model)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_gives_the_module_outputs():
+    module = rnnfast.LSTM(3, 5, num_layers=2, bidirectional=True)
+    traced = torch.jit.trace(module, (torch.randn(4, 2, 3),))
+    x = torch.randn(4, 2, 3)
+    for got, want in zip(traced(x)[1], module(x)[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
