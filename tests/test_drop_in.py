@@ -271,6 +271,18 @@ def test_flat_weights_follow_a_parametrization_as_torch_nn(name, config):
     torch.testing.assert_close(outputs[1], outputs[0])
 
 
+@pytest.mark.parametrize("name,config", LAYER_CONFIGS)
+def test_functional_call_as_torch_nn(name, config):
+    """torch.func.functional_call swaps in other weights for one call (torch.nn re-reads
+    _flat_weights when they changed): the same outputs, and the module's own weights after."""
+    expected, actual = _pair(name, config)
+    weights = {key: torch.randn_like(value) for key, value in expected.named_parameters()}
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.functional_call(actual, weights, (x,))[0],
+                               torch.func.functional_call(expected, weights, (x,))[0])
+    torch.testing.assert_close(actual(x)[0], expected(x)[0])
+
+
 class _Tagger(nn.Module):
     """A user's model class around rnnfast layers, for the checkpoint test."""
 
