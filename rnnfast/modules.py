@@ -338,17 +338,18 @@ class _RecurrentCell:
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D "
                              f"instead")
         is_lstm = cell.startswith("lstm")
-        arguments = (("hx[0]", h), ("hx[1]", c)) if is_lstm else (("hidden", h),)
-        for argument, state in arguments:
+        # (torch.nn's word for the state, its argument)
+        arguments = ((("hx[0]", "hx[0]"), h), (("hx[1]", "hx[1]"), c)) if is_lstm \
+            else ((("hidden", "hx"), h),)
+        for (word, argument), state in arguments:
             if state is None:
                 continue
             if not isinstance(state, torch.Tensor):
                 raise TypeError(f"{name}: {argument} must be a Tensor, got "
                                 f"{type(state).__name__}")
             if state.dim() not in (1, 2):
-                raise ValueError(f"{name}: Expected {argument} to be 1D or 2D, got "
-                                 f"{state.dim()}D instead ({'hx' if argument == 'hidden' else argument} "
-                                 f"of shape {_shape(state)})")
+                raise ValueError(f"{name}: Expected {word} to be 1D or 2D, got {state.dim()}D "
+                                 f"instead ({argument} of shape {_shape(state)})")
         if cell not in _ops.GATES:
             raise RuntimeError(f"{name}: Unknown nonlinearity: {self.nonlinearity} (rnnfast has "
                                f"{', '.join(_RNN_NONLINEARITIES)})")

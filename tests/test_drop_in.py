@@ -122,8 +122,8 @@ CASES = {
 # exception type is the same, rnnfast names the argument and both dtypes. (torch.nn.LSTMCell
 # promotes a float64 cx to a float64 c'; rnnfast refuses it like the other mismatches.)
 SAME_TYPE_ONLY = {
-    "LSTM hx float64": lambda n: n.LSTM(3, 4)(randn(5, 2, 3),
-                                              (randn(1, 2, 4, dtype=torch.float64), randn(1, 2, 4))),
+    "LSTM hx float64": lambda n: n.LSTM(3, 4)(
+        randn(5, 2, 3), (randn(1, 2, 4, dtype=torch.float64), randn(1, 2, 4))),
     "GRU hx float64": lambda n: n.GRU(3, 4)(randn(5, 2, 3), randn(1, 2, 4, dtype=torch.float64)),
     "GRUCell float64 input": lambda n: n.GRUCell(3, 4)(randn(2, 3, dtype=torch.float64)),
     "LSTMCell hx float64": lambda n: n.LSTMCell(3, 4)(
