@@ -4,7 +4,9 @@
     lstm = rnnfast.LSTM(input_size=28, hidden_size=64, batch_first=True)   # as nn.LSTM
 
 The layers run on rnnfast's compiled engines (rnnfast._C): a fused CPU engine and, where the
-extension was built with CUDA, a CUDA engine. rnnfast.functional holds the op-level API.
+extension was built with CUDA, a CUDA engine. rnnfast.functional holds the op-level API;
+rnnfast.convert(model) turns the torch.nn recurrent layers of an existing model into rnnfast's
+(and back, with to="torch").
 """
 __version__ = "0.1.0"
 
