@@ -4,13 +4,22 @@
     lstm = rnnfast.LSTM(input_size=28, hidden_size=64, batch_first=True)   # as nn.LSTM
 
 The layers run on rnnfast's compiled engines (rnnfast._C): a fused CPU engine and, where the
-extension was built with CUDA, a CUDA engine. rnnfast.functional holds the op-level API.
+extension was built with CUDA, a CUDA engine. rnnfast.functional holds the op-level API;
+rnnfast.convert(model) turns the torch.nn recurrent layers of an existing model into rnnfast's
+(and back, with to="torch").
 """
 __version__ = "0.1.0"
+
+import torch
 
 from rnnfast import _ops  # noqa: F401  (loads the compiled extension; clear error if missing)
 from rnnfast import functional  # noqa: E402
 from rnnfast.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
+from rnnfast._convert import convert  # noqa: E402
+
+# torch.load (weights_only, the default) of a whole model with rnnfast layers, as the
+# word_language_model example saves it: the classes are safe to rebuild from a checkpoint.
+torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell])
 
 
 def empty_cache():
@@ -28,5 +37,5 @@ def cpu_cache_info():
     return tuple(_ops._C.cpu_cache_info())
 
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "functional", "empty_cache",
-           "cpu_cache_info", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
+           "empty_cache", "cpu_cache_info", "__version__"]

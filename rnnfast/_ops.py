@@ -103,3 +103,29 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w
         input.new_empty(w_ih.shape[0] if has_bias else 0),
         torch.empty_like(w_hr) if w_hr is not None else input.new_empty(0),
     )
+
+
+def _forward_autocast_cpu(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
+                          save_workspace, batch_first=False):
+    """rnnfast::forward under torch.autocast("cpu"): the layer runs in the autocast dtype, as
+    torch.nn's LSTM does there (and as the CUDA engine's rule in csrc/cuda/engine.cu does under
+    autocast("cuda")). The casts are recorded by autograd, so the gradients of float32
+    parameters come back in float32."""
+    dtype = torch.get_autocast_dtype("cpu")
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    with torch._C._ExcludeDispatchKeyGuard(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+        return torch.ops.rnnfast.forward.default(
+            cell, cast(input), cast(hx), cast(cx), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh),
+            cast(w_hr), lengths, reverse, save_workspace, batch_first)
+
+
+_AUTOCAST_LIBRARY = None
+# The CUDA engine registers its autocast rule in C++; the CPU one is this Python one (an
+# extension built to emulate CUDA on the CPU, in tests, brings its own).
+if not torch._C._dispatch_has_kernel_for_dispatch_key("rnnfast::forward", "AutocastCPU"):
+    _AUTOCAST_LIBRARY = torch.library.Library("rnnfast", "IMPL")
+    _AUTOCAST_LIBRARY.impl("forward", _forward_autocast_cpu, "AutocastCPU")

@@ -110,6 +110,8 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
     tuple (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
     Returns output [T, B, D * P], h_n [L * D, B, P], c_n [L * D, B, H] or None.
     batch_first=True: input [B, T, I] and output [B, T, D * P].
+    lengths: as in layer; the input is then a padded packed sequence (time-major, rows sorted
+    by decreasing length), and the dropout masks are drawn on its packed form.
     """
     has_cell_state = _ops.GATES[cell] == 4
     if num_layers == 1 and not bidirectional:
@@ -135,5 +137,18 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
             c_n.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and index < num_layers - 1:
-            x = F.dropout(x, p=dropout, training=True)
+            x = _dropout_between_layers(x, dropout, lengths)
     return x, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)
+
+
+def _dropout_between_layers(x, p, lengths):
+    """Dropout of a layer's output as torch.nn draws it: on the [T, B, D * P] tensor, or, for a
+    packed sequence (lengths given), on its packed data [sum(lengths), D * P], so that a seeded
+    run consumes torch's generator as torch.nn's does."""
+    if lengths is None:
+        return F.dropout(x, p=p, training=True)
+    lengths_cpu = lengths.cpu()
+    data, batch_sizes = torch._pack_padded_sequence(x, lengths_cpu, False)
+    data = F.dropout(data, p=p, training=True)
+    padded, _ = torch._pad_packed_sequence(data, batch_sizes, False, 0.0, x.size(0))
+    return padded

@@ -1,22 +1,26 @@
 """Drop-in replacements for torch.nn.LSTM, GRU, RNN and their cells.
 
-Same constructor arguments and defaults, parameter names and shapes (state_dicts move both
-ways), initialisation, forward signature and return shapes as torch.nn; the math runs in
-rnnfast's fused ops. Beyond torch.nn, as Keras has them: RNN(nonlinearity='sigmoid') and
-LSTM(activation='relu' | 'sigmoid') for the cell candidate and the cell state.
+The cells are subclasses of torch.nn's (isinstance(rnnfast.LSTMCell(...), nn.LSTMCell)); the
+layers are subclasses of torch.nn.RNNBase, not of nn.LSTM / GRU / RNN: TorchDynamo refuses to
+trace any instance of those three (torch._dynamo.config.allow_rnn), which would take
+torch.compile from rnnfast's layers. Each is built by torch.nn's own constructor: the same
+arguments, defaults, checks, parameter names and shapes (state_dicts move both ways),
+initialisation, repr and RNNBase surface (_flat_weights, all_weights, flatten_parameters). Only
+the forward differs: it checks its arguments as torch.nn does, raising torch.nn's exception
+types with torch.nn's wording, and runs rnnfast's fused ops. Beyond torch.nn, as Keras has
+them: RNN(nonlinearity='sigmoid') and LSTM(activation='relu' | 'sigmoid') for the cell
+candidate and the cell state.
 """
-import math
-import numbers
-import warnings
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rnnfast import functional
+from rnnfast import _ops, functional
 
 _LSTM_ACTIVATIONS = ("tanh", "relu", "sigmoid")
 _RNN_NONLINEARITIES = ("tanh", "relu", "sigmoid")
+# The modes torch.nn.RNNBase knows (and cuDNN can flatten weights for).
+_TORCH_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 
 def _shape(t):
@@ -24,8 +28,9 @@ def _shape(t):
 
 
 def _check_matches(owner, argument, tensor, reference, reference_name):
-    """dtype and device of `tensor` must be those of `reference` (named reference_name)."""
-    if tensor.dtype != reference.dtype:
+    """dtype and device of `tensor` must be those of `reference` (named reference_name); under
+    autocast, where the op casts its tensors to one dtype, the device only."""
+    if tensor.dtype != reference.dtype and not torch._C._is_any_autocast_enabled():
         raise RuntimeError(f"{owner}: {argument} must have the dtype of {reference_name} "
                            f"({reference.dtype}), got {tensor.dtype}")
     if tensor.device != reference.device:
@@ -33,124 +38,76 @@ def _check_matches(owner, argument, tensor, reference, reference_name):
                            f"({reference.device}), got {tensor.device}")
 
 
-class _RecurrentBase(nn.Module):
-    """What LSTM, GRU and RNN share: parameters, checks, and the translation of unbatched and
-    packed input to the time-major form of rnnfast.functional (batch_first input goes to the
-    ops as it is, except in a stack of bidirectional layers)."""
+def _refuse_scripting(module):
+    raise RuntimeError(
+        f"rnnfast.{type(module).__name__} cannot be compiled by torch.jit.script: its forward "
+        "is Python around rnnfast's compiled op. Use torch.jit.trace(model, example_inputs) "
+        "(or torch.compile / torch.export), or rnnfast.convert(model, to='torch') to script "
+        "torch.nn's layers.")
 
-    _gates = 1
 
-    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None):
-        super().__init__()
-        name = type(self).__name__
-        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
-            raise ValueError(f"{name}: input_size must be a positive integer, got {input_size!r}")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
-            raise ValueError(f"{name}: hidden_size must be a positive integer, got {hidden_size!r}")
-        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-            raise ValueError(f"{name}: num_layers must be an integer >= 1, got {num_layers!r}")
-        if (not isinstance(dropout, numbers.Number) or isinstance(dropout, bool)
-                or not 0 <= dropout <= 1):
-            raise ValueError(f"{name}: dropout must be a number in [0, 1] (the probability of "
-                             f"zeroing an element between layers), got {dropout!r}")
-        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
-            raise ValueError(f"{name}: proj_size must be an integer >= 0, got {proj_size!r}")
-        if proj_size >= hidden_size:
-            raise ValueError(f"{name}: proj_size must be smaller than hidden_size = "
-                             f"{hidden_size}, got {proj_size}")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(f"{name}: dropout={dropout} has no effect with num_layers=1: dropout "
-                          "applies between layers", stacklevel=3)
-        self.cell = cell
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bias = bias
-        self.batch_first = batch_first
-        self.dropout = float(dropout)
-        self.bidirectional = bidirectional
-        self.proj_size = proj_size
-        factory = {"device": device, "dtype": dtype}
-        directions = 2 if bidirectional else 1
-        gate_size = self._gates * hidden_size
-        state_size = proj_size if proj_size > 0 else hidden_size
-        self._flat_weights_names = []
-        # Per layer and direction (torch.nn's order: l0, l0_reverse, l1, ...), the parameter
-        # names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where the module has none.
-        self._layer_weight_names = []
-        for index in range(num_layers):
-            for direction in range(directions):
-                layer_input = input_size if index == 0 else state_size * directions
-                suffix = f"_l{index}" + ("_reverse" if direction == 1 else "")
-                shapes = {"weight_ih": (gate_size, layer_input),
-                          "weight_hh": (gate_size, state_size)}
-                if bias:
-                    shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
-                if proj_size > 0:
-                    shapes["weight_hr"] = (proj_size, hidden_size)
-                for base, shape in shapes.items():
-                    self.register_parameter(base + suffix,
-                                            nn.Parameter(torch.empty(shape, **factory)))
-                    self._flat_weights_names.append(base + suffix)
-                self._layer_weight_names.append(tuple(
-                    base + suffix if base in shapes else None
-                    for base in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")))
-        self.reset_parameters()
+def _check_input_dtype(input, weight):
+    """torch.nn.RNNBase.check_input's dtype check, with its exception type and wording."""
+    if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+        raise ValueError(
+            f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+            f"Convert input: input.to({weight.dtype}), or convert model: "
+            f"model.to({input.dtype})")
 
-    def reset_parameters(self):
-        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, as torch.nn."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+
+class _RecurrentLayer:
+    """What rnnfast's LSTM, GRU and RNN put in front of torch.nn.RNNBase (listed before the
+    torch.nn class among the bases): the forward on rnnfast's ops, with torch.nn's checks."""
+
+    # torch.nn's name for the module in its messages ("LSTM: Expected input to be 2D or 3D").
+    _kind = ""
+    # torch.nn's wording of a wrong input rank ends "got 4D instead" (LSTM, GRU) or
+    # "got 4D tensor instead" (RNN).
+    _rank_noun = ""
+
+    # torch.jit.script calls it on the module and each submodule before compiling.
+    __prepare_scriptable__ = _refuse_scripting
 
     def flatten_parameters(self):
-        """Kept for code written for torch.nn: rnnfast's engines read the parameters as they
-        are, so there is nothing to flatten."""
+        """torch.nn's: on CUDA with cuDNN, the parameters become views of one buffer
+        (rnnfast's engines read them either way); elsewhere, and for cells torch.nn has no
+        mode for, nothing to do."""
+        if self.mode in _TORCH_MODES:
+            super().flatten_parameters()
 
-    @property
-    def all_weights(self):
-        return [[w for w in layer if w is not None] for layer in self._weights()]
-
-    def _weights(self):
-        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, None where absent."""
+    def _layer_weights(self):
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction in torch.nn's order (l0,
+        l0_reverse, l1, ...), None where the module has none; from _flat_weights, as torch.nn's
+        forward reads them."""
         # Straight from the parameter dict: Module.__getattr__ is slow at this call rate.
         parameters = self._parameters
-        try:
-            return [tuple(parameters[name] if name is not None else None for name in names)
-                    for names in self._layer_weight_names]
-        except KeyError:
-            # A parametrization (weight_norm, spectral_norm) or pruning has replaced a parameter
-            # with an attribute computed from others.
-            return [tuple(getattr(self, name) if name is not None else None for name in names)
-                    for names in self._layer_weight_names]
+        for name, weight in zip(self._flat_weights_names, self._flat_weights):
+            if parameters.get(name) is not weight:
+                # A parametrization (weight_norm), pruning or functional_call has put a
+                # computed tensor in the parameter's place: refreshed as torch.nn does.
+                self._update_flat_weights()
+                break
+        flat = self._flat_weights
+        count = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
+        weights = []
+        for start in range(0, len(flat), count):
+            chunk = flat[start:start + count]
+            biases = (chunk[2], chunk[3]) if self.bias else (None, None)
+            weights.append((chunk[0], chunk[1], *biases,
+                            chunk[-1] if self.proj_size > 0 else None))
+        return weights
 
-    def extra_repr(self):
-        text = f"{self.input_size}, {self.hidden_size}"
-        if self.proj_size != 0:
-            text += f", proj_size={self.proj_size}"
-        if self.num_layers != 1:
-            text += f", num_layers={self.num_layers}"
-        if self.bias is not True:
-            text += f", bias={self.bias}"
-        if self.batch_first is not False:
-            text += f", batch_first={self.batch_first}"
-        if self.dropout != 0:
-            text += f", dropout={self.dropout}"
-        if self.bidirectional is not False:
-            text += f", bidirectional={self.bidirectional}"
-        return text
-
-    # ---- forward ------------------------------------------------------------------------
-
-    def _check_state(self, state, argument, expected, input):
+    def _check_state(self, state, argument, expected, message, batched, input):
+        """A state's shape, checked on its batched form as torch.nn does (with torch.nn's
+        message, and the shape in the caller's terms where the state is unbatched), then its
+        dtype and device."""
         name = type(self).__name__
-        if not isinstance(state, torch.Tensor):
-            raise TypeError(f"{name}: {argument} must be a Tensor, got {type(state).__name__}")
         if _shape(state) != expected:
-            layout = "num_layers * num_directions, " + ("batch, " if len(expected) == 3 else "")
-            raise RuntimeError(f"{name}: {argument} must have shape {expected} ({layout}size), "
-                               f"got {_shape(state)}")
+            text = f"{name}: {argument}: " + message.format(expected, list(state.shape))
+            if not batched:
+                text += (f" (for unbatched input: shape {(expected[0], expected[2])}, got "
+                         f"{_shape(state.squeeze(1))})")
+            raise RuntimeError(text)
         _check_matches(name, argument, state, input, "input")
 
     def _run(self, input, hx):
@@ -160,13 +117,12 @@ class _RecurrentBase(nn.Module):
         input: [L * D, B, P] for batched input, [L * D, P] for unbatched.
         """
         name = type(self).__name__
-        is_lstm = self._gates == 4
+        is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         directions = 2 if self.bidirectional else 1
         state_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        weights = self._weights()
+        weights = self._layer_weights()
         weight = weights[0][0]  # weight_ih_l0
-        lengths = None
         if packed:
             batch_sizes = input.batch_sizes
             steps = batch_sizes.size(0)
@@ -179,24 +135,12 @@ class _RecurrentBase(nn.Module):
                 raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got "
                                 f"{type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: input must be 2-D (unbatched: T, input_size) or 3-D "
-                                 f"(batched), got {input.dim()}-D input of shape {_shape(input)}")
+                raise ValueError(f"{self._kind}: Expected input to be 2D or 3D, got "
+                                 f"{input.dim()}D{self._rank_noun} instead")
             batched = input.dim() == 3
             sequence = input
             if not batched:
                 sequence = sequence.unsqueeze(1)
-        # The ops take a batch_first input [B, T, I] as it is and return a batch_first output. A
-        # stack of bidirectional layers runs time-major: their concatenated outputs would be
-        # copied time-major again for each next layer.
-        batch_first_io = self.batch_first and batched and not packed
-        batch_first = batch_first_io and not (self.bidirectional and self.num_layers > 1)
-        if batch_first_io and not batch_first:
-            sequence = sequence.transpose(0, 1)
-        if sequence.size(-1) != self.input_size:
-            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
-                               f"{self.input_size}, got {sequence.size(-1)}")
-        _check_matches(name, "input", sequence, weight, "the module's parameters")
-        batch = sequence.size(0 if batch_first else 1)
 
         h0 = c0 = None  # None: zero initial states, which the engines need not read
         if hx is not None:
@@ -206,37 +150,59 @@ class _RecurrentBase(nn.Module):
                                     f"{type(hx).__name__}")
                 h0, c0 = hx
             else:
-                if not isinstance(hx, torch.Tensor):
-                    raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
                 h0 = hx
-            expected_dim = 3 if batched else 2
             for argument, state in (("h_0 (hx[0])" if is_lstm else "hx", h0),
                                     ("c_0 (hx[1])", c0)):
-                if state is not None and isinstance(state, torch.Tensor) \
-                        and state.dim() != expected_dim:
+                if state is not None and not isinstance(state, torch.Tensor):
+                    raise TypeError(f"{name}: {argument} must be a Tensor, got "
+                                    f"{type(state).__name__}")
+            if not packed:
+                expected_dim = 3 if batched else 2
+                ranks = [h0.dim()] + ([c0.dim()] if is_lstm else [])
+                if any(rank != expected_dim for rank in ranks):
                     kind = "batched 3-D" if batched else "unbatched 2-D"
-                    raise RuntimeError(f"{name}: for {kind} input, {argument} must be "
-                                       f"{expected_dim}-D, got {state.dim()}-D of shape "
-                                       f"{_shape(state)}")
-            # Checked in the caller's own terms (unbatched states have no batch dim).
-            batch_dims = (batch,) if batched else ()
-            self._check_state(h0, "h_0 (hx[0])" if is_lstm else "hx",
-                              (self.num_layers * directions, *batch_dims, state_size), sequence)
-            if is_lstm:
-                self._check_state(c0, "c_0 (hx[1])",
-                                  (self.num_layers * directions, *batch_dims, self.hidden_size),
-                                  sequence)
+                    if is_lstm:
+                        raise RuntimeError(f"For {kind} input, hx and cx should also be "
+                                           f"{expected_dim}-D but got ({ranks[0]}-D, "
+                                           f"{ranks[1]}-D) tensors")
+                    raise RuntimeError(f"For {kind} input, hx should also be {expected_dim}-D "
+                                       f"but got {ranks[0]}-D tensor")
+
+        _check_input_dtype(sequence, weight)
+        # The ops take a batch_first input [B, T, I] as it is and return a batch_first output. A
+        # stack of bidirectional layers runs time-major: their concatenated outputs would be
+        # copied time-major again for each next layer.
+        batch_first_io = self.batch_first and batched and not packed
+        batch_first = batch_first_io and not (self.bidirectional and self.num_layers > 1)
+        if batch_first_io and not batch_first:
+            sequence = sequence.transpose(0, 1)
+        if sequence.size(-1) != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {sequence.size(-1)}")
+        _check_matches(name, "input", sequence, weight, "the module's parameters")
+        batch = sequence.size(0 if batch_first else 1)
+
+        if hx is not None:
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
+            layers = self.num_layers * directions
+            self._check_state(h0, "h_0 (hx[0])" if is_lstm else "hx",
+                              (layers, batch, state_size),
+                              "Expected hidden[0] size {}, got {}" if is_lstm
+                              else "Expected hidden size {}, got {}", batched, sequence)
+            if is_lstm:
+                self._check_state(c0, "c_0 (hx[1])", (layers, batch, self.hidden_size),
+                                  "Expected hidden[1] size {}, got {}", batched, sequence)
             if packed and input.sorted_indices is not None:
                 h0 = h0.index_select(1, input.sorted_indices)
                 c0 = c0.index_select(1, input.sorted_indices) if c0 is not None else None
+        if sequence.size(1 if batch_first else 0) == 0:
+            raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
 
-        if packed:
-            lengths = lengths_cpu.to(sequence.device)
+        lengths = lengths_cpu.to(sequence.device) if packed else None
         output, h_n, c_n = functional.stacked(
-            self.cell, sequence, h0, c0, weights, self.num_layers, self.bidirectional,
+            self._cell, sequence, h0, c0, weights, self.num_layers, self.bidirectional,
             self.dropout, self.training, lengths, batch_first)
 
         if packed:
@@ -255,29 +221,29 @@ class _RecurrentBase(nn.Module):
         return output, h_n, c_n
 
 
-class LSTM(_RecurrentBase):
+class LSTM(_RecurrentLayer, nn.RNNBase):
     """torch.nn.LSTM on rnnfast's fused engine.
 
     LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, proj_size=0, device=None, dtype=None, activation='tanh')
+    bidirectional=False, proj_size=0, device=None, dtype=None, *, activation='tanh')
 
     `activation` (Keras' name) is applied to the cell candidate g and to the cell state in
     h = o * activation(c); 'tanh' is torch.nn's LSTM. forward(input, hx=None) returns
     (output, (h_n, c_n)).
     """
 
-    _gates = 4
+    _kind = "LSTM"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
-                 activation="tanh"):
+    def __init__(self, *args, activation="tanh", **kwargs):
         if activation not in _LSTM_ACTIVATIONS:
             raise ValueError(f"LSTM: activation must be one of {_LSTM_ACTIVATIONS}, got "
                              f"{activation!r}")
-        cell = "lstm" if activation == "tanh" else f"lstm_{activation}"
-        super().__init__(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, proj_size, device, dtype)
+        super().__init__("LSTM", *args, **kwargs)
         self.activation = activation
+
+    @property
+    def _cell(self):
+        return "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
 
     def forward(self, input, hx=None):
         output, h_n, c_n = self._run(input, hx)
@@ -288,7 +254,13 @@ class LSTM(_RecurrentBase):
         return text + (f", activation={self.activation!r}" if self.activation != "tanh" else "")
 
 
-class GRU(_RecurrentBase):
+def _refuse_projection(kwargs):
+    """torch.nn.GRU's and RNN's check, with their wording."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
+class GRU(_RecurrentLayer, nn.RNNBase):
     """torch.nn.GRU on rnnfast's fused engine.
 
     GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -296,19 +268,19 @@ class GRU(_RecurrentBase):
     (output, h_n).
     """
 
-    _gates = 3
+    _kind = "GRU"
+    _cell = "gru"
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, device=None, dtype=None):
-        super().__init__("gru", input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype)
+    def __init__(self, *args, **kwargs):
+        _refuse_projection(kwargs)
+        super().__init__("GRU", *args, **kwargs)
 
     def forward(self, input, hx=None):
         output, h_n, _ = self._run(input, hx)
         return output, h_n
 
 
-class RNN(_RecurrentBase):
+class RNN(_RecurrentLayer, nn.RNNBase):
     """torch.nn.RNN (Elman) on rnnfast's fused engine, with nonlinearity 'tanh', 'relu' or
     (beyond torch.nn) 'sigmoid'.
 
@@ -317,120 +289,120 @@ class RNN(_RecurrentBase):
     forward(input, hx=None) returns (output, h_n).
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None):
+    _kind = "RNN"
+    _rank_noun = " tensor"
+
+    def __init__(self, *args, **kwargs):
+        _refuse_projection(kwargs)
+        # torch.nn.RNN's reading of the arguments: nonlinearity is the fourth.
+        if len(args) > 3:
+            nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if nonlinearity not in _RNN_NONLINEARITIES:
-            raise ValueError(f"RNN: nonlinearity must be one of {_RNN_NONLINEARITIES}, got "
-                             f"{nonlinearity!r}")
-        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, 0, device, dtype)
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             "'relu'. (rnnfast also has 'sigmoid'.)")
+        mode = f"RNN_{nonlinearity.upper()}"
+        # The sigmoid cell has a tanh one's parameters; its mode is rnnfast's own.
+        super().__init__("RNN_TANH" if nonlinearity == "sigmoid" else mode, *args, **kwargs)
         self.nonlinearity = nonlinearity
+        self.mode = mode
+
+    @property
+    def _cell(self):
+        return "rnn_" + self.mode[len("RNN_"):].lower()
 
     def forward(self, input, hx=None):
         output, h_n, _ = self._run(input, hx)
         return output, h_n
 
     def extra_repr(self):
+        # torch.nn.RNN's repr omits the nonlinearity; rnnfast's own one is named.
         text = super().extra_repr()
-        return text + (f", nonlinearity={self.nonlinearity!r}"
-                       if self.nonlinearity != "tanh" else "")
+        return text + (", nonlinearity='sigmoid'" if self.mode == "RNN_SIGMOID" else "")
 
 
-class _CellBase(nn.Module):
-    """One step of a cell: the one-layer op run over a sequence of length 1."""
+class _RecurrentCell:
+    """What rnnfast's cells put in front of torch.nn.RNNCellBase: one step of a cell, the
+    one-layer op run over a sequence of length 1, with torch.nn's checks."""
 
-    _gates = 1
+    __prepare_scriptable__ = _refuse_scripting
 
-    def __init__(self, cell, input_size, hidden_size, bias=True, device=None, dtype=None):
-        super().__init__()
-        name = type(self).__name__
-        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size <= 0:
-            raise ValueError(f"{name}: input_size must be a positive integer, got {input_size!r}")
-        if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size <= 0:
-            raise ValueError(f"{name}: hidden_size must be a positive integer, got {hidden_size!r}")
-        self.cell = cell
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.bias = bias
-        factory = {"device": device, "dtype": dtype}
-        gate_size = self._gates * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(gate_size, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(gate_size, hidden_size, **factory))
-        if bias:
-            self.bias_ih = nn.Parameter(torch.empty(gate_size, **factory))
-            self.bias_hh = nn.Parameter(torch.empty(gate_size, **factory))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, as torch.nn."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
-
-    def extra_repr(self):
-        text = f"{self.input_size}, {self.hidden_size}"
-        return text + (f", bias={self.bias}" if self.bias is not True else "")
-
-    def _check(self, input, state, argument, batched):
-        name = type(self).__name__
-        if not isinstance(state, torch.Tensor):
-            raise TypeError(f"{name}: {argument} must be a Tensor, got {type(state).__name__}")
-        expected = (input.size(0), self.hidden_size) if batched else (self.hidden_size,)
-        if _shape(state) != expected:
-            raise RuntimeError(f"{name}: {argument} must have shape {expected} (batch, "
-                               f"hidden_size), got {_shape(state)}")
-        _check_matches(name, argument, state, input, "input")
-
-    def _step(self, input, h, c):
+    def _step(self, cell, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: input must be 1-D (unbatched: input_size) or 2-D "
-                             f"(batch, input_size), got {input.dim()}-D input of shape "
-                             f"{_shape(input)}")
-        if input.size(-1) != self.input_size:
-            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size = "
-                               f"{self.input_size}, got {input.size(-1)}")
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D "
+                             f"instead")
+        is_lstm = cell.startswith("lstm")
+        # (torch.nn's word for the state, its argument)
+        arguments = ((("hx[0]", "hx[0]"), h), (("hx[1]", "hx[1]"), c)) if is_lstm \
+            else ((("hidden", "hx"), h),)
+        for (word, argument), state in arguments:
+            if state is None:
+                continue
+            if not isinstance(state, torch.Tensor):
+                raise TypeError(f"{name}: {argument} must be a Tensor, got "
+                                f"{type(state).__name__}")
+            if state.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected {word} to be 1D or 2D, got {state.dim()}D "
+                                 f"instead ({argument} of shape {_shape(state)})")
+        if cell not in _ops.GATES:
+            raise RuntimeError(f"{name}: Unknown nonlinearity: {self.nonlinearity} (rnnfast has "
+                               f"{', '.join(_RNN_NONLINEARITIES)})")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        # torch.nn's checks (in ATen) and wording, on the batched forms.
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)} "
+                               f"expected {self.input_size}")
         # Read once: a parametrized weight (weight_norm) is computed at each read.
         w_ih = self.weight_ih
-        _check_matches(name, "input", input, w_ih, "the module's parameters")
-        batched = input.dim() == 2
-        is_lstm = self._gates == 4
-        for argument, state in (("hx", h), ("cx", c)):
-            if state is not None:
-                self._check(input, state, argument, batched)
-        x = input if batched else input.unsqueeze(0)
-        # No state given: None for both (zero initial states).
-        if h is not None and not batched:
-            h = h.unsqueeze(0)
-        if c is not None and not batched:
-            c = c.unsqueeze(0)
-        output, h_new, c_new = functional.layer(
-            self.cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        _check_matches(name, "input", x, w_ih, "the module's parameters")
+        states = []
+        for index, (argument, state) in enumerate((("hx", h), ("cx", c))):
+            if state is None:
+                states.append(None)
+                continue
+            s = state if batched else state.unsqueeze(0)
+            expected = (x.size(0), self.hidden_size) if batched else (self.hidden_size,)
+            detail = f" ({argument} must have shape {expected}, got {_shape(state)})"
+            if s.size(0) != x.size(0):
+                raise RuntimeError(f"{name}: Input batch size {x.size(0)} doesn't match "
+                                   f"hidden{index} batch size {s.size(0)}" + detail)
+            if s.size(1) != self.hidden_size or s.dim() != 2:
+                raise RuntimeError(f"{name}: hidden{index} has inconsistent hidden_size: got "
+                                   f"{s.size(1)}, expected {self.hidden_size}" + detail)
+            _check_matches(name, argument, s, x, "input")
+            states.append(s)
+        h, c = states
+        if self.hidden_size == 0:
+            # No units (torch.nn allows it): empty states, still part of the graph. The ops
+            # refuse weights of no rows.
+            empty = x.matmul(w_ih.t())
+            h_new, c_new = empty, (empty.clone() if is_lstm else None)
+        else:
+            _, h_new, c_new = functional.layer(
+                cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         if not batched:
             h_new = h_new.squeeze(0)
             c_new = c_new.squeeze(0) if is_lstm else c_new
         return h_new, (c_new if is_lstm else None)
 
 
-class LSTMCell(_CellBase):
+class LSTMCell(_RecurrentCell, nn.LSTMCell):
     """torch.nn.LSTMCell on rnnfast's engine, with Keras' `activation` ('tanh' default).
-    forward(input, hx=None) with hx = (h, c) returns (h', c')."""
+    LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *,
+    activation='tanh'); forward(input, hx=None) with hx = (h, c) returns (h', c')."""
 
-    _gates = 4
-
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None,
-                 activation="tanh"):
+    def __init__(self, *args, activation="tanh", **kwargs):
         if activation not in _LSTM_ACTIVATIONS:
             raise ValueError(f"LSTMCell: activation must be one of {_LSTM_ACTIVATIONS}, got "
                              f"{activation!r}")
-        cell = "lstm" if activation == "tanh" else f"lstm_{activation}"
-        super().__init__(cell, input_size, hidden_size, bias, device, dtype)
+        super().__init__(*args, **kwargs)
         self.activation = activation
 
     def forward(self, input, hx=None):
@@ -439,32 +411,25 @@ class LSTMCell(_CellBase):
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"LSTMCell: hx must be a tuple (h, c), got {type(hx).__name__}")
             h, c = hx
-        return self._step(input, h, c)
+        cell = "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
+        return self._step(cell, input, h, c)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text + (f", activation={self.activation!r}" if self.activation != "tanh" else "")
 
 
-class GRUCell(_CellBase):
+class GRUCell(_RecurrentCell, nn.GRUCell):
     """torch.nn.GRUCell on rnnfast's engine. forward(input, hx=None) returns h'."""
 
-    _gates = 3
+    def forward(self, input, hx=None):
+        return self._step("gru", input, hx, None)[0]
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None):
-        super().__init__("gru", input_size, hidden_size, bias, device, dtype)
+
+class RNNCell(_RecurrentCell, nn.RNNCell):
+    """torch.nn.RNNCell on rnnfast's engine, nonlinearity 'tanh', 'relu' or (beyond
+    torch.nn) 'sigmoid'. As torch.nn's, the nonlinearity is read at each call (an unknown
+    one is an error of the call). forward(input, hx=None) returns h'."""
 
     def forward(self, input, hx=None):
-        return self._step(input, hx, None)[0]
-
-
-class RNNCell(_CellBase):
-    """torch.nn.RNNCell on rnnfast's engine, nonlinearity 'tanh', 'relu' or 'sigmoid'.
-    forward(input, hx=None) returns h'."""
-
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
-                 dtype=None):
-        if nonlinearity not in _RNN_NONLINEARITIES:
-            raise ValueError(f"RNNCell: nonlinearity must be one of {_RNN_NONLINEARITIES}, got "
-                             f"{nonlinearity!r}")
-        super().__init__(f"rnn_{nonlinearity}", input_size, hidden_size, bias, device, dtype)
-        self.nonlinearity = nonlinearity
-
-    def forward(self, input, hx=None):
-        return self._step(input, hx, None)[0]
+        return self._step(f"rnn_{self.nonlinearity}", input, hx, None)[0]
