@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 H_NAME = r"\bhx\b|\bh_?0\b"       # the hidden state argument
 C_NAME = r"\bcx\b|\bc_?0\b"       # the LSTM cell state argument
@@ -367,3 +367,51 @@ def test_cell_device_mismatch(rf, mode):
         raises(lambda: m(x, (torch.randn(2, 5, device=cuda), torch.randn(2, 5))), C_NAME, "cuda", "cpu")
     else:
         raises(lambda: m(x, torch.randn(2, 5)), H_NAME, "cuda", "cpu")
+
+
+def _packed_batch_of_four():
+    """A PackedSequence of 4 sequences (lengths 5, 4, 3, 1) and 4 features, unsorted order."""
+    return pack_padded_sequence(torch.randn(5, 4, 4), torch.tensor([3, 5, 1, 4]),
+                                enforce_sorted=False)
+
+
+def _tampered(field, value):
+    packed = _packed_batch_of_four()
+    parts = packed._asdict()
+    parts[field] = value(parts[field])
+    return PackedSequence(**parts)
+
+
+TAMPERED_PACKED = {
+    "negative batch size": ("batch_sizes", lambda b: torch.tensor([4, -3, 3, 2, 1])),
+    "increasing batch sizes": ("batch_sizes", lambda b: torch.tensor([3, 4, 2, 2, 2])),
+    "zero batch size": ("batch_sizes", lambda b: torch.tensor([4, 3, 3, 3, 0])),
+    "sum past the data": ("batch_sizes", lambda b: torch.tensor([4, 3, 3, 2, 2])),
+    "sum short of the data": ("batch_sizes", lambda b: torch.tensor([4, 3, 3, 2])),
+    "int32 batch sizes": ("batch_sizes", lambda b: b.int()),
+    "2-D batch sizes": ("batch_sizes", lambda b: b.view(1, -1)),
+    "sorted index out of range": ("sorted_indices", lambda i: torch.tensor([1, 3, 0, 9])),
+    "repeated sorted index": ("sorted_indices", lambda i: torch.tensor([1, 1, 0, 2])),
+    "too few sorted indices": ("sorted_indices", lambda i: i[:3]),
+    "unsorted indices not the inverse": ("unsorted_indices", lambda i: i.flip(0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED_PACKED))
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_tampered_packed_sequence_is_refused(rf, mode, case):
+    """A PackedSequence whose batch_sizes or indices no packing could make: a RuntimeError that
+    names what is wrong, before the engine reads memory by those numbers (a negative batch
+    size crashed the interpreter)."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("torch.nn reads some of these without checking them")
+    field, value = TAMPERED_PACKED[case]
+    module = getattr(rf, mode)(4, 8)
+    with pytest.raises(RuntimeError, match=field):
+        module(_tampered(field, value))
+
+
+def test_untampered_packed_sequence_runs(rf):
+    """The checks of a PackedSequence pass what pack_padded_sequence makes."""
+    output, _ = rf.GRU(4, 8)(_packed_batch_of_four())
+    assert output.batch_sizes.tolist() == [4, 3, 3, 2, 1]
