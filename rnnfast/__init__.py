@@ -28,7 +28,9 @@ def empty_cache():
     The CPU engine takes its large tensors (outputs, workspaces, gradients, from 64 KiB) from a
     pool that keeps them when they are freed (up to 128 MiB in all), so that the next call of
     the same shapes does not page-fault on fresh memory; torch.cuda.empty_cache() is the
-    analogue for CUDA's caching allocator."""
+    analogue for CUDA's caching allocator. With glibc the heap is trimmed after, so the pages
+    leave the process's resident memory (glibc keeps freed blocks below its adaptive mmap
+    threshold otherwise)."""
     _ops._C.empty_cpu_cache()
 
 

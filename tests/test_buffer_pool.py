@@ -1,5 +1,11 @@
 """The CPU engine's buffer pool (csrc/cpu/buffer_pool.h): its large tensors are reused when
 freed, stay ordinary tensors, never alias live ones, and are seen by the profiler."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -95,3 +101,81 @@ def test_a_full_cache_makes_room_for_the_blocks_freed_last():
         layer(short_input)  # the same sizes again: served from the cache, which stays as it was
         assert rnnfast.cpu_cache_info() == after_short
     rnnfast.empty_cache()
+
+
+def _resident_bytes():
+    """The process's resident memory, from /proc/self/statm (pages)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_empty_cache_returns_the_memory_to_the_system():
+    """The pool's free blocks leave the process's resident memory, not only the pool. glibc
+    serves blocks below its mmap threshold from its heap, and the threshold rises to the size
+    of a freed mmapped block (here 30 MB): freed there, under a live block, they stayed
+    resident until the heap is trimmed."""
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("no /proc/self/statm to read the resident memory from")
+    raises_the_threshold = torch.empty(30 << 20, dtype=torch.uint8)
+    del raises_the_threshold
+    torch.manual_seed(2)
+    layer = rnnfast.LSTM(64, 256, batch_first=True)
+    x = torch.randn(32, 100, 64)
+    rnnfast.empty_cache()
+    for _ in range(3):  # a few steps: the buffers of each are freed into the pool
+        training_step(layer, x)
+    live_above = torch.ones(1 << 18)
+    layer.zero_grad(set_to_none=True)
+    cached, _ = rnnfast.cpu_cache_info()
+    assert cached > 16 << 20
+    before = _resident_bytes()
+    rnnfast.empty_cache()
+    released = before - _resident_bytes()
+    assert released >= cached // 2, (released, cached)
+    assert live_above.sum() == 1 << 18
+
+
+def test_forks_beside_a_thread_running_layers_do_not_hang():
+    """Processes forked while another thread takes buffers from the pool: each child takes
+    buffers from the pool too, and exits. A child that inherited the pool's mutex locked would
+    wait forever (the parent waits 20 s for each)."""
+    script = textwrap.dedent("""
+        import os, sys, threading, time
+        import torch
+        import rnnfast
+        torch.set_num_threads(1)
+        layer = rnnfast.GRU(24, 96, batch_first=True)
+        x = torch.randn(16, 20, 24)
+        stop = False
+        def churn():
+            while not stop:
+                with torch.no_grad():
+                    layer(x)
+                rnnfast.empty_cache()
+        worker = threading.Thread(target=churn)
+        worker.start()
+        for _ in range(60):
+            pid = os.fork()
+            if pid == 0:
+                with torch.no_grad():
+                    layer(x)
+                os._exit(0)
+            deadline = time.time() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.time() > deadline:
+                    os.kill(pid, 9)
+                    stop = True
+                    print("a forked child hung")
+                    os._exit(1)
+                time.sleep(0.001)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        stop = True
+        worker.join()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr[-2000:]

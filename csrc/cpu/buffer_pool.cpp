@@ -5,6 +5,13 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>  // malloc_trim
+#endif
+#if __has_include(<pthread.h>)
+#include <pthread.h>  // pthread_atfork
+#endif
+
 namespace rnnfast {
 
 namespace {
@@ -13,7 +20,17 @@ constexpr size_t kPageBytes = 4096;
 
 BufferPool& BufferPool::instance() {
   // Never destroyed: tensors from the pool may be freed after static destructors have run.
-  static BufferPool* pool = new BufferPool();
+  static BufferPool* pool = [] {
+    BufferPool* made = new BufferPool();
+#if __has_include(<pthread.h>)
+    // A process forked while another thread holds the pool's mutex would inherit it locked, and
+    // its first allocation would wait forever (a DataLoader worker forked beside a thread that
+    // runs a layer). fork() takes the mutex first, so it is free in both processes after.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
+    return made;
+  }();
   return *pool;
 }
 
@@ -91,6 +108,11 @@ void BufferPool::empty_cache() {
     c10::free_cpu(block->data);
     delete block;
   }
+#if defined(__GLIBC__)
+  // glibc keeps freed blocks below its (adaptive) mmap threshold in its heap, where they stay
+  // part of the process's resident memory; malloc_trim hands their pages back to the system.
+  malloc_trim(0);
+#endif
 }
 
 size_t BufferPool::cached_bytes() {
