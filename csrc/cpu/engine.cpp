@@ -16,6 +16,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -113,6 +115,23 @@ struct LayerView {
     return gate_packed ? product_rows : b_end - b_begin;
   }
   int64_t length_of(int64_t b) const { return lengths ? lengths[b] : T_; }
+  // Lengths that never increase down the batch (a packed sequence's order): the rows active at
+  // a step are a prefix of the batch.
+  bool rows_by_length = false;
+  // The end of the rows of [b_begin, b_end) that may be active at step t: before the first row
+  // that has ended, where rows go by length; else b_end.
+  int64_t active_end(int64_t t, int64_t b_begin, int64_t b_end) const {
+    if (!rows_by_length) return b_end;
+    while (b_begin < b_end) {  // the first row of length <= t
+      const int64_t middle = b_begin + (b_end - b_begin) / 2;
+      if (lengths[middle] > t) {
+        b_begin = middle + 1;
+      } else {
+        b_end = middle;
+      }
+    }
+    return b_begin;
+  }
   bool active(int64_t t, int64_t b) const { return t < length_of(b); }
   // The step at which row b starts (its state before that step is hx[b]).
   bool is_first_step(int64_t t, int64_t b) const {
@@ -153,6 +172,8 @@ LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse
   v.unit_hidden = s.hidden_size;
   v.reverse = reverse;
   v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  v.rows_by_length = v.lengths != nullptr &&
+                     std::is_sorted(v.lengths, v.lengths + s.batch, std::greater<int64_t>());
   return v;
 }
 
@@ -347,11 +368,12 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
   T* out_data = output.data_ptr<T>();
   T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
-  // Row tiles as even as kRows allows: 20 LSTM rows as 4 tiles of 5, not 6 + 6 + 6 + 2 (a
-  // tile of 2 rows runs its multiply-adds at a third of the rate). Tile i: rows
-  // tile_begin(i) .. tile_begin(i + 1) - 1.
-  const int64_t tiles = (B + kRows - 1) / kRows;
-  const auto tile_begin = [&](int64_t tile) { return tile * B / tiles; };
+  // Row tiles over the rows of a step that may be active (all, or the packed sequence's rows
+  // that have not ended), as even as kRows allows: 20 LSTM rows as 4 tiles of 5, not
+  // 6 + 6 + 6 + 2 (a tile of 2 rows runs its multiply-adds at a third of the rate). Tile i of
+  // `rows` rows: rows tile_begin(i) .. tile_begin(i + 1) - 1.
+  const auto tiles_of = [](int64_t rows) { return (rows + kRows - 1) / kRows; };
+  const auto tile_begin = [&](int64_t tile, int64_t rows) { return tile * rows / tiles_of(rows); };
 
   // The cell math of rows b0 .. b1 - 1, units `units`, of step t, from hg.
   const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units,
@@ -401,6 +423,8 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
       const T* h_prev = h_data + (step % 2) * B * H;
       T* h_next = h_data + ((step + 1) % 2) * B * H;
       const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
+      // The rows that have ended (a packed sequence's, in order of length) run no product.
+      const int64_t rows = v.active_end(t, 0, B), tiles = tiles_of(rows);
       for (int64_t block = first; block < end; ++block) {
         const VectorUnits units{static_cast<int>(panels.first_unit(block)), panels.units(block)};
         // The k loop in chunks that stay in the L1 cache over all row tiles; after the last
@@ -408,7 +432,7 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
         for (int64_t k0 = 0; k0 < K; k0 += chunk) {
           const int64_t k1 = std::min(K, k0 + chunk);
           for (int64_t row_tile = 0; row_tile < tiles; ++row_tile) {
-            const int64_t b0 = tile_begin(row_tile), b1 = tile_begin(row_tile + 1);
+            const int64_t b0 = tile_begin(row_tile, rows), b1 = tile_begin(row_tile + 1, rows);
             if (k0 == 0) fetch_cell_inputs(t, b0, b1, units);
             panels.template tile<Cell::kGates>(h_rows ? h_rows + b0 * H : nullptr,
                                                static_cast<int>(b1 - b0), block, k0, k1,
@@ -416,6 +440,8 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
             if (k1 == K) pointwise(t, b0, b1, units, h_prev, h_next);
           }
         }
+        // The ended rows keep their state and write zeros.
+        pointwise(t, rows, B, units, h_prev, h_next);
       }
       barrier.arrive_and_wait(end - first);
     }
@@ -466,11 +492,17 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
   T* hu_data = projecting ? h_unprojected.data_ptr<T>() : nullptr;
   T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
 
+  // A packed sequence's rows that have ended skip the product (their step reads no hg): a
+  // seq2seq encoder's sentences of 3-10 words padded to 10 ran a third of its products on them.
+  const bool products_skip_ended_rows = recurrent.runs_any_rows();
   const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     // Every row active at the first step starts there; from zero states hg is step_bias alone.
     const bool from_zero = zero_initial_state && step == 0;
-    recurrent.run(from_zero ? nullptr : h_data + b_begin * P,
-                  v.rows_of_products(b_begin, b_end), hg_data + b_begin * G);
+    const int64_t end =
+        products_skip_ended_rows ? v.active_end(v.step_time(step), b_begin, b_end) : b_end;
+    if (end == b_begin) return;
+    recurrent.run(from_zero ? nullptr : h_data + b_begin * P, v.rows_of_products(b_begin, end),
+                  hg_data + b_begin * G);
   };
   const auto pointwise_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(step);
@@ -753,6 +785,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       }
     }
   };
+  const bool products_skip_ended_rows = recurrent_back.runs_any_rows();
   const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
     // the gradient of hx alone, not needed without one.
@@ -761,7 +794,12 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     const int64_t t = v.step_time(step);
     const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data : dgx_data + t * B * G;
     if (has_direct_path) {
-      recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
+      // A row that has ended passes dh through (dh_direct is dh, its gate gradients are zero):
+      // where the rows go by length, those rows skip the product.
+      const int64_t end =
+          products_skip_ended_rows ? v.active_end(t, b_begin, b_end) : b_end;
+      if (end == b_begin) return;
+      recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
     } else {
       recurrent_back.run(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),

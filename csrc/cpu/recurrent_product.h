@@ -121,6 +121,13 @@ class RecurrentProduct {
     return n_ > 0 && (tiled_.n() > 0 || use_loop_ || splits_blas_rows_);
   }
 
+  // Whether the product runs on any number of rows up to the batch it was built for (all but
+  // the register product, which is built for its batch).
+  bool runs_any_rows() const {
+    if (widened_) return widened_->runs_any_rows();
+    return !register_.usable();
+  }
+
   // Whether the product runs in the BLAS (the larger matrices).
   bool uses_blas() const {
     if (widened_) return widened_->uses_blas();
