@@ -62,6 +62,9 @@ class GatePanels {
     return static_cast<int>(std::min<int64_t>(kLanes, hidden_ - block * kLanes));
   }
 
+  // Terms of a block that pack() transposes at a time: a cache line of each row of W_hh.
+  static constexpr int64_t kPackTerms = 64 / int64_t(sizeof(T));
+
   // Packs blocks [first, end): panel [K][gates][lanes] and bias [gates][lanes] of each.
   void pack(int64_t first, int64_t end) {
     for (int64_t block = first; block < end; ++block) {
@@ -75,17 +78,22 @@ class GatePanels {
               bias_ && lane < count ? bias_[gate * hidden_ + unit0 + lane] : T(0);
         }
       }
-      // Rows of W_hh are read in order (one per unit and gate), written with the panel's
-      // stride; the padding lanes are zeros, so a partial block computes nothing undefined.
-      for (int64_t gate = 0; gate < gates_; ++gate) {
-        for (int lane = 0; lane < kLanes; ++lane) {
-          T* to = panel + gate * kLanes + lane;
-          const int64_t stride = gates_ * kLanes;
-          if (lane < count) {
-            const T* from = w_hh_ + (gate * hidden_ + unit0 + lane) * k_;
-            for (int64_t k = 0; k < k_; ++k) to[k * stride] = from[k];
-          } else {
-            for (int64_t k = 0; k < k_; ++k) to[k * stride] = T(0);
+      // A transpose of the block's rows of W_hh (one per unit and gate), a few terms at a time
+      // so that the panel's rows being written stay in the L1 cache while every unit and gate
+      // writes its lane (written term by term over the whole panel, each value's store missed
+      // the cache). The padding lanes are zeros: a partial block computes nothing undefined.
+      const int64_t stride = gates_ * kLanes;
+      for (int64_t k0 = 0; k0 < k_; k0 += kPackTerms) {
+        const int64_t k1 = std::min(k_, k0 + kPackTerms);
+        for (int64_t gate = 0; gate < gates_; ++gate) {
+          for (int lane = 0; lane < kLanes; ++lane) {
+            T* to = panel + gate * kLanes + lane;
+            if (lane < count) {
+              const T* from = w_hh_ + (gate * hidden_ + unit0 + lane) * k_;
+              for (int64_t k = k0; k < k1; ++k) to[k * stride] = from[k];
+            } else {
+              for (int64_t k = k0; k < k1; ++k) to[k * stride] = T(0);
+            }
           }
         }
       }
@@ -140,11 +148,11 @@ class GatePanels {
     fn(std::integral_constant<int, Rows>());
   }
 
-  // Not inlined: inlined into the engine's step loop, GCC kept the accumulators in memory
-  // as well as in registers, a store of each per term (half the rate of this kernel alone).
   // Terms ahead of the loop that fetch_ahead fetches (8 to 64 measured the same).
   static constexpr int64_t kFetchAheadTerms = 8;
 
+  // Not inlined: inlined into the engine's step loop, GCC kept the accumulators in memory
+  // as well as in registers, a store of each per term (half the rate of this kernel alone).
   template <int Rows, int Gates, bool FetchAhead>
   __attribute__((noinline)) void run_tile(const T* h, int64_t block, int64_t k0, int64_t k1,
                                           T* hg, int64_t hg_stride) const {
