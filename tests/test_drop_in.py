@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnnfast
+from test_clients import RNNModel
 
 NAMES = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
@@ -354,29 +355,6 @@ def test_dropout_draws_torch_nn_random_stream(name, packed):
 
 # ---- rnnfast.convert on a model file written for torch.nn --------------------------------
 
-class WordLanguageModel(nn.Module):
-    """pytorch/examples' word_language_model RNNModel (LSTM variant), unmodified in spirit:
-    encoder, dropout, a multi-layer nn.LSTM with dropout, decoder."""
-
-    def __init__(self, tokens, features, hidden, layers, dropout):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.encoder = nn.Embedding(tokens, features)
-        self.rnn = nn.LSTM(features, hidden, layers, dropout=dropout)
-        self.decoder = nn.Linear(hidden, tokens)
-        self.layers, self.hidden = layers, hidden
-
-    def forward(self, tokens, hidden):
-        emb = self.drop(self.encoder(tokens))
-        output, hidden = self.rnn(emb, hidden)
-        return self.decoder(self.drop(output)), hidden
-
-    def init_hidden(self, batch):
-        weight = next(self.parameters())
-        return (weight.new_zeros(self.layers, batch, self.hidden),
-                weight.new_zeros(self.layers, batch, self.hidden))
-
-
 def test_convert_replaces_every_recurrent_module_in_place():
     model = nn.Sequential(nn.LSTM(3, 4), nn.ModuleList([nn.GRU(4, 4), nn.RNN(4, 4, 2, "relu")]),
                           nn.LSTMCell(4, 4), nn.GRUCell(4, 4), nn.RNNCell(4, 4), nn.Linear(4, 4))
@@ -419,8 +397,8 @@ def test_convert_keeps_a_parametrization():
 
 
 def _word_model_step(model, tokens, targets, hidden):
-    output, hidden = model(tokens, hidden)
-    loss = nn.functional.cross_entropy(output.view(-1, output.size(-1)), targets.view(-1))
+    log_probabilities, hidden = model(tokens, hidden)
+    loss = nn.functional.nll_loss(log_probabilities, targets.view(-1))
     model.zero_grad()
     loss.backward()
     return loss, hidden
@@ -430,7 +408,8 @@ def test_convert_word_language_model_same_outputs_and_gradients():
     """An unmodified torch.nn model, converted: the same outputs and gradients in train mode
     (dropout in the model and between the LSTM layers drawn from the same stream)."""
     torch.manual_seed(3)
-    expected = WordLanguageModel(tokens=17, features=6, hidden=8, layers=2, dropout=0.3).double()
+    # word_language_model's model written for torch.nn (tests/test_clients.py).
+    expected = RNNModel(nn, ntoken=17, ninp=6, nhid=8, nlayers=2, dropout=0.3).double()
     actual = rnnfast.convert(copy.deepcopy(expected))
     assert isinstance(actual.rnn, rnnfast.LSTM)
     tokens = torch.randint(0, 17, (9, 3))
