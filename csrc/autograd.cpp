@@ -12,6 +12,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <memory>
 #include <type_traits>
 
@@ -73,11 +74,13 @@ struct LayerBackward final : public torch::autograd::Node {
   enum Slot { kInput, kHx, kCx, kWih, kWhh, kBih, kBhh, kWhr, kSlots };
 
   variable_list apply(variable_list&& grads) override;
+  // apply under create_graph=True: the gradients recorded by autograd, to any order.
+  variable_list apply_differentiably(const variable_list& grads);
   std::string name() const override { return "rnnfast::LayerBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved : {&input_, &hx_, &cx_, &w_ih_, &w_hh_, &w_hr_, &lengths_,
-                                 &output_, &workspace_}) {
+    for (SavedVariable* saved : {&input_, &hx_, &cx_, &w_ih_, &w_hh_, &b_ih_, &b_hh_, &w_hr_,
+                                 &lengths_, &output_, &workspace_}) {
       saved->reset_data();
     }
   }
@@ -91,9 +94,10 @@ struct LayerBackward final : public torch::autograd::Node {
   // counter catches in-place changes made before the backward (the view made below autograd
   // has a counter of its own), else the engine's time-major copy (engine_input); output_ the
   // output as the forward returned it (batch_first: [B, T, P]); an absent optional tensor is
-  // saved undefined and unpacks undefined.
+  // saved undefined and unpacks undefined. The biases are read by apply_differentiably only.
   bool saved_caller_input = false;
-  SavedVariable input_, hx_, cx_, w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_;
+  SavedVariable input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_, output_,
+      workspace_;
 };
 
 variable_list LayerBackward::apply(variable_list&& grads) {
@@ -101,13 +105,8 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   TORCH_CHECK(saved_workspace,
               "rnnfast::forward ran with save_workspace=False, so it cannot be "
               "differentiated; call it with save_workspace=True when gradients are needed");
-  // With create_graph=True the incoming gradients require grad; refuse at once rather than
-  // return gradients that silently act as constants in a second differentiation.
-  for (const auto& grad : grads) {
-    TORCH_CHECK(!(grad.defined() && grad.requires_grad()),
-                "rnnfast: double backward (gradients of gradients, create_graph=True) is not "
-                "supported");
-  }
+  // The engine runs a backward with grad mode on exactly when create_graph=True.
+  if (at::GradMode::is_enabled()) return apply_differentiably(grads);
   const auto self = getptr();
   const Tensor input = saved_caller_input
                            ? swap_time_and_batch(input_.unpack(), batch_first)
@@ -141,6 +140,64 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   return result;
 }
 
+variable_list LayerBackward::apply_differentiably(const variable_list& grads) {
+  // The layer is recomputed as ATen ops (differentiable_layer) from fresh handles on the saved
+  // inputs, each handle given this node's edge for its input as its own gradient edge: the
+  // recomputed graph then continues into the graph this node continues into, and the
+  // gradients autograd computes of it (a reentrant backward) carry their own history.
+  std::array<Tensor, kSlots> handles;
+  std::vector<Tensor> differentiable;
+  std::vector<size_t> differentiable_slots;
+  const auto handle_on = [&](const Tensor& value, Slot slot) {
+    if (!value.defined()) return;
+    handles[slot] = value.variable_data();
+    const auto& edge = next_edge(slot);
+    if (!edge.is_valid()) return;
+    // Every input with an edge joins the recorded graph (a later differentiation may reach
+    // it); the reentrant backward computes the gradients this backward was asked for.
+    torch::autograd::impl::set_gradient_edge(handles[slot], edge);
+    if (task_should_compute_output(slot)) {
+      differentiable.push_back(handles[slot]);
+      differentiable_slots.push_back(slot);
+    }
+  };
+  // The input as the caller passed it ([B, T, I] when batch_first), so that its gradient has
+  // the shape of the input's edge.
+  handle_on(saved_caller_input ? input_.unpack()
+                               : swap_time_and_batch(input_.unpack(), batch_first),
+            kInput);
+  handle_on(hx_.unpack(), kHx);
+  handle_on(cx_.unpack(), kCx);
+  handle_on(w_ih_.unpack(), kWih);
+  handle_on(w_hh_.unpack(), kWhh);
+  handle_on(b_ih_.unpack(), kBih);
+  handle_on(b_hh_.unpack(), kBhh);
+  handle_on(w_hr_.unpack(), kWhr);
+  variable_list result(kSlots);
+  if (differentiable.empty()) return result;
+  const auto optional = [](const Tensor& t) { return defined_or_none(t); };
+  const auto [output, h_n, c_n] = differentiable_layer(
+      cell, handles[kInput], optional(handles[kHx]), optional(handles[kCx]), handles[kWih],
+      handles[kWhh], optional(handles[kBih]), optional(handles[kBhh]), optional(handles[kWhr]),
+      defined_or_none(lengths_.unpack()), reverse, batch_first);
+  variable_list outputs, output_grads;
+  const std::array<Tensor, 3> recomputed{output, h_n, c_n};
+  for (size_t k = 0; k < grads.size(); ++k) {
+    if (grads[k].defined() && recomputed[k].requires_grad()) {
+      outputs.push_back(recomputed[k]);
+      output_grads.push_back(grads[k]);
+    }
+  }
+  if (outputs.empty()) return result;
+  const variable_list gradients =
+      torch::autograd::grad(outputs, differentiable, output_grads, /*retain_graph=*/true,
+                            /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t k = 0; k < gradients.size(); ++k) {
+    result[differentiable_slots[k]] = gradients[k];
+  }
+  return result;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     c10::string_view cell, const Tensor& input, const std::optional<Tensor>& hx,
     const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
@@ -160,9 +217,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   }
   for (const auto& t : {std::optional<Tensor>(input), hx, cx, std::optional<Tensor>(w_ih),
                         std::optional<Tensor>(w_hh), b_ih, b_hh, w_hr}) {
-    TORCH_CHECK(!torch::autograd::isFwGradDefined(t),
-                "rnnfast: forward-mode automatic differentiation (dual tensors, jvp) is not "
-                "supported");
+    if (torch::autograd::isFwGradDefined(t)) {
+      // Forward-mode AD (dual tensors): the ATen ops of the composition carry the tangents.
+      auto [output, h_n, c_n] = differentiable_layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                                     w_hr, lengths, reverse, batch_first);
+      return {output, h_n, c_n, input.new_empty(0)};
+    }
   }
   const auto node = make_node<LayerBackward>();
   node->set_next_edges(
@@ -196,6 +256,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   node->cx_ = SavedVariable(cx, false);
   node->w_ih_ = SavedVariable(w_ih, false);
   node->w_hh_ = SavedVariable(w_hh, false);
+  node->b_ih_ = SavedVariable(b_ih, false);
+  node->b_hh_ = SavedVariable(b_hh, false);
   node->w_hr_ = SavedVariable(w_hr, false);
   node->lengths_ = SavedVariable(lengths, false);
   node->output_ = SavedVariable(output, true);

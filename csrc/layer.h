@@ -92,6 +92,15 @@ using ReadsInputAtStrides = bool (*)(const LayerSizes& sizes, const at::Tensor& 
 at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
                         bool has_projection);
 
+// rnnfast::differentiable_forward (csrc/differentiable_layer.cpp): the forward op's output,
+// h_n and c_n as ATen ops, with the same arguments and checks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
+    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+    bool reverse, bool batch_first);
+
 // The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
 // on every device (the states and biases are copied or read where they are used).
 struct ForwardInputs {

@@ -6,6 +6,9 @@
 //                      hx = cx = None starts from zero states (and skips work on them)
 //   rnnfast::backward  the gradients of all of forward's tensor inputs (grad_h_n, grad_c_n:
 //                      None for zero).
+//   rnnfast::differentiable_forward  forward's output, h_n and c_n computed by ATen ops that
+//                      autograd differentiates to any order (higher derivatives, forward-mode
+//                      AD, torch.func's nested transforms); slower than the fused forward.
 // batch_first=True: input, output (and their gradients) are [B, T, ...] instead, as views of
 // the time-major tensors the engines work on (the workspace stays [T, B, W]); a batch_first
 // model's layer then needs no transposes of its own, which autograd would have to run.
@@ -210,4 +213,9 @@ TORCH_LIBRARY(rnnfast, m) {
       "bool batch_first=False) -> "
       "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+  // The forward as ATen ops (csrc/differentiable_layer.cpp), differentiable to any order.
+  m.def(
+      "differentiable_forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
+      "bool batch_first=False) -> (Tensor output, Tensor h_n, Tensor c_n)");
 }

@@ -14,6 +14,8 @@ from rnnfast import _ops  # noqa: F401  (loads the extension and registers the o
 
 # The op's overload itself: calling it skips the overload resolution of torch.ops.rnnfast.forward.
 _FORWARD = torch.ops.rnnfast.forward.default
+# The forward as ATen ops, differentiable to any order (csrc/differentiable_layer.cpp).
+_DIFFERENTIABLE_FORWARD = torch.ops.rnnfast.differentiable_forward.default
 
 
 def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
@@ -28,12 +30,13 @@ def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, leng
     batch_first=True: input [B, T, I] and output [B, T, P].
     """
     if torch._C._are_functorch_transforms_active():
-        # torch.func's transforms refuse the C++ graph node of eager calls.
-        differentiating = sum(1 for interpreter in get_interpreter_stack()
-                              if interpreter.key() in (TransformType.Grad, TransformType.Jvp))
-        if differentiating > 1:
-            raise RuntimeError("rnnfast: gradients of gradients (nested torch.func.grad, vjp, "
-                               "jacrev, jacfwd or hessian) are not supported")
+        # torch.func's transforms refuse the C++ graph node of eager calls. One reverse-mode
+        # transform (grad, vjp, jacrev) takes the fused ops as an autograd.Function; nested
+        # ones and forward mode (jvp, jacfwd, hessian) the ATen composition they differentiate.
+        transforms = [interpreter.key() for interpreter in get_interpreter_stack()]
+        if TransformType.Jvp in transforms or transforms.count(TransformType.Grad) > 1:
+            return _DIFFERENTIABLE_FORWARD(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                           lengths, reverse, batch_first)
         output, h_n, c_n, _ = _LayerFunction.apply(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
                                                    w_hr, lengths, reverse, batch_first)
         return output, h_n, c_n
@@ -78,10 +81,6 @@ class _LayerFunction(torch.autograd.Function):
         ctx.has_bias = b_ih is not None
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError("rnnfast: forward-mode automatic differentiation (torch.func.jvp, "
-                           "jacfwd) is not supported")
-
     @staticmethod
     @once_differentiable  # the backward op has no derivative: differentiating its results raises
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _):
