@@ -32,18 +32,19 @@ def _pair(name, input_size=2, hidden_size=2):
     return ours, theirs
 
 
-def _input(module, steps=3, batch=2):
+def _input(module, steps=3, batch=2, device="cpu"):
     shape = (batch, steps, module.input_size) if module.batch_first else (
         steps, batch, module.input_size)
-    return torch.randn(shape, dtype=torch.float64)
+    return torch.randn(shape, dtype=torch.float64, device=device)
 
 
-def _initial_state(module, batch=2):
+def _initial_state(module, batch=2, device="cpu"):
     layers = module.num_layers * (2 if module.bidirectional else 1)
     state = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
-    h0 = torch.randn(layers, batch, state, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers, batch, state, dtype=torch.float64, device=device,
+                     requires_grad=True)
     if isinstance(module, rnnfast.LSTM):
-        c0 = torch.randn(layers, batch, module.hidden_size, dtype=torch.float64,
+        c0 = torch.randn(layers, batch, module.hidden_size, dtype=torch.float64, device=device,
                          requires_grad=True)
         return (h0, c0)
     return (h0,)
@@ -69,11 +70,11 @@ def _as_function(module, with_state):
 @pytest.mark.parametrize("name,with_state", [
     (name, False) for name in LAYERS if name != "lstm_2layer_bidirectional_batch_first"] + [
     ("lstm_2layer_bidirectional_batch_first", True), ("gru", True), ("rnn_tanh", True)])
-def test_gradgradcheck_layers(name, with_state):
+def test_gradgradcheck_layers(name, with_state, device):
     torch.manual_seed(0)
-    ours, _ = _pair(name)
-    x = _input(ours).requires_grad_()
-    states = _initial_state(ours) if with_state else ()
+    ours = _pair(name)[0].to(device)
+    x = _input(ours, device=device).requires_grad_()
+    states = _initial_state(ours, device=device) if with_state else ()
     assert gradgradcheck(_as_function(ours, with_state), (x, *states, *ours.parameters()))
 
 
@@ -109,21 +110,22 @@ def test_gradgradcheck_cells(cls):
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_gradient_penalty_matches_torch_nn(name):
+def test_gradient_penalty_matches_torch_nn(name, device):
     """loss.backward() after autograd.grad(..., create_graph=True): every parameter's and the
-    input's gradient as torch.nn's."""
+    input's gradient as torch.nn's (on the CPU: cuDNN's RNNs have no double backward)."""
     torch.manual_seed(3)
     ours, theirs = _pair(name)
+    ours.to(device)
     x = _input(ours)
     results = []
     for module in (ours, theirs):
-        x_leaf = x.clone().requires_grad_()
+        x_leaf = x.clone().to(next(module.parameters()).device).requires_grad_()
         output = module(x_leaf)[0]
         (grad_x,) = torch.autograd.grad(output.square().sum(), x_leaf, create_graph=True)
         (grad_x.square().sum() + output.sum()).backward()
         results.append([x_leaf.grad] + [p.grad for p in module.parameters()])
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", ["lstm_proj", "gru", "rnn_relu_bidirectional"])
