@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 # Called at every forward call, so bound once (the attribute lookups would cost as much as the
-# calls). torch.compiler.is_compiling, not the flag it returns: Dynamo takes the call as True
-# without a guard, where a read of the flag would be guarded and recompile at every call.
-_is_compiling = torch.compiler.is_compiling
+# calls): about 40 and 65 ns.
+_is_exporting = torch.compiler.is_exporting
 _tracing_state = torch._C._get_tracing_state
 
 
@@ -22,17 +21,17 @@ def exporting():
     """Whether torch.onnx.export is tracing this call.
 
     The default exporter (dynamo=True) traces with torch.export, under which
-    torch.compiler.is_compiling() holds: first without Dynamo (strict=False), then, if that
+    torch.compiler.is_exporting() holds: first without Dynamo (strict=False), then, if that
     fails, with it (strict=True). Dynamo reads torch.onnx.is_in_onnx_export() as False, so the
-    exporter's own flag, which that function returns, is read here; in a plain torch.compile or
-    torch.export it is False and the call keeps rnnfast's op. The TorchScript exporter
-    (dynamo=False) traces with torch.jit.trace, which leaves a tracing state. The flags are
-    asked only while one of those traces: torch.onnx.is_in_onnx_export() costs about 1.6 us, a
-    fifth of a small layer's call.
+    exporter's own flag, which that function returns, is read here; in a plain torch.export it
+    is False and the call keeps rnnfast's op. The TorchScript exporter (dynamo=False) traces
+    with torch.jit.trace, which leaves a tracing state. Under torch.compile both checks are
+    constants to Dynamo (no guard, no graph break). torch.onnx.is_in_onnx_export() itself
+    costs about 1.6 us, a fifth of a small layer's call: it is asked only while tracing.
     """
-    if _is_compiling():
-        # Imported at the first compiled or exported call, not with rnnfast (torch.onnx takes
-        # 55 ms to import); Dynamo traces the import of a loaded module as a constant.
+    if _is_exporting():
+        # Imported at the first exported call, not with rnnfast (torch.onnx takes 55 ms to
+        # import); Dynamo traces the import of a loaded module as a constant.
         from torch.onnx._internal.exporter import _flags
         return _flags._is_onnx_exporting
     return _tracing_state() is not None and torch.onnx.is_in_onnx_export()
