@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from rnnfast import _ops, functional
+from rnnfast import _onnx, _ops, functional
 
 _LSTM_ACTIVATIONS = ("tanh", "relu", "sigmoid")
 _RNN_NONLINEARITIES = ("tanh", "relu", "sigmoid")
@@ -301,7 +301,15 @@ class LSTM(_RecurrentLayer, nn.RNNBase):
     def _cell(self):
         return "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
 
+    # torch.nn.LSTM's versions of RNNBase's methods, for hx = (h_0, c_0): nn.LSTM.forward calls
+    # them (under ONNX export it runs on this module).
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
     def forward(self, input, hx=None):
+        if _onnx.exporting():
+            return _onnx.layer_forward(self, nn.LSTM, input, hx)
         output, h_n, c_n = self._run(input, hx)
         return output, (h_n, c_n)
 
@@ -332,6 +340,8 @@ class GRU(_RecurrentLayer, nn.RNNBase):
         super().__init__("GRU", *args, **kwargs)
 
     def forward(self, input, hx=None):
+        if _onnx.exporting():
+            return _onnx.layer_forward(self, nn.GRU, input, hx)
         output, h_n, _ = self._run(input, hx)
         return output, h_n
 
@@ -370,6 +380,8 @@ class RNN(_RecurrentLayer, nn.RNNBase):
         return "rnn_" + self.mode[len("RNN_"):].lower()
 
     def forward(self, input, hx=None):
+        if _onnx.exporting():
+            return _onnx.layer_forward(self, nn.RNN, input, hx)
         output, h_n, _ = self._run(input, hx)
         return output, h_n
 
@@ -440,6 +452,9 @@ class _RecurrentCell:
             # refuse weights of no rows.
             empty = x.matmul(w_ih.t())
             h_new, c_new = empty, (empty.clone() if is_lstm else None)
+        elif _onnx.exporting():
+            h_new, c_new = _onnx.cell_step(cell, x, h, c, w_ih, self.weight_hh, self.bias_ih,
+                                           self.bias_hh)
         else:
             _, h_new, c_new = functional.layer(
                 cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh)

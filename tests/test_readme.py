@@ -1,16 +1,28 @@
-"""The README's promises that can break silently: its usage example runs, and CI runs the
-README's command."""
+"""The README's promises that can break silently: its examples run (usage, ONNX export), and CI
+runs the README's command."""
 import re
 from pathlib import Path
+
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
 def test_usage_example_runs(capsys):
-    (example,) = re.findall(r"```python\n(.*?)```", README, re.S)
-    exec(compile(example, "README.md", "exec"), {})
+    usage, _ = EXAMPLES
+    exec(compile(usage, "README.md", "exec"), {})
     assert "torch.Size([32, 100, 64])" in capsys.readouterr().out
+
+
+def test_onnx_export_example_runs(tmp_path, monkeypatch):
+    _, export = EXAMPLES
+    monkeypatch.chdir(tmp_path)  # the example writes model.onnx
+    exec(compile(export, "README.md", "exec"), {})
+    assert "GRU" in [node.op_type for node in onnx.load("model.onnx").graph.node]
 
 
 def test_ci_runs_the_readme_command():
