@@ -177,7 +177,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     // A tensor of symbolic sizes (torch.compile or torch.export tracing with dynamic shapes)
     // gets the contiguous copy: engine_input's choice reads concrete sizes, which would
     // specialise the trace to them. The traced graph then holds the copy (a clone) before the
-    // op, as for every input past the CPU engine's register layer.
+    // op, as eager calls make it for every input but the tiniest layers' (which the CPU
+    // engine's register layer reads as they come).
     engine_read_input =
         time_major_input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()
             ? time_major_contiguous(time_major_input)

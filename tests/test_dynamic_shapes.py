@@ -167,6 +167,27 @@ def test_compile_mark_dynamic_compiles_once(name):
     assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
 
 
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_compile_dynamic_tiniest_layers(cls):
+    """Layers small enough for the CPU engine's register layer (at most 16 hidden units over the
+    batch; eager calls hand it a batch_first input as it is), float32: the compiled graph,
+    which copies the input time-major for every size, gives eager's results."""
+    torch._dynamo.reset()
+    model = cls(3, 4, batch_first=True)
+    counter = GraphCounter()
+    compiled = torch.compile(model, backend=counter.backend, dynamic=True, fullgraph=True)
+    parameters = list(model.parameters())
+    for steps, batch in [(7, 2), (9, 2), (9, 3), (5, 4)]:
+        x = torch.randn(batch, steps, 3, requires_grad=True)
+        results = []
+        for module in (compiled, model):
+            outputs = _outputs(module(x))
+            results.append(outputs + torch.autograd.grad(_loss(outputs), [x, *parameters]))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
+
+
 def _dynamic_shapes(model, with_h0):
     """export's dynamic_shapes for (input, hx): the batch and time dimensions of the input, the
     batch dimension of the states."""
