@@ -195,6 +195,27 @@ def test_compile_dynamic_tiniest_layers(cls):
     assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
 
 
+@pytest.mark.parametrize("case", ["unbatched_lstm", "lstm_cell", "gru_cell"])
+def test_compile_dynamic_unbatched_input_and_cells(case):
+    """An unbatched input [T, I] (dynamic length) and the cells' input [B, I] (dynamic batch)."""
+    torch._dynamo.reset()
+    model = {"unbatched_lstm": rnnfast.LSTM(5, 6, num_layers=2),
+             "lstm_cell": rnnfast.LSTMCell(5, 6), "gru_cell": rnnfast.GRUCell(5, 6)}[case]
+    counter = GraphCounter()
+    compiled = torch.compile(model, backend=counter.backend, dynamic=True, fullgraph=True)
+    parameters = list(model.parameters())
+    for steps, batch in SIZES:
+        x = torch.randn((steps if case == "unbatched_lstm" else batch, 5), requires_grad=True)
+        results = []
+        for module in (compiled, model):
+            result = module(x)
+            outputs = _outputs(result) if case == "unbatched_lstm" else _flat(result)
+            results.append(outputs + torch.autograd.grad(_loss(outputs), [x, *parameters]))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
+
+
 def _dynamic_shapes(model, with_h0):
     """export's dynamic_shapes for (input, hx): the batch and time dimensions of the input, the
     batch dimension of the states."""
