@@ -234,9 +234,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     // batch_first one most engines copy): the backward reads the same. The op runs time-major
     // here; a batch_first output is the view the op would have returned.
     time_major_input = swap_time_and_batch(input, batch_first);
-    engine_read_input = engine_input(time_major_input, w_hh,
-                                     lengths.has_value() && lengths->defined(),
-                                     w_hr.has_value() && w_hr->defined());
+    // A tensor of symbolic sizes (torch.compile or torch.export tracing with dynamic shapes)
+    // gets the contiguous copy: engine_input's choice reads concrete sizes, which would
+    // specialise the trace to them. The traced graph then holds the copy (a clone) before the
+    // op, as eager calls make it for every input but the tiniest layers' (which the CPU
+    // engine's register layer reads as they come).
+    engine_read_input =
+        time_major_input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()
+            ? time_major_contiguous(time_major_input)
+            : engine_input(time_major_input, w_hh, lengths.has_value() && lengths->defined(),
+                           w_hr.has_value() && w_hr->defined());
     std::tie(output, h_n, c_n, workspace) =
         call_forward(cell, engine_read_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                      reverse, save_workspace, /*batch_first=*/false);

@@ -20,7 +20,9 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
 
 at::Tensor time_major_contiguous(const at::Tensor& input) {
   // Called up to three times per training step, the last two on its own earlier result.
-  if (input.is_contiguous()) return input;
+  // is_contiguous_or_false: on symbolic sizes (a traced call) it decides without a guard,
+  // where is_contiguous() would specialise the trace to the sizes it was traced with.
+  if (input.is_contiguous_or_false()) return input;
   // Only a plain CPU tensor has data to copy by hand (not a fake or functional one, which
   // torch.compile traces with).
   const bool plain_cpu = input.device().is_cpu() &&

@@ -146,8 +146,19 @@ def _dropout_between_layers(x, p, lengths):
     run consumes torch's generator as torch.nn's does."""
     if lengths is None:
         return F.dropout(x, p=p, training=True)
+    if torch.compiler.is_compiling():
+        return _packed_dropout_outside_graph(x, p, lengths)
+    return _packed_dropout(x, p, lengths)
+
+
+def _packed_dropout(x, p, lengths):
     lengths_cpu = lengths.cpu()
     data, batch_sizes = torch._pack_padded_sequence(x, lengths_cpu, False)
     data = F.dropout(data, p=p, training=True)
     padded, _ = torch._pad_packed_sequence(data, batch_sizes, False, 0.0, x.size(0))
     return padded
+
+
+# Under torch.compile: outside the graph (a graph break), since the packed data's shape is the
+# sum of the lengths' values, which tracing cannot know.
+_packed_dropout_outside_graph = torch.compiler.disable(_packed_dropout)

@@ -128,8 +128,8 @@ class _RecurrentLayer:
             batch_sizes = input.batch_sizes
             steps = batch_sizes.size(0)
             # [T, B, I] in the packed (sorted by length) batch order, and lengths [B].
-            sequence, lengths_cpu = torch._pad_packed_sequence(
-                input.data, batch_sizes, False, 0.0, steps)
+            pad = _pad_outside_graph if torch.compiler.is_compiling() else _pad
+            sequence, lengths_cpu = pad(input.data, batch_sizes, steps)
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
@@ -207,7 +207,8 @@ class _RecurrentLayer:
             self.dropout, self.training, lengths, batch_first)
 
         if packed:
-            data, _ = torch._pack_padded_sequence(output, lengths_cpu, False)
+            pack = _pack_outside_graph if torch.compiler.is_compiling() else _pack
+            data = pack(output, lengths_cpu)
             output = PackedSequence(data, input.batch_sizes, input.sorted_indices,
                                     input.unsorted_indices)
             if input.unsorted_indices is not None:
@@ -220,6 +221,25 @@ class _RecurrentLayer:
         elif batch_first_io and not batch_first:
             output = output.transpose(0, 1)
         return output, h_n, c_n
+
+
+def _pad(data, batch_sizes, steps):
+    """A packed sequence's data [N, I] padded to [T, B, I] (T = steps, the rows in the packed
+    order), and the lengths [B] (int64, CPU)."""
+    return torch._pad_packed_sequence(data, batch_sizes, False, 0.0, steps)
+
+
+def _pack(output, lengths_cpu):
+    """The rows of output [T, B, P] that lie within their lengths, packed: [sum(lengths), P]."""
+    return torch._pack_padded_sequence(output, lengths_cpu, False)[0]
+
+
+# _pad and _pack under torch.compile: run outside the graph (a graph break around each), as
+# torch.nn's layers run there. Their output shapes are the values of batch_sizes and lengths,
+# which tracing cannot know; the layers between them are traced, on a padded sequence of
+# symbolic T and B.
+_pad_outside_graph = torch.compiler.disable(_pad)
+_pack_outside_graph = torch.compiler.disable(_pack)
 
 
 def _check_packed_sequence(owner, packed):
