@@ -234,6 +234,18 @@ struct ElmanCell {
   }
 };
 
+// The cells' names: the op's `cell` argument, and rnnfast._C.cells, from which the Python side
+// (rnnfast/_ops.py) and the tests take the names and each cell's sizes. The one list of them.
+struct CellName {
+  CellKind kind;
+  const char* name;
+};
+inline constexpr CellName kCellNames[] = {
+    {CellKind::LstmTanh, "lstm"}, {CellKind::LstmRelu, "lstm_relu"},
+    {CellKind::LstmSigmoid, "lstm_sigmoid"}, {CellKind::Gru, "gru"},
+    {CellKind::RnnTanh, "rnn_tanh"}, {CellKind::RnnRelu, "rnn_relu"},
+    {CellKind::RnnSigmoid, "rnn_sigmoid"}};
+
 // Calls `fn(CellType{})` with the cell struct named by `kind`; the engines use it to turn the
 // op's run-time cell name into a compile-time template argument.
 template <typename Fn>

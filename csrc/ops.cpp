@@ -24,15 +24,12 @@
 namespace rnnfast {
 
 CellKind cell_from_name(const std::string& name) {
-  if (name == "lstm") return CellKind::LstmTanh;
-  if (name == "lstm_relu") return CellKind::LstmRelu;
-  if (name == "lstm_sigmoid") return CellKind::LstmSigmoid;
-  if (name == "gru") return CellKind::Gru;
-  if (name == "rnn_tanh") return CellKind::RnnTanh;
-  if (name == "rnn_relu") return CellKind::RnnRelu;
-  if (name == "rnn_sigmoid") return CellKind::RnnSigmoid;
-  TORCH_CHECK_VALUE(false, "rnnfast: cell must be one of 'lstm', 'lstm_relu', 'lstm_sigmoid', "
-                    "'gru', 'rnn_tanh', 'rnn_relu', 'rnn_sigmoid', got '", name, "'");
+  std::string names;
+  for (const CellName& cell : kCellNames) {
+    if (name == cell.name) return cell.kind;
+    names += std::string(names.empty() ? "'" : ", '") + cell.name + "'";
+  }
+  TORCH_CHECK_VALUE(false, "rnnfast: cell must be one of ", names, ", got '", name, "'");
 }
 
 namespace {

@@ -112,12 +112,24 @@ extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           module_methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr) {
-#ifdef RNNFAST_WITH_CUDA
-    PyModule_AddIntConstant(module, "with_cuda", 1);
-#else
-    PyModule_AddIntConstant(module, "with_cuda", 0);
-#endif
+  if (module == nullptr) return nullptr;
+  // cells: {name: {"gates": ..., "saved_per_unit": ..., "has_cell_state": ...}} (cells.h).
+  PyObject* cells = PyDict_New();
+  for (const rnnfast::CellName& cell : rnnfast::kCellNames) {
+    PyObject* sizes = rnnfast::dispatch_cell(cell.kind, [](auto cell_type) {
+      using Cell = decltype(cell_type);
+      return Py_BuildValue("{s:i,s:i,s:O}", "gates", Cell::kGates, "saved_per_unit",
+                           Cell::kSavedPerUnit, "has_cell_state",
+                           Cell::kHasCellState ? Py_True : Py_False);
+    });
+    PyDict_SetItemString(cells, cell.name, sizes);
+    Py_DECREF(sizes);
   }
+  PyModule_AddObject(module, "cells", cells);
+#ifdef RNNFAST_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
   return module;
 }

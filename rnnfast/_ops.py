@@ -47,12 +47,12 @@ def _load_extension():
 
 _C = _load_extension()
 
-# Gates per hidden unit and values saved per unit for the backward, per cell name; these mirror
-# kGates and kSavedPerUnit in csrc/cells.h (the fake implementations need the shapes).
-GATES = {"lstm": 4, "lstm_relu": 4, "lstm_sigmoid": 4, "gru": 3,
-         "rnn_tanh": 1, "rnn_relu": 1, "rnn_sigmoid": 1}
-_SAVED_PER_UNIT = {"lstm": 5, "lstm_relu": 5, "lstm_sigmoid": 5, "gru": 4,
-                   "rnn_tanh": 0, "rnn_relu": 0, "rnn_sigmoid": 0}
+# Each cell's name (the ops' `cell` argument), gates per hidden unit and values saved per unit
+# for the backward, from the extension's one table of them (csrc/cells.h); the fake
+# implementations need the shapes.
+CELLS = _C.cells
+GATES = {name: cell["gates"] for name, cell in CELLS.items()}
+_SAVED_PER_UNIT = {name: cell["saved_per_unit"] for name, cell in CELLS.items()}
 
 
 def workspace_width(cell, hidden_size, has_projection):
@@ -74,7 +74,7 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
     if batch_first:
         output = output.transpose(0, 1)
     h_n = input.new_empty(batch, state)
-    c_n = input.new_empty(batch, hidden) if GATES[cell] == 4 else input.new_empty(0)
+    c_n = input.new_empty(batch, hidden) if CELLS[cell]["has_cell_state"] else input.new_empty(0)
     if save_workspace:
         workspace = input.new_empty(steps, batch, workspace_width(cell, hidden, w_hr is not None))
     else:

@@ -87,7 +87,7 @@ class _LayerFunction(torch.autograd.Function):
         input, hx, cx, w_ih, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
         # Undefined gradients come as zeros (the Function materialises them); c_n of the other
         # cells is an empty tensor with no gradient of its own.
-        grad_c_n = grad_c_n if _ops.GATES[ctx.cell] == 4 else None
+        grad_c_n = grad_c_n if _ops.CELLS[ctx.cell]["has_cell_state"] else None
         grads = torch.ops.rnnfast.backward(
             ctx.cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, ctx.has_bias,
             w_hr, lengths, ctx.reverse, output, workspace, ctx.needs_input_grad[1],
@@ -112,7 +112,7 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
     lengths: as in layer; the input is then a padded packed sequence (time-major, rows sorted
     by decreasing length), and the dropout masks are drawn on its packed form.
     """
-    has_cell_state = _ops.GATES[cell] == 4
+    has_cell_state = _ops.CELLS[cell]["has_cell_state"]
     if num_layers == 1 and not bidirectional:
         # One layer in one direction (most models): no lists, and views of h_n and c_n.
         w_ih, w_hh, b_ih, b_hh, w_hr = weights[0]
