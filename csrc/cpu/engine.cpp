@@ -17,6 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -241,6 +244,33 @@ bool projects_batch_major_input(const LayerSizes& s, const Tensor& input) {
 // that the input projection takes as it is.
 bool inference_reads_input_at_strides(const LayerSizes& s, const Tensor& input) {
   return register_layer_reads_input(s, input) || projects_batch_major_input(s, input);
+}
+
+// Whether every value of w (contiguous) is finite. Only then is the product of a zero state with
+// W_hh zero, so that the first step of a call without hx may skip it: torch.nn multiplies, and
+// a NaN or Inf in W_hh makes that step's gates NaN (0 * NaN and 0 * Inf are NaN). One pass over
+// the exponent bits (an integer reduction the compiler vectorizes), once per call.
+template <typename T>
+bool all_finite(const Tensor& w) {
+  const T* data = w.data_ptr<T>();
+  const int64_t n = w.numel();
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Bits = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
+    constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7f800000u)
+                                                         : Bits(0x7ff0000000000000ull);
+    Bits largest = 0;  // the largest exponent field: all ones only for NaN and Inf
+    for (int64_t i = 0; i < n; ++i) {
+      Bits bits;
+      std::memcpy(&bits, data + i, sizeof(bits));
+      largest = std::max<Bits>(largest, bits & kExponent);
+    }
+    return largest != kExponent;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(float(data[i]))) return false;
+    }
+    return true;
+  }
 }
 
 // b_ih + b_hh [G], added in the accumulation type.
@@ -595,6 +625,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       }
 #endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
+      const bool zero_initial_state = !s.has_initial_state && all_finite<scalar_t>(w_hh);
       // xg = x W_ih^T + b_ih: [T * B, G], one GEMM, its rows in the input's order (time-major,
       // or batch-major: see projects_batch_major_input).
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
@@ -637,7 +669,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           step_gates.data_ptr<scalar_t>(),
           v.gate_packed ? v.G : batch_major ? row_stride : s.batch * row_stride,
           batch_major ? s.steps * row_stride : row_stride};
-      run_forward<Cell, scalar_t>(v, !s.has_initial_state, xg_rows, w_hh, step_bias, w_hr,
+      run_forward<Cell, scalar_t>(v, zero_initial_state, xg_rows, w_hh, step_bias, w_hr,
                                   h_state, c_state, output, workspace);
     });
   });
@@ -645,8 +677,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           workspace};
 }
 
-// hx, cx: undefined where the forward started from zero states. column_sums: [threads, G] zeros
-// in the accumulation type, into which each thread adds the dgate_x rows it writes (not in the
+// hx, cx: undefined where the forward started from zero states. column_sums: [B, G] double
+// zeros, into whose row b the reverse loop adds row b's dgate_x of every step (not in the
 // gate-packed view, whose rows are not the gates' columns); or undefined.
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
@@ -702,7 +734,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dhd_data = has_direct_path ? dh_direct.data_ptr<T>() : nullptr;
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
-  A* sums_data = column_sums.defined() ? column_sums.data_ptr<A>() : nullptr;
+  double* sums_data = column_sums.defined() ? column_sums.data_ptr<double>() : nullptr;
 
   // The reverse loop: pass i is step T - 1 - i.
   const auto projection_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
@@ -725,8 +757,6 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   };
   const auto pointwise_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(v.T_ - 1 - pass);
-    // This thread's column sums (a call runs on one thread).
-    A* sums = sums_data ? sums_data + at::get_thread_num() * column_sums.stride(0) : nullptr;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
       T* dgx_row = dgx_data + row * G;
@@ -771,12 +801,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
-      if (sums) {
-        // The row's gate gradients, just written (in L1), into this thread's column sums.
-        for_unit_runs<T>(G, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          store(sums, 0, j, load<V>(sums, 0, j) + load<V>(dgx_row, 0, j));
-        });
+      if (sums_data) {
+        // The row's gate gradients, just written (in L1), into the row's own sums: each sum
+        // runs over the steps in order whichever thread runs the row.
+        double* sums = sums_data + b * G;
+        for (int64_t n = 0; n < G; ++n) sums[n] += double(dgx_row[n]);
       }
       // The last gate's columns, also in the gate-packed view (there one row holds the gate's
       // units of all batch rows, in dgate_h's order).
@@ -843,13 +872,13 @@ void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) 
 void cpu_column_sum(Tensor& out, const Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
                                   "rnnfast_column_sum", [&] {
-    using A = at::opmath_type<scalar_t>;
+    // In double, row by row: torch.nn's accuracy over millions of rows, in one order.
     const int64_t rows = x.size(0), cols = x.size(1);
-    std::vector<A> sum(cols, A(0));
+    std::vector<double> sum(cols, 0.0);
     const scalar_t* data = x.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* row = data + r * cols;
-      for (int64_t c = 0; c < cols; ++c) sum[c] += A(row[c]);
+      for (int64_t c = 0; c < cols; ++c) sum[c] += double(row[c]);
     }
     std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
   });
@@ -954,22 +983,28 @@ BackwardResult backward_time_major(
                                     "rnnfast_backward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
-      // pass is long enough to cost more than the sums' buffer and their reduction (ATen calls
-      // that a one-step layer would notice). Not inside a parallel region: there a thread's
-      // number may not index the sums.
+      // pass is long enough to cost more than the sums' buffer and their reduction. Each batch
+      // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over
+      // millions of rows, and the same sums on any number of threads.
       constexpr int64_t kLoopSumsMinValues = 1 << 16;
-      if (has_bias && !v.gate_packed && !at::in_parallel_region() &&
-          s.steps * s.batch * s.gate_size >= kLoopSumsMinValues) {
-        // Each thread's row on cache lines of its own (no false sharing).
-        const int64_t padded = (s.gate_size + 15) / 16 * 16 + 16;
-        state.dgate_x_column_sums =
-            at::zeros({at::get_num_threads(), padded},
-                      input.options().dtype(at::toOpMathType(input.scalar_type())))
-                .narrow(1, 0, s.gate_size);
-      }
+      const bool sums_in_loop = has_bias && !v.gate_packed &&
+                                s.steps * s.batch * s.gate_size >= kLoopSumsMinValues;
+      Tensor row_sums = sums_in_loop ? at::zeros({s.batch, s.gate_size},
+                                                 input.options().dtype(at::kDouble))
+                                     : Tensor();
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                   state.dprojected, state.dgate_x_column_sums);
+                                   state.dprojected, row_sums);
+      if (sums_in_loop) {
+        // [1, G]: the rows' sums added in row order.
+        state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());
+        double* total = state.dgate_x_column_sums.data_ptr<double>();
+        const double* rows = row_sums.data_ptr<double>();
+        std::copy(rows, rows + s.gate_size, total);
+        for (int64_t b = 1; b < s.batch; ++b) {
+          for (int64_t n = 0; n < s.gate_size; ++n) total[n] += rows[b * s.gate_size + n];
+        }
+      }
       if (v.gate_packed && Cell::kGates > 1) {
         // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
         state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
