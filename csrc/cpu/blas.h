@@ -94,19 +94,21 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
 // A product that the BLAS would thread, split over the threads here instead: MKL splits the k
 // dimension of some shapes over its threads (a weight gradient's thousands of rows, a per-step
 // product of a few rows), and then an output's sum depends on the thread count. Here the longer
-// side of C is cut into blocks fixed by the shape alone (at most 16, of at least 64 rows or
+// side of C is cut into blocks fixed by the shape alone (2 to 16, of at least 32 rows or
 // columns), each multiplied by the single-threaded BLAS: every output is summed in the same
 // order on any number of threads (one runs the blocks in turn). Returns false (nothing done)
 // where the product stays whole.
 template <typename T>
 bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b,
                           T beta, T* c, int64_t ldc) {
-  constexpr int64_t kMinBlock = 64, kMaxBlocks = 16;
+  constexpr int64_t kMinBlock = 32, kMaxBlocks = 16;
   const bool by_rows = m >= n;
   const int64_t length = by_rows ? m : n;
   if (at::in_parallel_region() || length < 2 * kMinBlock) return false;
-  const int64_t block = std::max(kMinBlock, (length + kMaxBlocks - 1) / kMaxBlocks + 15) / 16 * 16;
-  const int64_t blocks = (length + block - 1) / block;
+  // A power of two of blocks, even in size: they divide evenly among 2, 4, 8 or 16 threads.
+  int64_t blocks = kMaxBlocks;
+  while (blocks > 2 && length < blocks * kMinBlock) blocks /= 2;
+  const int64_t block = (length + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t first = index * block, count = std::min(block, length - first);
