@@ -36,20 +36,22 @@ enum class CellKind { LstmTanh, LstmRelu, LstmSigmoid, Gru, RnnTanh, RnnRelu, Rn
 template <typename A>
 struct Math;
 
+// relu and its gradient as torch's: relu(NaN) is NaN; the gradient is zero where y <= 0 (also a
+// NaN or Inf one) and passes unchanged elsewhere, a NaN y included (threshold_backward).
 template <>
 struct Math<float> {
   RNNFAST_HD static float sigmoid(float x) { return 1.0f / (1.0f + ::expf(-x)); }
   RNNFAST_HD static float tanh(float x) { return ::tanhf(x); }
-  RNNFAST_HD static float relu(float x) { return x > 0.0f ? x : 0.0f; }
-  RNNFAST_HD static float positive(float y) { return y > 0.0f ? 1.0f : 0.0f; }  // 1 where y > 0
+  RNNFAST_HD static float relu(float x) { return x < 0.0f ? 0.0f : x; }
+  RNNFAST_HD static float relu_grad(float grad, float y) { return y <= 0.0f ? 0.0f : grad; }
 };
 
 template <>
 struct Math<double> {
   RNNFAST_HD static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   RNNFAST_HD static double tanh(double x) { return ::tanh(x); }
-  RNNFAST_HD static double relu(double x) { return x > 0.0 ? x : 0.0; }
-  RNNFAST_HD static double positive(double y) { return y > 0.0 ? 1.0 : 0.0; }
+  RNNFAST_HD static double relu(double x) { return x < 0.0 ? 0.0 : x; }
+  RNNFAST_HD static double relu_grad(double grad, double y) { return y <= 0.0 ? 0.0 : grad; }
 };
 
 // Unit j of the gate block starting at `offset` of a row, as the accumulation type A. The CPU
@@ -80,15 +82,15 @@ RNNFAST_HD A activate(A x) {
   }
 }
 
-// d act(x) / dx written in terms of y = act(x), so the backward needs only saved outputs.
+// grad * d act(x) / dx, written in terms of y = act(x), so the backward needs only saved outputs.
 template <Activation Act, typename A>
-RNNFAST_HD A activation_grad_from_output(A y) {
+RNNFAST_HD A activation_grad_times(A grad, A y) {
   if constexpr (Act == Activation::Tanh) {
-    return A(1) - y * y;
+    return grad * (A(1) - y * y);
   } else if constexpr (Act == Activation::Relu) {
-    return Math<A>::positive(y);
+    return Math<A>::relu_grad(grad, y);
   } else {
-    return y * (A(1) - y);
+    return grad * (y * (A(1) - y));
   }
 }
 
@@ -150,10 +152,10 @@ struct LstmCell {
     const A g = load<A>(saved, 2 * H, j);
     const A o = load<A>(saved, 3 * H, j);
     const A act_c = activate<Act>(load<A>(saved, 4 * H, j));
-    const A dc = dc_j + dh_j * o * activation_grad_from_output<Act>(act_c);
+    const A dc = dc_j + activation_grad_times<Act>(dh_j * o, act_c);
     store(dxg, 0, j, dc * g * i * (A(1) - i));
     store(dxg, H, j, dc * c_prev_j * f * (A(1) - f));
-    store(dxg, 2 * H, j, dc * i * activation_grad_from_output<Act>(g));
+    store(dxg, 2 * H, j, activation_grad_times<Act>(dc * i, g));
     store(dxg, 3 * H, j, dh_j * act_c * o * (A(1) - o));
     dc_prev_j = dc * f;
     dh_prev_direct_j = A(0);
@@ -229,7 +231,7 @@ struct ElmanCell {
   RNNFAST_HD static void backward(int /*H*/, Index j, const T* h_new, A /*h_prev_j*/,
                                   A /*c_prev_j*/, A dh_j, A /*dc_j*/, T* dxg, T* /*dhg*/,
                                   A& /*dc_prev_j*/, A& dh_prev_direct_j) {
-    store(dxg, 0, j, dh_j * activation_grad_from_output<Act>(load<A>(h_new, 0, j)));
+    store(dxg, 0, j, activation_grad_times<Act>(dh_j, load<A>(h_new, 0, j)));
     dh_prev_direct_j = A(0);
   }
 };

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "cpu/buffer_pool.h"
 #include "cpu/parallel_rows.h"
@@ -206,6 +207,27 @@ void aten_column_sum(at::Tensor& out, const at::Tensor& x) { at::sum_out(out, x,
 
 const GradientKernels kAtenGradientKernels{&aten_matmul, &aten_column_sum};
 
+namespace {
+
+// Whether gate gradients (contiguous rows) may hold a NaN or Inf: a scan of a CPU tensor's
+// exponent bits (an integer reduction that vectorizes); any other device's are taken as maybe
+// (a check there would wait for the device).
+bool may_be_non_finite(const at::Tensor& dgate) {
+  if (!dgate.device().is_cpu()) return true;
+  const at::Tensor values = dgate.contiguous();
+  const int64_t n = values.numel();
+  if (values.scalar_type() == at::kFloat) {
+    const uint32_t* bits = static_cast<const uint32_t*>(values.data_ptr());
+    constexpr uint32_t kExponent = 0x7f800000u;  // all ones only in NaN and Inf
+    uint32_t largest = 0;
+    for (int64_t i = 0; i < n; ++i) largest = std::max(largest, bits[i] & kExponent);
+    return largest == kExponent;
+  }
+  return !at::isfinite(values).all().item<bool>();
+}
+
+}  // namespace
+
 BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
                                const at::Tensor& input, const at::Tensor& hx,
                                const at::Tensor& cx, const at::Tensor& w_ih,
@@ -270,7 +292,12 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
                      prev_out, /*accumulate=*/false);
       written = true;
     }
-    if (T_ > 0 && hx.defined()) {
+    // Without hx, the first steps' term is dgate^T 0: run only where it is not zero. (The
+    // first steps of a reversed packed sequence are scattered: all of dgate is checked.)
+    const bool first_term_non_zero =
+        !hx.defined() && T_ > 0 &&
+        may_be_non_finite(!reverse ? dgate[0] : !lengths.defined() ? dgate[T_ - 1] : dgate);
+    if (T_ > 0 && (hx.defined() || first_term_non_zero)) {
       Tensor first_dgate;
       if (!reverse) {
         first_dgate = dgate[0];
@@ -283,8 +310,15 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
         first_dgate = dgate.view({T_ * B, cols}).index_select(0, first_rows);
         first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
       }
-      kernels.matmul(out, (count == cols ? first_dgate : first_dgate.narrow(1, 0, count)).t(),
-                     hx, /*accumulate=*/written);
+      const Tensor first_rows = count == cols ? first_dgate : first_dgate.narrow(1, 0, count);
+      if (hx.defined()) {
+        kernels.matmul(out, first_rows.t(), hx, /*accumulate=*/written);
+      } else {
+        // From zero states the term dgate^T 0 is 0 where a row's gate gradients are finite,
+        // and NaN where one is not (0 * NaN, 0 * Inf), as torch.nn's product makes it.
+        if (!written) out.zero_();
+        out.add_((first_rows * 0).sum(0).unsqueeze(1));
+      }
       written = true;
     }
     if (!written) out.zero_();

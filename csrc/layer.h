@@ -168,9 +168,9 @@ struct BackwardState {
                           //            keeps them apart, as GRU); or [T, B, H], the last gate's
                           //            only (GRU's n), where the other gates' equal dgate_x's
   at::Tensor dprojected;  // [T, B, P]  dLoss/d(projected h) per step (projection only)
-  // [threads, G] in the accumulation type: dgate_x's column sums (the bias gradient) over the
-  // rows each thread of the engine's reverse loop ran, where the engine sums them as it goes;
-  // else undefined, and finish_backward sums dgate_x's columns itself.
+  // [parts, G] in double or the accumulation type: dgate_x's column sums (the bias gradient)
+  // in parts whose sum is the gradient, where the engine sums them as it goes; else undefined,
+  // and finish_backward sums dgate_x's columns itself.
   at::Tensor dgate_x_column_sums;
   bool separate_hidden_gate_grad;
 };

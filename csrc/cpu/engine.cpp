@@ -17,6 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -66,14 +69,15 @@ StepThreads step_threads(int64_t rows, int64_t steps, int64_t gate_size, int64_t
              : StepThreads::Serial;
 }
 
-// Runs the steps of a call over batch rows [0, rows) in the schedule `threads`: per step
-// before(step, begin, end), pointwise(step, begin, end) and after(step, begin, end) on rows
-// begin .. end - 1 (before and after run the products; with PointwisePerStep on all rows).
+// Runs steps [step_begin, step_end) of a call over batch rows [0, rows) in the schedule
+// `threads`: per step before(step, begin, end), pointwise(step, begin, end) and
+// after(step, begin, end) on rows begin .. end - 1 (before and after run the products; with
+// PointwisePerStep on all rows).
 template <typename Before, typename Pointwise, typename After>
-void run_steps(int64_t rows, int64_t steps, StepThreads threads, const Before& before,
-               const Pointwise& pointwise, const After& after) {
+void run_steps(int64_t rows, int64_t step_begin, int64_t step_end, StepThreads threads,
+               const Before& before, const Pointwise& pointwise, const After& after) {
   if (threads == StepThreads::PointwisePerStep) {
-    for (const auto step : c10::irange(steps)) {
+    for (int64_t step = step_begin; step < step_end; ++step) {
       before(step, 0, rows);
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         pointwise(step, begin, end);
@@ -84,7 +88,7 @@ void run_steps(int64_t rows, int64_t steps, StepThreads threads, const Before& b
   }
   const int64_t grain = threads == StepThreads::RowsPerThread ? 1 : std::max<int64_t>(rows, 1);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (const auto step : c10::irange(steps)) {
+    for (int64_t step = step_begin; step < step_end; ++step) {
       before(step, begin, end);
       pointwise(step, begin, end);
       after(step, begin, end);
@@ -243,6 +247,33 @@ bool inference_reads_input_at_strides(const LayerSizes& s, const Tensor& input) 
   return register_layer_reads_input(s, input) || projects_batch_major_input(s, input);
 }
 
+// Whether every value of w (contiguous) is finite. Only then is the product of a zero state with
+// W_hh zero, so that the first step of a call without hx may skip it: torch.nn multiplies, and
+// a NaN or Inf in W_hh makes that step's gates NaN (0 * NaN and 0 * Inf are NaN). One pass over
+// the exponent bits (an integer reduction the compiler vectorizes), once per call.
+template <typename T>
+bool all_finite(const Tensor& w) {
+  const T* data = w.data_ptr<T>();
+  const int64_t n = w.numel();
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Bits = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
+    constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7f800000u)
+                                                         : Bits(0x7ff0000000000000ull);
+    Bits largest = 0;  // the largest exponent field: all ones only for NaN and Inf
+    for (int64_t i = 0; i < n; ++i) {
+      Bits bits;
+      std::memcpy(&bits, data + i, sizeof(bits));
+      largest = std::max<Bits>(largest, bits & kExponent);
+    }
+    return largest != kExponent;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(float(data[i]))) return false;
+    }
+    return true;
+  }
+}
+
 // b_ih + b_hh [G], added in the accumulation type.
 template <typename T>
 Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
@@ -294,12 +325,20 @@ inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row,
 
 // Where row b of step t of the input projection xg starts: time-major rows (step = B * row
 // stride), or batch-major ones (batch = T * G) where the GEMM ran on a batch_first input as it
-// is; the gate-packed view's one row per step spans B * G.
+// is; the gate-packed view's one row per step spans B * G. `data` holds the steps from time
+// first_time on (all, or those of a chunk of steps).
 template <typename T>
 struct StepRows {
   const T* data;
   int64_t step, batch;
-  const T* row(int64_t t, int64_t b) const { return data + t * step + b * batch; }
+  int64_t first_time = 0;
+  const T* row(int64_t t, int64_t b) const { return data + (t - first_time) * step + b * batch; }
+};
+
+// The steps [begin, end) of a call that one run of the time loop takes (in the loop's order:
+// step s is time v.step_time(s)).
+struct StepRange {
+  int64_t begin, end;
 };
 
 // The panel schedule (gate_panels.h) runs a float or double forward whose product the BLAS
@@ -352,16 +391,18 @@ bool runs_by_panels(const LayerView<T>& v, bool projecting) {
 // between two buffers: a thread's product of step s reads all of h_{s-1} while another
 // thread may already be writing its units of h_s.
 template <typename Cell, typename T>
-void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
-                           const Tensor& w_hh, const Tensor& step_bias, Tensor& h_state,
-                           Tensor& c_state, Tensor& output, Tensor& workspace) {
+void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
+                           StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
+                           Tensor& h_state, Tensor& c_state, Tensor& output,
+                           Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
   constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
   const bool saving = workspace.dim() == 3;
   GatePanels<T> panels(w_hh.contiguous(), step_bias, Cell::kGates);
   Tensor hg = at::empty({B, G}, h_state.options());
-  Tensor h_buffers = at::empty({2, B, H}, h_state.options());  // [s % 2]: h before step s
+  // [(s - steps.begin) % 2]: h before step s
+  Tensor h_buffers = at::empty({2, B, H}, h_state.options());
   h_buffers[0].copy_(h_state);
   T* hg_data = hg.data_ptr<T>();
   T* h_data = h_buffers.data_ptr<T>();
@@ -418,10 +459,11 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
   at::parallel_for(0, panels.blocks(), 1, [&](int64_t first, int64_t end) {
     panels.pack(first, end);
     const int64_t K = panels.terms(), chunk = panels.chunk_terms();
-    for (const auto step : c10::irange(v.T_)) {
+    for (int64_t step = steps.begin; step < steps.end; ++step) {
       const int64_t t = v.step_time(step);
-      const T* h_prev = h_data + (step % 2) * B * H;
-      T* h_next = h_data + ((step + 1) % 2) * B * H;
+      const int64_t parity = (step - steps.begin) % 2;
+      const T* h_prev = h_data + parity * B * H;
+      T* h_next = h_data + (1 - parity) * B * H;
       const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
       // The rows that have ended (a packed sequence's, in order of length) run no product.
       const int64_t rows = v.active_end(t, 0, B), tiles = tiles_of(rows);
@@ -446,12 +488,15 @@ void run_forward_by_panels(const LayerView<T>& v, bool zero_initial_state, StepR
       barrier.arrive_and_wait(end - first);
     }
   });
-  h_state.copy_(h_buffers[v.T_ % 2]);
+  h_state.copy_(h_buffers[(steps.end - steps.begin) % 2]);
 }
 
+// Steps `steps` of the forward, from the state in h_state and c_state (which it updates); the
+// kernels are chosen for the whole call (v.T_ steps), so that a call run in chunks of steps
+// computes what it computes in one.
 template <typename Cell, typename T>
-void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
-                 const Tensor& w_hh, const Tensor& step_bias,
+void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
+                 StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
                  const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
                  Tensor& workspace) {
   using A = at::opmath_type<T>;
@@ -459,7 +504,7 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
   if (runs_by_panels(v, projecting)) {
-    run_forward_by_panels<Cell, T>(v, zero_initial_state, xg, w_hh, step_bias, h_state,
+    run_forward_by_panels<Cell, T>(v, steps, zero_initial_state, xg, w_hh, step_bias, h_state,
                                    c_state, output, workspace);
     return;
   }
@@ -550,8 +595,20 @@ void run_forward(const LayerView<T>& v, bool zero_initial_state, StepRows<T> xg,
       std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
     }
   };
-  run_steps(B, v.T_, step_threads(B, v.T_, G, P, H, recurrent), recurrent_step, pointwise_step,
-            projection_step);
+  run_steps(B, steps.begin, steps.end, step_threads(B, v.T_, G, P, H, recurrent),
+            recurrent_step, pointwise_step, projection_step);
+}
+
+// An inference call's input projection in chunks of this many bytes (at least kMinChunkSteps
+// steps): large enough that a chunk's GEMM runs at the rate of one over all steps and that the
+// per-call preparation of the step kernels, repeated per chunk (W_hh packed), stays small next
+// to the chunk's steps.
+constexpr int64_t kProjectionChunkBytes = int64_t(32) << 20;
+constexpr int64_t kMinChunkSteps = 16;
+
+int64_t projection_chunk_steps(int64_t step_bytes) {
+  return std::max<int64_t>(kMinChunkSteps,
+                           kProjectionChunkBytes / std::max<int64_t>(1, step_bytes));
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
@@ -595,38 +652,80 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       }
 #endif
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
+      const bool zero_initial_state = !s.has_initial_state && all_finite<scalar_t>(w_hh);
+      const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+      const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
+      const bool xg_in_output =
+          !batch_major && !packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size;
+      // The biases are added by the recurrent product of each step, where that costs nothing
+      // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
+      // then b_ih goes into xg (a copy into every row before the GEMM).
+      const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
+      const scalar_t* xg_bias = b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>()
+                                                               : nullptr;
+      const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
+      const scalar_t* x_data = input.data_ptr<scalar_t>();
+      const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
+      const int64_t chunk_steps =
+          projection_chunk_steps(s.batch * s.gate_size * int64_t(sizeof(scalar_t)));
+      if (!save_workspace && !packs_gates && !xg_in_output && s.steps > chunk_steps) {
+        // Under no_grad a long call's input projection is not held whole ([T, B, G], several
+        // times the output): it is made a chunk of steps at a time, [steps, B, G] time-major,
+        // just before the steps that read it.
+        Tensor chunk = pooled_empty({chunk_steps * s.batch, s.gate_size}, input.options());
+        scalar_t* chunk_data = chunk.data_ptr<scalar_t>();
+        for (int64_t first = 0; first < s.steps; first += chunk_steps) {
+          const StepRange steps{first, std::min(s.steps, first + chunk_steps)};
+          const int64_t count = steps.end - steps.begin;
+          const int64_t t0 = reverse ? s.steps - steps.end : steps.begin;  // the chunk's times
+          const int64_t rows = count * s.batch;
+          const scalar_t beta =
+              copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, chunk_data, s.gate_size);
+          if (batch_major) {
+            // Input rows (b, t) at b * T + t: per batch row, its steps of the chunk into the
+            // chunk's rows t * B + b.
+            at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+              for (int64_t b = b_begin; b < b_end; ++b) {
+                gemm<scalar_t>(count, s.gate_size, s.input_size,
+                               {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
+                               w_ih_t, beta, chunk_data + b * s.gate_size,
+                               s.batch * s.gate_size, GemmThreads::OnCaller);
+              }
+            });
+          } else {
+            gemm<scalar_t>(rows, s.gate_size, s.input_size,
+                           {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
+                           beta, chunk_data, s.gate_size);
+          }
+          const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
+          run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
+                                      w_hr, h_state, c_state, output, workspace);
+        }
+        return;
+      }
       // xg = x W_ih^T + b_ih: [T * B, G], one GEMM, its rows in the input's order (time-major,
       // or batch-major: see projects_batch_major_input).
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
       // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
       // place); the gate-packed view permutes it, so there it gets its own buffer, as do
       // batch-major rows.
-      const bool packs_gates = v.gate_packed && Cell::kGates > 1;
-      const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
       Tensor xg;
       if (batch_major) {
         xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
       } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
         xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
-      } else if (!packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size) {
+      } else if (xg_in_output) {
         xg = output.view({s.steps * s.batch, s.state_size});
       } else {
         xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
       }
-      // The biases are added by the recurrent product of each step, where that costs nothing
-      // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
-      // then b_ih goes into xg (a copy into every row before the GEMM).
-      const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
       const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
       scalar_t* xg_data = xg.data_ptr<scalar_t>();
-      const scalar_t* xg_bias = b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>()
-                                                               : nullptr;
       const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data,
                                                        xg_stride);
-      gemm<scalar_t>(rows, s.gate_size, s.input_size,
-                     {input.data_ptr<scalar_t>(), s.input_size, false},
-                     {w_ih.data_ptr<scalar_t>(), s.input_size, true}, beta, xg_data, xg_stride);
-      const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
+      gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
+                     beta, xg_data, xg_stride);
       Tensor step_gates = xg;
       if (packs_gates) {
         step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
@@ -637,16 +736,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           step_gates.data_ptr<scalar_t>(),
           v.gate_packed ? v.G : batch_major ? row_stride : s.batch * row_stride,
           batch_major ? s.steps * row_stride : row_stride};
-      run_forward<Cell, scalar_t>(v, !s.has_initial_state, xg_rows, w_hh, step_bias, w_hr,
-                                  h_state, c_state, output, workspace);
+      run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
+                                  step_bias, w_hr, h_state, c_state, output, workspace);
     });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
           workspace};
 }
 
-// hx, cx: undefined where the forward started from zero states. column_sums: [threads, G] zeros
-// in the accumulation type, into which each thread adds the dgate_x rows it writes (not in the
+// hx, cx: undefined where the forward started from zero states. column_sums: [B, G] double
+// zeros, into whose row b the reverse loop adds row b's dgate_x of every step (not in the
 // gate-packed view, whose rows are not the gates' columns); or undefined.
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
@@ -702,7 +801,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   T* dhd_data = has_direct_path ? dh_direct.data_ptr<T>() : nullptr;
   T* dp_data = projecting ? dprojected.data_ptr<T>() : nullptr;
   T* dhu_data = projecting ? dh_unprojected.data_ptr<T>() : nullptr;
-  A* sums_data = column_sums.defined() ? column_sums.data_ptr<A>() : nullptr;
+  double* sums_data = column_sums.defined() ? column_sums.data_ptr<double>() : nullptr;
 
   // The reverse loop: pass i is step T - 1 - i.
   const auto projection_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
@@ -725,8 +824,6 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   };
   const auto pointwise_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(v.T_ - 1 - pass);
-    // This thread's column sums (a call runs on one thread).
-    A* sums = sums_data ? sums_data + at::get_thread_num() * column_sums.stride(0) : nullptr;
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
       T* dgx_row = dgx_data + row * G;
@@ -771,12 +868,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
-      if (sums) {
-        // The row's gate gradients, just written (in L1), into this thread's column sums.
-        for_unit_runs<T>(G, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          store(sums, 0, j, load<V>(sums, 0, j) + load<V>(dgx_row, 0, j));
-        });
+      if (sums_data) {
+        // The row's gate gradients, just written (in L1), into the row's own sums: each sum
+        // runs over the steps in order whichever thread runs the row.
+        double* sums = sums_data + b * G;
+        for (int64_t n = 0; n < G; ++n) sums[n] += double(dgx_row[n]);
       }
       // The last gate's columns, also in the gate-packed view (there one row holds the gate's
       // units of all batch rows, in dgate_h's order).
@@ -806,7 +902,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
                          dh_data + b_begin * P);
     }
   };
-  run_steps(B, v.T_, step_threads(B, v.T_, G, P, H, recurrent_back), projection_step,
+  run_steps(B, 0, v.T_, step_threads(B, v.T_, G, P, H, recurrent_back), projection_step,
             pointwise_step, recurrent_step);
 }
 
@@ -843,13 +939,13 @@ void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) 
 void cpu_column_sum(Tensor& out, const Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
                                   "rnnfast_column_sum", [&] {
-    using A = at::opmath_type<scalar_t>;
+    // In double, row by row: torch.nn's accuracy over millions of rows, in one order.
     const int64_t rows = x.size(0), cols = x.size(1);
-    std::vector<A> sum(cols, A(0));
+    std::vector<double> sum(cols, 0.0);
     const scalar_t* data = x.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* row = data + r * cols;
-      for (int64_t c = 0; c < cols; ++c) sum[c] += A(row[c]);
+      for (int64_t c = 0; c < cols; ++c) sum[c] += double(row[c]);
     }
     std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
   });
@@ -954,22 +1050,28 @@ BackwardResult backward_time_major(
                                     "rnnfast_backward_cpu", [&] {
       const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
       // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
-      // pass is long enough to cost more than the sums' buffer and their reduction (ATen calls
-      // that a one-step layer would notice). Not inside a parallel region: there a thread's
-      // number may not index the sums.
+      // pass is long enough to cost more than the sums' buffer and their reduction. Each batch
+      // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over
+      // millions of rows, and the same sums on any number of threads.
       constexpr int64_t kLoopSumsMinValues = 1 << 16;
-      if (has_bias && !v.gate_packed && !at::in_parallel_region() &&
-          s.steps * s.batch * s.gate_size >= kLoopSumsMinValues) {
-        // Each thread's row on cache lines of its own (no false sharing).
-        const int64_t padded = (s.gate_size + 15) / 16 * 16 + 16;
-        state.dgate_x_column_sums =
-            at::zeros({at::get_num_threads(), padded},
-                      input.options().dtype(at::toOpMathType(input.scalar_type())))
-                .narrow(1, 0, s.gate_size);
-      }
+      const bool sums_in_loop = has_bias && !v.gate_packed &&
+                                s.steps * s.batch * s.gate_size >= kLoopSumsMinValues;
+      Tensor row_sums = sums_in_loop ? at::zeros({s.batch, s.gate_size},
+                                                 input.options().dtype(at::kDouble))
+                                     : Tensor();
       run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                    state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                   state.dprojected, state.dgate_x_column_sums);
+                                   state.dprojected, row_sums);
+      if (sums_in_loop) {
+        // [1, G]: the rows' sums added in row order.
+        state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());
+        double* total = state.dgate_x_column_sums.data_ptr<double>();
+        const double* rows = row_sums.data_ptr<double>();
+        std::copy(rows, rows + s.gate_size, total);
+        for (int64_t b = 1; b < s.batch; ++b) {
+          for (int64_t n = 0; n < s.gate_size; ++n) total[n] += rows[b * s.gate_size + n];
+        }
+      }
       if (v.gate_packed && Cell::kGates > 1) {
         // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
         state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);

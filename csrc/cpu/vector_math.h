@@ -27,7 +27,10 @@ struct VectorMath {
   }
   static Vec<S> tanh(Vec<S> x) { return x.tanh(); }
   static Vec<S> relu(Vec<S> x) { return at::vec::maximum(x, Vec<S>(S(0))); }
-  static Vec<S> positive(Vec<S> y) { return y.gt(Vec<S>(S(0))); }  // 1.0 where y > 0, else 0.0
+  // 0 where y <= 0, else grad (also where y is NaN, as torch's relu gradient)
+  static Vec<S> relu_grad(Vec<S> grad, Vec<S> y) {
+    return Vec<S>::blendv(grad, Vec<S>(S(0)), y <= Vec<S>(S(0)));
+  }
 };
 
 // 1 / q for q > 0 bounded away from 0: the hardware estimate (14 bits on AVX-512, 12 on AVX2)
