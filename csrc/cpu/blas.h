@@ -78,13 +78,16 @@ inline int64_t core_cache_bytes() {
   return bytes;
 }
 
-// Who threads a product. A one-off product (the input projection, a weight gradient) of fewer
-// than kThreadedGemmMinWork multiply-adds runs on the calling thread: splitting it over the
-// threads, waking and joining them costs more than the split saves. The per-step products
-// (Library) are split at any size: they repeat with the same weights, which then stay split
-// over the cores' caches. Either split is gemm_in_fixed_blocks'.
-// OnCaller: one block of gemm_in_fixed_blocks, never split further.
-enum class GemmThreads { SmallOnCaller, Library, OnCaller };
+// Who threads a product. A one-off product (the input projection) of fewer than
+// kThreadedGemmMinWork multiply-adds runs on the calling thread: MKL would split it over its
+// threads, where waking and joining them costs more than the split saves; a larger one is
+// MKL's to thread (it splits the rows or columns of such shapes, so each output's sum is the
+// same on any number of threads). The products that sum over many terms next to their outputs,
+// which MKL splits over its threads along the sum (the weight gradients over all steps'
+// rows, FixedBlocks, and the backward's per-step products of a few rows, Library), run as
+// gemm_in_fixed_blocks, whose sums do not depend on the thread count. OnCaller: on the calling
+// thread.
+enum class GemmThreads { SmallOnCaller, Library, FixedBlocks, OnCaller };
 constexpr int64_t kThreadedGemmMinWork = 1 << 20;
 
 template <typename T>
@@ -92,23 +95,23 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
           int64_t ldc, GemmThreads threads = GemmThreads::SmallOnCaller);
 
 // A product that the BLAS would thread, split over the threads here instead: MKL splits the k
-// dimension of some shapes over its threads (a weight gradient's thousands of rows, a per-step
-// product of a few rows), and then an output's sum depends on the thread count. Here the longer
-// side of C is cut into blocks fixed by the shape alone (2 or 4, of at least 32 rows or
+// dimension of some shapes over its threads (a weight gradient's thousands of rows), and then
+// an output's sum depends on the thread count. Here the longer side of C is cut into blocks
+// fixed by the shape alone (2 up to max_blocks, a power of two, of at least 32 rows or
 // columns), each multiplied by the single-threaded BLAS: every output is summed in the same
 // order on any number of threads (one runs the blocks in turn). Returns false (nothing done)
 // where the product stays whole.
 template <typename T>
 bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b,
-                          T beta, T* c, int64_t ldc) {
+                          T beta, T* c, int64_t ldc, int64_t max_blocks) {
   // Few blocks: each block's call packs the operand the blocks share once more (16 blocks ran
   // the 650-unit word model's training step 20% slower than MKL's own threading).
-  constexpr int64_t kMinBlock = 32, kMaxBlocks = 4;
+  constexpr int64_t kMinBlock = 32;
   const bool by_rows = m >= n;
   const int64_t length = by_rows ? m : n;
   if (at::in_parallel_region() || length < 2 * kMinBlock) return false;
   // A power of two of blocks, even in size: they divide evenly among 2 or 4 threads.
-  int64_t blocks = kMaxBlocks;
+  int64_t blocks = max_blocks;
   while (blocks > 2 && length < blocks * kMinBlock) blocks /= 2;
   const int64_t block = (length + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -157,11 +160,15 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       const char ta = a.transposed ? 'T' : 'N', tb = b.transposed ? 'T' : 'N';
       const T one = T(1);
       // Split on one thread too: the blocks, not the thread count, fix each output's sum.
-      const bool splits = threads != GemmThreads::OnCaller && !at::in_parallel_region() &&
-                          (threads == GemmThreads::Library || m * n * k >= kThreadedGemmMinWork);
-      if (splits && gemm_in_fixed_blocks(m, n, k, a, b, beta, c, ldc)) return;
-      // Inside a parallel region, or a product too small to split: on the calling thread.
-      const bool one_thread = &MKL_Set_Num_Threads_Local != nullptr;
+      const bool in_blocks =
+          threads == GemmThreads::FixedBlocks || threads == GemmThreads::Library;
+      // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
+      const int64_t max_blocks = threads == GemmThreads::Library ? 2 : 4;
+      if (in_blocks && gemm_in_fixed_blocks(m, n, k, a, b, beta, c, ldc, max_blocks)) return;
+      // Too small to split into blocks, or OnCaller: on the calling thread.
+      const bool one_thread =
+          &MKL_Set_Num_Threads_Local != nullptr &&
+          (threads != GemmThreads::SmallOnCaller || m * n * k < kThreadedGemmMinWork);
       const int threads_before = one_thread ? MKL_Set_Num_Threads_Local(1) : 0;
       if constexpr (std::is_same_v<T, float>) {
         sgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);

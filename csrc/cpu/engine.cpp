@@ -921,7 +921,8 @@ void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) 
     const int64_t M = out.size(0), N = out.size(1), K = a.size(1);
     Tensor transposed = at::empty({N, M}, out.options());
     float* c_t = transposed.data_ptr<float>();  // C^T [N, M] = B^T A
-    gemm<float>(N, M, K, matrix_ref<float>(b.t()), matrix_ref<float>(a.t()), 0.0f, c_t, M);
+    gemm<float>(N, M, K, matrix_ref<float>(b.t()), matrix_ref<float>(a.t()), 0.0f, c_t, M,
+                GemmThreads::FixedBlocks);
     float* c = out.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t n = 0; n < N; ++n) c[m * N + n] = c_t[n * M + m];
@@ -932,7 +933,7 @@ void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) 
                                   [&] {
     gemm<scalar_t>(out.size(0), out.size(1), a.size(1), matrix_ref<scalar_t>(a),
                    matrix_ref<scalar_t>(b), scalar_t(accumulate ? 1 : 0),
-                   out.data_ptr<scalar_t>(), out.size(1));
+                   out.data_ptr<scalar_t>(), out.size(1), GemmThreads::FixedBlocks);
   });
 }
 
