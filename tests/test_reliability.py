@@ -227,6 +227,9 @@ _THREAD_SHAPES = [
     ("LSTM", (10, 16, 128, 128, 1)),
     ("GRU", (12, 24, 32, 160, 1)),  # the backward's BLAS products on each thread's rows
 ]
+# Not one batch row at sizes past the engine's own kernels: MKL threads the backward's per-step
+# product of one row as it chooses (in fixed blocks it ran twice as long), and its sums can then
+# differ in the last bit between thread counts (docs/design.md).
 
 
 def _forward_backward(module, x, hx, grad_out):

@@ -160,15 +160,18 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       const char ta = a.transposed ? 'T' : 'N', tb = b.transposed ? 'T' : 'N';
       const T one = T(1);
       // Split on one thread too: the blocks, not the thread count, fix each output's sum.
+      // Except a per-step product of one row: in blocks its time doubles (the single-row
+      // backward of a 512-unit GRU 4.3 -> 9 ms), so MKL threads it, summing as it chooses.
       const bool in_blocks =
-          threads == GemmThreads::FixedBlocks || threads == GemmThreads::Library;
+          threads == GemmThreads::FixedBlocks || (threads == GemmThreads::Library && m > 1);
       // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
       const int64_t max_blocks = threads == GemmThreads::Library ? 2 : 4;
       if (in_blocks && gemm_in_fixed_blocks(m, n, k, a, b, beta, c, ldc, max_blocks)) return;
       // Too small to split into blocks, or OnCaller: on the calling thread.
-      const bool one_thread =
-          &MKL_Set_Num_Threads_Local != nullptr &&
-          (threads != GemmThreads::SmallOnCaller || m * n * k < kThreadedGemmMinWork);
+      const bool mkl_threads = (threads == GemmThreads::SmallOnCaller &&
+                                m * n * k >= kThreadedGemmMinWork) ||
+                               (threads == GemmThreads::Library && m == 1);
+      const bool one_thread = &MKL_Set_Num_Threads_Local != nullptr && !mkl_threads;
       const int threads_before = one_thread ? MKL_Set_Num_Threads_Local(1) : 0;
       if constexpr (std::is_same_v<T, float>) {
         sgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);

@@ -259,13 +259,13 @@ bool all_finite(const Tensor& w) {
     using Bits = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
     constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7f800000u)
                                                          : Bits(0x7ff0000000000000ull);
-    Bits largest = 0;  // the largest exponent field: all ones only for NaN and Inf
+    Bits non_finite = 0;  // 1 once a value's exponent field is all ones (NaN or Inf)
     for (int64_t i = 0; i < n; ++i) {
       Bits bits;
       std::memcpy(&bits, data + i, sizeof(bits));
-      largest = std::max<Bits>(largest, bits & kExponent);
+      non_finite |= Bits((bits & kExponent) == kExponent);
     }
-    return largest != kExponent;
+    return non_finite == 0;
   } else {
     for (int64_t i = 0; i < n; ++i) {
       if (!std::isfinite(float(data[i]))) return false;
