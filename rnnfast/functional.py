@@ -81,7 +81,6 @@ class _LayerFunction(torch.autograd.Function):
         ctx.has_bias = b_ih is not None
 
     @staticmethod
-    @staticmethod
     @once_differentiable  # the backward op has no derivative: differentiating its results raises
     def backward(ctx, grad_output, grad_h_n, grad_c_n, _):
         input, hx, cx, w_ih, w_hh, w_hr, lengths, output, workspace = ctx.saved_tensors
