@@ -114,6 +114,18 @@ def _loss(outputs):
     return sum((k + 1) * o.square().sum() for k, o in enumerate(outputs))
 
 
+def _assert_matches_eager(run, model, x, hx):
+    """run(x, hx)'s outputs and the gradients of its loss (input, states, every parameter)
+    bit-identical to eager model(x, hx)'s."""
+    leaves = [x, *_flat(hx), *model.parameters()]
+    got = _outputs(run(x, hx))
+    got_grads = torch.autograd.grad(_loss(got), leaves)
+    want = _outputs(model(x, hx))
+    want_grads = torch.autograd.grad(_loss(want), leaves)
+    for a, b in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_compile_dynamic_training_step_compiles_once(name, dtype):
@@ -121,16 +133,9 @@ def test_compile_dynamic_training_step_compiles_once(name, dtype):
     model, with_h0 = _build(name, dtype)
     counter = GraphCounter()
     compiled = torch.compile(model, backend=counter.backend, dynamic=True, fullgraph=True)
-    parameters = list(model.parameters())
     for steps, batch in SIZES:
         x, hx = _inputs(model, with_h0, steps, batch)
-        leaves = [x, *_flat(hx), *parameters]
-        got = _outputs(compiled(x, hx))
-        got_grads = torch.autograd.grad(_loss(got), leaves)
-        want = _outputs(model(x, hx))
-        want_grads = torch.autograd.grad(_loss(want), leaves)
-        for a, b in zip(got + got_grads, want + want_grads):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _assert_matches_eager(compiled, model, x, hx)
     assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
 
 
@@ -157,20 +162,13 @@ def test_compile_mark_dynamic_compiles_once(name):
     counter = GraphCounter()
     compiled = torch.compile(model, backend=counter.backend, fullgraph=True)
     batch_dim, time_dim = (0, 1) if model.batch_first else (1, 0)
-    parameters = list(model.parameters())
     for steps, batch in SIZES:
         x, hx = _inputs(model, with_h0, steps, batch)
         torch._dynamo.mark_dynamic(x, batch_dim)
         torch._dynamo.mark_dynamic(x, time_dim)
         for state in _flat(hx):
             torch._dynamo.mark_dynamic(state, 1)
-        leaves = [x, *_flat(hx), *parameters]
-        got = _outputs(compiled(x, hx))
-        got_grads = torch.autograd.grad(_loss(got), leaves)
-        want = _outputs(model(x, hx))
-        want_grads = torch.autograd.grad(_loss(want), leaves)
-        for a, b in zip(got + got_grads, want + want_grads):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _assert_matches_eager(compiled, model, x, hx)
     assert (counter.forward_graphs, counter.backward_graphs) == (1, 1)
 
 
@@ -236,16 +234,9 @@ def test_export_dynamic_batch_and_time(name, strict):
     program = torch.export.export(model, (x, hx), dynamic_shapes=_dynamic_shapes(model, with_h0),
                                   strict=strict)
     exported = program.module()
-    parameters = list(model.parameters())
     for steps, batch in SIZES:
         x, hx = _inputs(model, with_h0, steps, batch)
-        leaves = [x, *_flat(hx), *parameters]
-        got = _outputs(exported(x, hx))
-        got_grads = torch.autograd.grad(_loss(got), leaves)
-        want = _outputs(model(x, hx))
-        want_grads = torch.autograd.grad(_loss(want), leaves)
-        for a, b in zip(got + got_grads, want + want_grads):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _assert_matches_eager(exported, model, x, hx)
 
 
 def _packed(x, lengths):
