@@ -113,6 +113,28 @@ def test_non_finite_weights_propagate_as_in_torch_nn(name, kwargs, steps, given_
         _assert_same_pattern(grads, reference_grads, f"{parameter}: gradients")
 
 
+@pytest.mark.parametrize("name,kwargs", LAYERS, ids=[n + kw.get("nonlinearity", "")
+                                                       for n, kw in LAYERS])
+def test_weights_changed_in_place_are_scanned_again(name, kwargs):
+    """Whether W_hh is finite is remembered per weight tensor for a deep stack's every layer and
+    direction; an in-place change of any one of them (here after the others were asked about)
+    is seen on the next call: a NaN put in, then taken out, as in torch.nn."""
+    reference, ours = _pair(name, kwargs, 3, 5, num_layers=3, bidirectional=True)
+    x = torch.randn(1, 4, 3)  # one step: only the first step's product reads W_hh
+    for parameter in ("weight_hh_l0", "weight_hh_l1_reverse", "weight_hh_l2"):
+        with torch.no_grad():
+            for _ in range(2):
+                ours(x)  # every layer's W_hh asked about (and remembered) as finite
+            for module in (reference, ours):
+                dict(module.named_parameters())[parameter][0, 0] = float("nan")
+            expected = reference(x)[0]
+            assert torch.isnan(expected).any()
+            _assert_same_pattern([ours(x)[0]], [expected], f"{parameter} NaN: output")
+            for module in (reference, ours):
+                dict(module.named_parameters())[parameter][0, 0] = 0.5
+            torch.testing.assert_close(ours(x)[0], reference(x)[0])
+
+
 def _grad_outputs(module, x, hx, is_cell):
     with torch.no_grad():
         result = module(x) if hx is None else module(x, hx)
