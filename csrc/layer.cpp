@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/buffer_pool.h"
-#include "cpu/parallel_rows.h"
+#include "buffer_pool.h"
+#include "parallel_rows.h"
 #include "layer.h"
 
 namespace rnnfast {

@@ -86,7 +86,7 @@ inline at::Tensor swap_time_and_batch(const at::Tensor& x, bool batch_first) {
 using ReadsInputAtStrides = bool (*)(const LayerSizes& sizes, const at::Tensor& input);
 
 // The input as the engine of its device reads it: as it comes where the CPU engine reads it at
-// its strides (cpu/engine.cpp), else time_major_contiguous. Taken before the arguments are
+// its strides (cpu/input_layout.h), else time_major_contiguous. Taken before the arguments are
 // checked (the autograd kernel saves it for both passes): a malformed call gets the copy, and
 // the op's checks then refuse it.
 at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,

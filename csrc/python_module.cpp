@@ -11,7 +11,7 @@
 
 #include <optional>
 
-#include "cpu/buffer_pool.h"
+#include "buffer_pool.h"
 #include "layer.h"
 
 namespace {

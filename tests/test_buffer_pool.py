@@ -1,4 +1,4 @@
-"""The CPU engine's buffer pool (csrc/cpu/buffer_pool.h): its large tensors are reused when
+"""The CPU engine's buffer pool (csrc/buffer_pool.h): its large tensors are reused when
 freed, stay ordinary tensors, never alias live ones, and are seen by the profiler."""
 import os
 import subprocess

@@ -18,7 +18,7 @@
 #include <unistd.h>  // sysconf
 #endif
 
-#include "parallel_rows.h"
+#include "../parallel_rows.h"
 #include "row_dot_product.h"
 
 extern "C" {

@@ -9,7 +9,7 @@
 // bfloat16 and float16 products run in float on a float copy of M made once per call, up to a
 // size (see RecurrentProduct::widened_).
 //
-// Gate-packed layout (small hidden sizes, see engine.cpp): the gate side of the product (the
+// Gate-packed layout (small hidden sizes, see layer_view.h): the gate side of the product (the
 // output in the forward, the input in the backward) may be stored as [gates][B][H] instead of
 // [B][gates * H], so the cell math sees all B * H units of a gate as one contiguous run.
 #pragma once
@@ -75,7 +75,7 @@ class RecurrentProduct {
         break;
     }
     if (steps >= kTiledMinSteps && splits_rows_in_blas(rows, n_, k_)) {
-      // Each thread runs the product on its own rows (engine.cpp: RowsPerThread), the BLAS on
+      // Each thread runs the product on its own rows (schedule.h: RowsPerThread), the BLAS on
       // the calling thread: every core keeps all of M^T in its cache, and the threads never
       // wait for each other within a sequence. M^T is read row-major (copied so where M comes
       // with contiguous rows): the BLAS's kernels for a few rows read that layout fastest.

@@ -4,7 +4,7 @@
 //   out[o] = start[o] + sum_s in[source_s(o)] * weight_s(o)     s = 0 .. terms - 1
 // Output lane o of term s takes its input by a lane permutation of the two input registers
 // (one instruction), so any layout of the input and output (plain rows, or the gate-packed
-// [gates][B][H] of engine.cpp) runs as a few fused multiply-adds per output vector, where a
+// [gates][B][H] of layer_view.h) runs as a few fused multiply-adds per output vector, where a
 // loop over rows, gates and units would spend a step in index arithmetic.
 //
 // LaneProduct is one output vector with its inputs in registers (register_layer.h keeps the

@@ -1,5 +1,5 @@
 // A barrier for the threads of one parallel region that run a layer's steps together (the
-// forward's panel schedule, engine.cpp): each thread computes its share of a step, and every
+// forward's panel schedule, forward.cpp): each thread computes its share of a step, and every
 // thread needs all of h before the next step.
 #pragma once
 

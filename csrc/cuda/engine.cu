@@ -1,5 +1,5 @@
 // The CUDA engine: rnnfast::forward / rnnfast::backward for one layer in one direction on the
-// GPU, with exactly the CPU engine's semantics and outputs (csrc/cpu/engine.cpp): the same
+// GPU, with exactly the CPU engine's semantics and outputs (csrc/cpu/engine.h): the same
 // workspace layout [T, B, W], masking for variable lengths, first-step rules and projection.
 //
 // Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen). Then, where W_hh

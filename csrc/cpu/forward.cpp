@@ -1,0 +1,558 @@
+// The CPU engine's forward (engine.h): the input projection, the time loop and its kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+#include "blas.h"
+#include "../buffer_pool.h"
+#include "engine.h"
+#include "input_layout.h"
+#include "layer_view.h"
+#include "recurrent_product.h"
+#include "register_layer.h"
+#include "schedule.h"
+#include "vector_math.h"
+#include "gate_panels.h"
+#include "step_barrier.h"
+
+namespace rnnfast {
+namespace cpu {
+namespace {
+
+// Whether every value of w (contiguous) is finite. Only then is the product of a zero state with
+// W_hh zero, so that the first step of a call without hx may skip it: torch.nn multiplies, and
+// a NaN or Inf in W_hh makes that step's gates NaN (0 * NaN and 0 * Inf are NaN). One pass over
+// the exponent bits (an integer reduction the compiler vectorizes), once per call.
+template <typename T>
+bool all_finite(const Tensor& w) {
+  const T* data = w.data_ptr<T>();
+  const int64_t n = w.numel();
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using Bits = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
+    constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7f800000u)
+                                                         : Bits(0x7ff0000000000000ull);
+    Bits non_finite = 0;  // 1 once a value's exponent field is all ones (NaN or Inf)
+    for (int64_t i = 0; i < n; ++i) {
+      Bits bits;
+      std::memcpy(&bits, data + i, sizeof(bits));
+      non_finite |= Bits((bits & kExponent) == kExponent);
+    }
+    return non_finite == 0;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(float(data[i]))) return false;
+    }
+    return true;
+  }
+}
+
+// all_finite(w_hh), remembered per thread for the last kRemembered tensors asked about while
+// they live and keep their data and version: an inference loop passes the same weights every
+// call, and the scan reads all of W_hh, as much memory as a two-step sequence's products (the
+// course's 2-layer energy model's forward 0.30 -> 0.36 ms with a scan per call; its two layers'
+// weights, one remembered, took turns at the one place: 0.43 ms). Any in-place change (an
+// optimizer's step, load_state_dict) bumps the version; a change through a `.data` alias does
+// not, as for autograd's own checks.
+template <typename T>
+bool w_hh_all_finite(const Tensor& w_hh) {
+  struct Remembered {
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> tensor;
+    const void* data = nullptr;
+    int64_t version = -1;
+    bool finite = false;
+  };
+  // Every layer and direction of a deep bidirectional stack (8 layers of 2), replaced in turn.
+  constexpr int kRemembered = 16;
+  thread_local std::array<Remembered, kRemembered> remembered;
+  thread_local int next_place = 0;
+  const void* data = w_hh.data_ptr();
+  const int64_t version = w_hh._version();
+  for (const Remembered& entry : remembered) {
+    if (entry.tensor && entry.data == data && entry.version == version) {
+      const auto alive = entry.tensor->lock();
+      if (alive.get() == w_hh.unsafeGetTensorImpl()) return entry.finite;
+    }
+  }
+  Remembered& entry = remembered[next_place];
+  next_place = (next_place + 1) % kRemembered;
+  entry.finite = all_finite<T>(w_hh);
+  entry.tensor.emplace(w_hh.getIntrusivePtr());
+  entry.data = data;
+  entry.version = version;
+  return entry.finite;
+}
+
+// b_ih + b_hh [G], added in the accumulation type.
+template <typename T>
+Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
+  using A = at::opmath_type<T>;
+  Tensor sum = at::empty_like(b_ih);
+  const T *a = b_ih.data_ptr<T>(), *b = b_hh.data_ptr<T>();
+  T* out = sum.data_ptr<T>();
+  for (int64_t n = 0; n < b_ih.numel(); ++n) out[n] = T(A(a[n]) + A(b[n]));
+  return sum;
+}
+
+// One run of units j of a row's forward step (H: the gate stride of xg_row, hg_row, ws_row):
+// reads h_prev_row (GRU) and c_row (LSTM, updated in place), writes h_new_row (which may be
+// h_prev_row: a unit's h_prev is read first) and the saved values; returns the new h.
+template <typename Cell, typename T, typename A, typename Index, typename V>
+inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row,
+                     const T* h_prev_row, A* c_row, T* h_new_row, T* ws_row) {
+  const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
+  const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
+  V h_new = zero, c_new = zero;
+  Cell::forward(H, j, xg_row, hg_row, h_prev, c_prev, h_new, c_new, ws_row);
+  store(h_new_row, 0, j, h_new);
+  if (c_row) store(c_row, 0, j, c_new);
+  return h_new;
+}
+
+// Where row b of step t of the input projection xg starts: time-major rows (step = B * row
+// stride), or batch-major ones (batch = T * G) where the GEMM ran on a batch_first input as it
+// is; the gate-packed view's one row per step spans B * G. `data` holds the steps from time
+// first_time on (all, or those of a chunk of steps).
+template <typename T>
+struct StepRows {
+  const T* data;
+  int64_t step, batch;
+  int64_t first_time = 0;
+  const T* row(int64_t t, int64_t b) const { return data + (t - first_time) * step + b * batch; }
+};
+
+// The steps [begin, end) of a call that one run of the time loop takes (in the loop's order:
+// step s is time v.step_time(s)).
+struct StepRange {
+  int64_t begin, end;
+};
+
+// The panel schedule (gate_panels.h) runs a float or double forward whose product the BLAS
+// would run, over at least this many steps (fewer do not repay the packing of W_hh).
+constexpr int64_t kPanelMinSteps = 4;
+// ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
+// GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
+// 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
+// against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
+// generic kernels at half of oneDNN's rate: there the panels run every batch.
+constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
+
+bool blas_is_fast_here() {
+  static const bool fast = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    // "GenuineIntel" in ebx, edx, ecx; MKL is the BLAS of torch's x86 builds.
+    const bool intel = ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
+    return intel && &sgemm_ != nullptr;
+#else
+    return false;
+#endif
+  }();
+  return fast;
+}
+
+// Whether the forward runs in the panel schedule: a product the BLAS would run; float or
+// double with SIMD vectors; no projection; one thread, or the threads of a region that run
+// concurrently (OpenMP's: StepBarrier spins).
+template <typename T>
+bool runs_by_panels(const LayerView<T>& v, bool projecting) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    using Product = RecurrentProduct<T>;
+    const bool concurrent_threads = AT_PARALLEL_OPENMP || at::get_num_threads() == 1 ||
+                                    at::in_parallel_region();
+    return !projecting && !v.gate_packed && v.T_ >= kPanelMinSteps && concurrent_threads &&
+           (v.product_rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
+           Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
+#endif
+  }
+  (void)v, (void)projecting;
+  return false;
+}
+
+// The forward in the panel schedule: one parallel region, each thread on its panels (blocks of
+// hidden units, every gate) for all batch rows and steps, one barrier per step. Per panel and
+// tile of rows, the product's tile and at once the cell math of its units. h alternates
+// between two buffers: a thread's product of step s reads all of h_{s-1} while another
+// thread may already be writing its units of h_s.
+template <typename Cell, typename T>
+void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
+                           StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
+                           Tensor& h_state, Tensor& c_state, Tensor& output,
+                           Tensor& workspace) {
+  using A = at::opmath_type<T>;
+  const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
+  constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
+  const bool saving = workspace.dim() == 3;
+  GatePanels<T> panels(w_hh.contiguous(), step_bias, Cell::kGates);
+  Tensor hg = at::empty({B, G}, h_state.options());
+  // [(s - steps.begin) % 2]: h before step s
+  Tensor h_buffers = at::empty({2, B, H}, h_state.options());
+  h_buffers[0].copy_(h_state);
+  T* hg_data = hg.data_ptr<T>();
+  T* h_data = h_buffers.data_ptr<T>();
+  A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
+  T* out_data = output.data_ptr<T>();
+  T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
+  // Row tiles over the rows of a step that may be active (all, or the packed sequence's rows
+  // that have not ended), as even as kRows allows: 20 LSTM rows as 4 tiles of 5, not
+  // 6 + 6 + 6 + 2 (a tile of 2 rows runs its multiply-adds at a third of the rate). Tile i of
+  // `rows` rows: rows tile_begin(i) .. tile_begin(i + 1) - 1.
+  const auto tiles_of = [](int64_t rows) { return (rows + kRows - 1) / kRows; };
+  const auto tile_begin = [&](int64_t tile, int64_t rows) { return tile * rows / tiles_of(rows); };
+
+  // The cell math of rows b0 .. b1 - 1, units `units`, of step t, from hg.
+  const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units,
+                             const T* h_prev, T* h_next) {
+    const int64_t u0 = units.j, u1 = u0 + units.count;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row = t * B + b;
+      T* out_row = out_data + row * H;
+      T* ws_row = ws_data ? ws_data + row * W : nullptr;
+      const T* h_prev_row = h_prev + b * H;
+      T* h_next_row = h_next + b * H;
+      if (!v.active(t, b)) {
+        // The row keeps its state; its output and saved values of the step are zero.
+        std::copy(h_prev_row + u0, h_prev_row + u1, h_next_row + u0);
+        std::fill(out_row + u0, out_row + u1, T(0));
+        for (int64_t group = 0; ws_row && group < W / H; ++group) {
+          std::fill(ws_row + group * H + u0, ws_row + group * H + u1, T(0));
+        }
+        continue;
+      }
+      A* c_row = c_data ? c_data + b * H : nullptr;
+      const auto h = forward_run<Cell>(static_cast<int>(H), units, Vec<A>(A(0)), xg.row(t, b),
+                                       hg_data + b * G, h_prev_row, c_row, h_next_row, ws_row);
+      store(out_row, 0, units, h);
+    }
+  };
+
+  // What the cell math of rows b0 .. b1 - 1, units `units`, of step t reads from memory that is
+  // not in cache (xg: a step's rows are a few hundred KB apart from the last time they were
+  // read, in another step; c), fetched into the L2 cache while the product's tile runs: the
+  // hardware's prefetchers do not follow strides of a row per gate, and the cells waited on
+  // these loads for a third of their time (64 rows of 512 LSTM units).
+  const auto fetch_cell_inputs = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* xg_row = xg.row(t, b) + units.j;
+      for (int gate = 0; gate < Cell::kGates; ++gate) __builtin_prefetch(xg_row + gate * H, 0, 2);
+      if (c_data) __builtin_prefetch(c_data + b * H + units.j, 1, 2);
+    }
+  };
+
+  StepBarrier barrier(panels.blocks());
+  at::parallel_for(0, panels.blocks(), 1, [&](int64_t first, int64_t end) {
+    panels.pack(first, end);
+    const int64_t K = panels.terms(), chunk = panels.chunk_terms();
+    for (int64_t step = steps.begin; step < steps.end; ++step) {
+      const int64_t t = v.step_time(step);
+      const int64_t parity = (step - steps.begin) % 2;
+      const T* h_prev = h_data + parity * B * H;
+      T* h_next = h_data + (1 - parity) * B * H;
+      const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
+      // The rows that have ended (a packed sequence's, in order of length) run no product.
+      const int64_t rows = v.active_end(t, 0, B), tiles = tiles_of(rows);
+      for (int64_t block = first; block < end; ++block) {
+        const VectorUnits units{static_cast<int>(panels.first_unit(block)), panels.units(block)};
+        // The k loop in chunks that stay in the L1 cache over all row tiles; after the last
+        // chunk of a tile, its cell math while the tile is in L1 too.
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t k1 = std::min(K, k0 + chunk);
+          for (int64_t row_tile = 0; row_tile < tiles; ++row_tile) {
+            const int64_t b0 = tile_begin(row_tile, rows), b1 = tile_begin(row_tile + 1, rows);
+            if (k0 == 0) fetch_cell_inputs(t, b0, b1, units);
+            panels.template tile<Cell::kGates>(h_rows ? h_rows + b0 * H : nullptr,
+                                               static_cast<int>(b1 - b0), block, k0, k1,
+                                               hg_data + b0 * G, G, row_tile == 0);
+            if (k1 == K) pointwise(t, b0, b1, units, h_prev, h_next);
+          }
+        }
+        // The ended rows keep their state and write zeros.
+        pointwise(t, rows, B, units, h_prev, h_next);
+      }
+      barrier.arrive_and_wait(end - first);
+    }
+  });
+  h_state.copy_(h_buffers[(steps.end - steps.begin) % 2]);
+}
+
+// Steps `steps` of the forward, from the state in h_state and c_state (which it updates); the
+// kernels are chosen for the whole call (v.T_ steps), so that a call run in chunks of steps
+// computes what it computes in one.
+template <typename Cell, typename T>
+void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
+                 StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
+                 const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
+                 Tensor& workspace) {
+  using A = at::opmath_type<T>;
+  const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
+  const bool projecting = w_hr.defined();
+  const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  if (runs_by_panels(v, projecting)) {
+    run_forward_by_panels<Cell, T>(v, steps, zero_initial_state, xg, w_hh, step_bias, h_state,
+                                   c_state, output, workspace);
+    return;
+  }
+  Tensor hg = at::empty({B, G}, h_state.options());
+  Tensor h_unprojected = projecting ? at::empty({B, H}, h_state.options()) : Tensor();
+  Tensor h_projected = projecting ? at::empty({B, P}, h_state.options()) : Tensor();
+  using Product = RecurrentProduct<T>;
+  // hg = h W_hh^T + step_bias (b_hh, or b_ih + b_hh where xg has no bias). A product in the
+  // BLAS would add the bias by copying it into every row of hg before each step's GEMM, a pass
+  // over [B, G] on the calling thread while the others wait (5% of the 64-row, 256-unit LSTM's
+  // forward); there the pointwise pass adds it instead, on each thread's rows while they are
+  // in its cache. (float and double: the BLAS's own types, for which both round the same.)
+  const bool bias_in_pointwise =
+      (std::is_same_v<T, float> || std::is_same_v<T, double>) && step_bias.defined() &&
+      !v.gate_packed && Product::kernel_for(v.product_rows, G, P, v.T_) == Product::Kernel::Blas;
+  const T* pointwise_bias = bias_in_pointwise ? step_bias.data_ptr<T>() : nullptr;
+  // The forward may use MKL's packed copy of W_hh: its memory is gone before the backward,
+  // whose gate-gradient buffers make the peak of a training step.
+  const Product recurrent(w_hh, bias_in_pointwise ? Tensor() : step_bias, v.product_rows, v.T_,
+                          v.gate_packed ? Product::Packed::Output : Product::Packed::None,
+                          v.unit_hidden, /*may_pack=*/true);
+  // h = h_unprojected W_hr^T
+  const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
+
+  T* hg_data = hg.data_ptr<T>();
+  T* h_data = h_state.data_ptr<T>();  // [B, P]
+  A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
+  T* out_data = output.data_ptr<T>();
+  T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
+  T* hu_data = projecting ? h_unprojected.data_ptr<T>() : nullptr;
+  T* hp_data = projecting ? h_projected.data_ptr<T>() : nullptr;
+
+  // A packed sequence's rows that have ended skip the product (their step reads no hg): a
+  // seq2seq encoder's sentences of 3-10 words padded to 10 ran a third of its products on them.
+  const bool products_skip_ended_rows = recurrent.runs_any_rows();
+  const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    // Every row active at the first step starts there; from zero states hg is step_bias alone.
+    const bool from_zero = zero_initial_state && step == 0;
+    const int64_t end =
+        products_skip_ended_rows ? v.active_end(v.step_time(step), b_begin, b_end) : b_end;
+    if (end == b_begin) return;
+    recurrent.run(from_zero ? nullptr : h_data + b_begin * P, v.rows_of_products(b_begin, end),
+                  hg_data + b_begin * G);
+  };
+  const auto pointwise_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    const int64_t t = v.step_time(step);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t row = t * B + b;
+      T* out_row = out_data + row * P;
+      T* ws_row = ws_data ? ws_data + row * W : nullptr;
+      if (!v.active(t, b)) {
+        std::fill(out_row, out_row + P, T(0));
+        if (ws_row) std::fill(ws_row, ws_row + W, T(0));
+        continue;
+      }
+      // Where xg lives in the workspace or the output, the cell overwrites it in place: it
+      // reads all gates of a unit before it writes any.
+      const T* xg_row = xg.row(t, b);
+      T* hg_row = hg_data + b * G;
+      if (pointwise_bias) {
+        for_unit_runs<T>(G, [&](auto n, auto zero) {
+          using V = decltype(zero);
+          store(hg_row, 0, n, load<V>(hg_row, 0, n) + load<V>(pointwise_bias, 0, n));
+        });
+      }
+      T* h_row = h_data + b * P;
+      A* c_row = c_data ? c_data + b * H : nullptr;
+      T* h_new_row = projecting ? hu_data + b * H : h_row;
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row, h_row,
+                                         c_row, h_new_row, ws_row);
+        if (!projecting) store(out_row, 0, j, h);
+      });
+      if (projecting && ws_row) {
+        std::copy(h_new_row, h_new_row + H, ws_row + Cell::kSavedPerUnit * H);
+      }
+    }
+  };
+  const auto projection_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
+    if (!projecting) return;
+    // h = h_unprojected W_hr^T for the active rows; inactive rows keep their state.
+    const int64_t t = v.step_time(step);
+    projection.run(hu_data + b_begin * H, v.rows_of_products(b_begin, b_end),
+                   hp_data + b_begin * P);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      if (!v.active(t, b)) continue;
+      std::copy(hp_data + b * P, hp_data + (b + 1) * P, h_data + b * P);
+      std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
+    }
+  };
+  run_steps(B, steps.begin, steps.end, step_threads(B, v.T_, G, P, H, recurrent),
+            recurrent_step, pointwise_step, projection_step);
+}
+
+// An inference call's input projection in chunks of this many bytes (at least kMinChunkSteps
+// steps): large enough that a chunk's GEMM runs at the rate of one over all steps and that the
+// per-call preparation of the step kernels, repeated per chunk (W_hh packed), stays small next
+// to the chunk's steps.
+constexpr int64_t kProjectionChunkBytes = int64_t(32) << 20;
+// Only a projection past this many bytes is chunked: the two chunks of the 64-row, 512-unit
+// LSTM's 100 steps (52 MB whole) ran its forward 10% slower than one GEMM.
+constexpr int64_t kChunkedProjectionAbove = int64_t(64) << 20;
+constexpr int64_t kMinChunkSteps = 16;
+
+int64_t projection_chunk_steps(int64_t step_bytes) {
+  return std::max<int64_t>(kMinChunkSteps,
+                           kProjectionChunkBytes / std::max<int64_t>(1, step_bytes));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
+    c10::string_view cell, const Tensor& input_, const std::optional<Tensor>& hx_,
+    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_,
+    const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
+    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
+    bool save_workspace, bool batch_first) {
+  const ForwardInputs in = prepare_forward(std::string(cell),
+                                           swap_time_and_batch(input_, batch_first), hx_, cx_,
+                                           w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_,
+                                           save_workspace ? register_layer_reads_input
+                                                          : inference_reads_input_at_strides);
+  const LayerSizes& s = in.sizes;
+  const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
+  const Tensor& lengths = in.lengths;
+  const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
+
+  ForwardState state = make_forward_state(s, input, hx_, cx_, save_workspace);
+  Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
+  Tensor& workspace = state.workspace;
+
+  dispatch_cell(s.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                    "rnnfast_forward_cpu", [&] {
+      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
+      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (register_layer_reads_input(s, input)) {
+          register_layer::forward<Cell>(
+              register_layer_sizes(s, reverse), strided_steps(input),
+              w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
+              data_or_null<float>(b_hh), h_state.data_ptr<float>(),
+              Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
+              output.data_ptr<float>(),
+              save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
+          return;
+        }
+      }
+#endif
+      const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+      // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
+      const bool zero_initial_state = !s.has_initial_state && w_hh_all_finite<scalar_t>(w_hh);
+      const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+      const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
+      const bool xg_in_output =
+          !batch_major && !packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size;
+      // The biases are added by the recurrent product of each step, where that costs nothing
+      // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
+      // then b_ih goes into xg (a copy into every row before the GEMM).
+      const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
+      const scalar_t* xg_bias = b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>()
+                                                               : nullptr;
+      const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
+      const scalar_t* x_data = input.data_ptr<scalar_t>();
+      const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
+      const int64_t chunk_steps =
+          projection_chunk_steps(s.batch * s.gate_size * int64_t(sizeof(scalar_t)));
+      const int64_t projection_bytes =
+          s.steps * s.batch * s.gate_size * int64_t(sizeof(scalar_t));
+      if (!save_workspace && !packs_gates && !xg_in_output && s.steps > chunk_steps &&
+          projection_bytes > kChunkedProjectionAbove) {
+        // Under no_grad a long call's input projection is not held whole ([T, B, G], several
+        // times the output): it is made a chunk of steps at a time, [steps, B, G] time-major,
+        // just before the steps that read it.
+        Tensor chunk = pooled_empty({chunk_steps * s.batch, s.gate_size}, input.options());
+        scalar_t* chunk_data = chunk.data_ptr<scalar_t>();
+        for (int64_t first = 0; first < s.steps; first += chunk_steps) {
+          const StepRange steps{first, std::min(s.steps, first + chunk_steps)};
+          const int64_t count = steps.end - steps.begin;
+          const int64_t t0 = reverse ? s.steps - steps.end : steps.begin;  // the chunk's times
+          const int64_t rows = count * s.batch;
+          const scalar_t beta =
+              copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, chunk_data, s.gate_size);
+          if (batch_major) {
+            // Input rows (b, t) at b * T + t: per batch row, its steps of the chunk into the
+            // chunk's rows t * B + b.
+            at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+              for (int64_t b = b_begin; b < b_end; ++b) {
+                gemm<scalar_t>(count, s.gate_size, s.input_size,
+                               {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
+                               w_ih_t, beta, chunk_data + b * s.gate_size,
+                               s.batch * s.gate_size, GemmThreads::OnCaller);
+              }
+            });
+          } else {
+            gemm<scalar_t>(rows, s.gate_size, s.input_size,
+                           {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
+                           beta, chunk_data, s.gate_size);
+          }
+          const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
+          run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
+                                      w_hr, h_state, c_state, output, workspace);
+        }
+        return;
+      }
+      // xg = x W_ih^T + b_ih: [T * B, G], one GEMM, its rows in the input's order (time-major,
+      // or batch-major: see projects_batch_major_input).
+      // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
+      // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
+      // place); the gate-packed view permutes it, so there it gets its own buffer, as do
+      // batch-major rows.
+      Tensor xg;
+      if (batch_major) {
+        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
+      } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
+        xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
+      } else if (xg_in_output) {
+        xg = output.view({s.steps * s.batch, s.state_size});
+      } else {
+        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
+      }
+      const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
+      scalar_t* xg_data = xg.data_ptr<scalar_t>();
+      const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data,
+                                                       xg_stride);
+      gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
+                     beta, xg_data, xg_stride);
+      Tensor step_gates = xg;
+      if (packs_gates) {
+        step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
+                                                Cell::kGates, /*to_packed=*/true);
+      }
+      const int64_t row_stride = step_gates.stride(0);
+      const StepRows<scalar_t> xg_rows{
+          step_gates.data_ptr<scalar_t>(),
+          v.gate_packed ? v.G : batch_major ? row_stride : s.batch * row_stride,
+          batch_major ? s.steps * row_stride : row_stride};
+      run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
+                                  step_bias, w_hr, h_state, c_state, output, workspace);
+    });
+  });
+  return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
+          workspace};
+}
+
+}  // namespace cpu
+}  // namespace rnnfast

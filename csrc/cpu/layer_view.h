@@ -1,0 +1,132 @@
+// A call's sizes as the CPU engine's loops see them (LayerView), and the gate-packed view's
+// layout.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "../layer.h"
+#include "../buffer_pool.h"
+#include "vector_math.h"
+
+namespace rnnfast {
+namespace cpu {
+
+using at::Tensor;
+
+// Sizes of one call as the pointwise loops see them, shared by the forward and backward.
+//
+// Gate-packed view: with fewer hidden units than a SIMD vector has lanes (and no lengths or
+// projection), per-row vectors would be mostly empty. Then the gate buffers of a step are laid
+// out [gates][B][H] instead of [B][gates * H] and the loops see ONE row of B * H units
+// (B = 1, H = B * H, ...), so a vector covers units of several batch rows. The recurrent
+// products (product_rows = the real batch) read or write that layout.
+template <typename T>
+struct LayerView {
+  int64_t T_, B, I, H, P, G, W;
+  int64_t product_rows;  // batch rows of the recurrent products
+  int64_t unit_hidden;   // hidden units of one batch row
+  bool gate_packed;
+  bool reverse;
+  const int64_t* lengths;  // [B] or nullptr (every row runs all T steps)
+
+  int64_t step_time(int64_t step) const { return reverse ? T_ - 1 - step : step; }
+  // The rows a recurrent product runs on for the loop's rows [b_begin, b_end): the gate-packed
+  // view's one row holds all batch rows, so its products run on all of them.
+  int64_t rows_of_products(int64_t b_begin, int64_t b_end) const {
+    return gate_packed ? product_rows : b_end - b_begin;
+  }
+  int64_t length_of(int64_t b) const { return lengths ? lengths[b] : T_; }
+  // Lengths that never increase down the batch (a packed sequence's order): the rows active at
+  // a step are a prefix of the batch.
+  bool rows_by_length = false;
+  // The end of the rows of [b_begin, b_end) that may be active at step t: before the first row
+  // that has ended, where rows go by length; else b_end.
+  int64_t active_end(int64_t t, int64_t b_begin, int64_t b_end) const {
+    if (!rows_by_length) return b_end;
+    while (b_begin < b_end) {  // the first row of length <= t
+      const int64_t middle = b_begin + (b_end - b_begin) / 2;
+      if (lengths[middle] > t) {
+        b_begin = middle + 1;
+      } else {
+        b_end = middle;
+      }
+    }
+    return b_begin;
+  }
+  bool active(int64_t t, int64_t b) const { return t < length_of(b); }
+  // The step at which row b starts (its state before that step is hx[b]).
+  bool is_first_step(int64_t t, int64_t b) const {
+    return reverse ? t == length_of(b) - 1 : t == 0;
+  }
+  int64_t previous_time(int64_t t) const { return reverse ? t + 1 : t - 1; }
+};
+
+template <typename T>
+bool use_gate_packing(const LayerSizes& s) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return !s.has_lengths && !s.has_projection && s.batch > 1 &&
+           s.hidden_size < Vec<T>::size();
+  }
+  return false;
+}
+
+inline bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {
+  return type == at::kFloat    ? use_gate_packing<float>(s)
+         : type == at::kDouble ? use_gate_packing<double>(s)
+                               : false;
+}
+
+template <typename T>
+LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse,
+                       const Tensor& lengths) {
+  LayerView<T> v;
+  v.gate_packed = use_gate_packing<T>(s);
+  const int64_t rows = v.gate_packed ? s.batch : 1;  // real rows folded into one
+  v.T_ = s.steps;
+  v.B = s.batch / rows;
+  v.I = s.input_size;
+  v.H = s.hidden_size * rows;
+  v.P = s.state_size * rows;
+  v.G = s.gate_size * rows;
+  v.W = workspace_cols * rows;
+  v.product_rows = s.batch;
+  v.unit_hidden = s.hidden_size;
+  v.reverse = reverse;
+  v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  v.rows_by_length = v.lengths != nullptr &&
+                     std::is_sorted(v.lengths, v.lengths + s.batch, std::greater<int64_t>());
+  return v;
+}
+
+// [T, B, gates * H] <-> [T, gates, B, H] for the gate-packed view: a copy with the gate and
+// batch axes swapped (to_packed: from rows to packed, else back). An element loop: a run is a
+// few units (fewer than a vector's lanes), too short for a strided copy or a memcpy call.
+template <typename T>
+Tensor regroup_gates(const Tensor& from, int64_t gates, bool to_packed) {
+  const int64_t T_ = from.size(0), B = from.size(1), H = from.size(2) / gates;
+  Tensor to = pooled_empty(from.sizes(), from.options());
+  const T* src = from.data_ptr<T>();
+  T* dst = to.data_ptr<T>();
+  for (int64_t t = 0; t < T_; ++t) {
+    const int64_t step = t * B * gates * H;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t g = 0; g < gates; ++g) {
+        const int64_t row_at = step + (b * gates + g) * H, packed_at = step + (g * B + b) * H;
+        const T* from_run = src + (to_packed ? row_at : packed_at);
+        T* to_run = dst + (to_packed ? packed_at : row_at);
+        for (int64_t j = 0; j < H; ++j) to_run[j] = from_run[j];
+      }
+    }
+  }
+  return to;
+}
+
+template <typename T>
+T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace cpu
+}  // namespace rnnfast
