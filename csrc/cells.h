@@ -28,7 +28,7 @@ namespace rnnfast {
 enum class Activation { Tanh, Relu, Sigmoid };
 
 // The cells the engines know, in the order of the op's `cell` names (see cell_from_name).
-enum class CellKind { LstmTanh, LstmRelu, LstmSigmoid, Gru, RnnTanh, RnnRelu, RnnSigmoid };
+enum class CellKind { LstmTanh, LstmRelu, LstmSigmoid, Gru, ElmanTanh, ElmanRelu, ElmanSigmoid };
 
 // The few functions the cells need beyond + - * /, per value type A. Specialised here for the
 // scalars; the CPU engine adds SIMD vector types (csrc/cpu/vector_math.h), so the same cell code
@@ -245,8 +245,8 @@ struct CellName {
 inline constexpr CellName kCellNames[] = {
     {CellKind::LstmTanh, "lstm"}, {CellKind::LstmRelu, "lstm_relu"},
     {CellKind::LstmSigmoid, "lstm_sigmoid"}, {CellKind::Gru, "gru"},
-    {CellKind::RnnTanh, "rnn_tanh"}, {CellKind::RnnRelu, "rnn_relu"},
-    {CellKind::RnnSigmoid, "rnn_sigmoid"}};
+    {CellKind::ElmanTanh, "elman_tanh"}, {CellKind::ElmanRelu, "elman_relu"},
+    {CellKind::ElmanSigmoid, "elman_sigmoid"}};
 
 // Calls `fn(CellType{})` with the cell struct named by `kind`; the engines use it to turn the
 // op's run-time cell name into a compile-time template argument.
@@ -257,9 +257,9 @@ decltype(auto) dispatch_cell(CellKind kind, Fn&& fn) {
     case CellKind::LstmRelu: return fn(LstmCell<Activation::Relu>{});
     case CellKind::LstmSigmoid: return fn(LstmCell<Activation::Sigmoid>{});
     case CellKind::Gru: return fn(GruCell{});
-    case CellKind::RnnTanh: return fn(ElmanCell<Activation::Tanh>{});
-    case CellKind::RnnRelu: return fn(ElmanCell<Activation::Relu>{});
-    case CellKind::RnnSigmoid: default: return fn(ElmanCell<Activation::Sigmoid>{});
+    case CellKind::ElmanTanh: return fn(ElmanCell<Activation::Tanh>{});
+    case CellKind::ElmanRelu: return fn(ElmanCell<Activation::Relu>{});
+    case CellKind::ElmanSigmoid: default: return fn(ElmanCell<Activation::Sigmoid>{});
   }
 }
 

@@ -73,11 +73,11 @@ def cell_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh):
     h = zeros if h is None else h
     if cell == "gru":
         return torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh), None
-    if cell == "rnn_tanh":
+    if cell == "elman_tanh":
         return torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh), None
-    if cell == "rnn_relu":
+    if cell == "elman_relu":
         return torch.rnn_relu_cell(x, h, w_ih, w_hh, b_ih, b_hh), None
-    if cell == "rnn_sigmoid":
+    if cell == "elman_sigmoid":
         return torch.sigmoid(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)), None
     c = zeros if c is None else c
     if cell == "lstm":

@@ -397,7 +397,7 @@ class RNN(_RecurrentLayer, nn.RNNBase):
 
     @property
     def _cell(self):
-        return "rnn_" + self.mode[len("RNN_"):].lower()
+        return "elman_" + self.mode[len("RNN_"):].lower()
 
     def forward(self, input, hx=None):
         if _onnx.exporting():
@@ -523,4 +523,4 @@ class RNNCell(_RecurrentCell, nn.RNNCell):
     one is an error of the call). forward(input, hx=None) returns h'."""
 
     def forward(self, input, hx=None):
-        return self._step(f"rnn_{self.nonlinearity}", input, hx, None)[0]
+        return self._step(f"elman_{self.nonlinearity}", input, hx, None)[0]

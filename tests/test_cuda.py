@@ -47,11 +47,11 @@ CELLS = {
     "lstm_relu": (lambda i, h, **kw: rnnfast.LSTM(i, h, activation="relu", **kw), None),
     "lstm_sigmoid": (lambda i, h, **kw: rnnfast.LSTM(i, h, activation="sigmoid", **kw), None),
     "gru": (lambda i, h, **kw: rnnfast.GRU(i, h, **kw), lambda i, h, **kw: nn.GRU(i, h, **kw)),
-    "rnn_tanh": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="tanh", **kw),
+    "elman_tanh": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="tanh", **kw),
                  lambda i, h, **kw: nn.RNN(i, h, nonlinearity="tanh", **kw)),
-    "rnn_relu": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="relu", **kw),
+    "elman_relu": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="relu", **kw),
                  lambda i, h, **kw: nn.RNN(i, h, nonlinearity="relu", **kw)),
-    "rnn_sigmoid": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="sigmoid", **kw), None),
+    "elman_sigmoid": (lambda i, h, **kw: rnnfast.RNN(i, h, nonlinearity="sigmoid", **kw), None),
 }
 
 # Layer configurations: constructor keywords plus how the input is given.
@@ -287,7 +287,7 @@ def test_gradcheck_projection_cuda(variant, engine_path):
     assert torch.autograd.gradcheck(differentiable_outputs, tuple(args))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 def test_gradcheck_backward_op_cuda(cell, engine_path):
     """The backward op as a function of the incoming gradients (it is linear in them), with
     the forward's results as constants."""
@@ -373,7 +373,7 @@ def test_compile_reduce_overhead_matches_eager(kind):
 
 LOW = [pytest.param(torch.float16, id="f16"), pytest.param(torch.bfloat16, id="bf16")]
 LOW_CASES = [("lstm", "stacked_bi"), ("lstm", "proj"), ("lstm", "packed"), ("gru", "stacked_bi"),
-             ("gru", "packed"), ("rnn_tanh", "nobias_hx"), ("rnn_relu", "plain"),
+             ("gru", "packed"), ("elman_tanh", "nobias_hx"), ("elman_relu", "plain"),
              ("lstm", "large"), ("gru", "large")]
 # rnnfast's relative error may be this many times torch.nn's own (each against float64), plus
 # this many units of the dtype's epsilon (for quantities torch.nn happens to get very close).

@@ -145,8 +145,8 @@ def test_engine_compiles(tmp_path):
 # Host emulation of the CUDA engine against the CPU engine
 # ------------------------------------------------------------------------------------------
 
-EMULATION_GATES = {"lstm": 4, "lstm_relu": 4, "lstm_sigmoid": 4, "gru": 3, "rnn_tanh": 1,
-                   "rnn_relu": 1, "rnn_sigmoid": 1}
+EMULATION_GATES = {"lstm": 4, "lstm_relu": 4, "lstm_sigmoid": 4, "gru": 3, "elman_tanh": 1,
+                   "elman_relu": 1, "elman_sigmoid": 1}
 EMULATION_VARIANTS = {
     "plain": dict(),
     "reverse": dict(reverse=True),

@@ -10,7 +10,7 @@ from torch import nn
 import rnnfast
 from op_args import VARIANTS, backward_args, differentiable_outputs, make_args
 
-CELLS = ["lstm", "lstm_relu", "lstm_sigmoid", "gru", "rnn_tanh", "rnn_relu", "rnn_sigmoid"]
+CELLS = ["lstm", "lstm_relu", "lstm_sigmoid", "gru", "elman_tanh", "elman_relu", "elman_sigmoid"]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -29,7 +29,7 @@ def test_gradcheck_projection(variant):
     assert torch.autograd.gradcheck(lambda *a: differentiable_outputs(*a), tuple(args))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 def test_backward_op_is_linear_in_incoming_gradients(cell):
     """The backward op maps incoming gradients linearly (the forward's gradcheck above checks
     that map against finite differences; the backward op has no derivative of its own)."""
@@ -66,7 +66,7 @@ def _grad_output_layouts(grad):
 # Over 2^12 gradient values (the general reverse pass copies smaller ones contiguous whatever
 # their layout), except the gate-packed view's, which reads its rows contiguous.
 _LENGTHS = [8 - i % 8 for i in range(24)]
-LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
+LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "elman_tanh"]
                 for name, variant in [("gate-packed", dict(hidden=3)),
                                       ("rows", dict(steps=8, batch=24, hidden=30)),
                                       ("reverse-lengths", dict(steps=8, batch=24, hidden=30,
@@ -75,7 +75,7 @@ LAYOUT_CASES = [(cell, name, variant) for cell in ["lstm", "gru", "rnn_tanh"]
 LAYOUT_CASES.append(("lstm", "projection", dict(steps=8, batch=24, hidden=30, proj=25)))
 # float32 layers small enough for the CPU's register layer, which reads any layout at any size.
 LAYOUT_CASES += [(cell, "registers", dict(steps=40, batch=3, hidden=2, dtype=torch.float32))
-                 for cell in ["lstm", "gru", "rnn_tanh"]]
+                 for cell in ["lstm", "gru", "elman_tanh"]]
 
 
 @pytest.mark.parametrize("cell,name,variant", LAYOUT_CASES,
@@ -105,7 +105,7 @@ def _input_layouts(x):
 
 
 @pytest.mark.parametrize("name", ["registers", "general"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 def test_any_input_layout_gives_the_contiguous_results(cell, name):
     """An input view (a batch_first input is a transposed one) gives exactly the outputs and
     gradients of its values made contiguous, in both passes, whether the engine reads it at
@@ -129,7 +129,7 @@ def test_any_input_layout_gives_the_contiguous_results(cell, name):
 
 @pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
                                      dict(bias=False)], ids=["plain", "packed", "nobias"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_sigmoid"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh", "elman_sigmoid"])
 def test_opcheck_forward(cell, variant, device):
     args = make_args(cell, dtype=torch.float32, seed=11, device=device, **variant)
     torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
@@ -144,7 +144,7 @@ def test_opcheck_forward_projection(device):
     torch.library.opcheck(torch.ops.rnnfast.forward.default, tuple(args))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_relu"])
 def test_opcheck_backward(cell, device):
     args = make_args(cell, dtype=torch.float32, seed=17, requires_grad=False,
                      lengths=[4, 3, 2], reverse=True, device=device)
@@ -164,7 +164,7 @@ def _batch_first_args(args):
 @pytest.mark.parametrize("variant", [dict(), dict(reverse=True, lengths=[4, 2, 3]),
                                      dict(steps=30, batch=3, input_size=2, hidden=2)],
                          ids=["plain", "packed", "registers"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 def test_batch_first_ops_are_the_time_major_ops_transposed(cell, variant, device):
     """batch_first=True takes input [B, T, I] and returns output and grad_input [B, T, ...]:
     exactly the time-major op's, transposed, through autograd and the backward op alike."""
@@ -196,7 +196,7 @@ def test_batch_first_ops_are_the_time_major_ops_transposed(cell, variant, device
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_relu"])
 def test_opcheck_batch_first(cell, device):
     args = _batch_first_args(make_args(cell, dtype=torch.float32, seed=23, device=device,
                                        lengths=[4, 3, 2]))
@@ -453,7 +453,7 @@ def test_long_sequence(cls):
 
 @pytest.mark.parametrize("variant", [dict(), dict(lengths=[4, 0, 2], reverse=True)],
                          ids=["plain", "lengths_reverse"])
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 def test_zero_initial_state_is_zero_hx(cell, variant):
     """hx = cx = None runs as zero initial states: the same results and gradients as explicit
     zeros, and no gradient for the states that were not given."""

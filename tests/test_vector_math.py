@@ -29,7 +29,7 @@ def sample_points():
 
 def test_tanh_within_a_few_ulp():
     x = sample_points()
-    got = activation("rnn_tanh", x).double()
+    got = activation("elman_tanh", x).double()
     expected = torch.tanh(x.double())
     # Relative to |tanh(x)|: a few units in the last place everywhere.
     error = (got - expected).abs() / expected.abs().clamp_min(torch.finfo(torch.float32).tiny)
@@ -40,7 +40,7 @@ def test_tanh_within_a_few_ulp():
 def test_sigmoid_within_float_resolution_of_one_half():
     """sigmoid = (1 + tanh(x / 2)) / 2: absolute error at the resolution of values near 1/2."""
     x = sample_points()
-    got = activation("rnn_sigmoid", x).double()
+    got = activation("elman_sigmoid", x).double()
     expected = torch.sigmoid(x.double())
     error = (got - expected).abs()
     worst = int(error.argmax())
@@ -48,14 +48,14 @@ def test_sigmoid_within_float_resolution_of_one_half():
     assert bool(((got >= 0) & (got <= 1)).all())
 
 
-@pytest.mark.parametrize("cell,expected", [("rnn_tanh", torch.tanh),
-                                           ("rnn_sigmoid", torch.sigmoid)])
+@pytest.mark.parametrize("cell,expected", [("elman_tanh", torch.tanh),
+                                           ("elman_sigmoid", torch.sigmoid)])
 def test_saturation_nan_and_odd_symmetry(cell, expected):
     x = torch.tensor([-1e30, -100.0, -20.0, 0.0, 20.0, 100.0, 1e30, float("inf"),
                       float("-inf")])
     got = activation(cell, x)
     assert torch.allclose(got, expected(x), atol=1e-7, rtol=0)
     assert bool(activation(cell, torch.tensor([float("nan")])).isnan().all())
-    if cell == "rnn_tanh":
+    if cell == "elman_tanh":
         y = torch.linspace(0, 9, 10_001)
         assert torch.equal(activation(cell, -y), -activation(cell, y))
