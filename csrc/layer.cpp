@@ -252,9 +252,33 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
   if (!hx.defined()) state.dh = Tensor();
   if (!cx.defined()) state.dc = Tensor();
   const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
-  Tensor grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
-                                 : at::empty({0}, options);
-  Tensor grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  Tensor grad_input, grad_w_ih;
+  if (input.is_contiguous()) {
+    grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
+                            : at::empty({0}, options);
+    grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+  } else {
+    TORCH_INTERNAL_ASSERT(input.transpose(0, 1).is_contiguous());
+    // An input [T, B, I] the engine takes batch-major (a batch_first tensor's transposed
+    // view): a GEMM per batch row on its rows [T, I] and those of the time-major dgate_x
+    // ([T, G] at a stride of B rows); the input's gradient comes back batch-major, as a
+    // [T, B, I] view.
+    if (input_grad) {
+      Tensor batch_major = pooled_empty({B, T_, s.input_size}, options);
+      for (int64_t b = 0; b < B; ++b) {
+        Tensor rows = batch_major[b];
+        kernels.matmul(rows, state.dgate_x.select(1, b), w_ih, /*accumulate=*/false);
+      }
+      grad_input = batch_major.transpose(0, 1);
+    } else {
+      grad_input = at::empty({0}, options);
+    }
+    grad_w_ih = pooled_empty({G, s.input_size}, options);
+    for (int64_t b = 0; b < B; ++b) {
+      kernels.matmul(grad_w_ih, state.dgate_x.select(1, b).t(), input.select(1, b),
+                     /*accumulate=*/b > 0);
+    }
+  }
   Tensor grad_b_ih = !has_bias ? at::empty({0}, options)
                      : state.dgate_x_column_sums.defined()
                          ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())

@@ -212,7 +212,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                   at::Tensor, at::Tensor, at::Tensor>;
 
 // After the reverse loop: the gradients of the input, the weights and the biases as single
-// GEMMs / reductions over all T * B rows, in the order of rnnfast::backward's results (those of
+// GEMMs / reductions over all T * B rows (a GEMM per batch row for a batch-major input), in the order of rnnfast::backward's results (those of
 // hx and cx empty where the forward started from zero states). hx, cx: undefined then.
 BackwardResult finish_backward(const LayerSizes& sizes, BackwardState& state,
                                const at::Tensor& input, const at::Tensor& hx,

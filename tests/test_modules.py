@@ -910,6 +910,30 @@ def test_batch_first_inference(rf, device, spec, sizes, bidirectional):
         assert_close_rel(got[k].cpu(), exp[k], k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+def test_batch_first_training_on_the_input_as_it_comes(rf, device, spec, bidirectional, hx_given,
+                                                       dtype):
+    """A batch_first input of 64 KiB or more trains as it comes, with no time-major copy for the
+    graph to keep: the CPU engine runs the input projection and the gradients of the input and
+    of W_ih as a GEMM per batch row. Outputs and every gradient are torch.nn's, with a second
+    layer (whose input is the first's time-major output), and the input's gradient comes back
+    in the input's own batch-major layout."""
+    _skip_extra_on_torch_nn(rf, spec)
+    sizes = dict(T=40, B=6, I=72, H=24, P=12 if spec.proj else 0)  # 17280 values
+    check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=bidirectional,
+                batch_first=True, bias=True, layout="batched", hx_given=hx_given, sizes=sizes)
+    if device.type == "cpu":
+        cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=bidirectional,
+                                    batch_first=True, bias=True, layout="batched",
+                                    hx_given=False, dtype=dtype, sizes=sizes)
+        x = leaves["input"].requires_grad_()
+        (grad,) = torch.autograd.grad(rnnfast_layer(rf, spec, cfg, dtype, device)(x)[0].sum(), x)
+        assert grad.is_contiguous()
+
+
 # Packed sequences need two rows or more (lengths to vary).
 @pytest.mark.parametrize("B,H,I,layout", [(B, H, I, layout) for B, H, I in TINY_SIZES
                                           for layout in ("batched", "packed")

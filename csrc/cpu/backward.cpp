@@ -264,7 +264,7 @@ BackwardResult backward_time_major(
   const BackwardInputs in =
       prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
                        w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
-                       /*contiguous_grad_output=*/false, register_layer_reads_input_backward);
+                       /*contiguous_grad_output=*/false, backward_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;

@@ -427,7 +427,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const ForwardInputs in = prepare_forward(std::string(cell),
                                            swap_time_and_batch(input_, batch_first), hx_, cx_,
                                            w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_,
-                                           save_workspace ? register_layer_reads_input
+                                           save_workspace ? training_reads_input_at_strides
                                                           : inference_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
@@ -462,6 +462,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
       const bool zero_initial_state = !s.has_initial_state && w_hh_all_finite<scalar_t>(w_hh);
       const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+      // A batch-major input (see input_layout.h): under no_grad its projection xg is batch-major
+      // too, in a buffer of its own; in training it goes time-major into the workspace or the
+      // output as usual, by a GEMM per batch row.
+      const bool batch_major_input = is_batch_major(input);
       const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
       const bool xg_in_output =
           !batch_major && !packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size;
@@ -474,6 +478,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
       const scalar_t* x_data = input.data_ptr<scalar_t>();
       const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
+      // xg = x W_ih^T (+ beta xg) for steps t0 .. t0 + count - 1 into rows t * B + b of
+      // xg_data (row stride xg_stride), from time-major rows in one GEMM, or from batch-major
+      // ones (row (b, t) at b * T + t) in a GEMM per batch row.
+      const auto project_time_major = [&](int64_t t0, int64_t count, scalar_t beta,
+                                          scalar_t* xg_data, int64_t xg_stride) {
+        if (batch_major_input) {
+          at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+            for (int64_t b = b_begin; b < b_end; ++b) {
+              gemm<scalar_t>(count, s.gate_size, s.input_size,
+                             {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
+                             w_ih_t, beta, xg_data + b * xg_stride, s.batch * xg_stride,
+                             GemmThreads::OnCaller);
+            }
+          });
+        } else {
+          gemm<scalar_t>(count * s.batch, s.gate_size, s.input_size,
+                         {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
+                         beta, xg_data, xg_stride);
+        }
+      };
       const int64_t chunk_steps =
           projection_chunk_steps(s.batch * s.gate_size * int64_t(sizeof(scalar_t)));
       const int64_t projection_bytes =
@@ -492,30 +516,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           const int64_t rows = count * s.batch;
           const scalar_t beta =
               copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, chunk_data, s.gate_size);
-          if (batch_major) {
-            // Input rows (b, t) at b * T + t: per batch row, its steps of the chunk into the
-            // chunk's rows t * B + b.
-            at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-              for (int64_t b = b_begin; b < b_end; ++b) {
-                gemm<scalar_t>(count, s.gate_size, s.input_size,
-                               {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
-                               w_ih_t, beta, chunk_data + b * s.gate_size,
-                               s.batch * s.gate_size, GemmThreads::OnCaller);
-              }
-            });
-          } else {
-            gemm<scalar_t>(rows, s.gate_size, s.input_size,
-                           {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
-                           beta, chunk_data, s.gate_size);
-          }
+          project_time_major(t0, count, beta, chunk_data, s.gate_size);
           const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
           run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
                                       w_hr, h_state, c_state, output, workspace);
         }
         return;
       }
-      // xg = x W_ih^T + b_ih: [T * B, G], one GEMM, its rows in the input's order (time-major,
-      // or batch-major: see projects_batch_major_input).
+      // xg = x W_ih^T + b_ih: [T * B, G], time-major (from a batch-major input by a GEMM per
+      // batch row), or under no_grad in a batch-major input's order (one GEMM; see
+      // projects_batch_major_input).
       // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
       // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
       // place); the gate-packed view permutes it, so there it gets its own buffer, as do
@@ -534,8 +544,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       scalar_t* xg_data = xg.data_ptr<scalar_t>();
       const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data,
                                                        xg_stride);
-      gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
-                     beta, xg_data, xg_stride);
+      if (batch_major) {
+        // [B * T, G] batch-major, as the rows come.
+        gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
+                       beta, xg_data, xg_stride);
+      } else {
+        project_time_major(0, s.steps, beta, xg_data, xg_stride);
+      }
       Tensor step_gates = xg;
       if (packs_gates) {
         step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),

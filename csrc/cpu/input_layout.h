@@ -55,21 +55,55 @@ inline bool register_layer_reads_input_backward(const LayerSizes& s, const Tenso
 #endif
 }
 
-// Whether the forward's input projection runs on this input [T, B, I] as it is, a batch_first
-// tensor's transposed view (its memory holds the rows of [B, T, I] in order): the GEMM takes the
-// rows batch-major, and the steps read xg at batch-major strides. Only where xg gets a buffer
-// of its own anyway (the inference's: training writes it into the workspace, time-major, and
-// the backward reads the time-major copy of the input that the autograd kernel makes) and the
-// gate-packed view does not regroup it.
+// Whether x [T, B, I] is a batch_first tensor's transposed view: its memory holds the rows of
+// [B, T, I] in order.
+inline bool is_batch_major(const Tensor& x) {
+  return x.device().is_cpu() && x.dim() == 3 && !x.is_contiguous() &&
+         x.transpose(0, 1).is_contiguous();
+}
+
+// Whether the inference forward's input projection runs on this input [T, B, I] as it is, a
+// batch-major one: the GEMM takes the rows batch-major into a buffer of xg of their own, and the
+// steps read xg at batch-major strides. Not where the gate-packed view regroups xg.
 inline bool projects_batch_major_input(const LayerSizes& s, const Tensor& input) {
-  return input.device().is_cpu() && input.dim() == 3 && !input.is_contiguous() &&
-         input.transpose(0, 1).is_contiguous() && !uses_gate_packing(s, input.scalar_type());
+  return is_batch_major(input) && !uses_gate_packing(s, input.scalar_type());
 }
 
 // The inference forward's ReadsInputAtStrides: the register layer's, or a batch_first input
 // that the input projection takes as it is.
 inline bool inference_reads_input_at_strides(const LayerSizes& s, const Tensor& input) {
   return register_layer_reads_input(s, input) || projects_batch_major_input(s, input);
+}
+
+// A training call takes a batch-major input of at least this many bytes as it is.
+constexpr int64_t kBatchMajorTrainingMinBytes = int64_t(64) << 10;
+
+// Whether a training call's forward and backward take this input [T, B, I] as it is, a
+// batch-major one (hidden_size: H; gate packing regroups the gates and takes a copy): the input
+// projection, the input's gradient and W_ih's run as a GEMM per batch row on its rows of
+// [B, T, I]. A time-major copy would live as long as the graph: 13% of the peak memory of the
+// word language model's 2-layer, 200-unit Elman training step. Below
+// kBatchMajorTrainingMinBytes one GEMM on a copy costs less than a GEMM per batch row.
+inline bool trains_on_batch_major_input(const Tensor& input, int64_t hidden_size,
+                                        bool has_lengths, bool has_projection) {
+  return is_batch_major(input) &&
+         input.numel() * int64_t(input.element_size()) >= kBatchMajorTrainingMinBytes &&
+         !uses_gate_packing(input.scalar_type(), input.size(1), hidden_size, has_lengths,
+                            has_projection);
+}
+
+inline bool trains_on_batch_major_input(const LayerSizes& s, const Tensor& input) {
+  return trains_on_batch_major_input(input, s.hidden_size, s.has_lengths, s.has_projection);
+}
+
+// The training forward's and the backward's ReadsInputAtStrides: the register layer's, or a
+// batch-major input the call trains on as it is.
+inline bool training_reads_input_at_strides(const LayerSizes& s, const Tensor& input) {
+  return register_layer_reads_input(s, input) || trains_on_batch_major_input(s, input);
+}
+
+inline bool backward_reads_input_at_strides(const LayerSizes& s, const Tensor& input) {
+  return register_layer_reads_input_backward(s, input) || trains_on_batch_major_input(s, input);
 }
 
 }  // namespace cpu

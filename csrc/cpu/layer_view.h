@@ -64,18 +64,29 @@ struct LayerView {
 };
 
 template <typename T>
-bool use_gate_packing(const LayerSizes& s) {
+bool use_gate_packing(int64_t batch, int64_t hidden_size, bool has_lengths, bool has_projection) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    return !s.has_lengths && !s.has_projection && s.batch > 1 &&
-           s.hidden_size < Vec<T>::size();
+    return !has_lengths && !has_projection && batch > 1 && hidden_size < Vec<T>::size();
   }
   return false;
 }
 
-inline bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {
-  return type == at::kFloat    ? use_gate_packing<float>(s)
-         : type == at::kDouble ? use_gate_packing<double>(s)
+template <typename T>
+bool use_gate_packing(const LayerSizes& s) {
+  return use_gate_packing<T>(s.batch, s.hidden_size, s.has_lengths, s.has_projection);
+}
+
+inline bool uses_gate_packing(at::ScalarType type, int64_t batch, int64_t hidden_size,
+                              bool has_lengths, bool has_projection) {
+  return type == at::kFloat ? use_gate_packing<float>(batch, hidden_size, has_lengths,
+                                                      has_projection)
+         : type == at::kDouble ? use_gate_packing<double>(batch, hidden_size, has_lengths,
+                                                          has_projection)
                                : false;
+}
+
+inline bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {
+  return uses_gate_packing(type, s.batch, s.hidden_size, s.has_lengths, s.has_projection);
 }
 
 template <typename T>
