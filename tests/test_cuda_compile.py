@@ -314,7 +314,7 @@ def test_engine_host_emulation(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", _EMULATION_BUILD, os.path.join(ROOT, "csrc", "ops.cpp"),
          os.path.join(ROOT, "csrc", "layer.cpp"),
-         os.path.join(ROOT, "csrc", "cpu", "buffer_pool.cpp"), str(source), include, str(build)],
+         os.path.join(ROOT, "csrc", "buffer_pool.cpp"), str(source), include, str(build)],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     library = build / "rnnfast_cuda_emulation.so"
