@@ -3,19 +3,20 @@
 setup.py compiles csrc/cuda only when torch itself was built with CUDA; on a machine with a
 CPU-only torch these tests are the check that the CUDA sources compile at all:
 
-* test_kernels_compile: csrc/cuda/kernels.cu (the kernels of kernels.cuh with the math of
-  csrc/cells.h, explicitly instantiated for every cell x float / double / half / bfloat16)
-  compiled with nvcc alone, for sm_80 and sm_90. No torch header is involved, so it is fast.
+* test_kernels_compile: csrc/cuda/kernels_<dtype>.cu (the launchers of launchers.cuh with the
+  math of csrc/cells.h, explicitly instantiated for every cell, one file per float / double /
+  half / bfloat16) compiled with nvcc alone, for sm_80 and sm_90. No torch header is involved,
+  so it is fast.
 * test_engine_compiles: csrc/cuda/engine.cu (the host code: ATen GEMMs, the time loops, the op
   registration) compiled with `nvcc -c` against the installed torch's headers, and its calls
-  of the launchers matched against the instantiations of kernels.cu (nm). A CPU-only torch
-  wheel ships the c10/cuda headers but not the header CMake generates for a CUDA build
-  (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its temporary
-  folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
+  of the launchers matched against the instantiations in the kernels_*.cu objects (nm). A
+  CPU-only torch wheel ships the c10/cuda headers but not the header CMake generates for a
+  CUDA build (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its
+  temporary folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
 
-* test_engine_host_emulation: engine.cu and kernels.cu compiled by the host C++ compiler with
-  RNNFAST_CUDA_HOST_EMULATION (engine.cu registers itself for CPU tensors, each kernel launch
-  becomes a loop over its threads' bodies), loaded in a subprocess (its ops.cpp would clash
+* test_engine_host_emulation: engine.cu (with RNNFAST_CUDA_HOST_EMULATION: it registers
+  itself for CPU tensors) and the kernels_*.cu files compiled by the host C++ compiler, where
+  each kernel launch becomes a loop over its threads' bodies, linked into one library, loaded in a subprocess (its ops.cpp would clash
   with rnnfast._C), and its outputs, gradients and workspace shape compared with the CPU
   engine's (run in a subprocess too) for every cell, dtype (float64 / float32 / float16 /
   bfloat16), projection, lengths, direction, one step and an empty batch; once with the
@@ -27,17 +28,23 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
 
 All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
 """
+import glob
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+# The translation units that instantiate the launchers, one per dtype.
+KERNEL_SOURCES = sorted(glob.glob(os.path.join(CUDA_DIR, "kernels_*.cu")))
+DTYPES = 4
+CELLS = 7
 
 
 def _find_nvcc():
@@ -73,10 +80,16 @@ def _nvcc(args, timeout):
 
 
 def _compile_kernels(arch, out_dir):
-    target = os.path.join(out_dir, f"kernels_{arch}.o")
-    _nvcc([*NVCC_FLAGS, f"-arch={arch}", "-c", os.path.join(CUDA_DIR, "kernels.cu"),
-           "-o", target], timeout=600)
-    return target
+    """The objects of every kernels_*.cu for `arch`, compiled at most one per CPU core at once."""
+    def compile_one(source):
+        name = os.path.splitext(os.path.basename(source))[0]
+        target = os.path.join(out_dir, f"{name}_{arch}.o")
+        _nvcc([*NVCC_FLAGS, f"-arch={arch}", "-c", source, "-o", target], timeout=600)
+        return target
+
+    assert len(KERNEL_SOURCES) == DTYPES, KERNEL_SOURCES
+    with ThreadPoolExecutor(max_workers=min(len(KERNEL_SOURCES), os.cpu_count() or 1)) as pool:
+        return list(pool.map(compile_one, KERNEL_SOURCES))
 
 
 def _symbols(obj, kinds):
@@ -92,14 +105,17 @@ def _symbols(obj, kinds):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile(arch, tmp_path):
-    target = _compile_kernels(arch, str(tmp_path))
-    assert os.path.getsize(target) > 0
+    targets = _compile_kernels(arch, str(tmp_path))
+    assert all(os.path.getsize(target) > 0 for target in targets)
     if shutil.which("nm"):
-        # Every launcher of every cell x dtype is there: 7 cells x 4 dtypes x (forward step,
-        # backward step, forward sequence, backward sequence) plus 4 dtypes x 2 projection
-        # helpers.
-        launchers = {name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
-        assert len(launchers) == 7 * 4 * 4 + 4 * 2, sorted(launchers)
+        # Every launcher of every cell x dtype is there, each dtype's in its own object: 7 cells
+        # x (forward step, backward step, forward sequence, backward sequence) plus 2 projection
+        # helpers per object, none defined twice.
+        per_object = [{name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
+                      for target in targets]
+        for target, launchers in zip(targets, per_object):
+            assert len(launchers) == CELLS * 4 + 2, (target, sorted(launchers))
+        assert len(set().union(*per_object)) == DTYPES * (CELLS * 4 + 2)
 
 
 def _torch_cuda_headers():
@@ -133,12 +149,14 @@ def test_engine_compiles(tmp_path):
            "-c", os.path.join(CUDA_DIR, "engine.cu"), "-o", engine], timeout=900)
     assert os.path.getsize(engine) > 0
     if shutil.which("nm"):
-        # engine.cu calls the launchers; kernels.cu must instantiate every one it calls.
-        kernels = _compile_kernels("sm_80", str(tmp_path))
+        # engine.cu calls the launchers; the kernels_*.cu objects must instantiate every one it
+        # calls.
+        defined = set().union(*(_symbols(target, {"T", "W"})
+                                for target in _compile_kernels("sm_80", str(tmp_path))))
         needed = {name for name in _symbols(engine, {"U"}) if "launch_" in name}
         assert needed, "engine.cu calls no launcher: the extern declarations did not apply"
-        missing = needed - _symbols(kernels, {"T", "W"})
-        assert not missing, f"launchers engine.cu calls but kernels.cu lacks: {sorted(missing)}"
+        missing = needed - defined
+        assert not missing, f"launchers engine.cu calls but no kernels_*.cu defines: {sorted(missing)}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,12 +290,15 @@ def _emulation_truth():
             if dtype in HALF_DTYPES}
 
 
-_EMULATION_SOURCE = """\
-// Generated by tests/test_cuda_compile.py: the CUDA engine's host code with host loops for
-// the kernels, registered for CPU tensors.
+_EMULATION_ENGINE = """\
+// Generated by tests/test_cuda_compile.py: the CUDA engine's host code, registered for CPU
+// tensors.
 #define RNNFAST_CUDA_HOST_EMULATION 1
-#include "{engine}"
-#include "{kernels}"
+#include "{source}"
+"""
+_EMULATION_KERNELS = """\
+// Generated by tests/test_cuda_compile.py: launchers that run the kernels as host loops.
+#include "{source}"
 """
 
 _EMULATION_BUILD = """\
@@ -305,16 +326,22 @@ def test_engine_host_emulation(tmp_path):
         pytest.skip("no CUDA include folder with cuda_fp16.h next to nvcc")
     if shutil.which("ninja") is None:
         pytest.skip("torch.utils.cpp_extension.load needs ninja")
-    source = tmp_path / "engine_emulation.cpp"
-    source.write_text(_EMULATION_SOURCE.format(engine=os.path.join(CUDA_DIR, "engine.cu"),
-                                               kernels=os.path.join(CUDA_DIR, "kernels.cu")))
+    # One C++ file per CUDA file, as the extension builds them: the launchers engine.cu calls
+    # are found at link time in the kernels_*.cu objects.
+    sources = []
+    for cuda_source, template in [(os.path.join(CUDA_DIR, "engine.cu"), _EMULATION_ENGINE),
+                                  *((k, _EMULATION_KERNELS) for k in KERNEL_SOURCES)]:
+        name = os.path.splitext(os.path.basename(cuda_source))[0]
+        source = tmp_path / f"{name}_emulation.cpp"
+        source.write_text(template.format(source=cuda_source))
+        sources.append(str(source))
     build = tmp_path / "build"
     build.mkdir()
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     result = subprocess.run(
         [sys.executable, "-c", _EMULATION_BUILD, os.path.join(ROOT, "csrc", "ops.cpp"),
          os.path.join(ROOT, "csrc", "layer.cpp"),
-         os.path.join(ROOT, "csrc", "cpu", "buffer_pool.cpp"), str(source), include, str(build)],
+         os.path.join(ROOT, "csrc", "buffer_pool.cpp"), *sources, include, str(build)],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     library = build / "rnnfast_cuda_emulation.so"

@@ -4,7 +4,7 @@
 //
 // Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen). Then, where W_hh
 // and the state fit in one block's shared memory (and the layer does not project), the whole
-// time loop is ONE sequence kernel (kernels.cuh: sequence_block); elsewhere, per step,
+// time loop is ONE sequence kernel (sequence_kernels.cuh: sequence_block); elsewhere, per step,
 // the recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
 // (the math of csrc/cells.h) that writes h, c, the output and the workspace. Backward: the
 // reverse loop as one sequence kernel, or per step one fused kernel plus the recurrent GEMM;
@@ -17,9 +17,10 @@
 // dtype, like torch.nn's RNNs (forward_autocast below).
 //
 // RNNFAST_CUDA_HOST_EMULATION (tests only, never set by setup.py): compiled by a C++ compiler
-// with kernels.cu, the same host code registers itself for CPU tensors and the "kernels" run
-// as host loops over the threads' bodies (kernels.cuh). tests/test_cuda_compile.py builds it so
-// to check this file's indexing and loops against the CPU engine on a machine without a GPU.
+// with the kernels_<type>.cu files, the same host code registers itself for CPU tensors and the
+// "kernels" run as host loops over the threads' bodies (run_on_host, launch.cuh).
+// tests/test_cuda_compile.py builds it so to check this file's indexing and loops against the
+// CPU engine on a machine without a GPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -40,7 +41,7 @@
 #include <cstring>
 
 #include "../layer.h"
-#include "kernels.cuh"
+#include "launchers.cuh"
 
 namespace rnnfast {
 namespace {

@@ -1,0 +1,107 @@
+// The host functions engine.cu calls to run the CUDA engine's kernels, one per kernel, and the
+// lists of cells x storage types they are compiled for. Each launcher launches exactly one
+// kernel on `stream` (nothing when there is no work) through launch() (launch.cuh) and returns;
+// the caller checks the launch (C10_CUDA_KERNEL_LAUNCH_CHECK in engine.cu).
+//
+// The launchers are explicitly instantiated in one translation unit per storage type
+// (kernels_float.cu, kernels_double.cu, kernels_half.cu, kernels_bfloat16.cu), which the build
+// compiles in parallel (ninja); engine.cu sees only the extern declarations at the end of this
+// file. No torch header is included here or by the headers below, so
+// tests/test_cuda_compile.py compiles those files with nvcc alone.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../cells.h"
+#include "launch.cuh"
+#include "sequence_kernels.cuh"
+#include "step_kernels.cuh"
+#include "types.cuh"
+
+namespace rnnfast {
+namespace cuda {
+
+template <typename Cell, typename T>
+void launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
+  const int64_t threads = args.B * args.H;
+  launch<StepKernel<ForwardStepArgs<T>, forward_step_unit<Cell, T>>>(step_shape(threads), stream,
+                                                                      args, threads);
+}
+
+template <typename Cell, typename T>
+void launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) {
+  const int64_t threads = args.B * args.H;
+  launch<StepKernel<BackwardStepArgs<T>, backward_step_unit<Cell, T>>>(step_shape(threads),
+                                                                        stream, args, threads);
+}
+
+// One launch of `plan.blocks` blocks for the whole sequence, forward or backward by the type of
+// `args` (plan from plan_sequence with the same sizes).
+template <typename Cell, typename T, typename Args>
+void launch_sequence(const Args& args, const SequencePlan& plan, cudaStream_t stream) {
+  launch<SequenceKernel<Cell, T, Args>>({plan.blocks, plan.threads, plan.shared_bytes}, stream,
+                                        args);
+}
+
+template <typename T>
+void launch_projection_copy(const ProjectionCopyArgs<T>& args, cudaStream_t stream) {
+  const int64_t threads = args.B * args.P;
+  launch<StepKernel<ProjectionCopyArgs<T>, projection_copy_unit<T>>>(step_shape(threads), stream,
+                                                                      args, threads);
+}
+
+template <typename T>
+void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stream) {
+  const int64_t threads = args.B * args.P;
+  launch<StepKernel<ProjectionGradArgs<T>, projection_grad_unit<T>>>(step_shape(threads), stream,
+                                                                      args, threads);
+}
+
+// Every cell x storage type, for explicit instantiation (kernels_<type>.cu) and its declaration
+// (engine.cu, via the extern declarations below). X(Cell, T) and Y(T) are macros.
+#define RNNFAST_CUDA_FOR_EACH_TYPE(Y) \
+  Y(float)                            \
+  Y(double)                           \
+  Y(::rnnfast::cuda::Half)            \
+  Y(::rnnfast::cuda::BFloat16)
+
+#define RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(X, T)                        \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Tanh>, T)                \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Relu>, T)                \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Sigmoid>, T)             \
+  X(::rnnfast::GruCell, T)                                              \
+  X(::rnnfast::ElmanCell<::rnnfast::Activation::Tanh>, T)               \
+  X(::rnnfast::ElmanCell<::rnnfast::Activation::Relu>, T)               \
+  X(::rnnfast::ElmanCell<::rnnfast::Activation::Sigmoid>, T)
+
+#define RNNFAST_CUDA_CELL_LAUNCHERS(PREFIX, Cell, T)                                         \
+  PREFIX template void launch_forward_step<Cell, T>(const ForwardStepArgs<T>&, cudaStream_t);   \
+  PREFIX template void launch_backward_step<Cell, T>(const BackwardStepArgs<T>&, cudaStream_t); \
+  PREFIX template void launch_sequence<Cell, T, SequenceForwardArgs<T>>(                       \
+      const SequenceForwardArgs<T>&, const SequencePlan&, cudaStream_t);                        \
+  PREFIX template void launch_sequence<Cell, T, SequenceBackwardArgs<T>>(                      \
+      const SequenceBackwardArgs<T>&, const SequencePlan&, cudaStream_t);
+
+#define RNNFAST_CUDA_TYPE_LAUNCHERS(PREFIX, T)                                                \
+  PREFIX template void launch_projection_copy<T>(const ProjectionCopyArgs<T>&, cudaStream_t); \
+  PREFIX template void launch_projection_grad<T>(const ProjectionGradArgs<T>&, cudaStream_t);
+
+#define RNNFAST_CUDA_EXTERN_CELL(Cell, T) RNNFAST_CUDA_CELL_LAUNCHERS(extern, Cell, T)
+#define RNNFAST_CUDA_EXTERN_TYPE(T)                       \
+  RNNFAST_CUDA_TYPE_LAUNCHERS(extern, T)                  \
+  RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_EXTERN_CELL, T)
+
+// The definitions of every launcher of storage type T, for its kernels_<type>.cu.
+#define RNNFAST_CUDA_DEFINE_CELL(Cell, T) RNNFAST_CUDA_CELL_LAUNCHERS(, Cell, T)
+#define RNNFAST_CUDA_DEFINE_TYPE(T)         \
+  RNNFAST_CUDA_TYPE_LAUNCHERS(, T)          \
+  RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_DEFINE_CELL, T)
+
+// Declared here, defined once in kernels_<type>.cu: the translation units that only call the
+// launchers (engine.cu) do not compile the kernels again.
+RNNFAST_CUDA_FOR_EACH_TYPE(RNNFAST_CUDA_EXTERN_TYPE)
+
+}  // namespace cuda
+}  // namespace rnnfast
