@@ -175,7 +175,8 @@ setup(
     # Keep requirements.txt (what scripts/setup.sh installs) in step with these.
     extras_require={
         "tasks": ["tqdm", "matplotlib"],
-        "test": ["pytest", "numpy", "ruff", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "numpy", "ruff", "clang-format==18.1.8", "onnx", "onnxscript",
+                 "onnxruntime"],
     },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithSourceHash},

@@ -5,11 +5,11 @@
 // sizes recurrent layers often run at is more than the whole layer. The fake (shape)
 // implementations stay in Python (rnnfast/_ops.py); with both, autograd, opcheck and
 // torch.compile(fullgraph=True) work.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -25,27 +25,23 @@ using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-BackwardResult call_backward(c10::string_view cell, const Tensor& grad_output,
-                             const std::optional<Tensor>& grad_h_n,
-                             const std::optional<Tensor>& grad_c_n, const Tensor& input,
-                             const std::optional<Tensor>& hx,
-                             const std::optional<Tensor>& cx, const Tensor& w_ih,
-                             const Tensor& w_hh, bool has_bias,
-                             const std::optional<Tensor>& w_hr,
-                             const std::optional<Tensor>& lengths, bool reverse,
-                             const Tensor& output, const Tensor& workspace, bool input_grad,
-                             bool batch_first) {
+BackwardResult call_backward(
+    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::backward", "")
           .typed<BackwardResult(c10::string_view, const Tensor&, const std::optional<Tensor>&,
                                 const std::optional<Tensor>&, const Tensor&,
-                                const std::optional<Tensor>&,
-                                const std::optional<Tensor>&, const Tensor&, const Tensor&, bool,
-                                const std::optional<Tensor>&, const std::optional<Tensor>&, bool,
-                                const Tensor&, const Tensor&, bool, bool)>();
-  return op.call(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                 w_hr, lengths, reverse, output, workspace, input_grad, batch_first);
+                                const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                const Tensor&, const Tensor&, bool, const std::optional<Tensor>&,
+                                const std::optional<Tensor>&, bool, const Tensor&, const Tensor&,
+                                bool, bool)>();
+  return op.call(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias, w_hr,
+                 lengths, reverse, output, workspace, input_grad, batch_first);
 }
 
 std::optional<Tensor> defined_or_none(const Tensor& t) {
@@ -96,8 +92,7 @@ struct LayerBackward final : public torch::autograd::Node {
   // output as the forward returned it (batch_first: [B, T, P]); an absent optional tensor is
   // saved undefined and unpacks undefined. The biases are read by apply_differentiably only.
   bool saved_caller_input = false;
-  SavedVariable input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_, output_,
-      workspace_;
+  SavedVariable input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_, output_, workspace_;
 };
 
 variable_list LayerBackward::apply(variable_list&& grads) {
@@ -108,9 +103,8 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   // The engine runs a backward with grad mode on exactly when create_graph=True.
   if (at::GradMode::is_enabled()) return apply_differentiably(grads);
   const auto self = getptr();
-  const Tensor input = saved_caller_input
-                           ? swap_time_and_batch(input_.unpack(), batch_first)
-                           : input_.unpack();
+  const Tensor input =
+      saved_caller_input ? swap_time_and_batch(input_.unpack(), batch_first) : input_.unpack();
   const Tensor hx = hx_.unpack(), cx = cx_.unpack();
   const Tensor w_ih = w_ih_.unpack(), w_hh = w_hh_.unpack(), w_hr = w_hr_.unpack();
   const Tensor lengths = lengths_.unpack(), workspace = workspace_.unpack();
@@ -123,8 +117,8 @@ variable_list LayerBackward::apply(variable_list&& grads) {
       has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
   auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
       cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
-      defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr),
-      defined_or_none(lengths), reverse, output, workspace, input_grad, /*batch_first=*/false);
+      defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr), defined_or_none(lengths),
+      reverse, output, workspace, input_grad, /*batch_first=*/false);
   // The op returns empty tensors for gradients it did not compute; their slots stay undefined.
   variable_list result(kSlots);
   if (input_grad) result[kInput] = swap_time_and_batch(g_input, batch_first);
@@ -163,9 +157,9 @@ variable_list LayerBackward::apply_differentiably(const variable_list& grads) {
   };
   // The input as the caller passed it ([B, T, I] when batch_first), so that its gradient has
   // the shape of the input's edge.
-  handle_on(saved_caller_input ? input_.unpack()
-                               : swap_time_and_batch(input_.unpack(), batch_first),
-            kInput);
+  handle_on(
+      saved_caller_input ? input_.unpack() : swap_time_and_batch(input_.unpack(), batch_first),
+      kInput);
   handle_on(hx_.unpack(), kHx);
   handle_on(cx_.unpack(), kCx);
   handle_on(w_ih_.unpack(), kWih);
@@ -273,27 +267,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
 }
 
 // The backward op has no derivative of its own: asking for one is an error, not a silent zero.
-BackwardResult backward_autograd(c10::string_view cell, const Tensor& grad_output,
-                                 const std::optional<Tensor>& grad_h_n,
-                                 const std::optional<Tensor>& grad_c_n, const Tensor& input,
-                                 const std::optional<Tensor>& hx,
-                                 const std::optional<Tensor>& cx, const Tensor& w_ih,
-                                 const Tensor& w_hh, bool has_bias,
-                                 const std::optional<Tensor>& w_hr,
-                                 const std::optional<Tensor>& lengths, bool reverse,
-                                 const Tensor& output, const Tensor& workspace, bool input_grad,
-                                 bool batch_first) {
+BackwardResult backward_autograd(
+    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
+    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
+    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
+    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
+    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
   if (torch::autograd::GradMode::is_enabled()) {
-    for (const Tensor& t : {grad_output, grad_h_n.value_or(Tensor()), input,
-                            hx.value_or(Tensor()), w_ih, w_hh, output}) {
+    for (const Tensor& t : {grad_output, grad_h_n.value_or(Tensor()), input, hx.value_or(Tensor()),
+                            w_ih, w_hh, output}) {
       TORCH_CHECK(!(t.defined() && t.requires_grad()),
                   "rnnfast: double backward (gradients of gradients) is not supported");
     }
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return call_backward(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh,
-                       has_bias, w_hr, lengths, reverse, output, workspace, input_grad,
-                       batch_first);
+  return call_backward(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
+                       w_hr, lengths, reverse, output, workspace, input_grad, batch_first);
 }
 
 }  // namespace

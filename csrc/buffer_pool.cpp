@@ -58,9 +58,7 @@ c10::DataPtr BufferPool::allocate(size_t bytes) {
   return {block->data, block, &BufferPool::release, c10::Device(c10::DeviceType::CPU)};
 }
 
-void BufferPool::release(void* block) {
-  instance().give_back(static_cast<Block*>(block));
-}
+void BufferPool::release(void* block) { instance().give_back(static_cast<Block*>(block)); }
 
 void BufferPool::give_back(Block* block) {
   c10::profiledCPUMemoryReporter().Delete(block->data);

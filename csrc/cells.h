@@ -242,11 +242,13 @@ struct CellName {
   CellKind kind;
   const char* name;
 };
-inline constexpr CellName kCellNames[] = {
-    {CellKind::LstmTanh, "lstm"}, {CellKind::LstmRelu, "lstm_relu"},
-    {CellKind::LstmSigmoid, "lstm_sigmoid"}, {CellKind::Gru, "gru"},
-    {CellKind::ElmanTanh, "elman_tanh"}, {CellKind::ElmanRelu, "elman_relu"},
-    {CellKind::ElmanSigmoid, "elman_sigmoid"}};
+inline constexpr CellName kCellNames[] = {{CellKind::LstmTanh, "lstm"},
+                                          {CellKind::LstmRelu, "lstm_relu"},
+                                          {CellKind::LstmSigmoid, "lstm_sigmoid"},
+                                          {CellKind::Gru, "gru"},
+                                          {CellKind::ElmanTanh, "elman_tanh"},
+                                          {CellKind::ElmanRelu, "elman_relu"},
+                                          {CellKind::ElmanSigmoid, "elman_sigmoid"}};
 
 // Calls `fn(CellType{})` with the cell struct named by `kind`; the engines use it to turn the
 // op's run-time cell name into a compile-time template argument.
@@ -259,7 +261,8 @@ decltype(auto) dispatch_cell(CellKind kind, Fn&& fn) {
     case CellKind::Gru: return fn(GruCell{});
     case CellKind::ElmanTanh: return fn(ElmanCell<Activation::Tanh>{});
     case CellKind::ElmanRelu: return fn(ElmanCell<Activation::Relu>{});
-    case CellKind::ElmanSigmoid: default: return fn(ElmanCell<Activation::Sigmoid>{});
+    case CellKind::ElmanSigmoid:
+    default: return fn(ElmanCell<Activation::Sigmoid>{});
   }
 }
 

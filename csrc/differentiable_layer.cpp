@@ -47,11 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
     c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool batch_first) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool batch_first) {
   const at::Tensor x = swap_time_and_batch(input, batch_first);  // [T, B, I]
-  const LayerSizes sizes = check_layer_args(std::string(cell), x, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                            w_hr, lengths);
+  const LayerSizes sizes =
+      check_layer_args(std::string(cell), x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
   const int64_t steps = sizes.steps, batch = sizes.batch, hidden = sizes.hidden_size;
 
   // The input projection of every step at once, [T, B, G]; the recurrent one per step.
@@ -72,9 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
     GateColumns hg{at::linear(h, w_hh, b_hh)};
     at::Tensor h_new, c_new;
     dispatch_cell(sizes.kind, [&](auto cell_type) {
-      decltype(cell_type)::template forward<at::Tensor>(
-          static_cast<int>(hidden), AllUnits{hidden}, &xg, &hg, h, c, h_new, c_new,
-          static_cast<GateColumns*>(nullptr));
+      decltype(cell_type)::template forward<at::Tensor>(static_cast<int>(hidden), AllUnits{hidden},
+                                                        &xg, &hg, h, c, h_new, c_new,
+                                                        static_cast<GateColumns*>(nullptr));
     });
     if (sizes.has_projection) h_new = at::linear(h_new, *w_hr);
     if (sizes.has_lengths) {

@@ -1,6 +1,8 @@
 // The device-independent parts of a layer's passes (ATen operations, and a row copy for CPU
 // inputs), shared by the CPU and CUDA engines: the buffers of the forward and the reverse loop,
 // and the gradients computed after the reverse loop.
+#include "layer.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
@@ -11,7 +13,6 @@
 
 #include "buffer_pool.h"
 #include "parallel_rows.h"
-#include "layer.h"
 
 namespace rnnfast {
 
@@ -30,36 +31,35 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
                          !input.unsafeGetTensorImpl()->is_python_dispatch() &&
                          !at::functionalization::impl::isFunctionalTensor(input);
   // Anything else (and any input the op's checks will refuse) takes ATen's copy.
-  if (!plain_cpu || input.dim() != 3 ||
-      !at::isFloatingType(input.scalar_type()) || !input.transpose(0, 1).is_contiguous()) {
+  if (!plain_cpu || input.dim() != 3 || !at::isFloatingType(input.scalar_type()) ||
+      !input.transpose(0, 1).is_contiguous()) {
     return input.contiguous();
   }
   const int64_t T_ = input.size(0), B = input.size(1), I = input.size(2);
   at::Tensor out = pooled_empty({T_, B, I}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "rnnfast_time_major", [&] {
-    const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
-    scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
-    // Batch rows (T * I values each) split over the threads.
-    for_rows_in_copy_shares(B, T_ * I, [&](int64_t b_begin, int64_t b_end) {
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        for (int64_t t = 0; t < T_; ++t) {
-          // An element loop: a row is often a few values, too short for a memcpy call.
-          const scalar_t* row = from + (b * T_ + t) * I;
-          scalar_t* dst = to + (t * B + b) * I;
-          for (int64_t i = 0; i < I; ++i) dst[i] = row[i];
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_time_major", [&] {
+        const scalar_t* from = input.data_ptr<scalar_t>();  // [B, T, I]
+        scalar_t* to = out.data_ptr<scalar_t>();            // [T, B, I]
+        // Batch rows (T * I values each) split over the threads.
+        for_rows_in_copy_shares(B, T_ * I, [&](int64_t b_begin, int64_t b_end) {
+          for (int64_t b = b_begin; b < b_end; ++b) {
+            for (int64_t t = 0; t < T_; ++t) {
+              // An element loop: a row is often a few values, too short for a memcpy call.
+              const scalar_t* row = from + (b * T_ + t) * I;
+              scalar_t* dst = to + (t * B + b) * I;
+              for (int64_t i = 0; i < I; ++i) dst[i] = row[i];
+            }
+          }
+        });
+      });
   return out;
 }
 
 ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& hx,
-                              const std::optional<at::Tensor>& cx,
-                              const at::Tensor& w_ih, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
                               const std::optional<at::Tensor>& w_hr,
                               const std::optional<at::Tensor>& lengths,
@@ -97,17 +97,16 @@ at::Tensor with_contiguous_rows(const at::Tensor& x) {
 
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
-                                const std::optional<at::Tensor>& grad_c_n,
-                                const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                                const std::optional<at::Tensor>& hx,
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                const std::optional<at::Tensor>& lengths,
-                                const at::Tensor& output, const at::Tensor& workspace,
-                                bool contiguous_grad_output,
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                const at::Tensor& workspace, bool contiguous_grad_output,
                                 ReadsInputAtStrides reads_input_at_strides) {
   BackwardInputs in;
-  in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr,
-                              lengths);
+  in.sizes =
+      check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
   check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
   in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, input)
                  ? input
@@ -131,8 +130,8 @@ ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
   const auto acc_type = at::toOpMathType(input.scalar_type());
   ForwardState state;
   state.output = pooled_empty({s.steps, s.batch, s.state_size}, options);
-  state.h = s.has_initial_state ? hx->contiguous().clone()
-                                : at::zeros({s.batch, s.state_size}, options);
+  state.h =
+      s.has_initial_state ? hx->contiguous().clone() : at::zeros({s.batch, s.state_size}, options);
   if (!has_cell_state(s.kind)) {
     state.c = at::empty({0}, options.dtype(acc_type));
   } else if (s.has_initial_state) {
@@ -141,15 +140,14 @@ ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
     state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  state.workspace = save_workspace ? pooled_empty({s.steps, s.batch, cols}, options)
-                                   : at::empty({0}, options);
+  state.workspace =
+      save_workspace ? pooled_empty({s.steps, s.batch, cols}, options) : at::empty({0}, options);
   return state;
 }
 
 at::Tensor final_cell_state(const LayerSizes& s, const ForwardState& state,
                             const at::Tensor& input) {
-  return has_cell_state(s.kind) ? state.c.to(input.scalar_type())
-                                : at::empty({0}, input.options());
+  return has_cell_state(s.kind) ? state.c.to(input.scalar_type()) : at::empty({0}, input.options());
 }
 
 std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
@@ -171,16 +169,14 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
 BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
                                   const std::optional<at::Tensor>& grad_h_n,
                                   const std::optional<at::Tensor>& grad_c_n,
-                                  const at::Tensor& dgate_x_buffer,
-                                  bool last_hidden_gate_only) {
+                                  const at::Tensor& dgate_x_buffer, bool last_hidden_gate_only) {
   const auto options = input.options();
   BackwardState state;
   std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
   state.separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
-  state.dgate_x = dgate_x_buffer.defined()
-                      ? dgate_x_buffer
-                      : pooled_empty({s.steps, s.batch, s.gate_size}, options);
+  state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer
+                                           : pooled_empty({s.steps, s.batch, s.gate_size}, options);
   const int64_t hidden_gate_cols = last_hidden_gate_only ? s.hidden_size : s.gate_size;
   state.dgate_h = state.separate_hidden_gate_grad
                       ? pooled_empty({s.steps, s.batch, hidden_gate_cols}, options)
@@ -228,9 +224,8 @@ bool may_be_non_finite(const at::Tensor& dgate) {
 
 }  // namespace
 
-BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
-                               const at::Tensor& input, const at::Tensor& hx,
-                               const at::Tensor& cx, const at::Tensor& w_ih,
+BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& input,
+                               const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                                const at::Tensor& output, const at::Tensor& workspace,
                                const at::Tensor& lengths, bool reverse, bool has_bias,
                                bool input_grad, const GradientKernels& kernels) {
@@ -254,8 +249,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
   const Tensor dgx2d = state.dgate_x.view({T_ * B, G});
   Tensor grad_input, grad_w_ih;
   if (input.is_contiguous()) {
-    grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size})
-                            : at::empty({0}, options);
+    grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size}) : at::empty({0}, options);
     grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
   } else {
     TORCH_INTERNAL_ASSERT(input.transpose(0, 1).is_contiguous());
@@ -318,9 +312,10 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
     }
     // Without hx, the first steps' term is dgate^T 0: run only where it is not zero. (The
     // first steps of a reversed packed sequence are scattered: all of dgate is checked.)
-    const bool first_term_non_zero =
-        !hx.defined() && T_ > 0 &&
-        may_be_non_finite(!reverse ? dgate[0] : !lengths.defined() ? dgate[T_ - 1] : dgate);
+    const bool first_term_non_zero = !hx.defined() && T_ > 0 &&
+                                     may_be_non_finite(!reverse             ? dgate[0]
+                                                       : !lengths.defined() ? dgate[T_ - 1]
+                                                                            : dgate);
     if (T_ > 0 && (hx.defined() || first_term_non_zero)) {
       Tensor first_dgate;
       if (!reverse) {
@@ -329,8 +324,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state,
         first_dgate = dgate[T_ - 1];
       } else {
         // Row b starts at t = len[b] - 1; rows of length 0 never run.
-        const Tensor first_rows =
-            (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+        const Tensor first_rows = (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
         first_dgate = dgate.view({T_ * B, cols}).index_select(0, first_rows);
         first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
       }

@@ -41,9 +41,8 @@ struct LayerSizes {
 //   hx and cx are both given or both None (zero initial states).
 LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
                             const std::optional<at::Tensor>& hx,
-                            const std::optional<at::Tensor>& cx,
-                            const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                             const std::optional<at::Tensor>& b_hh,
                             const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& lengths);
@@ -54,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
     c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool save_workspace, bool batch_first);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool save_workspace, bool batch_first);
 
 // Checks the backward op's extra arguments against the sizes of the forward.
 void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
@@ -98,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
     c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool batch_first);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool batch_first);
 
 // The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
 // on every device (the states and biases are copied or read where they are used).
@@ -110,9 +109,8 @@ struct ForwardInputs {
 
 ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
                               const std::optional<at::Tensor>& hx,
-                              const std::optional<at::Tensor>& cx,
-                              const at::Tensor& w_ih, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& b_ih,
+                              const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                               const std::optional<at::Tensor>& b_hh,
                               const std::optional<at::Tensor>& w_hr,
                               const std::optional<at::Tensor>& lengths,
@@ -130,13 +128,12 @@ struct BackwardInputs {
 // readable itself (with_contiguous_rows, or contiguous).
 BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
-                                const std::optional<at::Tensor>& grad_c_n,
-                                const at::Tensor& input, const std::optional<at::Tensor>& hx,
+                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                                const std::optional<at::Tensor>& hx,
                                 const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                const std::optional<at::Tensor>& lengths,
-                                const at::Tensor& output, const at::Tensor& workspace,
-                                bool contiguous_grad_output = true,
+                                const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                const at::Tensor& workspace, bool contiguous_grad_output = true,
                                 ReadsInputAtStrides reads_input_at_strides = nullptr);
 
 // x [T, B, P] with contiguous rows of P at any strides over t and b (0 where broadcast), for an
@@ -155,8 +152,7 @@ struct ForwardState {
 
 ForwardState make_forward_state(const LayerSizes& sizes, const at::Tensor& input,
                                 const std::optional<at::Tensor>& hx,
-                                const std::optional<at::Tensor>& cx,
-                                bool save_workspace);
+                                const std::optional<at::Tensor>& cx, bool save_workspace);
 
 // The running state and gate-gradient buffers of a backward pass, the same on every device.
 struct BackwardState {
@@ -212,25 +208,24 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                   at::Tensor, at::Tensor, at::Tensor>;
 
 // After the reverse loop: the gradients of the input, the weights and the biases as single
-// GEMMs / reductions over all T * B rows (a GEMM per batch row for a batch-major input), in the order of rnnfast::backward's results (those of
-// hx and cx empty where the forward started from zero states). hx, cx: undefined then.
+// GEMMs / reductions over all T * B rows (a GEMM per batch row for a batch-major input), in the
+// order of rnnfast::backward's results (those of hx and cx empty where the forward started from
+// zero states). hx, cx: undefined then.
 BackwardResult finish_backward(const LayerSizes& sizes, BackwardState& state,
-                               const at::Tensor& input, const at::Tensor& hx,
-                               const at::Tensor& cx, const at::Tensor& w_ih,
-                               const at::Tensor& output, const at::Tensor& workspace,
-                               const at::Tensor& lengths, bool reverse, bool has_bias,
-                               bool input_grad, const GradientKernels& kernels);
+                               const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                               const at::Tensor& w_ih, const at::Tensor& output,
+                               const at::Tensor& workspace, const at::Tensor& lengths, bool reverse,
+                               bool has_bias, bool input_grad, const GradientKernels& kernels);
 
 // An engine's backward on time-major tensors (rnnfast::backward's arguments without
 // batch_first).
 using TimeMajorBackward = BackwardResult (*)(
-    c10::string_view cell, const at::Tensor& grad_output,
-    const std::optional<at::Tensor>& grad_h_n, const std::optional<at::Tensor>& grad_c_n,
-    const at::Tensor& input, const std::optional<at::Tensor>& hx,
-    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    bool has_bias, const std::optional<at::Tensor>& w_hr,
-    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& output,
-    const at::Tensor& workspace, bool input_grad);
+    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& output, const at::Tensor& workspace, bool input_grad);
 
 // rnnfast::backward around an engine's time-major backward: a batch_first call's input, output
 // and output gradient [B, T, ...] go in as time-major views, and its input gradient comes back
@@ -239,17 +234,16 @@ template <TimeMajorBackward time_major>
 BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
                            const std::optional<at::Tensor>& grad_h_n,
                            const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                           const std::optional<at::Tensor>& hx,
-                           const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                           const at::Tensor& w_hh, bool has_bias,
+                           const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                           const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
                            const std::optional<at::Tensor>& w_hr,
                            const std::optional<at::Tensor>& lengths, bool reverse,
-                           const at::Tensor& output, const at::Tensor& workspace,
-                           bool input_grad, bool batch_first) {
-  BackwardResult gradients = time_major(
-      cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
-      swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr, lengths,
-      reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
+                           const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
+                           bool batch_first) {
+  BackwardResult gradients =
+      time_major(cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
+                 swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr,
+                 lengths, reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
   std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
   return gradients;
 }

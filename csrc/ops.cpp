@@ -52,56 +52,72 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 }
 
 void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast: ", name, " must have the dtype "
-              "of input (", input.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), "rnnfast: ", name, " must be on the device of "
-              "input (", input.device(), "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast: ", name,
+              " must have the dtype "
+              "of input (",
+              input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "rnnfast: ", name,
+              " must be on the device of "
+              "input (",
+              input.device(), "), got ", t.device());
 }
 
 }  // namespace
 
 int64_t workspace_width(CellKind kind, int64_t hidden_size, bool has_projection) {
-  const int64_t saved = dispatch_cell(kind, [](auto cell) { return decltype(cell)::kSavedPerUnit; });
+  const int64_t saved =
+      dispatch_cell(kind, [](auto cell) { return decltype(cell)::kSavedPerUnit; });
   // With a projection the LSTM also keeps the unprojected h for the gradient of w_hr.
   return (saved + (has_projection ? 1 : 0)) * hidden_size;
 }
 
 LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
                             const std::optional<at::Tensor>& hx,
-                            const std::optional<at::Tensor>& cx,
-                            const at::Tensor& w_ih, const at::Tensor& w_hh,
-                            const std::optional<at::Tensor>& b_ih,
+                            const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                             const std::optional<at::Tensor>& b_hh,
                             const std::optional<at::Tensor>& w_hr,
                             const std::optional<at::Tensor>& lengths) {
   LayerSizes s{};
   s.kind = cell_from_name(cell);
-  TORCH_CHECK(input.dim() == 3, "rnnfast: input must be 3-D [T, B, input_size], got ",
-              input.dim(), "-D input of shape ", shape_of(input));
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "rnnfast: input must be a floating "
-              "point tensor, got ", input.scalar_type());
-  TORCH_CHECK(w_ih.dim() == 2, "rnnfast: w_ih must be 2-D [gates * hidden_size, input_size], "
-              "got shape ", shape_of(w_ih));
-  TORCH_CHECK(w_hh.dim() == 2, "rnnfast: w_hh must be 2-D [gates * hidden_size, state_size], "
-              "got shape ", shape_of(w_hh));
+  TORCH_CHECK(input.dim() == 3, "rnnfast: input must be 3-D [T, B, input_size], got ", input.dim(),
+              "-D input of shape ", shape_of(input));
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "rnnfast: input must be a floating "
+              "point tensor, got ",
+              input.scalar_type());
+  TORCH_CHECK(w_ih.dim() == 2,
+              "rnnfast: w_ih must be 2-D [gates * hidden_size, input_size], "
+              "got shape ",
+              shape_of(w_ih));
+  TORCH_CHECK(w_hh.dim() == 2,
+              "rnnfast: w_hh must be 2-D [gates * hidden_size, state_size], "
+              "got shape ",
+              shape_of(w_hh));
   const int gates = gates_of(s.kind);
   s.steps = input.size(0);
   s.batch = input.size(1);
   s.input_size = input.size(2);
   s.gate_size = w_ih.size(0);
-  TORCH_CHECK(s.gate_size % gates == 0 && s.gate_size > 0, "rnnfast: w_ih.size(0) must be a "
-              "positive multiple of ", gates, " (the gates of '", cell, "'), got ", s.gate_size);
+  TORCH_CHECK(s.gate_size % gates == 0 && s.gate_size > 0,
+              "rnnfast: w_ih.size(0) must be a "
+              "positive multiple of ",
+              gates, " (the gates of '", cell, "'), got ", s.gate_size);
   s.hidden_size = s.gate_size / gates;
   s.has_projection = w_hr.has_value() && w_hr->defined();
   s.state_size = s.has_projection ? w_hr->size(0) : s.hidden_size;
   s.has_lengths = lengths.has_value() && lengths->defined();
 
-  TORCH_CHECK(w_ih.size(1) == s.input_size, "rnnfast: input.size(-1) must be equal to "
-              "input_size = ", w_ih.size(1), " (w_ih.size(1)), got ", s.input_size);
+  TORCH_CHECK(w_ih.size(1) == s.input_size,
+              "rnnfast: input.size(-1) must be equal to "
+              "input_size = ",
+              w_ih.size(1), " (w_ih.size(1)), got ", s.input_size);
   check_like_input(w_ih, "w_ih", input);
   if (s.has_projection) {
-    TORCH_CHECK(has_cell_state(s.kind), "rnnfast: w_hr (a projection) is only for LSTM cells, "
-                "got cell '", cell, "'");
+    TORCH_CHECK(has_cell_state(s.kind),
+                "rnnfast: w_hr (a projection) is only for LSTM cells, "
+                "got cell '",
+                cell, "'");
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
                     w_hr->size(0) < s.hidden_size,
                 "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
@@ -110,7 +126,8 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   }
   check_shape(w_hh, "w_hh", {s.gate_size, s.state_size}, "gates * hidden_size, state_size");
   check_like_input(w_hh, "w_hh", input);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfast: b_ih and b_hh must be given "
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "rnnfast: b_ih and b_hh must be given "
               "together or not at all");
   if (b_ih.has_value()) {
     check_shape(*b_ih, "b_ih", {s.gate_size}, "gates * hidden_size");
@@ -125,13 +142,15 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   }
   if (has_cell_state(s.kind)) {
     if (s.has_initial_state) {
-      TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '",
-                  cell, "' when hx is given");
+      TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '", cell,
+                  "' when hx is given");
       check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
       check_like_input(*cx, "cx", input);
     } else {
-      TORCH_CHECK(!cx.has_value(), "rnnfast: cx must be None when hx is None (both initial "
-                  "states zero), got a cx of shape ", shape_of(*cx));
+      TORCH_CHECK(!cx.has_value(),
+                  "rnnfast: cx must be None when hx is None (both initial "
+                  "states zero), got a cx of shape ",
+                  shape_of(*cx));
     }
   } else {
     TORCH_CHECK(!cx.has_value(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
@@ -140,8 +159,10 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
     TORCH_CHECK(lengths->scalar_type() == at::kLong, "rnnfast: lengths must be int64, got ",
                 lengths->scalar_type());
     check_shape(*lengths, "lengths", {s.batch}, "batch");
-    TORCH_CHECK(lengths->device() == input.device(), "rnnfast: lengths must be on the device "
-                "of input (", input.device(), "), got ", lengths->device());
+    TORCH_CHECK(lengths->device() == input.device(),
+                "rnnfast: lengths must be on the device "
+                "of input (",
+                input.device(), "), got ", lengths->device());
     if (s.batch > 0) {
       // One host read per call (not per step): bad lengths would index out of the sequence.
       const auto range = at::aminmax(*lengths);
@@ -158,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
     c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
     const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-    bool reverse, bool save_workspace, bool batch_first) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool save_workspace, bool batch_first) {
   using at::Tensor;
   static const auto op =
       c10::Dispatcher::singleton()
@@ -174,8 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
 }
 
 void check_backward_args(const LayerSizes& s, const at::Tensor& input,
-                         const at::Tensor& grad_output,
-                         const std::optional<at::Tensor>& grad_h_n,
+                         const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
                          const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
                          const at::Tensor& workspace) {
   check_shape(grad_output, "grad_output", {s.steps, s.batch, s.state_size}, "T, B, state_size");

@@ -1,8 +1,8 @@
 // The Python module rnnfast._C: importing it loads the op registrations (ops.cpp, autograd.cpp,
 // the engines); its functions are the eager entry to the forward op and the CPU buffer pool's
 // controls.
-#include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -46,14 +46,14 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   Py_ssize_t cell_size = 0;
-  const char* cell = PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8AndSize(args[0], &cell_size)
-                                              : nullptr;
+  const char* cell =
+      PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8AndSize(args[0], &cell_size) : nullptr;
   if (cell == nullptr) {
     PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
-  bool plain = PyBool_Check(args[10]) && PyBool_Check(args[11]) &&
-               !at::impl::torch_function_mode_enabled();
+  bool plain =
+      PyBool_Check(args[10]) && PyBool_Check(args[11]) && !at::impl::torch_function_mode_enabled();
   // input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths (args[1 .. 9]); input, w_ih and w_hh
   // are required.
   std::optional<Tensor> tensors[9];
@@ -70,9 +70,9 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     const bool save_workspace =
         torch::jit::tracer::isTracing() ||
         torch::autograd::compute_requires_grad(*input, hx, cx, *w_ih, *w_hh, b_ih, b_hh, w_hr);
-    results = rnnfast::call_forward(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih,
-                                    *w_hh, b_ih, b_hh, w_hr, lengths, reverse, save_workspace,
-                                    batch_first);
+    results =
+        rnnfast::call_forward(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih, *w_hh, b_ih,
+                              b_hh, w_hr, lengths, reverse, save_workspace, batch_first);
   }
   PyObject* outputs = PyTuple_New(3);
   if (outputs == nullptr) return nullptr;
@@ -109,8 +109,7 @@ PyMethodDef module_methods[] = {
 
 // Built as a Python extension module so that `import rnnfast._C` loads the op registrations.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          module_methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   // cells: {name: {"gates": ..., "saved_per_unit": ..., "has_cell_state": ...}} (cells.h).

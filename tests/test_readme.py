@@ -28,5 +28,5 @@ def test_onnx_export_example_runs(tmp_path, monkeypatch):
 def test_ci_runs_the_readme_command():
     commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line and not line.startswith(("#", "set ", "cd "))]
-    assert commands == ["bash scripts/setup.sh && python3 -m ruff check . && python3 -m pytest -q"]
+    assert commands == ["bash scripts/setup.sh && bash scripts/lint.sh && python3 -m pytest -q"]
     assert commands[0] in [line.split("  #")[0].strip() for line in README.splitlines()]

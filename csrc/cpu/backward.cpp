@@ -2,8 +2,8 @@
 // after it are weight_gradients.cpp's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -21,8 +21,8 @@
 #include <cpuid.h>
 #endif
 
-#include "blas.h"
 #include "../buffer_pool.h"
+#include "blas.h"
 #include "engine.h"
 #include "input_layout.h"
 #include "layer_view.h"
@@ -40,18 +40,17 @@ namespace {
 // gate-packed view, whose rows are not the gates' columns); or undefined.
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
-                  const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr,
-                  const Tensor& output, const Tensor& workspace, Tensor& dh_state,
-                  Tensor& dc_state, Tensor& dgate_x, Tensor& dgate_h, Tensor& dprojected,
-                  Tensor& column_sums) {
+                  const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
+                  const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
+                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
   // A cell with its own dLoss/dhg (GRU) writes a step's into step_dgate_h [B, G], which the
   // recurrent product reads; dgate_h [T, B, Gh] keeps its last Gh columns of every step (all
   // G, or the last gate's H: the gates before it are dgate_x's), for the weight gradients.
-  Tensor step_dgate_h = Cell::kSeparateHiddenGateGrad ? at::empty({B, G}, grad_output.options())
-                                                      : Tensor();
+  Tensor step_dgate_h =
+      Cell::kSeparateHiddenGateGrad ? at::empty({B, G}, grad_output.options()) : Tensor();
   // In the view's units (the gate-packed view's rows span the batch): G, or the last gate's H.
   const int64_t Gh = Cell::kSeparateHiddenGateGrad && dgate_h.size(2) < dgate_x.size(2) ? H : G;
   // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
@@ -65,8 +64,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
                                v.gate_packed ? Product::Packed::Input : Product::Packed::None,
                                v.unit_hidden);
   // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
-  const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows,
-                                v.T_);
+  const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows, v.T_);
 
   // grad_output [T, B, P]: contiguous rows at any strides over t and b (see prepare_backward);
   // contiguous in the gate-packed view, whose one row per step spans all batch rows.
@@ -77,8 +75,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   };
   // Zero initial states read as a zero row.
   const bool zero_initial_state = !hx.defined();
-  Tensor zero_row = zero_initial_state ? at::zeros({std::max(P, H)}, grad_output.options())
-                                       : Tensor();
+  Tensor zero_row =
+      zero_initial_state ? at::zeros({std::max(P, H)}, grad_output.options()) : Tensor();
   const T* hx_data = zero_initial_state ? nullptr : hx.data_ptr<T>();
   const T* cx_data = Cell::kHasCellState && !zero_initial_state ? cx.data_ptr<T>() : nullptr;
   const T* zero_data = zero_initial_state ? zero_row.data_ptr<T>() : nullptr;
@@ -134,13 +132,15 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const int64_t prev_row = v.previous_time(t) * B + b;
       const T* go_row = grad_output_row(t, b);
       const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
-      const T* h_prev_row = !first ? out_data + prev_row * P
-                            : zero_initial_state ? zero_data : hx_data + b * P;
+      const T* h_prev_row = !first               ? out_data + prev_row * P
+                            : zero_initial_state ? zero_data
+                                                 : hx_data + b * P;
       // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
       const T* c_prev_row = nullptr;
       if (Cell::kHasCellState) {
-        c_prev_row = !first ? ws_data + prev_row * W + 4 * H
-                     : zero_initial_state ? zero_data : cx_data + b * H;
+        c_prev_row = !first               ? ws_data + prev_row * W + 4 * H
+                     : zero_initial_state ? zero_data
+                                          : cx_data + b * H;
       }
       if (projecting && dhd_row) std::fill(dhd_row, dhd_row + P, T(0));
       A* dc_row = dc_data ? dc_data + b * H : nullptr;
@@ -148,14 +148,14 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const T* dhu_row = projecting ? dhu_data + b * H : nullptr;
       for_unit_runs<T>(H, [&](auto j, auto zero) {
         using V = decltype(zero);
-        const V dh = projecting ? load<V>(dhu_row, 0, j)
-                                : load<V>(go_row, 0, j) + load<V>(dh_row, 0, j);
+        const V dh =
+            projecting ? load<V>(dhu_row, 0, j) : load<V>(go_row, 0, j) + load<V>(dh_row, 0, j);
         const V dc = dc_row ? load<V>(dc_row, 0, j) : zero;
         const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
         const V c_prev = c_prev_row ? load<V>(c_prev_row, 0, j) : zero;
         V dc_prev = zero, dh_prev_direct = zero;
-        Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row,
-                       dgh_row, dc_prev, dh_prev_direct);
+        Cell::backward(static_cast<int>(H), j, saved_row, h_prev, c_prev, dh, dc, dgx_row, dgh_row,
+                       dc_prev, dh_prev_direct);
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
@@ -183,8 +183,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     if (has_direct_path) {
       // A row that has ended passes dh through (dh_direct is dh, its gate gradients are zero):
       // where the rows go by length, those rows skip the product.
-      const int64_t end =
-          products_skip_ended_rows ? v.active_end(t, b_begin, b_end) : b_end;
+      const int64_t end = products_skip_ended_rows ? v.active_end(t, b_begin, b_end) : b_end;
       if (end == b_begin) return;
       recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
@@ -207,8 +206,8 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   const auto options = in.input.options();
   auto [dh, dc] = final_state_gradients(s, in.input, grad_h_n, grad_c_n);
   const int64_t G = s.gate_size;
-  Tensor grad_input = at::empty(input_grad ? at::IntArrayRef{s.steps, s.batch, s.input_size}
-                                           : at::IntArrayRef{0}, options);
+  Tensor grad_input = at::empty(
+      input_grad ? at::IntArrayRef{s.steps, s.batch, s.input_size} : at::IntArrayRef{0}, options);
   Tensor grad_w_ih = at::empty({G, s.input_size}, options);
   Tensor grad_w_hh = at::empty({G, s.hidden_size}, options);
   Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
@@ -225,16 +224,15 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
         register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps,
-        data(in.output),
-        Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
-        data(in.w_ih), data(in.w_hh), data(dh), data(dc),
+        data(in.output), Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx),
+        data(in.cx), data(in.w_ih), data(in.w_hh), data(dh), data(dc),
         input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
         has_bias ? data(grad_b_ih) : nullptr, has_bias ? data(grad_b_hh) : nullptr);
   });
   Tensor grad_hx = in.hx.defined() ? dh : at::empty({0}, options);
   Tensor grad_cx = in.cx.defined() ? dc : at::empty({0}, options);
-  return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
-          at::empty({0}, options)};
+  return {grad_input, grad_hx,   grad_cx,   grad_w_ih,
+          grad_w_hh,  grad_b_ih, grad_b_hh, at::empty({0}, options)};
 }
 #endif
 
@@ -256,8 +254,7 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
 
 BackwardResult backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
-    const std::optional<Tensor>& hx_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
@@ -292,38 +289,38 @@ BackwardResult backward_time_major(
                                             keeps_last_hidden_gate_only(s, input.scalar_type()));
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                    "rnnfast_backward_cpu", [&] {
-      const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
-      // pass is long enough to cost more than the sums' buffer and their reduction. Each batch
-      // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over
-      // millions of rows, and the same sums on any number of threads.
-      constexpr int64_t kLoopSumsMinValues = 1 << 16;
-      const bool sums_in_loop = has_bias && !v.gate_packed &&
-                                s.steps * s.batch * s.gate_size >= kLoopSumsMinValues;
-      Tensor row_sums = sums_in_loop ? at::zeros({s.batch, s.gate_size},
-                                                 input.options().dtype(at::kDouble))
-                                     : Tensor();
-      run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
-                                   state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                   state.dprojected, row_sums);
-      if (sums_in_loop) {
-        // [1, G]: the rows' sums added in row order.
-        state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());
-        double* total = state.dgate_x_column_sums.data_ptr<double>();
-        const double* rows = row_sums.data_ptr<double>();
-        std::copy(rows, rows + s.gate_size, total);
-        for (int64_t b = 1; b < s.batch; ++b) {
-          for (int64_t n = 0; n < s.gate_size; ++n) total[n] += rows[b * s.gate_size + n];
-        }
-      }
-      if (v.gate_packed && Cell::kGates > 1) {
-        // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
-        state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
-        if (!state.separate_hidden_gate_grad) state.dgate_h = state.dgate_x;
-      }
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_backward_cpu", [&] {
+          const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
+          // pass is long enough to cost more than the sums' buffer and their reduction. Each batch
+          // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over
+          // millions of rows, and the same sums on any number of threads.
+          constexpr int64_t kLoopSumsMinValues = 1 << 16;
+          const bool sums_in_loop =
+              has_bias && !v.gate_packed && s.steps * s.batch * s.gate_size >= kLoopSumsMinValues;
+          Tensor row_sums =
+              sums_in_loop ? at::zeros({s.batch, s.gate_size}, input.options().dtype(at::kDouble))
+                           : Tensor();
+          run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
+                                       state.dh, state.dc, state.dgate_x, state.dgate_h,
+                                       state.dprojected, row_sums);
+          if (sums_in_loop) {
+            // [1, G]: the rows' sums added in row order.
+            state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());
+            double* total = state.dgate_x_column_sums.data_ptr<double>();
+            const double* rows = row_sums.data_ptr<double>();
+            std::copy(rows, rows + s.gate_size, total);
+            for (int64_t b = 1; b < s.batch; ++b) {
+              for (int64_t n = 0; n < s.gate_size; ++n) total[n] += rows[b * s.gate_size + n];
+            }
+          }
+          if (v.gate_packed && Cell::kGates > 1) {
+            // (A separate dgate_h holds one gate, whose packed order is already the rows' order.)
+            state.dgate_x = regroup_gates<scalar_t>(state.dgate_x, Cell::kGates, false);
+            if (!state.separate_hidden_gate_grad) state.dgate_h = state.dgate_x;
+          }
+        });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
                          has_bias, input_grad, kCpuGradientKernels);

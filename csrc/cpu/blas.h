@@ -26,16 +26,16 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
 // MKL's packed GEMM (CBLAS enums as ints): a matrix packed once is reused by every step's
 // product without being repacked.
 size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
 void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
                       const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
-                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
-                         int ldc) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 // MKL's thread count for the calling thread's next calls (0: back to the global setting);
 // returns the previous one. (The C entry point: the lower-case names are Fortran's, which take
 // a pointer.)
@@ -102,8 +102,8 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
 // order on any number of threads (one runs the blocks in turn). Returns false (nothing done)
 // where the product stays whole.
 template <typename T>
-bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b,
-                          T beta, T* c, int64_t ldc, int64_t max_blocks) {
+bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta,
+                          T* c, int64_t ldc, int64_t max_blocks) {
   // Few blocks: each block's call packs the operand the blocks share once more (16 blocks ran
   // the 650-unit word model's training step 20% slower than MKL's own threading).
   constexpr int64_t kMinBlock = 32;
@@ -168,9 +168,9 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       const int64_t max_blocks = threads == GemmThreads::Library ? 2 : 4;
       if (in_blocks && gemm_in_fixed_blocks(m, n, k, a, b, beta, c, ldc, max_blocks)) return;
       // Too small to split into blocks, or OnCaller: on the calling thread.
-      const bool mkl_threads = (threads == GemmThreads::SmallOnCaller &&
-                                m * n * k >= kThreadedGemmMinWork) ||
-                               (threads == GemmThreads::Library && m == 1);
+      const bool mkl_threads =
+          (threads == GemmThreads::SmallOnCaller && m * n * k >= kThreadedGemmMinWork) ||
+          (threads == GemmThreads::Library && m == 1);
       const bool one_thread = &MKL_Set_Num_Threads_Local != nullptr && !mkl_threads;
       const int threads_before = one_thread ? MKL_Set_Num_Threads_Local(1) : 0;
       if constexpr (std::is_same_v<T, float>) {
@@ -228,16 +228,16 @@ class PackedOperand {
   // Packs B unless the packed copy would take more than max_elements floats.
   PackedOperand(MatrixRef<float> b, int64_t m, int64_t n, int64_t k, int64_t max_elements) {
     if (&cblas_sgemm_pack == nullptr || &cblas_sgemm_compute == nullptr ||
-        &cblas_sgemm_pack_get_size == nullptr || m <= 0 || n <= 0 || k <= 0 ||
-        m >= INT_MAX || n >= INT_MAX || k >= INT_MAX || b.ld >= INT_MAX) {
+        &cblas_sgemm_pack_get_size == nullptr || m <= 0 || n <= 0 || k <= 0 || m >= INT_MAX ||
+        n >= INT_MAX || k >= INT_MAX || b.ld >= INT_MAX) {
       return;
     }
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
     const int64_t elements = int64_t((bytes + sizeof(float) - 1) / sizeof(float));
     if (elements > max_elements) return;
     storage_ = at::empty({elements}, at::TensorOptions().dtype(at::kFloat));
-    cblas_sgemm_pack(kRowMajor, kBMatrix, b.transposed ? kTrans : kNoTrans, int(m), int(n),
-                     int(k), 1.0f, b.data, int(b.ld), storage_.data_ptr<float>());
+    cblas_sgemm_pack(kRowMajor, kBMatrix, b.transposed ? kTrans : kNoTrans, int(m), int(n), int(k),
+                     1.0f, b.data, int(b.ld), storage_.data_ptr<float>());
     m_ = m;
     n_ = n;
     k_ = k;

@@ -1,8 +1,8 @@
 // The CPU engine's forward (engine.h): the input projection, the time loop and its kernels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -20,17 +20,17 @@
 #include <cpuid.h>
 #endif
 
-#include "blas.h"
 #include "../buffer_pool.h"
+#include "blas.h"
 #include "engine.h"
+#include "gate_panels.h"
 #include "input_layout.h"
 #include "layer_view.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
 #include "schedule.h"
-#include "vector_math.h"
-#include "gate_panels.h"
 #include "step_barrier.h"
+#include "vector_math.h"
 
 namespace rnnfast {
 namespace cpu {
@@ -46,8 +46,8 @@ bool all_finite(const Tensor& w) {
   const int64_t n = w.numel();
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     using Bits = std::conditional_t<std::is_same_v<T, float>, uint32_t, uint64_t>;
-    constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7f800000u)
-                                                         : Bits(0x7ff0000000000000ull);
+    constexpr Bits kExponent =
+        std::is_same_v<T, float> ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
     Bits non_finite = 0;  // 1 once a value's exponent field is all ones (NaN or Inf)
     for (int64_t i = 0; i < n; ++i) {
       Bits bits;
@@ -114,8 +114,8 @@ Tensor summed_biases(const Tensor& b_ih, const Tensor& b_hh) {
 // reads h_prev_row (GRU) and c_row (LSTM, updated in place), writes h_new_row (which may be
 // h_prev_row: a unit's h_prev is read first) and the saved values; returns the new h.
 template <typename Cell, typename T, typename A, typename Index, typename V>
-inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row,
-                     const T* h_prev_row, A* c_row, T* h_new_row, T* ws_row) {
+inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row, const T* h_prev_row,
+                     A* c_row, T* h_new_row, T* ws_row) {
   const V h_prev = Cell::kReadsPrevHidden ? load<V>(h_prev_row, 0, j) : zero;
   const V c_prev = c_row ? load<V>(c_row, 0, j) : zero;
   V h_new = zero, c_new = zero;
@@ -176,8 +176,8 @@ bool runs_by_panels(const LayerView<T>& v, bool projecting) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     using Product = RecurrentProduct<T>;
-    const bool concurrent_threads = AT_PARALLEL_OPENMP || at::get_num_threads() == 1 ||
-                                    at::in_parallel_region();
+    const bool concurrent_threads =
+        AT_PARALLEL_OPENMP || at::get_num_threads() == 1 || at::in_parallel_region();
     return !projecting && !v.gate_packed && v.T_ >= kPanelMinSteps && concurrent_threads &&
            (v.product_rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
            Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
@@ -195,8 +195,7 @@ bool runs_by_panels(const LayerView<T>& v, bool projecting) {
 template <typename Cell, typename T>
 void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
                            StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
-                           Tensor& h_state, Tensor& c_state, Tensor& output,
-                           Tensor& workspace) {
+                           Tensor& h_state, Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
   constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
@@ -219,8 +218,8 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
   const auto tile_begin = [&](int64_t tile, int64_t rows) { return tile * rows / tiles_of(rows); };
 
   // The cell math of rows b0 .. b1 - 1, units `units`, of step t, from hg.
-  const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units,
-                             const T* h_prev, T* h_next) {
+  const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units, const T* h_prev,
+                             T* h_next) {
     const int64_t u0 = units.j, u1 = u0 + units.count;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = t * B + b;
@@ -297,10 +296,9 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
 // kernels are chosen for the whole call (v.T_ steps), so that a call run in chunks of steps
 // computes what it computes in one.
 template <typename Cell, typename T>
-void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state,
-                 StepRows<T> xg, const Tensor& w_hh, const Tensor& step_bias,
-                 const Tensor& w_hr, Tensor& h_state, Tensor& c_state, Tensor& output,
-                 Tensor& workspace) {
+void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state, StepRows<T> xg,
+                 const Tensor& w_hh, const Tensor& step_bias, const Tensor& w_hr, Tensor& h_state,
+                 Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
@@ -332,7 +330,7 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
 
   T* hg_data = hg.data_ptr<T>();
-  T* h_data = h_state.data_ptr<T>();  // [B, P]
+  T* h_data = h_state.data_ptr<T>();                                  // [B, P]
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
   T* out_data = output.data_ptr<T>();
   T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
@@ -376,8 +374,8 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
       A* c_row = c_data ? c_data + b * H : nullptr;
       T* h_new_row = projecting ? hu_data + b * H : h_row;
       for_unit_runs<T>(H, [&](auto j, auto zero) {
-        const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row, h_row,
-                                         c_row, h_new_row, ws_row);
+        const auto h = forward_run<Cell>(static_cast<int>(H), j, zero, xg_row, hg_row, h_row, c_row,
+                                         h_new_row, ws_row);
         if (!projecting) store(out_row, 0, j, h);
       });
       if (projecting && ws_row) {
@@ -397,8 +395,8 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
       std::copy(hp_data + b * P, hp_data + (b + 1) * P, out_data + (t * B + b) * P);
     }
   };
-  run_steps(B, steps.begin, steps.end, step_threads(B, v.T_, G, P, H, recurrent),
-            recurrent_step, pointwise_step, projection_step);
+  run_steps(B, steps.begin, steps.end, step_threads(B, v.T_, G, P, H, recurrent), recurrent_step,
+            pointwise_step, projection_step);
 }
 
 // An inference call's input projection in chunks of this many bytes (at least kMinChunkSteps
@@ -424,11 +422,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     bool save_workspace, bool batch_first) {
-  const ForwardInputs in = prepare_forward(std::string(cell),
-                                           swap_time_and_batch(input_, batch_first), hx_, cx_,
-                                           w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_,
-                                           save_workspace ? training_reads_input_at_strides
-                                                          : inference_reads_input_at_strides);
+  const ForwardInputs in = prepare_forward(
+      std::string(cell), swap_time_and_batch(input_, batch_first), hx_, cx_, w_ih_, w_hh_, b_ih_,
+      b_hh_, w_hr_, lengths_,
+      save_workspace ? training_reads_input_at_strides : inference_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
@@ -440,130 +437,131 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                    "rnnfast_forward_cpu", [&] {
-      const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
-      const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_forward_cpu", [&] {
+          const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
+          const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (register_layer_reads_input(s, input)) {
-          register_layer::forward<Cell>(
-              register_layer_sizes(s, reverse), strided_steps(input),
-              w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
-              data_or_null<float>(b_hh), h_state.data_ptr<float>(),
-              Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
-              output.data_ptr<float>(),
-              save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
-          return;
-        }
-      }
-#endif
-      const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
-      // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
-      const bool zero_initial_state = !s.has_initial_state && w_hh_all_finite<scalar_t>(w_hh);
-      const bool packs_gates = v.gate_packed && Cell::kGates > 1;
-      // A batch-major input (see input_layout.h): under no_grad its projection xg is batch-major
-      // too, in a buffer of its own; in training it goes time-major into the workspace or the
-      // output as usual, by a GEMM per batch row.
-      const bool batch_major_input = is_batch_major(input);
-      const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
-      const bool xg_in_output =
-          !batch_major && !packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size;
-      // The biases are added by the recurrent product of each step, where that costs nothing
-      // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
-      // then b_ih goes into xg (a copy into every row before the GEMM).
-      const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
-      const scalar_t* xg_bias = b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>()
-                                                               : nullptr;
-      const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
-      const scalar_t* x_data = input.data_ptr<scalar_t>();
-      const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
-      // xg = x W_ih^T (+ beta xg) for steps t0 .. t0 + count - 1 into rows t * B + b of
-      // xg_data (row stride xg_stride), from time-major rows in one GEMM, or from batch-major
-      // ones (row (b, t) at b * T + t) in a GEMM per batch row.
-      const auto project_time_major = [&](int64_t t0, int64_t count, scalar_t beta,
-                                          scalar_t* xg_data, int64_t xg_stride) {
-        if (batch_major_input) {
-          at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
-            for (int64_t b = b_begin; b < b_end; ++b) {
-              gemm<scalar_t>(count, s.gate_size, s.input_size,
-                             {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
-                             w_ih_t, beta, xg_data + b * xg_stride, s.batch * xg_stride,
-                             GemmThreads::OnCaller);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (register_layer_reads_input(s, input)) {
+              register_layer::forward<Cell>(
+                  register_layer_sizes(s, reverse), strided_steps(input), w_ih.data_ptr<float>(),
+                  w_hh.data_ptr<float>(), data_or_null<float>(b_ih), data_or_null<float>(b_hh),
+                  h_state.data_ptr<float>(),
+                  Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
+                  output.data_ptr<float>(),
+                  save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
+              return;
             }
-          });
-        } else {
-          gemm<scalar_t>(count * s.batch, s.gate_size, s.input_size,
-                         {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
-                         beta, xg_data, xg_stride);
-        }
-      };
-      const int64_t chunk_steps =
-          projection_chunk_steps(s.batch * s.gate_size * int64_t(sizeof(scalar_t)));
-      const int64_t projection_bytes =
-          s.steps * s.batch * s.gate_size * int64_t(sizeof(scalar_t));
-      if (!save_workspace && !packs_gates && !xg_in_output && s.steps > chunk_steps &&
-          projection_bytes > kChunkedProjectionAbove) {
-        // Under no_grad a long call's input projection is not held whole ([T, B, G], several
-        // times the output): it is made a chunk of steps at a time, [steps, B, G] time-major,
-        // just before the steps that read it.
-        Tensor chunk = pooled_empty({chunk_steps * s.batch, s.gate_size}, input.options());
-        scalar_t* chunk_data = chunk.data_ptr<scalar_t>();
-        for (int64_t first = 0; first < s.steps; first += chunk_steps) {
-          const StepRange steps{first, std::min(s.steps, first + chunk_steps)};
-          const int64_t count = steps.end - steps.begin;
-          const int64_t t0 = reverse ? s.steps - steps.end : steps.begin;  // the chunk's times
-          const int64_t rows = count * s.batch;
+          }
+#endif
+          const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
+          const bool zero_initial_state = !s.has_initial_state && w_hh_all_finite<scalar_t>(w_hh);
+          const bool packs_gates = v.gate_packed && Cell::kGates > 1;
+          // A batch-major input (see input_layout.h): under no_grad its projection xg is
+          // batch-major too, in a buffer of its own; in training it goes time-major into the
+          // workspace or the output as usual, by a GEMM per batch row.
+          const bool batch_major_input = is_batch_major(input);
+          const bool batch_major = !save_workspace && projects_batch_major_input(s, input);
+          const bool xg_in_output =
+              !batch_major && !packs_gates && Cell::kGates == 1 && s.state_size == s.gate_size;
+          // The biases are added by the recurrent product of each step, where that costs nothing
+          // extra: b_ih + b_hh for the cells that see xg and hg only as their sum, else b_hh, and
+          // then b_ih goes into xg (a copy into every row before the GEMM).
+          const bool fold_biases = Cell::kHiddenBiasFoldable && b_ih.defined() && b_hh.defined();
+          const scalar_t* xg_bias =
+              b_ih.defined() && !fold_biases ? b_ih.data_ptr<scalar_t>() : nullptr;
+          const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
+          const scalar_t* x_data = input.data_ptr<scalar_t>();
+          const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
+          // xg = x W_ih^T (+ beta xg) for steps t0 .. t0 + count - 1 into rows t * B + b of
+          // xg_data (row stride xg_stride), from time-major rows in one GEMM, or from batch-major
+          // ones (row (b, t) at b * T + t) in a GEMM per batch row.
+          const auto project_time_major = [&](int64_t t0, int64_t count, scalar_t beta,
+                                              scalar_t* xg_data, int64_t xg_stride) {
+            if (batch_major_input) {
+              at::parallel_for(0, s.batch, 1, [&](int64_t b_begin, int64_t b_end) {
+                for (int64_t b = b_begin; b < b_end; ++b) {
+                  gemm<scalar_t>(count, s.gate_size, s.input_size,
+                                 {x_data + (b * s.steps + t0) * s.input_size, s.input_size, false},
+                                 w_ih_t, beta, xg_data + b * xg_stride, s.batch * xg_stride,
+                                 GemmThreads::OnCaller);
+                }
+              });
+            } else {
+              gemm<scalar_t>(count * s.batch, s.gate_size, s.input_size,
+                             {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
+                             beta, xg_data, xg_stride);
+            }
+          };
+          const int64_t chunk_steps =
+              projection_chunk_steps(s.batch * s.gate_size * int64_t(sizeof(scalar_t)));
+          const int64_t projection_bytes =
+              s.steps * s.batch * s.gate_size * int64_t(sizeof(scalar_t));
+          if (!save_workspace && !packs_gates && !xg_in_output && s.steps > chunk_steps &&
+              projection_bytes > kChunkedProjectionAbove) {
+            // Under no_grad a long call's input projection is not held whole ([T, B, G], several
+            // times the output): it is made a chunk of steps at a time, [steps, B, G] time-major,
+            // just before the steps that read it.
+            Tensor chunk = pooled_empty({chunk_steps * s.batch, s.gate_size}, input.options());
+            scalar_t* chunk_data = chunk.data_ptr<scalar_t>();
+            for (int64_t first = 0; first < s.steps; first += chunk_steps) {
+              const StepRange steps{first, std::min(s.steps, first + chunk_steps)};
+              const int64_t count = steps.end - steps.begin;
+              const int64_t t0 = reverse ? s.steps - steps.end : steps.begin;  // the chunk's times
+              const int64_t rows = count * s.batch;
+              const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0,
+                                                               chunk_data, s.gate_size);
+              project_time_major(t0, count, beta, chunk_data, s.gate_size);
+              const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
+              run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
+                                          w_hr, h_state, c_state, output, workspace);
+            }
+            return;
+          }
+          // xg = x W_ih^T + b_ih: [T * B, G], time-major (from a batch-major input by a GEMM per
+          // batch row), or under no_grad in a batch-major input's order (one GEMM; see
+          // projects_batch_major_input).
+          // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
+          // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
+          // place); the gate-packed view permutes it, so there it gets its own buffer, as do
+          // batch-major rows.
+          Tensor xg;
+          if (batch_major) {
+            xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
+          } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
+            xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
+          } else if (xg_in_output) {
+            xg = output.view({s.steps * s.batch, s.state_size});
+          } else {
+            xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
+          }
+          const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
+          scalar_t* xg_data = xg.data_ptr<scalar_t>();
           const scalar_t beta =
-              copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, chunk_data, s.gate_size);
-          project_time_major(t0, count, beta, chunk_data, s.gate_size);
-          const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
-          run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
-                                      w_hr, h_state, c_state, output, workspace);
-        }
-        return;
-      }
-      // xg = x W_ih^T + b_ih: [T * B, G], time-major (from a batch-major input by a GEMM per
-      // batch row), or under no_grad in a batch-major input's order (one GEMM; see
-      // projects_batch_major_input).
-      // To save a [T, B, G] buffer it is computed straight into the columns of the workspace
-      // (LSTM, GRU: their saved gates take its place) or of the output (Elman: h takes its
-      // place); the gate-packed view permutes it, so there it gets its own buffer, as do
-      // batch-major rows.
-      Tensor xg;
-      if (batch_major) {
-        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
-      } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
-        xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
-      } else if (xg_in_output) {
-        xg = output.view({s.steps * s.batch, s.state_size});
-      } else {
-        xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
-      }
-      const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
-      scalar_t* xg_data = xg.data_ptr<scalar_t>();
-      const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data,
-                                                       xg_stride);
-      if (batch_major) {
-        // [B * T, G] batch-major, as the rows come.
-        gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
-                       beta, xg_data, xg_stride);
-      } else {
-        project_time_major(0, s.steps, beta, xg_data, xg_stride);
-      }
-      Tensor step_gates = xg;
-      if (packs_gates) {
-        step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
-                                                Cell::kGates, /*to_packed=*/true);
-      }
-      const int64_t row_stride = step_gates.stride(0);
-      const StepRows<scalar_t> xg_rows{
-          step_gates.data_ptr<scalar_t>(),
-          v.gate_packed ? v.G : batch_major ? row_stride : s.batch * row_stride,
-          batch_major ? s.steps * row_stride : row_stride};
-      run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
-                                  step_bias, w_hr, h_state, c_state, output, workspace);
-    });
+              copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data, xg_stride);
+          if (batch_major) {
+            // [B * T, G] batch-major, as the rows come.
+            gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
+                           beta, xg_data, xg_stride);
+          } else {
+            project_time_major(0, s.steps, beta, xg_data, xg_stride);
+          }
+          Tensor step_gates = xg;
+          if (packs_gates) {
+            step_gates = regroup_gates<scalar_t>(xg.view({s.steps, s.batch, s.gate_size}),
+                                                 Cell::kGates, /*to_packed=*/true);
+          }
+          const int64_t row_stride = step_gates.stride(0);
+          const StepRows<scalar_t> xg_rows{step_gates.data_ptr<scalar_t>(),
+                                           v.gate_packed ? v.G
+                                           : batch_major ? row_stride
+                                                         : s.batch * row_stride,
+                                           batch_major ? s.steps * row_stride : row_stride};
+          run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
+                                      step_bias, w_hr, h_state, c_state, output, workspace);
+        });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
           workspace};

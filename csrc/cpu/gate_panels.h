@@ -119,8 +119,8 @@ class GatePanels {
   // prefetchers left the loop waiting on the L3 cache (20 rows of 640 LSTM units: 80 -> 100
   // GFLOP/s on one core).
   template <int Gates>
-  void tile(const T* h, int rows, int64_t block, int64_t k0, int64_t k1, T* hg,
-            int64_t hg_stride, bool fetch_ahead) const {
+  void tile(const T* h, int rows, int64_t block, int64_t k0, int64_t k1, T* hg, int64_t hg_stride,
+            bool fetch_ahead) const {
     dispatch_rows<Gates>(rows, [&](auto rows_constant) {
       constexpr int kTileRows = decltype(rows_constant)::value;
       if (fetch_ahead) {
@@ -154,8 +154,8 @@ class GatePanels {
   // Not inlined: inlined into the engine's step loop, GCC kept the accumulators in memory
   // as well as in registers, a store of each per term (half the rate of this kernel alone).
   template <int Rows, int Gates, bool FetchAhead>
-  __attribute__((noinline)) void run_tile(const T* h, int64_t block, int64_t k0, int64_t k1,
-                                          T* hg, int64_t hg_stride) const {
+  __attribute__((noinline)) void run_tile(const T* h, int64_t block, int64_t k0, int64_t k1, T* hg,
+                                          int64_t hg_stride) const {
     const int64_t unit0 = first_unit(block);
     const int count = units(block);
     T* out = hg + unit0;

@@ -25,7 +25,7 @@ inline register_layer::StridedSteps strided_steps(const Tensor& x) {
 // Whether the register layer runs on this float input [T, B, I], which it reads at its strides:
 // sizes it takes, and a step's offsets within its gathers'.
 inline bool register_layer_reads(const Tensor& input, int64_t hidden_size, bool has_lengths,
-                          bool has_projection) {
+                                 bool has_projection) {
 #if defined(CPU_CAPABILITY_AVX512)
   return input.scalar_type() == at::kFloat && input.dim() == 3 &&
          register_layer::fits(input.size(1), input.size(2), hidden_size, has_lengths,
@@ -89,9 +89,8 @@ constexpr int64_t kBatchMajorTrainingMaxWeightBytes = int64_t(2) << 20;
 // kBatchMajorTrainingMaxWeightBytes so does it: each of those GEMMs reads all of W_ih, and
 // W_ih's gradient is summed over them, where neither stays in a core's cache (16 and 64 rows of
 // 512 LSTM units trained 17% and 5% slower, 64 rows of 512 GRU units 8%).
-inline bool trains_on_batch_major_input(const Tensor& input, int64_t gate_size,
-                                        int64_t hidden_size, bool has_lengths,
-                                        bool has_projection) {
+inline bool trains_on_batch_major_input(const Tensor& input, int64_t gate_size, int64_t hidden_size,
+                                        bool has_lengths, bool has_projection) {
   const int64_t element_bytes = int64_t(input.element_size());
   return is_batch_major(input) && input.numel() * element_bytes >= kBatchMajorTrainingMinBytes &&
          gate_size * input.size(2) * element_bytes <= kBatchMajorTrainingMaxWeightBytes &&

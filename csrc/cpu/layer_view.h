@@ -6,8 +6,8 @@
 
 #include <cstdint>
 
-#include "../layer.h"
 #include "../buffer_pool.h"
+#include "../layer.h"
 #include "vector_math.h"
 
 namespace rnnfast {
@@ -78,11 +78,11 @@ bool use_gate_packing(const LayerSizes& s) {
 
 inline bool uses_gate_packing(at::ScalarType type, int64_t batch, int64_t hidden_size,
                               bool has_lengths, bool has_projection) {
-  return type == at::kFloat ? use_gate_packing<float>(batch, hidden_size, has_lengths,
-                                                      has_projection)
-         : type == at::kDouble ? use_gate_packing<double>(batch, hidden_size, has_lengths,
-                                                          has_projection)
-                               : false;
+  return type == at::kFloat
+             ? use_gate_packing<float>(batch, hidden_size, has_lengths, has_projection)
+         : type == at::kDouble
+             ? use_gate_packing<double>(batch, hidden_size, has_lengths, has_projection)
+             : false;
 }
 
 inline bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {

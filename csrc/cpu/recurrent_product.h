@@ -40,9 +40,8 @@ class RecurrentProduct {
   // undefined; rows: the batch the product runs on; steps: how many times it runs. packed:
   // which side is gate-packed with `packed_hidden` units per gate (None: plain rows).
   // may_pack: a product in the BLAS may use MKL's packed GEMM (more memory, faster steps).
-  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows,
-                   int64_t steps, Packed packed = Packed::None, int64_t packed_hidden = 0,
-                   bool may_pack = false)
+  RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows, int64_t steps,
+                   Packed packed = Packed::None, int64_t packed_hidden = 0, bool may_pack = false)
       : bias_(bias.defined() ? bias.contiguous() : bias),
         packed_(packed),
         packed_hidden_(packed_hidden) {
@@ -51,8 +50,8 @@ class RecurrentProduct {
     k_ = matrix.size(1);
     if (kWidened && rows * n_ * k_ < kWidenedMaxWork) {
       widened_ = std::make_shared<const RecurrentProduct<float>>(
-          matrix.to(at::kFloat), bias.defined() ? bias.to(at::kFloat) : bias, rows, steps,
-          packed, packed_hidden, may_pack);
+          matrix.to(at::kFloat), bias.defined() ? bias.to(at::kFloat) : bias, rows, steps, packed,
+          packed_hidden, may_pack);
       return;
     }
     switch (kernel_for(rows, n_, k_, steps, packed)) {
@@ -71,8 +70,7 @@ class RecurrentProduct {
         use_loop_ = true;
         matrix_ = matrix.contiguous();  // the loop reads rows of M
         return;
-      case Kernel::Blas:
-        break;
+      case Kernel::Blas: break;
     }
     if (steps >= kTiledMinSteps && splits_rows_in_blas(rows, n_, k_)) {
       // Each thread runs the product on its own rows (schedule.h: RowsPerThread), the BLAS on
@@ -184,8 +182,7 @@ class RecurrentProduct {
   }
 
   // addend has row stride `addend_stride` (0: one bias row shared by all rows).
-  void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
-               T* out) const {
+  void compute(const T* in, int64_t batch, const T* addend, int64_t addend_stride, T* out) const {
     using A = at::opmath_type<T>;
     if (in == nullptr) {
       compute_from_zero(batch, addend, addend_stride, out);
@@ -294,8 +291,8 @@ class RecurrentProduct {
       for (int64_t n = 0; n < n_; ++n) {
         const T value = addend ? addend[b * addend_stride + n] : T(0);
         // Gate-packed output: column n of row b lives at [n / Hp][b][n % Hp].
-        const int64_t at = packed_ == Packed::Output ? (n / Hp) * batch * Hp + b * Hp + n % Hp
-                                                     : b * n_ + n;
+        const int64_t at =
+            packed_ == Packed::Output ? (n / Hp) * batch * Hp + b * Hp + n % Hp : b * n_ + n;
         out[at] = value;
       }
     }
@@ -327,9 +324,9 @@ class RecurrentProduct {
   // The float product that runs a bfloat16 or float16 one below kWidenedMaxWork, on float
   // copies of M and the bias; else null.
   std::shared_ptr<const RecurrentProduct<float>> widened_;
-  RegisterProduct register_;  // the whole product in registers (float, tiny sizes)
-  int64_t register_rows_ = 0;   // the batch register_ was built for
-  TiledWeights<T> tiled_;  // M^T for the tiled kernel, when it runs the product
+  RegisterProduct register_;   // the whole product in registers (float, tiny sizes)
+  int64_t register_rows_ = 0;  // the batch register_ was built for
+  TiledWeights<T> tiled_;      // M^T for the tiled kernel, when it runs the product
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
   bool use_loop_ = false;

@@ -75,8 +75,8 @@ struct GateProducts {
   std::vector<LaneProduct> input, recurrent;
   std::vector<std::array<float, kLanes>> input_bias, recurrent_bias;
 
-  GateProducts(const Layer& l, int gates, const float* w_ih, const float* w_hh,
-               const float* b_ih, const float* b_hh) {
+  GateProducts(const Layer& l, int gates, const float* w_ih, const float* w_hh, const float* b_ih,
+               const float* b_hh) {
     const int64_t H = l.H, I = l.I, units = l.units();
     for (int g = 0; g < gates; ++g) {
       input.emplace_back(
@@ -174,8 +174,8 @@ void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const
     const auto [x_low, x_high] = input_at.at(t);
     std::array<V, gates> xg, hg;
     for (int g = 0; g < gates; ++g) {
-      xg[g] = products.input[g].add_to(_mm512_loadu_ps(products.input_bias[g].data()), x_low,
-                                       x_high);
+      xg[g] =
+          products.input[g].add_to(_mm512_loadu_ps(products.input_bias[g].data()), x_low, x_high);
       hg[g] = products.recurrent[g].add_to(_mm512_loadu_ps(products.recurrent_bias[g].data()),
                                            h_now, _mm512_setzero_ps());
     }
@@ -212,8 +212,8 @@ inline std::vector<__m512i> row_broadcasts(int64_t units, int64_t H, int64_t wid
 
 // dst[g * H + j][column] (row stride `columns`) = the sum over rows b of lane b * H + j of
 // acc[g * columns + column]: per-lane sums over the steps, folded over the batch.
-inline void fold_batch(const std::vector<V>& acc, int gates, int64_t B, int64_t H,
-                       int64_t columns, float* dst) {
+inline void fold_batch(const std::vector<V>& acc, int gates, int64_t B, int64_t H, int64_t columns,
+                       float* dst) {
   for (int g = 0; g < gates; ++g) {
     for (int64_t column = 0; column < columns; ++column) {
       alignas(64) std::array<float, kLanes> lanes_of{};
@@ -289,8 +289,8 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
       saved[0] = _mm512_maskz_loadu_ps(unit_mask, output + t * units);
     }
     for (int s = 0; s < Cell::kSavedPerUnit; ++s) {
-      saved[s] = _mm512_maskz_loadu_ps(unit_mask,
-                                       workspace + (t * Cell::kSavedPerUnit + s) * units);
+      saved[s] =
+          _mm512_maskz_loadu_ps(unit_mask, workspace + (t * Cell::kSavedPerUnit + s) * units);
     }
     const float* h_prev_data = first ? hx : output + t_prev * units;
     const V h_prev = h_prev_data ? V(_mm512_maskz_loadu_ps(unit_mask, h_prev_data)) : zero;

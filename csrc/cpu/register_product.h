@@ -34,8 +34,7 @@ class LaneProduct {
   // source(o, s), weight(o, s) for the output lanes o < outputs; later lanes get 0.
   template <typename Source, typename Weight>
   LaneProduct(int64_t outputs, int64_t terms, Source source, Weight weight)
-      : sources_(terms * kRegisterLanes, 0), weights_(terms * kRegisterLanes, 0.0f),
-        terms_(terms) {
+      : sources_(terms * kRegisterLanes, 0), weights_(terms * kRegisterLanes, 0.0f), terms_(terms) {
     for (int64_t s = 0; s < terms_; ++s) {
       for (int64_t o = 0; o < outputs; ++o) {
         sources_[s * kRegisterLanes + o] = static_cast<int32_t>(source(o, s));
@@ -118,10 +117,10 @@ class RegisterProduct {
   void run(const float* in, const float* addend, float* out) const {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 low = _mm512_maskz_loadu_ps(first_lanes(inputs_), in);
-    const __m512 high = inputs_ > kRegisterLanes
-                            ? _mm512_maskz_loadu_ps(first_lanes(inputs_ - kRegisterLanes),
-                                                    in + kRegisterLanes)
-                            : _mm512_setzero_ps();
+    const __m512 high =
+        inputs_ > kRegisterLanes
+            ? _mm512_maskz_loadu_ps(first_lanes(inputs_ - kRegisterLanes), in + kRegisterLanes)
+            : _mm512_setzero_ps();
     for (size_t v = 0; v < vectors_.size(); ++v) {
       const int64_t first = static_cast<int64_t>(v) * kRegisterLanes;
       const __mmask16 mask = first_lanes(outputs_ - first);

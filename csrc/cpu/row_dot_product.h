@@ -15,7 +15,6 @@
 #if defined(CPU_CAPABILITY_AVX512)
 
 #include <ATen/Parallel.h>
-
 #include <immintrin.h>
 
 #include <algorithm>
@@ -35,8 +34,8 @@ inline bool takes(int64_t m, int64_t n, int64_t k) {
 
 // The lane sums of 8 vectors, as the 8 lanes of one (vectors by value: the caller's stay in
 // registers).
-inline __m256 lane_sums(__m512 s0, __m512 s1, __m512 s2, __m512 s3, __m512 s4, __m512 s5,
-                        __m512 s6, __m512 s7) {
+inline __m256 lane_sums(__m512 s0, __m512 s1, __m512 s2, __m512 s3, __m512 s4, __m512 s5, __m512 s6,
+                        __m512 s7) {
   const auto halves_added = [](__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
   };
@@ -45,10 +44,10 @@ inline __m256 lane_sums(__m512 s0, __m512 s1, __m512 s2, __m512 s3, __m512 s4, _
                                      halves_added(s6), halves_added(s7)};
   // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: two rounds leave
   // [s0 s1 s2 s3 | s0' s1' s2' s3'] (sums over each 128-bit half) for vectors 0-3 and 4-7.
-  const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(halves[0], halves[1]),
-                                    _mm256_hadd_ps(halves[2], halves[3]));
-  const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(halves[4], halves[5]),
-                                     _mm256_hadd_ps(halves[6], halves[7]));
+  const __m256 low =
+      _mm256_hadd_ps(_mm256_hadd_ps(halves[0], halves[1]), _mm256_hadd_ps(halves[2], halves[3]));
+  const __m256 high =
+      _mm256_hadd_ps(_mm256_hadd_ps(halves[4], halves[5]), _mm256_hadd_ps(halves[6], halves[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
                        _mm256_permute2f128_ps(low, high, 0x31));
 }
@@ -57,8 +56,8 @@ inline __m256 lane_sums(__m512 s0, __m512 s1, __m512 s2, __m512 s3, __m512 s4, _
 // last row), into the first `columns` outputs of each row of C. The sums are indexed by
 // constants only (index sequences), so that the compiler keeps all of them in registers.
 template <int kRowsA, size_t... J>
-inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlockRows],
-                  int64_t k, bool accumulate, float* c, int64_t ldc, int64_t columns,
+inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlockRows], int64_t k,
+                  bool accumulate, float* c, int64_t ldc, int64_t columns,
                   std::index_sequence<J...>) {
   static_assert(sizeof...(J) == kBlockRows && kRowsA >= 1 && kRowsA <= 3);
   // Rows 0, 1 and 2 of A against the block (those past kRowsA are never used).
@@ -71,12 +70,14 @@ inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlo
     const __m512 a0 = _mm512_maskz_loadu_ps(lanes, a + p);
     const __m512 a1 = kRowsA > 1 ? _mm512_maskz_loadu_ps(lanes, a + lda + p) : a0;
     const __m512 a2 = kRowsA > 2 ? _mm512_maskz_loadu_ps(lanes, a + 2 * lda + p) : a0;
-    ((void)[&] {
-      const __m512 b_part = _mm512_maskz_loadu_ps(lanes, b_rows[J] + p);
-      sums0[J] = _mm512_fmadd_ps(a0, b_part, sums0[J]);
-      if constexpr (kRowsA > 1) sums1[J] = _mm512_fmadd_ps(a1, b_part, sums1[J]);
-      if constexpr (kRowsA > 2) sums2[J] = _mm512_fmadd_ps(a2, b_part, sums2[J]);
-    }(), ...);
+    (
+        (void)[&] {
+          const __m512 b_part = _mm512_maskz_loadu_ps(lanes, b_rows[J] + p);
+          sums0[J] = _mm512_fmadd_ps(a0, b_part, sums0[J]);
+          if constexpr (kRowsA > 1) sums1[J] = _mm512_fmadd_ps(a1, b_part, sums1[J]);
+          if constexpr (kRowsA > 2) sums2[J] = _mm512_fmadd_ps(a2, b_part, sums2[J]);
+        }(),
+        ...);
   }
   const __mmask8 outputs = __mmask8((1u << columns) - 1);
   const auto store = [&](float* c_row, __m256 result) {
@@ -90,9 +91,8 @@ inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlo
 
 // C[m, n] = A[m, k] B[n, k]^T, plus C where `accumulate`; A's and B's rows contiguous.
 // `threaded`: the blocks of B's rows are split over the threads (else all on the calling one).
-inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-                    const float* b, int64_t ldb, bool accumulate, float* c, int64_t ldc,
-                    bool threaded) {
+inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                    int64_t ldb, bool accumulate, float* c, int64_t ldc, bool threaded) {
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, threaded ? 1 : blocks, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {

@@ -49,9 +49,8 @@ void run_steps(int64_t rows, int64_t step_begin, int64_t step_end, StepThreads t
   if (threads == StepThreads::PointwisePerStep) {
     for (int64_t step = step_begin; step < step_end; ++step) {
       before(step, 0, rows);
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        pointwise(step, begin, end);
-      });
+      at::parallel_for(0, rows, 1,
+                       [&](int64_t begin, int64_t end) { pointwise(step, begin, end); });
       after(step, 0, rows);
     }
     return;

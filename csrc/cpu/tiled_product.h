@@ -108,8 +108,8 @@ inline void tile(const T* in, int64_t k_count, const TiledWeights<T>& w, const T
 
 // The tiles of `Rows` rows from b0 across all columns.
 template <typename T, int Rows>
-inline void row_block(const T* in, const TiledWeights<T>& w, const T* addend,
-                      int64_t addend_stride, T* out, int64_t out_stride) {
+inline void row_block(const T* in, const TiledWeights<T>& w, const T* addend, int64_t addend_stride,
+                      T* out, int64_t out_stride) {
   constexpr int L = Vec<T>::size();
   const int64_t N = w.n(), K = w.k();
   int64_t n0 = 0;
@@ -141,8 +141,8 @@ void tiled_product(const T* in, int64_t batch, const TiledWeights<T>& w, const T
   int64_t b0 = 0;
   const auto addend_at = [&](int64_t b) { return addend ? addend + b * addend_stride : nullptr; };
   for (; b0 + kRows <= batch; b0 += kRows) {
-    tiled::row_block<T, kRows>(in + b0 * K, w, addend_at(b0), addend_stride,
-                               out + b0 * out_stride, out_stride);
+    tiled::row_block<T, kRows>(in + b0 * K, w, addend_at(b0), addend_stride, out + b0 * out_stride,
+                               out_stride);
   }
   const auto rows_left = [&](auto rows) {
     tiled::row_block<T, decltype(rows)::value>(in + b0 * K, w, addend_at(b0), addend_stride,

@@ -136,8 +136,7 @@ struct VectorUnits {
 // bfloat16 and float16 values are stored in their type and computed in float: the cells on float
 // vectors here, the per-step products in float (recurrent_product.h).
 template <typename T>
-constexpr bool kComputedInFloat =
-    std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+constexpr bool kComputedInFloat = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 
 template <typename A, typename T>
 inline A load(const T* row, int offset, VectorUnits units) {

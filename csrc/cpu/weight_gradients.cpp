@@ -2,8 +2,8 @@
 // an order fixed by the shape.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -21,8 +21,8 @@
 #include <cpuid.h>
 #endif
 
-#include "blas.h"
 #include "../buffer_pool.h"
+#include "blas.h"
 #include "engine.h"
 #include "input_layout.h"
 #include "layer_view.h"
@@ -40,8 +40,8 @@ namespace cpu {
 // rows (no gain from 20 rows, nor for outputs of 10^5 values and more).
 bool runs_transposed(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
   const int64_t M = out.size(0), N = out.size(1), K = a.size(1);
-  return !accumulate && out.scalar_type() == at::kFloat && out.is_contiguous() && M > 1 &&
-         N > 1 && a.stride(0) == 1 && b.stride(1) == 1 && M * N <= 2 * K;
+  return !accumulate && out.scalar_type() == at::kFloat && out.is_contiguous() && M > 1 && N > 1 &&
+         a.stride(0) == 1 && b.stride(1) == 1 && M * N <= 2 * K;
 }
 
 void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
@@ -57,27 +57,28 @@ void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) 
     }
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rnnfast_matmul",
-                                  [&] {
-    gemm<scalar_t>(out.size(0), out.size(1), a.size(1), matrix_ref<scalar_t>(a),
-                   matrix_ref<scalar_t>(b), scalar_t(accumulate ? 1 : 0),
-                   out.data_ptr<scalar_t>(), out.size(1), GemmThreads::FixedBlocks);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, out.scalar_type(), "rnnfast_matmul", [&] {
+        gemm<scalar_t>(out.size(0), out.size(1), a.size(1), matrix_ref<scalar_t>(a),
+                       matrix_ref<scalar_t>(b), scalar_t(accumulate ? 1 : 0),
+                       out.data_ptr<scalar_t>(), out.size(1), GemmThreads::FixedBlocks);
+      });
 }
 
 void cpu_column_sum(Tensor& out, const Tensor& x) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(),
-                                  "rnnfast_column_sum", [&] {
-    // In double, row by row: torch.nn's accuracy over millions of rows, in one order.
-    const int64_t rows = x.size(0), cols = x.size(1);
-    std::vector<double> sum(cols, 0.0);
-    const scalar_t* data = x.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* row = data + r * cols;
-      for (int64_t c = 0; c < cols; ++c) sum[c] += double(row[c]);
-    }
-    std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rnnfast_column_sum",
+                                  [&] {
+                                    // In double, row by row: torch.nn's accuracy over millions of
+                                    // rows, in one order.
+                                    const int64_t rows = x.size(0), cols = x.size(1);
+                                    std::vector<double> sum(cols, 0.0);
+                                    const scalar_t* data = x.data_ptr<scalar_t>();
+                                    for (int64_t r = 0; r < rows; ++r) {
+                                      const scalar_t* row = data + r * cols;
+                                      for (int64_t c = 0; c < cols; ++c) sum[c] += double(row[c]);
+                                    }
+                                    std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
+                                  });
 }
 
 const GradientKernels kCpuGradientKernels{&cpu_matmul, &cpu_column_sum};

@@ -64,10 +64,9 @@ struct DeviceLimits {
 DeviceLimits device_limits() {
   int device = 0, multiprocessors = 0, max_shared_bytes = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared_bytes,
-                                        cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      cudaDeviceGetAttribute(&max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return {multiprocessors, max_shared_bytes};
 }
 #else
@@ -99,9 +98,8 @@ template <typename Cell, typename T>
 cuda::SequencePlan sequence_plan(bool backward, const LayerSizes& s, int64_t ws_cols) {
   if (s.has_projection || !sequence_kernels_enabled()) return {};
   const DeviceLimits limits = device_limits();
-  return cuda::plan_sequence<Cell, T>(backward, s.batch, s.hidden_size, s.state_size,
-                                      s.gate_size, ws_cols, limits.multiprocessors,
-                                      limits.max_shared_bytes);
+  return cuda::plan_sequence<Cell, T>(backward, s.batch, s.hidden_size, s.state_size, s.gate_size,
+                                      ws_cols, limits.multiprocessors, limits.max_shared_bytes);
 }
 
 // The sizes part of a sequence kernel's arguments. ws_cols: the workspace's columns, 0 when
@@ -245,9 +243,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   DeviceGuard device_guard;
   if (input_.is_cuda()) device_guard.set_device(input_.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const ForwardInputs in = prepare_forward(std::string(cell),
-                                           swap_time_and_batch(input_, batch_first), hx_, cx_,
-                                           w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  const ForwardInputs in =
+      prepare_forward(std::string(cell), swap_time_and_batch(input_, batch_first), hx_, cx_, w_ih_,
+                      w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
@@ -270,11 +268,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
       xg = at::mm(x2d, w_ih.t());
     }
     xg = xg.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                    "rnnfast_forward_cuda", [&] {
-      run_forward<Cell, scalar_t>(s, ws_cols, reverse, lengths, xg, w_hh, b_hh_per_step, w_hr,
-                                  h_state, c_state, output, workspace);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_forward_cuda", [&] {
+          run_forward<Cell, scalar_t>(s, ws_cols, reverse, lengths, xg, w_hh, b_hh_per_step, w_hr,
+                                      h_state, c_state, output, workspace);
+        });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
           workspace};
@@ -282,10 +280,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
 
 template <typename Cell, typename scalar_t>
 void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tensor& lengths,
-                  const Tensor& grad_output, const Tensor& hx, const Tensor& cx,
-                  const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
-                  const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
-                  Tensor& dgate_h, Tensor& dprojected) {
+                  const Tensor& grad_output, const Tensor& hx, const Tensor& cx, const Tensor& w_hh,
+                  const Tensor& w_hr, const Tensor& output, const Tensor& workspace,
+                  Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x, Tensor& dgate_h,
+                  Tensor& dprojected) {
   using T = KernelType<scalar_t>;
   using A = at::opmath_type<scalar_t>;
   static_assert(std::is_same<A, cuda::AccType<T>>::value, "accumulation types agree");
@@ -376,8 +374,7 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
 // The backward op on time-major tensors (registered as backward_op<backward_time_major>).
 BackwardResult backward_time_major(
     c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_,
-    const std::optional<Tensor>& hx_,
+    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const std::optional<Tensor>& hx_,
     const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     const Tensor& output_, const Tensor& workspace_, bool input_grad) {
@@ -396,16 +393,16 @@ BackwardResult backward_time_major(
   // The kernels read the initial states; zero ones are materialised for them.
   const auto options = input.options();
   const Tensor hx_or_zero = hx.defined() ? hx : at::zeros({s.batch, s.state_size}, options);
-  const Tensor cx_or_zero = cx.defined() || !has_cell_state(s.kind)
-                                ? cx : at::zeros({s.batch, s.hidden_size}, options);
+  const Tensor cx_or_zero =
+      cx.defined() || !has_cell_state(s.kind) ? cx : at::zeros({s.batch, s.hidden_size}, options);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                    "rnnfast_backward_cuda", [&] {
-      run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx_or_zero,
-                                   cx_or_zero, w_hh, w_hr, output, workspace, state.dh,
-                                   state.dc, state.dgate_x, state.dgate_h, state.dprojected);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_backward_cuda", [&] {
+          run_backward<Cell, scalar_t>(s, ws_cols, reverse, lengths, grad_output, hx_or_zero,
+                                       cx_or_zero, w_hh, w_hr, output, workspace, state.dh,
+                                       state.dc, state.dgate_x, state.dgate_h, state.dprojected);
+        });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
                          has_bias, input_grad, kAtenGradientKernels);
@@ -444,16 +441,12 @@ TORCH_LIBRARY_IMPL(rnnfast, CUDA, m) {
   m.impl("backward", &rnnfast::backward_op<rnnfast::backward_time_major>);
 }
 
-TORCH_LIBRARY_IMPL(rnnfast, AutocastCUDA, m) {
-  m.impl("forward", &rnnfast::forward_autocast);
-}
+TORCH_LIBRARY_IMPL(rnnfast, AutocastCUDA, m) { m.impl("forward", &rnnfast::forward_autocast); }
 #else
 TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("forward", &rnnfast::forward_cuda);
   m.impl("backward", &rnnfast::backward_op<rnnfast::backward_time_major>);
 }
 
-TORCH_LIBRARY_IMPL(rnnfast, AutocastCPU, m) {
-  m.impl("forward", &rnnfast::forward_autocast);
-}
+TORCH_LIBRARY_IMPL(rnnfast, AutocastCPU, m) { m.impl("forward", &rnnfast::forward_autocast); }
 #endif

@@ -27,14 +27,14 @@ template <typename Cell, typename T>
 void launch_forward_step(const ForwardStepArgs<T>& args, cudaStream_t stream) {
   const int64_t threads = args.B * args.H;
   launch<StepKernel<ForwardStepArgs<T>, forward_step_unit<Cell, T>>>(step_shape(threads), stream,
-                                                                      args, threads);
+                                                                     args, threads);
 }
 
 template <typename Cell, typename T>
 void launch_backward_step(const BackwardStepArgs<T>& args, cudaStream_t stream) {
   const int64_t threads = args.B * args.H;
-  launch<StepKernel<BackwardStepArgs<T>, backward_step_unit<Cell, T>>>(step_shape(threads),
-                                                                        stream, args, threads);
+  launch<StepKernel<BackwardStepArgs<T>, backward_step_unit<Cell, T>>>(step_shape(threads), stream,
+                                                                       args, threads);
 }
 
 // One launch of `plan.blocks` blocks for the whole sequence, forward or backward by the type of
@@ -49,14 +49,14 @@ template <typename T>
 void launch_projection_copy(const ProjectionCopyArgs<T>& args, cudaStream_t stream) {
   const int64_t threads = args.B * args.P;
   launch<StepKernel<ProjectionCopyArgs<T>, projection_copy_unit<T>>>(step_shape(threads), stream,
-                                                                      args, threads);
+                                                                     args, threads);
 }
 
 template <typename T>
 void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stream) {
   const int64_t threads = args.B * args.P;
   launch<StepKernel<ProjectionGradArgs<T>, projection_grad_unit<T>>>(step_shape(threads), stream,
-                                                                      args, threads);
+                                                                     args, threads);
 }
 
 // Every cell x storage type, for explicit instantiation (kernels_<type>.cu) and its declaration
@@ -67,21 +67,21 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
   Y(::rnnfast::cuda::Half)            \
   Y(::rnnfast::cuda::BFloat16)
 
-#define RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(X, T)                        \
-  X(::rnnfast::LstmCell<::rnnfast::Activation::Tanh>, T)                \
-  X(::rnnfast::LstmCell<::rnnfast::Activation::Relu>, T)                \
-  X(::rnnfast::LstmCell<::rnnfast::Activation::Sigmoid>, T)             \
-  X(::rnnfast::GruCell, T)                                              \
-  X(::rnnfast::ElmanCell<::rnnfast::Activation::Tanh>, T)               \
-  X(::rnnfast::ElmanCell<::rnnfast::Activation::Relu>, T)               \
+#define RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(X, T)            \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Tanh>, T)    \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Relu>, T)    \
+  X(::rnnfast::LstmCell<::rnnfast::Activation::Sigmoid>, T) \
+  X(::rnnfast::GruCell, T)                                  \
+  X(::rnnfast::ElmanCell<::rnnfast::Activation::Tanh>, T)   \
+  X(::rnnfast::ElmanCell<::rnnfast::Activation::Relu>, T)   \
   X(::rnnfast::ElmanCell<::rnnfast::Activation::Sigmoid>, T)
 
-#define RNNFAST_CUDA_CELL_LAUNCHERS(PREFIX, Cell, T)                                         \
+#define RNNFAST_CUDA_CELL_LAUNCHERS(PREFIX, Cell, T)                                            \
   PREFIX template void launch_forward_step<Cell, T>(const ForwardStepArgs<T>&, cudaStream_t);   \
   PREFIX template void launch_backward_step<Cell, T>(const BackwardStepArgs<T>&, cudaStream_t); \
-  PREFIX template void launch_sequence<Cell, T, SequenceForwardArgs<T>>(                       \
+  PREFIX template void launch_sequence<Cell, T, SequenceForwardArgs<T>>(                        \
       const SequenceForwardArgs<T>&, const SequencePlan&, cudaStream_t);                        \
-  PREFIX template void launch_sequence<Cell, T, SequenceBackwardArgs<T>>(                      \
+  PREFIX template void launch_sequence<Cell, T, SequenceBackwardArgs<T>>(                       \
       const SequenceBackwardArgs<T>&, const SequencePlan&, cudaStream_t);
 
 #define RNNFAST_CUDA_TYPE_LAUNCHERS(PREFIX, T)                                                \
@@ -89,14 +89,14 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
   PREFIX template void launch_projection_grad<T>(const ProjectionGradArgs<T>&, cudaStream_t);
 
 #define RNNFAST_CUDA_EXTERN_CELL(Cell, T) RNNFAST_CUDA_CELL_LAUNCHERS(extern, Cell, T)
-#define RNNFAST_CUDA_EXTERN_TYPE(T)                       \
-  RNNFAST_CUDA_TYPE_LAUNCHERS(extern, T)                  \
+#define RNNFAST_CUDA_EXTERN_TYPE(T)      \
+  RNNFAST_CUDA_TYPE_LAUNCHERS(extern, T) \
   RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_EXTERN_CELL, T)
 
 // The definitions of every launcher of storage type T, for its kernels_<type>.cu.
 #define RNNFAST_CUDA_DEFINE_CELL(Cell, T) RNNFAST_CUDA_CELL_LAUNCHERS(, Cell, T)
-#define RNNFAST_CUDA_DEFINE_TYPE(T)         \
-  RNNFAST_CUDA_TYPE_LAUNCHERS(, T)          \
+#define RNNFAST_CUDA_DEFINE_TYPE(T) \
+  RNNFAST_CUDA_TYPE_LAUNCHERS(, T)  \
   RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_DEFINE_CELL, T)
 
 // Declared here, defined once in kernels_<type>.cu: the translation units that only call the

@@ -41,36 +41,36 @@ static_assert(kStagedSteps >= 3, "the backward ring needs 3 slots");
 
 // The layer as the sequence kernels of both directions see it.
 struct SequenceShape {
-  int64_t B, H, P, G, W;     // P == H (no projection); W: workspace columns (0: none)
+  int64_t B, H, P, G, W;  // P == H (no projection); W: workspace columns (0: none)
   int64_t steps;
   bool reverse;
   int64_t rows_per_block;
-  const int64_t* lengths;    // [B] or nullptr
+  const int64_t* lengths;  // [B] or nullptr
 };
 
 template <typename T>
 struct SequenceForwardArgs : SequenceShape {
-  const T* xg;               // [T, B, G] x W_ih^T + biases, all steps
-  const T* w_hh;             // [G, P]
-  const T* b_hh;             // [G] added to every step's hg (GRU's unfoldable b_hh), or nullptr
-  T* h;                      // [B, P] in: h0, out: h_n
-  AccType<T>* c;             // [B, H] LSTM: in c0, out c_n; else nullptr
-  T* out;                    // [T, B, P]
-  T* ws;                     // [T, B, W] or nullptr
+  const T* xg;    // [T, B, G] x W_ih^T + biases, all steps
+  const T* w_hh;  // [G, P]
+  const T* b_hh;  // [G] added to every step's hg (GRU's unfoldable b_hh), or nullptr
+  T* h;           // [B, P] in: h0, out: h_n
+  AccType<T>* c;  // [B, H] LSTM: in c0, out c_n; else nullptr
+  T* out;         // [T, B, P]
+  T* ws;          // [T, B, W] or nullptr
 };
 
 template <typename T>
 struct SequenceBackwardArgs : SequenceShape {
-  const T* grad_output;      // [T, B, P]
-  const T* hx;               // [B, P]
-  const T* cx;               // [B, H] or nullptr
-  const T* output;           // [T, B, P]
-  const T* ws;               // [T, B, W] or nullptr (W == 0)
-  const T* w_hh;             // [G, P]
-  T* dh;                     // [B, P] in: grad of h_n, out: grad of h0
-  AccType<T>* dc;            // [B, H] LSTM: in grad of c_n, out grad of c0; else nullptr
-  T* dgate_x;                // [T, B, G]
-  T* dgate_h;                // [T, B, G]; the same buffer as dgate_x unless the cell separates
+  const T* grad_output;  // [T, B, P]
+  const T* hx;           // [B, P]
+  const T* cx;           // [B, H] or nullptr
+  const T* output;       // [T, B, P]
+  const T* ws;           // [T, B, W] or nullptr (W == 0)
+  const T* w_hh;         // [G, P]
+  T* dh;                 // [B, P] in: grad of h_n, out: grad of h0
+  AccType<T>* dc;        // [B, H] LSTM: in grad of c_n, out grad of c0; else nullptr
+  T* dgate_x;            // [T, B, G]
+  T* dgate_h;            // [T, B, G]; the same buffer as dgate_x unless the cell separates
 };
 
 // The threads of one block, as the sequence kernels see them: loops over a block-wide index
@@ -177,21 +177,21 @@ RNNFAST_HD ForwardShared<T> carve_forward_shared(SharedCarver& carver, int64_t r
 
 template <typename T>
 struct BackwardShared {
-  AccType<T>* dc;      // [R, H] LSTM's carried dLoss/dc, else nullptr
-  int64_t* lengths;    // [R]
-  T* w;                // [G, P] W_hh as it is: a warp reads consecutive columns of one gate row
-  T* dh;               // [R, P] the carried dLoss/dh
-  T* dh_direct;        // [R, P]
-  T* dgate_x;          // [R, G] this step's
-  T* dgate_h;          // [R, G] (GRU), else the same as dgate_x
-  T* grad_output;      // [S, R, P] the ring of staged rows of grad_output,
-  T* output;           // [S, R, P] of the output
-  T* ws;               // [S, R, W] and of the workspace (nullptr when W == 0)
+  AccType<T>* dc;    // [R, H] LSTM's carried dLoss/dc, else nullptr
+  int64_t* lengths;  // [R]
+  T* w;              // [G, P] W_hh as it is: a warp reads consecutive columns of one gate row
+  T* dh;             // [R, P] the carried dLoss/dh
+  T* dh_direct;      // [R, P]
+  T* dgate_x;        // [R, G] this step's
+  T* dgate_h;        // [R, G] (GRU), else the same as dgate_x
+  T* grad_output;    // [S, R, P] the ring of staged rows of grad_output,
+  T* output;         // [S, R, P] of the output
+  T* ws;             // [S, R, W] and of the workspace (nullptr when W == 0)
 };
 
 template <typename Cell, typename T>
-RNNFAST_HD BackwardShared<T> carve_backward_shared(SharedCarver& carver, int64_t rows,
-                                                   int64_t H, int64_t P, int64_t G, int64_t W) {
+RNNFAST_HD BackwardShared<T> carve_backward_shared(SharedCarver& carver, int64_t rows, int64_t H,
+                                                   int64_t P, int64_t G, int64_t W) {
   BackwardShared<T> m;
   m.dc = Cell::kHasCellState ? carver.template take<AccType<T>>(rows * H) : nullptr;
   m.lengths = carver.template take<int64_t>(rows);

@@ -21,26 +21,26 @@ namespace cuda {
 
 template <typename T>
 struct ForwardStepArgs {
-  int64_t B, H, P, G, W;     // W: workspace columns (0: not saving, or nothing to save)
-  int64_t steps, t;          // T and the time index of this step
+  int64_t B, H, P, G, W;  // W: workspace columns (0: not saving, or nothing to save)
+  int64_t steps, t;       // T and the time index of this step
   bool reverse;
-  const int64_t* lengths;    // [B] on the device, or nullptr (every row runs all steps)
-  const T* xg;               // [B, G] this step: x W_ih^T + biases
-  const T* hg;               // [B, G] h_prev W_hh^T (+ b_hh for GRU)
-  T* h;                      // [B, P] the hidden state; without projection read and updated
-  AccType<T>* c;             // [B, H] LSTM's cell state (accumulation type), else nullptr
-  T* out;                    // [B, P] this step's output
-  T* ws;                     // [B, W] this step's workspace row block, or nullptr
-  T* h_unprojected;          // [B, H] LSTM with projection: the new h before W_hr, else nullptr
+  const int64_t* lengths;  // [B] on the device, or nullptr (every row runs all steps)
+  const T* xg;             // [B, G] this step: x W_ih^T + biases
+  const T* hg;             // [B, G] h_prev W_hh^T (+ b_hh for GRU)
+  T* h;                    // [B, P] the hidden state; without projection read and updated
+  AccType<T>* c;           // [B, H] LSTM's cell state (accumulation type), else nullptr
+  T* out;                  // [B, P] this step's output
+  T* ws;                   // [B, W] this step's workspace row block, or nullptr
+  T* h_unprojected;        // [B, H] LSTM with projection: the new h before W_hr, else nullptr
 };
 
 template <typename T>
 struct ProjectionCopyArgs {
   int64_t B, P, steps, t;
   const int64_t* lengths;
-  const T* h_projected;      // [B, P] h_unprojected W_hr^T
-  T* h;                      // [B, P] state, updated on active rows
-  T* out;                    // [B, P] this step's output, written on active rows
+  const T* h_projected;  // [B, P] h_unprojected W_hr^T
+  T* h;                  // [B, P] state, updated on active rows
+  T* out;                // [B, P] this step's output, written on active rows
 };
 
 template <typename T>
@@ -49,29 +49,29 @@ struct BackwardStepArgs {
   int64_t steps, t;
   bool reverse;
   const int64_t* lengths;
-  const T* grad_output;      // [B, P] this step
-  const T* dh;               // [B, P] dLoss/dh from the later steps (the carried gradient)
-  AccType<T>* dc;            // [B, H] dLoss/dc carried (accumulation type), or nullptr
-  const T* hx;               // [B, P]
-  const T* cx;               // [B, H] or nullptr
-  const T* output;           // [B, P] this step's output
-  const T* ws;               // [B, W] this step's workspace, or nullptr when W == 0
-  const T* prev_output;      // [B, P] the output of the step before (in time order: t - 1, or
-                             // t + 1 when reverse), nullptr when t is the first of all steps
-  const T* prev_ws;          // [B, W] the workspace of that step, or nullptr
-  const T* dh_unprojected;   // [B, H] with projection: dLoss/dh before W_hr, else nullptr
-  T* dgate_x;                // [B, G] this step
-  T* dgate_h;                // [B, G] this step (== dgate_x unless the cell separates them)
-  T* dh_direct;              // [B, P] the part of dLoss/dh_prev that skips W_hh
+  const T* grad_output;     // [B, P] this step
+  const T* dh;              // [B, P] dLoss/dh from the later steps (the carried gradient)
+  AccType<T>* dc;           // [B, H] dLoss/dc carried (accumulation type), or nullptr
+  const T* hx;              // [B, P]
+  const T* cx;              // [B, H] or nullptr
+  const T* output;          // [B, P] this step's output
+  const T* ws;              // [B, W] this step's workspace, or nullptr when W == 0
+  const T* prev_output;     // [B, P] the output of the step before (in time order: t - 1, or
+                            // t + 1 when reverse), nullptr when t is the first of all steps
+  const T* prev_ws;         // [B, W] the workspace of that step, or nullptr
+  const T* dh_unprojected;  // [B, H] with projection: dLoss/dh before W_hr, else nullptr
+  T* dgate_x;               // [B, G] this step
+  T* dgate_h;               // [B, G] this step (== dgate_x unless the cell separates them)
+  T* dh_direct;             // [B, P] the part of dLoss/dh_prev that skips W_hh
 };
 
 template <typename T>
 struct ProjectionGradArgs {
   int64_t B, P, steps, t;
   const int64_t* lengths;
-  const T* grad_output;      // [B, P] this step
-  const T* dh;               // [B, P] carried gradient
-  T* dprojected;             // [B, P] this step: grad_output + dh on active rows, 0 elsewhere
+  const T* grad_output;  // [B, P] this step
+  const T* dh;           // [B, P] carried gradient
+  T* dprojected;         // [B, P] this step: grad_output + dh on active rows, 0 elsewhere
 };
 
 // ---------------------------------------------------------------------------------------------
