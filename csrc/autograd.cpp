@@ -98,8 +98,8 @@ struct LayerBackward final : public torch::autograd::Node {
 variable_list LayerBackward::apply(variable_list&& grads) {
   // grads: those of (output, h_n, c_n), undefined where no gradient flows (taken as zero).
   TORCH_CHECK(saved_workspace,
-              "rnnfast::forward ran with save_workspace=False, so it cannot be "
-              "differentiated; call it with save_workspace=True when gradients are needed");
+              "rnnfast::forward ran with save_workspace=False, so it cannot be differentiated; "
+              "call it with save_workspace=True when gradients are needed");
   // The engine runs a backward with grad mode on exactly when create_graph=True.
   if (at::GradMode::is_enabled()) return apply_differentiably(grads);
   const auto self = getptr();

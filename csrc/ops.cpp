@@ -53,12 +53,8 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
 
 void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), "rnnfast: ", name,
-              " must have the dtype "
-              "of input (",
-              input.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), "rnnfast: ", name,
-              " must be on the device of "
-              "input (",
+              " must have the dtype of input (", input.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "rnnfast: ", name, " must be on the device of input (",
               input.device(), "), got ", t.device());
 }
 
@@ -83,16 +79,12 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   TORCH_CHECK(input.dim() == 3, "rnnfast: input must be 3-D [T, B, input_size], got ", input.dim(),
               "-D input of shape ", shape_of(input));
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "rnnfast: input must be a floating "
-              "point tensor, got ",
-              input.scalar_type());
+              "rnnfast: input must be a floating point tensor, got ", input.scalar_type());
   TORCH_CHECK(w_ih.dim() == 2,
-              "rnnfast: w_ih must be 2-D [gates * hidden_size, input_size], "
-              "got shape ",
+              "rnnfast: w_ih must be 2-D [gates * hidden_size, input_size], got shape ",
               shape_of(w_ih));
   TORCH_CHECK(w_hh.dim() == 2,
-              "rnnfast: w_hh must be 2-D [gates * hidden_size, state_size], "
-              "got shape ",
+              "rnnfast: w_hh must be 2-D [gates * hidden_size, state_size], got shape ",
               shape_of(w_hh));
   const int gates = gates_of(s.kind);
   s.steps = input.size(0);
@@ -100,24 +92,20 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   s.input_size = input.size(2);
   s.gate_size = w_ih.size(0);
   TORCH_CHECK(s.gate_size % gates == 0 && s.gate_size > 0,
-              "rnnfast: w_ih.size(0) must be a "
-              "positive multiple of ",
-              gates, " (the gates of '", cell, "'), got ", s.gate_size);
+              "rnnfast: w_ih.size(0) must be a positive multiple of ", gates, " (the gates of '",
+              cell, "'), got ", s.gate_size);
   s.hidden_size = s.gate_size / gates;
   s.has_projection = w_hr.has_value() && w_hr->defined();
   s.state_size = s.has_projection ? w_hr->size(0) : s.hidden_size;
   s.has_lengths = lengths.has_value() && lengths->defined();
 
   TORCH_CHECK(w_ih.size(1) == s.input_size,
-              "rnnfast: input.size(-1) must be equal to "
-              "input_size = ",
-              w_ih.size(1), " (w_ih.size(1)), got ", s.input_size);
+              "rnnfast: input.size(-1) must be equal to input_size = ", w_ih.size(1),
+              " (w_ih.size(1)), got ", s.input_size);
   check_like_input(w_ih, "w_ih", input);
   if (s.has_projection) {
     TORCH_CHECK(has_cell_state(s.kind),
-                "rnnfast: w_hr (a projection) is only for LSTM cells, "
-                "got cell '",
-                cell, "'");
+                "rnnfast: w_hr (a projection) is only for LSTM cells, got cell '", cell, "'");
     TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
                     w_hr->size(0) < s.hidden_size,
                 "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
@@ -127,8 +115,7 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   check_shape(w_hh, "w_hh", {s.gate_size, s.state_size}, "gates * hidden_size, state_size");
   check_like_input(w_hh, "w_hh", input);
   TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
-              "rnnfast: b_ih and b_hh must be given "
-              "together or not at all");
+              "rnnfast: b_ih and b_hh must be given together or not at all");
   if (b_ih.has_value()) {
     check_shape(*b_ih, "b_ih", {s.gate_size}, "gates * hidden_size");
     check_like_input(*b_ih, "b_ih", input);
@@ -147,10 +134,10 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
       check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
       check_like_input(*cx, "cx", input);
     } else {
-      TORCH_CHECK(!cx.has_value(),
-                  "rnnfast: cx must be None when hx is None (both initial "
-                  "states zero), got a cx of shape ",
-                  shape_of(*cx));
+      TORCH_CHECK(
+          !cx.has_value(),
+          "rnnfast: cx must be None when hx is None (both initial states zero), got a cx of shape ",
+          shape_of(*cx));
     }
   } else {
     TORCH_CHECK(!cx.has_value(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
@@ -160,9 +147,8 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
                 lengths->scalar_type());
     check_shape(*lengths, "lengths", {s.batch}, "batch");
     TORCH_CHECK(lengths->device() == input.device(),
-                "rnnfast: lengths must be on the device "
-                "of input (",
-                input.device(), "), got ", lengths->device());
+                "rnnfast: lengths must be on the device of input (", input.device(), "), got ",
+                lengths->device());
     if (s.batch > 0) {
       // One host read per call (not per step): bad lengths would index out of the sequence.
       const auto range = at::aminmax(*lengths);
@@ -219,20 +205,18 @@ void check_backward_args(const LayerSizes& s, const at::Tensor& input,
 
 TORCH_LIBRARY(rnnfast, m) {
   m.def(
-      "forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
-      "bool save_workspace, bool batch_first=False) -> "
-      "(Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
+      "forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, Tensor? "
+      "b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool save_workspace, bool "
+      "batch_first=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)");
   m.def(
       "backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
-      "Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
-      "Tensor? lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, "
-      "bool batch_first=False) -> "
-      "(Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+      "Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, Tensor? "
+      "lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, bool "
+      "batch_first=False) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
+      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
   // The forward as ATen ops (csrc/differentiable_layer.cpp), differentiable to any order.
   m.def(
-      "differentiable_forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, "
-      "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, "
-      "bool batch_first=False) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "differentiable_forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor "
+      "w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? lengths, bool reverse, bool "
+      "batch_first=False) -> (Tensor output, Tensor h_n, Tensor c_n)");
 }

@@ -98,8 +98,8 @@ PyObject* cpu_cache_info(PyObject* /*module*/, PyObject* /*args*/) {
 
 PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
-     "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented "
-     "for arguments only torch.ops handles."},
+     "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
+     "arguments only torch.ops handles."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
      "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},

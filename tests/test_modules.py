@@ -916,13 +916,14 @@ def test_batch_first_inference(rf, device, spec, sizes, bidirectional):
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
 def test_batch_first_training_on_the_input_as_it_comes(rf, device, spec, bidirectional, hx_given,
                                                        dtype):
-    """A batch_first input of 64 KiB or more trains as it comes, with no time-major copy for the
-    graph to keep: the CPU engine runs the input projection and the gradients of the input and
+    """A batch_first input of 64 KiB or more, with GEMMs per batch row of 2^20 multiply-adds or
+    more, trains as it comes, with no time-major copy for the graph to keep: the CPU engine runs the input projection and the gradients of the input and
     of W_ih as a GEMM per batch row. Outputs and every gradient are torch.nn's, with a second
     layer (whose input is the first's time-major output), and the input's gradient comes back
     in the input's own batch-major layout."""
     _skip_extra_on_torch_nn(rf, spec)
-    sizes = dict(T=40, B=6, I=72, H=24, P=12 if spec.proj else 0)  # 17280 values
+    # 24576 values; a batch row's GEMM of 64 x 128 x G, G >= 128
+    sizes = dict(T=64, B=3, I=128, H=128, P=64 if spec.proj else 0)
     check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=bidirectional,
                 batch_first=True, bias=True, layout="batched", hx_given=hx_given, sizes=sizes)
     if device.type == "cpu":

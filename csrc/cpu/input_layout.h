@@ -76,24 +76,28 @@ inline bool inference_reads_input_at_strides(const LayerSizes& s, const Tensor& 
 }
 
 // A training call takes a batch-major input of at least this many bytes as it is, where W_ih
-// has at most kBatchMajorTrainingMaxWeightBytes.
+// has at most kBatchMajorTrainingMaxWeightBytes and a batch row's GEMM (T x I x G) at least
+// kBatchMajorTrainingMinRowWork multiply-adds.
 constexpr int64_t kBatchMajorTrainingMinBytes = int64_t(64) << 10;
 constexpr int64_t kBatchMajorTrainingMaxWeightBytes = int64_t(2) << 20;
+constexpr int64_t kBatchMajorTrainingMinRowWork = int64_t(1) << 20;
 
 // Whether a training call's forward and backward take this input [T, B, I] as it is, a
 // batch-major one (gate_size, hidden_size: G, H; gate packing regroups the gates and takes a
 // copy): the input projection, the input's gradient and W_ih's run as a GEMM per batch row on
 // its rows of [B, T, I]. A time-major copy would live as long as the graph: 13% of the peak
 // memory of the word language model's 2-layer, 200-unit Elman training step. Below
-// kBatchMajorTrainingMinBytes one GEMM on a copy costs less than a GEMM per batch row; past
-// kBatchMajorTrainingMaxWeightBytes so does it: each of those GEMMs reads all of W_ih, and
-// W_ih's gradient is summed over them, where neither stays in a core's cache (16 and 64 rows of
-// 512 LSTM units trained 17% and 5% slower, 64 rows of 512 GRU units 8%).
+// kBatchMajorTrainingMinBytes one GEMM on a copy costs less than a GEMM per batch row; so it
+// does for small GEMMs per row (fashion-MNIST's 128 rows of 28 x 28 x 120: 20% slower) and past
+// kBatchMajorTrainingMaxWeightBytes, where each of those GEMMs reads all of W_ih and W_ih's
+// gradient is summed over them, out of a core's cache (16 and 64 rows of 512 LSTM units
+// trained 17% and 5% slower, 64 rows of 512 GRU units 8%).
 inline bool trains_on_batch_major_input(const Tensor& input, int64_t gate_size, int64_t hidden_size,
                                         bool has_lengths, bool has_projection) {
   const int64_t element_bytes = int64_t(input.element_size());
   return is_batch_major(input) && input.numel() * element_bytes >= kBatchMajorTrainingMinBytes &&
          gate_size * input.size(2) * element_bytes <= kBatchMajorTrainingMaxWeightBytes &&
+         input.size(0) * input.size(2) * gate_size >= kBatchMajorTrainingMinRowWork &&
          !uses_gate_packing(input.scalar_type(), input.size(1), hidden_size, has_lengths,
                             has_projection);
 }
