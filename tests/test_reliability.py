@@ -248,10 +248,12 @@ _THREAD_SHAPES = [
     ("RNN", (20, 64, 256, 256, 1)),
     ("LSTM", (10, 16, 128, 128, 1)),
     ("GRU", (12, 24, 32, 160, 1)),  # the backward's BLAS products on each thread's rows
+    # One batch row past the engine's own kernels: the backward's per-step products of one row
+    # (row_times_matrix in csrc/cpu/blas.h), in one block of terms and in two.
+    ("GRU", (20, 1, 64, 256, 1)),
+    ("LSTM", (20, 1, 256, 512, 1)),
+    ("RNN", (20, 1, 128, 640, 1)),
 ]
-# Not one batch row at sizes past the engine's own kernels: MKL threads the backward's per-step
-# product of one row as it chooses (in fixed blocks it ran twice as long), and its sums can then
-# differ in the last bit between thread counts (docs/design.md).
 
 
 def _forward_backward(module, x, hx, grad_out):

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <climits>
 #include <type_traits>
+#include <vector>
 
 #if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf
@@ -131,6 +132,67 @@ bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matri
   return true;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// out[n] = start + x[k0, k1) B[k0 .. k1 - 1, n] (start: out's own values, or nullptr for zero),
+// summed term by term in order; B row-major with row stride ldb.
+inline void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const float* x, const float* b,
+                                  int64_t ldb, bool from_out, float* out) {
+  constexpr int64_t kLanes = 16;
+  const int64_t full = n / kLanes * kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  if (!from_out) std::fill(out, out + n, 0.0f);
+  for (int64_t term = k0; term < k1; ++term) {
+    const __m512 value = _mm512_set1_ps(x[term]);
+    const float* row = b + term * ldb;
+    for (int64_t j = 0; j < full; j += kLanes) {
+      _mm512_storeu_ps(out + j,
+                       _mm512_fmadd_ps(value, _mm512_loadu_ps(row + j), _mm512_loadu_ps(out + j)));
+    }
+    if (tail) {
+      _mm512_mask_storeu_ps(out + full, tail,
+                            _mm512_fmadd_ps(value, _mm512_maskz_loadu_ps(tail, row + full),
+                                            _mm512_maskz_loadu_ps(tail, out + full)));
+    }
+  }
+}
+
+// y[n] = x[k] B[k, n] (+ y where accumulate), B row-major with row stride ldb: a per-step
+// product of one batch row. Its rows of B (the terms) are cut into blocks fixed by k, each
+// summed in order over whole rows of B on a thread of its own, then the blocks' sums added in
+// block order: the result does not depend on the thread count. MKL threads such a product as it
+// chooses (its sums differed in the last bit between 1 and 2 threads); in blocks of columns
+// (single-threaded MKL, or kernels like this one) it ran at half the rate, each thread reading
+// half of every row of B, which its own cache's prefetcher fetched whole.
+inline void row_times_matrix(int64_t n, int64_t k, const float* x, const float* b, int64_t ldb,
+                             bool accumulate, float* y) {
+  constexpr int64_t kMinBlockTerms = 256;
+  const int64_t blocks = k >= 2 * kMinBlockTerms ? 2 : 1;
+  const int64_t block_terms = (k + blocks - 1) / blocks;
+  // The second block's sums, on the calling thread's scratch.
+  thread_local std::vector<float> scratch;
+  if (blocks > 1 && static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
+  float* second = scratch.data();  // (the workers' own thread_local is another vector)
+  const auto run_block = [&](int64_t block) {
+    const int64_t k0 = block * block_terms, k1 = std::min(k, k0 + block_terms);
+    if (block == 0) {
+      add_rows_times_matrix(n, k0, k1, x, b, ldb, accumulate, y);
+    } else {
+      add_rows_times_matrix(n, k0, k1, x, b, ldb, false, second);
+    }
+  };
+  if (blocks == 1 || at::in_parallel_region()) {
+    for (int64_t block = 0; block < blocks; ++block) run_block(block);
+  } else {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) run_block(block);
+    });
+  }
+  if (blocks > 1) {
+    for (int64_t j = 0; j < n; ++j) y[j] += second[j];
+  }
+}
+#endif
+
 // C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
 // Inside a parallel region the BLAS runs on the calling thread only.
 template <typename T>
@@ -139,6 +201,10 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
   if (m == 0 || n == 0) return;
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
+    if (m == 1 && threads == GemmThreads::Library && !a.transposed && !b.transposed && k > 0) {
+      row_times_matrix(n, k, a.data, b.data, b.ld, beta == T(1), c);
+      return;
+    }
     // A few long rows times a matrix stored [n, k] (the forward's products): row_dot_product.h,
     // threaded by the work, per-step products too.
     if (!a.transposed && b.transposed && row_dot::takes(m, n, k)) {
@@ -161,7 +227,8 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       const T one = T(1);
       // Split on one thread too: the blocks, not the thread count, fix each output's sum.
       // Except a per-step product of one row: in blocks its time doubles (the single-row
-      // backward of a 512-unit GRU 4.3 -> 9 ms), so MKL threads it, summing as it chooses.
+      // backward of a 512-unit GRU 4.3 -> 9 ms), so where row_times_matrix does not take it
+      // (without AVX-512) MKL threads it, summing as it chooses.
       const bool in_blocks =
           threads == GemmThreads::FixedBlocks || (threads == GemmThreads::Library && m > 1);
       // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
