@@ -475,21 +475,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           const Tensor step_bias = fold_biases ? summed_biases<scalar_t>(b_ih, b_hh) : b_hh;
           const scalar_t* x_data = input.data_ptr<scalar_t>();
           const MatrixRef<scalar_t> w_ih_t{w_ih.data_ptr<scalar_t>(), s.input_size, true};
-          // A packed sequence's rows that have ended at a step (rows going by length: a suffix
-          // of the batch) read no projection: where they are a quarter of all rows or more, the
-          // projection skips them (a GEMM per step in place of one over all rows: the chatbot's
-          // encoder's sentences of 3-10 words padded to 10 end in a third of its rows, and the
-          // first layer's projection took 2.25 ms in place of 2.67).
-          int64_t ended_rows = 0;
-          for (int64_t t = 0; v.rows_by_length && t < s.steps; ++t) {
-            ended_rows += s.batch - v.active_end(t, 0, s.batch);
-          }
-          const bool skips_ended_rows =
-              v.rows_by_length && !batch_major_input && 4 * ended_rows >= s.steps * s.batch;
           // xg = x W_ih^T (+ beta xg) for steps t0 .. t0 + count - 1 into rows t * B + b of
-          // xg_data (row stride xg_stride), from time-major rows in one GEMM (or skipping ended
-          // rows, above), or from batch-major ones (row (b, t) at b * T + t) in a GEMM per batch
-          // row.
+          // xg_data (row stride xg_stride), from time-major rows in one GEMM, or from batch-major
+          // ones (row (b, t) at b * T + t) in a GEMM per batch row.
           const auto project_time_major = [&](int64_t t0, int64_t count, scalar_t beta,
                                               scalar_t* xg_data, int64_t xg_stride) {
             if (batch_major_input) {
@@ -501,23 +489,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
                                  GemmThreads::OnCaller);
                 }
               });
-            } else if (skips_ended_rows) {
-              // A GEMM over the steps where every row is active, then one per step on its
-              // active rows.
-              int64_t t = t0;
-              while (t < t0 + count && v.active_end(t, 0, s.batch) == s.batch) ++t;
-              if (t > t0) {
-                gemm<scalar_t>((t - t0) * s.batch, s.gate_size, s.input_size,
-                               {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
-                               beta, xg_data, xg_stride);
-              }
-              for (; t < t0 + count; ++t) {
-                const int64_t rows = v.active_end(t, 0, s.batch);
-                if (rows == 0) continue;
-                gemm<scalar_t>(rows, s.gate_size, s.input_size,
-                               {x_data + t * s.batch * s.input_size, s.input_size, false}, w_ih_t,
-                               beta, xg_data + (t - t0) * s.batch * xg_stride, xg_stride);
-              }
             } else {
               gemm<scalar_t>(count * s.batch, s.gate_size, s.input_size,
                              {x_data + t0 * s.batch * s.input_size, s.input_size, false}, w_ih_t,
