@@ -44,7 +44,34 @@ bool runs_transposed(const Tensor& out, const Tensor& a, const Tensor& b, bool a
          a.stride(0) == 1 && b.stride(1) == 1 && M * N <= 2 * K;
 }
 
+// Rows of the steps that one product sums at most: a weight gradient over more runs as the
+// products of blocks of this many rows, their results added in double. One BLAS call over
+// millions of rows adds its float partial sums to the output thousands of times (the 2M-row
+// W_hh gradient of an RNN(3, 32): an error of 2.5e-6 against float64, torch.nn's 3.7e-7, which
+// sums a product per step; AMD EPYC, MKL).
+constexpr int64_t kRowsPerProduct = int64_t(1) << 15;
+
+void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate);
+
+// out [M, N] (+)= a [M, K] b [K, N] for K > kRowsPerProduct, block by block of K.
+void matmul_in_row_blocks(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  const int64_t K = a.size(1);
+  Tensor total =
+      accumulate ? out.to(at::kDouble) : at::zeros(out.sizes(), out.options().dtype(at::kDouble));
+  Tensor block_product = at::empty(out.sizes(), out.options());
+  for (int64_t first = 0; first < K; first += kRowsPerProduct) {
+    const int64_t count = std::min(kRowsPerProduct, K - first);
+    cpu_matmul(block_product, a.narrow(1, first, count), b.narrow(0, first, count), false);
+    total.add_(block_product);
+  }
+  out.copy_(total);
+}
+
 void cpu_matmul(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (a.size(1) > kRowsPerProduct) {
+    matmul_in_row_blocks(out, a, b, accumulate);
+    return;
+  }
   if (runs_transposed(out, a, b, accumulate)) {
     const int64_t M = out.size(0), N = out.size(1), K = a.size(1);
     Tensor transposed = at::empty({N, M}, out.options());
