@@ -175,7 +175,7 @@ def test_compile_mark_dynamic_compiles_once(name):
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
 def test_compile_dynamic_tiniest_layers(cls):
     """Layers small enough for the CPU engine's register layer (at most 16 hidden units over the
-    batch; eager calls hand it a batch_first input as it is), float32: the compiled graph,
+    batch with AVX-512, 8 with AVX2; eager calls hand it a batch_first input as it is), float32: the compiled graph,
     which copies the input time-major for every size, gives eager's results."""
     torch._dynamo.reset()
     model = cls(3, 4, batch_first=True)

@@ -196,7 +196,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
             pointwise_step, recurrent_step);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
 // The reverse pass of a float layer whose state fits in vector registers (register_layer.h):
 // the gradients of the weights and biases are summed in the loop, not by GEMMs after it.
 BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& in,
@@ -267,7 +267,7 @@ BackwardResult backward_time_major(
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
   if (register_layer_reads_input_backward(s, input)) {
     return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
   }

@@ -441,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
         at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_forward_cpu", [&] {
           const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
           const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (register_layer_reads_input(s, input)) {
               register_layer::forward<Cell>(

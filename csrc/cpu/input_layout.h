@@ -11,7 +11,7 @@
 namespace rnnfast {
 namespace cpu {
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
 // A call's sizes as register_layer.h takes them.
 inline register_layer::Layer register_layer_sizes(const LayerSizes& s, bool reverse) {
   return {s.steps, s.batch, s.input_size, s.hidden_size, reverse};
@@ -26,7 +26,7 @@ inline register_layer::StridedSteps strided_steps(const Tensor& x) {
 // sizes it takes, and a step's offsets within its gathers'.
 inline bool register_layer_reads(const Tensor& input, int64_t hidden_size, bool has_lengths,
                                  bool has_projection) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
   return input.scalar_type() == at::kFloat && input.dim() == 3 &&
          register_layer::fits(input.size(1), input.size(2), hidden_size, has_lengths,
                               has_projection) &&
@@ -46,7 +46,7 @@ inline bool register_layer_reads_input(const LayerSizes& s, const Tensor& input)
 }
 
 inline bool register_layer_reads_input_backward(const LayerSizes& s, const Tensor& input) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
   return register_layer_reads_input(s, input) &&
          register_layer::backward_fits(s.gate_size / s.hidden_size, s.input_size, s.hidden_size);
 #else

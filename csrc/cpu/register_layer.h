@@ -1,6 +1,7 @@
-// Both passes of the tiniest layers with the whole state in vector registers: float, AVX-512,
-// B * H <= 16 hidden units over the batch, B * I <= 32 inputs per step, no lengths, no
-// projection (the course's adding problem: B = 3, H = 2, 3000 steps).
+// Both passes of the tiniest layers with the whole state in vector registers: float, AVX-512
+// or AVX2, B * H hidden units over the batch in one vector (16 lanes, or 8), B * I inputs per
+// step in two, no lengths, no projection (the course's adding problem: B = 3, H = 2, 3000
+// steps).
 //
 // There a step is a chain of dependent instructions a few dozen long, and a loop that keeps h,
 // c and the gates in memory spends it on loads of values just stored. Here lane b * H + j of a
@@ -21,10 +22,6 @@
 
 #include "register_product.h"
 #include "vector_math.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 namespace rnnfast {
 
@@ -47,7 +44,7 @@ constexpr int kLanes = kRegisterLanes;
 
 inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool has_lengths,
                  bool has_projection) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
   return !has_lengths && !has_projection && batch * hidden_size <= kLanes &&
          batch * input_size <= 2 * kLanes && batch * hidden_size > 0 && input_size > 0;
 #else
@@ -56,9 +53,10 @@ inline bool fits(int64_t batch, int64_t input_size, int64_t hidden_size, bool ha
 #endif
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(RNNFAST_LANE_KERNELS)
 
 using V = at::vec::Vectorized<float>;
+static_assert(V::size() == kLanes, "the cell math's vectors are the lane kernels' registers");
 
 // Sizes of one call, as both passes see them. (Weights, wherever passed: w_ih [G, I] and
 // w_hh [G, H] row-major; biases [G] or nullptr.)
@@ -109,45 +107,90 @@ struct StridedSteps {
   }
 };
 
-// Lanes first .. first + 15 of the steps of a StridedSteps: one masked load per step where a
-// step's B * W values are contiguous, else a gather (off the chain of steps, where the
+// Lanes first .. first + kLanes - 1 of the T steps of a StridedSteps: one masked load per step
+// where a step's B * W values are contiguous, else a gather (off the chain of steps, where the
 // latency of a step hides it).
 class StepReader {
  public:
-  StepReader(const StridedSteps& steps, int64_t B, int64_t W, int64_t first = 0)
+  StepReader(const StridedSteps& steps, int64_t T, int64_t B, int64_t W, int64_t first = 0)
       : steps_(steps),
         first_(first),
-        mask_(first_lanes(B * W - first)),
+        last_whole_(T > 0 ? (T - 1) * steps.step + B * W - kLanes : -1),
+        mask_(lanes::first(B * W - first)),
         contiguous_(steps.column == 1 && steps.row == W) {
     alignas(64) std::array<int32_t, kLanes> offsets{};
     for (int64_t o = first; o < std::min(B * W, first + kLanes); ++o) {
       offsets[o - first] = static_cast<int32_t>(o / W * steps.row + o % W * steps.column);
     }
-    offsets_ = _mm512_load_si512(offsets.data());
+    offsets_ = lanes::load_index(offsets.data());
   }
 
-  __m512 at(int64_t t) const {
+  lanes::Vector at(int64_t t) const {
     const float* step = steps_.data + t * steps_.step;
-    return contiguous_ ? _mm512_maskz_loadu_ps(mask_, step + first_)
-                       : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask_, offsets_, step, 4);
+    if (!contiguous_) return lanes::gather(mask_, offsets_, step);
+    const int64_t offset = t * steps_.step + first_;
+    return offset <= last_whole_ ? lanes::load_whole(mask_, steps_.data + offset)
+                                 : lanes::load(mask_, steps_.data + offset);
   }
 
  private:
   StridedSteps steps_;
   int64_t first_;
-  __mmask16 mask_;
+  int64_t last_whole_;  // the last offset whose whole vector lies within the steps' memory
+  lanes::Mask mask_;
   bool contiguous_;
-  __m512i offsets_;
+  lanes::Index offsets_;
 };
 
-// A step's B * I <= 32 inputs as two vectors (lanes 0 .. 15 and 16 .. 31).
+// Rows of `length` floats of memory read under a mask (saved values, outputs): a row whose
+// whole vector lies within the memory reads it whole (lanes::load_whole).
+class RowReader {
+ public:
+  RowReader(const float* data, int64_t length, lanes::Mask mask)
+      : data_(data), last_whole_(length - kLanes), mask_(mask) {}
+
+  lanes::Vector load(int64_t offset) const {
+    return offset <= last_whole_ ? lanes::load_whole(mask_, data_ + offset)
+                                 : lanes::load(mask_, data_ + offset);
+  }
+
+ private:
+  const float* data_;
+  int64_t last_whole_;
+  lanes::Mask mask_;
+};
+
+// Where a pass writes the rows of a buffer of `length` floats (outputs, saved values, the
+// input's gradient) in ascending memory order, a row's store may spill its vector's lanes past
+// the row onto the rows after it, which the pass writes later (lanes::store_whole). Rows whose
+// vector would pass the buffer's end, and passes in descending order, store under the mask.
+class RowWriter {
+ public:
+  RowWriter(float* data, int64_t length, lanes::Mask mask, bool ascending)
+      : data_(data), last_whole_(ascending ? length - kLanes : -1), mask_(mask) {}
+
+  void store(int64_t offset, lanes::Vector v) const {
+    if (offset <= last_whole_) {
+      lanes::store_whole(data_ + offset, mask_, v);
+    } else {
+      lanes::store(data_ + offset, mask_, v);
+    }
+  }
+
+ private:
+  float* data_;
+  int64_t last_whole_;  // -1: none
+  lanes::Mask mask_;
+};
+
+// A step's B * I <= 2 * kLanes inputs as two vectors.
 class InputReader {
  public:
-  InputReader(const StridedSteps& input, int64_t B, int64_t I)
-      : low_(input, B, I), high_(input, B, I, kLanes), two_(B * I > kLanes) {}
+  InputReader(const StridedSteps& input, int64_t T, int64_t B, int64_t I)
+      : low_(input, T, B, I), high_(input, T, B, I, kLanes), two_(B * I > kLanes) {}
 
-  std::pair<__m512, __m512> at(int64_t t) const {
-    return {low_.at(t), two_ ? high_.at(t) : _mm512_setzero_ps()};
+  std::pair<lanes::Vector, lanes::Vector> at(int64_t t) const {
+    return {low_.at(t), two_ ? high_.at(t) : lanes::zero()};
   }
 
  private:
@@ -165,47 +208,45 @@ void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const
   constexpr int gates = Cell::kGates;
   const GateProducts products(l, gates, w_ih, w_hh, b_ih, b_hh);
   const int64_t units = l.units();
-  const __mmask16 unit_mask = first_lanes(units);
-  const InputReader input_at(input, l.B, l.I);
-  V h_now = _mm512_maskz_loadu_ps(unit_mask, h);
-  V c_now = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, c)) : V(0.0f);
+  const lanes::Mask unit_mask = lanes::first(units);
+  const InputReader input_at(input, l.T_, l.B, l.I);
+  const RowWriter output_rows(output, l.T_ * units, unit_mask, !l.reverse);
+  const RowWriter saved_rows(workspace, l.T_ * Cell::kSavedPerUnit * units, unit_mask, !l.reverse);
+  V h_now = lanes::load(unit_mask, h);
+  V c_now = Cell::kHasCellState ? V(lanes::load(unit_mask, c)) : V(0.0f);
   for (int64_t step = 0; step < l.T_; ++step) {
     const int64_t t = l.step_time(step);
     const auto [x_low, x_high] = input_at.at(t);
     std::array<V, gates> xg, hg;
     for (int g = 0; g < gates; ++g) {
-      xg[g] =
-          products.input[g].add_to(_mm512_loadu_ps(products.input_bias[g].data()), x_low, x_high);
-      hg[g] = products.recurrent[g].add_to(_mm512_loadu_ps(products.recurrent_bias[g].data()),
-                                           h_now, _mm512_setzero_ps());
+      xg[g] = products.input[g].add_to(lanes::load(products.input_bias[g].data()), x_low, x_high);
+      hg[g] = products.recurrent[g].add_to(lanes::load(products.recurrent_bias[g].data()), h_now,
+                                           lanes::zero());
     }
     std::array<V, Cell::kSavedPerUnit + 1> saved;  // + 1: Elman saves nothing
     V h_new(0.0f), c_new(0.0f);
     Cell::forward(1, InRegister{}, xg.data(), hg.data(), h_now, c_now, h_new, c_new,
                   workspace ? saved.data() : nullptr);
-    _mm512_mask_storeu_ps(output + t * units, unit_mask, h_new);
-    if (workspace) {
-      float* saved_step = workspace + t * Cell::kSavedPerUnit * units;
-      for (int s = 0; s < Cell::kSavedPerUnit; ++s) {
-        _mm512_mask_storeu_ps(saved_step + s * units, unit_mask, saved[s]);
-      }
+    output_rows.store(t * units, h_new);
+    for (int s = 0; workspace && s < Cell::kSavedPerUnit; ++s) {
+      saved_rows.store((t * Cell::kSavedPerUnit + s) * units, saved[s]);
     }
     h_now = h_new;
     c_now = c_new;
   }
-  _mm512_mask_storeu_ps(h, unit_mask, h_now);
-  if (Cell::kHasCellState) _mm512_mask_storeu_ps(c, unit_mask, c_now);
+  lanes::store(h, unit_mask, h_now);
+  if (Cell::kHasCellState) lanes::store(c, unit_mask, c_now);
 }
 
 // Lane o = b * H + j of a vector takes lane b * width + column of `in` (x_t with width I,
 // h_prev with width H): the factor that meets the gate gradient of unit j of row b in the
 // gradient of weight column `column`.
-inline std::vector<__m512i> row_broadcasts(int64_t units, int64_t H, int64_t width) {
-  std::vector<__m512i> tables;
+inline std::vector<lanes::Index> row_broadcasts(int64_t units, int64_t H, int64_t width) {
+  std::vector<lanes::Index> tables;
   for (int64_t column = 0; column < width; ++column) {
-    alignas(64) std::array<int32_t, kLanes> at{};
+    std::array<int32_t, kLanes> at{};
     for (int64_t o = 0; o < units; ++o) at[o] = static_cast<int32_t>(o / H * width + column);
-    tables.push_back(_mm512_load_si512(at.data()));
+    tables.push_back(lanes::load_index(at.data()));
   }
   return tables;
 }
@@ -228,9 +269,10 @@ inline void fold_batch(const std::vector<V>& acc, int gates, int64_t B, int64_t 
 }
 
 // Whether the reverse pass fits too: it keeps gates * (I + H + 1) running sums (a vector per
-// gate and weight column, and the bias), which should stay about as many as the 32 vector
-// registers; wider layers run the engine's general reverse pass and its GEMMs.
-constexpr int64_t kMaxRunningSums = 40;
+// gate and weight column, and the bias), which should stay about as many as the vector
+// registers (32 with AVX-512, 16 with AVX2); wider layers run the engine's general reverse pass
+// and its GEMMs.
+constexpr int64_t kMaxRunningSums = kLanes == 16 ? 40 : 20;
 
 inline bool backward_fits(int gates, int64_t input_size, int64_t hidden_size) {
   return gates * (input_size + hidden_size + 1) <= kMaxRunningSums;
@@ -249,8 +291,8 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
               float* grad_w_ih, float* grad_w_hh, float* grad_b_ih, float* grad_b_hh) {
   constexpr int gates = Cell::kGates;
   const int64_t units = l.units(), H = l.H, I = l.I, inputs = l.B * l.I;
-  const __mmask16 unit_mask = first_lanes(units);
-  const __mmask16 input_low = first_lanes(inputs), input_high = first_lanes(inputs - kLanes);
+  const lanes::Mask unit_mask = lanes::first(units);
+  const lanes::Mask input_low = lanes::first(inputs), input_high = lanes::first(inputs - kLanes);
   // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
   // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih, where
   // the input's gradient is wanted.
@@ -268,37 +310,40 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
               [&](int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
     }
   }
-  const InputReader input_at(input, l.B, I);
-  const StepReader grad_output_at(grad_output, l.B, H);
-  const std::vector<__m512i> from_input = row_broadcasts(units, H, I);
-  const std::vector<__m512i> from_hidden = row_broadcasts(units, H, H);
+  const InputReader input_at(input, l.T_, l.B, I);
+  // The reverse pass visits the steps in descending order of time.
+  const RowWriter grad_input_low(grad_input, l.T_ * inputs, input_low, l.reverse);
+  const RowWriter grad_input_high(grad_input, l.T_ * inputs, input_high, l.reverse);
+  const StepReader grad_output_at(grad_output, l.T_, l.B, H);
+  const RowReader output_rows(output, l.T_ * units, unit_mask);
+  const RowReader saved_rows(workspace, l.T_ * Cell::kSavedPerUnit * units, unit_mask);
+  const std::vector<lanes::Index> from_input = row_broadcasts(units, H, I);
+  const std::vector<lanes::Index> from_hidden = row_broadcasts(units, H, H);
   const V zero(0.0f);
   // Per-lane sums over the steps: [gates][I], [gates][H], [gates] (twice for GRU; the other
   // cells' bias gradients are equal).
   std::vector<V> sum_w_ih(gates * I, zero), sum_w_hh(gates * H, zero);
   std::vector<V> sum_b_ih(gates, zero), sum_b_hh(Cell::kSeparateHiddenGateGrad ? gates : 0);
 
-  V dh_next = _mm512_maskz_loadu_ps(unit_mask, dh);
-  V dc_next = Cell::kHasCellState ? V(_mm512_maskz_loadu_ps(unit_mask, dc)) : zero;
+  V dh_next = lanes::load(unit_mask, dh);
+  V dc_next = Cell::kHasCellState ? V(lanes::load(unit_mask, dc)) : zero;
   for (int64_t step = l.T_ - 1; step >= 0; --step) {
     const int64_t t = l.step_time(step);
     const bool first = step == 0;
     const int64_t t_prev = first ? t : l.step_time(step - 1);
     std::array<V, Cell::kSavedPerUnit + 1> saved;  // Elman's saved value is its output
-    if (Cell::kSavedPerUnit == 0) {
-      saved[0] = _mm512_maskz_loadu_ps(unit_mask, output + t * units);
-    }
+    if (Cell::kSavedPerUnit == 0) saved[0] = output_rows.load(t * units);
     for (int s = 0; s < Cell::kSavedPerUnit; ++s) {
-      saved[s] =
-          _mm512_maskz_loadu_ps(unit_mask, workspace + (t * Cell::kSavedPerUnit + s) * units);
+      saved[s] = saved_rows.load((t * Cell::kSavedPerUnit + s) * units);
     }
-    const float* h_prev_data = first ? hx : output + t_prev * units;
-    const V h_prev = h_prev_data ? V(_mm512_maskz_loadu_ps(unit_mask, h_prev_data)) : zero;
-    V c_prev = zero;
-    if (Cell::kHasCellState) {
-      // The c saved by the previous step (after i, f, g, o), or cx.
-      const float* from = first ? cx : workspace + (t_prev * Cell::kSavedPerUnit + 4) * units;
-      if (from) c_prev = _mm512_maskz_loadu_ps(unit_mask, from);
+    V h_prev = zero, c_prev = zero;
+    if (!first) {
+      h_prev = output_rows.load(t_prev * units);
+      // The c saved by the previous step (after i, f, g, o).
+      if (Cell::kHasCellState) c_prev = saved_rows.load((t_prev * Cell::kSavedPerUnit + 4) * units);
+    } else {
+      if (hx) h_prev = lanes::load(unit_mask, hx);
+      if (Cell::kHasCellState && cx) c_prev = lanes::load(unit_mask, cx);
     }
     const V dh_now = V(grad_output_at.at(t)) + dh_next;
     std::array<V, gates> dxg, dhg;
@@ -309,9 +354,9 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
     const std::array<V, gates>& hidden_grad = Cell::kSeparateHiddenGateGrad ? dhg : dxg;
 
     // The next (earlier) step's dh: the direct path and the gate gradients through W_hh.
-    __m512 dh_prev = dh_prev_direct;
+    lanes::Vector dh_prev = dh_prev_direct;
     for (int g = 0; g < gates; ++g) {
-      dh_prev = recurrent[g].add_to(dh_prev, hidden_grad[g], _mm512_setzero_ps());
+      dh_prev = recurrent[g].add_to(dh_prev, hidden_grad[g], lanes::zero());
     }
     dh_next = dh_prev;
     dc_next = dc_prev;
@@ -323,28 +368,26 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
       sum_b_ih[g] = sum_b_ih[g] + dxg[g];
       if (Cell::kSeparateHiddenGateGrad) sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
       for (int64_t i = 0; i < I; ++i) {
-        sum_w_ih[g * I + i] = _mm512_fmadd_ps(
-            dxg[g], _mm512_permutex2var_ps(x_low, from_input[i], x_high), sum_w_ih[g * I + i]);
+        sum_w_ih[g * I + i] =
+            lanes::fmadd(dxg[g], lanes::permute(x_low, from_input[i], x_high), sum_w_ih[g * I + i]);
       }
       for (int64_t k = 0; k < H; ++k) {
-        sum_w_hh[g * H + k] = _mm512_fmadd_ps(
-            hidden_grad[g], _mm512_permutexvar_ps(from_hidden[k], h_prev), sum_w_hh[g * H + k]);
+        sum_w_hh[g * H + k] = lanes::fmadd(hidden_grad[g], lanes::permute(from_hidden[k], h_prev),
+                                           sum_w_hh[g * H + k]);
       }
     }
     if (grad_input) {
-      __m512 low = _mm512_setzero_ps(), high = _mm512_setzero_ps();
+      lanes::Vector low = lanes::zero(), high = lanes::zero();
       for (int g = 0; g < gates; ++g) {
-        low = to_input_low[g].add_to(low, dxg[g], _mm512_setzero_ps());
-        if (inputs > kLanes) high = to_input_high[g].add_to(high, dxg[g], _mm512_setzero_ps());
+        low = to_input_low[g].add_to(low, dxg[g], lanes::zero());
+        if (inputs > kLanes) high = to_input_high[g].add_to(high, dxg[g], lanes::zero());
       }
-      _mm512_mask_storeu_ps(grad_input + t * inputs, input_low, low);
-      if (inputs > kLanes) {
-        _mm512_mask_storeu_ps(grad_input + t * inputs + kLanes, input_high, high);
-      }
+      grad_input_low.store(t * inputs, low);
+      if (inputs > kLanes) grad_input_high.store(t * inputs + kLanes, high);
     }
   }
-  _mm512_mask_storeu_ps(dh, unit_mask, dh_next);
-  if (Cell::kHasCellState) _mm512_mask_storeu_ps(dc, unit_mask, dc_next);
+  lanes::store(dh, unit_mask, dh_next);
+  if (Cell::kHasCellState) lanes::store(dc, unit_mask, dc_next);
   fold_batch(sum_w_ih, gates, l.B, H, I, grad_w_ih);
   fold_batch(sum_w_hh, gates, l.B, H, H, grad_w_hh);
   if (grad_b_ih) {
@@ -353,7 +396,7 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
   }
 }
 
-#endif  // CPU_CAPABILITY_AVX512
+#endif  // RNNFAST_LANE_KERNELS
 
 }  // namespace register_layer
 }  // namespace rnnfast
