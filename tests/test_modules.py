@@ -857,6 +857,35 @@ def test_gradient_requirements(rf, device, spec, layout, what):
             assert p.grad is None
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_packed_input_projection_on_the_active_rows(rf, device, mode, grad):
+    """A packed sequence of lengths 1-12 of 12, wide enough for the CPU engine to run its input
+    projection on the active rows only (gathered, then moved to their padded places): both
+    directions and two layers give torch.nn's outputs, and in training its gradients."""
+    torch.manual_seed(0)
+    steps, batch, input_size, hidden = 12, 24, 128, 96
+    expected = getattr(nn, mode)(input_size, hidden, num_layers=2, bidirectional=True)
+    actual = getattr(rf, mode)(input_size, hidden, num_layers=2, bidirectional=True).to(device)
+    actual.load_state_dict(expected.state_dict())
+    lengths = torch.randint(1, steps + 1, (batch,))
+    lengths[0] = steps
+    x = torch.randn(steps, batch, input_size)
+    results = []
+    for module, on in ((expected, CPU), (actual, device)):
+        packed = pack_padded_sequence(x.to(on).requires_grad_(grad), lengths,
+                                      enforce_sorted=False)
+        with torch.set_grad_enabled(grad):
+            out, _ = module(packed)
+        if grad:
+            out.data.square().sum().backward()
+            results.append([out.data, *(p.grad for p in module.parameters())])
+        else:
+            results.append([out.data])
+    for got, want in zip(*results):
+        assert_close_rel(got.cpu(), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["batched", "packed"])
 @pytest.mark.parametrize("H", [8, 17, 64])
