@@ -857,6 +857,16 @@ def test_gradient_requirements(rf, device, spec, layout, what):
             assert p.grad is None
 
 
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_one_batch_row_past_the_tiled_kernel(rf, device, spec):
+    """One batch row and W_hh past the tiled kernel's 64K elements: the backward's per-step
+    products of one row run in the CPU engine's row_times_matrix (csrc/cpu/blas.h), over 300
+    outputs (passes of 64 and a partial vector)."""
+    sizes = dict(T=15, B=1, I=40, H=300, P=150 if spec.proj else 0)
+    check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
+                batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_packed_input_projection_on_the_active_rows(rf, device, mode, grad):

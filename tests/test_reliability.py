@@ -253,6 +253,7 @@ _THREAD_SHAPES = [
     ("GRU", (20, 1, 64, 256, 1)),
     ("LSTM", (20, 1, 256, 512, 1)),
     ("RNN", (20, 1, 128, 640, 1)),
+    ("GRU", (20, 1, 64, 300, 1)),  # 300 outputs: passes of 64 and a partial vector
 ]
 
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <climits>
@@ -132,27 +133,38 @@ bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matri
   return true;
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // out[n] = start + x[k0, k1) B[k0 .. k1 - 1, n] (start: out's own values, or nullptr for zero),
-// summed term by term in order; B row-major with row stride ldb.
+// summed term by term in order; B row-major with row stride ldb. A pass holds 64 outputs in
+// vector registers over all the terms, so B is read once and out not at all in the k loop.
 inline void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const float* x, const float* b,
                                   int64_t ldb, bool from_out, float* out) {
-  constexpr int64_t kLanes = 16;
-  const int64_t full = n / kLanes * kLanes;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
-  if (!from_out) std::fill(out, out + n, 0.0f);
-  for (int64_t term = k0; term < k1; ++term) {
-    const __m512 value = _mm512_set1_ps(x[term]);
-    const float* row = b + term * ldb;
-    for (int64_t j = 0; j < full; j += kLanes) {
-      _mm512_storeu_ps(out + j,
-                       _mm512_fmadd_ps(value, _mm512_loadu_ps(row + j), _mm512_loadu_ps(out + j)));
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t kLanes = V::size();
+  constexpr int kVectors = 64 / kLanes;
+  int64_t j = 0;
+  for (; j + kVectors * kLanes <= n; j += kVectors * kLanes) {
+    V acc[kVectors];
+    for (int c = 0; c < kVectors; ++c) {
+      acc[c] = from_out ? V::loadu(out + j + c * kLanes) : V(0.0f);
     }
-    if (tail) {
-      _mm512_mask_storeu_ps(out + full, tail,
-                            _mm512_fmadd_ps(value, _mm512_maskz_loadu_ps(tail, row + full),
-                                            _mm512_maskz_loadu_ps(tail, out + full)));
+    for (int64_t term = k0; term < k1; ++term) {
+      const V value(x[term]);
+      const float* row = b + term * ldb + j;
+      for (int c = 0; c < kVectors; ++c) {
+        acc[c] = at::vec::fmadd(value, V::loadu(row + c * kLanes), acc[c]);
+      }
     }
+    for (int c = 0; c < kVectors; ++c) acc[c].store(out + j + c * kLanes);
+  }
+  // The outputs left, a vector at a time (the last one partial).
+  for (; j < n; j += kLanes) {
+    const int64_t count = std::min(kLanes, n - j);
+    V acc = from_out ? V::loadu(out + j, count) : V(0.0f);
+    for (int64_t term = k0; term < k1; ++term) {
+      acc = at::vec::fmadd(V(x[term]), V::loadu(b + term * ldb + j, count), acc);
+    }
+    acc.store(out + j, count);
   }
 }
 
@@ -199,12 +211,16 @@ template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta, T* c,
           int64_t ldc, GemmThreads threads) {
   if (m == 0 || n == 0) return;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     if (m == 1 && threads == GemmThreads::Library && !a.transposed && !b.transposed && k > 0) {
       row_times_matrix(n, k, a.data, b.data, b.ld, beta == T(1), c);
       return;
     }
+  }
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
     // A few long rows times a matrix stored [n, k] (the forward's products): row_dot_product.h,
     // threaded by the work, per-step products too.
     if (!a.transposed && b.transposed && row_dot::takes(m, n, k)) {
@@ -228,7 +244,7 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       // Split on one thread too: the blocks, not the thread count, fix each output's sum.
       // Except a per-step product of one row: in blocks its time doubles (the single-row
       // backward of a 512-unit GRU 4.3 -> 9 ms), so where row_times_matrix does not take it
-      // (without AVX-512) MKL threads it, summing as it chooses.
+      // (without SIMD vectors, or in double) MKL threads it, summing as it chooses.
       const bool in_blocks =
           threads == GemmThreads::FixedBlocks || (threads == GemmThreads::Library && m > 1);
       // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
