@@ -869,10 +869,11 @@ def test_one_batch_row_past_the_tiled_kernel(rf, device, spec):
 
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
-def test_packed_input_projection_on_the_active_rows(rf, device, mode, grad):
+def test_packed_input_products_on_the_active_rows(rf, device, mode, grad):
     """A packed sequence of lengths 1-12 of 12, wide enough for the CPU engine to run its input
-    projection on the active rows only (gathered, then moved to their padded places): both
-    directions and two layers give torch.nn's outputs, and in training its gradients."""
+    projection on the active rows only (gathered, then moved to their padded places), and in
+    training the input's and W_ih's gradients in groups of steps that leave most padding out:
+    both directions and two layers give torch.nn's outputs and gradients."""
     torch.manual_seed(0)
     steps, batch, input_size, hidden = 12, 24, 128, 96
     expected = getattr(nn, mode)(input_size, hidden, num_layers=2, bidirectional=True)
@@ -883,13 +884,13 @@ def test_packed_input_projection_on_the_active_rows(rf, device, mode, grad):
     x = torch.randn(steps, batch, input_size)
     results = []
     for module, on in ((expected, CPU), (actual, device)):
-        packed = pack_padded_sequence(x.to(on).requires_grad_(grad), lengths,
-                                      enforce_sorted=False)
+        leaf = x.clone().to(on).requires_grad_(grad)
+        packed = pack_padded_sequence(leaf, lengths, enforce_sorted=False)
         with torch.set_grad_enabled(grad):
             out, _ = module(packed)
         if grad:
             out.data.square().sum().backward()
-            results.append([out.data, *(p.grad for p in module.parameters())])
+            results.append([out.data, leaf.grad, *(p.grad for p in module.parameters())])
         else:
             results.append([out.data])
     for got, want in zip(*results):
