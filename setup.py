@@ -47,27 +47,30 @@ def relative_sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def cpu_vector_flags():
-    """The widest vector instruction set the building machine has, of AVX-512 (F, BW, VL, DQ,
-    as ATen's AVX512 kernels take it) and AVX2 + FMA, for the CPU engine's SIMD code
-    (at::vec::Vectorized): a source build runs where it is built. RNNFAST_CPU_VECTOR=avx2 stops
-    at AVX2, RNNFAST_CPU_VECTOR=0 turns vectors off (for a build that must run on older x86
-    CPUs); elsewhere the portable code is used."""
-    if os.environ.get("RNNFAST_CPU_VECTOR", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return []
-    avx2 = ["-mavx2", "-mfma", "-mf16c"]
-    if ({"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= set(flags)
-            and os.environ.get("RNNFAST_CPU_VECTOR") != "avx2"):
-        return avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+X86_64 = platform.machine() in ("x86_64", "AMD64")
+
+
+def cpu_capabilities():
+    """The instruction sets the CPU engine's vector code is compiled for, as (name, flags): on
+    x86-64 a portable copy, an AVX2 one and an AVX-512 one, of which the extension runs the best
+    the CPU has (csrc/cpu/capability.h); elsewhere the portable copy only.
+    RNNFAST_CPU_CAPABILITIES (e.g. "DEFAULT" or "DEFAULT,AVX512") builds fewer, in less time; the
+    portable copy is always built."""
+    copies = {"DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]}
+    if X86_64:
+        avx2 = ["-mavx2", "-mfma", "-mf16c"]
+        copies["AVX2"] = avx2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        copies["AVX512"] = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    asked = os.environ.get("RNNFAST_CPU_CAPABILITIES")
+    if asked is not None:
+        names = {name.strip().upper() for name in asked.split(",") if name.strip()}
+        unknown = names - set(copies)
+        if unknown:
+            raise SystemExit(f"rnnfast: RNNFAST_CPU_CAPABILITIES={asked!r} names {sorted(unknown)}; "
+                             f"this machine builds {', '.join(copies)}")
+        copies = {name: flags for name, flags in copies.items() if name == "DEFAULT" or name in names}
+    return list(copies.items())
 
 
 def links_shared_libstdcxx(compiler):
@@ -120,12 +123,20 @@ WITH_CUDA = bool(
 )
 
 
+# The CPU engine's files compiled once per instruction set; csrc/cpu/register_ops.cpp, which
+# registers the copy this CPU runs, is compiled once with the rest.
+CPU_ENGINE_SOURCES = [source for source in relative_sources("csrc/cpu/*.cpp")
+                      if os.path.basename(source) != "register_ops.cpp"]
+
+
 def extension():
-    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    sources = relative_sources("csrc/*.cpp") + ["csrc/cpu/register_ops.cpp"]
     # -fopenmp: at::parallel_for is a header template whose threads are an OpenMP pragma; built
     # without it, the CPU engine's parallel loops would run on one thread. The OpenMP runtime
     # linked is the libgomp.so.1 torch itself loads.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + cpu_vector_flags()
+    # RNNFAST_AVX2_ENGINE, RNNFAST_AVX512_ENGINE: the copies register_ops.cpp may choose.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + [
+        f"-DRNNFAST_{name}_ENGINE" for name, _ in cpu_capabilities() if name != "DEFAULT"]
     link_flags = ["-fopenmp"]
     if WITH_CUDA:
         # sm_80 and sm_90 unless the user names architectures.
@@ -152,6 +163,22 @@ class BuildWithSourceHash(BuildExtension.with_options(use_ninja=True)):
         # pip's editable install would compile into a fresh temporary folder every time; the
         # project's own folder keeps ninja's objects and dependency files between builds.
         self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    def build_extension(self, ext):
+        # The CPU engine's copies, each in a folder of its own, go on the link line after the
+        # baseline objects, in cpu_capabilities()' order: the linker keeps the first copy of a
+        # function the objects share, so that copy is always one any x86-64 CPU runs.
+        macros = ext.define_macros + [(name,) for name in ext.undef_macros]
+        engine_objects = []
+        for name, flags in cpu_capabilities():
+            compile_args = dict(ext.extra_compile_args)
+            compile_args["cxx"] = ext.extra_compile_args["cxx"] + flags
+            engine_objects += self.compiler.compile(
+                CPU_ENGINE_SOURCES, output_dir=os.path.join(self.build_temp, "cpu-" + name.lower()),
+                macros=macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=compile_args, depends=ext.depends)
+        ext.extra_objects = engine_objects
+        super().build_extension(ext)
 
     def run(self):
         super().run()

@@ -755,6 +755,7 @@ def environment(device, argv=None):
         import rnnfast
         env["rnnfast_version"] = getattr(rnnfast, "__version__", None)
         env["rnnfast_path"] = os.path.dirname(rnnfast.__file__)
+        env["rnnfast_cpu_capability"] = rnnfast.cpu_capability()
         try:
             from rnnfast import _built_from
             env["rnnfast_source_hash"] = getattr(_built_from, "SOURCE_HASH", None)

@@ -10,8 +10,10 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <vector>
 
 #include "buffer_pool.h"
+#include "cpu/engine.h"
 #include "layer.h"
 
 namespace {
@@ -96,6 +98,12 @@ PyObject* cpu_cache_info(PyObject* /*module*/, PyObject* /*args*/) {
                        static_cast<Py_ssize_t>(pool.cached_blocks()));
 }
 
+// _C.cpu_capability() -> the instruction set of the CPU engine's copy that runs here
+// (cpu/capability.h).
+PyObject* cpu_capability(PyObject* /*module*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(rnnfast::cpu::engine().capability);
+}
+
 PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
      "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
@@ -103,6 +111,8 @@ PyMethodDef module_methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
      "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction set of the CPU engine's copy that runs on this CPU."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -125,6 +135,14 @@ extern "C" PyObject* PyInit__C(void) {
     Py_DECREF(sizes);
   }
   PyModule_AddObject(module, "cells", cells);
+  // cpu_engines: the instruction sets the CPU engine was compiled for, narrowest first.
+  const std::vector<const rnnfast::cpu::Engine*> engines = rnnfast::cpu::built_engines();
+  PyObject* engine_names = PyTuple_New(static_cast<Py_ssize_t>(engines.size()));
+  for (size_t i = 0; i < engines.size(); ++i) {
+    PyTuple_SET_ITEM(engine_names, static_cast<Py_ssize_t>(i),
+                     PyUnicode_FromString(engines[i]->capability));
+  }
+  PyModule_AddObject(module, "cpu_engines", engine_names);
 #ifdef RNNFAST_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
 #else

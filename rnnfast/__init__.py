@@ -39,5 +39,16 @@ def cpu_cache_info():
     return tuple(_ops._C.cpu_cache_info())
 
 
+def cpu_capability():
+    """The instruction set the CPU engine runs with here: "AVX512", "AVX2" or "DEFAULT" (no
+    vector extension).
+
+    The extension holds a copy of the engine's vector code for each, and runs the one ATen
+    chooses for its own kernels on this CPU (torch.backends.cpu.get_cpu_capability()); set
+    ATEN_CPU_CAPABILITY=avx2 or =default before starting Python to run a narrower one."""
+    return _ops._C.cpu_capability()
+
+
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional",
-           "empty_cache", "cpu_cache_info", "__version__"]
+           "empty_cache", "cpu_cache_info", "cpu_capability",
+           "__version__"]

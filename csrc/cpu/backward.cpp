@@ -23,8 +23,9 @@
 
 #include "../buffer_pool.h"
 #include "blas.h"
-#include "engine.h"
+#include "capability.h"
 #include "input_layout.h"
+#include "kernels.h"
 #include "layer_view.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
@@ -33,6 +34,7 @@
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 namespace {
 
 // hx, cx: undefined where the forward started from zero states. column_sums: [B, G] double
@@ -326,5 +328,6 @@ BackwardResult backward_time_major(
                          has_bias, input_grad, kCpuGradientKernels);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

@@ -21,6 +21,7 @@
 #endif
 
 #include "../parallel_rows.h"
+#include "capability.h"
 #include "row_dot_product.h"
 
 extern "C" {
@@ -45,6 +46,8 @@ int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // A row-major matrix operand: `data` with leading dimension `ld` (elements between rows), read
 // transposed when `transposed`.
@@ -344,4 +347,6 @@ class PackedOperand {
   int64_t m_ = 0, n_ = 0, k_ = 0;
 };
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

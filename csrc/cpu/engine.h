@@ -13,43 +13,63 @@
 // The engine's files: schedule.h (which threads run the time loop), layer_view.h (a call's
 // sizes as the loops see them), input_layout.h (where the input is read at its strides),
 // recurrent_product.h (which kernel runs a per-step product of which size), forward.cpp,
-// backward.cpp, weight_gradients.cpp (the GEMMs and sums after the reverse loop) and
-// register_ops.cpp (the ops' CPU kernels).
+// backward.cpp, weight_gradients.cpp (the GEMMs and sums after the reverse loop), kernels.h and
+// engine.cpp (one instruction set's kernels and entry points; capability.h says why there are
+// several) and register_ops.cpp (registers the entry points of the CPU at hand).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../layer.h"
 
 namespace rnnfast {
 namespace cpu {
 
-// rnnfast::forward's CPU kernel (forward.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    c10::string_view cell, const at::Tensor& input_, const std::optional<at::Tensor>& hx_,
-    const std::optional<at::Tensor>& cx_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
-    const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
-    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths_, bool reverse,
+// rnnfast::forward's and rnnfast::backward's kernels as their schemas declare them.
+using ForwardKernel = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
     bool save_workspace, bool batch_first);
+using BackwardKernel = BackwardResult (*)(
+    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& output, const at::Tensor& workspace, bool input_grad, bool batch_first);
 
-// rnnfast::backward's CPU kernel on time-major tensors (backward.cpp), registered as
-// backward_op<backward_time_major>.
-BackwardResult backward_time_major(c10::string_view cell, const at::Tensor& grad_output_,
-                                   const std::optional<at::Tensor>& grad_h_n_,
-                                   const std::optional<at::Tensor>& grad_c_n_,
-                                   const at::Tensor& input_, const std::optional<at::Tensor>& hx_,
-                                   const std::optional<at::Tensor>& cx_, const at::Tensor& w_ih_,
-                                   const at::Tensor& w_hh_, bool has_bias,
-                                   const std::optional<at::Tensor>& w_hr_,
-                                   const std::optional<at::Tensor>& lengths_, bool reverse,
-                                   const at::Tensor& output_, const at::Tensor& workspace_,
-                                   bool input_grad);
+// The CPU engine compiled for one instruction set (capability.h).
+struct Engine {
+  const char* capability;  // "DEFAULT", "AVX2" or "AVX512", as at::get_cpu_capability() names it
+  ForwardKernel forward;
+  BackwardKernel backward;
+  // Whether the engine reads this input [T, B, I] at its strides, where the layer would
+  // otherwise pass a time-major contiguous copy (engine_input in csrc/layer.h).
+  bool (*reads_input_at_strides)(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
+                                 bool has_projection);
+};
 
-// The weight gradients' GEMMs and column sums on the CPU (weight_gradients.cpp).
-extern const GradientKernels kCpuGradientKernels;
+// Each compiled copy's entry points (engine.cpp); the AVX ones where setup.py built them.
+const Engine& default_engine();
+#if defined(RNNFAST_AVX2_ENGINE)
+const Engine& avx2_engine();
+#endif
+#if defined(RNNFAST_AVX512_ENGINE)
+const Engine& avx512_engine();
+#endif
+
+// The copies built, narrowest first (register_ops.cpp).
+std::vector<const Engine*> built_engines();
+
+// The copy this CPU runs: the widest built of those ATen's choice of instruction set for its own
+// kernels allows (register_ops.cpp).
+const Engine& engine();
 
 }  // namespace cpu
 }  // namespace rnnfast

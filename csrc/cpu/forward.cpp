@@ -22,9 +22,10 @@
 
 #include "../buffer_pool.h"
 #include "blas.h"
-#include "engine.h"
+#include "capability.h"
 #include "gate_panels.h"
 #include "input_layout.h"
+#include "kernels.h"
 #include "layer_view.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
@@ -34,6 +35,7 @@
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 namespace {
 
 // Whether every value of w (contiguous) is finite. Only then is the product of a zero state with
@@ -605,5 +607,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           workspace};
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

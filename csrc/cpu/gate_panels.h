@@ -18,7 +18,11 @@
 #include <algorithm>
 #include <utility>
 
+#include "capability.h"
+
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 template <typename T>
 class GatePanels {
@@ -205,4 +209,6 @@ class GatePanels {
   T* biases_data_;
 };
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

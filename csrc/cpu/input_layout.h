@@ -5,11 +5,13 @@
 #include <ATen/ATen.h>
 
 #include "../layer.h"
+#include "capability.h"
 #include "layer_view.h"
 #include "register_layer.h"
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 #if defined(RNNFAST_LANE_KERNELS)
 // A call's sizes as register_layer.h takes them.
@@ -117,5 +119,6 @@ inline bool backward_reads_input_at_strides(const LayerSizes& s, const Tensor& i
   return register_layer_reads_input_backward(s, input) || trains_on_batch_major_input(s, input);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

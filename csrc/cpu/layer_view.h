@@ -8,10 +8,12 @@
 
 #include "../buffer_pool.h"
 #include "../layer.h"
+#include "capability.h"
 #include "vector_math.h"
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 using at::Tensor;
 
@@ -139,5 +141,6 @@ T* data_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

@@ -22,11 +22,14 @@
 #include <vector>
 
 #include "blas.h"
+#include "capability.h"
 #include "register_product.h"
 #include "tiled_product.h"
 #include "vector_math.h"
 
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Which side of a product is gate-packed (None: plain rows).
 enum class ProductPacking { None, Output, Input };
@@ -336,4 +339,6 @@ class RecurrentProduct {
   int64_t n_ = 0, k_ = 0;
 };
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

@@ -20,10 +20,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "capability.h"
 #include "register_product.h"
 #include "vector_math.h"
 
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Index of a value that is a whole vector of an array (offset k: the k-th vector).
 struct InRegister {};
@@ -399,4 +402,6 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
 #endif  // RNNFAST_LANE_KERNELS
 
 }  // namespace register_layer
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

@@ -20,11 +20,15 @@
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+
+#include "capability.h"
 // The lane kernels of this file and register_layer.h are built.
 #define RNNFAST_LANE_KERNELS 1
 #endif
 
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // One vector register as the lane kernels use it: float lanes, 32-bit lane indices and a lane
 // mask (AVX-512's mask register; AVX2's all-ones lanes of a vector).
@@ -220,4 +224,6 @@ class RegisterProduct {
   std::vector<float> bias_;  // [outputs rounded up to whole vectors]
 };
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

@@ -21,7 +21,11 @@
 #include <cstdint>
 #include <utility>
 
+#include "capability.h"
+
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 namespace row_dot {
 
 constexpr int64_t kBlockRows = 8;  // rows of B (columns of C) per block
@@ -121,6 +125,8 @@ inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
 }
 
 }  // namespace row_dot
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast
 
 #endif  // CPU_CAPABILITY_AVX512

@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "capability.h"
 #include "recurrent_product.h"
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Batch rows never interact in a layer, so each thread may run the whole sequence for its
 // share of the rows: one parallel region per call, no barrier per step. That pays where the
@@ -65,5 +67,6 @@ void run_steps(int64_t rows, int64_t step_begin, int64_t step_end, StepThreads t
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

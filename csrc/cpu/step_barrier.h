@@ -7,7 +7,11 @@
 #include <cstdint>
 #include <thread>
 
+#include "capability.h"
+
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Threads of one parallel region waiting for each other at the end of a step. A participant
 // stands for `weight` slots (the slots a thread runs), so a region that gives one thread all
@@ -37,4 +41,6 @@ class StepBarrier {
   std::atomic<int64_t> generation_{0};
 };
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

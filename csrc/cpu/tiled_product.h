@@ -14,7 +14,11 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "capability.h"
+
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Wt [K, N] row-major with each row padded to a whole number of SIMD vectors (zeros beyond N),
 // so the k loop reads whole vectors only.
@@ -156,4 +160,6 @@ void tiled_product(const T* in, int64_t batch, const TiledWeights<T>& w, const T
   }
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

@@ -1,9 +1,9 @@
 // SIMD vectors for the cell math on the CPU: the Math specialisations and the load / store of a
 // run of units that csrc/cells.h needs to evaluate a cell on a whole vector of hidden units.
 //
-// at::vec::Vectorized uses the widest instruction set the extension was compiled for (setup.py
-// enables AVX-512, or AVX2 + FMA, where the building machine has them). Float vectors take
-// tanh and sigmoid from one inlined rational function; double vectors SLEEF's (1 ulp).
+// at::vec::Vectorized is the instruction set's this copy of the engine is compiled for
+// (capability.h): 16 floats with AVX-512, 8 with AVX2, a plain array in the portable copy. Float
+// vectors take tanh and sigmoid from one inlined rational function; double vectors SLEEF's (1 ulp).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -14,8 +14,11 @@
 #include <utility>
 
 #include "../cells.h"
+#include "capability.h"
 
 namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 template <typename S>
 using Vec = at::vec::Vectorized<S>;
@@ -112,19 +115,28 @@ inline Vec<float> rational_tanh(Vec<float> x) {
 #endif
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+
+// The cells' math on vectors: specialisations of csrc/cells.h's Math, which must lie in its
+// namespace; Vec is a different type in each instruction set's copy (capability.h).
 template <>
-struct Math<Vec<float>> : VectorMath<float> {
-  static Vec<float> tanh(Vec<float> x) { return rational_tanh(x); }
+struct Math<cpu::Vec<float>> : cpu::VectorMath<float> {
+  using Vec = cpu::Vec<float>;
+  static Vec tanh(Vec x) { return cpu::rational_tanh(x); }
   // sigmoid(x) = (1 + tanh(x / 2)) / 2: the inlined rational tanh instead of a call to SLEEF's
   // exp and a division of its own. Within 3e-7 of sigmoid (absolute); for tiny x, tanh's last
   // bits vanish in the sum with 1, so the saturated form does.
-  static Vec<float> sigmoid(Vec<float> x) {
-    const Vec<float> half(0.5f);
-    return at::vec::fmadd(half, saturated_tanh(half * x), half);
+  static Vec sigmoid(Vec x) {
+    const Vec half(0.5f);
+    return at::vec::fmadd(half, cpu::saturated_tanh(half * x), half);
   }
 };
 template <>
-struct Math<Vec<double>> : VectorMath<double> {};
+struct Math<cpu::Vec<double>> : cpu::VectorMath<double> {};
+
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Hidden units j .. j + count - 1 of a row, taken as one vector (count <= the vector's lanes;
 // lanes past count read as 0 and are not written).
@@ -197,4 +209,6 @@ inline void for_unit_runs(int64_t hidden_size, Fn&& fn) {
   for_unit_runs<T>(0, hidden_size, std::forward<Fn>(fn));
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace rnnfast

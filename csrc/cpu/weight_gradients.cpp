@@ -23,8 +23,9 @@
 
 #include "../buffer_pool.h"
 #include "blas.h"
-#include "engine.h"
+#include "capability.h"
 #include "input_layout.h"
+#include "kernels.h"
 #include "layer_view.h"
 #include "recurrent_product.h"
 #include "register_layer.h"
@@ -33,6 +34,7 @@
 
 namespace rnnfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // A weight gradient C [M, N] = A^T B from the K rows of all steps, A [K, M] and B [K, N] with
 // contiguous rows. Where K is long next to C, MKL runs C^T = B^T A into a buffer faster, and C
@@ -110,5 +112,6 @@ void cpu_column_sum(Tensor& out, const Tensor& x) {
 
 const GradientKernels kCpuGradientKernels{&cpu_matmul, &cpu_column_sum};
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace rnnfast

@@ -1,0 +1,42 @@
+// The CPU engine's kernels as one instruction set's copy declares them (capability.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../layer.h"
+#include "capability.h"
+
+namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
+
+// rnnfast::forward's CPU kernel (forward.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    c10::string_view cell, const at::Tensor& input_, const std::optional<at::Tensor>& hx_,
+    const std::optional<at::Tensor>& cx_, const at::Tensor& w_ih_, const at::Tensor& w_hh_,
+    const std::optional<at::Tensor>& b_ih_, const std::optional<at::Tensor>& b_hh_,
+    const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths_, bool reverse,
+    bool save_workspace, bool batch_first);
+
+// rnnfast::backward's CPU kernel on time-major tensors (backward.cpp), registered as
+// backward_op<backward_time_major>.
+BackwardResult backward_time_major(c10::string_view cell, const at::Tensor& grad_output_,
+                                   const std::optional<at::Tensor>& grad_h_n_,
+                                   const std::optional<at::Tensor>& grad_c_n_,
+                                   const at::Tensor& input_, const std::optional<at::Tensor>& hx_,
+                                   const std::optional<at::Tensor>& cx_, const at::Tensor& w_ih_,
+                                   const at::Tensor& w_hh_, bool has_bias,
+                                   const std::optional<at::Tensor>& w_hr_,
+                                   const std::optional<at::Tensor>& lengths_, bool reverse,
+                                   const at::Tensor& output_, const at::Tensor& workspace_,
+                                   bool input_grad);
+
+// The weight gradients' GEMMs and column sums on the CPU (weight_gradients.cpp).
+extern const GradientKernels kCpuGradientKernels;
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace rnnfast
