@@ -134,8 +134,12 @@ def extension():
     # -fopenmp: at::parallel_for is a header template whose threads are an OpenMP pragma; built
     # without it, the CPU engine's parallel loops would run on one thread. The OpenMP runtime
     # linked is the libgomp.so.1 torch itself loads.
+    # -g0: no debug information (Python's own flags ask for it), which takes 40% of the compile
+    # time of the engine's template-heavy files and most of the binary's size;
+    # RNNFAST_DEBUG_INFO=1 keeps it, for a debugger's source lines.
+    debug_info = [] if os.environ.get("RNNFAST_DEBUG_INFO") == "1" else ["-g0"]
     # RNNFAST_AVX2_ENGINE, RNNFAST_AVX512_ENGINE: the copies register_ops.cpp may choose.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + [
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + debug_info + [
         f"-DRNNFAST_{name}_ENGINE" for name, _ in cpu_capabilities() if name != "DEFAULT"]
     link_flags = ["-fopenmp"]
     if WITH_CUDA:

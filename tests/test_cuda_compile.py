@@ -103,9 +103,21 @@ def _symbols(obj, kinds):
     return names
 
 
+@pytest.fixture(scope="module")
+def kernel_objects(tmp_path_factory):
+    """arch -> the kernels_*.cu objects for it, compiled once per test run."""
+    compiled = {}
+
+    def objects(arch):
+        if arch not in compiled:
+            compiled[arch] = _compile_kernels(arch, str(tmp_path_factory.mktemp(arch)))
+        return compiled[arch]
+    return objects
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_kernels_compile(arch, tmp_path):
-    targets = _compile_kernels(arch, str(tmp_path))
+def test_kernels_compile(arch, kernel_objects):
+    targets = kernel_objects(arch)
     assert all(os.path.getsize(target) > 0 for target in targets)
     if shutil.which("nm"):
         # Every launcher of every cell x dtype is there, each dtype's in its own object: 7 cells
@@ -129,7 +141,7 @@ def _torch_cuda_headers():
     return paths, torch
 
 
-def test_engine_compiles(tmp_path):
+def test_engine_compiles(tmp_path, kernel_objects):
     found = _torch_cuda_headers()
     if found is None:
         pytest.skip("the installed torch ships no c10/cuda headers")
@@ -151,8 +163,7 @@ def test_engine_compiles(tmp_path):
     if shutil.which("nm"):
         # engine.cu calls the launchers; the kernels_*.cu objects must instantiate every one it
         # calls.
-        defined = set().union(*(_symbols(target, {"T", "W"})
-                                for target in _compile_kernels("sm_80", str(tmp_path))))
+        defined = set().union(*(_symbols(target, {"T", "W"}) for target in kernel_objects("sm_80")))
         needed = {name for name in _symbols(engine, {"U"}) if "launch_" in name}
         assert needed, "engine.cu calls no launcher: the extern declarations did not apply"
         missing = needed - defined
