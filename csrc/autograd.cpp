@@ -25,12 +25,9 @@ using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-BackwardResult call_backward(
-    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
+// rnnfast::backward called through the dispatcher, from the dispatch keys the calling thread is
+// at.
+BackwardResult call_backward(const BackwardArgs& args) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rnnfast::backward", "")
@@ -40,12 +37,12 @@ BackwardResult call_backward(
                                 const Tensor&, const Tensor&, bool, const std::optional<Tensor>&,
                                 const std::optional<Tensor>&, bool, const Tensor&, const Tensor&,
                                 bool, bool)>();
-  return op.call(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias, w_hr,
-                 lengths, reverse, output, workspace, input_grad, batch_first);
-}
-
-std::optional<Tensor> defined_or_none(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+  const LayerArgs& layer = args.layer;
+  return op.call(layer.cell, args.grad_output, optional_argument(args.grad_h_n),
+                 optional_argument(args.grad_c_n), layer.input, optional_argument(layer.hx),
+                 optional_argument(layer.cx), layer.w_ih, layer.w_hh, args.has_bias,
+                 optional_argument(layer.w_hr), optional_argument(layer.lengths), layer.reverse,
+                 args.output, args.workspace, args.input_grad, layer.batch_first);
 }
 
 // A new graph node, held the way the installed torch holds them (the type of Edge::function):
@@ -113,12 +110,27 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   const Tensor grad_output =
       grads[0].defined() ? swap_time_and_batch(grads[0], batch_first) : at::zeros_like(output);
   const bool input_grad = task_should_compute_output(kInput);
-  const auto grad_c_n =
-      has_cell_state(cell_from_name(cell)) ? defined_or_none(grads[2]) : std::nullopt;
-  auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(
-      cell, grad_output, defined_or_none(grads[1]), grad_c_n, input, defined_or_none(hx),
-      defined_or_none(cx), w_ih, w_hh, has_bias, defined_or_none(w_hr), defined_or_none(lengths),
-      reverse, output, workspace, input_grad, /*batch_first=*/false);
+  BackwardArgs args;
+  args.layer = {cell,
+                input,
+                hx,
+                cx,
+                w_ih,
+                w_hh,
+                Tensor(),
+                Tensor(),
+                w_hr,
+                lengths,
+                reverse,
+                /*batch_first=*/false};
+  args.grad_output = grad_output;
+  args.grad_h_n = grads[1];
+  args.grad_c_n = has_cell_state(cell_from_name(cell)) ? grads[2] : Tensor();
+  args.output = output;
+  args.workspace = workspace;
+  args.has_bias = has_bias;
+  args.input_grad = input_grad;
+  auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(args);
   // The op returns empty tensors for gradients it did not compute; their slots stay undefined.
   variable_list result(kSlots);
   if (input_grad) result[kInput] = swap_time_and_batch(g_input, batch_first);
@@ -169,11 +181,9 @@ variable_list LayerBackward::apply_differentiably(const variable_list& grads) {
   handle_on(w_hr_.unpack(), kWhr);
   variable_list result(kSlots);
   if (differentiable.empty()) return result;
-  const auto optional = [](const Tensor& t) { return defined_or_none(t); };
   const auto [output, h_n, c_n] = differentiable_layer(
-      cell, handles[kInput], optional(handles[kHx]), optional(handles[kCx]), handles[kWih],
-      handles[kWhh], optional(handles[kBih]), optional(handles[kBhh]), optional(handles[kWhr]),
-      defined_or_none(lengths_.unpack()), reverse, batch_first);
+      {cell, handles[kInput], handles[kHx], handles[kCx], handles[kWih], handles[kWhh],
+       handles[kBih], handles[kBhh], handles[kWhr], lengths_.unpack(), reverse, batch_first});
   variable_list outputs, output_grads;
   const std::array<Tensor, 3> recomputed{output, h_n, c_n};
   for (size_t k = 0; k < grads.size(); ++k) {
@@ -198,11 +208,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
     const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
     bool save_workspace, bool batch_first) {
+  const LayerArgs args = LayerArgs::of(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                       reverse, batch_first);
   if (!torch::autograd::compute_requires_grad(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)) {
     // Inference: no graph to record.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                        save_workspace, batch_first);
+    return call_forward(args, save_workspace);
   }
   if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
     // torch.func transforms need a Python-level autograd.Function; refuse as torch does for
@@ -213,8 +224,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
                         std::optional<Tensor>(w_hh), b_ih, b_hh, w_hr}) {
     if (torch::autograd::isFwGradDefined(t)) {
       // Forward-mode AD (dual tensors): the ATen ops of the composition carry the tangents.
-      auto [output, h_n, c_n] = differentiable_layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
-                                                     w_hr, lengths, reverse, batch_first);
+      auto [output, h_n, c_n] = differentiable_layer(args);
       return {output, h_n, c_n, input.new_empty(0)};
     }
   }
@@ -227,7 +237,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     // The time-major input as the engine reads it, made so once here (the view of a
     // batch_first one most engines copy): the backward reads the same. The op runs time-major
     // here; a batch_first output is the view the op would have returned.
-    time_major_input = swap_time_and_batch(input, batch_first);
+    LayerArgs engine_args = args.time_major();
+    time_major_input = engine_args.input;
     // A tensor of symbolic sizes (torch.compile or torch.export tracing with dynamic shapes)
     // gets the contiguous copy: engine_input's choice reads concrete sizes, which would
     // specialise the trace to them. The traced graph then holds the copy (a clone) before the
@@ -236,11 +247,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     engine_read_input =
         time_major_input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()
             ? time_major_contiguous(time_major_input)
-            : engine_input(time_major_input, w_hh, lengths.has_value() && lengths->defined(),
-                           w_hr.has_value() && w_hr->defined());
-    std::tie(output, h_n, c_n, workspace) =
-        call_forward(cell, engine_read_input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                     reverse, save_workspace, /*batch_first=*/false);
+            : engine_input(time_major_input, w_hh, args.lengths.defined(), args.w_hr.defined());
+    engine_args.input = engine_read_input;
+    std::tie(output, h_n, c_n, workspace) = call_forward(engine_args, save_workspace);
     output = swap_time_and_batch(output, batch_first);
   }
   // output, h_n and c_n are the node's differentiable outputs, in this order (its grads); the
@@ -248,7 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   torch::autograd::set_history({output, h_n, c_n}, node);
   node->cell = std::string(cell);
   node->reverse = reverse;
-  node->has_bias = b_ih.has_value() && b_ih->defined();
+  node->has_bias = args.b_ih.defined();
   node->saved_workspace = save_workspace;
   node->batch_first = batch_first;
   node->saved_caller_input = engine_read_input.is_same(time_major_input);
@@ -281,8 +290,9 @@ BackwardResult backward_autograd(
     }
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return call_backward(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                       w_hr, lengths, reverse, output, workspace, input_grad, batch_first);
+  return call_backward(BackwardArgs::of(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih,
+                                        w_hh, has_bias, w_hr, lengths, reverse, output, workspace,
+                                        input_grad, batch_first));
 }
 
 }  // namespace

@@ -43,40 +43,37 @@ struct Math<at::Tensor> {
   static at::Tensor relu(const at::Tensor& x) { return at::relu(x); }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
-    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
-    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    bool batch_first) {
-  const at::Tensor x = swap_time_and_batch(input, batch_first);  // [T, B, I]
-  const LayerSizes sizes =
-      check_layer_args(std::string(cell), x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(const LayerArgs& call) {
+  const LayerArgs args = call.time_major();
+  const at::Tensor& x = args.input;  // [T, B, I]
+  const LayerSizes sizes = check_layer_args(args);
   const int64_t steps = sizes.steps, batch = sizes.batch, hidden = sizes.hidden_size;
+  const bool reverse = args.reverse;
 
   // The input projection of every step at once, [T, B, G]; the recurrent one per step.
-  const at::Tensor input_gates = at::linear(x, w_ih, b_ih);
-  at::Tensor h = hx.has_value() && hx->defined() ? *hx : x.new_zeros({batch, sizes.state_size});
+  const at::Tensor input_gates = at::linear(x, args.w_ih, optional_argument(args.b_ih));
+  const std::optional<at::Tensor> b_hh = optional_argument(args.b_hh);
+  at::Tensor h = args.hx.defined() ? args.hx : x.new_zeros({batch, sizes.state_size});
   at::Tensor c;
   if (has_cell_state(sizes.kind)) {
-    c = cx.has_value() && cx->defined() ? *cx : x.new_zeros({batch, hidden});
+    c = args.cx.defined() ? args.cx : x.new_zeros({batch, hidden});
   }
   // Row b runs steps t < lengths[b] (a reversed row starts at its own last step): [B, 1].
   at::Tensor row_lengths;
-  if (sizes.has_lengths) row_lengths = lengths->to(x.device()).unsqueeze(1);
+  if (sizes.has_lengths) row_lengths = args.lengths.to(x.device()).unsqueeze(1);
 
   std::vector<at::Tensor> outputs(steps);
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = reverse ? steps - 1 - s : s;
     GateColumns xg{input_gates[t]};
-    GateColumns hg{at::linear(h, w_hh, b_hh)};
+    GateColumns hg{at::linear(h, args.w_hh, b_hh)};
     at::Tensor h_new, c_new;
     dispatch_cell(sizes.kind, [&](auto cell_type) {
       decltype(cell_type)::template forward<at::Tensor>(static_cast<int>(hidden), AllUnits{hidden},
                                                         &xg, &hg, h, c, h_new, c_new,
                                                         static_cast<GateColumns*>(nullptr));
     });
-    if (sizes.has_projection) h_new = at::linear(h_new, *w_hr);
+    if (sizes.has_projection) h_new = at::linear(h_new, args.w_hr);
     if (sizes.has_lengths) {
       const at::Tensor running = row_lengths > t;
       outputs[t] = at::where(running, h_new, 0);
@@ -90,11 +87,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
   }
   const at::Tensor output =
       steps > 0 ? at::stack(outputs) : x.new_empty({0, batch, sizes.state_size});
-  return {swap_time_and_batch(output, batch_first), h, c.defined() ? c : x.new_empty(0)};
+  return {swap_time_and_batch(output, call.batch_first), h, c.defined() ? c : x.new_empty(0)};
 }
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(
+    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
+    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    bool batch_first) {
+  return differentiable_layer(LayerArgs::of(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                            lengths, reverse, batch_first));
+}
+
+}  // namespace
 
 }  // namespace rnnfast
 
 TORCH_LIBRARY_IMPL(rnnfast, CompositeImplicitAutograd, m) {
-  m.impl("differentiable_forward", &rnnfast::differentiable_layer);
+  m.impl("differentiable_forward", &rnnfast::differentiable_forward);
 }

@@ -18,8 +18,8 @@
 
 namespace rnnfast {
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+at::Tensor contiguous_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.contiguous() : at::Tensor();
 }
 
 at::Tensor time_major_contiguous(const at::Tensor& input) {
@@ -58,23 +58,16 @@ at::Tensor time_major_contiguous(const at::Tensor& input) {
   return out;
 }
 
-ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
-                              const std::optional<at::Tensor>& hx,
-                              const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                              const std::optional<at::Tensor>& b_hh,
-                              const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& lengths,
-                              ReadsInputAtStrides reads_input_at_strides) {
+ForwardInputs prepare_forward(const LayerArgs& args, ReadsInputAtStrides reads_input_at_strides) {
   ForwardInputs in;
-  in.sizes = check_layer_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths);
-  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, input)
-                 ? input
-                 : time_major_contiguous(input);
-  in.w_ih = w_ih.contiguous();
-  in.w_hh = w_hh.contiguous();
-  in.w_hr = contiguous_or_undefined(w_hr);
-  in.lengths = contiguous_or_undefined(lengths);
+  in.sizes = check_layer_args(args);
+  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, args.input)
+                 ? args.input
+                 : time_major_contiguous(args.input);
+  in.w_ih = args.w_ih.contiguous();
+  in.w_hh = args.w_hh.contiguous();
+  in.w_hr = contiguous_or_undefined(args.w_hr);
+  in.lengths = contiguous_or_undefined(args.lengths);
   return in;
 }
 
@@ -97,47 +90,39 @@ at::Tensor with_contiguous_rows(const at::Tensor& x) {
   return base.contiguous().expand(x.sizes());
 }
 
-BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
-                                const std::optional<at::Tensor>& grad_h_n,
-                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                                const std::optional<at::Tensor>& hx,
-                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& output,
-                                const at::Tensor& workspace, bool contiguous_grad_output,
+BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_output,
                                 ReadsInputAtStrides reads_input_at_strides) {
+  const LayerArgs& layer = args.layer;
   BackwardInputs in;
-  in.sizes =
-      check_layer_args(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths);
-  check_backward_args(in.sizes, input, grad_output, grad_h_n, grad_c_n, output, workspace);
-  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, input)
-                 ? input
-                 : time_major_contiguous(input);
-  in.hx = contiguous_or_undefined(hx);
-  in.cx = contiguous_or_undefined(cx);
-  in.w_ih = w_ih.contiguous();
-  in.w_hh = w_hh.contiguous();
-  in.w_hr = contiguous_or_undefined(w_hr);
-  in.lengths = contiguous_or_undefined(lengths);
-  in.grad_output = contiguous_grad_output ? grad_output.contiguous() : grad_output;
-  in.output = output.contiguous();
-  in.workspace = workspace.contiguous();
+  in.sizes = check_layer_args(layer);
+  check_backward_args(in.sizes, args);
+  in.input = reads_input_at_strides && reads_input_at_strides(in.sizes, layer.input)
+                 ? layer.input
+                 : time_major_contiguous(layer.input);
+  in.hx = contiguous_or_undefined(layer.hx);
+  in.cx = contiguous_or_undefined(layer.cx);
+  in.w_ih = layer.w_ih.contiguous();
+  in.w_hh = layer.w_hh.contiguous();
+  in.w_hr = contiguous_or_undefined(layer.w_hr);
+  in.lengths = contiguous_or_undefined(layer.lengths);
+  in.grad_output = contiguous_grad_output ? args.grad_output.contiguous() : args.grad_output;
+  in.output = args.output.contiguous();
+  in.workspace = args.workspace.contiguous();
   return in;
 }
 
-ForwardState make_forward_state(const LayerSizes& s, const at::Tensor& input,
-                                const std::optional<at::Tensor>& hx,
-                                const std::optional<at::Tensor>& cx, bool save_workspace) {
-  const auto options = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
+ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool save_workspace) {
+  const at::Tensor &hx = args.hx, &cx = args.cx;
+  const auto options = args.input.options();
+  const auto acc_type = at::toOpMathType(args.input.scalar_type());
   ForwardState state;
   state.output = pooled_empty({s.steps, s.batch, s.state_size}, options);
   state.h =
-      s.has_initial_state ? hx->contiguous().clone() : at::zeros({s.batch, s.state_size}, options);
+      s.has_initial_state ? hx.contiguous().clone() : at::zeros({s.batch, s.state_size}, options);
   if (!has_cell_state(s.kind)) {
     state.c = at::empty({0}, options.dtype(acc_type));
   } else if (s.has_initial_state) {
-    state.c = cx->to(acc_type).contiguous().clone();
+    state.c = cx.to(acc_type).contiguous().clone();
   } else {
     state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
@@ -153,28 +138,24 @@ at::Tensor final_cell_state(const LayerSizes& s, const ForwardState& state,
 }
 
 std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
-                                                        const at::Tensor& input,
-                                                        const std::optional<at::Tensor>& grad_h_n,
-                                                        const std::optional<at::Tensor>& grad_c_n) {
-  const auto options = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor dh = grad_h_n.has_value() ? grad_h_n->contiguous().clone()
-                                       : at::zeros({s.batch, s.state_size}, options);
+                                                        const BackwardArgs& args) {
+  const auto options = args.layer.input.options();
+  const auto acc_type = at::toOpMathType(args.layer.input.scalar_type());
+  at::Tensor dh = args.grad_h_n.defined() ? args.grad_h_n.contiguous().clone()
+                                          : at::zeros({s.batch, s.state_size}, options);
   at::Tensor dc;
   if (has_cell_state(s.kind)) {
-    dc = grad_c_n.has_value() ? grad_c_n->to(acc_type).contiguous().clone()
-                              : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+    dc = args.grad_c_n.defined() ? args.grad_c_n.to(acc_type).contiguous().clone()
+                                 : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   return {dh, dc};
 }
 
-BackwardState make_backward_state(const LayerSizes& s, const at::Tensor& input,
-                                  const std::optional<at::Tensor>& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n,
+BackwardState make_backward_state(const LayerSizes& s, const BackwardArgs& args,
                                   const at::Tensor& dgate_x_buffer, bool last_hidden_gate_only) {
-  const auto options = input.options();
+  const auto options = args.layer.input.options();
   BackwardState state;
-  std::tie(state.dh, state.dc) = final_state_gradients(s, input, grad_h_n, grad_c_n);
+  std::tie(state.dh, state.dc) = final_state_gradients(s, args);
   state.separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
   state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer

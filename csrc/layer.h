@@ -34,40 +34,81 @@ struct LayerSizes {
   bool has_initial_state;  // hx (and cx) given; without them the states start at zero
 };
 
-// Checks the forward op's arguments (ranks, sizes, dtypes, devices, lengths) and returns the
+// One call of a layer op as its schema gives it (rnnfast::forward's arguments but
+// save_workspace; differentiable_forward's), made once where an op's kernel receives them and
+// passed on to the checks, the engines and autograd. A tensor the caller left out (None) is
+// undefined here.
+struct LayerArgs {
+  std::string cell;
+  at::Tensor input;       // [T, B, I]; [B, T, I] where batch_first
+  at::Tensor hx, cx;      // [B, P], [B, H] (LSTM only); undefined: zero initial states
+  at::Tensor w_ih, w_hh;  // [G, I], [G, P]
+  at::Tensor b_ih, b_hh;  // [G] each, or undefined (a layer without biases)
+  at::Tensor w_hr;        // [P, H]: the LSTM's projection, or undefined
+  at::Tensor lengths;     // [B] int64: the steps of each batch row, or undefined (all T)
+  bool reverse = false;
+  bool batch_first = false;
+
+  static LayerArgs of(c10::string_view cell, const at::Tensor& input,
+                      const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                      const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                      const std::optional<at::Tensor>& w_hr,
+                      const std::optional<at::Tensor>& lengths, bool reverse, bool batch_first);
+  // The same call on time-major tensors (views): input [T, B, I], batch_first false.
+  LayerArgs time_major() const;
+};
+
+// One call of rnnfast::backward as its schema gives it.
+struct BackwardArgs {
+  LayerArgs layer;         // the forward's arguments; the biases undefined (has_bias says)
+  at::Tensor grad_output;  // [T, B, P]; [B, T, P] where batch_first
+  at::Tensor grad_h_n;     // [B, P], or undefined: zero
+  at::Tensor grad_c_n;     // [B, H] (LSTM only), or undefined: zero
+  at::Tensor output;       // the forward's output, [T, B, P]; [B, T, P] where batch_first
+  at::Tensor workspace;    // the forward's workspace, [T, B, W]
+  bool has_bias = false;
+  bool input_grad = true;  // whether the input's gradient is wanted
+
+  static BackwardArgs of(c10::string_view cell, const at::Tensor& grad_output,
+                         const std::optional<at::Tensor>& grad_h_n,
+                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                         const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
+                         const std::optional<at::Tensor>& w_hr,
+                         const std::optional<at::Tensor>& lengths, bool reverse,
+                         const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
+                         bool batch_first);
+  // The same call on time-major tensors (views), batch_first false.
+  BackwardArgs time_major() const;
+};
+
+// A tensor argument as the dispatcher takes it: None where it is undefined.
+inline std::optional<at::Tensor> optional_argument(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Checks a time-major call's arguments (ranks, sizes, dtypes, devices, lengths) and returns the
 // sizes; every error names the argument, what was expected and what came.
 //   input [T, B, I], hx [B, P], cx [B, H] (LSTM only), w_ih [G, I], w_hh [G, P],
 //   b_ih [G], b_hh [G], w_hr [P, H] (LSTM with projection only), lengths [B] int64.
 //   hx and cx are both given or both None (zero initial states).
-LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
-                            const std::optional<at::Tensor>& hx,
-                            const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                            const std::optional<at::Tensor>& b_hh,
-                            const std::optional<at::Tensor>& w_hr,
-                            const std::optional<at::Tensor>& lengths);
+LayerSizes check_layer_args(const LayerArgs& args);
 
 // rnnfast::forward called through the dispatcher, from the dispatch keys the calling thread is
 // at (the autograd kernel calls it below autograd; _C.layer from Python above it).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
-    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
-    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    bool save_workspace, bool batch_first);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const LayerArgs& args,
+                                                                        bool save_workspace);
 
-// Checks the backward op's extra arguments against the sizes of the forward.
-void check_backward_args(const LayerSizes& sizes, const at::Tensor& input,
-                         const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
-                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
-                         const at::Tensor& workspace);
+// Checks a time-major backward call's own arguments against the sizes of the forward.
+void check_backward_args(const LayerSizes& sizes, const BackwardArgs& args);
 
 }  // namespace rnnfast
 
 namespace rnnfast {
 
-// An optional tensor argument made contiguous, or an undefined tensor where it is absent.
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t);
+// A tensor argument made contiguous, or undefined where it is absent.
+at::Tensor contiguous_or_undefined(const at::Tensor& t);
 
 // input [T, B, I] made contiguous. A CPU input that is a batch_first tensor transposed (what a
 // batch_first call of the ops reads) is copied row by row: ATen's strided copy is several
@@ -92,13 +133,8 @@ at::Tensor engine_input(const at::Tensor& input, const at::Tensor& w_hh, bool ha
                         bool has_projection);
 
 // rnnfast::differentiable_forward (csrc/differentiable_layer.cpp): the forward op's output,
-// h_n and c_n as ATen ops, with the same arguments and checks.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(
-    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
-    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    bool batch_first);
+// h_n and c_n as ATen ops, with the same checks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_layer(const LayerArgs& args);
 
 // The forward op's tensor arguments, checked (check_layer_args) and made contiguous, the same
 // on every device (the states and biases are copied or read where they are used).
@@ -107,13 +143,8 @@ struct ForwardInputs {
   at::Tensor input, w_ih, w_hh, w_hr, lengths;
 };
 
-ForwardInputs prepare_forward(const std::string& cell, const at::Tensor& input,
-                              const std::optional<at::Tensor>& hx,
-                              const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                              const std::optional<at::Tensor>& b_hh,
-                              const std::optional<at::Tensor>& w_hr,
-                              const std::optional<at::Tensor>& lengths,
+// args: time-major.
+ForwardInputs prepare_forward(const LayerArgs& args,
                               ReadsInputAtStrides reads_input_at_strides = nullptr);
 
 // The backward op's tensor arguments, checked (check_layer_args, check_backward_args) and made
@@ -124,16 +155,9 @@ struct BackwardInputs {
   at::Tensor input, hx, cx, w_ih, w_hh, w_hr, lengths, grad_output, output, workspace;
 };
 
-// contiguous_grad_output false: grad_output is left as it comes, for an engine that makes it
-// readable itself (with_contiguous_rows, or contiguous).
-BackwardInputs prepare_backward(const std::string& cell, const at::Tensor& grad_output,
-                                const std::optional<at::Tensor>& grad_h_n,
-                                const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-                                const std::optional<at::Tensor>& hx,
-                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
-                                const std::optional<at::Tensor>& lengths, const at::Tensor& output,
-                                const at::Tensor& workspace, bool contiguous_grad_output = true,
+// args: time-major. contiguous_grad_output false: grad_output is left as it comes, for an
+// engine that makes it readable itself (with_contiguous_rows, or contiguous).
+BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_output = true,
                                 ReadsInputAtStrides reads_input_at_strides = nullptr);
 
 // x [T, B, P] with contiguous rows of P at any strides over t and b (0 where broadcast), for an
@@ -150,9 +174,8 @@ struct ForwardState {
   at::Tensor workspace;  // [T, B, W] when saving for the backward, else empty
 };
 
-ForwardState make_forward_state(const LayerSizes& sizes, const at::Tensor& input,
-                                const std::optional<at::Tensor>& hx,
-                                const std::optional<at::Tensor>& cx, bool save_workspace);
+ForwardState make_forward_state(const LayerSizes& sizes, const LayerArgs& args,
+                                bool save_workspace);
 
 // The running state and gate-gradient buffers of a backward pass, the same on every device.
 struct BackwardState {
@@ -174,16 +197,12 @@ struct BackwardState {
 // dLoss/dh [B, P] and dLoss/dc [B, H] (LSTM, in the accumulation type; else undefined) of the
 // last step: copies of grad_h_n and grad_c_n, or zeros where they are None.
 std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& sizes,
-                                                        const at::Tensor& input,
-                                                        const std::optional<at::Tensor>& grad_h_n,
-                                                        const std::optional<at::Tensor>& grad_c_n);
+                                                        const BackwardArgs& args);
 
 // dgate_x_buffer: a [T, B, G] tensor the engine may overwrite, taken as dgate_x instead of a new
 // one; undefined: allocate. last_hidden_gate_only: a separate dgate_h holds the last gate only
 // ([T, B, H]; the engine keeps the step's full dLoss/dhg elsewhere).
-BackwardState make_backward_state(const LayerSizes& sizes, const at::Tensor& input,
-                                  const std::optional<at::Tensor>& grad_h_n,
-                                  const std::optional<at::Tensor>& grad_c_n,
+BackwardState make_backward_state(const LayerSizes& sizes, const BackwardArgs& args,
                                   const at::Tensor& dgate_x_buffer = at::Tensor(),
                                   bool last_hidden_gate_only = false);
 
@@ -217,15 +236,8 @@ BackwardResult finish_backward(const LayerSizes& sizes, BackwardState& state,
                                const at::Tensor& workspace, const at::Tensor& lengths, bool reverse,
                                bool has_bias, bool input_grad, const GradientKernels& kernels);
 
-// An engine's backward on time-major tensors (rnnfast::backward's arguments without
-// batch_first).
-using TimeMajorBackward = BackwardResult (*)(
-    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    const at::Tensor& output, const at::Tensor& workspace, bool input_grad);
+// An engine's backward of a time-major call.
+using TimeMajorBackward = BackwardResult (*)(const BackwardArgs& args);
 
 // rnnfast::backward around an engine's time-major backward: a batch_first call's input, output
 // and output gradient [B, T, ...] go in as time-major views, and its input gradient comes back
@@ -240,10 +252,10 @@ BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
                            const std::optional<at::Tensor>& lengths, bool reverse,
                            const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
                            bool batch_first) {
-  BackwardResult gradients =
-      time_major(cell, swap_time_and_batch(grad_output, batch_first), grad_h_n, grad_c_n,
-                 swap_time_and_batch(input, batch_first), hx, cx, w_ih, w_hh, has_bias, w_hr,
-                 lengths, reverse, swap_time_and_batch(output, batch_first), workspace, input_grad);
+  BackwardResult gradients = time_major(
+      BackwardArgs::of(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
+                       w_hr, lengths, reverse, output, workspace, input_grad, batch_first)
+          .time_major());
   std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
   return gradients;
 }

@@ -67,13 +67,73 @@ int64_t workspace_width(CellKind kind, int64_t hidden_size, bool has_projection)
   return (saved + (has_projection ? 1 : 0)) * hidden_size;
 }
 
-LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
-                            const std::optional<at::Tensor>& hx,
-                            const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
-                            const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                            const std::optional<at::Tensor>& b_hh,
-                            const std::optional<at::Tensor>& w_hr,
-                            const std::optional<at::Tensor>& lengths) {
+namespace {
+
+at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+}  // namespace
+
+LayerArgs LayerArgs::of(c10::string_view cell, const at::Tensor& input,
+                        const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& b_ih,
+                        const std::optional<at::Tensor>& b_hh,
+                        const std::optional<at::Tensor>& w_hr,
+                        const std::optional<at::Tensor>& lengths, bool reverse, bool batch_first) {
+  return {std::string(cell),
+          input,
+          value_or_undefined(hx),
+          value_or_undefined(cx),
+          w_ih,
+          w_hh,
+          value_or_undefined(b_ih),
+          value_or_undefined(b_hh),
+          value_or_undefined(w_hr),
+          value_or_undefined(lengths),
+          reverse,
+          batch_first};
+}
+
+LayerArgs LayerArgs::time_major() const {
+  LayerArgs args = *this;
+  args.input = swap_time_and_batch(input, batch_first);
+  args.batch_first = false;
+  return args;
+}
+
+BackwardArgs BackwardArgs::of(
+    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
+    const at::Tensor& output, const at::Tensor& workspace, bool input_grad, bool batch_first) {
+  return {LayerArgs::of(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths,
+                        reverse, batch_first),
+          grad_output,
+          value_or_undefined(grad_h_n),
+          value_or_undefined(grad_c_n),
+          output,
+          workspace,
+          has_bias,
+          input_grad};
+}
+
+BackwardArgs BackwardArgs::time_major() const {
+  BackwardArgs args = *this;
+  args.layer = layer.time_major();
+  args.grad_output = swap_time_and_batch(grad_output, layer.batch_first);
+  args.output = swap_time_and_batch(output, layer.batch_first);
+  return args;
+}
+
+LayerSizes check_layer_args(const LayerArgs& args) {
+  const std::string& cell = args.cell;
+  const at::Tensor &input = args.input, &hx = args.hx, &cx = args.cx;
+  const at::Tensor &w_ih = args.w_ih, &w_hh = args.w_hh, &b_ih = args.b_ih, &b_hh = args.b_hh;
+  const at::Tensor &w_hr = args.w_hr, &lengths = args.lengths;
   LayerSizes s{};
   s.kind = cell_from_name(cell);
   TORCH_CHECK(input.dim() == 3, "rnnfast: input must be 3-D [T, B, input_size], got ", input.dim(),
@@ -95,9 +155,9 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
               "rnnfast: w_ih.size(0) must be a positive multiple of ", gates, " (the gates of '",
               cell, "'), got ", s.gate_size);
   s.hidden_size = s.gate_size / gates;
-  s.has_projection = w_hr.has_value() && w_hr->defined();
-  s.state_size = s.has_projection ? w_hr->size(0) : s.hidden_size;
-  s.has_lengths = lengths.has_value() && lengths->defined();
+  s.has_projection = w_hr.defined();
+  s.state_size = s.has_projection ? w_hr.size(0) : s.hidden_size;
+  s.has_lengths = lengths.defined();
 
   TORCH_CHECK(w_ih.size(1) == s.input_size,
               "rnnfast: input.size(-1) must be equal to input_size = ", w_ih.size(1),
@@ -106,52 +166,52 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   if (s.has_projection) {
     TORCH_CHECK(has_cell_state(s.kind),
                 "rnnfast: w_hr (a projection) is only for LSTM cells, got cell '", cell, "'");
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(1) == s.hidden_size && w_hr->size(0) > 0 &&
-                    w_hr->size(0) < s.hidden_size,
+    TORCH_CHECK(w_hr.dim() == 2 && w_hr.size(1) == s.hidden_size && w_hr.size(0) > 0 &&
+                    w_hr.size(0) < s.hidden_size,
                 "rnnfast: w_hr must have shape [proj_size, hidden_size = ", s.hidden_size,
-                "] with 0 < proj_size < hidden_size, got ", shape_of(*w_hr));
-    check_like_input(*w_hr, "w_hr", input);
+                "] with 0 < proj_size < hidden_size, got ", shape_of(w_hr));
+    check_like_input(w_hr, "w_hr", input);
   }
   check_shape(w_hh, "w_hh", {s.gate_size, s.state_size}, "gates * hidden_size, state_size");
   check_like_input(w_hh, "w_hh", input);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+  TORCH_CHECK(b_ih.defined() == b_hh.defined(),
               "rnnfast: b_ih and b_hh must be given together or not at all");
-  if (b_ih.has_value()) {
-    check_shape(*b_ih, "b_ih", {s.gate_size}, "gates * hidden_size");
-    check_like_input(*b_ih, "b_ih", input);
-    check_shape(*b_hh, "b_hh", {s.gate_size}, "gates * hidden_size");
-    check_like_input(*b_hh, "b_hh", input);
+  if (b_ih.defined()) {
+    check_shape(b_ih, "b_ih", {s.gate_size}, "gates * hidden_size");
+    check_like_input(b_ih, "b_ih", input);
+    check_shape(b_hh, "b_hh", {s.gate_size}, "gates * hidden_size");
+    check_like_input(b_hh, "b_hh", input);
   }
-  s.has_initial_state = hx.has_value() && hx->defined();
+  s.has_initial_state = hx.defined();
   if (s.has_initial_state) {
-    check_shape(*hx, "hx", {s.batch, s.state_size}, "batch, state_size");
-    check_like_input(*hx, "hx", input);
+    check_shape(hx, "hx", {s.batch, s.state_size}, "batch, state_size");
+    check_like_input(hx, "hx", input);
   }
   if (has_cell_state(s.kind)) {
     if (s.has_initial_state) {
-      TORCH_CHECK(cx.has_value(), "rnnfast: cx (the initial cell state) is required for '", cell,
+      TORCH_CHECK(cx.defined(), "rnnfast: cx (the initial cell state) is required for '", cell,
                   "' when hx is given");
-      check_shape(*cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
-      check_like_input(*cx, "cx", input);
+      check_shape(cx, "cx", {s.batch, s.hidden_size}, "batch, hidden_size");
+      check_like_input(cx, "cx", input);
     } else {
       TORCH_CHECK(
-          !cx.has_value(),
+          !cx.defined(),
           "rnnfast: cx must be None when hx is None (both initial states zero), got a cx of shape ",
-          shape_of(*cx));
+          shape_of(cx));
     }
   } else {
-    TORCH_CHECK(!cx.has_value(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
+    TORCH_CHECK(!cx.defined(), "rnnfast: cx is only for LSTM cells, got one for '", cell, "'");
   }
   if (s.has_lengths) {
-    TORCH_CHECK(lengths->scalar_type() == at::kLong, "rnnfast: lengths must be int64, got ",
-                lengths->scalar_type());
-    check_shape(*lengths, "lengths", {s.batch}, "batch");
-    TORCH_CHECK(lengths->device() == input.device(),
+    TORCH_CHECK(lengths.scalar_type() == at::kLong, "rnnfast: lengths must be int64, got ",
+                lengths.scalar_type());
+    check_shape(lengths, "lengths", {s.batch}, "batch");
+    TORCH_CHECK(lengths.device() == input.device(),
                 "rnnfast: lengths must be on the device of input (", input.device(), "), got ",
-                lengths->device());
+                lengths.device());
     if (s.batch > 0) {
       // One host read per call (not per step): bad lengths would index out of the sequence.
-      const auto range = at::aminmax(*lengths);
+      const auto range = at::aminmax(lengths);
       const int64_t lo = std::get<0>(range).item<int64_t>();
       const int64_t hi = std::get<1>(range).item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi <= s.steps, "rnnfast: lengths must lie in [0, T = ", s.steps,
@@ -161,12 +221,8 @@ LayerSizes check_layer_args(const std::string& cell, const at::Tensor& input,
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
-    c10::string_view cell, const at::Tensor& input, const std::optional<at::Tensor>& hx,
-    const std::optional<at::Tensor>& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    bool save_workspace, bool batch_first) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const LayerArgs& args,
+                                                                        bool save_workspace) {
   using at::Tensor;
   static const auto op =
       c10::Dispatcher::singleton()
@@ -176,24 +232,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(
               const std::optional<Tensor>&, const Tensor&, const Tensor&,
               const std::optional<Tensor>&, const std::optional<Tensor>&,
               const std::optional<Tensor>&, const std::optional<Tensor>&, bool, bool, bool)>();
-  return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                 save_workspace, batch_first);
+  return op.call(args.cell, args.input, optional_argument(args.hx), optional_argument(args.cx),
+                 args.w_ih, args.w_hh, optional_argument(args.b_ih), optional_argument(args.b_hh),
+                 optional_argument(args.w_hr), optional_argument(args.lengths), args.reverse,
+                 save_workspace, args.batch_first);
 }
 
-void check_backward_args(const LayerSizes& s, const at::Tensor& input,
-                         const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
-                         const std::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
-                         const at::Tensor& workspace) {
+void check_backward_args(const LayerSizes& s, const BackwardArgs& args) {
+  const at::Tensor &input = args.layer.input, &grad_output = args.grad_output;
+  const at::Tensor &grad_h_n = args.grad_h_n, &grad_c_n = args.grad_c_n;
+  const at::Tensor &output = args.output, &workspace = args.workspace;
   check_shape(grad_output, "grad_output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
   check_like_input(grad_output, "grad_output", input);
-  if (grad_h_n.has_value()) {
-    check_shape(*grad_h_n, "grad_h_n", {s.batch, s.state_size}, "B, state_size");
-    check_like_input(*grad_h_n, "grad_h_n", input);
+  if (grad_h_n.defined()) {
+    check_shape(grad_h_n, "grad_h_n", {s.batch, s.state_size}, "B, state_size");
+    check_like_input(grad_h_n, "grad_h_n", input);
   }
-  if (grad_c_n.has_value()) {
+  if (grad_c_n.defined()) {
     TORCH_CHECK(has_cell_state(s.kind), "rnnfast: grad_c_n is only for LSTM cells");
-    check_shape(*grad_c_n, "grad_c_n", {s.batch, s.hidden_size}, "B, hidden_size");
-    check_like_input(*grad_c_n, "grad_c_n", input);
+    check_shape(grad_c_n, "grad_c_n", {s.batch, s.hidden_size}, "B, hidden_size");
+    check_like_input(grad_c_n, "grad_c_n", input);
   }
   check_shape(output, "output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
   check_shape(workspace, "workspace",

@@ -72,9 +72,10 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     const bool save_workspace =
         torch::jit::tracer::isTracing() ||
         torch::autograd::compute_requires_grad(*input, hx, cx, *w_ih, *w_hh, b_ih, b_hh, w_hr);
-    results =
-        rnnfast::call_forward(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih, *w_hh, b_ih,
-                              b_hh, w_hr, lengths, reverse, save_workspace, batch_first);
+    results = rnnfast::call_forward(
+        rnnfast::LayerArgs::of(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih, *w_hh,
+                               b_ih, b_hh, w_hr, lengths, reverse, batch_first),
+        save_workspace);
   }
   PyObject* outputs = PyTuple_New(3);
   if (outputs == nullptr) return nullptr;

@@ -202,11 +202,10 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
 // The reverse pass of a float layer whose state fits in vector registers (register_layer.h):
 // the gradients of the weights and biases are summed in the loop, not by GEMMs after it.
 BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& in,
-                                     const std::optional<Tensor>& grad_h_n,
-                                     const std::optional<Tensor>& grad_c_n, bool reverse,
-                                     bool has_bias, bool input_grad) {
+                                     const BackwardArgs& args) {
+  const bool reverse = args.layer.reverse, has_bias = args.has_bias, input_grad = args.input_grad;
   const auto options = in.input.options();
-  auto [dh, dc] = final_state_gradients(s, in.input, grad_h_n, grad_c_n);
+  auto [dh, dc] = final_state_gradients(s, args);
   const int64_t G = s.gate_size;
   Tensor grad_input = at::empty(
       input_grad ? at::IntArrayRef{s.steps, s.batch, s.input_size} : at::IntArrayRef{0}, options);
@@ -254,16 +253,10 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
 
 }  // namespace
 
-BackwardResult backward_time_major(
-    c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const std::optional<Tensor>& hx_,
-    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
-    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
-    const Tensor& output_, const Tensor& workspace_, bool input_grad) {
+BackwardResult backward_time_major(const BackwardArgs& args) {
+  const bool reverse = args.layer.reverse, has_bias = args.has_bias, input_grad = args.input_grad;
   const BackwardInputs in =
-      prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
-                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
-                       /*contiguous_grad_output=*/false, backward_reads_input_at_strides);
+      prepare_backward(args, /*contiguous_grad_output=*/false, backward_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
@@ -271,7 +264,7 @@ BackwardResult backward_time_major(
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 #if defined(RNNFAST_LANE_KERNELS)
   if (register_layer_reads_input_backward(s, input)) {
-    return backward_in_registers(s, in, grad_h_n_, grad_c_n_, reverse, has_bias, input_grad);
+    return backward_in_registers(s, in, args);
   }
 #endif
   // The reverse loop reads rows of grad_output at their strides; the gate-packed view reads a
@@ -282,13 +275,14 @@ BackwardResult backward_time_major(
   // An Elman layer's gate gradient of a step and row takes the place of its output gradient
   // (read just before, same size): where grad_output is this call's own contiguous copy, the
   // reverse loop writes dgate_x over it instead of into a buffer of its own.
-  const bool owns_grad_output = !grad_output.is_same(grad_output_) && grad_output.is_contiguous();
+  const bool owns_grad_output =
+      !grad_output.is_same(args.grad_output) && grad_output.is_contiguous();
   const bool gate_grad_over_output_grad =
       owns_grad_output && s.gate_size == s.state_size && !s.has_projection &&
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
-  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_,
-                                            gate_grad_over_output_grad ? grad_output : Tensor(),
-                                            keeps_last_hidden_gate_only(s, input.scalar_type()));
+  BackwardState state =
+      make_backward_state(s, args, gate_grad_over_output_grad ? grad_output : Tensor(),
+                          keeps_last_hidden_gate_only(s, input.scalar_type()));
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -424,16 +424,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const std::optional<Tensor>& b_ih_, const std::optional<Tensor>& b_hh_,
     const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
     bool save_workspace, bool batch_first) {
+  const LayerArgs args = LayerArgs::of(cell, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
+                                       lengths_, reverse, batch_first)
+                             .time_major();
   const ForwardInputs in = prepare_forward(
-      std::string(cell), swap_time_and_batch(input_, batch_first), hx_, cx_, w_ih_, w_hh_, b_ih_,
-      b_hh_, w_hr_, lengths_,
-      save_workspace ? training_reads_input_at_strides : inference_reads_input_at_strides);
+      args, save_workspace ? training_reads_input_at_strides : inference_reads_input_at_strides);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 
-  ForwardState state = make_forward_state(s, input, hx_, cx_, save_workspace);
+  ForwardState state = make_forward_state(s, args, save_workspace);
   Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
   Tensor& workspace = state.workspace;
 
@@ -441,8 +442,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_forward_cpu", [&] {
-          const Tensor b_ih = b_ih_.has_value() ? b_ih_->contiguous() : Tensor();
-          const Tensor b_hh = b_hh_.has_value() ? b_hh_->contiguous() : Tensor();
+          const Tensor b_ih = contiguous_or_undefined(args.b_ih);
+          const Tensor b_hh = contiguous_or_undefined(args.b_hh);
 #if defined(RNNFAST_LANE_KERNELS)
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (register_layer_reads_input(s, input)) {

@@ -21,18 +21,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const std::optional<at::Tensor>& w_hr_, const std::optional<at::Tensor>& lengths_, bool reverse,
     bool save_workspace, bool batch_first);
 
-// rnnfast::backward's CPU kernel on time-major tensors (backward.cpp), registered as
+// rnnfast::backward's CPU kernel of a time-major call (backward.cpp), registered as
 // backward_op<backward_time_major>.
-BackwardResult backward_time_major(c10::string_view cell, const at::Tensor& grad_output_,
-                                   const std::optional<at::Tensor>& grad_h_n_,
-                                   const std::optional<at::Tensor>& grad_c_n_,
-                                   const at::Tensor& input_, const std::optional<at::Tensor>& hx_,
-                                   const std::optional<at::Tensor>& cx_, const at::Tensor& w_ih_,
-                                   const at::Tensor& w_hh_, bool has_bias,
-                                   const std::optional<at::Tensor>& w_hr_,
-                                   const std::optional<at::Tensor>& lengths_, bool reverse,
-                                   const at::Tensor& output_, const at::Tensor& workspace_,
-                                   bool input_grad);
+BackwardResult backward_time_major(const BackwardArgs& args);
 
 // The weight gradients' GEMMs and column sums on the CPU (weight_gradients.cpp).
 extern const GradientKernels kCpuGradientKernels;

@@ -243,15 +243,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   DeviceGuard device_guard;
   if (input_.is_cuda()) device_guard.set_device(input_.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const ForwardInputs in =
-      prepare_forward(std::string(cell), swap_time_and_batch(input_, batch_first), hx_, cx_, w_ih_,
-                      w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  const LayerArgs args = LayerArgs::of(cell, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
+                                       lengths_, reverse, batch_first)
+                             .time_major();
+  const ForwardInputs in = prepare_forward(args);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 
-  ForwardState state = make_forward_state(s, input, hx_, cx_, save_workspace);
+  ForwardState state = make_forward_state(s, args, save_workspace);
   Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
   Tensor& workspace = state.workspace;
 
@@ -260,10 +261,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     // xg = x W_ih^T + b_ih (+ b_hh where the cell lets it fold in): [T * B, G], one GEMM.
     const Tensor x2d = input.view({s.steps * s.batch, s.input_size});
     Tensor xg, b_hh_per_step;
-    if (b_ih_.has_value()) {
-      const Tensor bias = Cell::kHiddenBiasFoldable ? (*b_ih_ + *b_hh_) : *b_ih_;
+    if (args.b_ih.defined()) {
+      const Tensor bias = Cell::kHiddenBiasFoldable ? (args.b_ih + args.b_hh) : args.b_ih;
       xg = at::addmm(bias, x2d, w_ih.t());
-      if (!Cell::kHiddenBiasFoldable) b_hh_per_step = b_hh_->contiguous();
+      if (!Cell::kHiddenBiasFoldable) b_hh_per_step = args.b_hh.contiguous();
     } else {
       xg = at::mm(x2d, w_ih.t());
     }
@@ -372,24 +373,18 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
 }
 
 // The backward op on time-major tensors (registered as backward_op<backward_time_major>).
-BackwardResult backward_time_major(
-    c10::string_view cell, const Tensor& grad_output_, const std::optional<Tensor>& grad_h_n_,
-    const std::optional<Tensor>& grad_c_n_, const Tensor& input_, const std::optional<Tensor>& hx_,
-    const std::optional<Tensor>& cx_, const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias,
-    const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& lengths_, bool reverse,
-    const Tensor& output_, const Tensor& workspace_, bool input_grad) {
+BackwardResult backward_time_major(const BackwardArgs& args) {
+  const bool reverse = args.layer.reverse;
   DeviceGuard device_guard;
-  if (input_.is_cuda()) device_guard.set_device(input_.device());
+  if (args.layer.input.is_cuda()) device_guard.set_device(args.layer.input.device());
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  const BackwardInputs in =
-      prepare_backward(std::string(cell), grad_output_, grad_h_n_, grad_c_n_, input_, hx_, cx_,
-                       w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_);
+  const BackwardInputs in = prepare_backward(args);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
   const Tensor &output = in.output, &workspace = in.workspace;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  BackwardState state = make_backward_state(s, input, grad_h_n_, grad_c_n_);
+  BackwardState state = make_backward_state(s, args);
   // The kernels read the initial states; zero ones are materialised for them.
   const auto options = input.options();
   const Tensor hx_or_zero = hx.defined() ? hx : at::zeros({s.batch, s.state_size}, options);
@@ -405,7 +400,7 @@ BackwardResult backward_time_major(
         });
   });
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
-                         has_bias, input_grad, kAtenGradientKernels);
+                         args.has_bias, args.input_grad, kAtenGradientKernels);
 }
 
 // Autocast: under torch.autocast("cuda") torch.nn's RNNs run in the autocast dtype (float16 or
