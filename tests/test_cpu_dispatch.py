@@ -35,7 +35,7 @@ def test_engine_runs_the_widest_copy_the_cpu_runs():
 # Forward and backward of each cell against torch.nn, on sizes that reach each of the engine's
 # product kernels: the register layer (hidden 2 and 8), the one-row product (batch 1), gate
 # packing and the tiled product (batch 16, hidden 256), the GEMM per step (batch 64), packed
-# sequences, both directions, float64 and bfloat16.
+# sequences, both directions, float64 and bfloat16; then the same results on 1 and 2 threads.
 COMPARE_WITH_TORCH_NN = r"""
 import sys
 import torch
@@ -77,6 +77,22 @@ for cell, B, T, I, H, L, bi, packed, dtype in CASES:
         scale = want.double().abs().max().clamp(min=1)
         err = ((got.double() - want.double()).abs().max() / scale).item()
         assert err < tol, (cell, B, T, I, H, L, bi, packed, dtype, err)
+
+# The same results on 1 and 2 threads, bit for bit, as torch.nn's (one batch row's products
+# included, whose sums MKL would split as it chooses).
+for cell, B, H, dtype in [("LSTM", 1, 300, torch.float32), ("GRU", 1, 300, torch.float64),
+                          ("RNN", 1, 640, torch.float32), ("LSTM", 16, 256, torch.float32)]:
+    layer = getattr(rnnfast, cell)(24, H).to(dtype)
+    x = torch.randn(12, B, 24, dtype=dtype)
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        xi = x.clone().requires_grad_()
+        out = layer(xi)[0]
+        grads = torch.autograd.grad(out.pow(2).sum(), [xi] + list(layer.parameters()))
+        runs.append([out.detach()] + list(grads))
+    for one, two in zip(*runs):
+        assert torch.equal(one, two), (cell, B, H, dtype, (one - two).abs().max().item())
 print("ok", len(CASES))
 """
 

@@ -136,24 +136,25 @@ bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matri
   return true;
 }
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // out[n] = start + x[k0, k1) B[k0 .. k1 - 1, n] (start: out's own values, or nullptr for zero),
-// summed term by term in order; B row-major with row stride ldb. A pass holds 64 outputs in
-// vector registers over all the terms, so B is read once and out not at all in the k loop.
-inline void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const float* x, const float* b,
-                                  int64_t ldb, bool from_out, float* out) {
-  using V = at::vec::Vectorized<float>;
+// summed term by term in order; B row-major with row stride ldb. A pass holds 64 outputs (float;
+// 32 in double with AVX2, whose 16 registers would not hold 64) in vector registers over all the
+// terms, so B is read once and out not at all in the k loop.
+template <typename T>
+void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const T* x, const T* b, int64_t ldb,
+                           bool from_out, T* out) {
+  using V = at::vec::Vectorized<T>;
   constexpr int64_t kLanes = V::size();
-  constexpr int kVectors = 64 / kLanes;
+  constexpr int kVectors = std::min<int64_t>(8, 64 / kLanes);
   int64_t j = 0;
   for (; j + kVectors * kLanes <= n; j += kVectors * kLanes) {
     V acc[kVectors];
     for (int c = 0; c < kVectors; ++c) {
-      acc[c] = from_out ? V::loadu(out + j + c * kLanes) : V(0.0f);
+      acc[c] = from_out ? V::loadu(out + j + c * kLanes) : V(T(0));
     }
     for (int64_t term = k0; term < k1; ++term) {
       const V value(x[term]);
-      const float* row = b + term * ldb + j;
+      const T* row = b + term * ldb + j;
       for (int c = 0; c < kVectors; ++c) {
         acc[c] = at::vec::fmadd(value, V::loadu(row + c * kLanes), acc[c]);
       }
@@ -163,7 +164,7 @@ inline void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const float
   // The outputs left, a vector at a time (the last one partial).
   for (; j < n; j += kLanes) {
     const int64_t count = std::min(kLanes, n - j);
-    V acc = from_out ? V::loadu(out + j, count) : V(0.0f);
+    V acc = from_out ? V::loadu(out + j, count) : V(T(0));
     for (int64_t term = k0; term < k1; ++term) {
       acc = at::vec::fmadd(V(x[term]), V::loadu(b + term * ldb + j, count), acc);
     }
@@ -178,15 +179,16 @@ inline void add_rows_times_matrix(int64_t n, int64_t k0, int64_t k1, const float
 // chooses (its sums differed in the last bit between 1 and 2 threads); in blocks of columns
 // (single-threaded MKL, or kernels like this one) it ran at half the rate, each thread reading
 // half of every row of B, which its own cache's prefetcher fetched whole.
-inline void row_times_matrix(int64_t n, int64_t k, const float* x, const float* b, int64_t ldb,
-                             bool accumulate, float* y) {
+template <typename T>
+void row_times_matrix(int64_t n, int64_t k, const T* x, const T* b, int64_t ldb, bool accumulate,
+                      T* y) {
   constexpr int64_t kMinBlockTerms = 256;
   const int64_t blocks = k >= 2 * kMinBlockTerms ? 2 : 1;
   const int64_t block_terms = (k + blocks - 1) / blocks;
   // The second block's sums, on the calling thread's scratch.
-  thread_local std::vector<float> scratch;
+  thread_local std::vector<T> scratch;
   if (blocks > 1 && static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
-  float* second = scratch.data();  // (the workers' own thread_local is another vector)
+  T* second = scratch.data();  // (the workers' own thread_local is another vector)
   const auto run_block = [&](int64_t block) {
     const int64_t k0 = block * block_terms, k1 = std::min(k, k0 + block_terms);
     if (block == 0) {
@@ -206,7 +208,6 @@ inline void row_times_matrix(int64_t n, int64_t k, const float* x, const float* 
     for (int64_t j = 0; j < n; ++j) y[j] += second[j];
   }
 }
-#endif
 
 // C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
 // Inside a parallel region the BLAS runs on the calling thread only.
@@ -214,14 +215,12 @@ template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta, T* c,
           int64_t ldc, GemmThreads threads) {
   if (m == 0 || n == 0) return;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     if (m == 1 && threads == GemmThreads::Library && !a.transposed && !b.transposed && k > 0) {
       row_times_matrix(n, k, a.data, b.data, b.ld, beta == T(1), c);
       return;
     }
   }
-#endif
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     // A few long rows times a matrix stored [n, k] (the forward's products): row_dot_product.h,
@@ -247,7 +246,7 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
       // Split on one thread too: the blocks, not the thread count, fix each output's sum.
       // Except a per-step product of one row: in blocks its time doubles (the single-row
       // backward of a 512-unit GRU 4.3 -> 9 ms), so where row_times_matrix does not take it
-      // (without SIMD vectors, or in double) MKL threads it, summing as it chooses.
+      // (a transposed operand) MKL threads it, summing as it chooses.
       const bool in_blocks =
           threads == GemmThreads::FixedBlocks || (threads == GemmThreads::Library && m > 1);
       // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
