@@ -23,6 +23,25 @@ _RNN_NONLINEARITIES = ("tanh", "relu", "sigmoid")
 _TORCH_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 
+class NotATensorError(TypeError, AttributeError):
+    """A tensor argument (input, hx) that is not a tensor. A TypeError, and an AttributeError as
+    torch.nn's layers raise there (they call .dim() on it), so that code written against either
+    catches it."""
+
+
+class HiddenStatePairError(TypeError, IndexError, RuntimeError):
+    """An LSTM's or LSTMCell's hx that is not a pair (h_0, c_0). A TypeError, and what torch.nn
+    raises there: IndexError (LSTM: a tensor or a 1-tuple, whose hx[1] it takes) or RuntimeError
+    (other lengths)."""
+
+
+def _not_a_pair(hx):
+    """How an hx that is not a pair is described in an error: its type, and its length."""
+    if isinstance(hx, (tuple, list)):
+        return f"a {type(hx).__name__} of {len(hx)}"
+    return type(hx).__name__
+
+
 def _shape(t):
     return tuple(t.shape)
 
@@ -133,8 +152,8 @@ class _RecurrentLayer:
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
-                raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got "
-                                f"{type(input).__name__}")
+                raise NotATensorError(f"{name}: input must be a Tensor or a PackedSequence, "
+                                      f"got {type(input).__name__}")
             if input.dim() not in (2, 3):
                 raise ValueError(f"{self._kind}: Expected input to be 2D or 3D, got "
                                  f"{input.dim()}D{self._rank_noun} instead")
@@ -147,16 +166,16 @@ class _RecurrentLayer:
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise TypeError(f"{name}: hx must be a tuple (h_0, c_0), got "
-                                    f"{type(hx).__name__}")
+                    raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0), got "
+                                               f"{_not_a_pair(hx)}")
                 h0, c0 = hx
             else:
                 h0 = hx
             for argument, state in (("h_0 (hx[0])" if is_lstm else "hx", h0),
                                     ("c_0 (hx[1])", c0)):
                 if state is not None and not isinstance(state, torch.Tensor):
-                    raise TypeError(f"{name}: {argument} must be a Tensor, got "
-                                    f"{type(state).__name__}")
+                    raise NotATensorError(f"{name}: {argument} must be a Tensor, got "
+                                          f"{type(state).__name__}")
             if not packed:
                 expected_dim = 3 if batched else 2
                 ranks = [h0.dim()] + ([c0.dim()] if is_lstm else [])
@@ -421,7 +440,7 @@ class _RecurrentCell:
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+            raise NotATensorError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D "
                              f"instead")
@@ -433,8 +452,8 @@ class _RecurrentCell:
             if state is None:
                 continue
             if not isinstance(state, torch.Tensor):
-                raise TypeError(f"{name}: {argument} must be a Tensor, got "
-                                f"{type(state).__name__}")
+                raise NotATensorError(f"{name}: {argument} must be a Tensor, got "
+                                      f"{type(state).__name__}")
             if state.dim() not in (1, 2):
                 raise ValueError(f"{name}: Expected {word} to be 1D or 2D, got {state.dim()}D "
                                  f"instead ({argument} of shape {_shape(state)})")
@@ -500,7 +519,8 @@ class LSTMCell(_RecurrentCell, nn.LSTMCell):
         h = c = None
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"LSTMCell: hx must be a tuple (h, c), got {type(hx).__name__}")
+                raise HiddenStatePairError(f"LSTMCell: hx must be a tuple (h, c), got "
+                                           f"{_not_a_pair(hx)}")
             h, c = hx
         cell = "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
         return self._step(cell, input, h, c)

@@ -415,3 +415,34 @@ def test_untampered_packed_sequence_runs(rf):
     """The checks of a PackedSequence pass what pack_padded_sequence makes."""
     output, _ = rf.GRU(4, 8)(_packed_batch_of_four())
     assert output.batch_sizes.tolist() == [4, 3, 3, 2, 1]
+
+
+# --------------------------------------------------------------------------
+# Arguments of the wrong kind: torch.nn's exception type, our message
+# --------------------------------------------------------------------------
+
+def _wrong_kinds():
+    """(module name, a forward call's arguments), one argument of the wrong kind."""
+    x, step = torch.randn(5, 3, 4), torch.randn(3, 4)
+    h, h_step = torch.randn(1, 3, 6), torch.randn(3, 6)
+    return [
+        ("GRU", (x, (h,))), ("GRU", (x, [h])), ("GRU", (x, 3)), ("RNN", (x, (None,))),
+        ("LSTM", (x, h)), ("LSTM", (x, (h,))), ("LSTM", (x, (h, h, h))), ("LSTM", (x.tolist(),)),
+        ("GRU", (x.numpy(),)), ("RNN", ([x],)),
+        ("GRUCell", (step, (h_step,))), ("RNNCell", (step.tolist(),)),
+        ("LSTMCell", (step, h_step)), ("LSTMCell", (step, (h_step,))),
+        ("LSTMCell", (step, (h_step, h_step, h_step))), ("LSTMCell", (step, (h_step, 5))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_wrong_kinds())))
+def test_wrong_kind_of_argument_raises_torch_nn_exception_type(rf, index):
+    """Code that catches the exception torch.nn raises (often an accident of its code, such as
+    an AttributeError from calling .dim() on a tuple) catches rnnfast's too, whose message names
+    the argument."""
+    mode, args = _wrong_kinds()[index]
+    with pytest.raises(Exception) as expected:
+        getattr(torch.nn, mode)(4, 6)(*args)
+    with pytest.raises(type(expected.value)) as got:
+        getattr(rf, mode)(4, 6)(*args)
+    assert re.search(r"\bhx\b|\bh_0\b|\bc_0\b|\binput\b", str(got.value)), str(got.value)
