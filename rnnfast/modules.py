@@ -35,6 +35,12 @@ class HiddenStatePairError(TypeError, IndexError, RuntimeError):
     (other lengths)."""
 
 
+class PackedSequenceError(RuntimeError, TypeError, IndexError):
+    """A PackedSequence that pack_padded_sequence would not make (its batch_sizes or indices
+    tampered with). A RuntimeError, and what torch.nn raises on some such sequences by accident
+    of its code: TypeError (batch_sizes of floats or of 2-D) or IndexError (empty batch_sizes)."""
+
+
 def _not_a_pair(hx):
     """How an hx that is not a pair is described in an error: its type, and its length."""
     if isinstance(hx, (tuple, list)):
@@ -265,30 +271,28 @@ def _check_packed_sequence(owner, packed):
     """A PackedSequence as pack_padded_sequence makes one: batch_sizes [T] int64 on the CPU,
     positive, non-increasing, summing to data's rows; sorted_indices and unsorted_indices
     (where given) inverse permutations of the batch. The engines index memory by these
-    numbers, so a tampered sequence must stop here (torch.nn raises a RuntimeError too). The
-    checks run on Python lists: a few short tensors, where each tensor operation would cost
-    more than the list (40 us a call in tensor operations, at every packed call)."""
+    numbers, so a tampered sequence must stop here (PackedSequenceError). The checks run on
+    Python lists: a few short tensors, where each tensor operation would cost more than the
+    list (40 us a call in tensor operations, at every packed call)."""
     batch_sizes, data = packed.batch_sizes, packed.data
+    what = f"{owner}: the PackedSequence's"
     if (not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1
             or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu"):
-        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must be a 1-D int64 "
-                           f"tensor on the CPU, got {_describe(batch_sizes)}")
+        raise PackedSequenceError(f"{what} batch_sizes must be a 1-D int64 tensor on the CPU, "
+                                  f"got {_describe(batch_sizes)}")
     if not isinstance(data, torch.Tensor) or data.dim() < 1:
-        raise RuntimeError(f"{owner}: the PackedSequence's data must be a tensor of rows, got "
-                           f"{_describe(data)}")
+        raise PackedSequenceError(f"{what} data must be a tensor of rows, got {_describe(data)}")
     sizes = batch_sizes.tolist()
     if not sizes:
-        raise RuntimeError(f"{owner}: Expected sequence length to be larger than 0 in RNN "
-                           f"(the PackedSequence's batch_sizes is empty)")
+        raise PackedSequenceError(f"{owner}: Expected sequence length to be larger than 0 in RNN "
+                                  f"(the PackedSequence's batch_sizes is empty)")
     if min(sizes) <= 0:
-        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must be positive, got "
-                           f"{sizes}")
+        raise PackedSequenceError(f"{what} batch_sizes must be positive, got {sizes}")
     if any(later > earlier for earlier, later in zip(sizes, sizes[1:])):
-        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes must not increase, got "
-                           f"{sizes}")
+        raise PackedSequenceError(f"{what} batch_sizes must not increase, got {sizes}")
     if sum(sizes) != data.size(0):
-        raise RuntimeError(f"{owner}: the PackedSequence's batch_sizes sum to {sum(sizes)}, "
-                           f"but its data has {data.size(0)} rows")
+        raise PackedSequenceError(f"{what} batch_sizes sum to {sum(sizes)}, but its data has "
+                                  f"{data.size(0)} rows")
     batch = sizes[0]
     permutations = {}
     for name in ("sorted_indices", "unsorted_indices"):
@@ -298,15 +302,15 @@ def _check_packed_sequence(owner, packed):
         order = (indices.tolist() if isinstance(indices, torch.Tensor) and indices.dim() == 1
                  and indices.dtype == torch.int64 else None)
         if order is None or sorted(order) != list(range(batch)):
-            raise RuntimeError(f"{owner}: the PackedSequence's {name} must be a permutation of "
-                               f"0 .. {batch - 1} (int64), got {_describe(indices)}")
+            raise PackedSequenceError(f"{what} {name} must be a permutation of 0 .. {batch - 1} "
+                                      f"(int64), got {_describe(indices)}")
         permutations[name] = order
     if len(permutations) == 2:
         sorted_order = permutations["sorted_indices"]
         if any(sorted_order[position] != row
                for row, position in enumerate(permutations["unsorted_indices"])):
-            raise RuntimeError(f"{owner}: the PackedSequence's unsorted_indices must be the "
-                               f"inverse of its sorted_indices")
+            raise PackedSequenceError(f"{what} unsorted_indices must be the inverse of its "
+                                      f"sorted_indices")
 
 
 def _describe(value):

@@ -446,3 +446,21 @@ def test_wrong_kind_of_argument_raises_torch_nn_exception_type(rf, index):
     with pytest.raises(type(expected.value)) as got:
         getattr(rf, mode)(4, 6)(*args)
     assert re.search(r"\bhx\b|\bh_0\b|\bc_0\b|\binput\b", str(got.value)), str(got.value)
+
+
+def _tampered_packed_sequences():
+    packed = pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([5, 3, 2]))
+    return [PackedSequence.__new__(PackedSequence, packed.data, batch_sizes, None, None)
+            for batch_sizes in (torch.tensor([3.0, 3, 2, 1, 1]), torch.tensor([[3, 3, 2, 1, 1]]),
+                                torch.tensor([], dtype=torch.int64))]
+
+
+@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("mode", LAYERS)
+def test_tampered_packed_sequence_raises_torch_nn_exception_type(rf, mode, index):
+    """batch_sizes of floats, of 2-D, empty: torch.nn's TypeError, TypeError, IndexError."""
+    sequence = _tampered_packed_sequences()[index]
+    with pytest.raises(Exception) as expected:
+        getattr(torch.nn, mode)(4, 6)(sequence)
+    with pytest.raises(type(expected.value), match="batch_sizes"):
+        getattr(rf, mode)(4, 6)(sequence)
