@@ -55,8 +55,10 @@ struct LayerArgs {
                       const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                       const std::optional<at::Tensor>& w_hr,
                       const std::optional<at::Tensor>& lengths, bool reverse, bool batch_first);
-  // The same call on time-major tensors (views): input [T, B, I], batch_first false.
-  LayerArgs time_major() const;
+  // The same call on time-major tensors (views): input [T, B, I], batch_first false. From a
+  // temporary, its tensors are moved rather than copied.
+  LayerArgs time_major() const&;
+  LayerArgs time_major() &&;
 };
 
 // One call of rnnfast::backward as its schema gives it.
@@ -80,7 +82,8 @@ struct BackwardArgs {
                          const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
                          bool batch_first);
   // The same call on time-major tensors (views), batch_first false.
-  BackwardArgs time_major() const;
+  BackwardArgs time_major() const&;
+  BackwardArgs time_major() &&;
 };
 
 // A tensor argument as the dispatcher takes it: None where it is undefined.

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <sstream>
+#include <utility>
 
 #include "layer.h"
 
@@ -96,11 +97,12 @@ LayerArgs LayerArgs::of(c10::string_view cell, const at::Tensor& input,
           batch_first};
 }
 
-LayerArgs LayerArgs::time_major() const {
-  LayerArgs args = *this;
-  args.input = swap_time_and_batch(input, batch_first);
-  args.batch_first = false;
-  return args;
+LayerArgs LayerArgs::time_major() const& { return LayerArgs(*this).time_major(); }
+
+LayerArgs LayerArgs::time_major() && {
+  input = swap_time_and_batch(input, batch_first);
+  batch_first = false;
+  return std::move(*this);
 }
 
 BackwardArgs BackwardArgs::of(
@@ -121,12 +123,13 @@ BackwardArgs BackwardArgs::of(
           input_grad};
 }
 
-BackwardArgs BackwardArgs::time_major() const {
-  BackwardArgs args = *this;
-  args.layer = layer.time_major();
-  args.grad_output = swap_time_and_batch(grad_output, layer.batch_first);
-  args.output = swap_time_and_batch(output, layer.batch_first);
-  return args;
+BackwardArgs BackwardArgs::time_major() const& { return BackwardArgs(*this).time_major(); }
+
+BackwardArgs BackwardArgs::time_major() && {
+  grad_output = swap_time_and_batch(grad_output, layer.batch_first);
+  output = swap_time_and_batch(output, layer.batch_first);
+  layer = std::move(layer).time_major();
+  return std::move(*this);
 }
 
 LayerSizes check_layer_args(const LayerArgs& args) {
