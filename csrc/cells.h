@@ -44,6 +44,7 @@ struct Math<float> {
   RNNFAST_HD static float tanh(float x) { return ::tanhf(x); }
   RNNFAST_HD static float relu(float x) { return x < 0.0f ? 0.0f : x; }
   RNNFAST_HD static float relu_grad(float grad, float y) { return y <= 0.0f ? 0.0f : grad; }
+  RNNFAST_HD static float sqrt(float x) { return ::sqrtf(x); }
 };
 
 template <>
@@ -52,6 +53,7 @@ struct Math<double> {
   RNNFAST_HD static double tanh(double x) { return ::tanh(x); }
   RNNFAST_HD static double relu(double x) { return x < 0.0 ? 0.0 : x; }
   RNNFAST_HD static double relu_grad(double grad, double y) { return y <= 0.0 ? 0.0 : grad; }
+  RNNFAST_HD static double sqrt(double x) { return ::sqrt(x); }
 };
 
 // Unit j of the gate block starting at `offset` of a row, as the accumulation type A. The CPU
@@ -120,24 +122,63 @@ struct LstmCell {
   static constexpr int kSavedPerUnit = 5;
   static constexpr bool kReadsPrevHidden = false;
 
-  // xg, hg: [4H]; saved: [5H] or nullptr (inference). Index: int (one unit) or a vector index.
+  // The gates and the new cell state c = f * c_prev + i * g, returned; o_j gets the output
+  // gate. saved: [i, f, g, o] into its first 4H (or nullptr).
   template <typename A, typename T, typename Index>
-  RNNFAST_HD static void forward(int H, Index j, const T* xg, const T* hg, A /*h_prev_j*/,
-                                 A c_prev_j, A& h_new_j, A& c_new_j, T* saved) {
+  RNNFAST_HD static A cell_state(int H, Index j, const T* xg, const T* hg, A c_prev_j, A& o_j,
+                                 T* saved) {
     const A i = sigmoid(load<A>(xg, 0, j) + load<A>(hg, 0, j));
     const A f = sigmoid(load<A>(xg, H, j) + load<A>(hg, H, j));
     const A g = activate<Act>(load<A>(xg, 2 * H, j) + load<A>(hg, 2 * H, j));
-    const A o = sigmoid(load<A>(xg, 3 * H, j) + load<A>(hg, 3 * H, j));
-    const A c = f * c_prev_j + i * g;
-    c_new_j = c;
-    h_new_j = o * activate<Act>(c);
+    o_j = sigmoid(load<A>(xg, 3 * H, j) + load<A>(hg, 3 * H, j));
     if (saved != nullptr) {
       store(saved, 0, j, i);
       store(saved, H, j, f);
       store(saved, 2 * H, j, g);
-      store(saved, 3 * H, j, o);
-      store(saved, 4 * H, j, c);
+      store(saved, 3 * H, j, o_j);
     }
+    return f * c_prev_j + i * g;
+  }
+
+  // h = o * act(c_out), where c_out is the cell state (or, layer-normalised, its normal form).
+  template <typename A>
+  RNNFAST_HD static A hidden(A o_j, A c_out_j) {
+    return o_j * activate<Act>(c_out_j);
+  }
+
+  // xg, hg: [4H]; saved: [5H] or nullptr (inference). Index: int (one unit) or a vector index.
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void forward(int H, Index j, const T* xg, const T* hg, A /*h_prev_j*/,
+                                 A c_prev_j, A& h_new_j, A& c_new_j, T* saved) {
+    A o;
+    const A c = cell_state(H, j, xg, hg, c_prev_j, o, saved);
+    c_new_j = c;
+    h_new_j = hidden(o, c);
+    if (saved != nullptr) store(saved, 4 * H, j, c);
+  }
+
+  // The output side of the backward, h = o * act(c_out) with c_out = saved[4H]: writes the
+  // output gate's d(pre-activation) into dxg[3H] and returns dLoss/dc_out of this path.
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static A output_backward(int H, Index j, const T* saved, A dh_j, T* dxg) {
+    const A o = load<A>(saved, 3 * H, j);
+    const A act_c = activate<Act>(load<A>(saved, 4 * H, j));
+    store(dxg, 3 * H, j, dh_j * act_c * o * (A(1) - o));
+    return activation_grad_times<Act>(dh_j * o, act_c);
+  }
+
+  // The state side, c = f * c_prev + i * g, from dc (dLoss/dc, all paths): writes the
+  // d(pre-activation) of gates i, f, g into dxg and dLoss/dc_prev into dc_prev_j.
+  template <typename A, typename T, typename Index>
+  RNNFAST_HD static void state_backward(int H, Index j, const T* saved, A c_prev_j, A dc, T* dxg,
+                                        A& dc_prev_j) {
+    const A i = load<A>(saved, 0, j);
+    const A f = load<A>(saved, H, j);
+    const A g = load<A>(saved, 2 * H, j);
+    store(dxg, 0, j, dc * g * i * (A(1) - i));
+    store(dxg, H, j, dc * c_prev_j * f * (A(1) - f));
+    store(dxg, 2 * H, j, activation_grad_times<Act>(dc * i, g));
+    dc_prev_j = dc * f;
   }
 
   // dh_j: dLoss/dh_new (all paths); dc_j: dLoss/dc_new from the next step.
@@ -147,17 +188,8 @@ struct LstmCell {
   RNNFAST_HD static void backward(int H, Index j, const T* saved, A /*h_prev_j*/, A c_prev_j,
                                   A dh_j, A dc_j, T* dxg, T* /*dhg*/, A& dc_prev_j,
                                   A& dh_prev_direct_j) {
-    const A i = load<A>(saved, 0, j);
-    const A f = load<A>(saved, H, j);
-    const A g = load<A>(saved, 2 * H, j);
-    const A o = load<A>(saved, 3 * H, j);
-    const A act_c = activate<Act>(load<A>(saved, 4 * H, j));
-    const A dc = dc_j + activation_grad_times<Act>(dh_j * o, act_c);
-    store(dxg, 0, j, dc * g * i * (A(1) - i));
-    store(dxg, H, j, dc * c_prev_j * f * (A(1) - f));
-    store(dxg, 2 * H, j, activation_grad_times<Act>(dc * i, g));
-    store(dxg, 3 * H, j, dh_j * act_c * o * (A(1) - o));
-    dc_prev_j = dc * f;
+    const A dc = dc_j + output_backward(H, j, saved, dh_j, dxg);
+    state_backward(H, j, saved, c_prev_j, dc, dxg, dc_prev_j);
     dh_prev_direct_j = A(0);
   }
 };
@@ -235,6 +267,107 @@ struct ElmanCell {
     dh_prev_direct_j = A(0);
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Cell options beyond torch.nn (the layers' layer_norm, zoneout and recurrent dropout). The
+// engines apply them around the cells above:
+//   recurrent dropout (Gal and Ghahramani 2016, as Keras' recurrent_dropout): the product's
+//     input is h_prev * mask, one mask [B, P] of 0 and 1 / (1 - p) per sequence;
+//   layer normalisation (Ba, Kiros and Hinton 2016): xg = LN(x W_ih^T) * gain_ih + b_ih and
+//     hg = LN(h W_hh^T) * gain_hh + b_hh over each row's G values; the LSTM's h = o *
+//     act(LN(c) * gain_c + bias_c), its state c itself unnormalised;
+//   zoneout (Krueger et al. 2017): after the cell, h = zoneout(keep_h, h_prev, h_new) and the
+//     LSTM's c = zoneout(keep_c, c_prev, c_new), keep a 0 / 1 mask per step and unit in
+//     training and the probability p in inference (the expectation).
+// ---------------------------------------------------------------------------------------------
+
+// The layer normalisation's epsilon: torch.nn.LayerNorm's default.
+constexpr double kLayerNormEpsilon = 1e-5;
+
+// The layer normalisation's sums run in this many partial sums, one per lane: the CPU compiler
+// makes them one SIMD vector (a single running sum is a chain of dependent additions it may not
+// reorder), and a CUDA thread runs them as a loop.
+constexpr int kSumLanes = 16;
+
+template <typename A>
+RNNFAST_HD A lanes_total(const A (&partial)[kSumLanes]) {
+  A total = A(0);
+  for (int lane = 0; lane < kSumLanes; ++lane) total += partial[lane];
+  return total;
+}
+
+// y = (x - mean) / sqrt(var + eps) * gain + bias over one row of n values (bias may be
+// nullptr); normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x.
+// Returns 1 / sqrt(var + eps). Mean and variance in A, in two passes (as torch's).
+template <typename A, typename T, typename W>
+RNNFAST_HD A layer_norm_row(int n, const T* x, const W* gain, const W* bias, T* y, T* normalized) {
+  const int whole = n - n % kSumLanes;
+  A sum[kSumLanes] = {};
+  for (int k = 0; k < whole; k += kSumLanes) {
+    for (int lane = 0; lane < kSumLanes; ++lane) sum[lane] += A(x[k + lane]);
+  }
+  for (int k = whole; k < n; ++k) sum[k - whole] += A(x[k]);
+  const A mean = lanes_total(sum) / A(n);
+  A squares[kSumLanes] = {};
+  for (int k = 0; k < whole; k += kSumLanes) {
+    for (int lane = 0; lane < kSumLanes; ++lane) {
+      const A centred = A(x[k + lane]) - mean;
+      squares[lane] += centred * centred;
+    }
+  }
+  for (int k = whole; k < n; ++k) {
+    const A centred = A(x[k]) - mean;
+    squares[k - whole] += centred * centred;
+  }
+  const A rstd = A(1) / Math<A>::sqrt(lanes_total(squares) / A(n) + A(kLayerNormEpsilon));
+  for (int k = 0; k < n; ++k) {
+    const A x_hat = (A(x[k]) - mean) * rstd;
+    if (normalized != nullptr) normalized[k] = T(x_hat);
+    y[k] = T(x_hat * A(gain[k]) + (bias != nullptr ? A(bias[k]) : A(0)));
+  }
+  return rstd;
+}
+
+// The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
+// (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+// dx may be dy. The gain's and bias's gradients are sums over rows, left to the engine.
+template <typename A, typename T, typename W>
+RNNFAST_HD void layer_norm_row_backward(int n, const T* dy, const T* normalized, A rstd,
+                                        const W* gain, T* dx) {
+  const int whole = n - n % kSumLanes;
+  A sum_g[kSumLanes] = {}, sum_g_x_hat[kSumLanes] = {};
+  for (int k = 0; k < whole; k += kSumLanes) {
+    for (int lane = 0; lane < kSumLanes; ++lane) {
+      const A g = A(dy[k + lane]) * A(gain[k + lane]);
+      sum_g[lane] += g;
+      sum_g_x_hat[lane] += g * A(normalized[k + lane]);
+    }
+  }
+  for (int k = whole; k < n; ++k) {
+    const A g = A(dy[k]) * A(gain[k]);
+    sum_g[k - whole] += g;
+    sum_g_x_hat[k - whole] += g * A(normalized[k]);
+  }
+  const A mean_g = lanes_total(sum_g) / A(n), mean_g_x_hat = lanes_total(sum_g_x_hat) / A(n);
+  for (int k = 0; k < n; ++k) {
+    const A g = A(dy[k]) * A(gain[k]);
+    dx[k] = T(rstd * (g - mean_g - A(normalized[k]) * mean_g_x_hat));
+  }
+}
+
+// Zoneout of one unit: the previous value where keep is 1, the new one where it is 0, and
+// their mix for a probability (inference).
+template <typename A>
+RNNFAST_HD A zoneout(A keep, A previous, A candidate) {
+  return candidate + keep * (previous - candidate);
+}
+
+// Its gradient: d flows to the previous value by keep, to the new one by 1 - keep.
+template <typename A>
+RNNFAST_HD void zoneout_backward(A keep, A d, A& d_previous, A& d_candidate) {
+  d_previous = keep * d;
+  d_candidate = d - d_previous;
+}
 
 // The cells' names: the op's `cell` argument, and rnnfast._C.cells, from which the Python side
 // (rnnfast/_ops.py) and the tests take the names and each cell's sizes. The one list of them.
