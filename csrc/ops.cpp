@@ -275,6 +275,25 @@ TORCH_LIBRARY(rnnfast, m) {
       "lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, bool "
       "batch_first=False) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+  // One layer with cell options (csrc/layer_options.h); its autograd formula is registered
+  // from Python (rnnfast/_ops.py).
+  m.def(
+      "forward_with_options(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor "
+      "w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? norm_ih_weight, Tensor? "
+      "norm_hh_weight, Tensor? norm_cell_weight, Tensor? norm_cell_bias, Tensor? recurrent_mask, "
+      "Tensor? zoneout_mask, Tensor? zoneout_cell_mask, float zoneout, float zoneout_cell, Tensor? "
+      "lengths, bool reverse, bool save) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor "
+      "cell_saved, Tensor h_prev, Tensor c_prev, Tensor h_cell, Tensor norm_ih, Tensor norm_hh, "
+      "Tensor norm_cell, Tensor rstd)");
+  m.def(
+      "backward_with_options(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
+      "Tensor input, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, "
+      "Tensor? norm_ih_weight, Tensor? norm_hh_weight, Tensor? norm_cell_weight, bool "
+      "has_norm_cell_bias, Tensor? recurrent_mask, Tensor? zoneout_mask, Tensor? "
+      "zoneout_cell_mask, "
+      "float zoneout, float zoneout_cell, Tensor? lengths, bool reverse, Tensor cell_saved, Tensor "
+      "h_prev, Tensor c_prev, Tensor h_cell, Tensor norm_ih, Tensor norm_hh, Tensor norm_cell, "
+      "Tensor rstd, bool input_grad) -> Tensor[]");
   // The forward as ATen ops (csrc/differentiable_layer.cpp), differentiable to any order.
   m.def(
       "differentiable_forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor "

@@ -18,8 +18,10 @@ from rnnfast.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: 
 from rnnfast._convert import convert  # noqa: E402
 
 # torch.load (weights_only, the default) of a whole model with rnnfast layers, as the
-# word_language_model example saves it: the classes are safe to rebuild from a checkpoint.
-torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell])
+# word_language_model example saves it: the classes are safe to rebuild from a checkpoint (and
+# a layer's cell options).
+torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell,
+                                      functional.CellOptions])
 
 
 def empty_cache():

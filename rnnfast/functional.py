@@ -4,18 +4,23 @@ Everything here works on time-major tensors, input [T, B, I], or with batch_firs
 [B, T, I] (the ops take that layout as it is). The modules (rnnfast/modules.py) translate
 unbatched and packed inputs to the time-major form.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch._C._functorch import TransformType, get_interpreter_stack
 from torch.autograd.function import once_differentiable
 
 from rnnfast import _ops  # noqa: F401  (loads the extension and registers the ops)
+from rnnfast import _options_ops
 
 
 # The op's overload itself: calling it skips the overload resolution of torch.ops.rnnfast.forward.
 _FORWARD = torch.ops.rnnfast.forward.default
 # The forward as ATen ops, differentiable to any order (csrc/differentiable_layer.cpp).
 _DIFFERENTIABLE_FORWARD = torch.ops.rnnfast.differentiable_forward.default
+# The layer with cell options (rnnfast/_options_ops.py).
+_FORWARD_WITH_OPTIONS = _options_ops._FORWARD
 
 
 def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
@@ -161,3 +166,128 @@ def _packed_dropout(x, p, lengths):
 # Under torch.compile: outside the graph (a graph break), since the packed data's shape is the
 # sum of the lengths' values, which tracing cannot know.
 _packed_dropout_outside_graph = torch.compiler.disable(_packed_dropout)
+
+
+class CellOptions(NamedTuple):
+    """The cell options beyond torch.nn of a layer stack (all off by default).
+
+    layer_norm: normalise x W_ih^T and h W_hh^T of each step (and the LSTM's cell state before
+    its output activation), each with its own gain; the layer's biases are the normalisations'
+    biases (Ba, Kiros and Hinton 2016).
+    zoneout, zoneout_cell: in training each unit of h (and of the LSTM's c) keeps its previous
+    value with this probability, per step; in evaluation the expectation (Krueger et al. 2017).
+    recurrent_dropout: in training, one dropout mask per sequence on h before the recurrent
+    product (Gal and Ghahramani 2016; Keras' recurrent_dropout).
+    input_dropout: in training, one dropout mask per sequence on each layer's input x (Keras'
+    dropout of a recurrent layer).
+    """
+    layer_norm: bool = False
+    zoneout: float = 0.0
+    zoneout_cell: float = 0.0
+    recurrent_dropout: float = 0.0
+    input_dropout: float = 0.0
+
+    def any(self):
+        return self != CellOptions()
+
+
+def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
+                       norm_ih_weight=None, norm_hh_weight=None, norm_cell_weight=None,
+                       norm_cell_bias=None, recurrent_mask=None, zoneout_mask=None,
+                       zoneout_cell_mask=None, zoneout=0.0, zoneout_cell=0.0, lengths=None,
+                       reverse=False):
+    """One layer in one direction with cell options; the masks are given (see stacked for how
+    they are drawn), so the result is a function of its arguments that tests can reproduce.
+
+    input [T, B, I] (time-major); hx, cx, weights, biases, lengths as in layer (lengths: int64
+    on the CPU); norm_ih_weight, norm_hh_weight [G]: layer_norm's gains of x W_ih^T and
+    h W_hh^T, whose biases are b_ih and b_hh; norm_cell_weight, norm_cell_bias [H]: the LSTM
+    cell state's; recurrent_mask [B, P] multiplies h before the recurrent product (0 or
+    1 / (1 - p)); zoneout_mask [T, B, P] and zoneout_cell_mask [T, B, H]: 1 where a unit keeps
+    its previous value at a step, or None with zoneout / zoneout_cell the probability of it
+    (the expectation, as in evaluation). Returns output [T, B, P], h_n [B, P] and c_n [B, H]
+    (an empty tensor for non-LSTM cells). bfloat16 and float16 layers run in float32.
+    """
+    if input.device.type != "cpu":
+        raise NotImplementedError(
+            "rnnfast: layer_norm, zoneout, recurrent_dropout and input_dropout run on the CPU "
+            f"engine only so far; the layer's input is on {input.device}")
+    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih_weight, norm_hh_weight,
+               norm_cell_weight, norm_cell_bias, recurrent_mask, zoneout_mask, zoneout_cell_mask)
+    dtype = input.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        tensors = tuple(t.float() if t is not None else None for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+    results = _FORWARD_WITH_OPTIONS(cell, *tensors[:15], zoneout, zoneout_cell, lengths, reverse,
+                                    needs_grad)
+    output, h_n, c_n = results[:3]
+    if dtype != output.dtype:
+        output, h_n, c_n = output.to(dtype), h_n.to(dtype), c_n.to(dtype)
+    return output, h_n, c_n
+
+
+def _mask_dtype(like):
+    # The layer runs bfloat16 and float16 in float32, and so takes their masks.
+    return torch.float32 if like.dtype in (torch.bfloat16, torch.float16) else like.dtype
+
+
+def _keep_mask(shape, p, like, dtype=None):
+    """A dropout mask of `shape`: 0 with probability p, else 1 / (1 - p)."""
+    mask = torch.empty(shape, dtype=dtype or _mask_dtype(like), device=like.device)
+    return mask.bernoulli_(1 - p).div_(1 - p)
+
+
+def _zoneout_mask(shape, p, like):
+    """1 where a unit keeps its previous value (probability p: a uniform draw below p), else 0.
+    (torch.rand and a comparison: half the time of bernoulli_ on these [T, B, P] masks.)"""
+    return (torch.rand(shape, device=like.device) < p).to(_mask_dtype(like))
+
+
+def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidirectional,
+                         options, dropout=0.0, training=False, lengths=None, batch_first=False):
+    """stacked with cell options (CellOptions). norms: for each layer and direction a tuple
+    (norm_ih_weight, norm_hh_weight, norm_cell_weight, norm_cell_bias), None where absent.
+
+    In training the masks are drawn from torch's generator per layer, per direction, in this
+    order: the input dropout mask [B, I] and the recurrent dropout mask [B, P] (bernoulli_ of
+    1 - p), the zoneout masks of h [T, B, P] and of c [T, B, H] (torch.rand(...) < p); a seeded
+    run draws the same masks.
+    """
+    has_cell_state = _ops.CELLS[cell]["has_cell_state"]
+    x = input.transpose(0, 1) if batch_first else input
+    steps, batch = x.shape[0], x.shape[1]
+    lengths_cpu = lengths.cpu() if lengths is not None else None
+    directions = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    for index in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = index * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            state_size, hidden_size = w_hh.shape[1], w_ih.shape[0] // _ops.GATES[cell]
+            x_in = x
+            recurrent_mask = zoneout_mask = zoneout_cell_mask = None
+            if training:
+                if options.input_dropout > 0:
+                    x_in = x * _keep_mask((batch, x.shape[2]), options.input_dropout, x, x.dtype)
+                if options.recurrent_dropout > 0:
+                    recurrent_mask = _keep_mask((batch, state_size), options.recurrent_dropout, x)
+                if options.zoneout > 0:
+                    zoneout_mask = _zoneout_mask((steps, batch, state_size), options.zoneout, x)
+                if options.zoneout_cell > 0:
+                    zoneout_cell_mask = _zoneout_mask((steps, batch, hidden_size),
+                                                      options.zoneout_cell, x)
+            out, h, c = layer_with_options(
+                cell, x_in, hx[k] if hx is not None else None, cx[k] if cx is not None else None,
+                w_ih, w_hh, b_ih, b_hh, w_hr, *(norms[k] if norms else (None,) * 4),
+                recurrent_mask, zoneout_mask, zoneout_cell_mask, options.zoneout,
+                options.zoneout_cell, lengths_cpu, reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and index < num_layers - 1:
+            x = _dropout_between_layers(x, dropout, lengths)
+    output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)

@@ -11,6 +11,8 @@ types with torch.nn's wording, and runs rnnfast's fused ops. Beyond torch.nn, as
 them: RNN(nonlinearity='sigmoid') and LSTM(activation='relu' | 'sigmoid') for the cell
 candidate and the cell state.
 """
+import numbers
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -99,6 +101,74 @@ class _RecurrentLayer:
         mode for, nothing to do."""
         if self.mode in _TORCH_MODES:
             super().flatten_parameters()
+
+    # The cell options beyond torch.nn (functional.CellOptions), all off unless _init_options
+    # was given some; and the names of layer_norm's parameters.
+    _options = functional.CellOptions()
+    _norm_names = ()
+
+    def _init_options(self, layer_norm=False, zoneout=0.0, zoneout_cell=0.0,
+                      recurrent_dropout=0.0, input_dropout=0.0):
+        """Checks the cell options and, with layer_norm, adds its parameters (gains 1, the
+        LSTM cell state's bias 0) for each layer and direction."""
+        name = type(self).__name__
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"{name}: layer_norm must be a bool, got {_describe(layer_norm)}")
+        for argument, p in (("zoneout", zoneout), ("zoneout_cell", zoneout_cell),
+                            ("recurrent_dropout", recurrent_dropout),
+                            ("input_dropout", input_dropout)):
+            _check_probability(name, argument, p)
+        options = functional.CellOptions(layer_norm, float(zoneout), float(zoneout_cell),
+                                         float(recurrent_dropout), float(input_dropout))
+        if not options.any():
+            return  # the class's default: a module without options pickles as before
+        self._options = options
+        if not layer_norm:
+            return
+        weight = self.weight_ih_l0
+        gates = weight.shape[0]
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        names = []
+        for layer in range(self.num_layers):
+            for direction in range(2 if self.bidirectional else 1):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                shapes = {f"layer_norm_ih_weight{suffix}": gates,
+                          f"layer_norm_hh_weight{suffix}": gates}
+                if self.mode == "LSTM":
+                    shapes[f"layer_norm_cell_weight{suffix}"] = self.hidden_size
+                    if self.bias:
+                        shapes[f"layer_norm_cell_bias{suffix}"] = self.hidden_size
+                for parameter, size in shapes.items():
+                    self.register_parameter(parameter,
+                                            nn.Parameter(torch.empty(size, **factory)))
+                    names.append(parameter)
+        self._norm_names = tuple(names)
+        self._reset_norms()
+
+    def _reset_norms(self):
+        with torch.no_grad():
+            for parameter in self._norm_names:
+                getattr(self, parameter).fill_(0.0 if "_cell_bias" in parameter else 1.0)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self._reset_norms()
+
+    def _layer_norms(self):
+        """(norm_ih_weight, norm_hh_weight, norm_cell_weight, norm_cell_bias) per layer and
+        direction, None where the module has none; None without layer_norm."""
+        if not self._norm_names:
+            return None
+        parameters = self._parameters
+        per_layer = 4 if self.mode == "LSTM" and self.bias else 3 if self.mode == "LSTM" else 2
+        norms = []
+        for start in range(0, len(self._norm_names), per_layer):
+            chunk = [parameters[name] for name in self._norm_names[start:start + per_layer]]
+            norms.append(tuple(chunk + [None] * (4 - len(chunk))))
+        return norms
+
+    def _options_repr(self):
+        return _options_repr(self._options)
 
     def _layer_weights(self):
         """(w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction in torch.nn's order (l0,
@@ -227,9 +297,15 @@ class _RecurrentLayer:
             raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
 
         lengths = lengths_cpu.to(sequence.device) if packed else None
-        output, h_n, c_n = functional.stacked(
-            self._cell, sequence, h0, c0, weights, self.num_layers, self.bidirectional,
-            self.dropout, self.training, lengths, batch_first)
+        if self._options.any():
+            output, h_n, c_n = functional.stacked_with_options(
+                self._cell, sequence, h0, c0, weights, self._layer_norms(), self.num_layers,
+                self.bidirectional, self._options, self.dropout, self.training, lengths,
+                batch_first)
+        else:
+            output, h_n, c_n = functional.stacked(
+                self._cell, sequence, h0, c0, weights, self.num_layers, self.bidirectional,
+                self.dropout, self.training, lengths, batch_first)
 
         if packed:
             pack = _pack_outside_graph if torch.compiler.is_compiling() else _pack
@@ -313,6 +389,19 @@ def _check_packed_sequence(owner, packed):
                                       f"sorted_indices")
 
 
+def _check_probability(name, argument, p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Number) or not 0 <= p < 1:
+        raise ValueError(f"{name}: {argument} should be a number in range [0, 1) representing "
+                         f"a probability, got {p!r}")
+
+
+def _options_repr(options):
+    """The cell options that differ from the defaults, as constructor arguments."""
+    defaults = functional.CellOptions()
+    return "".join(f", {field}={value!r}" for field, value in options._asdict().items()
+                   if value != getattr(defaults, field))
+
+
 def _describe(value):
     if isinstance(value, torch.Tensor):
         shown = value.tolist() if value.numel() <= 16 else f"shape {tuple(value.shape)}"
@@ -333,12 +422,14 @@ class LSTM(_RecurrentLayer, nn.RNNBase):
 
     _kind = "LSTM"
 
-    def __init__(self, *args, activation="tanh", **kwargs):
+    def __init__(self, *args, activation="tanh", layer_norm=False, zoneout=0.0,
+                 zoneout_cell=0.0, recurrent_dropout=0.0, input_dropout=0.0, **kwargs):
         if activation not in _LSTM_ACTIVATIONS:
             raise ValueError(f"LSTM: activation must be one of {_LSTM_ACTIVATIONS}, got "
                              f"{activation!r}")
         super().__init__("LSTM", *args, **kwargs)
         self.activation = activation
+        self._init_options(layer_norm, zoneout, zoneout_cell, recurrent_dropout, input_dropout)
 
     @property
     def _cell(self):
@@ -358,7 +449,8 @@ class LSTM(_RecurrentLayer, nn.RNNBase):
 
     def extra_repr(self):
         text = super().extra_repr()
-        return text + (f", activation={self.activation!r}" if self.activation != "tanh" else "")
+        text += f", activation={self.activation!r}" if self.activation != "tanh" else ""
+        return text + self._options_repr()
 
 
 def _refuse_projection(kwargs):
@@ -378,15 +470,20 @@ class GRU(_RecurrentLayer, nn.RNNBase):
     _kind = "GRU"
     _cell = "gru"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, layer_norm=False, zoneout=0.0, recurrent_dropout=0.0,
+                 input_dropout=0.0, **kwargs):
         _refuse_projection(kwargs)
         super().__init__("GRU", *args, **kwargs)
+        self._init_options(layer_norm, zoneout, 0.0, recurrent_dropout, input_dropout)
 
     def forward(self, input, hx=None):
         if _onnx.exporting():
             return _onnx.layer_forward(self, nn.GRU, input, hx)
         output, h_n, _ = self._run(input, hx)
         return output, h_n
+
+    def extra_repr(self):
+        return super().extra_repr() + self._options_repr()
 
 
 class RNN(_RecurrentLayer, nn.RNNBase):
@@ -401,7 +498,8 @@ class RNN(_RecurrentLayer, nn.RNNBase):
     _kind = "RNN"
     _rank_noun = " tensor"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, layer_norm=False, zoneout=0.0, recurrent_dropout=0.0,
+                 input_dropout=0.0, **kwargs):
         _refuse_projection(kwargs)
         # torch.nn.RNN's reading of the arguments: nonlinearity is the fourth.
         if len(args) > 3:
@@ -417,6 +515,7 @@ class RNN(_RecurrentLayer, nn.RNNBase):
         super().__init__("RNN_TANH" if nonlinearity == "sigmoid" else mode, *args, **kwargs)
         self.nonlinearity = nonlinearity
         self.mode = mode
+        self._init_options(layer_norm, zoneout, 0.0, recurrent_dropout, input_dropout)
 
     @property
     def _cell(self):
@@ -431,7 +530,8 @@ class RNN(_RecurrentLayer, nn.RNNBase):
     def extra_repr(self):
         # torch.nn.RNN's repr omits the nonlinearity; rnnfast's own one is named.
         text = super().extra_repr()
-        return text + (", nonlinearity='sigmoid'" if self.mode == "RNN_SIGMOID" else "")
+        text += ", nonlinearity='sigmoid'" if self.mode == "RNN_SIGMOID" else ""
+        return text + self._options_repr()
 
 
 class _RecurrentCell:
@@ -439,6 +539,62 @@ class _RecurrentCell:
     one-layer op run over a sequence of length 1, with torch.nn's checks."""
 
     __prepare_scriptable__ = _refuse_scripting
+
+    # layer_norm and zoneout (functional.CellOptions; a cell has no sequence for the per-sequence
+    # dropout masks), all off unless _init_options was given some.
+    _options = functional.CellOptions()
+
+    def _init_options(self, layer_norm=False, zoneout=0.0, zoneout_cell=0.0):
+        """Checks the options and, with layer_norm, adds its parameters: layer_norm_ih_weight
+        and layer_norm_hh_weight [G] (gains 1; bias_ih and bias_hh are the normalisations'
+        biases), for LSTMCell also layer_norm_cell_weight and layer_norm_cell_bias [H]."""
+        name = type(self).__name__
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"{name}: layer_norm must be a bool, got {_describe(layer_norm)}")
+        for argument, p in (("zoneout", zoneout), ("zoneout_cell", zoneout_cell)):
+            _check_probability(name, argument, p)
+        options = functional.CellOptions(layer_norm, float(zoneout), float(zoneout_cell))
+        if not options.any():
+            return
+        self._options = options
+        if layer_norm:
+            factory = {"dtype": self.weight_ih.dtype, "device": self.weight_ih.device}
+            gates = self.weight_ih.shape[0]
+            self.layer_norm_ih_weight = nn.Parameter(torch.ones(gates, **factory))
+            self.layer_norm_hh_weight = nn.Parameter(torch.ones(gates, **factory))
+            if isinstance(self, nn.LSTMCell):
+                self.layer_norm_cell_weight = nn.Parameter(torch.ones(self.hidden_size, **factory))
+                self.register_parameter(
+                    "layer_norm_cell_bias",
+                    nn.Parameter(torch.zeros(self.hidden_size, **factory)) if self.bias else None)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        with torch.no_grad():
+            for name in ("layer_norm_ih_weight", "layer_norm_hh_weight",
+                         "layer_norm_cell_weight", "layer_norm_cell_bias"):
+                parameter = getattr(self, name, None)
+                if parameter is not None:
+                    parameter.fill_(0.0 if name.endswith("bias") else 1.0)
+
+    def _step_with_options(self, cell, x, h, c, w_ih):
+        """One step with the cell options: x [B, I]; returns (h', c') [B, H]."""
+        options = self._options
+        zoneout_mask = zoneout_cell_mask = None
+        if self.training:
+            if options.zoneout:
+                zoneout_mask = functional._zoneout_mask((1, x.size(0), self.hidden_size),
+                                                        options.zoneout, x)
+            if options.zoneout_cell:
+                zoneout_cell_mask = functional._zoneout_mask((1, x.size(0), self.hidden_size),
+                                                             options.zoneout_cell, x)
+        _, h_new, c_new = functional.layer_with_options(
+            cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh, None,
+            getattr(self, "layer_norm_ih_weight", None), getattr(self, "layer_norm_hh_weight", None),
+            getattr(self, "layer_norm_cell_weight", None),
+            getattr(self, "layer_norm_cell_bias", None), None, zoneout_mask, zoneout_cell_mask,
+            options.zoneout, options.zoneout_cell)
+        return h_new, c_new
 
     def _step(self, cell, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
@@ -498,6 +654,8 @@ class _RecurrentCell:
         elif _onnx.exporting():
             h_new, c_new = _onnx.cell_step(cell, x, h, c, w_ih, self.weight_hh, self.bias_ih,
                                            self.bias_hh)
+        elif self._options.any():
+            h_new, c_new = self._step_with_options(cell, x, h, c, w_ih)
         else:
             _, h_new, c_new = functional.layer(
                 cell, x.unsqueeze(0), h, c, w_ih, self.weight_hh, self.bias_ih, self.bias_hh)
@@ -510,14 +668,17 @@ class _RecurrentCell:
 class LSTMCell(_RecurrentCell, nn.LSTMCell):
     """torch.nn.LSTMCell on rnnfast's engine, with Keras' `activation` ('tanh' default).
     LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *,
-    activation='tanh'); forward(input, hx=None) with hx = (h, c) returns (h', c')."""
+    activation='tanh', layer_norm=False, zoneout=0.0, zoneout_cell=0.0); forward(input, hx=None)
+    with hx = (h, c) returns (h', c')."""
 
-    def __init__(self, *args, activation="tanh", **kwargs):
+    def __init__(self, *args, activation="tanh", layer_norm=False, zoneout=0.0,
+                 zoneout_cell=0.0, **kwargs):
         if activation not in _LSTM_ACTIVATIONS:
             raise ValueError(f"LSTMCell: activation must be one of {_LSTM_ACTIVATIONS}, got "
                              f"{activation!r}")
         super().__init__(*args, **kwargs)
         self.activation = activation
+        self._init_options(layer_norm, zoneout, zoneout_cell)
 
     def forward(self, input, hx=None):
         h = c = None
@@ -531,20 +692,39 @@ class LSTMCell(_RecurrentCell, nn.LSTMCell):
 
     def extra_repr(self):
         text = super().extra_repr()
-        return text + (f", activation={self.activation!r}" if self.activation != "tanh" else "")
+        text += f", activation={self.activation!r}" if self.activation != "tanh" else ""
+        return text + _options_repr(self._options)
 
 
 class GRUCell(_RecurrentCell, nn.GRUCell):
-    """torch.nn.GRUCell on rnnfast's engine. forward(input, hx=None) returns h'."""
+    """torch.nn.GRUCell on rnnfast's engine. forward(input, hx=None) returns h'.
+    GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, layer_norm=False,
+    zoneout=0.0)."""
+
+    def __init__(self, *args, layer_norm=False, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_options(layer_norm, zoneout)
 
     def forward(self, input, hx=None):
         return self._step("gru", input, hx, None)[0]
+
+    def extra_repr(self):
+        return super().extra_repr() + _options_repr(self._options)
 
 
 class RNNCell(_RecurrentCell, nn.RNNCell):
     """torch.nn.RNNCell on rnnfast's engine, nonlinearity 'tanh', 'relu' or (beyond
     torch.nn) 'sigmoid'. As torch.nn's, the nonlinearity is read at each call (an unknown
-    one is an error of the call). forward(input, hx=None) returns h'."""
+    one is an error of the call). forward(input, hx=None) returns h'.
+    RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None,
+    *, layer_norm=False, zoneout=0.0)."""
+
+    def __init__(self, *args, layer_norm=False, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_options(layer_norm, zoneout)
+
+    def extra_repr(self):
+        return super().extra_repr() + _options_repr(self._options)
 
     def forward(self, input, hx=None):
         return self._step(f"elman_{self.nonlinearity}", input, hx, None)[0]

@@ -211,3 +211,33 @@ def test_floor_quick_run(tmp_path):
     assert math.isclose(row["ceiling"], row["floor"]["speedup"])
     assert math.isclose(row["speedup"], row["rnnfast"]["speedup"])
     assert _positive_finite(row["ceiling"]) and _positive_finite(row["speedup"])
+
+
+def test_options_quick_run(tmp_path):
+    # Runs the cell options' benchmark on one row per cell: it first checks that its Python loop
+    # computes the fused layer's model (same masks, float64), then times both.
+    json_path = tmp_path / "options.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "options.py"), "--quick", "--threads", "1",
+         "--filter", "zoneout/B16-T100-H64", "--json", str(json_path)],
+        cwd=ROOT, env=CHECKOUT_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(json_path) as f:
+        data = json.load(f)
+    assert [(row["cell"], row["feature"]) for row in data["rows"]] == [
+        ("LSTM", "zoneout"), ("GRU", "zoneout")]
+    for row in data["rows"]:
+        for key in ("plain_ms", "option_ms", "loop_ms", "cost", "speedup_over_loop"):
+            assert _positive_finite(row[key])
+    assert data["environment"]["cpu_model"]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("feature", ["layer_norm", "zoneout", "recurrent_dropout",
+                                     "input_dropout"])
+def test_options_loop_computes_the_fused_model(cell, feature):
+    import options
+
+    torch.manual_seed(0)
+    fused = getattr(__import__("rnnfast"), cell)(6, 6, **options.FEATURES[feature])
+    options.check_same_model(fused, options.LoopModel(fused), torch.randn(4, 3, 6))

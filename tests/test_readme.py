@@ -13,13 +13,19 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
 def test_usage_example_runs(capsys):
-    usage, _ = EXAMPLES
+    usage, _, _ = EXAMPLES
     exec(compile(usage, "README.md", "exec"), {})
     assert "torch.Size([32, 100, 64])" in capsys.readouterr().out
 
 
+def test_cell_options_example_runs(capsys):
+    _, options, _ = EXAMPLES
+    exec(compile(options, "README.md", "exec"), {})
+    assert "torch.Size([32, 100, 64]) torch.Size([32, 64])" in capsys.readouterr().out
+
+
 def test_onnx_export_example_runs(tmp_path, monkeypatch):
-    _, export = EXAMPLES
+    _, _, export = EXAMPLES
     monkeypatch.chdir(tmp_path)  # the example writes model.onnx
     exec(compile(export, "README.md", "exec"), {})
     assert "GRU" in [node.op_type for node in onnx.load("model.onnx").graph.node]

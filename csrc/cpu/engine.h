@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../layer.h"
+#include "../layer_options.h"
 
 namespace rnnfast {
 namespace cpu {
@@ -53,6 +54,9 @@ struct Engine {
   // otherwise pass a time-major contiguous copy (engine_input in csrc/layer.h).
   bool (*reads_input_at_strides)(const at::Tensor& input, const at::Tensor& w_hh, bool has_lengths,
                                  bool has_projection);
+  // The layer with cell options (options_layer.cpp).
+  LayerOptionsResult (*forward_with_options)(const LayerOptionsArgs& args, bool save);
+  std::vector<at::Tensor> (*backward_with_options)(const LayerOptionsBackwardArgs& args);
 };
 
 // Each compiled copy's entry points (engine.cpp); the AVX ones where setup.py built them.

@@ -5,8 +5,10 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../layer.h"
+#include "../layer_options.h"
 #include "capability.h"
 
 namespace rnnfast {
@@ -24,6 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 // rnnfast::backward's CPU kernel of a time-major call (backward.cpp), registered as
 // backward_op<backward_time_major>.
 BackwardResult backward_time_major(const BackwardArgs& args);
+
+// rnnfast::forward_with_options's and backward_with_options's CPU kernels (options_layer.cpp).
+LayerOptionsResult forward_with_options_cpu(const LayerOptionsArgs& args, bool save);
+std::vector<at::Tensor> backward_with_options_cpu(const LayerOptionsBackwardArgs& args);
 
 // The weight gradients' GEMMs and column sums on the CPU (weight_gradients.cpp).
 extern const GradientKernels kCpuGradientKernels;

@@ -1,0 +1,612 @@
+// The CPU engine's layer with cell options (csrc/cells.h, "Cell options"): layer
+// normalisation, zoneout and recurrent dropout, rnnfast::forward_with_options and
+// rnnfast::backward_with_options (csrc/layer_options.h).
+//
+// The same engine as forward.cpp / backward.cpp in a plainer form: the input projection of all
+// steps as one GEMM (normalised per row where asked), then per step the recurrent product of
+// the (dropped-out) state, the normalisation of its rows, the cell, the projection and zoneout;
+// the backward runs the steps in reverse and takes the weights' gradients as GEMMs and sums over
+// all steps at the end. float and double (the Python side runs bfloat16 and float16 in float).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../buffer_pool.h"
+#include "../cells.h"
+#include "../layer_options.h"
+#include "capability.h"
+#include "kernels.h"
+#include "recurrent_product.h"
+#include "schedule.h"
+#include "vector_math.h"
+
+namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
+namespace {
+
+using at::Tensor;
+
+// A step's rows run on the threads where a row has at least this many gate values per thread
+// share of rows (below, the parallel region costs more than it saves).
+constexpr int64_t kValuesPerThreadTask = 1 << 12;
+
+template <typename Fn>
+void for_rows(int64_t rows, int64_t values_per_row, const Fn& fn) {
+  const int64_t grain =
+      std::max<int64_t>(1, kValuesPerThreadTask / std::max<int64_t>(1, values_per_row));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+template <typename T>
+const T* data_if(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// One call's sizes and arguments as the loops read them.
+template <typename T>
+struct Call {
+  const LayerOptionsArgs& args;
+  int64_t steps, batch, input_size, hidden_size, state_size, gate_size, saved_per_unit;
+  const int64_t* lengths;  // [B] or nullptr
+
+  Call(const LayerOptionsArgs& a, int64_t gates, int64_t saved)
+      : args(a),
+        steps(a.input.size(0)),
+        batch(a.input.size(1)),
+        input_size(a.input.size(2)),
+        hidden_size(a.w_ih.size(0) / gates),
+        state_size(a.w_hh.size(1)),
+        gate_size(a.w_ih.size(0)),
+        saved_per_unit(saved),
+        lengths(a.lengths.defined() ? a.lengths.data_ptr<int64_t>() : nullptr) {}
+
+  int64_t time(int64_t step) const { return args.reverse ? steps - 1 - step : step; }
+  bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
+  // Row b's zoneout keep value of unit j at time t: the mask's, or the probability.
+  const T* zoneout_row(const Tensor& mask, int64_t t, int64_t b, int64_t width) const {
+    return mask.defined() ? mask.data_ptr<T>() + (t * batch + b) * width : nullptr;
+  }
+};
+
+// The zoneout keep values of units j (a run, as for_unit_runs gives them): the mask row's, or
+// the probability p for every unit (inference's expectation).
+template <typename V, typename T, typename Index>
+V keep_values(const T* mask_row, T p, Index j) {
+  return mask_row ? load<V>(mask_row, 0, j) : V(p);
+}
+
+// The gradient of a layer normalisation's gain, sum over rows of dy * normalized, in one row of
+// partial sums per thread (the rows of a step run on several threads).
+template <typename T>
+class GainGradient {
+ public:
+  GainGradient(bool wanted, int64_t size, const at::TensorOptions& options)
+      : size_(size),
+        partial_(wanted ? at::zeros({at::get_num_threads(), size}, options) : Tensor()) {}
+  void add(const T* dy, const T* normalized) {
+    T* sum = partial_.data_ptr<T>() + at::get_thread_num() * size_;
+    for_unit_runs<T>(size_, [&](auto j, auto zero) {
+      using V = decltype(zero);
+      store(sum, 0, j, load<V>(sum, 0, j) + load<V>(dy, 0, j) * load<V>(normalized, 0, j));
+    });
+  }
+  Tensor total() const { return partial_.sum(0); }
+
+ private:
+  int64_t size_;
+  Tensor partial_;
+};
+
+template <typename Cell, typename T>
+LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
+  using A = T;
+  const Call<T> c(args, Cell::kGates, Cell::kSavedPerUnit);
+  const int64_t Tn = c.steps, B = c.batch, I = c.input_size, H = c.hidden_size, P = c.state_size,
+                G = c.gate_size, S = Cell::kSavedPerUnit;
+  const auto options = args.input.options();
+  const bool projecting = args.w_hr.defined();
+  const bool norm_cell = Cell::kHasCellState && args.norm_cell_weight.defined();
+  const bool zoneout_h = args.zoneout_mask.defined() || args.zoneout > 0;
+  const bool zoneout_c = args.zoneout_cell_mask.defined() || args.zoneout_cell > 0;
+
+  LayerOptionsResult r;
+  r.output = pooled_empty({Tn, B, P}, options);
+  // A packed sequence's rows write nothing at the steps they do not run; the backward's sums
+  // over all rows read those places, so they start at zero.
+  const auto saved_or_empty = [&](bool wanted, at::IntArrayRef sizes) {
+    if (!save || !wanted) return at::empty({0}, options);
+    Tensor t = pooled_empty(sizes, options);
+    return c.lengths ? t.zero_() : t;
+  };
+  r.cell_saved = saved_or_empty(S > 0, {Tn, B, S * H});
+  r.h_prev = saved_or_empty(true, {Tn, B, P});
+  r.c_prev = saved_or_empty(Cell::kHasCellState, {Tn, B, H});
+  r.h_cell = saved_or_empty(true, {Tn, B, H});
+  r.norm_ih = saved_or_empty(args.norm_ih_weight.defined(), {Tn, B, G});
+  r.norm_hh = saved_or_empty(args.norm_hh_weight.defined(), {Tn, B, G});
+  r.norm_cell = saved_or_empty(norm_cell, {Tn, B, H});
+  r.rstd = saved_or_empty(true, {Tn, B, 3});
+
+  // xg = x W_ih^T, then + b_ih, or normalised: LN(x W_ih^T) * gain_ih + b_ih. [T * B, G]
+  const Tensor x = args.input.reshape({Tn * B, I});
+  Tensor xg;
+  if (args.norm_ih_weight.defined() || !args.b_ih.defined()) {
+    xg = at::mm(x, args.w_ih.t());
+  } else {
+    xg = at::addmm(args.b_ih, x, args.w_ih.t());
+  }
+  T* xg_data = xg.data_ptr<T>();
+  if (args.norm_ih_weight.defined()) {
+    const T* gain = args.norm_ih_weight.data_ptr<T>();
+    const T* bias = data_if<T>(args.b_ih);
+    T* normalized = save ? r.norm_ih.data_ptr<T>() : nullptr;
+    T* rstd = save ? r.rstd.data_ptr<T>() : nullptr;
+    for_rows(Tn * B, G, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const A value =
+            layer_norm_row<A>(static_cast<int>(G), xg_data + row * G, gain, bias, xg_data + row * G,
+                              normalized ? normalized + row * G : nullptr);
+        if (rstd) rstd[row * 3] = value;
+      }
+    });
+  }
+
+  using Product = RecurrentProduct<T>;
+  const bool norm_hh = args.norm_hh_weight.defined();
+  // hg = h_in W_hh^T (+ b_hh where there is no normalisation to add it after)
+  const Product recurrent(args.w_hh, norm_hh ? Tensor() : args.b_hh, B, Tn);
+  const Product projection(args.w_hr, Tensor(), B, Tn);
+  const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent);
+  const bool rows_per_thread =
+      threads == StepThreads::RowsPerThread && (!projecting || projection.may_split_rows());
+
+  // The state before and after each step (each run of rows swaps its own pointers per step),
+  // the product's input and output.
+  Tensor h_buffers = at::empty({2, B, P}, options);
+  h_buffers[0].copy_(args.hx.defined() ? args.hx : at::zeros({B, P}, options));
+  Tensor c_buffers = Cell::kHasCellState ? at::empty({2, B, H}, options) : Tensor();
+  if (Cell::kHasCellState) {
+    c_buffers[0].copy_(args.cx.defined() ? args.cx : at::zeros({B, H}, options));
+  }
+  const bool dropping = args.recurrent_mask.defined();
+  Tensor h_in = dropping ? at::empty({B, P}, options) : Tensor();
+  Tensor hg = at::empty({B, G}, options);
+  Tensor h_cell = at::empty({B, H}, options);  // the cell's h, before projection and zoneout
+  Tensor h_candidate = projecting ? at::empty({B, P}, options) : h_cell;
+  const int64_t saved_width = std::max<int64_t>(S, 1) * H;
+  Tensor scratch_saved = at::empty({B, saved_width}, options);
+
+  const T* mask = data_if<T>(args.recurrent_mask);
+  const T* gain_hh = data_if<T>(args.norm_hh_weight);
+  const T* b_hh = data_if<T>(args.b_hh);
+  const T* gain_c = data_if<T>(args.norm_cell_weight);
+  const T* bias_c = data_if<T>(args.norm_cell_bias);
+  T* out = r.output.data_ptr<T>();
+  T* hg_data = hg.data_ptr<T>();
+  T* hc_data = h_cell.data_ptr<T>();
+  T* hcand_data = h_candidate.data_ptr<T>();
+
+  // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
+  const auto cell_row = [&](int64_t t, int64_t b, const T* hp_row, A* cp_row, A* cn_row) {
+    const int64_t row = t * B + b;
+    const T* xg_row = xg_data + row * G;
+    T* hg_row = hg_data + b * G;
+    if (norm_hh) {
+      const A value =
+          layer_norm_row<A>(static_cast<int>(G), hg_row, gain_hh, b_hh, hg_row,
+                            save ? r.norm_hh.template data_ptr<T>() + row * G : nullptr);
+      if (save) r.rstd.template data_ptr<T>()[row * 3 + 1] = value;
+    }
+    T* saved = save && S > 0 ? r.cell_saved.template data_ptr<T>() + row * S * H
+                             : scratch_saved.data_ptr<T>() + b * saved_width;
+    T* hc_row = hc_data + b * H;
+    if constexpr (Cell::kHasCellState) {
+      if (norm_cell) {
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V o = zero;
+          store(cn_row, 0, j,
+                Cell::cell_state(static_cast<int>(H), j, xg_row, hg_row, load<V>(cp_row, 0, j), o,
+                                 saved));
+        });
+        // c_out = LN(c) * gain_c + bias_c into saved[4H]: the backward's act(c_out).
+        const A value =
+            layer_norm_row<A>(static_cast<int>(H), cn_row, gain_c, bias_c, saved + 4 * H,
+                              save ? r.norm_cell.template data_ptr<T>() + row * H : nullptr);
+        if (save) r.rstd.template data_ptr<T>()[row * 3 + 2] = value;
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          store(hc_row, 0, j, Cell::hidden(load<V>(saved, 3 * H, j), load<V>(saved, 4 * H, j)));
+        });
+      } else {
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V h = zero, c_value = zero;
+          Cell::forward(static_cast<int>(H), j, xg_row, hg_row, zero, load<V>(cp_row, 0, j), h,
+                        c_value, saved);
+          store(hc_row, 0, j, h);
+          store(cn_row, 0, j, c_value);
+        });
+      }
+      if (zoneout_c) {
+        const T* mask_row = c.zoneout_row(args.zoneout_cell_mask, t, b, H);
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          store(cn_row, 0, j,
+                zoneout(keep_values<V>(mask_row, T(args.zoneout_cell), j), load<V>(cp_row, 0, j),
+                        load<V>(cn_row, 0, j)));
+        });
+      }
+    } else {
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        V h = zero, unused = zero;
+        Cell::forward(static_cast<int>(H), j, xg_row, hg_row, load<V>(hp_row, 0, j), zero, h,
+                      unused, saved);
+        store(hc_row, 0, j, h);
+      });
+    }
+    if (save) std::copy(hc_row, hc_row + H, r.h_cell.template data_ptr<T>() + row * H);
+  };
+
+  // The new h of row b from its candidate (projected): zoneout, the output, the state.
+  const auto finish_row = [&](int64_t t, int64_t b, const T* hp_row, T* hn_row) {
+    const T* cand = hcand_data + b * P;
+    T* out_row = out + (t * B + b) * P;
+    if (zoneout_h) {
+      const T* mask_row = c.zoneout_row(args.zoneout_mask, t, b, P);
+      for_unit_runs<T>(P, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        store(hn_row, 0, j,
+              zoneout(keep_values<V>(mask_row, T(args.zoneout), j), load<V>(hp_row, 0, j),
+                      load<V>(cand, 0, j)));
+      });
+    } else {
+      std::copy(cand, cand + P, hn_row);
+    }
+    std::copy(hn_row, hn_row + P, out_row);
+  };
+
+  // All steps of rows b0 .. b1 - 1; the cells of a step's rows on the threads where
+  // split_cells (the rows of one thread's run otherwise).
+  const auto run_rows = [&](int64_t b0, int64_t b1, bool split_cells) {
+    T* h_old = h_buffers.data_ptr<T>();
+    T* h_new = h_old + B * P;
+    A* c_old = Cell::kHasCellState ? c_buffers.data_ptr<A>() : nullptr;
+    A* c_new = Cell::kHasCellState ? c_old + B * H : nullptr;
+    const int64_t rows = b1 - b0;
+    for (int64_t step = 0; step < Tn; ++step) {
+      const int64_t t = c.time(step);
+      if (save) {
+        std::copy(h_old + b0 * P, h_old + b1 * P, r.h_prev.data_ptr<T>() + (t * B + b0) * P);
+        if (c_old) {
+          std::copy(c_old + b0 * H, c_old + b1 * H, r.c_prev.data_ptr<T>() + (t * B + b0) * H);
+        }
+      }
+      const T* product_input = h_old + b0 * P;
+      if (dropping) {
+        T* in = h_in.data_ptr<T>() + b0 * P;
+        for (int64_t n = 0; n < rows * P; ++n) in[n] = product_input[n] * mask[b0 * P + n];
+        product_input = in;
+      }
+      recurrent.run(product_input, rows, hg_data + b0 * G);
+      const auto cells = [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (!c.active(t, b)) {
+            // The row keeps its state and writes a zero output.
+            std::copy(h_old + b * P, h_old + (b + 1) * P, h_new + b * P);
+            if (c_old) std::copy(c_old + b * H, c_old + (b + 1) * H, c_new + b * H);
+            std::fill(hc_data + b * H, hc_data + (b + 1) * H, T(0));
+            std::fill(out + (t * B + b) * P, out + (t * B + b + 1) * P, T(0));
+            continue;
+          }
+          cell_row(t, b, h_old + b * P, c_old ? c_old + b * H : nullptr,
+                   c_new ? c_new + b * H : nullptr);
+          if (!projecting) finish_row(t, b, h_old + b * P, h_new + b * P);
+        }
+      };
+      if (split_cells) {
+        for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
+      } else {
+        cells(b0, b1);
+      }
+      if (projecting) {
+        projection.run(hc_data + b0 * H, rows, hcand_data + b0 * P);
+        for (int64_t b = b0; b < b1; ++b) {
+          if (c.active(t, b)) finish_row(t, b, h_old + b * P, h_new + b * P);
+        }
+      }
+      std::swap(h_old, h_new);
+      std::swap(c_old, c_new);
+    }
+  };
+  if (rows_per_thread) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+  } else {
+    run_rows(0, B, threads == StepThreads::PointwisePerStep);
+  }
+  // After T swaps the final state is in buffer T % 2.
+  r.h_n = h_buffers[Tn % 2].clone();
+  r.c_n = Cell::kHasCellState ? c_buffers[Tn % 2].clone() : at::empty({0}, options);
+  return r;
+}
+
+template <typename Cell, typename T>
+std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
+  using A = T;
+  const LayerOptionsArgs& args = ba.layer;
+  const Call<T> c(args, Cell::kGates, Cell::kSavedPerUnit);
+  const int64_t Tn = c.steps, B = c.batch, I = c.input_size, H = c.hidden_size, P = c.state_size,
+                G = c.gate_size, S = Cell::kSavedPerUnit;
+  const auto options = args.input.options();
+  const bool projecting = args.w_hr.defined();
+  const bool norm_ih = args.norm_ih_weight.defined(), norm_hh = args.norm_hh_weight.defined();
+  const bool norm_cell = Cell::kHasCellState && args.norm_cell_weight.defined();
+  const bool zoneout_h = args.zoneout_mask.defined() || args.zoneout > 0;
+  const bool zoneout_c = args.zoneout_cell_mask.defined() || args.zoneout_cell > 0;
+  const bool dropping = args.recurrent_mask.defined();
+  // Per-step buffers over all steps: every row writes its places at the steps it runs; a
+  // packed sequence's rows leave the others, which the sums after the loop read, at zero.
+  const auto steps_buffer = [&](int64_t width) {
+    Tensor t = pooled_empty({Tn * B, width}, options);
+    return c.lengths ? t.zero_() : t;
+  };
+
+  // Gradients of the gates per step: of xg (and of hg, where the cell's differ), after the
+  // normalisation of hg and before it; [T * B, G].
+  Tensor dxg = steps_buffer(G);
+  Tensor dhg = Cell::kSeparateHiddenGateGrad ? steps_buffer(G) : dxg;
+  Tensor dhg_raw = norm_hh ? steps_buffer(G) : dhg;
+  Tensor dh_candidate_steps = projecting ? steps_buffer(P) : Tensor();
+  Tensor dc_out_steps = norm_cell ? steps_buffer(H) : Tensor();
+  GainGradient<T> gain_hh_grad(norm_hh, G, options), gain_cell_grad(norm_cell, H, options);
+
+  // dLoss/dh and dLoss/dc of the state each step leaves, carried back step by step.
+  Tensor dh_carry = ba.grad_h_n.defined() ? ba.grad_h_n.clone() : at::zeros({B, P}, options);
+  Tensor dc_carry = Cell::kHasCellState
+                        ? (ba.grad_c_n.defined() ? ba.grad_c_n.clone() : at::zeros({B, H}, options))
+                        : Tensor();
+  Tensor dh_candidate = at::empty({B, P}, options);  // of the step's h before zoneout
+  Tensor dh_cell = projecting ? at::empty({B, H}, options) : dh_candidate;  // before projection
+  Tensor dh_in = at::empty({B, P}, options);      // of the product's input h_prev * mask
+  Tensor dh_direct = at::empty({B, H}, options);  // GRU: of h_prev through z
+  Tensor dc_scratch = at::empty({B, 2, H}, options);
+
+  using Product = RecurrentProduct<T>;
+  const Product recurrent_back(args.w_hh.t(), Tensor(), B, Tn);
+  const Product projection_back(projecting ? args.w_hr.t() : Tensor(), Tensor(), B, Tn);
+
+  const T* grad_out = ba.grad_output.data_ptr<T>();
+  const T* mask = data_if<T>(args.recurrent_mask);
+  const T* gain_hh = data_if<T>(args.norm_hh_weight);
+  const T* gain_c = data_if<T>(args.norm_cell_weight);
+  const T* saved_all = data_if<T>(ba.cell_saved);
+  const T* h_prev_all = ba.h_prev.data_ptr<T>();
+  const T* c_prev_all = Cell::kHasCellState ? ba.c_prev.data_ptr<T>() : nullptr;
+  const T* h_cell_all = ba.h_cell.data_ptr<T>();
+  const T* norm_hh_all = data_if<T>(ba.norm_hh);
+  const T* norm_cell_all = data_if<T>(ba.norm_cell);
+  const T* rstd_all = ba.rstd.data_ptr<T>();
+  T* dxg_data = dxg.data_ptr<T>();
+  T* dhg_data = dhg.data_ptr<T>();
+  T* dhg_raw_data = dhg_raw.data_ptr<T>();
+  T* dhc = dh_carry.data_ptr<T>();
+  A* dcc = Cell::kHasCellState ? dc_carry.data_ptr<A>() : nullptr;
+  T* dcand = dh_candidate.data_ptr<T>();
+  T* dcell = dh_cell.data_ptr<T>();
+  T* din = dh_in.data_ptr<T>();
+  T* ddirect = dh_direct.data_ptr<T>();
+
+  const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent_back);
+  const bool rows_per_thread =
+      threads == StepThreads::RowsPerThread && (!projecting || projection_back.may_split_rows());
+
+  // The reverse step of row b at time t: the cell's and the normalisations' backward.
+  const auto cell_row = [&](int64_t t, int64_t b) {
+    const int64_t row = t * B + b;
+    const T* saved = saved_all ? saved_all + row * S * H : nullptr;
+    T* dxg_row = dxg_data + row * G;
+    T* dhg_row = dhg_data + row * G;
+    const T* dh_row = dcell + b * H;
+    if constexpr (Cell::kHasCellState) {
+      A* dc_row = dcc + b * H;
+      const T* c_prev_row = c_prev_all + row * H;
+      const T* mask_row = c.zoneout_row(args.zoneout_cell_mask, t, b, H);
+      // dc_row: dLoss/dc of the step's state, split by zoneout into what reaches c_prev
+      // directly (kept in dc_row) and the new cell state's share (dc_new).
+      T* dc_new = dc_scratch.data_ptr<T>() + b * 2 * H;
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        const V d = load<V>(dc_row, 0, j);
+        V to_prev = zero, to_new = d;
+        if (zoneout_c) {
+          zoneout_backward(keep_values<V>(mask_row, T(args.zoneout_cell), j), d, to_prev, to_new);
+        }
+        store(dc_row, 0, j, to_prev);
+        store(dc_new, 0, j, to_new);
+      });
+      if (norm_cell) {
+        // dLoss/dc_out through h, then through the normalisation into dc.
+        T* dc_out = dc_out_steps.data_ptr<T>() + row * H;
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          store(
+              dc_out, 0, j,
+              Cell::output_backward(static_cast<int>(H), j, saved, load<V>(dh_row, 0, j), dxg_row));
+        });
+        const T* normalized = norm_cell_all + row * H;
+        gain_cell_grad.add(dc_out, normalized);
+        T* dc_through_norm = dc_new + H;
+        layer_norm_row_backward<A>(static_cast<int>(H), dc_out, normalized, rstd_all[row * 3 + 2],
+                                   gain_c, dc_through_norm);
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V dc_prev = zero;
+          Cell::state_backward(static_cast<int>(H), j, saved, load<V>(c_prev_row, 0, j),
+                               load<V>(dc_new, 0, j) + load<V>(dc_through_norm, 0, j), dxg_row,
+                               dc_prev);
+          store(dc_row, 0, j, load<V>(dc_row, 0, j) + dc_prev);
+        });
+      } else {
+        for_unit_runs<T>(H, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V dc_prev = zero, unused = zero;
+          Cell::backward(static_cast<int>(H), j, saved, zero, load<V>(c_prev_row, 0, j),
+                         load<V>(dh_row, 0, j), load<V>(dc_new, 0, j), dxg_row, dhg_row, dc_prev,
+                         unused);
+          store(dc_row, 0, j, load<V>(dc_row, 0, j) + dc_prev);
+        });
+      }
+    } else {
+      const T* h_prev_row = h_prev_all + row * P;
+      // Elman reads act' from its output, the cell's h (before zoneout).
+      const T* cell_saved = S > 0 ? saved : h_cell_all + row * H;
+      T* direct_row = ddirect + b * H;
+      for_unit_runs<T>(H, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        V unused = zero, direct = zero;
+        Cell::backward(static_cast<int>(H), j, cell_saved, load<V>(h_prev_row, 0, j), zero,
+                       load<V>(dh_row, 0, j), zero, dxg_row, dhg_row, unused, direct);
+        store(direct_row, 0, j, direct);
+      });
+    }
+    if (norm_hh) {
+      const T* normalized = norm_hh_all + row * G;
+      gain_hh_grad.add(dhg_row, normalized);
+      layer_norm_row_backward<A>(static_cast<int>(G), dhg_row, normalized, rstd_all[row * 3 + 1],
+                                 gain_hh, dhg_raw_data + row * G);
+    }
+  };
+
+  // All reverse steps of rows b0 .. b1 - 1; the cells of a step's rows on the threads where
+  // split_cells.
+  const auto run_rows = [&](int64_t b0, int64_t b1, bool split_cells) {
+    const int64_t rows = b1 - b0;
+    for (int64_t step = Tn - 1; step >= 0; --step) {
+      const int64_t t = c.time(step);
+      // dh of the step's new h (its output and the next step's carry), split by zoneout
+      // between h_prev (kept in the carry) and the candidate.
+      for (int64_t b = b0; b < b1; ++b) {
+        T* cand = dcand + b * P;
+        if (!c.active(t, b)) {
+          std::fill(cand, cand + P, T(0));
+          continue;
+        }
+        const T* go = grad_out + (t * B + b) * P;
+        T* carry = dhc + b * P;
+        const T* mask_row = c.zoneout_row(args.zoneout_mask, t, b, P);
+        for_unit_runs<T>(P, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          const V d = load<V>(go, 0, j) + load<V>(carry, 0, j);
+          V to_prev = zero, to_candidate = d;
+          if (zoneout_h) {
+            zoneout_backward(keep_values<V>(mask_row, T(args.zoneout), j), d, to_prev,
+                             to_candidate);
+          }
+          store(carry, 0, j, to_prev);
+          store(cand, 0, j, to_candidate);
+        });
+      }
+      if (projecting) {
+        std::copy(dcand + b0 * P, dcand + b1 * P,
+                  dh_candidate_steps.data_ptr<T>() + (t * B + b0) * P);
+        projection_back.run(dcand + b0 * P, rows, dcell + b0 * H);
+      }
+      const auto cells = [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          if (c.active(t, b)) cell_row(t, b);
+        }
+      };
+      if (split_cells) {
+        for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
+      } else {
+        cells(b0, b1);
+      }
+      recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
+      // The carry into the previous step: the product's share through the dropout mask, and
+      // GRU's z * h_prev.
+      for (int64_t b = b0; b < b1; ++b) {
+        if (!c.active(t, b)) continue;
+        T* carry = dhc + b * P;
+        const T* from_product = din + b * P;
+        const T* mask_row = mask ? mask + b * P : nullptr;
+        const T* direct_row = ddirect + b * H;
+        for_unit_runs<T>(P, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V d = load<V>(from_product, 0, j);
+          if (mask_row) d = d * load<V>(mask_row, 0, j);
+          if (Cell::kReadsPrevHidden) d = d + load<V>(direct_row, 0, j);
+          store(carry, 0, j, load<V>(carry, 0, j) + d);
+        });
+      }
+    }
+  };
+  if (rows_per_thread) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+  } else {
+    run_rows(0, B, threads == StepThreads::PointwisePerStep);
+  }
+
+  // The weights' gradients over all steps.
+  std::vector<Tensor> grads(kLayerOptionsGradients);
+  Tensor h_in_steps = ba.h_prev.reshape({Tn * B, P});
+  if (dropping) h_in_steps = (ba.h_prev * args.recurrent_mask).reshape({Tn * B, P});
+  grads[kGradWhh] = at::mm(dhg_raw.t(), h_in_steps);
+  if (ba.has_bias) grads[kGradBhh] = dhg.sum(0);
+  if (norm_hh) grads[kGradNormHh] = gain_hh_grad.total();
+  if (projecting) {
+    grads[kGradWhr] = at::mm(dh_candidate_steps.t(), ba.h_cell.reshape({Tn * B, H}));
+  }
+  if (norm_cell) {
+    grads[kGradNormCellWeight] = gain_cell_grad.total();
+    if (ba.has_norm_cell_bias) grads[kGradNormCellBias] = dc_out_steps.sum(0);
+  }
+  // The input side (for LSTM and Elman dxg is dhg, whose uses above are done).
+  if (ba.has_bias) grads[kGradBih] = dxg.sum(0);
+  if (norm_ih) {
+    GainGradient<T> gain_ih_grad(true, G, options);
+    const T* normalized = ba.norm_ih.data_ptr<T>();
+    const T* gain = args.norm_ih_weight.data_ptr<T>();
+    for_rows(Tn * B, G, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        gain_ih_grad.add(dxg_data + row * G, normalized + row * G);
+        layer_norm_row_backward<A>(static_cast<int>(G), dxg_data + row * G, normalized + row * G,
+                                   rstd_all[row * 3], gain, dxg_data + row * G);
+      }
+    });
+    grads[kGradNormIh] = gain_ih_grad.total();
+  }
+  const Tensor x = args.input.reshape({Tn * B, I});
+  grads[kGradWih] = at::mm(dxg.t(), x);
+  if (ba.input_grad) grads[kGradInput] = at::mm(dxg, args.w_ih).view({Tn, B, I});
+  grads[kGradHx] = dh_carry;
+  if (Cell::kHasCellState) grads[kGradCx] = dc_carry;
+  return grads;
+}
+
+}  // namespace
+
+LayerOptionsResult forward_with_options_cpu(const LayerOptionsArgs& args, bool save) {
+  return dispatch_cell(args.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    return AT_DISPATCH_FLOATING_TYPES(args.input.scalar_type(), "rnnfast_forward_with_options",
+                                      [&] { return forward_impl<Cell, scalar_t>(args, save); });
+  });
+}
+
+std::vector<Tensor> backward_with_options_cpu(const LayerOptionsBackwardArgs& args) {
+  return dispatch_cell(args.layer.kind, [&](auto cell_type) {
+    using Cell = decltype(cell_type);
+    return AT_DISPATCH_FLOATING_TYPES(args.layer.input.scalar_type(),
+                                      "rnnfast_backward_with_options",
+                                      [&] { return backward_impl<Cell, scalar_t>(args); });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace rnnfast

@@ -1,0 +1,457 @@
+"""Layer normalisation, zoneout, recurrent and input dropout (rnnfast's cell options) against a
+plain PyTorch loop written from the papers' equations: outputs and every gradient, float64, for
+every cell, packed and not, with and without a projection, in both directions."""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnnfast
+from rnnfast import functional
+
+GATES = {"lstm": 4, "lstm_relu": 4, "gru": 3, "elman_tanh": 1, "elman_relu": 1}
+ACTIVATIONS = {"lstm": torch.tanh, "lstm_relu": torch.relu, "elman_tanh": torch.tanh,
+               "elman_relu": torch.relu, "gru": torch.tanh}
+
+
+def layer_norm(v, gain, bias):
+    """Ba, Kiros and Hinton (2016): (v - mean) / sqrt(var + eps) * gain + bias per row."""
+    mean = v.mean(-1, keepdim=True)
+    variance = ((v - mean) ** 2).mean(-1, keepdim=True)
+    out = (v - mean) / torch.sqrt(variance + 1e-5) * gain
+    return out + bias if bias is not None else out
+
+
+def reference_layer(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih, norm_hh, norm_cell_w,
+                    norm_cell_b, recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout,
+                    zoneout_cell, lengths, reverse):
+    steps, batch, _ = x.shape
+    hidden = w_ih.shape[0] // GATES[cell]
+    state = w_hh.shape[1]
+    act = ACTIVATIONS[cell]
+    h = hx if hx is not None else x.new_zeros(batch, state)
+    c = cx if cx is not None else x.new_zeros(batch, hidden)
+    outputs = [None] * steps
+    for step in range(steps):
+        t = steps - 1 - step if reverse else step
+        xg = x[t] @ w_ih.T
+        xg = (layer_norm(xg, norm_ih, b_ih) if norm_ih is not None
+              else xg + b_ih if b_ih is not None else xg)
+        h_in = h * recurrent_mask if recurrent_mask is not None else h
+        hg = h_in @ w_hh.T
+        hg = (layer_norm(hg, norm_hh, b_hh) if norm_hh is not None
+              else hg + b_hh if b_hh is not None else hg)
+        c_new = c
+        if cell.startswith("lstm"):
+            i, f, g, o = (xg + hg).chunk(4, 1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), act(g), torch.sigmoid(o)
+            c_new = f * c + i * g
+            c_out = layer_norm(c_new, norm_cell_w, norm_cell_b) if norm_cell_w is not None \
+                else c_new
+            h_new = o * act(c_out)
+            if w_hr is not None:
+                h_new = h_new @ w_hr.T
+        elif cell == "gru":
+            xr, xz, xn = xg.chunk(3, 1)
+            hr, hz, hn = hg.chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h_new = (1 - z) * n + z * h
+        else:
+            h_new = act(xg + hg)
+        # Zoneout (Krueger et al. 2017): keep the previous value where the mask is 1.
+        keep = zoneout_mask[t] if zoneout_mask is not None else zoneout
+        h_new = keep * h + (1 - keep) * h_new
+        keep_c = zoneout_cell_mask[t] if zoneout_cell_mask is not None else zoneout_cell
+        c_new = keep_c * c + (1 - keep_c) * c_new
+        if lengths is not None:
+            active = (t < lengths).unsqueeze(1)
+            h = torch.where(active, h_new, h)
+            c = torch.where(active, c_new, c)
+            outputs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+        else:
+            h, c = h_new, c_new
+            outputs[t] = h_new
+    return torch.stack(outputs), h, c
+
+
+def make_case(cell, *, layer_norm=False, zoneout=None, zoneout_cell=None, recurrent=False,
+              projection=False, bias=True, packed=False, initial_state=True, steps=5, batch=4,
+              input_size=3, hidden=6, seed=0):
+    """The arguments of one layer_with_options call, float64, weights requiring gradients.
+    zoneout: None (off), "mask" (training) or a probability (inference's expectation)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, grad=True, scale=0.5):
+        t = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+        return t.requires_grad_(grad)
+
+    lstm = cell.startswith("lstm")
+    gates = GATES[cell] * hidden
+    state = 4 if projection else hidden
+    args = dict(
+        input=randn(steps, batch, input_size, scale=1.0),
+        hx=randn(batch, state) if initial_state else None,
+        cx=randn(batch, hidden) if initial_state and lstm else None,
+        w_ih=randn(gates, input_size), w_hh=randn(gates, state),
+        b_ih=randn(gates) if bias else None, b_hh=randn(gates) if bias else None,
+        w_hr=randn(state, hidden) if projection else None,
+        norm_ih_weight=(1 + randn(gates, grad=False) * 0.2).requires_grad_()
+        if layer_norm else None,
+        norm_hh_weight=(1 + randn(gates, grad=False) * 0.2).requires_grad_()
+        if layer_norm else None,
+        norm_cell_weight=(1 + randn(hidden, grad=False) * 0.2).requires_grad_()
+        if layer_norm and lstm else None,
+        norm_cell_bias=randn(hidden) if layer_norm and lstm and bias else None,
+        recurrent_mask=(torch.rand(batch, state, generator=generator, dtype=torch.float64) > 0.3)
+        .double() / 0.7 if recurrent else None,
+        zoneout_mask=None, zoneout_cell_mask=None, zoneout=0.0, zoneout_cell=0.0,
+        lengths=None, reverse=False)
+    for name, kind, width in (("zoneout", zoneout, state), ("zoneout_cell", zoneout_cell, hidden)):
+        if kind == "mask":
+            args[name + "_mask"] = (torch.rand(steps, batch, width, generator=generator,
+                                               dtype=torch.float64) < 0.4).double()
+            args[name] = 0.4
+        elif kind is not None:
+            args[name] = kind
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps
+        args["lengths"] = lengths.sort(descending=True).values
+    return args
+
+
+def check_against_reference(cell, args, reverse=False):
+    args = dict(args, reverse=reverse)
+    ours = functional.layer_with_options(cell, **args)
+    reference = reference_layer(cell, *args.values())
+    lstm = cell.startswith("lstm")
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-10, atol=1e-10)
+    if lstm:
+        torch.testing.assert_close(ours[2], reference[2], rtol=1e-10, atol=1e-10)
+    # Gradients of every input, through output, h_n and (LSTM) c_n with random weights.
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=generator, dtype=torch.float64)
+               for t in reference[:3]]
+    tensors = [(name, t) for name, t in args.items()
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def loss(results):
+        count = 3 if lstm else 2
+        return sum((r * w).sum() for r, w in zip(results[:count], weights[:count]))
+
+    ours_grads = torch.autograd.grad(loss(ours), [t for _, t in tensors])
+    reference_grads = torch.autograd.grad(loss(reference), [t for _, t in tensors])
+    for (name, _), got, expected in zip(tensors, ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+CELLS = list(GATES)
+OPTION_SETS = {
+    "layer_norm": dict(layer_norm=True),
+    "zoneout_train": dict(zoneout="mask", zoneout_cell="mask"),
+    "zoneout_eval": dict(zoneout=0.3, zoneout_cell=0.2),
+    "recurrent_dropout": dict(recurrent=True),
+    "all": dict(layer_norm=True, zoneout="mask", zoneout_cell="mask", recurrent=True),
+}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_matches_reference(cell, options, packed, reverse):
+    option_set = dict(OPTION_SETS[options])
+    if not cell.startswith("lstm"):
+        option_set.pop("zoneout_cell", None)
+    args = make_case(cell, packed=packed, seed=hash((cell, options, packed)) % 1000, **option_set)
+    check_against_reference(cell, args, reverse)
+
+
+@pytest.mark.parametrize("case", [
+    dict(projection=True, layer_norm=True, zoneout="mask", zoneout_cell="mask", recurrent=True),
+    dict(projection=True, zoneout=0.25, packed=True),
+    dict(bias=False, layer_norm=True, zoneout="mask"),
+    dict(initial_state=False, layer_norm=True, recurrent=True, packed=True),
+    dict(steps=1, batch=1, hidden=3, layer_norm=True, zoneout="mask"),
+    dict(steps=7, batch=9, hidden=40, input_size=33, layer_norm=True, zoneout="mask",
+         zoneout_cell="mask", recurrent=True, packed=True),
+], ids=["projection-all", "projection-zoneout-packed", "no-bias", "zero-state", "one-step",
+        "vector-tails"])
+def test_lstm_variants_match_reference(case):
+    check_against_reference("lstm", make_case("lstm", **case))
+
+
+@pytest.mark.parametrize("cell", ["gru", "elman_tanh"])
+def test_gru_elman_without_bias_or_state(cell):
+    args = make_case(cell, bias=False, initial_state=False, layer_norm=True, zoneout="mask",
+                     recurrent=True, packed=True, hidden=20, batch=5)
+    check_against_reference(cell, args)
+
+
+def test_large_layer_matches_reference():
+    # Products large enough to run in the BLAS, rows split over the threads.
+    args = make_case("lstm", layer_norm=True, zoneout="mask", zoneout_cell="mask", recurrent=True,
+                     steps=4, batch=32, input_size=64, hidden=96)
+    check_against_reference("lstm", args)
+
+
+def test_float32_layer_is_close_to_float64():
+    args = make_case("lstm", layer_norm=True, zoneout="mask", zoneout_cell="mask",
+                     recurrent=True, packed=True, hidden=24)
+    expected = functional.layer_with_options("lstm", **args)
+    single = {name: (t.detach().float() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                     else t) for name, t in args.items()}
+    got = functional.layer_with_options("lstm", **single)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---- the modules ----------------------------------------------------------------------------
+
+def module_reference(module, kind, x, hx, lengths, training):
+    """The module's stack as reference_layer calls, drawing the masks as the module documents
+    (per layer, per direction: input dropout [B, I] and recurrent dropout [B, P] masks by
+    bernoulli_, zoneout masks of h [T, B, P] and of c [T, B, H] as torch.rand(...) < p) from
+    torch's generator, as rnnfast does."""
+    options = module._options
+    lstm = kind.startswith("lstm")
+    directions = 2 if module.bidirectional else 1
+    steps, batch = x.shape[:2]
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+
+            def get(name):
+                return getattr(module, name + suffix, None)
+
+            k = layer * directions + direction
+            state = get("weight_hh").shape[1]
+            x_in, masks = layer_input, dict(recurrent_mask=None, zoneout_mask=None,
+                                            zoneout_cell_mask=None)
+            if training:
+                if options.input_dropout:
+                    x_in = layer_input * torch.empty(batch, layer_input.shape[2],
+                                                     dtype=x.dtype).bernoulli_(
+                        1 - options.input_dropout).div_(1 - options.input_dropout)
+                if options.recurrent_dropout:
+                    p = options.recurrent_dropout
+                    masks["recurrent_mask"] = torch.empty(batch, state, dtype=x.dtype).bernoulli_(
+                        1 - p).div_(1 - p)
+                if options.zoneout:
+                    masks["zoneout_mask"] = (torch.rand(steps, batch, state)
+                                             < options.zoneout).to(x.dtype)
+                if options.zoneout_cell:
+                    masks["zoneout_cell_mask"] = (torch.rand(steps, batch, module.hidden_size)
+                                                  < options.zoneout_cell).to(x.dtype)
+            out, h, c = reference_layer(
+                kind, x_in, hx[0][k] if hx else None, hx[1][k] if hx and lstm else None,
+                get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                get("weight_hr"), get("layer_norm_ih_weight"), get("layer_norm_hh_weight"),
+                get("layer_norm_cell_weight"), get("layer_norm_cell_bias"), **masks,
+                zoneout=options.zoneout, zoneout_cell=options.zoneout_cell, lengths=lengths,
+                reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 2)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+@pytest.mark.parametrize("kind,training,packed", list(itertools.product(
+    ["lstm", "gru", "elman_tanh"], [True, False], [False, True])))
+def test_module_matches_reference(kind, training, packed):
+    torch.manual_seed(3)
+    options = dict(layer_norm=True, zoneout=0.3, recurrent_dropout=0.25, input_dropout=0.2)
+    if kind == "lstm":
+        module = rnnfast.LSTM(5, 7, num_layers=2, bidirectional=True, proj_size=4,
+                              zoneout_cell=0.15, dtype=torch.float64, **options)
+    elif kind == "gru":
+        module = rnnfast.GRU(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64,
+                             **options)
+    else:
+        module = rnnfast.RNN(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64,
+                             **options)
+    module.train(training)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    lengths = torch.tensor([6, 5, 3, 1]) if packed else None
+    inputs = pack_padded_sequence(x, lengths) if packed else x
+    torch.manual_seed(11)
+    output, state = module(inputs)
+    if packed:
+        output, _ = pad_packed_sequence(output)
+    torch.manual_seed(11)
+    ref_output, ref_h, ref_c = module_reference(module, kind, x, None, lengths, training)
+    torch.testing.assert_close(output, ref_output, rtol=1e-10, atol=1e-10)
+    h_n = state[0] if kind == "lstm" else state
+    torch.testing.assert_close(h_n, ref_h, rtol=1e-10, atol=1e-10)
+    if kind == "lstm":
+        torch.testing.assert_close(state[1], ref_c, rtol=1e-10, atol=1e-10)
+    # The gradients of every parameter.
+    weights = torch.randn_like(ref_output)
+    ours = torch.autograd.grad((output * weights).sum(), list(module.parameters()))
+    expected = torch.autograd.grad((ref_output * weights).sum(), list(module.parameters()))
+    for (name, _), got, want in zip(module.named_parameters(), ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_state_dict_names_and_defaults():
+    plain = rnnfast.LSTM(4, 6, num_layers=2)
+    assert set(plain.state_dict()) == set(torch.nn.LSTM(4, 6, num_layers=2).state_dict())
+    normed = rnnfast.LSTM(4, 6, num_layers=2, bidirectional=True, layer_norm=True)
+    names = set(normed.state_dict()) - set(plain.state_dict())
+    expected = {f"layer_norm_{part}{suffix}" for part in
+                ("ih_weight", "hh_weight", "cell_weight", "cell_bias")
+                for suffix in ("_l0", "_l0_reverse", "_l1", "_l1_reverse")}
+    assert expected <= names
+    assert torch.equal(normed.layer_norm_ih_weight_l1, torch.ones(24))
+    assert torch.equal(normed.layer_norm_cell_bias_l0_reverse, torch.zeros(6))
+    normed.reset_parameters()
+    assert torch.equal(normed.layer_norm_hh_weight_l0, torch.ones(24))
+    gru = rnnfast.GRU(4, 6, layer_norm=True, bias=False)
+    assert {n for n in gru.state_dict() if n.startswith("layer_norm")} == {
+        "layer_norm_ih_weight_l0", "layer_norm_hh_weight_l0"}
+    assert "layer_norm=True" in repr(normed)
+    assert "zoneout=0.1" in repr(rnnfast.RNN(3, 3, zoneout=0.1))
+
+
+def test_masks_follow_the_seed_and_eval_is_deterministic():
+    module = rnnfast.LSTM(3, 5, zoneout=0.4, zoneout_cell=0.3, recurrent_dropout=0.3,
+                          input_dropout=0.2)
+    x = torch.randn(8, 2, 3)
+    torch.manual_seed(5)
+    first = module(x)[0]
+    torch.manual_seed(5)
+    second = module(x)[0]
+    third = module(x)[0]
+    assert torch.equal(first, second)
+    assert not torch.equal(second, third)
+    module.eval()
+    assert torch.equal(module(x)[0], module(x)[0])
+
+
+def test_zoneout_in_evaluation_mixes_in_the_previous_state():
+    torch.manual_seed(0)
+    plain = rnnfast.GRU(4, 5)
+    zoned = rnnfast.GRU(4, 5, zoneout=0.3).eval()
+    zoned.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 3, 4)
+    plain_output = plain(x)[0]
+    zoned_output = zoned(x)[0]
+    # The first step starts from h = 0: its output is 0.7 times the plain layer's.
+    torch.testing.assert_close(zoned_output[0], 0.7 * plain_output[0])
+    assert not torch.allclose(zoned_output[1:], plain_output[1:])
+
+
+@pytest.mark.parametrize("argument", ["zoneout", "recurrent_dropout", "input_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.1", True])
+def test_bad_probabilities_raise(argument, value):
+    with pytest.raises(ValueError, match=f"GRU: {argument} should be a number in range"):
+        rnnfast.GRU(3, 4, **{argument: value})
+
+
+def test_bad_option_arguments_raise():
+    with pytest.raises(TypeError, match="layer_norm must be a bool"):
+        rnnfast.LSTM(3, 4, layer_norm="yes")
+    with pytest.raises(ValueError, match="LSTM: zoneout_cell should be a number"):
+        rnnfast.LSTM(3, 4, zoneout_cell=2)
+    with pytest.raises(TypeError):
+        rnnfast.GRU(3, 4, zoneout_cell=0.1)  # GRU has no cell state
+    args = make_case("gru", layer_norm=True)
+    with pytest.raises(RuntimeError, match="norm_ih_weight must have shape"):
+        functional.layer_with_options("gru", **dict(args, norm_ih_weight=torch.ones(5,
+                                                                                   dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match="zoneout_cell_mask is only for LSTM"):
+        functional.layer_with_options("gru", **dict(args, zoneout_cell_mask=torch.zeros(5, 4, 6,
+                                                                                        dtype=torch.float64)))
+
+
+def test_bfloat16_layer_runs_in_float():
+    torch.manual_seed(0)
+    module = rnnfast.LSTM(4, 8, layer_norm=True, zoneout=0.2).eval()
+    x = torch.randn(5, 3, 4)
+    expected = module(x)[0]
+    got = module.to(torch.bfloat16)(x.bfloat16())[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    module = rnnfast.LSTM(4, 6, num_layers=2, layer_norm=True, zoneout=0.2, zoneout_cell=0.1,
+                          recurrent_dropout=0.2).eval()
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    expected = module(x)[0]
+    got = compiled(x)[0]
+    torch.testing.assert_close(got, expected)
+    grad_expected = torch.autograd.grad(expected.sum(), x)[0]
+    grad_got = torch.autograd.grad(got.sum(), x)[0]
+    torch.testing.assert_close(grad_got, grad_expected)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "elman_tanh"])
+@pytest.mark.parametrize("training", [True, False])
+def test_cells_match_reference(kind, training):
+    torch.manual_seed(2)
+    lstm = kind == "lstm"
+    module_class = {"lstm": rnnfast.LSTMCell, "gru": rnnfast.GRUCell,
+                    "elman_tanh": rnnfast.RNNCell}[kind]
+    extra = dict(zoneout_cell=0.2) if lstm else {}
+    cell = module_class(5, 6, layer_norm=True, zoneout=0.3, dtype=torch.float64, **extra)
+    cell.train(training)
+    with torch.no_grad():
+        for parameter in cell.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    h = torch.randn(4, 6, dtype=torch.float64)
+    c = torch.randn(4, 6, dtype=torch.float64)
+    torch.manual_seed(9)
+    result = cell(x, (h, c) if lstm else h)
+    h_new, c_new = result if lstm else (result, None)
+    torch.manual_seed(9)
+    masks = {}
+    if training:
+        masks["zoneout_mask"] = (torch.rand(1, 4, 6) < 0.3).double()
+        if lstm:
+            masks["zoneout_cell_mask"] = (torch.rand(1, 4, 6) < 0.2).double()
+    _, ref_h, ref_c = reference_layer(
+        kind, x.unsqueeze(0), h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh,
+        None, cell.layer_norm_ih_weight, cell.layer_norm_hh_weight,
+        getattr(cell, "layer_norm_cell_weight", None), getattr(cell, "layer_norm_cell_bias", None),
+        None, masks.get("zoneout_mask"), masks.get("zoneout_cell_mask"), 0.3, 0.2 if lstm else 0.0,
+        None, False)
+    torch.testing.assert_close(h_new, ref_h, rtol=1e-10, atol=1e-10)
+    outputs, references = [h_new], [ref_h]
+    if lstm:
+        torch.testing.assert_close(c_new, ref_c, rtol=1e-10, atol=1e-10)
+        outputs.append(c_new)
+        references.append(ref_c)
+    weights = [torch.randn_like(t) for t in references]
+    parameters = list(cell.parameters())
+    ours = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)), parameters)
+    expected = torch.autograd.grad(sum((r * w).sum() for r, w in zip(references, weights)),
+                                   parameters)
+    for (name, _), got, want in zip(cell.named_parameters(), ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_cell_option_arguments():
+    cell = rnnfast.LSTMCell(3, 4, layer_norm=True, bias=False)
+    assert {name for name, _ in cell.named_parameters()} == {
+        "weight_ih", "weight_hh", "layer_norm_ih_weight", "layer_norm_hh_weight",
+        "layer_norm_cell_weight"}
+    assert "layer_norm=True" in repr(cell)
+    assert set(rnnfast.GRUCell(3, 4).state_dict()) == set(torch.nn.GRUCell(3, 4).state_dict())
+    with pytest.raises(ValueError, match="RNNCell: zoneout should be a number in range"):
+        rnnfast.RNNCell(3, 4, zoneout=1.0)
+    with pytest.raises(TypeError):
+        rnnfast.GRUCell(3, 4, recurrent_dropout=0.1)  # a per-sequence mask: layers only
