@@ -10,8 +10,10 @@
 //                           h_prev [T, B, P]          the state each step starts from
 //                           c_prev [T, B, H]          (LSTM)
 //                           h_cell [T, B, H]          the cell's h, before projection and zoneout
+//                                                     (Elman cells and projections)
 //                           norm_ih, norm_hh [T, B, G], norm_cell [T, B, H]  the normal forms
-//                           rstd [T, B, 3]            1 / sqrt(var + eps) of the three
+//                           rstd [T, B, 3]            1 / sqrt(var + eps) of the three (with
+//                                                     layer_norm)
 //   backward_with_options  their gradients, in the order of kGradInput .. kGradNormCellBias
 //                         (an empty tensor where the forward had no such tensor, or where the
 //                         input's gradient was not asked for).

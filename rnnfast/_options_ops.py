@@ -30,9 +30,11 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih_wei
     return (input.new_empty(steps, batch, state), input.new_empty(batch, state),
             input.new_empty(batch, hidden) if lstm else input.new_empty(0),
             saved(saved_per_unit > 0, saved_per_unit * hidden), saved(True, state),
-            saved(lstm, hidden), saved(True, hidden),
+            saved(lstm, hidden), saved(saved_per_unit == 0 or w_hr is not None, hidden),
             saved(norm_ih_weight is not None, gates), saved(norm_hh_weight is not None, gates),
-            saved(lstm and norm_cell_weight is not None, hidden), saved(True, 3))
+            saved(lstm and norm_cell_weight is not None, hidden),
+            saved(norm_ih_weight is not None or norm_hh_weight is not None
+                  or (lstm and norm_cell_weight is not None), 3))
 
 
 @torch.library.register_fake("rnnfast::backward_with_options")
@@ -58,58 +60,49 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has
             like(norm_cell_weight, has_norm_cell_bias)]
 
 
-# The forward's arguments by name, in the schema's order.
-_ARGUMENTS = ("cell", "input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr",
-              "norm_ih_weight", "norm_hh_weight", "norm_cell_weight", "norm_cell_bias",
-              "recurrent_mask", "zoneout_mask", "zoneout_cell_mask", "zoneout", "zoneout_cell",
-              "lengths", "reverse", "save")
-# The forward's tensor arguments that have a gradient, and where backward_with_options returns it.
-_GRADIENT_OF = {"input": 0, "hx": 1, "cx": 2, "w_ih": 3, "w_hh": 4, "b_ih": 5, "b_hh": 6,
-                "w_hr": 7, "norm_ih_weight": 8, "norm_hh_weight": 9, "norm_cell_weight": 10,
-                "norm_cell_bias": 11}
-# The forward's outputs the backward reads, after output, h_n and c_n.
+# Where the forward's arguments are, in the schema's order (inputs of setup_context).
+_CELL, _INPUT, _HX, _CX, _W_IH, _W_HH, _B_IH, _B_HH, _W_HR = range(9)
+_NORM_IH, _NORM_HH, _NORM_CELL_WEIGHT, _NORM_CELL_BIAS = range(9, 13)
+_RECURRENT_MASK, _ZONEOUT_MASK, _ZONEOUT_CELL_MASK, _ZONEOUT, _ZONEOUT_CELL = range(13, 18)
+_LENGTHS, _REVERSE, _SAVE = range(18, 21)
+# The tensor arguments the backward reads, and the forward's outputs it reads (after output,
+# h_n and c_n), in the order the backward op takes them.
+_SAVED_INPUTS = (_INPUT, _W_IH, _W_HH, _W_HR, _NORM_IH, _NORM_HH, _NORM_CELL_WEIGHT,
+                 _RECURRENT_MASK, _ZONEOUT_MASK, _ZONEOUT_CELL_MASK, _LENGTHS)
 _SAVED_OUTPUTS = slice(3, 11)
+# For each forward argument, where backward_with_options returns its gradient (None: none).
+_GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 
 def _setup_context(ctx, inputs, output):
-    arguments = dict(zip(_ARGUMENTS, inputs))
-    if not arguments["save"]:
+    if not inputs[_SAVE]:
         raise RuntimeError("rnnfast: forward_with_options was run with save=False, so it cannot "
                            "be differentiated; run it with save=True where a gradient is wanted")
-    ctx.arguments = {name: value for name, value in arguments.items()
-                     if not isinstance(value, torch.Tensor)}
-    tensor_names = [name for name, value in arguments.items() if isinstance(value, torch.Tensor)]
-    ctx.tensor_names = tensor_names
-    ctx.present = {name: arguments[name] is not None for name in _ARGUMENTS}
-    ctx.save_for_backward(*(arguments[name] for name in tensor_names), *output[_SAVED_OUTPUTS])
+    # Plain values and which tensors were given: tuples, few objects per call (the collector
+    # of Python's garbage runs by the count of objects made).
+    ctx.settings = (inputs[_CELL], inputs[_B_IH] is not None, inputs[_NORM_CELL_BIAS] is not None,
+                    inputs[_ZONEOUT], inputs[_ZONEOUT_CELL], inputs[_REVERSE])
+    ctx.present = tuple(value is not None for value in inputs)
+    ctx.save_for_backward(*(inputs[index] for index in _SAVED_INPUTS), *output[_SAVED_OUTPUTS])
     # What the backward reads has no gradient; nor do absent ones need zeros made for them.
     ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
-    saved = ctx.saved_tensors
-    count = len(ctx.tensor_names)
-    tensors = dict(zip(ctx.tensor_names, saved[:count]))
-    arguments = {**ctx.arguments, **tensors}
-    get = arguments.get
-    input = arguments["input"]
+    (input, w_ih, w_hh, w_hr, norm_ih, norm_hh, norm_cell_weight, recurrent_mask, zoneout_mask,
+     zoneout_cell_mask, lengths, *saved_outputs) = ctx.saved_tensors
+    cell, has_bias, has_norm_cell_bias, zoneout, zoneout_cell, reverse = ctx.settings
     if grad_output is None:
-        grad_output = input.new_zeros(input.shape[0], input.shape[1], arguments["w_hh"].shape[1])
+        grad_output = input.new_zeros(input.shape[0], input.shape[1], w_hh.shape[1])
     grads = _BACKWARD(
-        arguments["cell"], grad_output, grad_h_n,
-        grad_c_n if _has_cell_state(arguments["cell"]) else None, input, arguments["w_ih"],
-        arguments["w_hh"], ctx.present["b_ih"], get("w_hr"), get("norm_ih_weight"),
-        get("norm_hh_weight"), get("norm_cell_weight"), ctx.present["norm_cell_bias"],
-        get("recurrent_mask"), get("zoneout_mask"), get("zoneout_cell_mask"),
-        arguments["zoneout"], arguments["zoneout_cell"], get("lengths"), arguments["reverse"],
-        *saved[count:], ctx.needs_input_grad[1])
-    result = []
-    for index, name in enumerate(_ARGUMENTS):
-        position = _GRADIENT_OF.get(name)
-        wanted = position is not None and ctx.present[name] and ctx.needs_input_grad[index]
-        result.append(grads[position] if wanted else None)
-    return tuple(result)
+        cell, grad_output, grad_h_n, grad_c_n if _has_cell_state(cell) else None, input, w_ih,
+        w_hh, has_bias, w_hr, norm_ih, norm_hh, norm_cell_weight, has_norm_cell_bias,
+        recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse,
+        *saved_outputs, ctx.needs_input_grad[_INPUT])
+    present, wanted = ctx.present, ctx.needs_input_grad
+    return tuple(grads[place] if place is not None and present[index] and wanted[index] else None
+                 for index, place in enumerate(_GRADIENT_OF))
 
 
 torch.library.register_autograd("rnnfast::forward_with_options", _backward,

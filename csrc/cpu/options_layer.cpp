@@ -112,6 +112,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   const bool norm_cell = Cell::kHasCellState && args.norm_cell_weight.defined();
   const bool zoneout_h = args.zoneout_mask.defined() || args.zoneout > 0;
   const bool zoneout_c = args.zoneout_cell_mask.defined() || args.zoneout_cell > 0;
+  const bool normalising =
+      args.norm_ih_weight.defined() || args.norm_hh_weight.defined() || norm_cell;
 
   LayerOptionsResult r;
   r.output = pooled_empty({Tn, B, P}, options);
@@ -125,19 +127,21 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   r.cell_saved = saved_or_empty(S > 0, {Tn, B, S * H});
   r.h_prev = saved_or_empty(true, {Tn, B, P});
   r.c_prev = saved_or_empty(Cell::kHasCellState, {Tn, B, H});
-  r.h_cell = saved_or_empty(true, {Tn, B, H});
+  // The cell's h: Elman's backward reads act' from it, the projection's gradient reads it.
+  r.h_cell = saved_or_empty(S == 0 || projecting, {Tn, B, H});
   r.norm_ih = saved_or_empty(args.norm_ih_weight.defined(), {Tn, B, G});
   r.norm_hh = saved_or_empty(args.norm_hh_weight.defined(), {Tn, B, G});
   r.norm_cell = saved_or_empty(norm_cell, {Tn, B, H});
-  r.rstd = saved_or_empty(true, {Tn, B, 3});
+  r.rstd = saved_or_empty(normalising, {Tn, B, 3});
 
   // xg = x W_ih^T, then + b_ih, or normalised: LN(x W_ih^T) * gain_ih + b_ih. [T * B, G]
   const Tensor x = args.input.reshape({Tn * B, I});
-  Tensor xg;
+  // (From the pool: a fresh buffer of this size costs a page fault per page, each call.)
+  Tensor xg = pooled_empty({Tn * B, G}, options);
   if (args.norm_ih_weight.defined() || !args.b_ih.defined()) {
-    xg = at::mm(x, args.w_ih.t());
+    at::mm_out(xg, x, args.w_ih.t());
   } else {
-    xg = at::addmm(args.b_ih, x, args.w_ih.t());
+    at::addmm_out(xg, args.b_ih, x, args.w_ih.t());
   }
   T* xg_data = xg.data_ptr<T>();
   if (args.norm_ih_weight.defined()) {
@@ -189,6 +193,16 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   T* hg_data = hg.data_ptr<T>();
   T* hc_data = h_cell.data_ptr<T>();
   T* hcand_data = h_candidate.data_ptr<T>();
+  // The saved tensors (or nullptr where not saved), read once: data_ptr checks the type.
+  T* cell_saved = save && S > 0 ? r.cell_saved.data_ptr<T>() : nullptr;
+  T* scratch = scratch_saved.data_ptr<T>();
+  T* norm_hh_saved = save && norm_hh ? r.norm_hh.data_ptr<T>() : nullptr;
+  T* norm_cell_saved = save && norm_cell ? r.norm_cell.data_ptr<T>() : nullptr;
+  T* rstd_saved = save && normalising ? r.rstd.data_ptr<T>() : nullptr;
+  T* h_cell_saved = save && (S == 0 || projecting) ? r.h_cell.data_ptr<T>() : nullptr;
+  T* h_prev_saved = save ? r.h_prev.data_ptr<T>() : nullptr;
+  T* c_prev_saved = save && Cell::kHasCellState ? r.c_prev.data_ptr<T>() : nullptr;
+  T* h_in_data = dropping ? h_in.data_ptr<T>() : nullptr;
 
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
   const auto cell_row = [&](int64_t t, int64_t b, const T* hp_row, A* cp_row, A* cn_row) {
@@ -196,13 +210,11 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     const T* xg_row = xg_data + row * G;
     T* hg_row = hg_data + b * G;
     if (norm_hh) {
-      const A value =
-          layer_norm_row<A>(static_cast<int>(G), hg_row, gain_hh, b_hh, hg_row,
-                            save ? r.norm_hh.template data_ptr<T>() + row * G : nullptr);
-      if (save) r.rstd.template data_ptr<T>()[row * 3 + 1] = value;
+      const A value = layer_norm_row<A>(static_cast<int>(G), hg_row, gain_hh, b_hh, hg_row,
+                                        norm_hh_saved ? norm_hh_saved + row * G : nullptr);
+      if (rstd_saved) rstd_saved[row * 3 + 1] = value;
     }
-    T* saved = save && S > 0 ? r.cell_saved.template data_ptr<T>() + row * S * H
-                             : scratch_saved.data_ptr<T>() + b * saved_width;
+    T* saved = cell_saved ? cell_saved + row * S * H : scratch + b * saved_width;
     T* hc_row = hc_data + b * H;
     if constexpr (Cell::kHasCellState) {
       if (norm_cell) {
@@ -216,8 +228,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         // c_out = LN(c) * gain_c + bias_c into saved[4H]: the backward's act(c_out).
         const A value =
             layer_norm_row<A>(static_cast<int>(H), cn_row, gain_c, bias_c, saved + 4 * H,
-                              save ? r.norm_cell.template data_ptr<T>() + row * H : nullptr);
-        if (save) r.rstd.template data_ptr<T>()[row * 3 + 2] = value;
+                              norm_cell_saved ? norm_cell_saved + row * H : nullptr);
+        if (rstd_saved) rstd_saved[row * 3 + 2] = value;
         for_unit_runs<T>(H, [&](auto j, auto zero) {
           using V = decltype(zero);
           store(hc_row, 0, j, Cell::hidden(load<V>(saved, 3 * H, j), load<V>(saved, 4 * H, j)));
@@ -250,7 +262,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         store(hc_row, 0, j, h);
       });
     }
-    if (save) std::copy(hc_row, hc_row + H, r.h_cell.template data_ptr<T>() + row * H);
+    if (h_cell_saved) std::copy(hc_row, hc_row + H, h_cell_saved + row * H);
   };
 
   // The new h of row b from its candidate (projected): zoneout, the output, the state.
@@ -281,15 +293,15 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     const int64_t rows = b1 - b0;
     for (int64_t step = 0; step < Tn; ++step) {
       const int64_t t = c.time(step);
-      if (save) {
-        std::copy(h_old + b0 * P, h_old + b1 * P, r.h_prev.data_ptr<T>() + (t * B + b0) * P);
-        if (c_old) {
-          std::copy(c_old + b0 * H, c_old + b1 * H, r.c_prev.data_ptr<T>() + (t * B + b0) * H);
-        }
+      if (h_prev_saved) {
+        std::copy(h_old + b0 * P, h_old + b1 * P, h_prev_saved + (t * B + b0) * P);
+      }
+      if (c_prev_saved) {
+        std::copy(c_old + b0 * H, c_old + b1 * H, c_prev_saved + (t * B + b0) * H);
       }
       const T* product_input = h_old + b0 * P;
       if (dropping) {
-        T* in = h_in.data_ptr<T>() + b0 * P;
+        T* in = h_in_data + b0 * P;
         for (int64_t n = 0; n < rows * P; ++n) in[n] = product_input[n] * mask[b0 * P + n];
         product_input = in;
       }
@@ -387,10 +399,10 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   const T* saved_all = data_if<T>(ba.cell_saved);
   const T* h_prev_all = ba.h_prev.data_ptr<T>();
   const T* c_prev_all = Cell::kHasCellState ? ba.c_prev.data_ptr<T>() : nullptr;
-  const T* h_cell_all = ba.h_cell.data_ptr<T>();
+  const T* h_cell_all = ba.h_cell.numel() > 0 ? ba.h_cell.data_ptr<T>() : nullptr;
   const T* norm_hh_all = data_if<T>(ba.norm_hh);
   const T* norm_cell_all = data_if<T>(ba.norm_cell);
-  const T* rstd_all = ba.rstd.data_ptr<T>();
+  const T* rstd_all = ba.rstd.numel() > 0 ? ba.rstd.data_ptr<T>() : nullptr;
   T* dxg_data = dxg.data_ptr<T>();
   T* dhg_data = dhg.data_ptr<T>();
   T* dhg_raw_data = dhg_raw.data_ptr<T>();
@@ -400,6 +412,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   T* dcell = dh_cell.data_ptr<T>();
   T* din = dh_in.data_ptr<T>();
   T* ddirect = dh_direct.data_ptr<T>();
+  T* dc_scratch_data = dc_scratch.data_ptr<T>();
+  T* dc_out_data = norm_cell ? dc_out_steps.data_ptr<T>() : nullptr;
+  T* dh_candidate_steps_data = projecting ? dh_candidate_steps.data_ptr<T>() : nullptr;
 
   const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent_back);
   const bool rows_per_thread =
@@ -418,7 +433,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       const T* mask_row = c.zoneout_row(args.zoneout_cell_mask, t, b, H);
       // dc_row: dLoss/dc of the step's state, split by zoneout into what reaches c_prev
       // directly (kept in dc_row) and the new cell state's share (dc_new).
-      T* dc_new = dc_scratch.data_ptr<T>() + b * 2 * H;
+      T* dc_new = dc_scratch_data + b * 2 * H;
       for_unit_runs<T>(H, [&](auto j, auto zero) {
         using V = decltype(zero);
         const V d = load<V>(dc_row, 0, j);
@@ -431,7 +446,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       });
       if (norm_cell) {
         // dLoss/dc_out through h, then through the normalisation into dc.
-        T* dc_out = dc_out_steps.data_ptr<T>() + row * H;
+        T* dc_out = dc_out_data + row * H;
         for_unit_runs<T>(H, [&](auto j, auto zero) {
           using V = decltype(zero);
           store(
@@ -512,8 +527,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
         });
       }
       if (projecting) {
-        std::copy(dcand + b0 * P, dcand + b1 * P,
-                  dh_candidate_steps.data_ptr<T>() + (t * B + b0) * P);
+        std::copy(dcand + b0 * P, dcand + b1 * P, dh_candidate_steps_data + (t * B + b0) * P);
         projection_back.run(dcand + b0 * P, rows, dcell + b0 * H);
       }
       const auto cells = [&](int64_t begin, int64_t end) {
@@ -554,7 +568,11 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   // The weights' gradients over all steps.
   std::vector<Tensor> grads(kLayerOptionsGradients);
   Tensor h_in_steps = ba.h_prev.reshape({Tn * B, P});
-  if (dropping) h_in_steps = (ba.h_prev * args.recurrent_mask).reshape({Tn * B, P});
+  if (dropping) {
+    Tensor masked = pooled_empty({Tn, B, P}, options);
+    at::mul_out(masked, ba.h_prev, args.recurrent_mask);
+    h_in_steps = masked.view({Tn * B, P});
+  }
   grads[kGradWhh] = at::mm(dhg_raw.t(), h_in_steps);
   if (ba.has_bias) grads[kGradBhh] = dhg.sum(0);
   if (norm_hh) grads[kGradNormHh] = gain_hh_grad.total();
@@ -582,7 +600,11 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   }
   const Tensor x = args.input.reshape({Tn * B, I});
   grads[kGradWih] = at::mm(dxg.t(), x);
-  if (ba.input_grad) grads[kGradInput] = at::mm(dxg, args.w_ih).view({Tn, B, I});
+  if (ba.input_grad) {
+    Tensor grad_input = pooled_empty({Tn * B, I}, options);
+    at::mm_out(grad_input, dxg, args.w_ih);
+    grads[kGradInput] = grad_input.view({Tn, B, I});
+  }
   grads[kGradHx] = dh_carry;
   if (Cell::kHasCellState) grads[kGradCx] = dc_carry;
   return grads;

@@ -95,16 +95,12 @@ std::vector<at::Tensor> backward_with_options(
   check_layer_options_args(args.layer);
   const LayerOptionsArgs& layer = args.layer;
   const int64_t steps = layer.input.size(0), batch = layer.input.size(1);
-  const int gates = dispatch_cell(layer.kind, [](auto c) { return decltype(c)::kGates; });
-  const int64_t state = layer.w_hh.size(1), hidden = layer.w_ih.size(0) / gates;
+  const int64_t state = layer.w_hh.size(1);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({steps, batch, state}),
               "rnnfast: grad_output must have shape [T, B, state_size], got ", grad_output.sizes());
   TORCH_CHECK(h_prev.sizes() == at::IntArrayRef({steps, batch, state}),
               "rnnfast: h_prev must be the forward's, saved with save=True; got shape ",
               h_prev.sizes());
-  TORCH_CHECK(h_cell.sizes() == at::IntArrayRef({steps, batch, hidden}),
-              "rnnfast: h_cell must be the forward's, saved with save=True; got shape ",
-              h_cell.sizes());
   args.grad_output = grad_output.contiguous();
   args.grad_h_n = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
   args.grad_c_n = grad_c_n.has_value() ? grad_c_n->contiguous() : at::Tensor();
