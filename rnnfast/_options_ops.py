@@ -74,7 +74,9 @@ _SAVED_OUTPUTS = slice(3, 11)
 _GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
+    """What the backward needs from a differentiable call: inputs are the forward's arguments,
+    output its results."""
     if not inputs[_SAVE]:
         raise RuntimeError("rnnfast: forward_with_options was run with save=False, so it cannot "
                            "be differentiated; run it with save=True where a gradient is wanted")
@@ -84,9 +86,14 @@ def _setup_context(ctx, inputs, output):
                     inputs[_ZONEOUT], inputs[_ZONEOUT_CELL], inputs[_REVERSE])
     ctx.present = tuple(value is not None for value in inputs)
     ctx.save_for_backward(*(inputs[index] for index in _SAVED_INPUTS), *output[_SAVED_OUTPUTS])
-    # What the backward reads has no gradient; nor do absent ones need zeros made for them.
-    ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
+    # Absent gradients need no zeros made for them.
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output)
+    # What the backward reads is an output of the op without a gradient.
+    ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
@@ -107,3 +114,18 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
 
 torch.library.register_autograd("rnnfast::forward_with_options", _backward,
                                 setup_context=_setup_context)
+
+
+class LayerWithOptions(torch.autograd.Function):
+    """The op with the autograd formula above, as the eager layers call it: outputs output, h_n
+    and c_n only (what the backward reads stays out of Python's sight)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        results = _FORWARD(*inputs)
+        _save(ctx, inputs, results)
+        return results[:3]
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n):
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n)

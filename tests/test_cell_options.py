@@ -455,3 +455,34 @@ def test_cell_option_arguments():
         rnnfast.RNNCell(3, 4, zoneout=1.0)
     with pytest.raises(TypeError):
         rnnfast.GRUCell(3, 4, recurrent_dropout=0.1)  # a per-sequence mask: layers only
+
+
+def test_torch_compile_fullgraph_training_draws_the_eager_masks():
+    torch.manual_seed(0)
+    module = rnnfast.GRU(4, 6, num_layers=2, bidirectional=True, layer_norm=True, zoneout=0.2,
+                         recurrent_dropout=0.2, input_dropout=0.1)
+    x = torch.randn(5, 3, 4)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    results = []
+    for run in (module, compiled):
+        module.zero_grad()
+        torch.manual_seed(1)
+        output = run(x)[0]
+        output.sum().backward()
+        results.append((output.detach(), module.weight_hh_l1_reverse.grad.clone(),
+                        module.layer_norm_ih_weight_l0.grad.clone()))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck(cell):
+    args = make_case(cell, layer_norm=True, zoneout="mask", recurrent=True, packed=True,
+                     steps=3, batch=3, hidden=4,
+                     zoneout_cell="mask" if cell == "lstm" else None)
+    names = [name for name, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run(*tensors):
+        return functional.layer_with_options(cell, **dict(args, **dict(zip(names, tensors))))
+
+    assert torch.autograd.gradcheck(run, [args[name] for name in names])
