@@ -158,8 +158,9 @@ def main(argv=None):
     cfg = bench_lib.timing_config("cpu", quick=args.quick)
     timer = bench_lib.timer_for("cpu")
     rows = []
+    load_at_start = bench_lib.load_average()
     print(f"CPU: {bench_lib.cpu_model()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+          f"{torch.__version__}, load average {load_at_start}")
     print("| cell | option | shape | plain ms | option ms | loop ms | cost (<= 1.3) | "
           "speed-up (>= 5) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -195,6 +196,7 @@ def main(argv=None):
                                        "threads": torch.get_num_threads(),
                                        "torch": torch.__version__,
                                        "python": platform.python_version(),
+                                       "load_average_at_start": load_at_start,
                                        "git": bench_lib.git_info()},
                        "rows": rows}, out, indent=1)
     return 0
