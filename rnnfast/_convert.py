@@ -21,8 +21,8 @@ def convert(model, to="rnnfast"):
     working), buffers, hooks, parametrizations (weight_norm), training mode, device and dtype
     are kept, and no random number is drawn. to="torch": the reverse; a module that uses an
     rnnfast extra torch.nn has no form of (RNN / RNNCell nonlinearity='sigmoid', LSTM /
-    LSTMCell activation other than 'tanh') is refused with a ValueError, before anything is
-    changed.
+    LSTMCell activation other than 'tanh', the cell options layer_norm, zoneout and the dropout
+    masks) is refused with a ValueError, before anything is changed.
     """
     if to not in ("rnnfast", "torch"):
         raise ValueError(f"convert: to must be 'rnnfast' or 'torch', got {to!r}")
@@ -51,6 +51,8 @@ def _own_class(module):
 
 
 def _rnnfast_extra(module):
+    if module._options.any():
+        return modules._options_repr(module._options).lstrip(", ")
     if getattr(module, "activation", "tanh") != "tanh":
         return f"activation={module.activation!r}"
     if getattr(module, "nonlinearity", "tanh") == "sigmoid":

@@ -43,11 +43,23 @@ def _refuse(module, option, why):
         f"ONNX: {why}")
 
 
+def refuse_cell_options(module):
+    """Layers and cells with layer_norm, zoneout or dropout masks: ONNX's recurrent operators
+    have none of them."""
+    options = module._options
+    if options.any():
+        given = ", ".join(f"{name}={value!r}" for name, value in options._asdict().items()
+                          if value)
+        _refuse(module, given, "ONNX's LSTM, GRU and RNN operators, which torch.nn's layers "
+                "export to, have no layer normalisation, zoneout or dropout")
+
+
 def layer_forward(module, torch_class, input, hx):
     """module's forward as torch_class (nn.LSTM, nn.GRU or nn.RNN) computes it, on the module's
     parameters. rnnfast's layers have torch_class's attributes (RNNBase's constructor builds
     both; rnnfast.convert swaps the classes) and the methods its forward calls (rnnfast.LSTM
     takes nn.LSTM's), so torch.nn's forward runs on the module as it is."""
+    refuse_cell_options(module)
     if getattr(module, "activation", "tanh") != "tanh":
         _refuse(module, f"activation={module.activation!r}",
                 "ONNX's LSTM operator is reached through torch.nn's LSTM, whose cell candidate "

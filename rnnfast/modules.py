@@ -163,7 +163,10 @@ class _RecurrentLayer:
         per_layer = 4 if self.mode == "LSTM" and self.bias else 3 if self.mode == "LSTM" else 2
         norms = []
         for start in range(0, len(self._norm_names), per_layer):
-            chunk = [parameters[name] for name in self._norm_names[start:start + per_layer]]
+            # From the parameter dict where they are there (Module.__getattr__ is slow at this
+            # call rate); a parametrization (weight_norm) computes them at the attribute.
+            chunk = [parameters[name] if name in parameters else getattr(self, name)
+                     for name in self._norm_names[start:start + per_layer]]
             norms.append(tuple(chunk + [None] * (4 - len(chunk))))
         return norms
 
@@ -652,6 +655,7 @@ class _RecurrentCell:
             empty = x.matmul(w_ih.t())
             h_new, c_new = empty, (empty.clone() if is_lstm else None)
         elif _onnx.exporting():
+            _onnx.refuse_cell_options(self)
             h_new, c_new = _onnx.cell_step(cell, x, h, c, w_ih, self.weight_hh, self.bias_ih,
                                            self.bias_hh)
         elif self._options.any():

@@ -486,3 +486,41 @@ def test_gradcheck(cell):
         return functional.layer_with_options(cell, **dict(args, **dict(zip(names, tensors))))
 
     assert torch.autograd.gradcheck(run, [args[name] for name in names])
+
+
+@pytest.mark.parametrize("module", [
+    lambda: rnnfast.LSTM(3, 4, layer_norm=True), lambda: rnnfast.GRU(3, 4, zoneout=0.1),
+    lambda: rnnfast.RNN(3, 4, recurrent_dropout=0.2), lambda: rnnfast.LSTMCell(3, 4, zoneout=0.1),
+], ids=["lstm-layer-norm", "gru-zoneout", "rnn-recurrent-dropout", "lstm-cell-zoneout"])
+def test_onnx_export_refuses_cell_options(module, tmp_path):
+    # ONNX's recurrent operators have none of them: exporting torch.nn's layer in their place
+    # would write another model.
+    model = module().eval()
+    x = torch.randn(2, 3) if isinstance(model, torch.nn.RNNCellBase) else torch.randn(5, 2, 3)
+    with pytest.raises(torch.onnx.OnnxExporterError, match="cannot be exported to ONNX"):
+        torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"), dynamo=False)
+
+
+def test_convert_to_torch_refuses_cell_options():
+    model = torch.nn.Sequential(rnnfast.GRU(3, 4, layer_norm=True, zoneout=0.1))
+    with pytest.raises(ValueError, match="has layer_norm=True, zoneout=0.1, which torch.nn"):
+        rnnfast.convert(model, to="torch")
+    assert isinstance(model[0], rnnfast.GRU)
+
+
+def test_parametrized_and_functional_norm_weights_are_used():
+    torch.manual_seed(0)
+    module = rnnfast.LSTM(3, 4, layer_norm=True).eval()
+    x = torch.randn(5, 2, 3)
+    plain = module(x)[0]
+    doubled = {"layer_norm_cell_weight_l0": 2 * module.layer_norm_cell_weight_l0.detach()}
+    functional_output = torch.func.functional_call(module, doubled, (x,))[0]
+    assert not torch.allclose(functional_output, plain)
+    torch.nn.utils.parametrize.register_parametrization(
+        module, "layer_norm_cell_weight_l0", _Double())
+    torch.testing.assert_close(module(x)[0], functional_output)
+
+
+class _Double(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
