@@ -19,8 +19,14 @@
 
 #if defined(__CUDACC__)
 #define RNNFAST_HD __host__ __device__ __forceinline__
+#define RNNFAST_HD_INLINED __host__ __device__ __forceinline__
 #else
 #define RNNFAST_HD inline
+// Always inlined on the CPU: a template of scalar types only (the rows of a layer
+// normalisation) has one name in every instruction set's copy of the CPU engine, so its
+// out-of-line copies are one function, the first the linker meets: the portable copy's, without
+// AVX (csrc/cpu/capability.h).
+#define RNNFAST_HD_INLINED inline __attribute__((always_inline))
 #endif
 
 namespace rnnfast {
@@ -290,7 +296,7 @@ constexpr double kLayerNormEpsilon = 1e-5;
 constexpr int kSumLanes = 16;
 
 template <typename A>
-RNNFAST_HD A lanes_total(const A (&partial)[kSumLanes]) {
+RNNFAST_HD_INLINED A lanes_total(const A (&partial)[kSumLanes]) {
   A total = A(0);
   for (int lane = 0; lane < kSumLanes; ++lane) total += partial[lane];
   return total;
@@ -300,7 +306,8 @@ RNNFAST_HD A lanes_total(const A (&partial)[kSumLanes]) {
 // nullptr); normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x.
 // Returns 1 / sqrt(var + eps). Mean and variance in A, in two passes (as torch's).
 template <typename A, typename T, typename W>
-RNNFAST_HD A layer_norm_row(int n, const T* x, const W* gain, const W* bias, T* y, T* normalized) {
+RNNFAST_HD_INLINED A layer_norm_row(int n, const T* x, const W* gain, const W* bias, T* y,
+                                    T* normalized) {
   const int whole = n - n % kSumLanes;
   A sum[kSumLanes] = {};
   for (int k = 0; k < whole; k += kSumLanes) {
@@ -332,8 +339,8 @@ RNNFAST_HD A layer_norm_row(int n, const T* x, const W* gain, const W* bias, T* 
 // (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
 // dx may be dy. The gain's and bias's gradients are sums over rows, left to the engine.
 template <typename A, typename T, typename W>
-RNNFAST_HD void layer_norm_row_backward(int n, const T* dy, const T* normalized, A rstd,
-                                        const W* gain, T* dx) {
+RNNFAST_HD_INLINED void layer_norm_row_backward(int n, const T* dy, const T* normalized, A rstd,
+                                                const W* gain, T* dx) {
   const int whole = n - n % kSumLanes;
   A sum_g[kSumLanes] = {}, sum_g_x_hat[kSumLanes] = {};
   for (int k = 0; k < whole; k += kSumLanes) {
@@ -358,13 +365,13 @@ RNNFAST_HD void layer_norm_row_backward(int n, const T* dy, const T* normalized,
 // Zoneout of one unit: the previous value where keep is 1, the new one where it is 0, and
 // their mix for a probability (inference).
 template <typename A>
-RNNFAST_HD A zoneout(A keep, A previous, A candidate) {
+RNNFAST_HD_INLINED A zoneout(A keep, A previous, A candidate) {
   return candidate + keep * (previous - candidate);
 }
 
 // Its gradient: d flows to the previous value by keep, to the new one by 1 - keep.
 template <typename A>
-RNNFAST_HD void zoneout_backward(A keep, A d, A& d_previous, A& d_candidate) {
+RNNFAST_HD_INLINED void zoneout_backward(A keep, A d, A& d_previous, A& d_candidate) {
   d_previous = keep * d;
   d_candidate = d - d_previous;
 }
