@@ -196,8 +196,9 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
                        norm_cell_bias=None, recurrent_mask=None, zoneout_mask=None,
                        zoneout_cell_mask=None, zoneout=0.0, zoneout_cell=0.0, lengths=None,
                        reverse=False):
-    """One layer in one direction with cell options; the masks are given (see stacked for how
-    they are drawn), so the result is a function of its arguments that tests can reproduce.
+    """One layer in one direction with cell options; the masks are given (stacked_with_options
+    says how the layers draw them), so the result is a function of its arguments that tests can
+    reproduce.
 
     input [T, B, I] (time-major); hx, cx, weights, biases, lengths as in layer (lengths: int64
     on the CPU); norm_ih_weight, norm_hh_weight [G]: layer_norm's gains of x W_ih^T and

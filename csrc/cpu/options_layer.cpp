@@ -50,10 +50,10 @@ const T* data_if(const Tensor& t) {
 template <typename T>
 struct Call {
   const LayerOptionsArgs& args;
-  int64_t steps, batch, input_size, hidden_size, state_size, gate_size, saved_per_unit;
+  int64_t steps, batch, input_size, hidden_size, state_size, gate_size;
   const int64_t* lengths;  // [B] or nullptr
 
-  Call(const LayerOptionsArgs& a, int64_t gates, int64_t saved)
+  Call(const LayerOptionsArgs& a, int64_t gates)
       : args(a),
         steps(a.input.size(0)),
         batch(a.input.size(1)),
@@ -61,12 +61,11 @@ struct Call {
         hidden_size(a.w_ih.size(0) / gates),
         state_size(a.w_hh.size(1)),
         gate_size(a.w_ih.size(0)),
-        saved_per_unit(saved),
         lengths(a.lengths.defined() ? a.lengths.data_ptr<int64_t>() : nullptr) {}
 
   int64_t time(int64_t step) const { return args.reverse ? steps - 1 - step : step; }
   bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
-  // Row b's zoneout keep value of unit j at time t: the mask's, or the probability.
+  // Row b's row of a zoneout mask [T, B, width] at time t, or nullptr without a mask.
   const T* zoneout_row(const Tensor& mask, int64_t t, int64_t b, int64_t width) const {
     return mask.defined() ? mask.data_ptr<T>() + (t * batch + b) * width : nullptr;
   }
@@ -104,7 +103,7 @@ class GainGradient {
 template <typename Cell, typename T>
 LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   using A = T;
-  const Call<T> c(args, Cell::kGates, Cell::kSavedPerUnit);
+  const Call<T> c(args, Cell::kGates);
   const int64_t Tn = c.steps, B = c.batch, I = c.input_size, H = c.hidden_size, P = c.state_size,
                 G = c.gate_size, S = Cell::kSavedPerUnit;
   const auto options = args.input.options();
@@ -351,7 +350,7 @@ template <typename Cell, typename T>
 std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   using A = T;
   const LayerOptionsArgs& args = ba.layer;
-  const Call<T> c(args, Cell::kGates, Cell::kSavedPerUnit);
+  const Call<T> c(args, Cell::kGates);
   const int64_t Tn = c.steps, B = c.batch, I = c.input_size, H = c.hidden_size, P = c.state_size,
                 G = c.gate_size, S = Cell::kSavedPerUnit;
   const auto options = args.input.options();
