@@ -524,3 +524,43 @@ def test_parametrized_and_functional_norm_weights_are_used():
 class _Double(torch.nn.Module):
     def forward(self, weight):
         return 2 * weight
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "unbatched", "unsorted-packed"])
+def test_module_layouts_and_initial_state(layout):
+    # The module's input and state handling (batch_first, unbatched, a packed sequence whose
+    # rows are reordered, hx given) is the plain layers'; the options layer sees time-major rows.
+    torch.manual_seed(4)
+    module = rnnfast.LSTM(3, 5, num_layers=2, bidirectional=True, layer_norm=True, zoneout=0.2,
+                          zoneout_cell=0.1, recurrent_dropout=0.2, input_dropout=0.1,
+                          batch_first=layout == "batch_first", dtype=torch.float64)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    hx = (torch.randn(4, 4, 5, dtype=torch.float64), torch.randn(4, 4, 5, dtype=torch.float64))
+    lengths = torch.tensor([3, 6, 1, 4])
+    if layout == "batch_first":
+        inputs, state, lengths = x.transpose(0, 1).contiguous(), hx, None
+    elif layout == "unbatched":
+        x, hx, lengths = x[:, :1], (hx[0][:, :1], hx[1][:, :1]), None
+        inputs, state = x[:, 0], (hx[0][:, 0], hx[1][:, 0])
+    else:
+        inputs, state = pack_padded_sequence(x, lengths, enforce_sorted=False), hx
+    torch.manual_seed(8)
+    output, (h_n, c_n) = module(inputs, state)
+    if layout == "batch_first":
+        output = output.transpose(0, 1)
+    elif layout == "unbatched":
+        output, h_n, c_n = output.unsqueeze(1), h_n.unsqueeze(1), c_n.unsqueeze(1)
+    else:
+        output, _ = pad_packed_sequence(output)
+    # The reference runs the rows in the packed sequence's order (longest first), as the
+    # module does, so the masks' rows match.
+    order = torch.argsort(lengths, descending=True, stable=True) if lengths is not None \
+        else torch.arange(x.shape[1])
+    torch.manual_seed(8)
+    ref_output, ref_h, ref_c = module_reference(
+        module, "lstm", x[:, order], (hx[0][:, order], hx[1][:, order]),
+        lengths[order] if lengths is not None else None, True)
+    unsort = torch.argsort(order)
+    torch.testing.assert_close(output, ref_output[:, unsort], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_n, ref_h[:, unsort], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(c_n, ref_c[:, unsort], rtol=1e-10, atol=1e-10)
