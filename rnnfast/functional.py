@@ -138,10 +138,17 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-        if dropout > 0 and training and index < num_layers - 1:
-            x = _dropout_between_layers(x, dropout, lengths)
+        x = _next_layer_input(outputs, index, num_layers, dropout, training, lengths)
     return x, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)
+
+
+def _next_layer_input(outputs, index, num_layers, dropout, training, lengths):
+    """Layer `index`'s output (its directions' concatenated), with torch.nn's dropout where
+    another layer follows."""
+    x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    if dropout > 0 and training and index < num_layers - 1:
+        x = _dropout_between_layers(x, dropout, lengths)
+    return x
 
 
 def _dropout_between_layers(x, p, lengths):
@@ -292,8 +299,6 @@ def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidire
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
-        if dropout > 0 and training and index < num_layers - 1:
-            x = _dropout_between_layers(x, dropout, lengths)
+        x = _next_layer_input(outputs, index, num_layers, dropout, training, lengths)
     output = x.transpose(0, 1) if batch_first else x
     return output, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)

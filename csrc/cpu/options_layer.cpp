@@ -17,6 +17,7 @@
 #include "../buffer_pool.h"
 #include "../cells.h"
 #include "../layer_options.h"
+#include "../parallel_rows.h"
 #include "capability.h"
 #include "kernels.h"
 #include "recurrent_product.h"
@@ -30,15 +31,13 @@ namespace {
 
 using at::Tensor;
 
-// A step's rows run on the threads where a row has at least this many gate values per thread
-// share of rows (below, the parallel region costs more than it saves).
+// A step's rows run on the threads in shares of at least this many gate values (below, the
+// parallel region costs more than it saves).
 constexpr int64_t kValuesPerThreadTask = 1 << 12;
 
 template <typename Fn>
 void for_rows(int64_t rows, int64_t values_per_row, const Fn& fn) {
-  const int64_t grain =
-      std::max<int64_t>(1, kValuesPerThreadTask / std::max<int64_t>(1, values_per_row));
-  at::parallel_for(0, rows, grain, fn);
+  for_row_shares(rows, values_per_row, kValuesPerThreadTask, fn);
 }
 
 template <typename T>
@@ -76,6 +75,19 @@ struct Call {
 template <typename V, typename T, typename Index>
 V keep_values(const T* mask_row, T p, Index j) {
   return mask_row ? load<V>(mask_row, 0, j) : V(p);
+}
+
+// to = zoneout(keep, previous, candidate) over a row of n units, keep from mask_row (or p where
+// it is nullptr); to may be candidate.
+template <typename T>
+void zoneout_units(int64_t n, const T* mask_row, T p, const T* previous, const T* candidate,
+                   T* to) {
+  for_unit_runs<T>(n, [&](auto j, auto zero) {
+    using V = decltype(zero);
+    store(
+        to, 0, j,
+        zoneout(keep_values<V>(mask_row, p, j), load<V>(previous, 0, j), load<V>(candidate, 0, j)));
+  });
 }
 
 // The gradient of a layer normalisation's gain, sum over rows of dy * normalized, in one row of
@@ -244,13 +256,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         });
       }
       if (zoneout_c) {
-        const T* mask_row = c.zoneout_row(args.zoneout_cell_mask, t, b, H);
-        for_unit_runs<T>(H, [&](auto j, auto zero) {
-          using V = decltype(zero);
-          store(cn_row, 0, j,
-                zoneout(keep_values<V>(mask_row, T(args.zoneout_cell), j), load<V>(cp_row, 0, j),
-                        load<V>(cn_row, 0, j)));
-        });
+        zoneout_units<T>(H, c.zoneout_row(args.zoneout_cell_mask, t, b, H), T(args.zoneout_cell),
+                         cp_row, cn_row, cn_row);
       }
     } else {
       for_unit_runs<T>(H, [&](auto j, auto zero) {
@@ -269,13 +276,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     const T* cand = hcand_data + b * P;
     T* out_row = out + (t * B + b) * P;
     if (zoneout_h) {
-      const T* mask_row = c.zoneout_row(args.zoneout_mask, t, b, P);
-      for_unit_runs<T>(P, [&](auto j, auto zero) {
-        using V = decltype(zero);
-        store(hn_row, 0, j,
-              zoneout(keep_values<V>(mask_row, T(args.zoneout), j), load<V>(hp_row, 0, j),
-                      load<V>(cand, 0, j)));
-      });
+      zoneout_units<T>(P, c.zoneout_row(args.zoneout_mask, t, b, P), T(args.zoneout), hp_row, cand,
+                       hn_row);
     } else {
       std::copy(cand, cand + P, hn_row);
     }
