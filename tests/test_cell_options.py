@@ -564,3 +564,32 @@ def test_module_layouts_and_initial_state(layout):
     torch.testing.assert_close(output, ref_output[:, unsort], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h_n, ref_h[:, unsort], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(c_n, ref_c[:, unsort], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell,case", [
+    ("lstm", dict(layer_norm=True, zoneout="mask", zoneout_cell="mask", recurrent=True,
+                  batch=32, hidden=96, input_size=64, steps=6)),
+    ("gru", dict(layer_norm=True, packed=True, batch=40, hidden=200, input_size=100, steps=5)),
+    ("elman_tanh", dict(zoneout="mask", recurrent=True, batch=64, hidden=300, input_size=300,
+                        steps=4)),
+], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas"])
+def test_results_are_the_same_on_one_and_two_threads(cell, case):
+    # Rows per thread, or cells split per step; the gradients' sums in an order fixed by the
+    # shape: float32 results bit for bit the same on any number of threads.
+    args = {name: t.detach().float().requires_grad_(t.requires_grad)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for name, t in make_case(cell, **case).items()}
+    names = [name for name, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            output, h_n, _ = functional.layer_with_options(cell, **args)
+            grads = torch.autograd.grad((output * output).sum() + h_n.sum(),
+                                        [args[name] for name in names])
+            results.append([output, h_n, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(["output", "h_n", *names], *results):
+        assert torch.equal(one, two), name

@@ -31,6 +31,9 @@ namespace {
 
 using at::Tensor;
 
+// Columns of a column sum per thread's share (a multiple of every vector width).
+constexpr int64_t kColumnsPerTask = 256;
+
 // A step's rows run on the threads in shares of at least this many gate values (below, the
 // parallel region costs more than it saves).
 constexpr int64_t kValuesPerThreadTask = 1 << 12;
@@ -90,27 +93,27 @@ void zoneout_units(int64_t n, const T* mask_row, T p, const T* previous, const T
   });
 }
 
-// The gradient of a layer normalisation's gain, sum over rows of dy * normalized, in one row of
-// partial sums per thread (the rows of a step run on several threads).
+// out[n] = the sum over rows r of a[r, n] * b[r, n] (a, b: [rows, cols] contiguous): a layer
+// normalisation's gain gradient from dLoss/dy and the normal forms. Each column is summed in row
+// order, so the result is the same on any number of threads (the columns are split).
 template <typename T>
-class GainGradient {
- public:
-  GainGradient(bool wanted, int64_t size, const at::TensorOptions& options)
-      : size_(size),
-        partial_(wanted ? at::zeros({at::get_num_threads(), size}, options) : Tensor()) {}
-  void add(const T* dy, const T* normalized) {
-    T* sum = partial_.data_ptr<T>() + at::get_thread_num() * size_;
-    for_unit_runs<T>(size_, [&](auto j, auto zero) {
-      using V = decltype(zero);
-      store(sum, 0, j, load<V>(sum, 0, j) + load<V>(dy, 0, j) * load<V>(normalized, 0, j));
-    });
-  }
-  Tensor total() const { return partial_.sum(0); }
-
- private:
-  int64_t size_;
-  Tensor partial_;
-};
+Tensor column_dot_sums(const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0), cols = a.size(1);
+  Tensor out = at::zeros({cols}, a.options());
+  const T *a_data = a.data_ptr<T>(), *b_data = b.data_ptr<T>();
+  T* sums = out.data_ptr<T>();
+  at::parallel_for(0, cols, kColumnsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* a_row = a_data + r * cols;
+      const T* b_row = b_data + r * cols;
+      for_unit_runs<T>(begin, end, [&](auto j, auto zero) {
+        using V = decltype(zero);
+        store(sums, 0, j, load<V>(sums, 0, j) + load<V>(a_row, 0, j) * load<V>(b_row, 0, j));
+      });
+    }
+  });
+  return out;
+}
 
 template <typename Cell, typename T>
 LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
@@ -376,7 +379,6 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   Tensor dhg_raw = norm_hh ? steps_buffer(G) : dhg;
   Tensor dh_candidate_steps = projecting ? steps_buffer(P) : Tensor();
   Tensor dc_out_steps = norm_cell ? steps_buffer(H) : Tensor();
-  GainGradient<T> gain_hh_grad(norm_hh, G, options), gain_cell_grad(norm_cell, H, options);
 
   // dLoss/dh and dLoss/dc of the state each step leaves, carried back step by step.
   Tensor dh_carry = ba.grad_h_n.defined() ? ba.grad_h_n.clone() : at::zeros({B, P}, options);
@@ -454,11 +456,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
               dc_out, 0, j,
               Cell::output_backward(static_cast<int>(H), j, saved, load<V>(dh_row, 0, j), dxg_row));
         });
-        const T* normalized = norm_cell_all + row * H;
-        gain_cell_grad.add(dc_out, normalized);
         T* dc_through_norm = dc_new + H;
-        layer_norm_row_backward<A>(static_cast<int>(H), dc_out, normalized, rstd_all[row * 3 + 2],
-                                   gain_c, dc_through_norm);
+        layer_norm_row_backward<A>(static_cast<int>(H), dc_out, norm_cell_all + row * H,
+                                   rstd_all[row * 3 + 2], gain_c, dc_through_norm);
         for_unit_runs<T>(H, [&](auto j, auto zero) {
           using V = decltype(zero);
           V dc_prev = zero;
@@ -491,10 +491,8 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       });
     }
     if (norm_hh) {
-      const T* normalized = norm_hh_all + row * G;
-      gain_hh_grad.add(dhg_row, normalized);
-      layer_norm_row_backward<A>(static_cast<int>(G), dhg_row, normalized, rstd_all[row * 3 + 1],
-                                 gain_hh, dhg_raw_data + row * G);
+      layer_norm_row_backward<A>(static_cast<int>(G), dhg_row, norm_hh_all + row * G,
+                                 rstd_all[row * 3 + 1], gain_hh, dhg_raw_data + row * G);
     }
   };
 
@@ -566,7 +564,19 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     run_rows(0, B, threads == StepThreads::PointwisePerStep);
   }
 
-  // The weights' gradients over all steps.
+  // The weights' gradients over all steps: GEMMs and column sums in an order fixed by the
+  // shape (weight_gradients.cpp), so the same on any number of threads.
+  const GradientKernels& kernels = kCpuGradientKernels;
+  const auto product = [&](const Tensor& a, const Tensor& b) {  // a [M, K] b [K, N]
+    Tensor out = at::empty({a.size(0), b.size(1)}, options);
+    kernels.matmul(out, a, b, /*accumulate=*/false);
+    return out;
+  };
+  const auto column_sum = [&](const Tensor& x) {
+    Tensor out = at::empty({x.size(1)}, options);
+    kernels.column_sum(out, x);
+    return out;
+  };
   std::vector<Tensor> grads(kLayerOptionsGradients);
   Tensor h_in_steps = ba.h_prev.reshape({Tn * B, P});
   if (dropping) {
@@ -574,36 +584,33 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     at::mul_out(masked, ba.h_prev, args.recurrent_mask);
     h_in_steps = masked.view({Tn * B, P});
   }
-  grads[kGradWhh] = at::mm(dhg_raw.t(), h_in_steps);
-  if (ba.has_bias) grads[kGradBhh] = dhg.sum(0);
-  if (norm_hh) grads[kGradNormHh] = gain_hh_grad.total();
+  grads[kGradWhh] = product(dhg_raw.t(), h_in_steps);
+  if (ba.has_bias) grads[kGradBhh] = column_sum(dhg);
+  if (norm_hh) grads[kGradNormHh] = column_dot_sums<T>(dhg, ba.norm_hh.view({Tn * B, G}));
   if (projecting) {
-    grads[kGradWhr] = at::mm(dh_candidate_steps.t(), ba.h_cell.reshape({Tn * B, H}));
+    grads[kGradWhr] = product(dh_candidate_steps.t(), ba.h_cell.view({Tn * B, H}));
   }
   if (norm_cell) {
-    grads[kGradNormCellWeight] = gain_cell_grad.total();
-    if (ba.has_norm_cell_bias) grads[kGradNormCellBias] = dc_out_steps.sum(0);
+    grads[kGradNormCellWeight] = column_dot_sums<T>(dc_out_steps, ba.norm_cell.view({Tn * B, H}));
+    if (ba.has_norm_cell_bias) grads[kGradNormCellBias] = column_sum(dc_out_steps);
   }
   // The input side (for LSTM and Elman dxg is dhg, whose uses above are done).
-  if (ba.has_bias) grads[kGradBih] = dxg.sum(0);
+  if (ba.has_bias) grads[kGradBih] = column_sum(dxg);
   if (norm_ih) {
-    GainGradient<T> gain_ih_grad(true, G, options);
+    grads[kGradNormIh] = column_dot_sums<T>(dxg, ba.norm_ih.view({Tn * B, G}));
     const T* normalized = ba.norm_ih.data_ptr<T>();
     const T* gain = args.norm_ih_weight.data_ptr<T>();
     for_rows(Tn * B, G, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        gain_ih_grad.add(dxg_data + row * G, normalized + row * G);
         layer_norm_row_backward<A>(static_cast<int>(G), dxg_data + row * G, normalized + row * G,
                                    rstd_all[row * 3], gain, dxg_data + row * G);
       }
     });
-    grads[kGradNormIh] = gain_ih_grad.total();
   }
-  const Tensor x = args.input.reshape({Tn * B, I});
-  grads[kGradWih] = at::mm(dxg.t(), x);
+  grads[kGradWih] = product(dxg.t(), args.input.view({Tn * B, I}));
   if (ba.input_grad) {
     Tensor grad_input = pooled_empty({Tn * B, I}, options);
-    at::mm_out(grad_input, dxg, args.w_ih);
+    kernels.matmul(grad_input, dxg, args.w_ih, /*accumulate=*/false);
     grads[kGradInput] = grad_input.view({Tn, B, I});
   }
   grads[kGradHx] = dh_carry;
