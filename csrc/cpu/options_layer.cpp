@@ -148,7 +148,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   r.norm_cell = saved_or_empty(norm_cell, {Tn, B, H});
   r.rstd = saved_or_empty(normalising, {Tn, B, 3});
 
-  // xg = x W_ih^T, then + b_ih, or normalised: LN(x W_ih^T) * gain_ih + b_ih. [T * B, G]
+  // xg = x W_ih^T + b_ih, or where it is normalised x W_ih^T alone. [T * B, G]
   const Tensor x = args.input.reshape({Tn * B, I});
   // (From the pool: a fresh buffer of this size costs a page fault per page, each call.)
   Tensor xg = pooled_empty({Tn * B, G}, options);
@@ -158,20 +158,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     at::addmm_out(xg, args.b_ih, x, args.w_ih.t());
   }
   T* xg_data = xg.data_ptr<T>();
-  if (args.norm_ih_weight.defined()) {
-    const T* gain = args.norm_ih_weight.data_ptr<T>();
-    const T* bias = data_if<T>(args.b_ih);
-    T* normalized = save ? r.norm_ih.data_ptr<T>() : nullptr;
-    T* rstd = save ? r.rstd.data_ptr<T>() : nullptr;
-    for_rows(Tn * B, G, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const A value =
-            layer_norm_row<A>(static_cast<int>(G), xg_data + row * G, gain, bias, xg_data + row * G,
-                              normalized ? normalized + row * G : nullptr);
-        if (rstd) rstd[row * 3] = value;
-      }
-    });
-  }
+  // (Each row of xg is normalised in the time loop, just before its cell reads it.)
 
   using Product = RecurrentProduct<T>;
   const bool norm_hh = args.norm_hh_weight.defined();
@@ -199,6 +186,9 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   Tensor scratch_saved = at::empty({B, saved_width}, options);
 
   const T* mask = data_if<T>(args.recurrent_mask);
+  const bool norm_ih = args.norm_ih_weight.defined();
+  const T* gain_ih = data_if<T>(args.norm_ih_weight);
+  const T* b_ih = data_if<T>(args.b_ih);
   const T* gain_hh = data_if<T>(args.norm_hh_weight);
   const T* b_hh = data_if<T>(args.b_hh);
   const T* gain_c = data_if<T>(args.norm_cell_weight);
@@ -210,6 +200,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // The saved tensors (or nullptr where not saved), read once: data_ptr checks the type.
   T* cell_saved = save && S > 0 ? r.cell_saved.data_ptr<T>() : nullptr;
   T* scratch = scratch_saved.data_ptr<T>();
+  T* norm_ih_saved = save && norm_ih ? r.norm_ih.data_ptr<T>() : nullptr;
   T* norm_hh_saved = save && norm_hh ? r.norm_hh.data_ptr<T>() : nullptr;
   T* norm_cell_saved = save && norm_cell ? r.norm_cell.data_ptr<T>() : nullptr;
   T* rstd_saved = save && normalising ? r.rstd.data_ptr<T>() : nullptr;
@@ -221,8 +212,14 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
   const auto cell_row = [&](int64_t t, int64_t b, const T* hp_row, A* cp_row, A* cn_row) {
     const int64_t row = t * B + b;
-    const T* xg_row = xg_data + row * G;
+    T* xg_row = xg_data + row * G;
     T* hg_row = hg_data + b * G;
+    if (norm_ih) {
+      // xg = LN(x W_ih^T) * gain_ih + b_ih, while the row is in cache for the cell.
+      const A value = layer_norm_row<A>(static_cast<int>(G), xg_row, gain_ih, b_ih, xg_row,
+                                        norm_ih_saved ? norm_ih_saved + row * G : nullptr);
+      if (rstd_saved) rstd_saved[row * 3] = value;
+    }
     if (norm_hh) {
       const A value = layer_norm_row<A>(static_cast<int>(G), hg_row, gain_hh, b_hh, hg_row,
                                         norm_hh_saved ? norm_hh_saved + row * G : nullptr);
