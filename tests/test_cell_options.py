@@ -593,3 +593,11 @@ def test_results_are_the_same_on_one_and_two_threads(cell, case):
         torch.set_num_threads(threads)
     for name, one, two in zip(["output", "h_n", *names], *results):
         assert torch.equal(one, two), name
+
+
+def test_other_devices_are_refused_with_the_reason():
+    # The CUDA engine has no kernel of the options' op yet; any non-CPU tensor gets the reason
+    # (a meta tensor stands in for a CUDA one here).
+    module = rnnfast.GRU(3, 4, zoneout=0.1, device="meta")
+    with pytest.raises(NotImplementedError, match="run on the CPU engine only so far"):
+        module(torch.randn(5, 2, 3, device="meta"))
