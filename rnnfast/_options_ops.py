@@ -74,6 +74,12 @@ _SAVED_OUTPUTS = slice(3, 11)
 _GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 
+def _refuse_second_derivative(ctx, *grads):
+    raise RuntimeError("rnnfast: the layers with cell options (layer_norm, zoneout, dropout "
+                       "masks) have first derivatives only: their gradients cannot be taken with "
+                       "create_graph=True, nor differentiated")
+
+
 def _save(ctx, inputs, output):
     """What the backward needs from a differentiable call: inputs are the forward's arguments,
     output its results."""
@@ -97,6 +103,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+    if torch.is_grad_enabled():
+        # create_graph=True: a gradient that later code differentiates; this one could not be.
+        _refuse_second_derivative(ctx)
     (input, w_ih, w_hh, w_hr, norm_ih, norm_hh, norm_cell_weight, recurrent_mask, zoneout_mask,
      zoneout_cell_mask, lengths, *saved_outputs) = ctx.saved_tensors
     cell, has_bias, has_norm_cell_bias, zoneout, zoneout_cell, reverse = ctx.settings
@@ -114,6 +123,11 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
 
 torch.library.register_autograd("rnnfast::forward_with_options", _backward,
                                 setup_context=_setup_context)
+# Nor is the backward op differentiated: without this, autograd would pass over it, and a
+# derivative through it would lack its terms.
+torch.library.register_autograd("rnnfast::backward_with_options", _refuse_second_derivative,
+                                setup_context=lambda ctx, inputs, output: None)
+
 
 
 class LayerWithOptions(torch.autograd.Function):

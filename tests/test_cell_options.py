@@ -601,3 +601,15 @@ def test_other_devices_are_refused_with_the_reason():
     module = rnnfast.GRU(3, 4, zoneout=0.1, device="meta")
     with pytest.raises(NotImplementedError, match="run on the CPU engine only so far"):
         module(torch.randn(5, 2, 3, device="meta"))
+
+
+def test_second_derivatives_raise():
+    # The options' backward has no derivative: a gradient asked for with create_graph=True (to be
+    # differentiated again) raises rather than missing the terms through it.
+    torch.manual_seed(0)
+    module = rnnfast.LSTM(3, 4, layer_norm=True, dtype=torch.float64).eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(module(x)[0].sum(), module.weight_hh_l0, create_graph=True)
+    # Without create_graph the first derivative is as before.
+    assert torch.autograd.grad(module(x)[0].sum(), x)[0].shape == x.shape
