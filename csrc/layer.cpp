@@ -186,6 +186,18 @@ void aten_column_sum(at::Tensor& out, const at::Tensor& x) { at::sum_out(out, x,
 
 const GradientKernels kAtenGradientKernels{&aten_matmul, &aten_column_sum};
 
+at::Tensor GradientKernels::product(const at::Tensor& a, const at::Tensor& b) const {
+  at::Tensor out = pooled_empty({a.size(0), b.size(1)}, a.options());
+  matmul(out, a, b, /*accumulate=*/false);
+  return out;
+}
+
+at::Tensor GradientKernels::column_sums(const at::Tensor& x) const {
+  at::Tensor out = at::empty({x.size(1)}, x.options());
+  column_sum(out, x);
+  return out;
+}
+
 namespace {
 
 // Whether gate gradients (contiguous rows) may hold a NaN or Inf: a scan of a CPU tensor's
@@ -256,16 +268,6 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
   using at::Tensor;
   const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, P = s.state_size, H = s.hidden_size;
   const auto options = input.options();
-  const auto mm = [&](const Tensor& a, const Tensor& b) {
-    Tensor out = pooled_empty({a.size(0), b.size(1)}, options);
-    kernels.matmul(out, a, b, /*accumulate=*/false);
-    return out;
-  };
-  const auto column_sum = [&](const Tensor& x) {
-    Tensor out = at::empty({x.size(1)}, options);
-    kernels.column_sum(out, x);
-    return out;
-  };
   // The running state gradients are the gradients of hx and cx now; without those, their
   // memory goes before the weight gradients are allocated.
   if (!hx.defined()) state.dh = Tensor();
@@ -297,8 +299,9 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
     }
     if (input_grad) grad_input = grad_input.view({T_, B, s.input_size});
   } else if (input.is_contiguous()) {
-    grad_input = input_grad ? mm(dgx2d, w_ih).view({T_, B, s.input_size}) : at::empty({0}, options);
-    grad_w_ih = mm(dgx2d.t(), input.view({T_ * B, s.input_size}));
+    grad_input = input_grad ? kernels.product(dgx2d, w_ih).view({T_, B, s.input_size})
+                            : at::empty({0}, options);
+    grad_w_ih = kernels.product(dgx2d.t(), input.view({T_ * B, s.input_size}));
   } else {
     TORCH_INTERNAL_ASSERT(input.transpose(0, 1).is_contiguous());
     // An input [T, B, I] the engine takes batch-major (a batch_first tensor's transposed
@@ -324,7 +327,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
   Tensor grad_b_ih = !has_bias ? at::empty({0}, options)
                      : state.dgate_x_column_sums.defined()
                          ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
-                         : column_sum(dgx2d);
+                         : kernels.column_sums(dgx2d);
 
   // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
   // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
@@ -396,7 +399,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
     // The unprojected h of every step is the workspace's last H columns.
     const int64_t cols = workspace.size(2);
     const Tensor h_unprojected = workspace.view({T_ * B, cols}).narrow(1, cols - H, H);
-    grad_w_hr = mm(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
+    grad_w_hr = kernels.product(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
   }
   Tensor grad_hx = hx.defined() ? state.dh : at::empty({0}, options);
   Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);

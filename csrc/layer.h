@@ -220,6 +220,11 @@ struct GradientKernels {
   void (*matmul)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
   // out[n] = the sum over the rows of x[rows, n] (x contiguous).
   void (*column_sum)(at::Tensor& out, const at::Tensor& x);
+
+  // The same into new tensors: a [M, K] b [K, N] (the result from the buffer pool), and the
+  // column sums of x [rows, n].
+  at::Tensor product(const at::Tensor& a, const at::Tensor& b) const;
+  at::Tensor column_sums(const at::Tensor& x) const;
 };
 
 // ATen's operations: for any device.

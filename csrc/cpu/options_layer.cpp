@@ -54,6 +54,8 @@ struct Call {
   const LayerOptionsArgs& args;
   int64_t steps, batch, input_size, hidden_size, state_size, gate_size;
   const int64_t* lengths;  // [B] or nullptr
+  // The zoneout masks of h [T, B, P] and of c [T, B, H], or nullptr without them (inference).
+  const T *h_zoneout_mask, *c_zoneout_mask;
 
   Call(const LayerOptionsArgs& a, int64_t gates)
       : args(a),
@@ -63,13 +65,16 @@ struct Call {
         hidden_size(a.w_ih.size(0) / gates),
         state_size(a.w_hh.size(1)),
         gate_size(a.w_ih.size(0)),
-        lengths(a.lengths.defined() ? a.lengths.data_ptr<int64_t>() : nullptr) {}
+        lengths(a.lengths.defined() ? a.lengths.data_ptr<int64_t>() : nullptr),
+        h_zoneout_mask(a.zoneout_mask.defined() ? a.zoneout_mask.data_ptr<T>() : nullptr),
+        c_zoneout_mask(a.zoneout_cell_mask.defined() ? a.zoneout_cell_mask.data_ptr<T>()
+                                                     : nullptr) {}
 
   int64_t time(int64_t step) const { return args.reverse ? steps - 1 - step : step; }
   bool active(int64_t t, int64_t b) const { return lengths == nullptr || t < lengths[b]; }
   // Row b's row of a zoneout mask [T, B, width] at time t, or nullptr without a mask.
-  const T* zoneout_row(const Tensor& mask, int64_t t, int64_t b, int64_t width) const {
-    return mask.defined() ? mask.data_ptr<T>() + (t * batch + b) * width : nullptr;
+  const T* zoneout_row(const T* mask, int64_t t, int64_t b, int64_t width) const {
+    return mask ? mask + (t * batch + b) * width : nullptr;
   }
 };
 
@@ -256,8 +261,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         });
       }
       if (zoneout_c) {
-        zoneout_units<T>(H, c.zoneout_row(args.zoneout_cell_mask, t, b, H), T(args.zoneout_cell),
-                         cp_row, cn_row, cn_row);
+        zoneout_units<T>(H, c.zoneout_row(c.c_zoneout_mask, t, b, H), T(args.zoneout_cell), cp_row,
+                         cn_row, cn_row);
       }
     } else {
       for_unit_runs<T>(H, [&](auto j, auto zero) {
@@ -276,7 +281,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     const T* cand = hcand_data + b * P;
     T* out_row = out + (t * B + b) * P;
     if (zoneout_h) {
-      zoneout_units<T>(P, c.zoneout_row(args.zoneout_mask, t, b, P), T(args.zoneout), hp_row, cand,
+      zoneout_units<T>(P, c.zoneout_row(c.h_zoneout_mask, t, b, P), T(args.zoneout), hp_row, cand,
                        hn_row);
     } else {
       std::copy(cand, cand + P, hn_row);
@@ -430,7 +435,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     if constexpr (Cell::kHasCellState) {
       A* dc_row = dcc + b * H;
       const T* c_prev_row = c_prev_all + row * H;
-      const T* mask_row = c.zoneout_row(args.zoneout_cell_mask, t, b, H);
+      const T* mask_row = c.zoneout_row(c.c_zoneout_mask, t, b, H);
       // dc_row: dLoss/dc of the step's state, split by zoneout into what reaches c_prev
       // directly (kept in dc_row) and the new cell state's share (dc_new).
       T* dc_new = dc_scratch_data + b * 2 * H;
@@ -509,7 +514,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
         }
         const T* go = grad_out + (t * B + b) * P;
         T* carry = dhc + b * P;
-        const T* mask_row = c.zoneout_row(args.zoneout_mask, t, b, P);
+        const T* mask_row = c.zoneout_row(c.h_zoneout_mask, t, b, P);
         for_unit_runs<T>(P, [&](auto j, auto zero) {
           using V = decltype(zero);
           const V d = load<V>(go, 0, j) + load<V>(carry, 0, j);
@@ -564,16 +569,6 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   // The weights' gradients over all steps: GEMMs and column sums in an order fixed by the
   // shape (weight_gradients.cpp), so the same on any number of threads.
   const GradientKernels& kernels = kCpuGradientKernels;
-  const auto product = [&](const Tensor& a, const Tensor& b) {  // a [M, K] b [K, N]
-    Tensor out = at::empty({a.size(0), b.size(1)}, options);
-    kernels.matmul(out, a, b, /*accumulate=*/false);
-    return out;
-  };
-  const auto column_sum = [&](const Tensor& x) {
-    Tensor out = at::empty({x.size(1)}, options);
-    kernels.column_sum(out, x);
-    return out;
-  };
   std::vector<Tensor> grads(kLayerOptionsGradients);
   Tensor h_in_steps = ba.h_prev.reshape({Tn * B, P});
   if (dropping) {
@@ -581,18 +576,18 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     at::mul_out(masked, ba.h_prev, args.recurrent_mask);
     h_in_steps = masked.view({Tn * B, P});
   }
-  grads[kGradWhh] = product(dhg_raw.t(), h_in_steps);
-  if (ba.has_bias) grads[kGradBhh] = column_sum(dhg);
+  grads[kGradWhh] = kernels.product(dhg_raw.t(), h_in_steps);
+  if (ba.has_bias) grads[kGradBhh] = kernels.column_sums(dhg);
   if (norm_hh) grads[kGradNormHh] = column_dot_sums<T>(dhg, ba.norm_hh.view({Tn * B, G}));
   if (projecting) {
-    grads[kGradWhr] = product(dh_candidate_steps.t(), ba.h_cell.view({Tn * B, H}));
+    grads[kGradWhr] = kernels.product(dh_candidate_steps.t(), ba.h_cell.view({Tn * B, H}));
   }
   if (norm_cell) {
     grads[kGradNormCellWeight] = column_dot_sums<T>(dc_out_steps, ba.norm_cell.view({Tn * B, H}));
-    if (ba.has_norm_cell_bias) grads[kGradNormCellBias] = column_sum(dc_out_steps);
+    if (ba.has_norm_cell_bias) grads[kGradNormCellBias] = kernels.column_sums(dc_out_steps);
   }
   // The input side (for LSTM and Elman dxg is dhg, whose uses above are done).
-  if (ba.has_bias) grads[kGradBih] = column_sum(dxg);
+  if (ba.has_bias) grads[kGradBih] = kernels.column_sums(dxg);
   if (norm_ih) {
     grads[kGradNormIh] = column_dot_sums<T>(dxg, ba.norm_ih.view({Tn * B, G}));
     const T* normalized = ba.norm_ih.data_ptr<T>();
@@ -604,7 +599,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       }
     });
   }
-  grads[kGradWih] = product(dxg.t(), args.input.view({Tn * B, I}));
+  grads[kGradWih] = kernels.product(dxg.t(), args.input.view({Tn * B, I}));
   if (ba.input_grad) {
     Tensor grad_input = pooled_empty({Tn * B, I}, options);
     kernels.matmul(grad_input, dxg, args.w_ih, /*accumulate=*/false);
