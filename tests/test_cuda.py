@@ -5,8 +5,9 @@
   more batch rows than multiprocessors: outputs, final states and the gradients of the input,
   the initial states and every parameter, ||a - b||_inf / ||b||_inf <= 1e-10 (float64), and
   each float32 result within 1e-5 of the float64 truth, TF32 off;
-* each of those, the gradchecks and the low-precision checks on both of the engine's paths:
-  the sequence kernels and the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0);
+* each of those, the gradchecks and the low-precision checks on each of the engine's paths:
+  the sequence kernels, the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0) and the persistent
+  kernels (RNNFAST_CUDA_PERSISTENT=1);
 * gradcheck (float64, CUDA) of the forward op (whose gradient is the backward op) and of the
   backward op as a function of the incoming gradients (torch.library.opcheck on CUDA is
   tests/test_ops.py's, on each device);
@@ -68,14 +69,20 @@ CONFIGS = {
     "many_rows": dict(kw=dict(bidirectional=True), sizes=(6, 300, 5, 16)),
 }
 
-# The two ways the engine runs a layer's time loop: one sequence kernel where W_hh fits in a
-# block's shared memory (the default), or the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0).
-ENGINE_PATHS = [pytest.param("1", id="sequence"), pytest.param("0", id="per_step")]
+# The ways the engine runs a layer's time loop: one sequence kernel where W_hh fits in a
+# block's shared memory (the default), the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0), or
+# the persistent kernels of many blocks (opt-in: RNNFAST_CUDA_PERSISTENT=1).
+ENGINE_PATHS = {
+    "sequence": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0"),
+    "per_step": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0"),
+    "persistent": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1"),
+}
 
 
-@pytest.fixture(params=ENGINE_PATHS)
+@pytest.fixture(params=list(ENGINE_PATHS))
 def engine_path(request, monkeypatch):
-    monkeypatch.setenv("RNNFAST_SEQUENCE_KERNELS", request.param)
+    for variable, value in ENGINE_PATHS[request.param].items():
+        monkeypatch.setenv(variable, value)
     return request.param
 
 STEPS, BATCH, INPUT, HIDDEN = 7, 5, 4, 8

@@ -21,9 +21,11 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   engine's (run in a subprocess too) for every cell, dtype (float64 / float32 / float16 /
   bfloat16), projection, lengths, direction, one step and an empty batch; once with the
   sequence kernels (each emulated block runs its rows' whole time loop; the emulated device has
-  2 multiprocessors, so blocks hold several rows) and once with RNNFAST_SEQUENCE_KERNELS=0 (the
-  GEMM-per-step loop). This checks the CUDA engine's host logic and indexing without a GPU;
-  what it cannot check (the kernels running on a device, cuBLAS, barriers) is for
+  2 multiprocessors, so blocks hold several rows), once with RNNFAST_SEQUENCE_KERNELS=0 (the
+  GEMM-per-step loop) and once with RNNFAST_CUDA_PERSISTENT=1 (the persistent kernels: the
+  hidden units split over the 2 emulated blocks, which run one after the other between grid
+  barriers). This checks the CUDA engine's host logic and indexing without a GPU; what it
+  cannot check (the kernels running on a device, cuBLAS, barriers, L1 coherence) is for
   tests/test_cuda.py.
 
 All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
@@ -121,13 +123,14 @@ def test_kernels_compile(arch, kernel_objects):
     assert all(os.path.getsize(target) > 0 for target in targets)
     if shutil.which("nm"):
         # Every launcher of every cell x dtype is there, each dtype's in its own object: 7 cells
-        # x (forward step, backward step, forward sequence, backward sequence) plus 2 projection
-        # helpers per object, none defined twice.
+        # x (forward step, backward step, forward sequence, backward sequence, forward
+        # persistent, backward persistent) plus 2 projection helpers per object, none defined
+        # twice.
         per_object = [{name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
                       for target in targets]
         for target, launchers in zip(targets, per_object):
-            assert len(launchers) == CELLS * 4 + 2, (target, sorted(launchers))
-        assert len(set().union(*per_object)) == DTYPES * (CELLS * 4 + 2)
+            assert len(launchers) == CELLS * 6 + 2, (target, sorted(launchers))
+        assert len(set().union(*per_object)) == DTYPES * (CELLS * 6 + 2)
 
 
 def _torch_cuda_headers():
@@ -321,6 +324,14 @@ load(name="rnnfast_cuda_emulation", sources=sources, extra_cflags=["-O1"],
 """
 
 
+# The engine's time-loop paths the emulation runs, by the environment that selects each.
+EMULATED_PATHS = {
+    "sequence kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0"),
+    "GEMM-per-step loop": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0"),
+    "persistent kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1"),
+}
+
+
 def _cuda_include_dir():
     for candidate in (os.path.join(os.path.dirname(os.path.dirname(NVCC)), "include"),
                       os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include"),
@@ -357,19 +368,19 @@ def test_engine_host_emulation(tmp_path):
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     library = build / "rnnfast_cuda_emulation.so"
     # The emulated engine runs in its own process: its ops.cpp defines the ops as rnnfast._C does.
-    # Once with the sequence kernels (where a layer fits) and once with the GEMM-per-step loop.
+    # Once with the sequence kernels (where a layer fits), once with the GEMM-per-step loop and
+    # once with the persistent kernels.
     emulated_runs = {}
-    for sequence_kernels in ("1", "0"):
-        results_file = tmp_path / f"emulated_{sequence_kernels}.pt"
+    for name, settings in EMULATED_PATHS.items():
+        results_file = tmp_path / f"emulated_{name}.pt"
         result = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--emulate", str(library),
              str(results_file)],
             capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
-            env=dict(os.environ, RNNFAST_SEQUENCE_KERNELS=sequence_kernels))
+            env=dict(os.environ, **settings))
         assert result.returncode == 0, (
-            f"emulated run (RNNFAST_SEQUENCE_KERNELS={sequence_kernels}) failed:\n"
-            f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
-        emulated_runs[sequence_kernels] = torch.load(str(results_file))
+            f"emulated run ({name}) failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+        emulated_runs[name] = torch.load(str(results_file))
     # The CPU engine (rnnfast._C) in a subprocess as well, so a crash is a failure, not the end
     # of the test session.
     reference_file = tmp_path / "cpu.pt"
@@ -382,10 +393,9 @@ def test_engine_host_emulation(tmp_path):
     saved = torch.load(str(reference_file))
     expected, truth = saved["results"], saved["truth"]
     failures = []
-    for sequence_kernels, emulated in emulated_runs.items():
+    for name, emulated in emulated_runs.items():
         assert sorted(emulated) == sorted(expected)
-        failures += _emulation_failures(emulated, expected, truth,
-                                        f"RNNFAST_SEQUENCE_KERNELS={sequence_kernels} ")
+        failures += _emulation_failures(emulated, expected, truth, f"{name}: ")
     assert not failures, "\n".join(failures)
 
 

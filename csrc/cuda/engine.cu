@@ -4,7 +4,9 @@
 //
 // Forward: xg = x W_ih^T + b for all steps in ONE GEMM (cuBLAS through ATen). Then, where W_hh
 // and the state fit in one block's shared memory (and the layer does not project), the whole
-// time loop is ONE sequence kernel (sequence_kernels.cuh: sequence_block); elsewhere, per step,
+// time loop is ONE sequence kernel (sequence_kernels.cuh: sequence_block); with
+// RNNFAST_CUDA_PERSISTENT=1, ahead of it, one persistent kernel of many blocks wherever a block's
+// slice of W_hh fits (persistent_kernels.cuh); elsewhere, per step,
 // the recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
 // (the math of csrc/cells.h) that writes h, c, the output and the workspace. Backward: the
 // reverse loop as one sequence kernel, or per step one fused kernel plus the recurrent GEMM;
@@ -102,6 +104,41 @@ cuda::SequencePlan sequence_plan(bool backward, const LayerSizes& s, int64_t ws_
                                       ws_cols, limits.multiprocessors, limits.max_shared_bytes);
 }
 
+// RNNFAST_CUDA_PERSISTENT=1 runs every layer the persistent kernels can hold as one
+// cooperative launch of many blocks (persistent_kernels.cuh), ahead of the sequence kernel and
+// the GEMM-per-step loop. Off by default until those kernels have passed the CUDA tests on a GPU.
+bool persistent_kernels_enabled() {
+  const char* setting = std::getenv("RNNFAST_CUDA_PERSISTENT");
+  return setting != nullptr && std::strcmp(setting, "1") == 0;
+}
+
+template <typename Cell, typename T>
+cuda::PersistentPlan persistent_plan(bool backward, const LayerSizes& s) {
+  if (s.has_projection || !persistent_kernels_enabled()) return {};
+  const DeviceLimits limits = device_limits();
+  return cuda::plan_persistent<Cell, T>(backward, s.batch, s.hidden_size, s.state_size, s.gate_size,
+                                        limits.multiprocessors, limits.max_shared_bytes);
+}
+
+// The sizes part of a persistent kernel's arguments; `barrier` is a zeroed [2] int32 tensor on
+// the device. ws_cols: the workspace's columns, 0 when none is written or read.
+cuda::PersistentShape persistent_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
+                                       const cuda::PersistentPlan& plan, const Tensor& lengths,
+                                       Tensor& barrier) {
+  cuda::PersistentShape shape{};
+  shape.B = s.batch;
+  shape.H = s.hidden_size;
+  shape.P = s.state_size;
+  shape.G = s.gate_size;
+  shape.W = ws_cols;
+  shape.steps = s.steps;
+  shape.reverse = reverse;
+  shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  shape.units_per_block = plan.units_per_block;
+  shape.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
+  return shape;
+}
+
 // The sizes part of a sequence kernel's arguments. ws_cols: the workspace's columns, 0 when
 // none is written or read.
 cuda::SequenceShape sequence_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
@@ -163,6 +200,27 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   const T* xg_data = data_of<scalar_t>(xg);
   T* out_data = data_of<scalar_t>(output);
   T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+
+  const cuda::PersistentPlan persistent = persistent_plan<Cell, T>(/*backward=*/false, s);
+  if (persistent.usable) {
+    Tensor barrier = at::zeros({2}, xg.options().dtype(at::kInt));
+    Tensor h_spare = at::empty_like(h_state);
+    Tensor hg = at::empty({B, G}, xg.options());
+    cuda::PersistentForwardArgs<T> args{persistent_shape(s, ws_data != nullptr ? ws_cols : 0,
+                                                         reverse, persistent, lengths, barrier)};
+    args.xg = xg_data;
+    args.w_hh = data_of<scalar_t>(w_hh);
+    args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
+    args.h = data_of<scalar_t>(h_state);
+    args.h_spare = data_of<scalar_t>(h_spare);
+    args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+    args.hg = data_of<scalar_t>(hg);
+    args.out = out_data;
+    args.ws = ws_data;
+    cuda::launch_persistent<Cell, T>(args, persistent, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
+  }
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/false, s, ws_cols);
   if (plan.usable) {
@@ -291,6 +349,28 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
   const bool projecting = w_hr.defined();
   const cudaStream_t stream = current_stream();
+
+  const cuda::PersistentPlan persistent = persistent_plan<Cell, T>(/*backward=*/true, s);
+  if (persistent.usable) {
+    Tensor barrier = at::zeros({2}, grad_output.options().dtype(at::kInt));
+    Tensor dh_direct = at::empty({B, P}, grad_output.options());
+    cuda::PersistentBackwardArgs<T> args{
+        persistent_shape(s, ws_cols, reverse, persistent, lengths, barrier)};
+    args.grad_output = data_of<scalar_t>(grad_output);
+    args.hx = data_of<scalar_t>(hx);
+    args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+    args.output = data_of<scalar_t>(output);
+    args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+    args.w_hh = data_of<scalar_t>(w_hh);
+    args.dh = data_of<scalar_t>(dh_state);
+    args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+    args.dh_direct = data_of<scalar_t>(dh_direct);
+    args.dgate_x = data_of<scalar_t>(dgate_x);
+    args.dgate_h = data_of<scalar_t>(dgate_h);
+    cuda::launch_persistent<Cell, T>(args, persistent, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
+  }
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/true, s, ws_cols);
   if (plan.usable) {

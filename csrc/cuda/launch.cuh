@@ -58,5 +58,31 @@ void launch(const LaunchShape& shape, cudaStream_t stream, const Params&... para
 #endif
 }
 
+// One cooperative launch of Kernel (cudaLaunchCooperativeKernel): all of its blocks are resident
+// at once or the launch fails (cudaErrorCooperativeLaunchTooLarge, left for the caller's launch
+// check), which the grid-wide barrier of the persistent kernels (persistent_kernels.cuh) needs.
+// The host emulation runs Kernel::run_on_host, which runs the blocks barrier by barrier.
+template <typename Kernel, typename... Params>
+void launch_cooperative(const LaunchShape& shape, cudaStream_t stream, const Params&... params) {
+  if (shape.blocks <= 0) return;
+#if defined(__CUDACC__)
+  const auto kernel = run_kernel<Kernel, Params...>;
+  if (shape.shared_bytes > 0 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(shape.shared_bytes)) != cudaSuccess) {
+    return;
+  }
+  // The kernel's parameters by address, as cudaLaunchCooperativeKernel takes them.
+  void* arguments[] = {const_cast<void*>(static_cast<const void*>(&params))...};
+  cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                              dim3(static_cast<unsigned int>(shape.blocks)),
+                              dim3(static_cast<unsigned int>(shape.threads_per_block)), arguments,
+                              static_cast<size_t>(shape.shared_bytes), stream);
+#else
+  (void)stream;
+  Kernel::run_on_host(shape, params...);
+#endif
+}
+
 }  // namespace cuda
 }  // namespace rnnfast

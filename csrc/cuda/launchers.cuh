@@ -16,6 +16,7 @@
 
 #include "../cells.h"
 #include "launch.cuh"
+#include "persistent_kernels.cuh"
 #include "sequence_kernels.cuh"
 #include "step_kernels.cuh"
 #include "types.cuh"
@@ -43,6 +44,14 @@ template <typename Cell, typename T, typename Args>
 void launch_sequence(const Args& args, const SequencePlan& plan, cudaStream_t stream) {
   launch<SequenceKernel<Cell, T, Args>>({plan.blocks, plan.threads, plan.shared_bytes}, stream,
                                         args);
+}
+
+// One cooperative launch of `plan.blocks` blocks for the whole sequence, forward or backward by
+// the type of `args` (plan from plan_persistent with the same sizes).
+template <typename Cell, typename T, typename Args>
+void launch_persistent(const Args& args, const PersistentPlan& plan, cudaStream_t stream) {
+  launch_cooperative<PersistentKernel<Cell, T, Args>>(
+      {plan.blocks, plan.threads, plan.shared_bytes}, stream, args);
 }
 
 template <typename T>
@@ -82,7 +91,11 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
   PREFIX template void launch_sequence<Cell, T, SequenceForwardArgs<T>>(                        \
       const SequenceForwardArgs<T>&, const SequencePlan&, cudaStream_t);                        \
   PREFIX template void launch_sequence<Cell, T, SequenceBackwardArgs<T>>(                       \
-      const SequenceBackwardArgs<T>&, const SequencePlan&, cudaStream_t);
+      const SequenceBackwardArgs<T>&, const SequencePlan&, cudaStream_t);                       \
+  PREFIX template void launch_persistent<Cell, T, PersistentForwardArgs<T>>(                    \
+      const PersistentForwardArgs<T>&, const PersistentPlan&, cudaStream_t);                    \
+  PREFIX template void launch_persistent<Cell, T, PersistentBackwardArgs<T>>(                   \
+      const PersistentBackwardArgs<T>&, const PersistentPlan&, cudaStream_t);
 
 #define RNNFAST_CUDA_TYPE_LAUNCHERS(PREFIX, T)                                                \
   PREFIX template void launch_projection_copy<T>(const ProjectionCopyArgs<T>&, cudaStream_t); \

@@ -28,6 +28,8 @@ struct ForwardStepArgs {
   const T* xg;             // [B, G] this step: x W_ih^T + biases
   const T* hg;             // [B, G] h_prev W_hh^T (+ b_hh for GRU)
   T* h;                    // [B, P] the hidden state; without projection read and updated
+  T* h_next;               // [B, P] where the new state goes instead of h (the persistent
+                           // kernels' double buffer: other blocks still read h), or nullptr
   AccType<T>* c;           // [B, H] LSTM's cell state (accumulation type), else nullptr
   T* out;                  // [B, P] this step's output
   T* ws;                   // [B, W] this step's workspace row block, or nullptr
@@ -93,7 +95,10 @@ RNNFAST_HD void forward_step_unit(const ForwardStepArgs<T>& a, int64_t index) {
   T* ws_row = a.ws != nullptr ? a.ws + b * a.W : nullptr;
   if (a.t >= length_of(a.lengths, b, a.steps)) {
     // Inactive: the state is kept, the output and the saved values are zero.
-    if (j < a.P) a.out[b * a.P + j] = T(A(0));
+    if (j < a.P) {
+      a.out[b * a.P + j] = T(A(0));
+      if (a.h_next != nullptr) a.h_next[b * a.P + j] = a.h[b * a.P + j];
+    }
     if (ws_row != nullptr) {
       for (int64_t m = j; m < a.W; m += a.H) ws_row[m] = T(A(0));
     }
@@ -109,7 +114,7 @@ RNNFAST_HD void forward_step_unit(const ForwardStepArgs<T>& a, int64_t index) {
     a.h_unprojected[b * a.H + j] = T(h_new_j);
     if (ws_row != nullptr) ws_row[Cell::kSavedPerUnit * a.H + j] = T(h_new_j);
   } else {
-    a.h[b * a.P + j] = T(h_new_j);
+    (a.h_next != nullptr ? a.h_next : a.h)[b * a.P + j] = T(h_new_j);
     a.out[b * a.P + j] = T(h_new_j);
   }
 }
