@@ -6,8 +6,8 @@
   the initial states and every parameter, ||a - b||_inf / ||b||_inf <= 1e-10 (float64), and
   each float32 result within 1e-5 of the float64 truth, TF32 off;
 * each of those, the gradchecks and the low-precision checks on each of the engine's paths:
-  the sequence kernels, the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0) and the persistent
-  kernels (RNNFAST_CUDA_PERSISTENT=1);
+  the sequence kernels, the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0), the persistent
+  kernels (RNNFAST_CUDA_PERSISTENT=1) and the warp kernels (RNNFAST_CUDA_WARP_KERNELS=1);
 * gradcheck (float64, CUDA) of the forward op (whose gradient is the backward op) and of the
   backward op as a function of the incoming gradients (torch.library.opcheck on CUDA is
   tests/test_ops.py's, on each device);
@@ -70,12 +70,18 @@ CONFIGS = {
 }
 
 # The ways the engine runs a layer's time loop: one sequence kernel where W_hh fits in a
-# block's shared memory (the default), the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0), or
-# the persistent kernels of many blocks (opt-in: RNNFAST_CUDA_PERSISTENT=1).
+# block's shared memory (the default), the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0), the
+# persistent kernels of many blocks (opt-in: RNNFAST_CUDA_PERSISTENT=1) or a warp per batch row
+# (opt-in: RNNFAST_CUDA_WARP_KERNELS=1).
 ENGINE_PATHS = {
-    "sequence": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0"),
-    "per_step": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0"),
-    "persistent": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1"),
+    "sequence": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
+                     RNNFAST_CUDA_WARP_KERNELS="0"),
+    "per_step": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0",
+                     RNNFAST_CUDA_WARP_KERNELS="0"),
+    "persistent": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1",
+                       RNNFAST_CUDA_WARP_KERNELS="0"),
+    "warp": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
+                 RNNFAST_CUDA_WARP_KERNELS="1"),
 }
 
 

@@ -6,7 +6,9 @@
 // and the state fit in one block's shared memory (and the layer does not project), the whole
 // time loop is ONE sequence kernel (sequence_kernels.cuh: sequence_block); with
 // RNNFAST_CUDA_PERSISTENT=1, ahead of it, one persistent kernel of many blocks wherever a block's
-// slice of W_hh fits (persistent_kernels.cuh); elsewhere, per step,
+// slice of W_hh fits (persistent_kernels.cuh), and with RNNFAST_CUDA_WARP_KERNELS=1, ahead of
+// all, one warp per batch row where every gate of a row fits a warp (warp_kernels.cuh);
+// elsewhere, per step,
 // the recurrent GEMM hg = h W_hh^T into a preallocated buffer and ONE fused pointwise kernel
 // (the math of csrc/cells.h) that writes h, c, the output and the workspace. Backward: the
 // reverse loop as one sequence kernel, or per step one fused kernel plus the recurrent GEMM;
@@ -112,6 +114,35 @@ bool persistent_kernels_enabled() {
   return setting != nullptr && std::strcmp(setting, "1") == 0;
 }
 
+// RNNFAST_CUDA_WARP_KERNELS=1 runs every layer whose gates fit one warp's lanes as one warp per
+// batch row (warp_kernels.cuh), ahead of every other path. Off by default until those kernels
+// have passed the CUDA tests on a GPU.
+bool warp_kernels_enabled() {
+  const char* setting = std::getenv("RNNFAST_CUDA_WARP_KERNELS");
+  return setting != nullptr && std::strcmp(setting, "1") == 0;
+}
+
+bool runs_warp_kernels(const LayerSizes& s) {
+  return !s.has_projection && warp_kernels_enabled() &&
+         cuda::warp_kernels_fit(s.batch, s.hidden_size, s.state_size, s.gate_size);
+}
+
+// The sizes part of a warp kernel's arguments. ws_cols: the workspace's columns, 0 when none is
+// written or read.
+cuda::WarpShape warp_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
+                           const Tensor& lengths) {
+  cuda::WarpShape shape{};
+  shape.B = s.batch;
+  shape.H = s.hidden_size;
+  shape.P = s.state_size;
+  shape.G = s.gate_size;
+  shape.W = ws_cols;
+  shape.steps = s.steps;
+  shape.reverse = reverse;
+  shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  return shape;
+}
+
 template <typename Cell, typename T>
 cuda::PersistentPlan persistent_plan(bool backward, const LayerSizes& s) {
   if (s.has_projection || !persistent_kernels_enabled()) return {};
@@ -200,6 +231,21 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   const T* xg_data = data_of<scalar_t>(xg);
   T* out_data = data_of<scalar_t>(output);
   T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+
+  if (runs_warp_kernels(s)) {
+    cuda::WarpForwardArgs<T> args{
+        warp_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, lengths)};
+    args.xg = xg_data;
+    args.w_hh = data_of<scalar_t>(w_hh);
+    args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
+    args.h = data_of<scalar_t>(h_state);
+    args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+    args.out = out_data;
+    args.ws = ws_data;
+    cuda::launch_warp<Cell, T>(args, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
+  }
 
   const cuda::PersistentPlan persistent = persistent_plan<Cell, T>(/*backward=*/false, s);
   if (persistent.usable) {
@@ -349,6 +395,23 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   const int64_t B = s.batch, H = s.hidden_size, P = s.state_size, G = s.gate_size;
   const bool projecting = w_hr.defined();
   const cudaStream_t stream = current_stream();
+
+  if (runs_warp_kernels(s)) {
+    cuda::WarpBackwardArgs<T> args{warp_shape(s, ws_cols, reverse, lengths)};
+    args.grad_output = data_of<scalar_t>(grad_output);
+    args.hx = data_of<scalar_t>(hx);
+    args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+    args.output = data_of<scalar_t>(output);
+    args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+    args.w_hh = data_of<scalar_t>(w_hh);
+    args.dh = data_of<scalar_t>(dh_state);
+    args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+    args.dgate_x = data_of<scalar_t>(dgate_x);
+    args.dgate_h = data_of<scalar_t>(dgate_h);
+    cuda::launch_warp<Cell, T>(args, stream);
+    RNNFAST_KERNEL_LAUNCH_CHECK();
+    return;
+  }
 
   const cuda::PersistentPlan persistent = persistent_plan<Cell, T>(/*backward=*/true, s);
   if (persistent.usable) {

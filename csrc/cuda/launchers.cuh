@@ -20,6 +20,7 @@
 #include "sequence_kernels.cuh"
 #include "step_kernels.cuh"
 #include "types.cuh"
+#include "warp_kernels.cuh"
 
 namespace rnnfast {
 namespace cuda {
@@ -52,6 +53,13 @@ template <typename Cell, typename T, typename Args>
 void launch_persistent(const Args& args, const PersistentPlan& plan, cudaStream_t stream) {
   launch_cooperative<PersistentKernel<Cell, T, Args>>(
       {plan.blocks, plan.threads, plan.shared_bytes}, stream, args);
+}
+
+// One launch of a warp per batch row for the whole sequence, forward or backward by the type of
+// `args` (for layers where warp_kernels_fit).
+template <typename Cell, typename T, typename Args>
+void launch_warp(const Args& args, cudaStream_t stream) {
+  launch<WarpKernel<Cell, T, Args>>(warp_shape(args.B), stream, args);
 }
 
 template <typename T>
@@ -95,7 +103,11 @@ void launch_projection_grad(const ProjectionGradArgs<T>& args, cudaStream_t stre
   PREFIX template void launch_persistent<Cell, T, PersistentForwardArgs<T>>(                    \
       const PersistentForwardArgs<T>&, const PersistentPlan&, cudaStream_t);                    \
   PREFIX template void launch_persistent<Cell, T, PersistentBackwardArgs<T>>(                   \
-      const PersistentBackwardArgs<T>&, const PersistentPlan&, cudaStream_t);
+      const PersistentBackwardArgs<T>&, const PersistentPlan&, cudaStream_t);                   \
+  PREFIX template void launch_warp<Cell, T, WarpForwardArgs<T>>(const WarpForwardArgs<T>&,      \
+                                                                cudaStream_t);                  \
+  PREFIX template void launch_warp<Cell, T, WarpBackwardArgs<T>>(const WarpBackwardArgs<T>&,    \
+                                                                 cudaStream_t);
 
 #define RNNFAST_CUDA_TYPE_LAUNCHERS(PREFIX, T)                                                \
   PREFIX template void launch_projection_copy<T>(const ProjectionCopyArgs<T>&, cudaStream_t); \
