@@ -386,8 +386,8 @@ RNNFAST_HD_INLINED void layer_norm_row_backward(int n, const T* dy, const T* nor
   }
   const A mean_g = lanes_total(sum_g) / A(n), mean_g_x_hat = lanes_total(sum_g_x_hat) / A(n);
   for (int k = 0; k < n; ++k) {
-    dx[k] = T(layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g, mean_g_x_hat,
-                                    rstd));
+    dx[k] = T(
+        layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g, mean_g_x_hat, rstd));
   }
 }
 

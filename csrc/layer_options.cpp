@@ -121,7 +121,6 @@ void check_layer_options_args(const LayerOptionsArgs& a) {
   }
 }
 
-
 LayerOptionsBackwardArgs layer_options_backward_args(
     c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,

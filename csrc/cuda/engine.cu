@@ -29,10 +29,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../layer.h"
 #include "host.h"

@@ -6,8 +6,9 @@
 // The launchers are explicitly instantiated in one translation unit per storage type
 // (kernels_float.cu, kernels_double.cu, kernels_half.cu, kernels_bfloat16.cu; the cell
 // options' in the float and double ones only), which the build compiles in parallel (ninja);
-// the host code sees only the extern declarations at the end of this file. No torch header is included here or by the headers below, so
-// tests/test_cuda_compile.py compiles those files with nvcc alone.
+// the host code sees only the extern declarations at the end of this file. No torch header is
+// included here or by the headers below, so tests/test_cuda_compile.py compiles those files with
+// nvcc alone.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -90,8 +91,8 @@ void launch_options_grad_split(const OptionsGradSplitArgs<T>& args, cudaStream_t
 template <typename T>
 void launch_options_carry(const OptionsCarryArgs<T>& args, cudaStream_t stream) {
   const int64_t threads = args.B * args.P;
-  launch<StepKernel<OptionsCarryArgs<T>, options_carry_unit<T>>>(step_shape(threads), stream,
-                                                                 args, threads);
+  launch<StepKernel<OptionsCarryArgs<T>, options_carry_unit<T>>>(step_shape(threads), stream, args,
+                                                                 threads);
 }
 
 // `rows` rows of the input normalisation's backward (T * B).
@@ -132,20 +133,19 @@ void launch_options_norm_backward(const OptionsNormBackwardArgs<T>& args, int64_
   PREFIX template void launch_projection_grad<T>(const ProjectionGradArgs<T>&, cudaStream_t);
 
 // The cell options' launchers of storage type T (float and double).
-#define RNNFAST_CUDA_OPTIONS_CELL_LAUNCHERS(PREFIX, Cell, T)                                    \
-  PREFIX template void launch_options_forward_row<Cell, T>(const OptionsForwardArgs<T>&,      \
-                                                           cudaStream_t);                     \
-  PREFIX template void launch_options_backward_row<Cell, T>(const OptionsBackwardArgs<T>&,    \
+#define RNNFAST_CUDA_OPTIONS_CELL_LAUNCHERS(PREFIX, Cell, T)                               \
+  PREFIX template void launch_options_forward_row<Cell, T>(const OptionsForwardArgs<T>&,   \
+                                                           cudaStream_t);                  \
+  PREFIX template void launch_options_backward_row<Cell, T>(const OptionsBackwardArgs<T>&, \
                                                             cudaStream_t);
 
-#define RNNFAST_CUDA_OPTIONS_TYPE_LAUNCHERS(PREFIX, T)                                          \
-  PREFIX template void launch_options_projection<T>(const OptionsProjectionArgs<T>&,           \
-                                                    cudaStream_t);                             \
-  PREFIX template void launch_options_grad_split<T>(const OptionsGradSplitArgs<T>&,            \
-                                                    cudaStream_t);                             \
-  PREFIX template void launch_options_carry<T>(const OptionsCarryArgs<T>&, cudaStream_t);      \
-  PREFIX template void launch_options_norm_backward<T>(const OptionsNormBackwardArgs<T>&,      \
-                                                       int64_t, cudaStream_t);
+#define RNNFAST_CUDA_OPTIONS_TYPE_LAUNCHERS(PREFIX, T)                                             \
+  PREFIX template void launch_options_projection<T>(const OptionsProjectionArgs<T>&,               \
+                                                    cudaStream_t);                                 \
+  PREFIX template void launch_options_grad_split<T>(const OptionsGradSplitArgs<T>&, cudaStream_t); \
+  PREFIX template void launch_options_carry<T>(const OptionsCarryArgs<T>&, cudaStream_t);          \
+  PREFIX template void launch_options_norm_backward<T>(const OptionsNormBackwardArgs<T>&, int64_t, \
+                                                       cudaStream_t);
 
 #define RNNFAST_CUDA_EXTERN_CELL(Cell, T) RNNFAST_CUDA_CELL_LAUNCHERS(extern, Cell, T)
 #define RNNFAST_CUDA_EXTERN_TYPE(T)      \
@@ -158,7 +158,8 @@ void launch_options_norm_backward(const OptionsNormBackwardArgs<T>& args, int64_
   RNNFAST_CUDA_TYPE_LAUNCHERS(, T)  \
   RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_DEFINE_CELL, T)
 
-#define RNNFAST_CUDA_EXTERN_OPTIONS_CELL(Cell, T) RNNFAST_CUDA_OPTIONS_CELL_LAUNCHERS(extern, Cell, T)
+#define RNNFAST_CUDA_EXTERN_OPTIONS_CELL(Cell, T) \
+  RNNFAST_CUDA_OPTIONS_CELL_LAUNCHERS(extern, Cell, T)
 #define RNNFAST_CUDA_EXTERN_OPTIONS_TYPE(T)      \
   RNNFAST_CUDA_OPTIONS_TYPE_LAUNCHERS(extern, T) \
   RNNFAST_CUDA_FOR_EACH_CELL_OF_TYPE(RNNFAST_CUDA_EXTERN_OPTIONS_CELL, T)

@@ -97,7 +97,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save, const T
   Tensor h_cell = at::empty({B, H}, options);
   Tensor h_candidate = projecting ? at::empty({B, P}, options) : Tensor();
   const bool saving_cell = save && S > 0;
-  Tensor scratch_saved = saving_cell ? Tensor() : at::empty({B, std::max<int64_t>(S, 1) * H}, options);
+  Tensor scratch_saved =
+      saving_cell ? Tensor() : at::empty({B, std::max<int64_t>(S, 1) * H}, options);
   const Tensor w_hh_t = args.w_hh.t();
   const Tensor w_hr_t = projecting ? args.w_hr.t() : Tensor();
 
@@ -351,9 +352,8 @@ forward_with_options_cuda(
   return dispatch_cell(args.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     return AT_DISPATCH_FLOATING_TYPES(
-        args.input.scalar_type(), "rnnfast_forward_with_options_cuda", [&] {
-          return forward_impl<Cell, scalar_t>(args, save, lengths_device).as_tuple();
-        });
+        args.input.scalar_type(), "rnnfast_forward_with_options_cuda",
+        [&] { return forward_impl<Cell, scalar_t>(args, save, lengths_device).as_tuple(); });
   });
 }
 

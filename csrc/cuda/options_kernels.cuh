@@ -92,8 +92,8 @@ RNNFAST_HD void block_layer_norm_backward(int64_t n, const T* dy, const T* norma
   const A mean_g = block_sum(sum_g, partials) / A(n);
   const A mean_g_x_hat = block_sum(sum_g_x_hat, partials) / A(n);
   for (int64_t k = first; k < n; k += stride) {
-    dx[k] = T(layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g,
-                                    mean_g_x_hat, rstd));
+    dx[k] = T(
+        layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g, mean_g_x_hat, rstd));
   }
   BlockThreads::sync();
 }
@@ -115,7 +115,7 @@ struct OptionsForwardArgs {
   int64_t steps, t;
   const int64_t* lengths;  // [B] on the device, or nullptr
   T* xg;                   // [B, G] this step's x W_ih^T (+ b_ih without norm_ih); normalised here
-  T* hg;                   // [B, G] (h_prev * mask) W_hh^T (+ b_hh without norm_hh); normalised here
+  T* hg;  // [B, G] (h_prev * mask) W_hh^T (+ b_hh without norm_hh); normalised here
   const T *gain_ih, *bias_ih;  // [G] norm_ih_weight and b_ih with norm_ih; else nullptr
   const T *gain_hh, *bias_hh;  // [G] likewise for hg
   const T *gain_c, *bias_c;    // [H] LSTM's norm_cell_weight (or nullptr), norm_cell_bias
@@ -131,8 +131,8 @@ struct OptionsForwardArgs {
   const T* zoneout_c_mask;     // [B, H] this step's, or nullptr
   T zoneout_h, zoneout_c;      // p, read without a mask
   bool zoneout_h_on, zoneout_c_on;
-  bool projecting;  // the h_candidate kernel finishes the step
-  T *h_prev_saved, *c_prev_saved, *h_cell_saved;     // [B, P], [B, H], [B, H] this step
+  bool projecting;                                     // the h_candidate kernel finishes the step
+  T *h_prev_saved, *c_prev_saved, *h_cell_saved;       // [B, P], [B, H], [B, H] this step
   T *norm_ih_saved, *norm_hh_saved, *norm_cell_saved;  // [B, G], [B, G], [B, H]
   T* rstd_saved;                                       // [B, 3]
 };
@@ -172,15 +172,15 @@ RNNFAST_HD void options_forward_row(const OptionsForwardArgs<T>& a, int64_t b,
   T* hg = a.hg + b * G;
   T* rstd = a.rstd_saved != nullptr ? a.rstd_saved + b * 3 : nullptr;
   if (a.gain_ih != nullptr) {
-    const A value = block_layer_norm<A>(G, xg, a.gain_ih, a.bias_ih, xg,
-                                        a.norm_ih_saved ? a.norm_ih_saved + b * G : nullptr,
-                                        partials);
+    const A value =
+        block_layer_norm<A>(G, xg, a.gain_ih, a.bias_ih, xg,
+                            a.norm_ih_saved ? a.norm_ih_saved + b * G : nullptr, partials);
     if (rstd != nullptr && first == 0) rstd[0] = T(value);
   }
   if (a.gain_hh != nullptr) {
-    const A value = block_layer_norm<A>(G, hg, a.gain_hh, a.bias_hh, hg,
-                                        a.norm_hh_saved ? a.norm_hh_saved + b * G : nullptr,
-                                        partials);
+    const A value =
+        block_layer_norm<A>(G, hg, a.gain_hh, a.bias_hh, hg,
+                            a.norm_hh_saved ? a.norm_hh_saved + b * G : nullptr, partials);
     if (rstd != nullptr && first == 0) rstd[1] = T(value);
   }
   T* saved = a.saved + b * a.saved_width;
@@ -193,9 +193,9 @@ RNNFAST_HD void options_forward_row(const OptionsForwardArgs<T>& a, int64_t b,
         A o = A(0);
         cn[j] = Cell::cell_state(cell_H, static_cast<int>(j), xg, hg, cp[j], o, saved);
       }
-      const A value = block_layer_norm<A>(
-          H, cn, a.gain_c, a.bias_c, saved + 4 * H,
-          a.norm_cell_saved ? a.norm_cell_saved + b * H : nullptr, partials);
+      const A value =
+          block_layer_norm<A>(H, cn, a.gain_c, a.bias_c, saved + 4 * H,
+                              a.norm_cell_saved ? a.norm_cell_saved + b * H : nullptr, partials);
       if (rstd != nullptr && first == 0) rstd[2] = T(value);
       for (int64_t j = first; j < H; j += stride) {
         hc[j] = T(Cell::hidden(A(saved[3 * H + j]), A(saved[4 * H + j])));
@@ -308,26 +308,26 @@ struct OptionsBackwardArgs {
   int64_t B, H, P, G, S;  // S: the cell's saved values per unit
   int64_t steps, t;
   const int64_t* lengths;
-  const T* dh_cell;          // [B, H] dLoss/dh of the cell's h (before projection and zoneout)
-  AccType<T>* dc_carry;      // [B, H] LSTM: in dLoss/dc of the step's state, out of c_prev
-  T* dc_scratch;             // [B, 2H] LSTM: the new c's share and the normalisation's
-  const T* saved;            // [B, S * H] this step's cell_saved, or nullptr (S == 0)
-  const T* h_prev;           // [B, P] this step's
-  const T* c_prev;           // [B, H] this step's (LSTM)
-  const T* h_cell;           // [B, H] this step's cell h (Elman's saved value)
-  const T* zoneout_c_mask;   // [B, H] this step's, or nullptr
+  const T* dh_cell;         // [B, H] dLoss/dh of the cell's h (before projection and zoneout)
+  AccType<T>* dc_carry;     // [B, H] LSTM: in dLoss/dc of the step's state, out of c_prev
+  T* dc_scratch;            // [B, 2H] LSTM: the new c's share and the normalisation's
+  const T* saved;           // [B, S * H] this step's cell_saved, or nullptr (S == 0)
+  const T* h_prev;          // [B, P] this step's
+  const T* c_prev;          // [B, H] this step's (LSTM)
+  const T* h_cell;          // [B, H] this step's cell h (Elman's saved value)
+  const T* zoneout_c_mask;  // [B, H] this step's, or nullptr
   T zoneout_c;
   bool zoneout_c_on;
-  const T* gain_c;           // [H] norm_cell_weight, or nullptr
-  const T* norm_cell;        // [B, H] this step's normal forms of c (with gain_c)
-  const T* gain_hh;          // [G] norm_hh_weight, or nullptr
-  const T* norm_hh;          // [B, G] this step's (with gain_hh)
-  const T* rstd;             // [B, 3] this step's (with a normalisation)
-  T* dc_out;                 // [B, H] this step's dLoss/dc_out (with gain_c), for its gains
-  T* dxg;                    // [B, G] this step's
-  T* dhg;                    // [B, G] after hg's normalisation (== dxg unless GRU)
-  T* dhg_raw;                // [B, G] before it (== dhg without gain_hh)
-  T* dh_direct;              // [B, H] GRU: dLoss/dh_prev through z; else nullptr
+  const T* gain_c;     // [H] norm_cell_weight, or nullptr
+  const T* norm_cell;  // [B, H] this step's normal forms of c (with gain_c)
+  const T* gain_hh;    // [G] norm_hh_weight, or nullptr
+  const T* norm_hh;    // [B, G] this step's (with gain_hh)
+  const T* rstd;       // [B, 3] this step's (with a normalisation)
+  T* dc_out;           // [B, H] this step's dLoss/dc_out (with gain_c), for its gains
+  T* dxg;              // [B, G] this step's
+  T* dhg;              // [B, G] after hg's normalisation (== dxg unless GRU)
+  T* dhg_raw;          // [B, G] before it (== dhg without gain_hh)
+  T* dh_direct;        // [B, H] GRU: dLoss/dh_prev through z; else nullptr
 };
 
 // Block b: row b of one reverse step, for active rows.
@@ -364,8 +364,8 @@ RNNFAST_HD void options_backward_row(const OptionsBackwardArgs<T>& a, int64_t b,
         dc_out[j] = T(Cell::output_backward(cell_H, static_cast<int>(j), saved, A(dh[j]), dxg));
       }
       T* dc_through_norm = dc_new + H;
-      block_layer_norm_backward<A>(H, dc_out, a.norm_cell + b * H, A(a.rstd[b * 3 + 2]),
-                                   a.gain_c, dc_through_norm, partials);
+      block_layer_norm_backward<A>(H, dc_out, a.norm_cell + b * H, A(a.rstd[b * 3 + 2]), a.gain_c,
+                                   dc_through_norm, partials);
       for (int64_t j = first; j < H; j += stride) {
         A dc_prev = A(0);
         Cell::state_backward(cell_H, static_cast<int>(j), saved, A(cp[j]),
@@ -375,8 +375,8 @@ RNNFAST_HD void options_backward_row(const OptionsBackwardArgs<T>& a, int64_t b,
     } else {
       for (int64_t j = first; j < H; j += stride) {
         A dc_prev = A(0), unused = A(0);
-        Cell::backward(cell_H, static_cast<int>(j), saved, A(0), A(cp[j]), A(dh[j]),
-                       A(dc_new[j]), dxg, dhg, dc_prev, unused);
+        Cell::backward(cell_H, static_cast<int>(j), saved, A(0), A(cp[j]), A(dh[j]), A(dc_new[j]),
+                       dxg, dhg, dc_prev, unused);
         dc[j] = dc[j] + dc_prev;
       }
     }
@@ -386,8 +386,8 @@ RNNFAST_HD void options_backward_row(const OptionsBackwardArgs<T>& a, int64_t b,
     const T* cell_saved = a.S > 0 ? saved : a.h_cell + b * H;
     for (int64_t j = first; j < H; j += stride) {
       A unused = A(0), direct = A(0);
-      Cell::backward(cell_H, static_cast<int>(j), cell_saved, A(hp[j]), A(0), A(dh[j]), A(0),
-                     dxg, dhg, unused, direct);
+      Cell::backward(cell_H, static_cast<int>(j), cell_saved, A(hp[j]), A(0), A(dh[j]), A(0), dxg,
+                     dhg, unused, direct);
       if (Cell::kReadsPrevHidden) a.dh_direct[b * H + j] = T(direct);
     }
   }
@@ -426,10 +426,10 @@ RNNFAST_HD void options_carry_unit(const OptionsCarryArgs<T>& a, int64_t index) 
 template <typename T>
 struct OptionsNormBackwardArgs {
   int64_t G;
-  T* dxg;                // [T * B, G] in: after the normalisation; out: before it
-  const T* normalized;   // [T * B, G] norm_ih
-  const T* rstd;         // [T * B, 3], column 0
-  const T* gain;         // [G]
+  T* dxg;               // [T * B, G] in: after the normalisation; out: before it
+  const T* normalized;  // [T * B, G] norm_ih
+  const T* rstd;        // [T * B, 3], column 0
+  const T* gain;        // [G]
 };
 
 // Block `row`: one row of the T * B.
