@@ -7,9 +7,10 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   math of csrc/cells.h, explicitly instantiated for every cell, one file per float / double /
   half / bfloat16) compiled with nvcc alone, for sm_80 and sm_90. No torch header is involved,
   so it is fast.
-* test_engine_compiles: csrc/cuda/engine.cu (the host code: ATen GEMMs, the time loops, the op
-  registration) compiled with `nvcc -c` against the installed torch's headers, and its calls
-  of the launchers matched against the instantiations in the kernels_*.cu objects (nm). A
+* test_engine_compiles: csrc/cuda/engine.cu and options_engine.cu (the host code: ATen GEMMs,
+  the time loops, the op registration) compiled with `nvcc -c` against the installed torch's
+  headers, and their calls of the launchers matched against the instantiations in the
+  kernels_*.cu objects (nm). A
   CPU-only torch wheel ships the c10/cuda headers but not the header CMake generates for a
   CUDA build (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its
   temporary folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
@@ -25,6 +26,12 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   GEMM-per-step loop). This checks the CUDA engine's host logic and indexing without a GPU;
   what it cannot check (the kernels running on a device, cuBLAS, barriers) is for
   tests/test_cuda.py.
+* test_options_host_emulation: options_engine.cu in the same emulation library (built once for
+  both tests), its rnnfast::forward_with_options / backward_with_options against the CPU
+  engine's for every cell x OPTIONS_VARIANTS (layer normalisation of all three or of one, no
+  bias, recurrent dropout mask, zoneout masks or inference probabilities, lengths, reverse, no
+  initial state, projection, one step, no saving) x float64 / float32: every output, saved
+  tensor and gradient. The row kernels' block reductions run as one thread per block here.
 
 All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
 """
