@@ -302,6 +302,35 @@ RNNFAST_HD_INLINED A lanes_total(const A (&partial)[kSumLanes]) {
   return total;
 }
 
+// The layer normalisation's per-element formulas, shared by the CPU engine's row functions
+// below and the CUDA engine's block-wide rows (csrc/cuda/options_kernels.cuh), which sum in
+// their own order but normalise and differentiate each element alike.
+//
+// 1 / sqrt(var + eps) from the sum of the n centred squares.
+template <typename A>
+RNNFAST_HD_INLINED A layer_norm_rstd(A sum_of_squares, int n) {
+  return A(1) / Math<A>::sqrt(sum_of_squares / A(n) + A(kLayerNormEpsilon));
+}
+
+// The normal form x_hat = (x - mean) / sqrt(var + eps) of one element.
+template <typename A>
+RNNFAST_HD_INLINED A layer_norm_normal_form(A x, A mean, A rstd) {
+  return (x - mean) * rstd;
+}
+
+// y = x_hat * gain + bias of one element (bias 0 where the row has none).
+template <typename A>
+RNNFAST_HD_INLINED A layer_norm_affine(A x_hat, A gain, A bias) {
+  return x_hat * gain + bias;
+}
+
+// dLoss/dx of one element, from g = dy * gain, its x_hat and the row's means of g and
+// g * x_hat: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+template <typename A>
+RNNFAST_HD_INLINED A layer_norm_input_grad(A g, A x_hat, A mean_g, A mean_g_x_hat, A rstd) {
+  return rstd * (g - mean_g - x_hat * mean_g_x_hat);
+}
+
 // y = (x - mean) / sqrt(var + eps) * gain + bias over one row of n values (bias may be
 // nullptr); normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x.
 // Returns 1 / sqrt(var + eps). Mean and variance in A, in two passes (as torch's).
@@ -326,11 +355,11 @@ RNNFAST_HD_INLINED A layer_norm_row(int n, const T* x, const W* gain, const W* b
     const A centred = A(x[k]) - mean;
     squares[k - whole] += centred * centred;
   }
-  const A rstd = A(1) / Math<A>::sqrt(lanes_total(squares) / A(n) + A(kLayerNormEpsilon));
+  const A rstd = layer_norm_rstd(lanes_total(squares), n);
   for (int k = 0; k < n; ++k) {
-    const A x_hat = (A(x[k]) - mean) * rstd;
+    const A x_hat = layer_norm_normal_form(A(x[k]), mean, rstd);
     if (normalized != nullptr) normalized[k] = T(x_hat);
-    y[k] = T(x_hat * A(gain[k]) + (bias != nullptr ? A(bias[k]) : A(0)));
+    y[k] = T(layer_norm_affine(x_hat, A(gain[k]), bias != nullptr ? A(bias[k]) : A(0)));
   }
   return rstd;
 }
@@ -357,8 +386,8 @@ RNNFAST_HD_INLINED void layer_norm_row_backward(int n, const T* dy, const T* nor
   }
   const A mean_g = lanes_total(sum_g) / A(n), mean_g_x_hat = lanes_total(sum_g_x_hat) / A(n);
   for (int k = 0; k < n; ++k) {
-    const A g = A(dy[k]) * A(gain[k]);
-    dx[k] = T(rstd * (g - mean_g - A(normalized[k]) * mean_g_x_hat));
+    dx[k] = T(
+        layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g, mean_g_x_hat, rstd));
   }
 }
 

@@ -121,4 +121,56 @@ void check_layer_options_args(const LayerOptionsArgs& a) {
   }
 }
 
+LayerOptionsBackwardArgs layer_options_backward_args(
+    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, bool has_bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& norm_ih_weight,
+    const std::optional<at::Tensor>& norm_hh_weight,
+    const std::optional<at::Tensor>& norm_cell_weight, bool has_norm_cell_bias,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& zoneout_cell_mask, double zoneout, double zoneout_cell,
+    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& cell_saved,
+    const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& h_cell,
+    const at::Tensor& norm_ih, const at::Tensor& norm_hh, const at::Tensor& norm_cell,
+    const at::Tensor& rstd, bool input_grad) {
+  LayerOptionsBackwardArgs args;
+  args.layer = layer_options_args(cell, input, std::nullopt, std::nullopt, w_ih, w_hh, std::nullopt,
+                                  std::nullopt, w_hr, norm_ih_weight, norm_hh_weight,
+                                  norm_cell_weight, std::nullopt, recurrent_mask, zoneout_mask,
+                                  zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse);
+  check_layer_options_args(args.layer);
+  const LayerOptionsArgs& layer = args.layer;
+  const int64_t steps = layer.input.size(0), batch = layer.input.size(1);
+  const int64_t state = layer.w_hh.size(1);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({steps, batch, state}),
+              "rnnfast: grad_output must have shape [T, B, state_size], got ", grad_output.sizes());
+  TORCH_CHECK(h_prev.sizes() == at::IntArrayRef({steps, batch, state}),
+              "rnnfast: h_prev must be the forward's, saved with save=True; got shape ",
+              h_prev.sizes());
+  args.grad_output = grad_output.contiguous();
+  args.grad_h_n = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
+  args.grad_c_n = grad_c_n.has_value() ? grad_c_n->contiguous() : at::Tensor();
+  args.cell_saved = cell_saved.contiguous();
+  args.h_prev = h_prev.contiguous();
+  args.c_prev = c_prev.contiguous();
+  args.h_cell = h_cell.contiguous();
+  args.norm_ih = norm_ih.contiguous();
+  args.norm_hh = norm_hh.contiguous();
+  args.norm_cell = norm_cell.contiguous();
+  args.rstd = rstd.contiguous();
+  args.has_bias = has_bias;
+  args.has_norm_cell_bias = has_norm_cell_bias;
+  args.input_grad = input_grad;
+  return args;
+}
+
+std::vector<at::Tensor> layer_options_gradients(std::vector<at::Tensor> grads,
+                                                const at::Tensor& input) {
+  for (at::Tensor& grad : grads) {
+    if (!grad.defined()) grad = at::empty({0}, input.options());
+  }
+  return grads;
+}
+
 }  // namespace rnnfast

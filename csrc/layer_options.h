@@ -98,4 +98,25 @@ LayerOptionsArgs layer_options_args(
 // Checks the arguments (shapes, dtypes, devices, probabilities), with messages that name them.
 void check_layer_options_args(const LayerOptionsArgs& args);
 
+// The backward's arguments as its schema gives them (tensors made contiguous), checked: the
+// layer's as the forward's, grad_output and h_prev of shape [T, B, state_size].
+LayerOptionsBackwardArgs layer_options_backward_args(
+    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
+    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, bool has_bias, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& norm_ih_weight,
+    const std::optional<at::Tensor>& norm_hh_weight,
+    const std::optional<at::Tensor>& norm_cell_weight, bool has_norm_cell_bias,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_mask,
+    const std::optional<at::Tensor>& zoneout_cell_mask, double zoneout, double zoneout_cell,
+    const std::optional<at::Tensor>& lengths, bool reverse, const at::Tensor& cell_saved,
+    const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& h_cell,
+    const at::Tensor& norm_ih, const at::Tensor& norm_hh, const at::Tensor& norm_cell,
+    const at::Tensor& rstd, bool input_grad);
+
+// An engine's gradients (kLayerOptionsGradients of them) as the backward op returns them: an
+// empty tensor of input's options where the forward had no such tensor.
+std::vector<at::Tensor> layer_options_gradients(std::vector<at::Tensor> grads,
+                                                const at::Tensor& input);
+
 }  // namespace rnnfast

@@ -4,6 +4,7 @@ Everything here works on time-major tensors, input [T, B, I], or with batch_firs
 [B, T, I] (the ops take that layout as it is). The modules (rnnfast/modules.py) translate
 unbatched and packed inputs to the time-major form.
 """
+import os
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,9 @@ _FORWARD = torch.ops.rnnfast.forward.default
 _DIFFERENTIABLE_FORWARD = torch.ops.rnnfast.differentiable_forward.default
 # The layer with cell options (rnnfast/_options_ops.py).
 _FORWARD_WITH_OPTIONS = _options_ops._FORWARD
+# Set to "1", the layers with cell options run on CUDA tensors (csrc/cuda/options_engine.cu);
+# without it they raise NotImplementedError there, as that engine has not yet run on a GPU.
+CUDA_CELL_OPTIONS = "RNNFAST_CUDA_CELL_OPTIONS"
 
 
 def layer(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, lengths=None,
@@ -207,19 +211,27 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     says how the layers draw them), so the result is a function of its arguments that tests can
     reproduce.
 
-    input [T, B, I] (time-major); hx, cx, weights, biases, lengths as in layer (lengths: int64
-    on the CPU); norm_ih_weight, norm_hh_weight [G]: layer_norm's gains of x W_ih^T and
+    input [T, B, I] (time-major); hx, cx, weights, biases, lengths as in layer (lengths: int64,
+    given to the op on the CPU); norm_ih_weight, norm_hh_weight [G]: layer_norm's gains of x W_ih^T and
     h W_hh^T, whose biases are b_ih and b_hh; norm_cell_weight, norm_cell_bias [H]: the LSTM
     cell state's; recurrent_mask [B, P] multiplies h before the recurrent product (0 or
     1 / (1 - p)); zoneout_mask [T, B, P] and zoneout_cell_mask [T, B, H]: 1 where a unit keeps
     its previous value at a step, or None with zoneout / zoneout_cell the probability of it
     (the expectation, as in evaluation). Returns output [T, B, P], h_n [B, P] and c_n [B, H]
-    (an empty tensor for non-LSTM cells). bfloat16 and float16 layers run in float32.
+    (an empty tensor for non-LSTM cells). bfloat16 and float16 layers run in float32. On CUDA
+    tensors only with RNNFAST_CUDA_CELL_OPTIONS=1 (not yet validated on a GPU).
     """
-    if input.device.type != "cpu":
+    if input.device.type != "cpu" and not (input.device.type == "cuda"
+                                           and os.environ.get(CUDA_CELL_OPTIONS) == "1"):
         raise NotImplementedError(
             "rnnfast: layer_norm, zoneout, recurrent_dropout and input_dropout run on the CPU "
-            f"engine only so far; the layer's input is on {input.device}")
+            f"engine only so far; the layer's input is on {input.device}. The CUDA engine's "
+            f"implementation is opt-in with the environment variable {CUDA_CELL_OPTIONS}=1: it "
+            "has been checked against the CPU engine in a host emulation but not yet validated "
+            "on a GPU")
+    if lengths is not None:
+        # The op takes the lengths as a CPU int64 tensor on every device.
+        lengths = lengths.cpu()
     tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih_weight, norm_hh_weight,
                norm_cell_weight, norm_cell_bias, recurrent_mask, zoneout_mask, zoneout_cell_mask)
     dtype = input.dtype

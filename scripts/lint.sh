@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m ruff check .
 CLANG_FORMAT=$("$PYTHON" -c "import clang_format, os; print(os.path.join(os.path.dirname(clang_format.__file__), 'data', 'bin', 'clang-format'))")
 "$CLANG_FORMAT" --dry-run --Werror csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp \
-  csrc/cuda/*.cuh csrc/cuda/*.cu
+  csrc/cuda/*.h csrc/cuda/*.cuh csrc/cuda/*.cu

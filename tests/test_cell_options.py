@@ -595,10 +595,18 @@ def test_results_are_the_same_on_one_and_two_threads(cell, case):
         assert torch.equal(one, two), name
 
 
-def test_other_devices_are_refused_with_the_reason():
-    # The CUDA engine has no kernel of the options' op yet; any non-CPU tensor gets the reason
+def test_other_devices_are_refused_with_the_reason(monkeypatch):
+    # The CUDA engine's kernels of the options' op are opt-in (RNNFAST_CUDA_CELL_OPTIONS=1, not
+    # yet validated on a GPU); without it any non-CPU tensor gets the reason and how to opt in
     # (a meta tensor stands in for a CUDA one here).
+    monkeypatch.delenv("RNNFAST_CUDA_CELL_OPTIONS", raising=False)
     module = rnnfast.GRU(3, 4, zoneout=0.1, device="meta")
+    with pytest.raises(NotImplementedError, match="run on the CPU engine only so far") as refused:
+        module(torch.randn(5, 2, 3, device="meta"))
+    assert "RNNFAST_CUDA_CELL_OPTIONS=1" in str(refused.value)
+    assert "not yet validated on a GPU" in str(refused.value)
+    # The opt-in is for CUDA tensors: other devices stay refused.
+    monkeypatch.setenv("RNNFAST_CUDA_CELL_OPTIONS", "1")
     with pytest.raises(NotImplementedError, match="run on the CPU engine only so far"):
         module(torch.randn(5, 2, 3, device="meta"))
 

@@ -467,3 +467,144 @@ def test_autocast_like_torch_nn(kind, dtype):
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
         tol = max(0.05, 16 * eps)
         assert rel_err(p.grad, q.grad) < tol, f"{name}: {rel_err(p.grad, q.grad):.3e}"
+
+
+# ------------------------------------------------------------------------------------------
+# The cell options (layer_norm, zoneout, recurrent_dropout, input_dropout) on CUDA
+# (csrc/cuda/options_engine.cu), opt-in with RNNFAST_CUDA_CELL_OPTIONS=1
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cuda_cell_options(monkeypatch):
+    monkeypatch.setenv("RNNFAST_CUDA_CELL_OPTIONS", "1")
+
+
+# Variants of one layer with options: which options (the masks given, as training draws
+# them), and the layer's shape and direction.
+OPTIONS_VARIANTS = {
+    "norm": dict(norm=True),
+    "norm_masks": dict(norm=True, dropout=True, zoneout=True),
+    "norm_zoneout_p_lengths": dict(norm=True, zoneout_p=(0.3, 0.2), lengths=[7, 2, 5, 1, 6]),
+    "masks_lengths_reverse": dict(dropout=True, zoneout=True, lengths=[3, 7, 1, 6, 2],
+                                  reverse=True),
+    "norm_masks_proj": dict(norm=True, dropout=True, zoneout=True, proj=5),
+}
+
+
+def options_layer_args(cell, variant, seed):
+    """Keyword arguments of functional.layer_with_options (float64, on the CPU), random from a
+    seeded generator, and the names of its differentiable ones."""
+    generator = torch.Generator().manual_seed(seed)
+    lstm = cell.startswith("lstm")
+    gates = op_args.GATES[cell] * HIDDEN
+    proj = variant.get("proj", 0)
+    state = proj or HIDDEN
+
+    def rand(*shape, scale=0.5):
+        return scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def keep(*shape, p):
+        return (torch.rand(*shape, generator=generator, dtype=torch.float64) < p).double()
+
+    args = dict(input=rand(STEPS, BATCH, INPUT), hx=rand(BATCH, state),
+                cx=rand(BATCH, HIDDEN) if lstm else None, w_ih=rand(gates, INPUT),
+                w_hh=rand(gates, state), b_ih=rand(gates), b_hh=rand(gates),
+                w_hr=rand(state, HIDDEN) if proj else None)
+    if variant.get("norm"):
+        args.update(norm_ih_weight=1 + rand(gates), norm_hh_weight=1 + rand(gates))
+        if lstm:
+            args.update(norm_cell_weight=1 + rand(HIDDEN), norm_cell_bias=rand(HIDDEN))
+    if variant.get("dropout"):
+        args["recurrent_mask"] = keep(BATCH, state, p=0.7) / 0.7
+    if variant.get("zoneout"):
+        args["zoneout_mask"] = keep(STEPS, BATCH, state, p=0.3)
+        if lstm:
+            args["zoneout_cell_mask"] = keep(STEPS, BATCH, HIDDEN, p=0.25)
+    zoneout, zoneout_cell = variant.get("zoneout_p", (0.0, 0.0))
+    args.update(zoneout=zoneout, zoneout_cell=zoneout_cell if lstm else 0.0,
+                reverse=variant.get("reverse", False))
+    if "lengths" in variant:
+        args["lengths"] = torch.tensor(variant["lengths"], dtype=torch.int64)
+    names = [name for name, value in args.items()
+             if torch.is_tensor(value) and value.is_floating_point() and "mask" not in name]
+    return args, names
+
+
+def run_options_layer(cell, args, names, device, dtype, seed=5):
+    """output, h_n, c_n and the gradients of a weighted sum of them, by name."""
+    from rnnfast import functional
+
+    call = {name: (value.to(device, dtype) if torch.is_tensor(value) and value.is_floating_point()
+                   else value) for name, value in args.items()}
+    for name in names:
+        call[name].requires_grad_()
+    output, h_n, c_n = functional.layer_with_options(cell, **call)
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=generator, dtype=torch.float64).to(
+        device, dtype)).sum() for t in (output, h_n, c_n) if t.numel() > 0)
+    grads = torch.autograd.grad(loss, [call[name] for name in names])
+    result = dict(output=output, h_n=h_n, c_n=c_n if c_n.numel() > 0 else None)
+    result.update({f"grad_{name}": grad for name, grad in zip(names, grads)})
+    return result
+
+
+OPTIONS_CASES = [(cell, variant) for cell in OP_CELLS for variant in OPTIONS_VARIANTS
+                 if cell.startswith("lstm") or "proj" not in OPTIONS_VARIANTS[variant]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cell, variant", OPTIONS_CASES,
+                         ids=[f"{cell}-{variant}" for cell, variant in OPTIONS_CASES])
+def test_options_layer_matches_cpu(cell, variant, dtype, cuda_cell_options):
+    """One layer with cell options on CUDA against the CPU engine: outputs, final states and
+    every gradient. float64: to 1e-10. float32: each engine against the CPU's float64 result,
+    the CUDA engine's error no worse than twice the CPU engine's plus 1e-5 (the engines sum the
+    GEMMs and the normalisations' rows in different orders)."""
+    args, names = options_layer_args(cell, OPTIONS_VARIANTS[variant], seed=len(variant))
+    gpu = run_options_layer(cell, args, names, CUDA, dtype)
+    assert_on_cuda(gpu)
+    if dtype == torch.float64:
+        cpu = run_options_layer(cell, args, names, CPU, dtype)
+        assert_results_close(gpu, cpu, TOL[dtype], f"{cell}/{variant} cuda vs cpu: ")
+        return
+    truth = run_options_layer(cell, args, names, CPU, torch.float64)
+    cpu = run_options_layer(cell, args, names, CPU, dtype)
+    for key, expected in truth.items():
+        if expected is None:
+            assert gpu[key] is None and cpu[key] is None, key
+            continue
+        gpu_err, cpu_err = rel_err(gpu[key], expected), rel_err(cpu[key], expected)
+        assert gpu_err <= 2 * cpu_err + TOL[dtype], (
+            f"{cell}/{variant} {key}: cuda's relative error {gpu_err:.3e} > 2 x the CPU "
+            f"engine's {cpu_err:.3e} + {TOL[dtype]:.0e}")
+
+
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+def test_options_modules_match_cpu(cls, cuda_cell_options):
+    """Modules with layer_norm and zoneout (evaluation: zoneout's expectation), stacked,
+    bidirectional and packed, on CUDA against the CPU in float64: outputs, final states and the
+    gradients of the input, the initial states and every parameter."""
+    torch.manual_seed(8)
+    options = dict(layer_norm=True, zoneout=0.2)
+    if cls is rnnfast.LSTM:
+        options["zoneout_cell"] = 0.1
+    model = cls(INPUT, HIDDEN, num_layers=2, bidirectional=True, dtype=torch.float64,
+                **options).eval()
+    x = torch.randn(STEPS, BATCH, INPUT, dtype=torch.float64)
+    shape = (4, BATCH, HIDDEN)
+    hx = (torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)) \
+        if cls is rnnfast.LSTM else torch.randn(shape, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 5, 1, 6])
+    cpu = run(copy.deepcopy(model), CPU, x, hx, lengths, False)
+    gpu = run(copy.deepcopy(model), CUDA, x, hx, lengths, False)
+    assert_on_cuda(gpu)
+    assert_results_close(gpu, cpu, TOL[torch.float64], f"{cls.__name__} cuda vs cpu: ")
+
+
+def test_options_on_cuda_are_opt_in(monkeypatch):
+    """Without RNNFAST_CUDA_CELL_OPTIONS=1 a CUDA layer with options is refused, with how to
+    opt in."""
+    monkeypatch.delenv("RNNFAST_CUDA_CELL_OPTIONS", raising=False)
+    model = rnnfast.GRU(INPUT, HIDDEN, layer_norm=True).to(CUDA)
+    with pytest.raises(NotImplementedError, match="RNNFAST_CUDA_CELL_OPTIONS=1"):
+        model(torch.randn(STEPS, BATCH, INPUT, device=CUDA))

@@ -7,9 +7,10 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   math of csrc/cells.h, explicitly instantiated for every cell, one file per float / double /
   half / bfloat16) compiled with nvcc alone, for sm_80 and sm_90. No torch header is involved,
   so it is fast.
-* test_engine_compiles: csrc/cuda/engine.cu (the host code: ATen GEMMs, the time loops, the op
-  registration) compiled with `nvcc -c` against the installed torch's headers, and its calls
-  of the launchers matched against the instantiations in the kernels_*.cu objects (nm). A
+* test_engine_compiles: csrc/cuda/engine.cu and options_engine.cu (the host code: ATen GEMMs,
+  the time loops, the op registration) compiled with `nvcc -c` against the installed torch's
+  headers, and their calls of the launchers matched against the instantiations in the
+  kernels_*.cu objects (nm). A
   CPU-only torch wheel ships the c10/cuda headers but not the header CMake generates for a
   CUDA build (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its
   temporary folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
@@ -24,9 +25,16 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   2 multiprocessors, so blocks hold several rows), once with RNNFAST_SEQUENCE_KERNELS=0 (the
   GEMM-per-step loop) and once with RNNFAST_CUDA_PERSISTENT=1 (the persistent kernels: the
   hidden units split over the 2 emulated blocks, which run one after the other between grid
-  barriers). This checks the CUDA engine's host logic and indexing without a GPU; what it
-  cannot check (the kernels running on a device, cuBLAS, barriers, L1 coherence) is for
-  tests/test_cuda.py.
+  barriers) and once with RNNFAST_CUDA_WARP_KERNELS=1 (the warp kernels, float64 and float32:
+  each emulated warp is 32 host threads, one per lane, that meet at every shuffle). This checks
+  the CUDA engine's host logic and indexing without a GPU; what it cannot check (the kernels
+  running on a device, cuBLAS, barriers, L1 coherence) is for tests/test_cuda.py.
+* test_options_host_emulation: options_engine.cu in the same emulation library (built once for
+  both tests), its rnnfast::forward_with_options / backward_with_options against the CPU
+  engine's for every cell x OPTIONS_VARIANTS (layer normalisation of all three or of one, no
+  bias, recurrent dropout mask, zoneout masks or inference probabilities, lengths, reverse, no
+  initial state, projection, one step, no saving) x float64 / float32: every output, saved
+  tensor and gradient. The row kernels' block reductions run as one thread per block here.
 
 All are skipped only where nvcc is not found (PATH, then $CUDA_HOME/bin).
 """
@@ -45,8 +53,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 # The translation units that instantiate the launchers, one per dtype.
 KERNEL_SOURCES = sorted(glob.glob(os.path.join(CUDA_DIR, "kernels_*.cu")))
+# The host code: the engine of rnnfast::forward / backward, and that of the cell options.
+HOST_SOURCES = ["engine.cu", "options_engine.cu"]
 DTYPES = 4
 CELLS = 7
+# Launchers per object: 7 cells x (forward and backward of: step, sequence, persistent, warp)
+# plus 2 projection helpers; the float and double objects add the cell options' 7 cells x
+# (forward row, backward row) plus 4 (projection, gradient split, carry, input normalisation's
+# backward).
+LAUNCHERS = CELLS * 8 + 2
+OPTIONS_LAUNCHERS = CELLS * 2 + 4
+OPTIONS_DTYPES = ("float", "double")
 
 
 def _find_nvcc():
@@ -122,14 +139,17 @@ def test_kernels_compile(arch, kernel_objects):
     targets = kernel_objects(arch)
     assert all(os.path.getsize(target) > 0 for target in targets)
     if shutil.which("nm"):
-        # Every launcher of every cell x dtype is there, each dtype's in its own object: 7 cells
-        # x (forward and backward of: step, sequence, persistent, warp) plus 2 projection
-        # helpers per object, none defined twice.
+        # Every launcher of every cell x dtype is there, each dtype's in its own object
+        # (LAUNCHERS, and OPTIONS_LAUNCHERS more in the float and double ones), none defined
+        # twice.
         per_object = [{name for name in _symbols(target, {"T", "W"}) if "launch_" in name}
                       for target in targets]
         for target, launchers in zip(targets, per_object):
-            assert len(launchers) == CELLS * 8 + 2, (target, sorted(launchers))
-        assert len(set().union(*per_object)) == DTYPES * (CELLS * 8 + 2)
+            dtype = os.path.basename(target).split("_")[1]
+            expected = LAUNCHERS + (OPTIONS_LAUNCHERS if dtype in OPTIONS_DTYPES else 0)
+            assert len(launchers) == expected, (target, sorted(launchers))
+        assert len(set().union(*per_object)) == (
+            DTYPES * LAUNCHERS + len(OPTIONS_DTYPES) * OPTIONS_LAUNCHERS)
 
 
 def _torch_cuda_headers():
@@ -158,18 +178,26 @@ def test_engine_compiles(tmp_path, kernel_objects):
         includes.append(f"-I{shim}")
     includes.append(f"-I{sysconfig.get_paths()['include']}")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    engine = str(tmp_path / "engine.o")
-    _nvcc([*NVCC_FLAGS, "-arch=sm_80", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes,
-           "-c", os.path.join(CUDA_DIR, "engine.cu"), "-o", engine], timeout=900)
-    assert os.path.getsize(engine) > 0
+
+    def compile_host(source):
+        target = str(tmp_path / f"{os.path.splitext(source)[0]}.o")
+        _nvcc([*NVCC_FLAGS, "-arch=sm_80", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes,
+               "-c", os.path.join(CUDA_DIR, source), "-o", target], timeout=900)
+        return source, target
+
+    with ThreadPoolExecutor(max_workers=min(len(HOST_SOURCES), os.cpu_count() or 1)) as pool:
+        objects = list(pool.map(compile_host, HOST_SOURCES))
+    assert all(os.path.getsize(target) > 0 for _, target in objects)
     if shutil.which("nm"):
-        # engine.cu calls the launchers; the kernels_*.cu objects must instantiate every one it
-        # calls.
+        # The host code calls the launchers; the kernels_*.cu objects must instantiate every one
+        # it calls.
         defined = set().union(*(_symbols(target, {"T", "W"}) for target in kernel_objects("sm_80")))
-        needed = {name for name in _symbols(engine, {"U"}) if "launch_" in name}
-        assert needed, "engine.cu calls no launcher: the extern declarations did not apply"
-        missing = needed - defined
-        assert not missing, f"launchers engine.cu calls but no kernels_*.cu defines: {sorted(missing)}"
+        for source, target in objects:
+            needed = {name for name in _symbols(target, {"U"}) if "launch_" in name}
+            assert needed, f"{source} calls no launcher: the extern declarations did not apply"
+            missing = needed - defined
+            assert not missing, (
+                f"launchers {source} calls but no kernels_*.cu defines: {sorted(missing)}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,35 +377,57 @@ def _cuda_include_dir():
     return None
 
 
-def test_engine_host_emulation(tmp_path):
-    torch = pytest.importorskip("torch")
+@pytest.fixture(scope="module")
+def emulation_library(tmp_path_factory):
+    """The CUDA engine's host code (engine.cu, options_engine.cu) and the kernels_*.cu files
+    built by the host C++ compiler into one library, once per test run."""
+    pytest.importorskip("torch")
     include = _cuda_include_dir()
     if include is None:
         pytest.skip("no CUDA include folder with cuda_fp16.h next to nvcc")
     if shutil.which("ninja") is None:
         pytest.skip("torch.utils.cpp_extension.load needs ninja")
-    # One C++ file per CUDA file, as the extension builds them: the launchers engine.cu calls
+    folder = tmp_path_factory.mktemp("emulation")
+    # One C++ file per CUDA file, as the extension builds them: the launchers the host code calls
     # are found at link time in the kernels_*.cu objects.
     sources = []
-    for cuda_source, template in [(os.path.join(CUDA_DIR, "engine.cu"), _EMULATION_ENGINE),
+    for cuda_source, template in [*((os.path.join(CUDA_DIR, h), _EMULATION_ENGINE)
+                                    for h in HOST_SOURCES),
                                   *((k, _EMULATION_KERNELS) for k in KERNEL_SOURCES)]:
         name = os.path.splitext(os.path.basename(cuda_source))[0]
-        source = tmp_path / f"{name}_emulation.cpp"
+        source = folder / f"{name}_emulation.cpp"
         source.write_text(template.format(source=cuda_source))
         sources.append(str(source))
-    build = tmp_path / "build"
+    build = folder / "build"
     build.mkdir()
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     result = subprocess.run(
-        [sys.executable, "-c", _EMULATION_BUILD, os.path.join(ROOT, "csrc", "ops.cpp"),
-         os.path.join(ROOT, "csrc", "layer.cpp"),
-         os.path.join(ROOT, "csrc", "buffer_pool.cpp"), *sources, include, str(build)],
+        [sys.executable, "-c", _EMULATION_BUILD,
+         *(os.path.join(ROOT, "csrc", name) for name in
+           ("ops.cpp", "layer.cpp", "buffer_pool.cpp", "layer_options.cpp")),
+         *sources, include, str(build)],
         capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, f"emulation build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    library = build / "rnnfast_cuda_emulation.so"
+    return build / "rnnfast_cuda_emulation.so"
+
+
+def _run_cpu_reference(flag, results_file):
+    """The CPU engine (rnnfast._C) in a subprocess, so a crash is a failure, not the end of the
+    test session."""
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), flag, str(results_file)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    code = result.returncode
+    why = signal.Signals(-code).name if code < 0 else f"exit status {code}"
+    assert code == 0, f"CPU engine run failed ({why}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+
+
+def test_engine_host_emulation(tmp_path, emulation_library):
+    torch = pytest.importorskip("torch")
+    library = emulation_library
     # The emulated engine runs in its own process: its ops.cpp defines the ops as rnnfast._C does.
-    # Once with the sequence kernels (where a layer fits), once with the GEMM-per-step loop and
-    # once with the persistent kernels.
+    # Once per path of EMULATED_PATHS: the sequence kernels (where a layer fits), the
+    # GEMM-per-step loop, the persistent kernels and the warp kernels.
     emulated_runs = {}
     for name, (settings, dtypes) in EMULATED_PATHS.items():
         results_file = tmp_path / f"emulated_{name}.pt"
@@ -389,15 +439,8 @@ def test_engine_host_emulation(tmp_path):
         assert result.returncode == 0, (
             f"emulated run ({name}) failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
         emulated_runs[name] = torch.load(str(results_file))
-    # The CPU engine (rnnfast._C) in a subprocess as well, so a crash is a failure, not the end
-    # of the test session.
     reference_file = tmp_path / "cpu.pt"
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--reference", str(reference_file)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
-    code = result.returncode
-    why = signal.Signals(-code).name if code < 0 else f"exit status {code}"
-    assert code == 0, f"CPU engine run failed ({why}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    _run_cpu_reference("--reference", reference_file)
     saved = torch.load(str(reference_file))
     expected, truth = saved["results"], saved["truth"]
     failures = []
@@ -445,6 +488,165 @@ def _emulation_failures(emulated, expected, truth, label):
     return failures
 
 
+# ------------------------------------------------------------------------------------------
+# Host emulation of the cell options' ops (options_engine.cu) against the CPU engine
+# ------------------------------------------------------------------------------------------
+
+# Variants of the options' layer: which options, and the layer's shape and direction.
+# norm: layer normalisation of xg, hg and (LSTM) the cell state ("no_cell_bias": without
+# norm_cell_bias; "ih", "hh": of one of them only); dropout: a recurrent mask; zoneout: masks of
+# h and c (training), or zoneout_p: the probabilities (inference's expectation).
+OPTIONS_VARIANTS = {
+    "plain": dict(),
+    "norm": dict(norm="all"),
+    "norm_ih_nobias": dict(norm="ih", bias=False),
+    "norm_hh_no_cell_bias": dict(norm="hh_no_cell_bias"),
+    "dropout_zoneout": dict(dropout=True, zoneout=True),
+    "zoneout_p": dict(norm="all", zoneout_p=(0.3, 0.2)),
+    "inference": dict(norm="all", zoneout_p=(0.4, 0.1), save=False, lengths=[5, 2, 0, 4]),
+    "all_lengths": dict(norm="all", dropout=True, zoneout=True, lengths=[5, 1, 3, 0]),
+    "all_lengths_reverse": dict(norm="all", dropout=True, zoneout=True, lengths=[2, 5, 0, 4],
+                                reverse=True),
+    "all_nohx_reverse": dict(norm="all", dropout=True, zoneout=True, initial_state=False,
+                             reverse=True),
+    "proj": dict(norm="all", dropout=True, zoneout=True, proj=3),
+    "proj_lengths_reverse": dict(norm="all", zoneout=True, proj=2, lengths=[5, 3, 1, 4],
+                                 reverse=True, initial_state=False),
+    "one_step": dict(norm="all", zoneout=True, steps=1),
+}
+# ||emulated - cpu||_inf / ||cpu||_inf per dtype.
+OPTIONS_TOL = {"float64": 1e-12, "float32": 1e-5}
+OPTIONS_FORWARD = ["output", "h_n", "c_n", "cell_saved", "h_prev", "c_prev", "h_cell", "norm_ih",
+                   "norm_hh", "norm_cell", "rstd"]
+OPTIONS_GRADIENTS = ["grad_input", "grad_hx", "grad_cx", "grad_w_ih", "grad_w_hh", "grad_b_ih",
+                     "grad_b_hh", "grad_w_hr", "grad_norm_ih_weight", "grad_norm_hh_weight",
+                     "grad_norm_cell_weight", "grad_norm_cell_bias"]
+
+
+def _options_cases():
+    for cell in EMULATION_GATES:
+        for name, variant in OPTIONS_VARIANTS.items():
+            if "proj" in variant and not cell.startswith("lstm"):
+                continue
+            for dtype in OPTIONS_TOL:
+                yield cell, name, variant, dtype
+
+
+def _options_run(cell, variant, dtype_name, seed):
+    """rnnfast::forward_with_options (and backward_with_options) with random arguments from a
+    seeded generator; every result by name."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(seed)
+    steps, batch, input_size, hidden = variant.get("steps", 5), 4, 3, 6
+    proj = variant.get("proj", 0)
+    state = proj or hidden
+    gates = EMULATION_GATES[cell] * hidden
+    lstm = cell.startswith("lstm")
+
+    def rand(*shape, scale=0.8):
+        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+    def gain(size):
+        return 1 + rand(size, scale=0.3)
+
+    def keep_mask(*shape, p):
+        return (torch.rand(*shape, generator=generator, dtype=torch.float64) < p).to(dtype)
+
+    norm = variant.get("norm", "")
+    bias = variant.get("bias", True)
+    initial_state = variant.get("initial_state", True)
+    lengths = variant.get("lengths")
+    zoneout_p, zoneout_cell_p = variant.get("zoneout_p", (0.0, 0.0))
+    zoneout_cell_p = zoneout_cell_p if lstm else 0.0
+    x = rand(steps, batch, input_size)
+    hx = rand(batch, state) if initial_state else None
+    cx = rand(batch, hidden) if lstm and initial_state else None
+    w_ih, w_hh = rand(gates, input_size), rand(gates, state)
+    b_ih = rand(gates) if bias else None
+    b_hh = rand(gates) if bias else None
+    w_hr = rand(state, hidden) if proj else None
+    norm_ih = gain(gates) if norm in ("all", "ih") else None
+    norm_hh = gain(gates) if norm in ("all", "hh_no_cell_bias") else None
+    norm_cell = gain(hidden) if lstm and norm in ("all", "hh_no_cell_bias") else None
+    norm_cell_bias = rand(hidden, scale=0.2) if lstm and norm == "all" else None
+    recurrent_mask = keep_mask(batch, state, p=0.7) / 0.7 if variant.get("dropout") else None
+    zoneout = variant.get("zoneout", False)
+    zoneout_mask = keep_mask(steps, batch, state, p=0.3) if zoneout else None
+    zoneout_cell_mask = keep_mask(steps, batch, hidden, p=0.25) if zoneout and lstm else None
+    lengths_t = torch.tensor(lengths, dtype=torch.int64) if lengths else None
+    reverse, save = variant.get("reverse", False), variant.get("save", True)
+    forward = torch.ops.rnnfast.forward_with_options(
+        cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih, norm_hh, norm_cell,
+        norm_cell_bias, recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout_p,
+        zoneout_cell_p, lengths_t, reverse, save)
+    result = dict(zip(OPTIONS_FORWARD, forward))
+    if result["rstd"].numel() > 0:
+        # rstd [T, B, 3] has a column per normalisation: those of absent ones are never written.
+        present = [norm_ih is not None, norm_hh is not None, norm_cell is not None]
+        result["rstd"] = result["rstd"][..., torch.tensor(present)]
+    if save:
+        grads = torch.ops.rnnfast.backward_with_options(
+            cell, rand(steps, batch, state), rand(batch, state),
+            rand(batch, hidden) if lstm else None, x, w_ih, w_hh, bias, w_hr, norm_ih, norm_hh,
+            norm_cell, norm_cell_bias is not None, recurrent_mask, zoneout_mask,
+            zoneout_cell_mask, zoneout_p, zoneout_cell_p, lengths_t, reverse, *forward[3:], True)
+        result.update(zip(OPTIONS_GRADIENTS, grads))
+    return result
+
+
+def _options_results():
+    return {f"{cell}/{name}/{dtype}": _options_run(cell, variant, dtype, seed)
+            for seed, (cell, name, variant, dtype) in enumerate(_options_cases())}
+
+
+def _relative_error(actual, expected):
+    """||actual - expected||_inf / ||expected||_inf (or the absolute error where expected is 0)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def test_options_host_emulation(tmp_path, emulation_library):
+    """forward_with_options and backward_with_options of the emulated CUDA engine against the CPU
+    engine's: every output, saved tensor (same shapes and meaning: the Python side's fakes and
+    autograd formula serve both) and gradient, for every cell x OPTIONS_VARIANTS x float64 /
+    float32."""
+    torch = pytest.importorskip("torch")
+    emulated_file, reference_file = tmp_path / "emulated.pt", tmp_path / "cpu.pt"
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--emulate-options", str(emulation_library),
+         str(emulated_file)],
+        capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert result.returncode == 0, (
+        f"emulated run failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    _run_cpu_reference("--reference-options", reference_file)
+    emulated, expected = torch.load(str(emulated_file)), torch.load(str(reference_file))
+    assert sorted(emulated) == sorted(expected)
+    failures, compared = [], 0
+    for key, values in expected.items():
+        tol = OPTIONS_TOL[key.rsplit("/", 1)[1]]
+        assert sorted(emulated[key]) == sorted(values), key
+        for name, value in values.items():
+            actual = emulated[key][name]
+            if actual.shape != value.shape or actual.dtype != value.dtype:
+                failures.append(f"{key} {name}: {actual.dtype}{tuple(actual.shape)} != "
+                                f"{value.dtype}{tuple(value.shape)}")
+                continue
+            if value.numel() == 0:
+                continue
+            compared += 1
+            err = _relative_error(actual, value)
+            if not err <= tol:
+                failures.append(f"{key} {name}: relative error {err:.3e} > {tol:.0e}")
+    assert not failures, "\n".join(failures)
+    # Every option's tensors were compared somewhere (not all of them empty).
+    for name in OPTIONS_FORWARD + OPTIONS_GRADIENTS:
+        assert any(values[name].numel() > 0 for values in expected.values() if name in values), name
+    assert compared > 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 5 and sys.argv[1] == "--emulate":
         import torch
@@ -452,6 +654,20 @@ if __name__ == "__main__":
         torch.ops.load_library(sys.argv[2])
         _emulation_check_autocast()
         torch.save(_emulation_results(sys.argv[4:]), sys.argv[3])
+        sys.exit(0)
+    if len(sys.argv) == 4 and sys.argv[1] == "--emulate-options":
+        import torch
+
+        torch.ops.load_library(sys.argv[2])
+        torch.save(_options_results(), sys.argv[3])
+        sys.exit(0)
+    if len(sys.argv) == 3 and sys.argv[1] == "--reference-options":
+        import torch
+
+        sys.path.insert(0, ROOT)
+        import rnnfast  # noqa: F401  (the CPU engine)
+
+        torch.save(_options_results(), sys.argv[2])
         sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--reference":
         import torch

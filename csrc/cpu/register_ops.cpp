@@ -87,40 +87,12 @@ std::vector<at::Tensor> backward_with_options(
     const at::Tensor& h_prev, const at::Tensor& c_prev, const at::Tensor& h_cell,
     const at::Tensor& norm_ih, const at::Tensor& norm_hh, const at::Tensor& norm_cell,
     const at::Tensor& rstd, bool input_grad) {
-  LayerOptionsBackwardArgs args;
-  args.layer = layer_options_args(cell, input, std::nullopt, std::nullopt, w_ih, w_hh, std::nullopt,
-                                  std::nullopt, w_hr, norm_ih_weight, norm_hh_weight,
-                                  norm_cell_weight, std::nullopt, recurrent_mask, zoneout_mask,
-                                  zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse);
-  check_layer_options_args(args.layer);
-  const LayerOptionsArgs& layer = args.layer;
-  const int64_t steps = layer.input.size(0), batch = layer.input.size(1);
-  const int64_t state = layer.w_hh.size(1);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({steps, batch, state}),
-              "rnnfast: grad_output must have shape [T, B, state_size], got ", grad_output.sizes());
-  TORCH_CHECK(h_prev.sizes() == at::IntArrayRef({steps, batch, state}),
-              "rnnfast: h_prev must be the forward's, saved with save=True; got shape ",
-              h_prev.sizes());
-  args.grad_output = grad_output.contiguous();
-  args.grad_h_n = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
-  args.grad_c_n = grad_c_n.has_value() ? grad_c_n->contiguous() : at::Tensor();
-  args.cell_saved = cell_saved.contiguous();
-  args.h_prev = h_prev.contiguous();
-  args.c_prev = c_prev.contiguous();
-  args.h_cell = h_cell.contiguous();
-  args.norm_ih = norm_ih.contiguous();
-  args.norm_hh = norm_hh.contiguous();
-  args.norm_cell = norm_cell.contiguous();
-  args.rstd = rstd.contiguous();
-  args.has_bias = has_bias;
-  args.has_norm_cell_bias = has_norm_cell_bias;
-  args.input_grad = input_grad;
-  // The gradients of tensors the forward did not have are empty tensors.
-  std::vector<at::Tensor> grads = cpu::engine().backward_with_options(args);
-  for (at::Tensor& grad : grads) {
-    if (!grad.defined()) grad = at::empty({0}, input.options());
-  }
-  return grads;
+  const LayerOptionsBackwardArgs args = layer_options_backward_args(
+      cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has_bias, w_hr, norm_ih_weight,
+      norm_hh_weight, norm_cell_weight, has_norm_cell_bias, recurrent_mask, zoneout_mask,
+      zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse, cell_saved, h_prev, c_prev,
+      h_cell, norm_ih, norm_hh, norm_cell, rstd, input_grad);
+  return layer_options_gradients(cpu::engine().backward_with_options(args), input);
 }
 
 }  // namespace

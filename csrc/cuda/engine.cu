@@ -33,18 +33,12 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
-#ifndef RNNFAST_CUDA_HOST_EMULATION
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream (at::cuda's is this one)
-#endif
-
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../layer.h"
+#include "host.h"
 #include "launchers.cuh"
 
 namespace rnnfast {
@@ -53,11 +47,6 @@ namespace {
 using at::Tensor;
 
 #ifndef RNNFAST_CUDA_HOST_EMULATION
-// Sets the input's device as the current one for the op (a CPU input is refused by the
-// argument checks that follow).
-using DeviceGuard = c10::cuda::OptionalCUDAGuard;
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-#define RNNFAST_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CUDA;
 constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCUDA;
 
@@ -74,11 +63,6 @@ DeviceLimits device_limits() {
   return {multiprocessors, max_shared_bytes};
 }
 #else
-struct DeviceGuard {
-  void set_device(c10::Device) {}
-};
-cudaStream_t current_stream() { return nullptr; }
-#define RNNFAST_KERNEL_LAUNCH_CHECK() ((void)0)
 constexpr c10::DeviceType kEngineDevice = c10::DeviceType::CPU;
 constexpr c10::DispatchKey kEngineAutocastKey = c10::DispatchKey::AutocastCPU;
 
@@ -185,35 +169,6 @@ cuda::SequenceShape sequence_shape(const LayerSizes& s, int64_t ws_cols, bool re
   shape.rows_per_block = plan.rows_per_block;
   shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   return shape;
-}
-
-// The ATen calls inside the ops (GEMMs, sums) must run in the op's dtype even when the op is
-// called under autocast (e.g. the backward op during a backward pass inside an autocast
-// region): autocast is off for the duration of each op.
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
-
-// ATen's scalar type -> the kernels' storage type (same size and bits).
-template <typename scalar_t>
-struct KernelTypeOf {
-  using type = scalar_t;
-};
-template <>
-struct KernelTypeOf<at::Half> {
-  using type = cuda::Half;
-};
-template <>
-struct KernelTypeOf<at::BFloat16> {
-  using type = cuda::BFloat16;
-};
-template <typename scalar_t>
-using KernelType = typename KernelTypeOf<scalar_t>::type;
-
-// The data of `t` as the kernels' type; nullptr for an undefined or empty tensor.
-template <typename scalar_t>
-KernelType<scalar_t>* data_of(const Tensor& t) {
-  static_assert(sizeof(KernelType<scalar_t>) == sizeof(scalar_t), "same storage size");
-  if (!t.defined() || t.numel() == 0) return nullptr;
-  return reinterpret_cast<KernelType<scalar_t>*>(t.data_ptr<scalar_t>());
 }
 
 template <typename Cell, typename scalar_t>
