@@ -111,22 +111,6 @@ bool runs_warp_kernels(const LayerSizes& s) {
          cuda::warp_kernels_fit(s.batch, s.hidden_size, s.state_size, s.gate_size);
 }
 
-// The sizes part of a warp kernel's arguments. ws_cols: the workspace's columns, 0 when none is
-// written or read.
-cuda::WarpShape warp_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
-                           const Tensor& lengths) {
-  cuda::WarpShape shape{};
-  shape.B = s.batch;
-  shape.H = s.hidden_size;
-  shape.P = s.state_size;
-  shape.G = s.gate_size;
-  shape.W = ws_cols;
-  shape.steps = s.steps;
-  shape.reverse = reverse;
-  shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  return shape;
-}
-
 template <typename Cell, typename T>
 cuda::PersistentPlan persistent_plan(bool backward, const LayerSizes& s) {
   if (s.has_projection || !persistent_kernels_enabled()) return {};
@@ -136,29 +120,20 @@ cuda::PersistentPlan persistent_plan(bool backward, const LayerSizes& s) {
 }
 
 // The sizes part of a persistent kernel's arguments; `barrier` is a zeroed [2] int32 tensor on
-// the device. ws_cols: the workspace's columns, 0 when none is written or read.
-cuda::PersistentShape persistent_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
-                                       const cuda::PersistentPlan& plan, const Tensor& lengths,
-                                       Tensor& barrier) {
-  cuda::PersistentShape shape{};
-  shape.B = s.batch;
-  shape.H = s.hidden_size;
-  shape.P = s.state_size;
-  shape.G = s.gate_size;
-  shape.W = ws_cols;
-  shape.steps = s.steps;
-  shape.reverse = reverse;
-  shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+// the device.
+cuda::PersistentShape persistent_shape(const cuda::LoopShape& loop,
+                                       const cuda::PersistentPlan& plan, Tensor& barrier) {
+  cuda::PersistentShape shape{loop};
   shape.units_per_block = plan.units_per_block;
   shape.barrier = reinterpret_cast<unsigned int*>(barrier.data_ptr<int32_t>());
   return shape;
 }
 
-// The sizes part of a sequence kernel's arguments. ws_cols: the workspace's columns, 0 when
-// none is written or read.
-cuda::SequenceShape sequence_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
-                                   const cuda::SequencePlan& plan, const Tensor& lengths) {
-  cuda::SequenceShape shape{};
+// The sizes of a layer's time loop, as the kernels that run all of it in one launch take them.
+// ws_cols: the workspace's columns, 0 when none is written or read.
+cuda::LoopShape loop_shape(const LayerSizes& s, int64_t ws_cols, bool reverse,
+                           const Tensor& lengths) {
+  cuda::LoopShape shape{};
   shape.B = s.batch;
   shape.H = s.hidden_size;
   shape.P = s.state_size;
@@ -166,8 +141,14 @@ cuda::SequenceShape sequence_shape(const LayerSizes& s, int64_t ws_cols, bool re
   shape.W = ws_cols;
   shape.steps = s.steps;
   shape.reverse = reverse;
-  shape.rows_per_block = plan.rows_per_block;
   shape.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  return shape;
+}
+
+// The sizes part of a sequence kernel's arguments.
+cuda::SequenceShape sequence_shape(const cuda::LoopShape& loop, const cuda::SequencePlan& plan) {
+  cuda::SequenceShape shape{loop};
+  shape.rows_per_block = plan.rows_per_block;
   return shape;
 }
 
@@ -186,10 +167,11 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   const T* xg_data = data_of<scalar_t>(xg);
   T* out_data = data_of<scalar_t>(output);
   T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+  // The time loop's sizes for the kernels that run all of it in one launch.
+  const cuda::LoopShape loop = loop_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, lengths);
 
   if (runs_warp_kernels(s)) {
-    cuda::WarpForwardArgs<T> args{
-        warp_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, lengths)};
+    cuda::WarpForwardArgs<T> args{loop};
     args.xg = xg_data;
     args.w_hh = data_of<scalar_t>(w_hh);
     args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
@@ -207,8 +189,7 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
     Tensor barrier = at::zeros({2}, xg.options().dtype(at::kInt));
     Tensor h_spare = at::empty_like(h_state);
     Tensor hg = at::empty({B, G}, xg.options());
-    cuda::PersistentForwardArgs<T> args{persistent_shape(s, ws_data != nullptr ? ws_cols : 0,
-                                                         reverse, persistent, lengths, barrier)};
+    cuda::PersistentForwardArgs<T> args{persistent_shape(loop, persistent, barrier)};
     args.xg = xg_data;
     args.w_hh = data_of<scalar_t>(w_hh);
     args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
@@ -225,8 +206,7 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/false, s, ws_cols);
   if (plan.usable) {
-    cuda::SequenceForwardArgs<T> seq{
-        sequence_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, plan, lengths)};
+    cuda::SequenceForwardArgs<T> seq{sequence_shape(loop, plan)};
     seq.xg = xg_data;
     seq.w_hh = data_of<scalar_t>(w_hh);
     seq.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
@@ -351,8 +331,11 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   const bool projecting = w_hr.defined();
   const cudaStream_t stream = current_stream();
 
+  // The time loop's sizes for the kernels that run all of it in one launch.
+  const cuda::LoopShape loop = loop_shape(s, ws_cols, reverse, lengths);
+
   if (runs_warp_kernels(s)) {
-    cuda::WarpBackwardArgs<T> args{warp_shape(s, ws_cols, reverse, lengths)};
+    cuda::WarpBackwardArgs<T> args{loop};
     args.grad_output = data_of<scalar_t>(grad_output);
     args.hx = data_of<scalar_t>(hx);
     args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
@@ -372,8 +355,7 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   if (persistent.usable) {
     Tensor barrier = at::zeros({2}, grad_output.options().dtype(at::kInt));
     Tensor dh_direct = at::empty({B, P}, grad_output.options());
-    cuda::PersistentBackwardArgs<T> args{
-        persistent_shape(s, ws_cols, reverse, persistent, lengths, barrier)};
+    cuda::PersistentBackwardArgs<T> args{persistent_shape(loop, persistent, barrier)};
     args.grad_output = data_of<scalar_t>(grad_output);
     args.hx = data_of<scalar_t>(hx);
     args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
@@ -392,7 +374,7 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/true, s, ws_cols);
   if (plan.usable) {
-    cuda::SequenceBackwardArgs<T> seq{sequence_shape(s, ws_cols, reverse, plan, lengths)};
+    cuda::SequenceBackwardArgs<T> seq{sequence_shape(loop, plan)};
     seq.grad_output = data_of<scalar_t>(grad_output);
     seq.hx = data_of<scalar_t>(hx);
     seq.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;

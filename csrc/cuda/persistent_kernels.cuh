@@ -38,12 +38,8 @@ namespace cuda {
 
 constexpr int64_t kMaxPersistentThreads = 1024;
 
-// The layer as the persistent kernels of both directions see it (no projection: P == H).
-struct PersistentShape {
-  int64_t B, H, P, G, W;  // W: workspace columns (0: none written or read)
-  int64_t steps;
-  bool reverse;
-  const int64_t* lengths;   // [B] or nullptr
+// The layer as the persistent kernels of both directions see it.
+struct PersistentShape : LoopShape {
   int64_t units_per_block;  // U
   unsigned int* barrier;    // [2] zeroed before the launch: arrivals and generation
 };

@@ -40,12 +40,8 @@ constexpr int kStagedSteps = 4;
 static_assert(kStagedSteps >= 3, "the backward ring needs 3 slots");
 
 // The layer as the sequence kernels of both directions see it.
-struct SequenceShape {
-  int64_t B, H, P, G, W;  // P == H (no projection); W: workspace columns (0: none)
-  int64_t steps;
-  bool reverse;
+struct SequenceShape : LoopShape {
   int64_t rows_per_block;
-  const int64_t* lengths;  // [B] or nullptr
 };
 
 template <typename T>

@@ -76,6 +76,15 @@ struct ProjectionGradArgs {
   T* dprojected;         // [B, P] this step: grad_output + dh on active rows, 0 elsewhere
 };
 
+// A layer's whole time loop as the kernels that run it in one launch see it (the sequence,
+// persistent and warp kernels), without projection.
+struct LoopShape {
+  int64_t B, H, P, G, W;  // P == H; W: workspace columns (0: none written or read)
+  int64_t steps;
+  bool reverse;
+  const int64_t* lengths;  // [B] or nullptr
+};
+
 // ---------------------------------------------------------------------------------------------
 // What one thread does (host and device functions, so a test build can run them on the host)
 // ---------------------------------------------------------------------------------------------

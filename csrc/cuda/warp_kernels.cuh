@@ -35,13 +35,8 @@ namespace cuda {
 constexpr int kWarpLanes = 32;
 constexpr int64_t kWarpRowsPerBlock = 4;
 
-// The layer as the warp kernels of both directions see it (no projection: P == H).
-struct WarpShape {
-  int64_t B, H, P, G, W;  // W: workspace columns (0: none written or read)
-  int64_t steps;
-  bool reverse;
-  const int64_t* lengths;  // [B] or nullptr
-};
+// The layer as the warp kernels of both directions see it.
+using WarpShape = LoopShape;
 
 template <typename T>
 struct WarpForwardArgs : WarpShape {
