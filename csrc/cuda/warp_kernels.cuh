@@ -83,7 +83,7 @@ RNNFAST_HD A pick(const A (&values)[N], int k) {
   return value;
 }
 
-// The ring of step s's time index.
+// The time index of processing step s of the forward.
 RNNFAST_HD int64_t warp_time(const WarpShape& a, int64_t s) {
   return a.reverse ? a.steps - 1 - s : s;
 }
