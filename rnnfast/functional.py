@@ -201,6 +201,12 @@ class CellOptions(NamedTuple):
     def any(self):
         return self != CellOptions()
 
+    def acting(self, training):
+        """Whether any option changes the layer's computation in this mode: the dropouts act in
+        training only, so an evaluating layer with no other option is torch.nn's layer."""
+        return (self.layer_norm or self.zoneout > 0 or self.zoneout_cell > 0
+                or (training and (self.recurrent_dropout > 0 or self.input_dropout > 0)))
+
 
 def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
                        norm_ih_weight=None, norm_hh_weight=None, norm_cell_weight=None,

@@ -300,7 +300,7 @@ class _RecurrentLayer:
             raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
 
         lengths = lengths_cpu.to(sequence.device) if packed else None
-        if self._options.any():
+        if self._options.acting(self.training):
             output, h_n, c_n = functional.stacked_with_options(
                 self._cell, sequence, h0, c0, weights, self._layer_norms(), self.num_layers,
                 self.bidirectional, self._options, self.dropout, self.training, lengths,

@@ -351,6 +351,37 @@ def test_zoneout_in_evaluation_mixes_in_the_previous_state():
     assert not torch.allclose(zoned_output[1:], plain_output[1:])
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_dropouts_in_evaluation_give_torch_nn_layer(kind, monkeypatch):
+    # Recurrent and input dropout act in training only: an evaluating layer with them is
+    # torch.nn's layer, outputs, final states and gradients, and runs the plain layer's op.
+    def refuse(*args, **kwargs):
+        raise AssertionError("an evaluating layer with dropouts only ran the options' op")
+
+    torch.manual_seed(1)
+    reference = getattr(torch.nn, kind)(4, 5, num_layers=2, bidirectional=True).double()
+    module = getattr(rnnfast, kind)(4, 5, num_layers=2, bidirectional=True,
+                                    recurrent_dropout=0.4, input_dropout=0.3).double().eval()
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "stacked_with_options", refuse)
+        output, state = module(x)
+    ref_output, ref_state = reference(x)
+    torch.testing.assert_close(output, ref_output, rtol=1e-10, atol=1e-12)
+    for got, want in zip(state if kind == "LSTM" else (state,),
+                         ref_state if kind == "LSTM" else (ref_state,)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(output)
+    ours = torch.autograd.grad((output * weights).sum(), [x, *module.parameters()])
+    expected = torch.autograd.grad((ref_output * weights).sum(), [x, *reference.parameters()])
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # In training the masks act.
+    module.train()
+    assert not torch.allclose(module(x)[0], ref_output)
+
+
 @pytest.mark.parametrize("argument", ["zoneout", "recurrent_dropout", "input_dropout"])
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.1", True])
 def test_bad_probabilities_raise(argument, value):
