@@ -167,19 +167,19 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
   const T* xg_data = data_of<scalar_t>(xg);
   T* out_data = data_of<scalar_t>(output);
   T* ws_data = saving && ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
-  // The time loop's sizes for the kernels that run all of it in one launch.
+  // The time loop's sizes and data for the kernels that run all of it in one launch.
   const cuda::LoopShape loop = loop_shape(s, ws_data != nullptr ? ws_cols : 0, reverse, lengths);
+  cuda::LoopForwardData<T> data{};
+  data.xg = xg_data;
+  data.w_hh = data_of<scalar_t>(w_hh);
+  data.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
+  data.h = data_of<scalar_t>(h_state);
+  data.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
+  data.out = out_data;
+  data.ws = ws_data;
 
   if (runs_warp_kernels(s)) {
-    cuda::WarpForwardArgs<T> args{loop};
-    args.xg = xg_data;
-    args.w_hh = data_of<scalar_t>(w_hh);
-    args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
-    args.h = data_of<scalar_t>(h_state);
-    args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
-    args.out = out_data;
-    args.ws = ws_data;
-    cuda::launch_warp<Cell, T>(args, stream);
+    cuda::launch_warp<Cell, T>(cuda::WarpForwardArgs<T>{loop, data}, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -189,16 +189,9 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
     Tensor barrier = at::zeros({2}, xg.options().dtype(at::kInt));
     Tensor h_spare = at::empty_like(h_state);
     Tensor hg = at::empty({B, G}, xg.options());
-    cuda::PersistentForwardArgs<T> args{persistent_shape(loop, persistent, barrier)};
-    args.xg = xg_data;
-    args.w_hh = data_of<scalar_t>(w_hh);
-    args.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
-    args.h = data_of<scalar_t>(h_state);
+    cuda::PersistentForwardArgs<T> args{persistent_shape(loop, persistent, barrier), data};
     args.h_spare = data_of<scalar_t>(h_spare);
-    args.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
     args.hg = data_of<scalar_t>(hg);
-    args.out = out_data;
-    args.ws = ws_data;
     cuda::launch_persistent<Cell, T>(args, persistent, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
@@ -206,15 +199,8 @@ void run_forward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tenso
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/false, s, ws_cols);
   if (plan.usable) {
-    cuda::SequenceForwardArgs<T> seq{sequence_shape(loop, plan)};
-    seq.xg = xg_data;
-    seq.w_hh = data_of<scalar_t>(w_hh);
-    seq.b_hh = b_hh_per_step.defined() ? data_of<scalar_t>(b_hh_per_step) : nullptr;
-    seq.h = data_of<scalar_t>(h_state);
-    seq.c = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;
-    seq.out = out_data;
-    seq.ws = ws_data;
-    cuda::launch_sequence<Cell, T>(seq, plan, stream);
+    cuda::launch_sequence<Cell, T>(cuda::SequenceForwardArgs<T>{sequence_shape(loop, plan), data},
+                                   plan, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -331,22 +317,22 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   const bool projecting = w_hr.defined();
   const cudaStream_t stream = current_stream();
 
-  // The time loop's sizes for the kernels that run all of it in one launch.
+  // The time loop's sizes and data for the kernels that run all of it in one launch.
   const cuda::LoopShape loop = loop_shape(s, ws_cols, reverse, lengths);
+  cuda::LoopBackwardData<T> data{};
+  data.grad_output = data_of<scalar_t>(grad_output);
+  data.hx = data_of<scalar_t>(hx);
+  data.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
+  data.output = data_of<scalar_t>(output);
+  data.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
+  data.w_hh = data_of<scalar_t>(w_hh);
+  data.dh = data_of<scalar_t>(dh_state);
+  data.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+  data.dgate_x = data_of<scalar_t>(dgate_x);
+  data.dgate_h = data_of<scalar_t>(dgate_h);
 
   if (runs_warp_kernels(s)) {
-    cuda::WarpBackwardArgs<T> args{loop};
-    args.grad_output = data_of<scalar_t>(grad_output);
-    args.hx = data_of<scalar_t>(hx);
-    args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
-    args.output = data_of<scalar_t>(output);
-    args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
-    args.w_hh = data_of<scalar_t>(w_hh);
-    args.dh = data_of<scalar_t>(dh_state);
-    args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
-    args.dgate_x = data_of<scalar_t>(dgate_x);
-    args.dgate_h = data_of<scalar_t>(dgate_h);
-    cuda::launch_warp<Cell, T>(args, stream);
+    cuda::launch_warp<Cell, T>(cuda::WarpBackwardArgs<T>{loop, data}, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -355,18 +341,8 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
   if (persistent.usable) {
     Tensor barrier = at::zeros({2}, grad_output.options().dtype(at::kInt));
     Tensor dh_direct = at::empty({B, P}, grad_output.options());
-    cuda::PersistentBackwardArgs<T> args{persistent_shape(loop, persistent, barrier)};
-    args.grad_output = data_of<scalar_t>(grad_output);
-    args.hx = data_of<scalar_t>(hx);
-    args.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
-    args.output = data_of<scalar_t>(output);
-    args.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
-    args.w_hh = data_of<scalar_t>(w_hh);
-    args.dh = data_of<scalar_t>(dh_state);
-    args.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
+    cuda::PersistentBackwardArgs<T> args{persistent_shape(loop, persistent, barrier), data};
     args.dh_direct = data_of<scalar_t>(dh_direct);
-    args.dgate_x = data_of<scalar_t>(dgate_x);
-    args.dgate_h = data_of<scalar_t>(dgate_h);
     cuda::launch_persistent<Cell, T>(args, persistent, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
@@ -374,18 +350,8 @@ void run_backward(const LayerSizes& s, int64_t ws_cols, bool reverse, const Tens
 
   const cuda::SequencePlan plan = sequence_plan<Cell, T>(/*backward=*/true, s, ws_cols);
   if (plan.usable) {
-    cuda::SequenceBackwardArgs<T> seq{sequence_shape(loop, plan)};
-    seq.grad_output = data_of<scalar_t>(grad_output);
-    seq.hx = data_of<scalar_t>(hx);
-    seq.cx = Cell::kHasCellState ? data_of<scalar_t>(cx) : nullptr;
-    seq.output = data_of<scalar_t>(output);
-    seq.ws = ws_cols > 0 ? data_of<scalar_t>(workspace) : nullptr;
-    seq.w_hh = data_of<scalar_t>(w_hh);
-    seq.dh = data_of<scalar_t>(dh_state);
-    seq.dc = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
-    seq.dgate_x = data_of<scalar_t>(dgate_x);
-    seq.dgate_h = data_of<scalar_t>(dgate_h);
-    cuda::launch_sequence<Cell, T>(seq, plan, stream);
+    cuda::launch_sequence<Cell, T>(cuda::SequenceBackwardArgs<T>{sequence_shape(loop, plan), data},
+                                   plan, stream);
     RNNFAST_KERNEL_LAUNCH_CHECK();
     return;
   }

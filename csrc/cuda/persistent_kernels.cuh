@@ -45,31 +45,14 @@ struct PersistentShape : LoopShape {
 };
 
 template <typename T>
-struct PersistentForwardArgs : PersistentShape {
-  const T* xg;    // [T, B, G] x W_ih^T + biases, all steps
-  const T* w_hh;  // [G, P]
-  const T* b_hh;  // [G] added to every step's hg (GRU's unfoldable b_hh), or nullptr
-  T* h;           // [B, P] in: h0, out: h_n
-  T* h_spare;     // [B, P] the other state buffer
-  AccType<T>* c;  // [B, H] LSTM: in c0, out c_n; else nullptr
-  T* hg;          // [B, G] each block writes and reads the rows of its own units
-  T* out;         // [T, B, P]
-  T* ws;          // [T, B, W] or nullptr
+struct PersistentForwardArgs : PersistentShape, LoopForwardData<T> {
+  T* h_spare;  // [B, P] the other state buffer
+  T* hg;       // [B, G] each block writes and reads the rows of its own units
 };
 
 template <typename T>
-struct PersistentBackwardArgs : PersistentShape {
-  const T* grad_output;  // [T, B, P]
-  const T* hx;           // [B, P]
-  const T* cx;           // [B, H] or nullptr
-  const T* output;       // [T, B, P]
-  const T* ws;           // [T, B, W] or nullptr (W == 0)
-  const T* w_hh;         // [G, P]
-  T* dh;                 // [B, P] in: grad of h_n, out: grad of h0; the carried dLoss/dh
-  AccType<T>* dc;        // [B, H] LSTM: in grad of c_n, out grad of c0; else nullptr
-  T* dh_direct;          // [B, P] the part of dLoss/dh_prev that skips W_hh
-  T* dgate_x;            // [T, B, G]
-  T* dgate_h;            // [T, B, G]; the same buffer as dgate_x unless the cell separates
+struct PersistentBackwardArgs : PersistentShape, LoopBackwardData<T> {
+  T* dh_direct;  // [B, P] the part of dLoss/dh_prev that skips W_hh
 };
 
 // A value another block may have written during this launch: read from L2, past this SM's L1.

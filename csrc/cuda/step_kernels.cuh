@@ -85,6 +85,33 @@ struct LoopShape {
   const int64_t* lengths;  // [B] or nullptr
 };
 
+// What those kernels' forward reads and writes.
+template <typename T>
+struct LoopForwardData {
+  const T* xg;    // [T, B, G] x W_ih^T + biases, all steps
+  const T* w_hh;  // [G, P]
+  const T* b_hh;  // [G] added to every step's hg (GRU's unfoldable b_hh), or nullptr
+  T* h;           // [B, P] in: h0, out: h_n
+  AccType<T>* c;  // [B, H] LSTM: in c0, out c_n; else nullptr
+  T* out;         // [T, B, P]
+  T* ws;          // [T, B, W] or nullptr
+};
+
+// What those kernels' backward reads and writes.
+template <typename T>
+struct LoopBackwardData {
+  const T* grad_output;  // [T, B, P]
+  const T* hx;           // [B, P]
+  const T* cx;           // [B, H] or nullptr
+  const T* output;       // [T, B, P]
+  const T* ws;           // [T, B, W] or nullptr (W == 0)
+  const T* w_hh;         // [G, P]
+  T* dh;                 // [B, P] in: grad of h_n, out: grad of h0
+  AccType<T>* dc;        // [B, H] LSTM: in grad of c_n, out grad of c0; else nullptr
+  T* dgate_x;            // [T, B, G]
+  T* dgate_h;            // [T, B, G]; the same buffer as dgate_x unless the cell separates
+};
+
 // ---------------------------------------------------------------------------------------------
 // What one thread does (host and device functions, so a test build can run them on the host)
 // ---------------------------------------------------------------------------------------------
