@@ -22,8 +22,8 @@
 #define RNNFAST_HD_INLINED __host__ __device__ __forceinline__
 #else
 #define RNNFAST_HD inline
-// Always inlined on the CPU: a template of scalar types only (the rows of a layer
-// normalisation) has one name in every instruction set's copy of the CPU engine, so its
+// Always inlined on the CPU: a template of scalar types only (the layer normalisation's
+// formulas) has one name in every instruction set's copy of the CPU engine, so its
 // out-of-line copies are one function, the first the linker meets: the portable copy's, without
 // AVX (csrc/cpu/capability.h).
 #define RNNFAST_HD_INLINED inline __attribute__((always_inline))
@@ -290,21 +290,10 @@ struct ElmanCell {
 // The layer normalisation's epsilon: torch.nn.LayerNorm's default.
 constexpr double kLayerNormEpsilon = 1e-5;
 
-// The layer normalisation's sums run in this many partial sums, one per lane: the CPU compiler
-// makes them one SIMD vector (a single running sum is a chain of dependent additions it may not
-// reorder), and a CUDA thread runs them as a loop.
-constexpr int kSumLanes = 16;
-
-template <typename A>
-RNNFAST_HD_INLINED A lanes_total(const A (&partial)[kSumLanes]) {
-  A total = A(0);
-  for (int lane = 0; lane < kSumLanes; ++lane) total += partial[lane];
-  return total;
-}
-
-// The layer normalisation's per-element formulas, shared by the CPU engine's row functions
-// below and the CUDA engine's block-wide rows (csrc/cuda/options_kernels.cuh), which sum in
-// their own order but normalise and differentiate each element alike.
+// The layer normalisation's per-element formulas, shared by the CPU engine's SIMD rows
+// (csrc/cpu/layer_norm_rows.h) and the CUDA engine's block-wide rows
+// (csrc/cuda/options_kernels.cuh), which sum in their own order but normalise and differentiate
+// each element alike.
 //
 // 1 / sqrt(var + eps) from the sum of the n centred squares.
 template <typename A>
@@ -329,66 +318,6 @@ RNNFAST_HD_INLINED A layer_norm_affine(A x_hat, A gain, A bias) {
 template <typename A>
 RNNFAST_HD_INLINED A layer_norm_input_grad(A g, A x_hat, A mean_g, A mean_g_x_hat, A rstd) {
   return rstd * (g - mean_g - x_hat * mean_g_x_hat);
-}
-
-// y = (x - mean) / sqrt(var + eps) * gain + bias over one row of n values (bias may be
-// nullptr); normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x.
-// Returns 1 / sqrt(var + eps). Mean and variance in A, in two passes (as torch's).
-template <typename A, typename T, typename W>
-RNNFAST_HD_INLINED A layer_norm_row(int n, const T* x, const W* gain, const W* bias, T* y,
-                                    T* normalized) {
-  const int whole = n - n % kSumLanes;
-  A sum[kSumLanes] = {};
-  for (int k = 0; k < whole; k += kSumLanes) {
-    for (int lane = 0; lane < kSumLanes; ++lane) sum[lane] += A(x[k + lane]);
-  }
-  for (int k = whole; k < n; ++k) sum[k - whole] += A(x[k]);
-  const A mean = lanes_total(sum) / A(n);
-  A squares[kSumLanes] = {};
-  for (int k = 0; k < whole; k += kSumLanes) {
-    for (int lane = 0; lane < kSumLanes; ++lane) {
-      const A centred = A(x[k + lane]) - mean;
-      squares[lane] += centred * centred;
-    }
-  }
-  for (int k = whole; k < n; ++k) {
-    const A centred = A(x[k]) - mean;
-    squares[k - whole] += centred * centred;
-  }
-  const A rstd = layer_norm_rstd(lanes_total(squares), n);
-  for (int k = 0; k < n; ++k) {
-    const A x_hat = layer_norm_normal_form(A(x[k]), mean, rstd);
-    if (normalized != nullptr) normalized[k] = T(x_hat);
-    y[k] = T(layer_norm_affine(x_hat, A(gain[k]), bias != nullptr ? A(bias[k]) : A(0)));
-  }
-  return rstd;
-}
-
-// The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
-// (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-// dx may be dy. The gain's and bias's gradients are sums over rows, left to the engine.
-template <typename A, typename T, typename W>
-RNNFAST_HD_INLINED void layer_norm_row_backward(int n, const T* dy, const T* normalized, A rstd,
-                                                const W* gain, T* dx) {
-  const int whole = n - n % kSumLanes;
-  A sum_g[kSumLanes] = {}, sum_g_x_hat[kSumLanes] = {};
-  for (int k = 0; k < whole; k += kSumLanes) {
-    for (int lane = 0; lane < kSumLanes; ++lane) {
-      const A g = A(dy[k + lane]) * A(gain[k + lane]);
-      sum_g[lane] += g;
-      sum_g_x_hat[lane] += g * A(normalized[k + lane]);
-    }
-  }
-  for (int k = whole; k < n; ++k) {
-    const A g = A(dy[k]) * A(gain[k]);
-    sum_g[k - whole] += g;
-    sum_g_x_hat[k - whole] += g * A(normalized[k]);
-  }
-  const A mean_g = lanes_total(sum_g) / A(n), mean_g_x_hat = lanes_total(sum_g_x_hat) / A(n);
-  for (int k = 0; k < n; ++k) {
-    dx[k] = T(
-        layer_norm_input_grad(A(dy[k]) * A(gain[k]), A(normalized[k]), mean_g, mean_g_x_hat, rstd));
-  }
 }
 
 // Zoneout of one unit: the previous value where keep is 1, the new one where it is 0, and

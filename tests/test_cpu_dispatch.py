@@ -189,14 +189,14 @@ def test_avx_instructions_run_only_where_the_cpu_was_checked():
 
 @pytest.mark.skipif(not X86_64, reason="the AVX copies are built on x86-64 only")
 def test_scalar_templates_of_the_cell_math_are_inlined_in_each_copy():
-    """csrc/cells.h's row functions of scalar types (the layer normalisation's) have one name
-    in every instruction set's copy: an out-of-line copy would be the portable one, which the
-    AVX copies would then call. They are always inlined (RNNFAST_HD_INLINED)."""
+    """csrc/cells.h's functions of scalar types (the layer normalisation's formulas, zoneout)
+    have one name in every instruction set's copy: an out-of-line copy would be the portable
+    one, which the AVX copies would then call. They are always inlined (RNNFAST_HD_INLINED)."""
     nm = shutil.which("nm")
     assert nm, "nm (binutils) is needed to read the extension's symbols"
     symbols = subprocess.run([nm, "-C", "--defined-only", rnnfast._ops._C.__file__],
                              capture_output=True, text=True, check=True).stdout
     out_of_line = [line for line in symbols.splitlines()
-                   if re.search(r"rnnfast::(layer_norm_row|layer_norm_row_backward|lanes_total|"
-                                r"zoneout|zoneout_backward)<", line)]
+                   if re.search(r"rnnfast::(layer_norm_rstd|layer_norm_normal_form|layer_norm_affine|"
+                                r"layer_norm_input_grad|zoneout|zoneout_backward)<", line)]
     assert not out_of_line, out_of_line[:3]

@@ -1,0 +1,78 @@
+// The layer normalisation of one row on SIMD vectors: the CPU engine's rows of the per-element
+// formulas in csrc/cells.h ("Cell options"), which the CUDA engine's block-wide rows share.
+//
+// A row is one batch row's gates (G values) or cell state (H values) at one step; the options
+// layer (options_layer.cpp) normalises it while it is in the L1 cache. float and double.
+#pragma once
+
+#include <cstdint>
+
+#include "../cells.h"
+#include "capability.h"
+#include "vector_math.h"
+
+namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
+
+// The sum of a vector's lanes.
+template <typename T>
+inline T lanes_sum(Vec<T> v) {
+  alignas(64) T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T total = T(0);
+  for (int lane = 0; lane < Vec<T>::size(); ++lane) total += lanes[lane];
+  return total;
+}
+
+// y = (x - mean) / sqrt(var + eps) * gain + bias over one row of n values (bias may be nullptr);
+// normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x. Returns
+// 1 / sqrt(var + eps). Mean and variance in two passes, as torch.nn.LayerNorm's.
+template <typename T>
+inline T layer_norm_row(int64_t n, const T* x, const T* gain, const T* bias, T* y, T* normalized) {
+  using V = Vec<T>;
+  V sum(T(0));
+  // (Lanes past a run's end load as 0 and add nothing.)
+  for_unit_runs<T>(n, [&](VectorUnits j, V) { sum += load<V>(x, 0, j); });
+  const T mean = lanes_sum(sum) / T(n);
+  V squares(T(0));
+  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
+    const V centred = load<V>(x, 0, j) - V(mean);
+    // Past the run's end the lanes hold -mean: they are left out.
+    squares = squares + V::set(zero, centred * centred, j.count);
+  });
+  const T rstd = layer_norm_rstd(lanes_sum(squares), static_cast<int>(n));
+  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
+    const V x_hat = layer_norm_normal_form(load<V>(x, 0, j), V(mean), V(rstd));
+    if (normalized != nullptr) store(normalized, 0, j, x_hat);
+    store(y, 0, j,
+          layer_norm_affine(x_hat, load<V>(gain, 0, j),
+                            bias != nullptr ? load<V>(bias, 0, j) : zero));
+  });
+  return rstd;
+}
+
+// The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
+// (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+// dx may be dy. The gain's and bias's gradients are sums over rows, left to the engine.
+template <typename T>
+inline void layer_norm_row_backward(int64_t n, const T* dy, const T* normalized, T rstd,
+                                    const T* gain, T* dx) {
+  using V = Vec<T>;
+  V sum_g(T(0)), sum_g_x_hat(T(0));
+  for_unit_runs<T>(n, [&](VectorUnits j, V) {
+    const V g = load<V>(dy, 0, j) * load<V>(gain, 0, j);
+    sum_g += g;
+    sum_g_x_hat += g * load<V>(normalized, 0, j);
+  });
+  const V mean_g(lanes_sum(sum_g) / T(n)), mean_g_x_hat(lanes_sum(sum_g_x_hat) / T(n));
+  for_unit_runs<T>(n, [&](VectorUnits j, V) {
+    store(dx, 0, j,
+          layer_norm_input_grad(load<V>(dy, 0, j) * load<V>(gain, 0, j), load<V>(normalized, 0, j),
+                                mean_g, mean_g_x_hat, V(rstd)));
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace rnnfast
