@@ -74,6 +74,14 @@ _SAVED_OUTPUTS = slice(3, 11)
 _GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 
+def below_autograd(op, *arguments):
+    """op's own kernel, past the Python autograd kernel that register_autograd gives it (whose
+    redispatch costs about 10 us a call): for eager calls whose derivative is LayerWithOptions'
+    or that need none, outside torch.compile and torch.func's transforms."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*arguments)
+
+
 def _refuse_second_derivative(ctx, *grads):
     raise RuntimeError("rnnfast: the layers with cell options (layer_norm, zoneout, dropout "
                        "masks) have first derivatives only: their gradients cannot be taken with "
@@ -102,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, eager=False):
     if torch.is_grad_enabled():
         # create_graph=True: a gradient that later code differentiates; this one could not be.
         _refuse_second_derivative(ctx)
@@ -111,11 +119,12 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
     cell, has_bias, has_norm_cell_bias, zoneout, zoneout_cell, reverse = ctx.settings
     if grad_output is None:
         grad_output = input.new_zeros(input.shape[0], input.shape[1], w_hh.shape[1])
-    grads = _BACKWARD(
+    arguments = (
         cell, grad_output, grad_h_n, grad_c_n if _has_cell_state(cell) else None, input, w_ih,
         w_hh, has_bias, w_hr, norm_ih, norm_hh, norm_cell_weight, has_norm_cell_bias,
         recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse,
         *saved_outputs, ctx.needs_input_grad[_INPUT])
+    grads = below_autograd(_BACKWARD, *arguments) if eager else _BACKWARD(*arguments)
     present, wanted = ctx.present, ctx.needs_input_grad
     return tuple(grads[place] if place is not None and present[index] and wanted[index] else None
                  for index, place in enumerate(_GRADIENT_OF))
@@ -136,10 +145,10 @@ class LayerWithOptions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        results = _FORWARD(*inputs)
+        results = below_autograd(_FORWARD, *inputs)
         _save(ctx, inputs, results)
         return results[:3]
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        return _backward(ctx, grad_output, grad_h_n, grad_c_n)
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n, eager=True)

@@ -246,11 +246,13 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     arguments = (cell, *tensors, zoneout, zoneout_cell, lengths, reverse, needs_grad)
-    if needs_grad and not torch.compiler.is_compiling() and \
-            not torch._C._are_functorch_transforms_active():
+    eager = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    if needs_grad and eager:
         # Eager: the same formula as a Python autograd.Function, which skips the argument
         # handling of a custom op's Python autograd (a tenth of a millisecond a call).
         output, h_n, c_n = _options_ops.LayerWithOptions.apply(*arguments)
+    elif eager:
+        output, h_n, c_n = _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments)[:3]
     else:
         output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     if dtype != output.dtype:
