@@ -72,7 +72,7 @@ class LoopModel(nn.Module):
                 1 - o.recurrent_dropout)
         zoneout_masks = None
         if self.training and o.zoneout:
-            zoneout_masks = (torch.rand(steps, batch, hidden) < o.zoneout).to(x.dtype)
+            zoneout_masks = functional._zoneout_mask((steps, batch, hidden), o.zoneout, x)
         outputs = []
         for t in range(steps):
             h_in = h * recurrent_mask if recurrent_mask is not None else h

@@ -294,6 +294,9 @@ TORCH_LIBRARY(rnnfast, m) {
       "float zoneout, float zoneout_cell, Tensor? lengths, bool reverse, Tensor cell_saved, Tensor "
       "h_prev, Tensor c_prev, Tensor h_cell, Tensor norm_ih, Tensor norm_hh, Tensor norm_cell, "
       "Tensor rstd, bool input_grad) -> Tensor[]");
+  // A mask of 1 with probability p and 0 otherwise, from an int64 seed (csrc/random_masks.cpp):
+  // the layers' zoneout masks on the CPU.
+  m.def("random_mask(Tensor seed, SymInt[] size, float p, ScalarType dtype) -> Tensor");
   // The forward as ATen ops (csrc/differentiable_layer.cpp), differentiable to any order.
   m.def(
       "differentiable_forward(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor "

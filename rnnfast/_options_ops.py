@@ -60,6 +60,11 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has
             like(norm_cell_weight, has_norm_cell_bias)]
 
 
+@torch.library.register_fake("rnnfast::random_mask")
+def _random_mask_fake(seed, size, p, dtype):
+    return seed.new_empty(size, dtype=dtype)
+
+
 # Where the forward's arguments are, in the schema's order (inputs of setup_context).
 _CELL, _INPUT, _HX, _CX, _W_IH, _W_HH, _B_IH, _B_HH, _W_HR = range(9)
 _NORM_IH, _NORM_HH, _NORM_CELL_WEIGHT, _NORM_CELL_BIAS = range(9, 13)

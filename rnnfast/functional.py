@@ -22,6 +22,7 @@ _FORWARD = torch.ops.rnnfast.forward.default
 _DIFFERENTIABLE_FORWARD = torch.ops.rnnfast.differentiable_forward.default
 # The layer with cell options (rnnfast/_options_ops.py).
 _FORWARD_WITH_OPTIONS = _options_ops._FORWARD
+_RANDOM_MASK = torch.ops.rnnfast.random_mask.default
 # Set to "1", the layers with cell options run on CUDA tensors (csrc/cuda/options_engine.cu);
 # without it they raise NotImplementedError there, as that engine has not yet run on a GPU.
 CUDA_CELL_OPTIONS = "RNNFAST_CUDA_CELL_OPTIONS"
@@ -272,9 +273,14 @@ def _keep_mask(shape, p, like, dtype=None):
 
 
 def _zoneout_mask(shape, p, like):
-    """1 where a unit keeps its previous value (probability p: a uniform draw below p), else 0.
-    (torch.rand and a comparison: half the time of bernoulli_ on these [T, B, P] masks.)"""
-    return (torch.rand(shape, device=like.device) < p).to(_mask_dtype(like))
+    """1 where a unit keeps its previous value (probability p), else 0, on like's device.
+
+    On the CPU, rnnfast::random_mask from one int64 seed drawn from torch's generator: a tenth of
+    torch.rand's time on these [T, B, P] masks. Elsewhere torch.rand(...) < p."""
+    if like.device.type != "cpu":
+        return (torch.rand(shape, device=like.device) < p).to(_mask_dtype(like))
+    seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)
+    return _RANDOM_MASK(seed, shape, p, _mask_dtype(like))
 
 
 def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidirectional,
@@ -284,8 +290,8 @@ def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidire
 
     In training the masks are drawn from torch's generator per layer, per direction, in this
     order: the input dropout mask [B, I] and the recurrent dropout mask [B, P] (bernoulli_ of
-    1 - p), the zoneout masks of h [T, B, P] and of c [T, B, H] (torch.rand(...) < p); a seeded
-    run draws the same masks.
+    1 - p), the zoneout masks of h [T, B, P] and of c [T, B, H] (_zoneout_mask); a seeded run
+    draws the same masks.
     """
     has_cell_state = _ops.CELLS[cell]["has_cell_state"]
     x = input.transpose(0, 1) if batch_first else input

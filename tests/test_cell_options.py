@@ -214,8 +214,8 @@ def test_float32_layer_is_close_to_float64():
 def module_reference(module, kind, x, hx, lengths, training):
     """The module's stack as reference_layer calls, drawing the masks as the module documents
     (per layer, per direction: input dropout [B, I] and recurrent dropout [B, P] masks by
-    bernoulli_, zoneout masks of h [T, B, P] and of c [T, B, H] as torch.rand(...) < p) from
-    torch's generator, as rnnfast does."""
+    bernoulli_, zoneout masks of h [T, B, P] and of c [T, B, H] by functional._zoneout_mask,
+    whose draws test_zoneout_masks_* check) from torch's generator, as rnnfast does."""
     options = module._options
     lstm = kind.startswith("lstm")
     directions = 2 if module.bidirectional else 1
@@ -244,11 +244,11 @@ def module_reference(module, kind, x, hx, lengths, training):
                     masks["recurrent_mask"] = torch.empty(batch, state, dtype=x.dtype).bernoulli_(
                         1 - p).div_(1 - p)
                 if options.zoneout:
-                    masks["zoneout_mask"] = (torch.rand(steps, batch, state)
-                                             < options.zoneout).to(x.dtype)
+                    masks["zoneout_mask"] = functional._zoneout_mask(
+                        (steps, batch, state), options.zoneout, x)
                 if options.zoneout_cell:
-                    masks["zoneout_cell_mask"] = (torch.rand(steps, batch, module.hidden_size)
-                                                  < options.zoneout_cell).to(x.dtype)
+                    masks["zoneout_cell_mask"] = functional._zoneout_mask(
+                        (steps, batch, module.hidden_size), options.zoneout_cell, x)
             out, h, c = reference_layer(
                 kind, x_in, hx[0][k] if hx else None, hx[1][k] if hx and lstm else None,
                 get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
@@ -336,6 +336,43 @@ def test_masks_follow_the_seed_and_eval_is_deterministic():
     assert not torch.equal(second, third)
     module.eval()
     assert torch.equal(module(x)[0], module(x)[0])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.95])
+def test_zoneout_masks_keep_each_unit_with_probability_p(p):
+    """The CPU's zoneout masks (functional._zoneout_mask, rnnfast::random_mask): 0 or 1, a share
+    p of ones, each independent of its neighbours, and a new mask at each draw."""
+    shape = (200, 16, 65)  # an odd last size: the generator's pairs of elements straddle rows
+    mask = functional._zoneout_mask(shape, p, torch.empty(0))
+    n = mask.numel()
+    assert mask.shape == shape and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(mask.mean().item() - p) <= 5 * (p * (1 - p) / n) ** 0.5
+    if 0 < p < 1:
+        flat = mask.flatten()
+        # Both elements of a pair are ones with probability p^2: within a generator output (lag
+        # 1), across outputs, rows and steps.
+        for lag in (1, 2, 65, 16 * 65):
+            both = (flat[:-lag] * flat[lag:]).mean().item()
+            assert abs(both - p * p) <= 5 * (p * p * (1 - p * p) / (n - lag)) ** 0.5, lag
+        assert not torch.equal(mask, functional._zoneout_mask(shape, p, torch.empty(0)))
+
+
+def test_zoneout_masks_follow_the_seed_on_any_number_of_threads():
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            torch.manual_seed(4)
+            masks.append(functional._zoneout_mask((300, 20, 33), 0.3,
+                                                  torch.empty(0, dtype=torch.float64)))
+    finally:
+        torch.set_num_threads(threads)
+    assert masks[0].dtype == torch.float64
+    assert all(torch.equal(masks[0], mask) for mask in masks[1:])
+    with pytest.raises(RuntimeError, match="p must be in"):
+        torch.ops.rnnfast.random_mask(torch.tensor(1), [4], 1.5, torch.float32)
 
 
 def test_zoneout_in_evaluation_mixes_in_the_previous_state():
@@ -451,9 +488,9 @@ def test_cells_match_reference(kind, training):
     torch.manual_seed(9)
     masks = {}
     if training:
-        masks["zoneout_mask"] = (torch.rand(1, 4, 6) < 0.3).double()
+        masks["zoneout_mask"] = functional._zoneout_mask((1, 4, 6), 0.3, x)
         if lstm:
-            masks["zoneout_cell_mask"] = (torch.rand(1, 4, 6) < 0.2).double()
+            masks["zoneout_cell_mask"] = functional._zoneout_mask((1, 4, 6), 0.2, x)
     _, ref_h, ref_c = reference_layer(
         kind, x.unsqueeze(0), h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh,
         None, cell.layer_norm_ih_weight, cell.layer_norm_hh_weight,

@@ -21,9 +21,13 @@ bool reads_input_at_strides(const at::Tensor& input, const at::Tensor& w_hh, boo
                                      has_projection);
 }
 
-const Engine kEngine{C10_STRINGIZE(CPU_CAPABILITY),     &forward_cpu,
-                     &backward_op<backward_time_major>, &reads_input_at_strides,
-                     &forward_with_options_cpu,         &backward_with_options_cpu};
+const Engine kEngine{C10_STRINGIZE(CPU_CAPABILITY),
+                     &forward_cpu,
+                     &backward_op<backward_time_major>,
+                     &reads_input_at_strides,
+                     &forward_with_options_cpu,
+                     &backward_with_options_cpu,
+                     &random_mask_cpu};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

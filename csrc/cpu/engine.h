@@ -13,9 +13,10 @@
 // The engine's files: schedule.h (which threads run the time loop), layer_view.h (a call's
 // sizes as the loops see them), input_layout.h (where the input is read at its strides),
 // recurrent_product.h (which kernel runs a per-step product of which size), forward.cpp,
-// backward.cpp, weight_gradients.cpp (the GEMMs and sums after the reverse loop), kernels.h and
-// engine.cpp (one instruction set's kernels and entry points; capability.h says why there are
-// several) and register_ops.cpp (registers the entry points of the CPU at hand).
+// backward.cpp, weight_gradients.cpp (the GEMMs and sums after the reverse loop),
+// options_layer.cpp (the layer with cell options), random_masks.cpp (its zoneout masks),
+// kernels.h and engine.cpp (one instruction set's kernels and entry points; capability.h says
+// why there are several) and register_ops.cpp (registers the entry points of the CPU at hand).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,6 +58,9 @@ struct Engine {
   // The layer with cell options (options_layer.cpp).
   LayerOptionsResult (*forward_with_options)(const LayerOptionsArgs& args, bool save);
   std::vector<at::Tensor> (*backward_with_options)(const LayerOptionsBackwardArgs& args);
+  // rnnfast::random_mask (random_masks.cpp).
+  at::Tensor (*random_mask)(const at::Tensor& seed, at::IntArrayRef size, double p,
+                            at::ScalarType dtype);
 };
 
 // Each compiled copy's entry points (engine.cpp); the AVX ones where setup.py built them.

@@ -31,6 +31,10 @@ BackwardResult backward_time_major(const BackwardArgs& args);
 LayerOptionsResult forward_with_options_cpu(const LayerOptionsArgs& args, bool save);
 std::vector<at::Tensor> backward_with_options_cpu(const LayerOptionsBackwardArgs& args);
 
+// rnnfast::random_mask's CPU kernel (random_masks.cpp).
+at::Tensor random_mask_cpu(const at::Tensor& seed, at::IntArrayRef size, double p,
+                           at::ScalarType dtype);
+
 // The weight gradients' GEMMs and column sums on the CPU (weight_gradients.cpp).
 extern const GradientKernels kCpuGradientKernels;
 

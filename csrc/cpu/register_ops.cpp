@@ -113,4 +113,5 @@ TORCH_LIBRARY_IMPL(rnnfast, CPU, m) {
   m.impl("backward", rnnfast::cpu::engine().backward);
   m.impl("forward_with_options", &rnnfast::forward_with_options);
   m.impl("backward_with_options", &rnnfast::backward_with_options);
+  m.impl("random_mask", rnnfast::cpu::engine().random_mask);
 }
