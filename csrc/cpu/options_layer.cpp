@@ -190,11 +190,16 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   r.norm_cell = saved_or_empty(norm_cell, {Tn, B, H});
   r.rstd = saved_or_empty(normalising, {Tn, B, 3});
 
-  // xg = x W_ih^T + b_ih, or where it is normalised x W_ih^T alone. [T * B, G]
+  const bool norm_hh = args.norm_hh_weight.defined();
+  // The cells that see xg and hg only as their sum take b_ih + b_hh in the per-step product
+  // where no normalisation comes between: no copy of b_ih into every row of xg before its GEMM.
+  const bool fold_biases = Cell::kHiddenBiasFoldable && !args.norm_ih_weight.defined() &&
+                           !norm_hh && args.b_ih.defined() && args.b_hh.defined();
+  // xg = x W_ih^T + b_ih, or x W_ih^T alone where it is normalised or b_ih is folded. [T * B, G]
   const Tensor x = args.input.reshape({Tn * B, I});
   // (From the pool: a fresh buffer of this size costs a page fault per page, each call.)
   Tensor xg = pooled_empty({Tn * B, G}, options);
-  if (args.norm_ih_weight.defined() || !args.b_ih.defined()) {
+  if (args.norm_ih_weight.defined() || !args.b_ih.defined() || fold_biases) {
     at::mm_out(xg, x, args.w_ih.t());
   } else {
     at::addmm_out(xg, args.b_ih, x, args.w_ih.t());
@@ -203,9 +208,10 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // (Each row of xg is normalised in the time loop, just before its cell reads it.)
 
   using Product = RecurrentProduct<T>;
-  const bool norm_hh = args.norm_hh_weight.defined();
-  // hg = h_in W_hh^T (+ b_hh where there is no normalisation to add it after)
-  const Product recurrent(args.w_hh, norm_hh ? Tensor() : args.b_hh, B, Tn);
+  // hg = h_in W_hh^T + b_hh (+ b_ih where folded), or h_in W_hh^T alone where the
+  // normalisation adds b_hh after it.
+  const Tensor step_bias = norm_hh ? Tensor() : fold_biases ? args.b_ih + args.b_hh : args.b_hh;
+  const Product recurrent(args.w_hh, step_bias, B, Tn);
   const Product projection(args.w_hr, Tensor(), B, Tn);
   const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent);
   const bool rows_per_thread =
@@ -634,7 +640,10 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
         layer_norm_parameter_gradients<T>(dxg, ba.norm_ih.view({Tn * B, G}), ba.has_bias,
                                           args.norm_ih_weight.data_ptr<T>(), rstd_all, 3);
   } else if (ba.has_bias) {
-    grads[kGradBih] = kernels.column_sums(dxg);
+    // Where dxg is dhg and not normalised, b_ih's gradient is b_hh's (a copy: two parameters'
+    // gradients must not share storage).
+    const bool same_sums = dxg.is_same(dhg) && !norm_hh;
+    grads[kGradBih] = same_sums ? grads[kGradBhh].clone() : kernels.column_sums(dxg);
   }
   grads[kGradWih] = kernels.product(dxg.t(), args.input.view({Tn * B, I}));
   if (ba.input_grad) {
