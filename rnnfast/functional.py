@@ -205,8 +205,13 @@ class CellOptions(NamedTuple):
     def acting(self, training):
         """Whether any option changes the layer's computation in this mode: the dropouts act in
         training only, so an evaluating layer with no other option is torch.nn's layer."""
+        return self.in_the_cell(training) or (training and self.input_dropout > 0)
+
+    def in_the_cell(self, training):
+        """Whether an option acts inside the time loop in this mode, so that the layer runs the
+        options' op: the input dropout multiplies x before it, and the plain op runs the rest."""
         return (self.layer_norm or self.zoneout > 0 or self.zoneout_cell > 0
-                or (training and (self.recurrent_dropout > 0 or self.input_dropout > 0)))
+                or (training and self.recurrent_dropout > 0))
 
 
 def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None,
@@ -317,11 +322,18 @@ def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidire
                 if options.zoneout_cell > 0:
                     zoneout_cell_mask = _zoneout_mask((steps, batch, hidden_size),
                                                       options.zoneout_cell, x)
-            out, h, c = layer_with_options(
-                cell, x_in, hx[k] if hx is not None else None, cx[k] if cx is not None else None,
-                w_ih, w_hh, b_ih, b_hh, w_hr, *(norms[k] if norms else (None,) * 4),
-                recurrent_mask, zoneout_mask, zoneout_cell_mask, options.zoneout,
-                options.zoneout_cell, lengths_cpu, reverse=direction == 1)
+            h0 = hx[k] if hx is not None else None
+            c0 = cx[k] if cx is not None else None
+            if options.in_the_cell(training):
+                out, h, c = layer_with_options(
+                    cell, x_in, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                    *(norms[k] if norms else (None,) * 4), recurrent_mask, zoneout_mask,
+                    zoneout_cell_mask, options.zoneout, options.zoneout_cell, lengths_cpu,
+                    reverse=direction == 1)
+            else:
+                # Only the input dropout acts, on x_in: the plain layer runs the rest.
+                out, h, c = layer(cell, x_in, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                  reverse=direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)

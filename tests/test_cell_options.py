@@ -419,6 +419,38 @@ def test_dropouts_in_evaluation_give_torch_nn_layer(kind, monkeypatch):
     assert not torch.allclose(module(x)[0], ref_output)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_input_dropout_alone_runs_torch_nn_layer_on_the_dropped_input(kind, monkeypatch):
+    # A training layer whose only option is input_dropout is torch.nn's layer on x times the
+    # mask (drawn per layer and direction), and runs the plain layer's op, not the options'.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a layer with input dropout only ran the options' op")
+
+    torch.manual_seed(2)
+    reference = getattr(torch.nn, kind)(4, 5, bidirectional=True).double()
+    module = getattr(rnnfast, kind)(4, 5, bidirectional=True, input_dropout=0.3).double()
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(8)
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "layer_with_options", refuse)
+        output = module(x)[0]
+    torch.manual_seed(8)
+    masks = [functional._keep_mask((3, 4), 0.3, x, x.dtype) for _ in range(2)]
+    forward, backward = (getattr(torch.nn, kind)(4, 5).double() for _ in range(2))
+    for direction, suffix in ((forward, ""), (backward, "_reverse")):
+        direction.load_state_dict({name.replace(suffix, ""): value
+                                   for name, value in reference.state_dict().items()
+                                   if name.endswith("_l0" + suffix)})
+    expected = torch.cat([forward(x * masks[0])[0],
+                          backward((x * masks[1]).flip(0))[0].flip(0)], 2)
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(output)
+    ours = torch.autograd.grad((output * weights).sum(), x)
+    want = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("argument", ["zoneout", "recurrent_dropout", "input_dropout"])
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.1", True])
 def test_bad_probabilities_raise(argument, value):
