@@ -4,6 +4,7 @@
 
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "layer.h"
 
@@ -165,12 +166,24 @@ LayerOptionsBackwardArgs layer_options_backward_args(
   return args;
 }
 
-std::vector<at::Tensor> layer_options_gradients(std::vector<at::Tensor> grads,
-                                                const at::Tensor& input) {
+namespace {
+
+template <size_t... Place>
+LayerOptionsGradients as_gradient_tuple(std::vector<at::Tensor>& grads,
+                                        std::index_sequence<Place...>) {
+  return {std::move(grads[Place])...};
+}
+
+}  // namespace
+
+LayerOptionsGradients layer_options_gradients(std::vector<at::Tensor> grads,
+                                              const at::Tensor& input) {
+  TORCH_CHECK(grads.size() == kLayerOptionsGradients, "rnnfast: an engine returned ", grads.size(),
+              " gradients of the layer with cell options, not ", int(kLayerOptionsGradients));
   for (at::Tensor& grad : grads) {
     if (!grad.defined()) grad = at::empty({0}, input.options());
   }
-  return grads;
+  return as_gradient_tuple(grads, std::make_index_sequence<kLayerOptionsGradients>());
 }
 
 }  // namespace rnnfast

@@ -114,9 +114,17 @@ LayerOptionsBackwardArgs layer_options_backward_args(
     const at::Tensor& norm_ih, const at::Tensor& norm_hh, const at::Tensor& norm_cell,
     const at::Tensor& rstd, bool input_grad);
 
+// backward_with_options's results, kLayerOptionsGradients tensors in the order above: a tuple
+// of tensors, not a list, so that torch.func's vmap runs the op once per slice (it has no such
+// fallback for ops that return a list).
+using LayerOptionsGradients =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+static_assert(std::tuple_size_v<LayerOptionsGradients> == kLayerOptionsGradients);
+
 // An engine's gradients (kLayerOptionsGradients of them) as the backward op returns them: an
 // empty tensor of input's options where the forward had no such tensor.
-std::vector<at::Tensor> layer_options_gradients(std::vector<at::Tensor> grads,
-                                                const at::Tensor& input);
+LayerOptionsGradients layer_options_gradients(std::vector<at::Tensor> grads,
+                                              const at::Tensor& input);
 
 }  // namespace rnnfast

@@ -293,7 +293,10 @@ TORCH_LIBRARY(rnnfast, m) {
       "zoneout_cell_mask, "
       "float zoneout, float zoneout_cell, Tensor? lengths, bool reverse, Tensor cell_saved, Tensor "
       "h_prev, Tensor c_prev, Tensor h_cell, Tensor norm_ih, Tensor norm_hh, Tensor norm_cell, "
-      "Tensor rstd, bool input_grad) -> Tensor[]");
+      "Tensor rstd, bool input_grad) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
+      "Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, "
+      "Tensor grad_norm_ih_weight, Tensor grad_norm_hh_weight, Tensor grad_norm_cell_weight, "
+      "Tensor grad_norm_cell_bias)");
   // A mask of 1 with probability p and 0 otherwise, from an int64 seed (csrc/random_masks.cpp):
   // the layers' zoneout masks on the CPU.
   m.def("random_mask(Tensor seed, SymInt[] size, float p, ScalarType dtype) -> Tensor");

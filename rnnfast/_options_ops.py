@@ -2,6 +2,7 @@
 rnnfast::forward_with_options and rnnfast::backward_with_options (csrc/layer_options.h), their
 fake implementations for torch.compile, and the forward's autograd formula."""
 import torch
+from torch.autograd.function import once_differentiable
 
 from rnnfast import _ops
 
@@ -52,12 +53,12 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has
     def like(tensor, wanted=True):
         return torch.empty_like(tensor) if wanted and tensor is not None else input.new_empty(0)
 
-    return [like(input, input_grad), input.new_empty(batch, w_hh.shape[1]),
+    return (like(input, input_grad), input.new_empty(batch, w_hh.shape[1]),
             input.new_empty(batch, hidden) if lstm else input.new_empty(0),
             like(w_ih), like(w_hh), input.new_empty(gates if has_bias else 0),
             input.new_empty(gates if has_bias else 0), like(w_hr), like(norm_ih_weight),
             like(norm_hh_weight), like(norm_cell_weight),
-            like(norm_cell_weight, has_norm_cell_bias)]
+            like(norm_cell_weight, has_norm_cell_bias))
 
 
 @torch.library.register_fake("rnnfast::random_mask")
@@ -142,6 +143,28 @@ torch.library.register_autograd("rnnfast::forward_with_options", _backward,
 torch.library.register_autograd("rnnfast::backward_with_options", _refuse_second_derivative,
                                 setup_context=lambda ctx, inputs, output: None)
 
+
+
+class LayerWithOptionsForTransforms(torch.autograd.Function):
+    """The op with the same autograd formula in the form torch.func's transforms (grad, vjp,
+    jacrev, vmap) take, which refuse the op's registered autograd: forward without a context,
+    setup_context, and a backward that is itself not differentiated (a second derivative
+    raises). Returns all the op's results; under vmap the op runs once per vmapped slice."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return below_autograd(_FORWARD, *inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n, eager=True)
 
 
 class LayerWithOptions(torch.autograd.Function):

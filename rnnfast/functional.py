@@ -252,15 +252,25 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     arguments = (cell, *tensors, zoneout, zoneout_cell, lengths, reverse, needs_grad)
-    eager = not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-    if needs_grad and eager:
+    if torch.compiler.is_compiling():
+        # The op with its registered autograd formula, which tracing records.
+        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
+    elif torch._C._are_functorch_transforms_active():
+        transforms = [interpreter.key() for interpreter in get_interpreter_stack()]
+        if TransformType.Jvp in transforms or transforms.count(TransformType.Grad) > 1:
+            raise RuntimeError(
+                "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have "
+                "first derivatives only: torch.func's nested grad transforms (second "
+                "derivatives) and forward mode (jvp, jacfwd, hessian) cannot differentiate them")
+        function = _options_ops.LayerWithOptionsForTransforms
+        output, h_n, c_n = (function.apply(*arguments) if needs_grad else
+                            _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments))[:3]
+    elif not needs_grad:
+        output, h_n, c_n = _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments)[:3]
+    else:
         # Eager: the same formula as a Python autograd.Function, which skips the argument
         # handling of a custom op's Python autograd (a tenth of a millisecond a call).
         output, h_n, c_n = _options_ops.LayerWithOptions.apply(*arguments)
-    elif eager:
-        output, h_n, c_n = _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments)[:3]
-    else:
-        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     if dtype != output.dtype:
         output, h_n, c_n = output.to(dtype), h_n.to(dtype), c_n.to(dtype)
     return output, h_n, c_n

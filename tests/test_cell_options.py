@@ -711,6 +711,47 @@ def test_other_devices_are_refused_with_the_reason(monkeypatch):
         module(torch.randn(5, 2, 3, device="meta"))
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_torch_func_grad_and_per_sample_gradients(kind):
+    # torch.func.grad of a layer with options gives autograd's gradients, and vmap(grad) the
+    # gradient of each sample (per-sample gradients), as a loop of autograd calls does.
+    torch.manual_seed(4)
+    module = getattr(rnnfast, kind)(3, 4, num_layers=2, layer_norm=True, zoneout=0.2,
+                                    dtype=torch.float64).eval()
+    params = dict(module.named_parameters())
+
+    def loss(parameters, x):
+        return torch.func.functional_call(module, parameters, (x,))[0].pow(2).sum()
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = torch.func.grad(loss)(params, x)
+    expected = torch.autograd.grad(loss(params, x), list(params.values()))
+    for name, want in zip(params, expected):
+        torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-12)
+    samples = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples)
+    for index, sample in enumerate(samples):
+        expected = torch.autograd.grad(loss(params, sample), list(params.values()))
+        for name, want in zip(params, expected):
+            torch.testing.assert_close(per_sample[name][index], want, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_func_higher_derivatives_raise():
+    # Nested grad transforms and forward mode would need the options' backward differentiated:
+    # they raise rather than return a derivative without those terms.
+    torch.manual_seed(0)
+    module = rnnfast.GRU(3, 4, layer_norm=True, dtype=torch.float64).eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def loss(x):
+        return module(x)[0].pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.grad(lambda x: torch.func.grad(loss)(x).pow(2).sum())(x)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.func.jvp(loss, (x,), (torch.ones_like(x),))
+
+
 def test_second_derivatives_raise():
     # The options' backward has no derivative: a gradient asked for with create_graph=True (to be
     # differentiated again) raises rather than missing the terms through it.

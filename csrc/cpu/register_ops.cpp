@@ -74,7 +74,7 @@ forward_with_options(
   return cpu::engine().forward_with_options(args, save).as_tuple();
 }
 
-std::vector<at::Tensor> backward_with_options(
+LayerOptionsGradients backward_with_options(
     c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input, const at::Tensor& w_ih,
     const at::Tensor& w_hh, bool has_bias, const std::optional<at::Tensor>& w_hr,

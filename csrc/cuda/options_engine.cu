@@ -357,7 +357,7 @@ forward_with_options_cuda(
   });
 }
 
-std::vector<Tensor> backward_with_options_cuda(
+LayerOptionsGradients backward_with_options_cuda(
     c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
     const std::optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& w_ih,
     const Tensor& w_hh, bool has_bias, const std::optional<Tensor>& w_hr,
