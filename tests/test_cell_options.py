@@ -711,6 +711,8 @@ def test_other_devices_are_refused_with_the_reason(monkeypatch):
         module(torch.randn(5, 2, 3, device="meta"))
 
 
+# (vmap runs the ops, which have no batching rule, once per slice, and says so.)
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet")
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_torch_func_grad_and_per_sample_gradients(kind):
     # torch.func.grad of a layer with options gives autograd's gradients, and vmap(grad) the
@@ -736,6 +738,8 @@ def test_torch_func_grad_and_per_sample_gradients(kind):
             torch.testing.assert_close(per_sample[name][index], want, rtol=1e-10, atol=1e-12)
 
 
+# (torch.func.jvp's first call scripts functions of torch's own, which torch.jit deprecates.)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torch_func_higher_derivatives_raise():
     # Nested grad transforms and forward mode would need the options' backward differentiated:
     # they raise rather than return a derivative without those terms.
