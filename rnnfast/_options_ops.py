@@ -180,3 +180,4 @@ class LayerWithOptions(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
         return _backward(ctx, grad_output, grad_h_n, grad_c_n, eager=True)
+

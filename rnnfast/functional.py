@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch._C._functorch import TransformType, get_interpreter_stack
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from rnnfast import _ops  # noqa: F401  (loads the extension and registers the ops)
@@ -252,6 +253,11 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
     arguments = (cell, *tensors, zoneout, zoneout_cell, lengths, reverse, needs_grad)
+    if not torch.compiler.is_compiling() and _has_tangent(tensors):
+        # The op would drop the tangents: the output would have none.
+        raise RuntimeError(
+            "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have "
+            "first derivatives only: forward-mode AD (dual tensors) cannot differentiate them")
     if torch.compiler.is_compiling():
         # The op with its registered autograd formula, which tracing records.
         output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
@@ -274,6 +280,14 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     if dtype != output.dtype:
         output, h_n, c_n = output.to(dtype), h_n.to(dtype), c_n.to(dtype)
     return output, h_n, c_n
+
+
+def _has_tangent(tensors):
+    """Whether a tensor carries a forward-mode AD tangent (a dual tensor), which it can only
+    inside torch.autograd.forward_ad.dual_level (forward_ad's current level is then 0 or more)."""
+    if getattr(forward_ad, "_current_level", 0) < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _mask_dtype(like):

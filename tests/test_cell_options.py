@@ -741,8 +741,9 @@ def test_torch_func_grad_and_per_sample_gradients(kind):
 # (torch.func.jvp's first call scripts functions of torch's own, which torch.jit deprecates.)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torch_func_higher_derivatives_raise():
-    # Nested grad transforms and forward mode would need the options' backward differentiated:
-    # they raise rather than return a derivative without those terms.
+    # Nested grad transforms would need the options' backward differentiated, and forward mode
+    # (torch.func's or dual tensors) a derivative the layer does not have: they raise rather
+    # than return a derivative without those terms.
     torch.manual_seed(0)
     module = rnnfast.GRU(3, 4, layer_norm=True, dtype=torch.float64).eval()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
@@ -754,6 +755,13 @@ def test_torch_func_higher_derivatives_raise():
         torch.func.grad(lambda x: torch.func.grad(loss)(x).pow(2).sum())(x)
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.func.jvp(loss, (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            module(dual)
+        # Also where nothing requires a gradient (no graph is recorded).
+        with torch.no_grad(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            module(dual)
 
 
 def test_second_derivatives_raise():
