@@ -250,15 +250,19 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     dtype = input.dtype
     if dtype in (torch.bfloat16, torch.float16):
         tensors = tuple(t.float() if t is not None else None for t in tensors)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
+    # torch.jit.trace records the save flag as a constant, which the traced module then passes
+    # in any grad mode (and the trace's check runs under no_grad): a trace always saves, so that
+    # the traced module can be differentiated and its check records the same graph.
+    tracing = torch.jit.is_tracing()
+    needs_grad = tracing or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
     arguments = (cell, *tensors, zoneout, zoneout_cell, lengths, reverse, needs_grad)
     if not torch.compiler.is_compiling() and _has_tangent(tensors):
         # The op would drop the tangents: the output would have none.
         raise RuntimeError(
             "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have "
             "first derivatives only: forward-mode AD (dual tensors) cannot differentiate them")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tracing:
         # The op with its registered autograd formula, which tracing records.
         output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     elif torch._C._are_functorch_transforms_active():

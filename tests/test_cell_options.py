@@ -575,6 +575,26 @@ def test_torch_compile_fullgraph_training_draws_the_eager_masks():
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # torch deprecates tracing
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_jit_trace_gives_the_eager_layer(kind):
+    # A trace records the options' op, saving for a backward in any grad mode (its own check
+    # runs under no_grad, which recorded another graph before): the traced module gives eager's
+    # outputs at other sizes, and its gradients.
+    torch.manual_seed(6)
+    module = getattr(rnnfast, kind)(3, 4, num_layers=2, bidirectional=True, layer_norm=True,
+                                    zoneout=0.1, dtype=torch.float64).eval()
+    traced = torch.jit.trace(module, (torch.randn(5, 2, 3, dtype=torch.float64),))
+    x = torch.randn(7, 3, 3, dtype=torch.float64, requires_grad=True)
+    got, expected = traced(x)[0], module(x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad((got * weights).sum(), x)[0],
+                               torch.autograd.grad((expected * weights).sum(), x)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gradcheck(cell):
     args = make_case(cell, layer_norm=True, zoneout="mask", recurrent=True, packed=True,
