@@ -12,8 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
-#include <utility>
 #include <vector>
 
 #include "../buffer_pool.h"
@@ -100,9 +98,11 @@ void zoneout_units(int64_t n, const T* mask_row, T p, const T* previous, const T
 
 // The gradients of a layer normalisation's gain and bias over all steps' rows, from dLoss/dy of
 // each row, dy [rows, n], and the normal forms x_hat [rows, n] the forward saved: the gain's
-// sum of dy * x_hat over the rows, the bias's sum of dy (where with_bias). Where rstd is given,
-// each row of dy is then replaced by dLoss/dx of the normalisation's input (rstd[row *
-// rstd_stride] the row's 1 / sqrt(var + eps)), in the same pass over the rows.
+// sum of dy * x_hat over the rows, the bias's sum of dy (where with_bias). other_x_hat: the
+// normal forms of a second normalisation whose output has the same dLoss/dy (the LSTM's cell
+// reads the sum of its normalised x W_ih^T and h W_hh^T), whose gain's sum comes in the same
+// pass; or undefined. Where rstd is given, each row of dy is then replaced by dLoss/dx of the
+// first normalisation's input (rstd[row * rstd_stride] the row's 1 / sqrt(var + eps)).
 //
 // One pass over the rows, on the threads: each block of kRowsPerSumBlock rows sums its rows in
 // order, and the blocks' sums are added in double in block order, so the result is the same on
@@ -110,31 +110,43 @@ void zoneout_units(int64_t n, const T* mask_row, T p, const T* previous, const T
 // 256-unit LSTM's training step 10%: [1600, 1024] rows are out of the caches.)
 constexpr int64_t kRowsPerSumBlock = 64;
 
+struct NormParameterGradients {
+  Tensor gain, other_gain, bias;  // [n]; other_gain, bias undefined where not asked for
+};
+
 template <typename T>
-std::pair<Tensor, Tensor> layer_norm_parameter_gradients(const Tensor& dy, const Tensor& x_hat,
-                                                         bool with_bias, const T* gain,
-                                                         const T* rstd, int64_t rstd_stride) {
+NormParameterGradients layer_norm_parameter_gradients(const Tensor& dy, const Tensor& x_hat,
+                                                      const Tensor& other_x_hat, bool with_bias,
+                                                      const T* gain, const T* rstd,
+                                                      int64_t rstd_stride) {
   using V = Vec<T>;
   const int64_t rows = dy.size(0), n = dy.size(1);
   const int64_t blocks = (rows + kRowsPerSumBlock - 1) / kRowsPerSumBlock;
-  // Each block's sums: [blocks, 2, n], the gain's then the bias's.
-  Tensor block_sums = at::empty({blocks, 2, n}, dy.options());
+  // Each block's sums: [blocks, 3, n], the gain's, the bias's, the other gain's.
+  const int64_t parts = other_x_hat.defined() ? 3 : 2;
+  Tensor block_sums = at::empty({blocks, parts, n}, dy.options());
   T* sums_data = block_sums.data_ptr<T>();
   T* dy_data = dy.data_ptr<T>();
   const T* x_hat_data = x_hat.data_ptr<T>();
+  const T* other_data = other_x_hat.defined() ? other_x_hat.data_ptr<T>() : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t block = first; block < last; ++block) {
-      T* gain_sum = sums_data + block * 2 * n;
+      T* gain_sum = sums_data + block * parts * n;
       T* bias_sum = gain_sum + n;
-      std::fill(gain_sum, gain_sum + 2 * n, T(0));
+      T* other_sum = bias_sum + n;
+      std::fill(gain_sum, gain_sum + parts * n, T(0));
       const int64_t end = std::min(rows, (block + 1) * kRowsPerSumBlock);
       for (int64_t row = block * kRowsPerSumBlock; row < end; ++row) {
         T* dy_row = dy_data + row * n;
         const T* x_hat_row = x_hat_data + row * n;
+        const T* other_row = other_data ? other_data + row * n : nullptr;
         for_unit_runs<T>(n, [&](VectorUnits j, V) {
           const V d = load<V>(dy_row, 0, j);
           store(gain_sum, 0, j, load<V>(gain_sum, 0, j) + d * load<V>(x_hat_row, 0, j));
           store(bias_sum, 0, j, load<V>(bias_sum, 0, j) + d);
+          if (other_row) {
+            store(other_sum, 0, j, load<V>(other_sum, 0, j) + d * load<V>(other_row, 0, j));
+          }
         });
         if (rstd != nullptr) {
           layer_norm_row_backward<T>(n, dy_row, x_hat_row, rstd[row * rstd_stride], gain, dy_row);
@@ -142,19 +154,21 @@ std::pair<Tensor, Tensor> layer_norm_parameter_gradients(const Tensor& dy, const
       }
     }
   });
-  std::vector<double> totals(2 * n, 0.0);
+  std::vector<double> totals(parts * n, 0.0);
   for (int64_t block = 0; block < blocks; ++block) {
-    const T* block_row = sums_data + block * 2 * n;
-    for (int64_t k = 0; k < 2 * n; ++k) totals[k] += double(block_row[k]);
+    const T* block_row = sums_data + block * parts * n;
+    for (int64_t k = 0; k < parts * n; ++k) totals[k] += double(block_row[k]);
   }
-  Tensor gain_grad = at::empty({n}, dy.options());
-  std::copy(totals.begin(), totals.begin() + n, gain_grad.data_ptr<T>());
-  Tensor bias_grad;
-  if (with_bias) {
-    bias_grad = at::empty({n}, dy.options());
-    std::copy(totals.begin() + n, totals.end(), bias_grad.data_ptr<T>());
-  }
-  return {gain_grad, bias_grad};
+  const auto part = [&](int64_t index) {
+    Tensor out = at::empty({n}, dy.options());
+    std::copy(totals.begin() + index * n, totals.begin() + (index + 1) * n, out.data_ptr<T>());
+    return out;
+  };
+  NormParameterGradients result;
+  result.gain = part(0);
+  if (with_bias) result.bias = part(1);
+  if (other_data) result.other_gain = part(2);
+  return result;
 }
 
 template <typename Cell, typename T>
@@ -619,26 +633,40 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     h_in_steps = masked.view({Tn * B, P});
   }
   grads[kGradWhh] = kernels.product(dhg_raw.t(), h_in_steps);
-  if (norm_hh) {
-    std::tie(grads[kGradNormHh], grads[kGradBhh]) = layer_norm_parameter_gradients<T>(
-        dhg, ba.norm_hh.view({Tn * B, G}), ba.has_bias, nullptr, nullptr, 0);
-  } else if (ba.has_bias) {
+  // LSTM and Elman: dxg is dhg, and where both are normalised one pass over it gives both
+  // normalisations' gradients.
+  const bool shared_pass = norm_ih && norm_hh && dxg.is_same(dhg);
+  if (norm_hh && !shared_pass) {
+    const NormParameterGradients norm = layer_norm_parameter_gradients<T>(
+        dhg, ba.norm_hh.view({Tn * B, G}), Tensor(), ba.has_bias, nullptr, nullptr, 0);
+    grads[kGradNormHh] = norm.gain;
+    grads[kGradBhh] = norm.bias;
+  } else if (!norm_hh && ba.has_bias) {
     grads[kGradBhh] = kernels.column_sums(dhg);
   }
   if (projecting) {
     grads[kGradWhr] = kernels.product(dh_candidate_steps.t(), ba.h_cell.view({Tn * B, H}));
   }
   if (norm_cell) {
-    std::tie(grads[kGradNormCellWeight], grads[kGradNormCellBias]) =
-        layer_norm_parameter_gradients<T>(dc_out_steps, ba.norm_cell.view({Tn * B, H}),
+    const NormParameterGradients norm =
+        layer_norm_parameter_gradients<T>(dc_out_steps, ba.norm_cell.view({Tn * B, H}), Tensor(),
                                           ba.has_norm_cell_bias, nullptr, nullptr, 0);
+    grads[kGradNormCellWeight] = norm.gain;
+    grads[kGradNormCellBias] = norm.bias;
   }
   // The input side (for LSTM and Elman dxg is dhg, whose uses above are done).
   if (norm_ih) {
     // dxg becomes the gradient of x W_ih^T, before its normalisation.
-    std::tie(grads[kGradNormIh], grads[kGradBih]) =
-        layer_norm_parameter_gradients<T>(dxg, ba.norm_ih.view({Tn * B, G}), ba.has_bias,
-                                          args.norm_ih_weight.data_ptr<T>(), rstd_all, 3);
+    const NormParameterGradients norm = layer_norm_parameter_gradients<T>(
+        dxg, ba.norm_ih.view({Tn * B, G}), shared_pass ? ba.norm_hh.view({Tn * B, G}) : Tensor(),
+        ba.has_bias, args.norm_ih_weight.data_ptr<T>(), rstd_all, 3);
+    grads[kGradNormIh] = norm.gain;
+    grads[kGradBih] = norm.bias;
+    if (shared_pass) {
+      grads[kGradNormHh] = norm.other_gain;
+      // (A copy: two parameters' gradients must not share storage.)
+      if (ba.has_bias) grads[kGradBhh] = norm.bias.clone();
+    }
   } else if (ba.has_bias) {
     // Where dxg is dhg and not normalised, b_ih's gradient is b_hh's (a copy: two parameters'
     // gradients must not share storage).
