@@ -1,6 +1,7 @@
 """Layer normalisation, zoneout, recurrent and input dropout (rnnfast's cell options) against a
 plain PyTorch loop written from the papers' equations: outputs and every gradient, float64, for
 every cell, packed and not, with and without a projection, in both directions."""
+import contextlib
 import itertools
 
 import pytest
@@ -358,40 +359,43 @@ def test_zoneout_masks_keep_each_unit_with_probability_p(p):
         assert not torch.equal(mask, functional._zoneout_mask(shape, p, torch.empty(0)))
 
 
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's thread count set to count for the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_results_are_the_same_on_any_number_of_threads(kind):
     # The options' op fixes its order of summation by the shape (column sums in blocks of rows
     # added in block order, products per row): outputs and gradients are bit-identical on 1, 2
     # and 3 threads, at sizes whose rows and sums are split over the threads.
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    for count in (1, 2, 3):
+        with torch_threads(count):
             torch.manual_seed(0)
             module = getattr(rnnfast, kind)(48, 80, num_layers=2, layer_norm=True, zoneout=0.1)
             x = torch.randn(40, 16, 48, requires_grad=True)
             torch.manual_seed(1)
             output = module(x)[0]
             grads = torch.autograd.grad(output.pow(2).sum(), [x, *module.parameters()])
-            results.append((output.detach(), *grads))
-    finally:
-        torch.set_num_threads(threads)
+        results.append((output.detach(), *grads))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 def test_zoneout_masks_follow_the_seed_on_any_number_of_threads():
-    threads = torch.get_num_threads()
     masks = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    for count in (1, 2, 3):
+        with torch_threads(count):
             torch.manual_seed(4)
             masks.append(functional._zoneout_mask((300, 20, 33), 0.3,
                                                   torch.empty(0, dtype=torch.float64)))
-    finally:
-        torch.set_num_threads(threads)
     assert masks[0].dtype == torch.float64
     assert all(torch.equal(masks[0], mask) for mask in masks[1:])
     with pytest.raises(RuntimeError, match="p must be in"):
