@@ -82,15 +82,19 @@ _GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 def below_autograd(op, *arguments):
     """op's own kernel, past the Python autograd kernel that register_autograd gives it (whose
-    redispatch costs about 10 us a call): for eager calls whose derivative is LayerWithOptions'
-    or that need none, outside torch.compile and torch.func's transforms."""
+    redispatch costs about 10 us a call): for calls whose derivative is one of the Functions
+    below, or that need none; not where torch.compile or torch.jit.trace records the op."""
     with torch._C._AutoDispatchBelowAutograd():
         return op(*arguments)
 
 
+# The start of the error of every derivative the layers do not have.
+FIRST_DERIVATIVES_ONLY = ("rnnfast: the layers with cell options (layer_norm, zoneout, dropout "
+                          "masks) have first derivatives only: ")
+
+
 def _refuse_second_derivative(ctx, *grads):
-    raise RuntimeError("rnnfast: the layers with cell options (layer_norm, zoneout, dropout "
-                       "masks) have first derivatives only: their gradients cannot be taken with "
+    raise RuntimeError(FIRST_DERIVATIVES_ONLY + "their gradients cannot be taken with "
                        "create_graph=True, nor differentiated")
 
 

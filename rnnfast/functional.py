@@ -259,19 +259,17 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
     arguments = (cell, *tensors, zoneout, zoneout_cell, lengths, reverse, needs_grad)
     if not torch.compiler.is_compiling() and _has_tangent(tensors):
         # The op would drop the tangents: the output would have none.
-        raise RuntimeError(
-            "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have "
-            "first derivatives only: forward-mode AD (dual tensors) cannot differentiate them")
+        raise RuntimeError(_options_ops.FIRST_DERIVATIVES_ONLY +
+                           "forward-mode AD (dual tensors) cannot differentiate them")
     if torch.compiler.is_compiling() or tracing:
         # The op with its registered autograd formula, which tracing records.
         output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     elif torch._C._are_functorch_transforms_active():
         transforms = [interpreter.key() for interpreter in get_interpreter_stack()]
         if TransformType.Jvp in transforms or transforms.count(TransformType.Grad) > 1:
-            raise RuntimeError(
-                "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have "
-                "first derivatives only: torch.func's nested grad transforms (second "
-                "derivatives) and forward mode (jvp, jacfwd, hessian) cannot differentiate them")
+            raise RuntimeError(_options_ops.FIRST_DERIVATIVES_ONLY +
+                               "torch.func's nested grad transforms (second derivatives) and "
+                               "forward mode (jvp, jacfwd, hessian) cannot differentiate them")
         function = _options_ops.LayerWithOptionsForTransforms
         output, h_n, c_n = (function.apply(*arguments) if needs_grad else
                             _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments))[:3]
@@ -308,8 +306,8 @@ def _keep_mask(shape, p, like, dtype=None):
 def _zoneout_mask(shape, p, like):
     """1 where a unit keeps its previous value (probability p), else 0, on like's device.
 
-    On the CPU, rnnfast::random_mask from one int64 seed drawn from torch's generator: a tenth of
-    torch.rand's time on these [T, B, P] masks. Elsewhere torch.rand(...) < p."""
+    On the CPU, rnnfast::random_mask from one int64 seed drawn from torch's generator: a sixth
+    to an eighth of torch.rand's time on these [T, B, P] masks. Elsewhere torch.rand(...) < p."""
     if like.device.type != "cpu":
         return (torch.rand(shape, device=like.device) < p).to(_mask_dtype(like))
     seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64)

@@ -106,8 +106,9 @@ void zoneout_units(int64_t n, const T* mask_row, T p, const T* previous, const T
 //
 // One pass over the rows, on the threads: each block of kRowsPerSumBlock rows sums its rows in
 // order, and the blocks' sums are added in double in block order, so the result is the same on
-// any number of threads. (Separate passes, each summing all rows on one thread, cost the
-// 256-unit LSTM's training step 10%: [1600, 1024] rows are out of the caches.)
+// any number of threads. (Separate passes, each summing all rows on one thread, took the
+// 16-row, 256-unit LSTM's backward op 12.8 ms against 11.6: its [1600, 1024] rows are out of
+// the caches.)
 constexpr int64_t kRowsPerSumBlock = 64;
 
 struct NormParameterGradients {
@@ -122,7 +123,8 @@ NormParameterGradients layer_norm_parameter_gradients(const Tensor& dy, const Te
   using V = Vec<T>;
   const int64_t rows = dy.size(0), n = dy.size(1);
   const int64_t blocks = (rows + kRowsPerSumBlock - 1) / kRowsPerSumBlock;
-  // Each block's sums: [blocks, 3, n], the gain's, the bias's, the other gain's.
+  // Each block's sums: [blocks, parts, n], the gain's, the bias's and with other_x_hat the
+  // other gain's.
   const int64_t parts = other_x_hat.defined() ? 3 : 2;
   Tensor block_sums = at::empty({blocks, parts, n}, dy.options());
   T* sums_data = block_sums.data_ptr<T>();
