@@ -120,7 +120,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, eager=False):
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, past_autograd=False):
     if torch.is_grad_enabled():
         # create_graph=True: a gradient that later code differentiates; this one could not be.
         _refuse_second_derivative(ctx)
@@ -134,7 +134,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, eager=False):
         w_hh, has_bias, w_hr, norm_ih, norm_hh, norm_cell_weight, has_norm_cell_bias,
         recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse,
         *saved_outputs, ctx.needs_input_grad[_INPUT])
-    grads = below_autograd(_BACKWARD, *arguments) if eager else _BACKWARD(*arguments)
+    grads = below_autograd(_BACKWARD, *arguments) if past_autograd else _BACKWARD(*arguments)
     present, wanted = ctx.present, ctx.needs_input_grad
     return tuple(grads[place] if place is not None and present[index] and wanted[index] else None
                  for index, place in enumerate(_GRADIENT_OF))
@@ -168,7 +168,7 @@ class LayerWithOptionsForTransforms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
-        return _backward(ctx, grad_output, grad_h_n, grad_c_n, eager=True)
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n, past_autograd=True)
 
 
 class LayerWithOptions(torch.autograd.Function):
@@ -183,5 +183,5 @@ class LayerWithOptions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        return _backward(ctx, grad_output, grad_h_n, grad_c_n, eager=True)
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n, past_autograd=True)
 

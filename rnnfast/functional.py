@@ -261,20 +261,20 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
         # The op would drop the tangents: the output would have none.
         raise RuntimeError(_options_ops.FIRST_DERIVATIVES_ONLY +
                            "forward-mode AD (dual tensors) cannot differentiate them")
-    if torch.compiler.is_compiling() or tracing:
-        # The op with its registered autograd formula, which tracing records.
-        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
-    elif torch._C._are_functorch_transforms_active():
-        transforms = [interpreter.key() for interpreter in get_interpreter_stack()]
-        if TransformType.Jvp in transforms or transforms.count(TransformType.Grad) > 1:
+    transforms = torch._C._are_functorch_transforms_active()
+    if transforms:
+        keys = [interpreter.key() for interpreter in get_interpreter_stack()]
+        if TransformType.Jvp in keys or keys.count(TransformType.Grad) > 1:
             raise RuntimeError(_options_ops.FIRST_DERIVATIVES_ONLY +
                                "torch.func's nested grad transforms (second derivatives) and "
                                "forward mode (jvp, jacfwd, hessian) cannot differentiate them")
-        function = _options_ops.LayerWithOptionsForTransforms
-        output, h_n, c_n = (function.apply(*arguments) if needs_grad else
-                            _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments))[:3]
+    if torch.compiler.is_compiling() or tracing:
+        # The op with its registered autograd formula, which tracing records.
+        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     elif not needs_grad:
         output, h_n, c_n = _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments)[:3]
+    elif transforms:
+        output, h_n, c_n = _options_ops.LayerWithOptionsForTransforms.apply(*arguments)[:3]
     else:
         # Eager: the same formula as a Python autograd.Function, which skips the argument
         # handling of a custom op's Python autograd (a tenth of a millisecond a call).

@@ -370,25 +370,6 @@ def torch_threads(count):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_results_are_the_same_on_any_number_of_threads(kind):
-    # The options' op fixes its order of summation by the shape (column sums in blocks of rows
-    # added in block order, products per row): outputs and gradients are bit-identical on 1, 2
-    # and 3 threads, at sizes whose rows and sums are split over the threads.
-    results = []
-    for count in (1, 2, 3):
-        with torch_threads(count):
-            torch.manual_seed(0)
-            module = getattr(rnnfast, kind)(48, 80, num_layers=2, layer_norm=True, zoneout=0.1)
-            x = torch.randn(40, 16, 48, requires_grad=True)
-            torch.manual_seed(1)
-            output = module(x)[0]
-            grads = torch.autograd.grad(output.pow(2).sum(), [x, *module.parameters()])
-        results.append((output.detach(), *grads))
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-
-
 def test_zoneout_masks_follow_the_seed_on_any_number_of_threads():
     masks = []
     for count in (1, 2, 3):
@@ -720,26 +701,24 @@ def test_module_layouts_and_initial_state(layout):
     ("elman_tanh", dict(zoneout="mask", recurrent=True, batch=64, hidden=300, input_size=300,
                         steps=4)),
 ], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas"])
-def test_results_are_the_same_on_one_and_two_threads(cell, case):
+def test_results_are_the_same_on_any_number_of_threads(cell, case):
     # Rows per thread, or cells split per step; the gradients' sums in an order fixed by the
-    # shape: float32 results bit for bit the same on any number of threads.
+    # shape (column sums in blocks of rows added in block order): float32 results bit for bit
+    # the same on 1, 2 and 3 threads.
     args = {name: t.detach().float().requires_grad_(t.requires_grad)
             if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for name, t in make_case(cell, **case).items()}
     names = [name for name, t in args.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
+    for count in (1, 2, 3):
+        with torch_threads(count):
             output, h_n, _ = functional.layer_with_options(cell, **args)
             grads = torch.autograd.grad((output * output).sum() + h_n.sum(),
                                         [args[name] for name in names])
-            results.append([output, h_n, *grads])
-    finally:
-        torch.set_num_threads(threads)
-    for name, one, two in zip(["output", "h_n", *names], *results):
-        assert torch.equal(one, two), name
+        results.append([output, h_n, *grads])
+    for other in results[1:]:
+        for name, one, two in zip(["output", "h_n", *names], results[0], other):
+            assert torch.equal(one, two), name
 
 
 def test_other_devices_are_refused_with_the_reason(monkeypatch):
