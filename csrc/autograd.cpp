@@ -275,6 +275,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   return {output, h_n, c_n, workspace};
 }
 
+}  // namespace
+
+bool share_saved_output(const Tensor& output, const Tensor& replacement) {
+  auto* node = dynamic_cast<LayerBackward*>(output.grad_fn().get());
+  if (node == nullptr || !node->saved_workspace) return false;
+  // Only the output this node saved, from its own call.
+  const Tensor saved = node->output_.unpack(output.grad_fn());
+  if (!saved.defined() || saved.data_ptr() != output.data_ptr() ||
+      !saved.sizes().equals(output.sizes()) || !saved.strides().equals(output.strides())) {
+    return false;
+  }
+  TORCH_CHECK(replacement.sizes().equals(output.sizes()) &&
+                  replacement.dtype() == output.dtype() &&
+                  replacement.device() == output.device(),
+              "share_saved_output: the replacement must have the output's shape, dtype and "
+              "device; got ", replacement.sizes(), " ", replacement.dtype(), " for ",
+              output.sizes(), " ", output.dtype());
+  // Saved detached: the node then holds no reference to the replacement's history, which
+  // continues from this node (a cycle otherwise); the detached tensor keeps the replacement's
+  // version counter, so an in-place change of it before the backward is still caught.
+  node->output_ = SavedVariable(replacement.detach(), /*is_output=*/false);
+  return true;
+}
+
+namespace {
+
 // The backward op has no derivative of its own: asking for one is an error, not a silent zero.
 BackwardResult backward_autograd(
     c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,

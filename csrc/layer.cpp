@@ -91,7 +91,8 @@ at::Tensor with_contiguous_rows(const at::Tensor& x) {
 }
 
 BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_output,
-                                ReadsInputAtStrides reads_input_at_strides) {
+                                ReadsInputAtStrides reads_input_at_strides,
+                                bool strided_output_rows) {
   const LayerArgs& layer = args.layer;
   BackwardInputs in;
   in.sizes = check_layer_args(layer);
@@ -106,7 +107,9 @@ BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_o
   in.w_hr = contiguous_or_undefined(layer.w_hr);
   in.lengths = contiguous_or_undefined(layer.lengths);
   in.grad_output = contiguous_grad_output ? args.grad_output.contiguous() : args.grad_output;
-  in.output = args.output.contiguous();
+  in.output = strided_output_rows && strided_rows_stride(args.output) > 0
+                  ? args.output
+                  : args.output.contiguous();
   in.workspace = args.workspace.contiguous();
   return in;
 }

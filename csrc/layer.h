@@ -103,6 +103,13 @@ LayerSizes check_layer_args(const LayerArgs& args);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const LayerArgs& args,
                                                                         bool save_workspace);
 
+// Where `output` is the output of an eager differentiable rnnfast::forward call, which its
+// graph node saved for the backward: the node saves `replacement` instead, a tensor of the same
+// shape and values (a bidirectional layer's output is a view of the directions' concatenation,
+// which the next layer saves anyway), and the output's own memory goes once the caller drops
+// it. Returns whether it did (false: not such an output; nothing changes).
+bool share_saved_output(const at::Tensor& output, const at::Tensor& replacement);
+
 // Checks a time-major backward call's own arguments against the sizes of the forward.
 void check_backward_args(const LayerSizes& sizes, const BackwardArgs& args);
 
@@ -160,8 +167,22 @@ struct BackwardInputs {
 
 // args: time-major. contiguous_grad_output false: grad_output is left as it comes, for an
 // engine that makes it readable itself (with_contiguous_rows, or contiguous).
+// strided_output_rows: an output [T, B, P] whose rows are contiguous at one stride (rows
+// t * B + b at a stride of stride(1); a view of a bidirectional layer's concatenated output,
+// see share_saved_output) is left as it comes, for an engine that reads it so.
 BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_output = true,
-                                ReadsInputAtStrides reads_input_at_strides = nullptr);
+                                ReadsInputAtStrides reads_input_at_strides = nullptr,
+                                bool strided_output_rows = false);
+
+// The stride of the rows of x [T, B, C] where they are contiguous at one stride (row t * B + b
+// at (t * B + b) * stride), else 0.
+inline int64_t strided_rows_stride(const at::Tensor& x) {
+  if (x.dim() != 3 || (x.size(2) > 1 && x.stride(2) != 1)) return 0;
+  // A dimension of size 1 may come with any stride.
+  const int64_t stride = x.size(1) > 1 ? x.stride(1) : x.size(0) > 1 ? x.stride(0) : x.size(2);
+  const bool one_stride = x.size(0) <= 1 || x.stride(0) == x.size(1) * stride;
+  return one_stride && stride >= x.size(2) ? stride : 0;
+}
 
 // x [T, B, P] with contiguous rows of P at any strides over t and b (0 where broadcast), for an
 // engine that reads it so: it is spared a [T, B, P] copy where x is a view (a batch_first

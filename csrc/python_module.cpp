@@ -86,6 +86,20 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// _C.share_saved_output(output, replacement) -> bool: rnnfast::share_saved_output (layer.h).
+PyObject* share_saved_output(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "rnnfast._C.share_saved_output takes two tensors");
+    return nullptr;
+  }
+  if (rnnfast::share_saved_output(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]))) {
+    Py_RETURN_TRUE;
+  }
+  Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
+}
+
 // _C.empty_cpu_cache(): gives the CPU engine's free buffers back to the system.
 PyObject* empty_cpu_cache(PyObject* /*module*/, PyObject* /*args*/) {
   rnnfast::BufferPool::instance().empty_cache();
@@ -109,6 +123,9 @@ PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
      "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
      "arguments only torch.ops handles."},
+    {"share_saved_output",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(share_saved_output)), METH_FASTCALL,
+     "Makes the graph node of a layer's output save another tensor of the same values instead."},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Frees the CPU engine's cached buffers."},
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
      "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},

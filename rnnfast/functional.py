@@ -144,14 +144,27 @@ def stacked(cell, input, hx, cx, weights, num_layers, bidirectional, dropout=0.0
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
-        x = _next_layer_input(outputs, index, num_layers, dropout, training, lengths)
+        x = _next_layer_input(outputs, index, num_layers, dropout, training, lengths,
+                              share_saved_outputs=True)
     return x, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)
 
 
-def _next_layer_input(outputs, index, num_layers, dropout, training, lengths):
+def _next_layer_input(outputs, index, num_layers, dropout, training, lengths,
+                      share_saved_outputs=False):
     """Layer `index`'s output (its directions' concatenated), with torch.nn's dropout where
-    another layer follows."""
+    another layer follows.
+
+    share_saved_outputs: the outputs are the `layer` op's. Below the last layer the graph nodes
+    of eager calls then save views of the concatenation in place of the directions' outputs,
+    whose memory goes (the concatenation is the next layer's input, which its nodes save
+    anyway). The last layer's outputs are kept: the stack's output is the caller's, who may
+    change it in place before the backward, which torch.nn's bidirectional layers allow."""
     x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    if (share_saved_outputs and len(outputs) > 1 and index < num_layers - 1
+            and x.requires_grad and not torch.compiler.is_compiling()):
+        width = outputs[0].size(2)
+        for direction, out in enumerate(outputs):
+            _ops._C.share_saved_output(out, x.narrow(2, direction * width, width))
     if dropout > 0 and training and index < num_layers - 1:
         x = _dropout_between_layers(x, dropout, lengths)
     return x

@@ -596,3 +596,44 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
     for p, q in zip(model.parameters(), reference.parameters()):
         assert p.grad.dtype == dtype
         assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
+@pytest.mark.parametrize("lengths", [None, [5, 3, 2]], ids=["full", "lengths"])
+@pytest.mark.parametrize("hidden", [6, 40], ids=["gate-packed", "rows"])
+def test_saved_output_shared_with_the_concatenation(cell, lengths, hidden):
+    """A bidirectional stack's graph nodes may save views of the directions' concatenation in
+    place of their own outputs (functional._next_layer_input): the gradients are those of the
+    unshared graph, and the views are saved as the concatenation's, so that changing it in
+    place before the backward is refused."""
+    torch.manual_seed(0)
+    T, B, I, H = 5, 3, 4, hidden
+    gates = _ops.GATES[cell]
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    weights = [[torch.randn(gates * H, n, dtype=torch.float64, requires_grad=True)
+                for n in (I, H)] for _ in range(2)]
+    lengths = torch.tensor(lengths) if lengths is not None else None
+
+    def concatenation(share):
+        outputs = [rnnfast.functional.layer(cell, x, None, None, w_ih, w_hh, lengths=lengths,
+                                            reverse=direction == 1)[0]
+                   for direction, (w_ih, w_hh) in enumerate(weights)]
+        both = torch.cat(outputs, dim=2)
+        if share:
+            for direction, out in enumerate(outputs):
+                assert _ops._C.share_saved_output(out, both.narrow(2, direction * H, H))
+        # The concatenation is no layer's output: nothing to share.
+        assert not _ops._C.share_saved_output(both, both)
+        return both
+
+    grad = torch.randn(T, B, 2 * H, dtype=torch.float64)
+    leaves = [x] + [w for pair in weights for w in pair]
+    expected = torch.autograd.grad(concatenation(False), leaves, grad)
+    got = torch.autograd.grad(concatenation(True), leaves, grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    both = concatenation(True)
+    with torch.no_grad():
+        both.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(both, leaves, grad)

@@ -82,7 +82,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const T* hx_data = zero_initial_state ? nullptr : hx.data_ptr<T>();
   const T* cx_data = Cell::kHasCellState && !zero_initial_state ? cx.data_ptr<T>() : nullptr;
   const T* zero_data = zero_initial_state ? zero_row.data_ptr<T>() : nullptr;
+  // output [T, B, P]: rows at one stride (prepare_backward's strided_output_rows).
   const T* out_data = output.data_ptr<T>();
+  const int64_t out_stride = v.gate_packed ? P : strided_rows_stride(output);
   const T* ws_data = W > 0 ? workspace.data_ptr<T>() : nullptr;
   T* dh_data = dh_state.data_ptr<T>();
   A* dc_data = Cell::kHasCellState ? dc_state.data_ptr<A>() : nullptr;
@@ -133,8 +135,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const bool first = v.is_first_step(t, b);
       const int64_t prev_row = v.previous_time(t) * B + b;
       const T* go_row = grad_output_row(t, b);
-      const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * P;
-      const T* h_prev_row = !first               ? out_data + prev_row * P
+      const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * out_stride;
+      const T* h_prev_row = !first               ? out_data + prev_row * out_stride
                             : zero_initial_state ? zero_data
                                                  : hx_data + b * P;
       // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
@@ -214,6 +216,7 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   Tensor grad_b_ih = at::empty({has_bias ? G : 0}, options);
   Tensor grad_b_hh = at::empty({has_bias ? G : 0}, options);
   const auto data = data_or_null<float>;
+  const Tensor output = in.output.contiguous();
   // Read at its strides where a step's offsets fit the gather's, else a contiguous copy.
   const Tensor& given = in.grad_output;
   const Tensor grad_output =
@@ -225,7 +228,7 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
         register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps,
-        data(in.output), Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx),
+        data(output), Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx),
         data(in.cx), data(in.w_ih), data(in.w_hh), data(dh), data(dc),
         input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
         has_bias ? data(grad_b_ih) : nullptr, has_bias ? data(grad_b_hh) : nullptr);
@@ -255,12 +258,16 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
 
 BackwardResult backward_time_major(const BackwardArgs& args) {
   const bool reverse = args.layer.reverse, has_bias = args.has_bias, input_grad = args.input_grad;
-  const BackwardInputs in =
-      prepare_backward(args, /*contiguous_grad_output=*/false, backward_reads_input_at_strides);
+  const BackwardInputs in = prepare_backward(args, /*contiguous_grad_output=*/false,
+                                             backward_reads_input_at_strides,
+                                             /*strided_output_rows=*/true);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
-  const Tensor &output = in.output, &workspace = in.workspace;
+  const Tensor& workspace = in.workspace;
+  // The gate-packed view reads a step's rows of the output as one.
+  const Tensor output =
+      uses_gate_packing(s, input.scalar_type()) ? in.output.contiguous() : in.output;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
 #if defined(RNNFAST_LANE_KERNELS)
   if (register_layer_reads_input_backward(s, input)) {
