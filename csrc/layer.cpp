@@ -110,11 +110,18 @@ BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_o
   in.output = strided_output_rows && strided_rows_stride(args.output) > 0
                   ? args.output
                   : args.output.contiguous();
-  in.workspace = args.workspace.contiguous();
+  // A padded workspace returned 2-D (returned_workspace) as the engines index it; a packed
+  // one as it is.
+  const LayerSizes& s = in.sizes;
+  const at::Tensor& workspace = args.workspace;
+  in.workspace = s.has_lengths && workspace.dim() == 2 && workspace.size(0) == s.steps * s.batch
+                     ? workspace.contiguous().view({s.steps, s.batch, workspace.size(1)})
+                     : workspace.contiguous();
   return in;
 }
 
-ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool save_workspace) {
+ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool save_workspace,
+                                int64_t packed_rows) {
   const at::Tensor &hx = args.hx, &cx = args.cx;
   const auto options = args.input.options();
   const auto acc_type = at::toOpMathType(args.input.scalar_type());
@@ -130,9 +137,19 @@ ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool
     state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-  state.workspace =
-      save_workspace ? pooled_empty({s.steps, s.batch, cols}, options) : at::empty({0}, options);
+  if (!save_workspace) {
+    state.workspace = at::empty({0}, options);
+  } else if (packed_rows > 0) {
+    state.workspace = pooled_empty({packed_rows, cols}, options);
+  } else {
+    state.workspace = pooled_empty({s.steps, s.batch, cols}, options);
+  }
   return state;
+}
+
+at::Tensor returned_workspace(const LayerSizes& s, const at::Tensor& workspace) {
+  return s.has_lengths && workspace.dim() == 3 ? workspace.view({s.steps * s.batch, -1})
+                                               : workspace;
 }
 
 at::Tensor final_cell_state(const LayerSizes& s, const ForwardState& state,

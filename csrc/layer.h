@@ -195,11 +195,19 @@ struct ForwardState {
   at::Tensor h;          // [B, P]  the running hidden state (starts as a copy of hx, or 0)
   at::Tensor c;          // [B, H]  LSTM's cell state in the accumulation type (starts as cx,
                          //         or 0), else empty
-  at::Tensor workspace;  // [T, B, W] when saving for the backward, else empty
+  at::Tensor workspace;  // [T, B, W] when saving for the backward (or [N, W]: packed_rows),
+                         // else empty
 };
 
+// packed_rows > 0: an engine that saves a packed sequence's active rows only (the CPU engine:
+// cpu/layer_view.h) gets a workspace [packed_rows, W].
 ForwardState make_forward_state(const LayerSizes& sizes, const LayerArgs& args,
-                                bool save_workspace);
+                                bool save_workspace, int64_t packed_rows = 0);
+
+// The workspace as the forward op returns it: with lengths always 2-D, [T * B, W] (a view of
+// [T, B, W]) or an engine's packed [N, W], as the op's fake gives it ([rows, W], rows known
+// once the engine has run); without lengths [T, B, W].
+at::Tensor returned_workspace(const LayerSizes& sizes, const at::Tensor& workspace);
 
 // The running state and gate-gradient buffers of a backward pass, the same on every device.
 struct BackwardState {

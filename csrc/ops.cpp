@@ -2,7 +2,8 @@
 //
 // One op pair runs ONE layer in ONE direction over a whole (padded, time-major) sequence:
 //   rnnfast::forward   input [T, B, I] -> output [T, B, P], h_n [B, P], c_n [B, H] (LSTM),
-//                      workspace [T, B, W] (what the backward needs; empty unless asked for);
+//                      workspace [T, B, W] (what the backward needs; empty unless asked for;
+//                      [rows, W] with lengths, see returned_workspace);
 //                      hx = cx = None starts from zero states (and skips work on them)
 //   rnnfast::backward  the gradients of all of forward's tensor inputs (grad_h_n, grad_c_n:
 //                      None for zero).
@@ -10,7 +11,7 @@
 //                      autograd differentiates to any order (higher derivatives, forward-mode
 //                      AD, torch.func's nested transforms); slower than the fused forward.
 // batch_first=True: input, output (and their gradients) are [B, T, ...] instead, as views of
-// the time-major tensors the engines work on (the workspace stays [T, B, W]); a batch_first
+// the time-major tensors the engines work on (the workspace is as without it); a batch_first
 // model's layer then needs no transposes of its own, which autograd would have to run.
 // Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py),
 // which calls the forward op through rnnfast._C.layer in eager mode (csrc/python_module.cpp).
@@ -257,9 +258,18 @@ void check_backward_args(const LayerSizes& s, const BackwardArgs& args) {
     check_like_input(grad_c_n, "grad_c_n", input);
   }
   check_shape(output, "output", {s.steps, s.batch, s.state_size}, "T, B, state_size");
-  check_shape(workspace, "workspace",
-              {s.steps, s.batch, workspace_width(s.kind, s.hidden_size, s.has_projection)},
-              "T, B, saved values; run forward with save_workspace=True");
+  const int64_t width = workspace_width(s.kind, s.hidden_size, s.has_projection);
+  if (!s.has_lengths) {
+    check_shape(workspace, "workspace", {s.steps, s.batch, width},
+                "T, B, saved values; run forward with save_workspace=True");
+    return;
+  }
+  // With lengths [rows, W]: the rows an engine saved (returned_workspace).
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) == width &&
+                  workspace.size(0) <= s.steps * s.batch,
+              "rnnfast: workspace must have shape [rows, ", width, "] with rows at most T * B = ",
+              s.steps * s.batch, " (a call with lengths; saved values), got ", workspace.sizes(),
+              "; run forward with save_workspace=True");
 }
 
 }  // namespace rnnfast

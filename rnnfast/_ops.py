@@ -56,7 +56,8 @@ _SAVED_PER_UNIT = {name: cell["saved_per_unit"] for name, cell in CELLS.items()}
 
 
 def workspace_width(cell, hidden_size, has_projection):
-    """Columns of the forward's workspace [T, B, W] (csrc/ops.cpp: workspace_width)."""
+    """Columns of the forward's workspace [T, B, W] or [rows, W] (csrc/ops.cpp:
+    workspace_width)."""
     return (_SAVED_PER_UNIT[cell] + (1 if has_projection else 0)) * hidden_size
 
 
@@ -75,10 +76,18 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
         output = output.transpose(0, 1)
     h_n = input.new_empty(batch, state)
     c_n = input.new_empty(batch, hidden) if CELLS[cell]["has_cell_state"] else input.new_empty(0)
-    if save_workspace:
-        workspace = input.new_empty(steps, batch, workspace_width(cell, hidden, w_hr is not None))
-    else:
+    width = workspace_width(cell, hidden, w_hr is not None)
+    if not save_workspace:
         workspace = input.new_empty(0)
+    elif lengths is not None:
+        # [rows, W]: all T * B rows, or a packed sequence's active rows only, as the engine
+        # chooses (csrc/layer.h: returned_workspace).
+        # (A bound only where the sizes are known: symbolic ones are refused as bounds.)
+        bound = steps * batch if isinstance(steps * batch, int) else None
+        rows = torch.library.get_ctx().new_dynamic_size(max=bound)
+        workspace = input.new_empty(rows, width)
+    else:
+        workspace = input.new_empty(steps, batch, width)
     return output, h_n, c_n, workspace
 
 

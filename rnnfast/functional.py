@@ -161,7 +161,8 @@ def _next_layer_input(outputs, index, num_layers, dropout, training, lengths,
     change it in place before the backward, which torch.nn's bidirectional layers allow."""
     x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     if (share_saved_outputs and len(outputs) > 1 and index < num_layers - 1
-            and x.requires_grad and not torch.compiler.is_compiling()):
+            and x.requires_grad and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()):  # (a trace would record the views)
         width = outputs[0].size(2)
         for direction, out in enumerate(outputs):
             _ops._C.share_saved_output(out, x.narrow(2, direction * width, width))

@@ -13,6 +13,10 @@ VARIANTS = {
     "lengths_reverse": dict(lengths=[2, 4, 0], reverse=True),
     "zero_state": dict(initial_state=False),
     "zero_state_lengths_reverse": dict(initial_state=False, lengths=[2, 4, 1], reverse=True),
+    # Lengths by decreasing length (a packed sequence's order): the CPU engine saves the active
+    # rows only.
+    "sorted_lengths": dict(lengths=[4, 3, 1]),
+    "sorted_lengths_reverse": dict(initial_state=False, lengths=[4, 2, 0], reverse=True),
 }
 
 

@@ -208,9 +208,11 @@ def test_opcheck_batch_first(cell, device):
     results = torch.ops.rnnfast.forward(*args)
     output, h_n, _, _ = results
     # The fake implementation gives the output the real one's layout (a time-major tensor's
-    # transposed view), which opcheck does not compare.
+    # transposed view), which opcheck does not compare. (A shape environment: with lengths
+    # the workspace's rows are known once the engine has run.)
     from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode() as mode:
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
         fake = torch.ops.rnnfast.forward(
             *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
     assert fake[0].shape == output.shape and fake[0].stride() == output.stride()
@@ -637,3 +639,28 @@ def test_saved_output_shared_with_the_concatenation(cell, lengths, hidden):
         both.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(both, leaves, grad)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_sequence_workspace_holds_the_active_rows(cell):
+    """With lengths the workspace is [rows, W]: by decreasing length (a packed sequence's order)
+    the CPU engine saves the rows that are active at each step only; in any other order, or
+    with a projection (whose weight gradient reads all rows), all T * B rows."""
+    T, B = 5, 4
+    cases = [([5, 4, 2, 0], 0, 11), ([2, 5, 4, 0], 0, T * B), ([5, 4, 2, 0], 2, T * B)]
+    for lengths, proj, rows in cases:
+        if proj and cell != "lstm":
+            continue
+        args = make_args(cell, steps=T, batch=B, hidden=3, proj=proj, lengths=lengths)
+        results = torch.ops.rnnfast.forward(*args)
+        width = _ops.workspace_width(cell, 3, proj > 0)
+        assert results[3].shape == (rows, width), (lengths, proj)
+    # The backward refuses a workspace of other rows than its forward saved.
+    args = make_args(cell, steps=T, batch=B, hidden=3, lengths=[5, 4, 2, 0],
+                     requires_grad=False)
+    results = list(torch.ops.rnnfast.forward(*args))
+    output, h_n = results[0], results[1]
+    results[3] = torch.zeros(12, results[3].size(1), dtype=results[3].dtype)
+    with pytest.raises(RuntimeError, match="or the sum of the lengths"):
+        torch.ops.rnnfast.backward(*backward_args(args, results, torch.randn_like(output),
+                                                  torch.randn_like(h_n), None))

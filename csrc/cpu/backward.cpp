@@ -133,16 +133,17 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         continue;
       }
       const bool first = v.is_first_step(t, b);
-      const int64_t prev_row = v.previous_time(t) * B + b;
+      const int64_t prev_time = v.previous_time(t), prev_row = prev_time * B + b;
       const T* go_row = grad_output_row(t, b);
-      const T* saved_row = W > 0 ? ws_data + row * W : out_data + row * out_stride;
+      const T* saved_row = W > 0 ? ws_data + v.saved_row(t, b) * W : out_data + row * out_stride;
       const T* h_prev_row = !first               ? out_data + prev_row * out_stride
                             : zero_initial_state ? zero_data
                                                  : hx_data + b * P;
       // LSTM's c_prev: cx, or the c saved by the previous step (after i, f, g, o).
       const T* c_prev_row = nullptr;
       if (Cell::kHasCellState) {
-        c_prev_row = !first               ? ws_data + prev_row * W + 4 * H
+        // (A row active at step t that did not start there was active at the step before.)
+        c_prev_row = !first               ? ws_data + v.saved_row(prev_time, b) * W + 4 * H
                      : zero_initial_state ? zero_data
                                           : cx_data + b * H;
       }
@@ -294,7 +295,14 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, input.scalar_type(), "rnnfast_backward_cpu", [&] {
-          const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          if (workspace.dim() == 2) {
+            // A packed sequence's workspace with the active rows only (forward.cpp).
+            TORCH_CHECK(v.rows_by_length && v.pack_saved_rows() == workspace.size(0),
+                        "rnnfast: workspace must have T * B = ", s.steps * s.batch,
+                        " rows, or the sum of the lengths where they never increase down the "
+                        "batch, as the forward saved it; got ", args.workspace.sizes());
+          }
           // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
           // pass is long enough to cost more than the sums' buffer and their reduction. Each batch
           // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over

@@ -130,13 +130,19 @@ inline V forward_run(int H, Index j, V zero, const T* xg_row, const T* hg_row, c
 // Where row b of step t of the input projection xg starts: time-major rows (step = B * row
 // stride), or batch-major ones (batch = T * G) where the GEMM ran on a batch_first input as it
 // is; the gate-packed view's one row per step spans B * G. `data` holds the steps from time
-// first_time on (all, or those of a chunk of steps).
+// first_time on (all, or those of a chunk of steps). In a packed workspace (rows_before: its
+// rows before each step, LayerView::saved_rows_before) row b of step t is row
+// rows_before[t] + b, at a stride of `batch`.
 template <typename T>
 struct StepRows {
   const T* data;
   int64_t step, batch;
   int64_t first_time = 0;
-  const T* row(int64_t t, int64_t b) const { return data + (t - first_time) * step + b * batch; }
+  const int64_t* rows_before = nullptr;
+  const T* row(int64_t t, int64_t b) const {
+    return rows_before ? data + (rows_before[t] + b) * batch
+                       : data + (t - first_time) * step + b * batch;
+  }
 };
 
 // The steps [begin, end) of a call that one run of the time loop takes (in the loop's order:
@@ -201,7 +207,7 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
   constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
-  const bool saving = workspace.dim() == 3;
+  const bool saving = workspace.dim() > 1;  // [T, B, W] or [N, W] when saving, [0] otherwise
   GatePanels<T> panels(w_hh.contiguous(), step_bias, Cell::kGates);
   Tensor hg = at::empty({B, G}, h_state.options());
   // [(s - steps.begin) % 2]: h before step s
@@ -225,11 +231,14 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     const int64_t u0 = units.j, u1 = u0 + units.count;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row = t * B + b;
+      const bool active = v.active(t, b);
       T* out_row = out_data + row * H;
-      T* ws_row = ws_data ? ws_data + row * W : nullptr;
+      // A packed workspace has no rows for the rows that have ended.
+      T* ws_row = ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W
+                                                                 : nullptr;
       const T* h_prev_row = h_prev + b * H;
       T* h_next_row = h_next + b * H;
-      if (!v.active(t, b)) {
+      if (!active) {
         // The row keeps its state; its output and saved values of the step are zero.
         std::copy(h_prev_row + u0, h_prev_row + u1, h_next_row + u0);
         std::fill(out_row + u0, out_row + u1, T(0));
@@ -304,7 +313,7 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
-  const bool saving = workspace.dim() == 3;  // [T, B, W] when saving, [0] otherwise
+  const bool saving = workspace.dim() > 1;  // [T, B, W] or [N, W] when saving, [0] otherwise
   if (runs_by_panels(v, projecting)) {
     run_forward_by_panels<Cell, T>(v, steps, zero_initial_state, xg, w_hh, step_bias, h_state,
                                    c_state, output, workspace);
@@ -355,9 +364,12 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
     const int64_t t = v.step_time(step);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
+      const bool active = v.active(t, b);
       T* out_row = out_data + row * P;
-      T* ws_row = ws_data ? ws_data + row * W : nullptr;
-      if (!v.active(t, b)) {
+      // A packed workspace has no rows for the rows that have ended.
+      T* ws_row = ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W
+                                                                 : nullptr;
+      if (!active) {
         std::fill(out_row, out_row + P, T(0));
         if (ws_row) std::fill(ws_row, ws_row + W, T(0));
         continue;
@@ -433,8 +445,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const Tensor &input = in.input, &w_ih = in.w_ih, &w_hh = in.w_hh, &w_hr = in.w_hr;
   const Tensor& lengths = in.lengths;
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
-
-  ForwardState state = make_forward_state(s, args, save_workspace);
+  // A packed sequence's workspace keeps the rows that are active at each step only
+  // (LayerView::saved_rows_before): the speech model's utterances of 100-200 frames padded to
+  // 200 left a quarter of it padding. Not where its rows come from a GEMM per batch row (a
+  // batch-major input) or are read by one over all rows (the projection's weight gradient).
+  const int64_t packed_rows =
+      save_workspace && ws_cols > 0 && s.has_lengths && !s.has_projection &&
+              !is_batch_major(input) && rows_by_length(lengths)
+          ? packed_row_count(lengths, s.steps)
+          : 0;
+  ForwardState state = make_forward_state(
+      s, args, save_workspace, packed_rows < s.steps * s.batch ? packed_rows : 0);
   Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
   Tensor& workspace = state.workspace;
 
@@ -458,7 +479,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
             }
           }
 #endif
-          const auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          auto v = make_view<scalar_t>(s, ws_cols, reverse, lengths);
+          if (workspace.dim() == 2) v.pack_saved_rows();
           // Without hx the first step's product h0 W_hh^T is skipped where that changes nothing.
           const bool zero_initial_state = !s.has_initial_state && w_hh_all_finite<scalar_t>(w_hh);
           const bool packs_gates = v.gate_packed && Cell::kGates > 1;
@@ -503,19 +525,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           // GEMM writes their xg into the first N rows of xg, and each row then moves to its
           // place (row t * B + b), the last first, so that none is overwritten before it moves.
           // A padded row's xg is never read. (The chatbot encoder's sentences of 3-10 words of
-          // 10 leave a third of the rows padding.)
+          // 10 leave a third of the rows padding.) packed: xg is a packed workspace's, whose rows
+          // stay where the GEMM writes them.
           const auto project_steps = [&](int64_t t0, int64_t count, scalar_t beta,
-                                         scalar_t* xg_data, int64_t xg_stride) {
+                                         scalar_t* xg_data, int64_t xg_stride, bool packed) {
             std::vector<int64_t> active(count);
             int64_t rows = 0;
             for (int64_t t = 0; t < count; ++t) {
               active[t] = v.active_end(t0 + t, 0, s.batch);
               rows += active[t];
             }
-            const bool pays = !batch_major_input && v.rows_by_length &&
-                              8 * rows <= 7 * count * s.batch &&
-                              rows * s.input_size * s.gate_size >= kThreadedGemmMinWork;
-            if (!pays) {
+            const bool pays = packed || (!batch_major_input && v.rows_by_length &&
+                                         8 * rows <= 7 * count * s.batch &&
+                                         rows * s.input_size * s.gate_size >= kThreadedGemmMinWork);
+            if (!pays || rows == count * s.batch) {
               project_time_major(t0, count, beta, xg_data, xg_stride);
               return;
             }
@@ -528,6 +551,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
             gemm<scalar_t>(rows, s.gate_size, s.input_size,
                            {gathered.data_ptr<scalar_t>(), s.input_size, false}, w_ih_t, beta,
                            xg_data, xg_stride);
+            if (packed) return;
             for (int64_t t = count - 1; t >= 0; --t) {
               rows -= active[t];  // the step's first row in the GEMM's output
               for (int64_t b = active[t] - 1; b >= 0 && rows != t * s.batch; --b) {
@@ -554,7 +578,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
               const int64_t rows = count * s.batch;
               const scalar_t beta = copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0,
                                                                chunk_data, s.gate_size);
-              project_steps(t0, count, beta, chunk_data, s.gate_size);
+              project_steps(t0, count, beta, chunk_data, s.gate_size, /*packed=*/false);
               const StepRows<scalar_t> xg_rows{chunk_data, s.batch * s.gate_size, s.gate_size, t0};
               run_forward<Cell, scalar_t>(v, steps, zero_initial_state, xg_rows, w_hh, step_bias,
                                           w_hr, h_state, c_state, output, workspace);
@@ -572,13 +596,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           if (batch_major) {
             xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
           } else if (!packs_gates && save_workspace && Cell::kSavedPerUnit >= Cell::kGates) {
-            xg = workspace.view({s.steps * s.batch, ws_cols}).narrow(1, 0, s.gate_size);
+            xg = workspace.view({-1, ws_cols}).narrow(1, 0, s.gate_size);
           } else if (xg_in_output) {
             xg = output.view({s.steps * s.batch, s.state_size});
           } else {
             xg = pooled_empty({s.steps * s.batch, s.gate_size}, input.options());
           }
-          const int64_t rows = s.steps * s.batch, xg_stride = xg.stride(0);
+          const int64_t rows = xg.size(0), xg_stride = xg.stride(0);
+          // xg in a packed workspace: its rows are packed too.
+          const bool packed_xg = v.saved_rows_packed() && xg.data_ptr() == workspace.data_ptr();
           scalar_t* xg_data = xg.data_ptr<scalar_t>();
           const scalar_t beta =
               copy_addend_rows<scalar_t>(rows, s.gate_size, xg_bias, 0, xg_data, xg_stride);
@@ -587,7 +613,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
             gemm<scalar_t>(rows, s.gate_size, s.input_size, {x_data, s.input_size, false}, w_ih_t,
                            beta, xg_data, xg_stride);
           } else {
-            project_steps(0, s.steps, beta, xg_data, xg_stride);
+            project_steps(0, s.steps, beta, xg_data, xg_stride, packed_xg);
           }
           Tensor step_gates = xg;
           if (packs_gates) {
@@ -595,17 +621,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
                                                  Cell::kGates, /*to_packed=*/true);
           }
           const int64_t row_stride = step_gates.stride(0);
-          const StepRows<scalar_t> xg_rows{step_gates.data_ptr<scalar_t>(),
-                                           v.gate_packed ? v.G
-                                           : batch_major ? row_stride
-                                                         : s.batch * row_stride,
-                                           batch_major ? s.steps * row_stride : row_stride};
+          const StepRows<scalar_t> xg_rows{
+              step_gates.data_ptr<scalar_t>(),
+              v.gate_packed ? v.G
+              : batch_major ? row_stride
+                            : s.batch * row_stride,
+              batch_major ? s.steps * row_stride : row_stride, 0,
+              packed_xg ? v.saved_rows_before.data() : nullptr};
           run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
                                       step_bias, w_hr, h_state, c_state, output, workspace);
         });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
-          workspace};
+          returned_workspace(s, workspace)};
 }
 
 }  // namespace CPU_CAPABILITY

@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 #include "../buffer_pool.h"
 #include "../layer.h"
@@ -58,6 +61,26 @@ struct LayerView {
     return b_begin;
   }
   bool active(int64_t t, int64_t b) const { return t < length_of(b); }
+
+  // The workspace's rows: [T, B, W] (row t * B + b), or, for a packed sequence (rows by
+  // length), [N, W] with the rows of each step that are active only, step after step (N: the
+  // sum of the lengths), as torch.nn's packed data holds them.
+  std::vector<int64_t> saved_rows_before;  // [T]: the packed workspace's rows before step t
+  bool saved_rows_packed() const { return !saved_rows_before.empty(); }
+  // Row (t, b) of the workspace; in a packed one, only for a row active at step t.
+  int64_t saved_row(int64_t t, int64_t b) const {
+    return saved_rows_packed() ? saved_rows_before[t] + b : t * B + b;
+  }
+  // Lays the workspace's rows out packed; returns their count.
+  int64_t pack_saved_rows() {
+    saved_rows_before.resize(T_);
+    int64_t rows = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      saved_rows_before[t] = rows;
+      rows += active_end(t, 0, B);
+    }
+    return rows;
+  }
   // The step at which row b starts (its state before that step is hx[b]).
   bool is_first_step(int64_t t, int64_t b) const {
     return reverse ? t == length_of(b) - 1 : t == 0;
@@ -91,6 +114,22 @@ inline bool uses_gate_packing(const LayerSizes& s, at::ScalarType type) {
   return uses_gate_packing(type, s.batch, s.hidden_size, s.has_lengths, s.has_projection);
 }
 
+// Whether lengths [B] (int64, contiguous; or undefined) never increase down the batch.
+inline bool rows_by_length(const Tensor& lengths) {
+  if (!lengths.defined()) return false;
+  const int64_t* data = lengths.data_ptr<int64_t>();
+  return std::is_sorted(data, data + lengths.numel(), std::greater<int64_t>());
+}
+
+// The rows of a packed workspace (LayerView::pack_saved_rows): the sum of the lengths, each at
+// most T.
+inline int64_t packed_row_count(const Tensor& lengths, int64_t steps) {
+  const int64_t* data = lengths.data_ptr<int64_t>();
+  int64_t rows = 0;
+  for (int64_t b = 0; b < lengths.numel(); ++b) rows += std::min(data[b], steps);
+  return rows;
+}
+
 template <typename T>
 LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse,
                        const Tensor& lengths) {
@@ -108,8 +147,7 @@ LayerView<T> make_view(const LayerSizes& s, int64_t workspace_cols, bool reverse
   v.unit_hidden = s.hidden_size;
   v.reverse = reverse;
   v.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
-  v.rows_by_length = v.lengths != nullptr &&
-                     std::is_sorted(v.lengths, v.lengths + s.batch, std::greater<int64_t>());
+  v.rows_by_length = rows_by_length(lengths);
   return v;
 }
 

@@ -301,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
         });
   });
   return {swap_time_and_batch(output, batch_first), h_state, final_cell_state(s, state, input),
-          workspace};
+          returned_workspace(s, workspace)};
 }
 
 template <typename Cell, typename scalar_t>
@@ -429,6 +429,10 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths, &grad_output = in.grad_output;
   const Tensor &output = in.output, &workspace = in.workspace;
+  // This engine's forward saves all T * B rows (prepare_backward gives them as [T, B, W]).
+  TORCH_CHECK(workspace.dim() == 3,
+              "rnnfast: the CUDA engine's backward needs the workspace of its own forward, with "
+              "T * B = ", s.steps * s.batch, " rows; got ", args.workspace.sizes());
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   BackwardState state = make_backward_state(s, args);
   // The kernels read the initial states; zero ones are materialised for them.
