@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <memory>
 #include <type_traits>
 
@@ -70,6 +71,8 @@ struct LayerBackward final : public torch::autograd::Node {
   // apply under create_graph=True: the gradients recorded by autograd, to any order.
   variable_list apply_differentiably(const variable_list& grads);
   std::string name() const override { return "rnnfast::LayerBackward"; }
+  // Called by the engine before apply where it releases the graph after (retain_graph=False).
+  void will_release_variables() override { releasing_ = true; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* saved : {&input_, &hx_, &cx_, &w_ih_, &w_hh_, &b_ih_, &b_hh_, &w_hr_,
@@ -90,6 +93,9 @@ struct LayerBackward final : public torch::autograd::Node {
   // saved undefined and unpacks undefined. The biases are read by apply_differentiably only.
   bool saved_caller_input = false;
   SavedVariable input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_, output_, workspace_;
+
+ private:
+  bool releasing_ = false;
 };
 
 variable_list LayerBackward::apply(variable_list&& grads) {
@@ -104,7 +110,19 @@ variable_list LayerBackward::apply(variable_list&& grads) {
       saved_caller_input ? swap_time_and_batch(input_.unpack(), batch_first) : input_.unpack();
   const Tensor hx = hx_.unpack(), cx = cx_.unpack();
   const Tensor w_ih = w_ih_.unpack(), w_hh = w_hh_.unpack(), w_hr = w_hr_.unpack();
-  const Tensor lengths = lengths_.unpack(), workspace = workspace_.unpack();
+  const Tensor lengths = lengths_.unpack();
+  Tensor workspace = workspace_.unpack();
+  // Released after this call anyway: where nothing else holds the workspace once this node lets
+  // go of it, the backward op may write over it (WorkspaceHandover), which saves it a buffer of
+  // the gate gradients.
+  std::optional<WorkspaceHandover> handover;
+  if (releasing_) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    workspace_.reset_data();
+  }
+  if (releasing_ && workspace.use_count() == 1 && workspace.storage().use_count() == 1) {
+    handover.emplace(workspace);
+  }
   // The backward op runs time-major: the batch_first output and its gradient as views.
   const Tensor output = swap_time_and_batch(output_.unpack(self), batch_first);
   const Tensor grad_output =

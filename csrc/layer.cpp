@@ -120,6 +120,22 @@ BackwardInputs prepare_backward(const BackwardArgs& args, bool contiguous_grad_o
   return in;
 }
 
+namespace {
+// The storage handed over to the calling thread's backward op (WorkspaceHandover), or null.
+thread_local const void* handed_over_storage = nullptr;
+}  // namespace
+
+WorkspaceHandover::WorkspaceHandover(const at::Tensor& workspace) {
+  handed_over_storage = workspace.storage().data();
+}
+
+WorkspaceHandover::~WorkspaceHandover() { handed_over_storage = nullptr; }
+
+bool WorkspaceHandover::covers(const at::Tensor& workspace) {
+  return handed_over_storage != nullptr && workspace.numel() > 0 &&
+         workspace.storage().data() == handed_over_storage;
+}
+
 ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool save_workspace,
                                 int64_t packed_rows) {
   const at::Tensor &hx = args.hx, &cx = args.cx;
@@ -172,7 +188,8 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
 }
 
 BackwardState make_backward_state(const LayerSizes& s, const BackwardArgs& args,
-                                  const at::Tensor& dgate_x_buffer, bool last_hidden_gate_only) {
+                                  const at::Tensor& dgate_x_buffer, bool last_hidden_gate_only,
+                                  const at::Tensor& dgate_h_buffer) {
   const auto options = args.layer.input.options();
   BackwardState state;
   std::tie(state.dh, state.dc) = final_state_gradients(s, args);
@@ -181,9 +198,10 @@ BackwardState make_backward_state(const LayerSizes& s, const BackwardArgs& args,
   state.dgate_x = dgate_x_buffer.defined() ? dgate_x_buffer
                                            : pooled_empty({s.steps, s.batch, s.gate_size}, options);
   const int64_t hidden_gate_cols = last_hidden_gate_only ? s.hidden_size : s.gate_size;
-  state.dgate_h = state.separate_hidden_gate_grad
-                      ? pooled_empty({s.steps, s.batch, hidden_gate_cols}, options)
-                      : state.dgate_x;
+  state.dgate_h = !state.separate_hidden_gate_grad ? state.dgate_x
+                  : dgate_h_buffer.defined()
+                      ? dgate_h_buffer
+                      : pooled_empty({s.steps, s.batch, hidden_gate_cols}, options);
   if (s.has_projection) {
     state.dprojected = pooled_empty({s.steps, s.batch, s.state_size}, options);
   }
@@ -351,7 +369,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
 
   // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
   // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
-  const int64_t Gh = state.dgate_h.size(2);
+  const int64_t Gh = state.dgate_h.size(-1);
   const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
   Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
   if (has_bias && shared_cols < G) {

@@ -110,6 +110,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_forward(const La
 // it. Returns whether it did (false: not such an output; nothing changes).
 bool share_saved_output(const at::Tensor& output, const at::Tensor& replacement);
 
+// The graph node of an eager forward call hands its workspace over to the backward op it calls
+// where nothing else holds the workspace and the graph is released after it (retain_graph=False):
+// during that call, on the calling thread, an engine may write over the workspace (the CPU
+// engine's gate gradients take its place).
+class WorkspaceHandover {
+ public:
+  explicit WorkspaceHandover(const at::Tensor& workspace);
+  ~WorkspaceHandover();
+  WorkspaceHandover(const WorkspaceHandover&) = delete;
+  WorkspaceHandover& operator=(const WorkspaceHandover&) = delete;
+  // Whether `workspace` (or a view of all of it) is the one handed over to this thread's call.
+  static bool covers(const at::Tensor& workspace);
+};
+
 // Checks a time-major backward call's own arguments against the sizes of the forward.
 void check_backward_args(const LayerSizes& sizes, const BackwardArgs& args);
 
@@ -232,11 +246,13 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& sizes,
                                                         const BackwardArgs& args);
 
 // dgate_x_buffer: a [T, B, G] tensor the engine may overwrite, taken as dgate_x instead of a new
-// one; undefined: allocate. last_hidden_gate_only: a separate dgate_h holds the last gate only
-// ([T, B, H]; the engine keeps the step's full dLoss/dhg elsewhere).
+// one (or a packed sequence's [N, G], see the CPU engine's backward); undefined: allocate.
+// last_hidden_gate_only: a separate dgate_h holds the last gate only ([T, B, H]; the engine
+// keeps the step's full dLoss/dhg elsewhere). dgate_h_buffer: likewise for dgate_h.
 BackwardState make_backward_state(const LayerSizes& sizes, const BackwardArgs& args,
                                   const at::Tensor& dgate_x_buffer = at::Tensor(),
-                                  bool last_hidden_gate_only = false);
+                                  bool last_hidden_gate_only = false,
+                                  const at::Tensor& dgate_h_buffer = at::Tensor());
 
 // The final c of a forward pass in the input's dtype (LSTM), else an empty tensor.
 at::Tensor final_cell_state(const LayerSizes& sizes, const ForwardState& state,
@@ -247,7 +263,7 @@ struct GradientKernels {
   // out[m, n] = a[m, k] b[k, n] (+ out where accumulate); a, b: 2-D views with unit stride in
   // one dimension; out: contiguous.
   void (*matmul)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
-  // out[n] = the sum over the rows of x[rows, n] (x contiguous).
+  // out[n] = the sum over the rows of x[rows, n] (x with contiguous rows, at any row stride).
   void (*column_sum)(at::Tensor& out, const at::Tensor& x);
 
   // The same into new tensors: a [M, K] b [K, N] (the result from the buffer pool), and the

@@ -241,3 +241,23 @@ def test_options_loop_computes_the_fused_model(cell, feature):
     torch.manual_seed(0)
     fused = getattr(__import__("rnnfast"), cell)(6, 6, **options.FEATURES[feature])
     options.check_same_model(fused, options.LoopModel(fused), torch.randn(4, 3, 6))
+
+
+@pytest.mark.parametrize("cell, batch, steps, size, layers, lengths", [
+    ("GRU", 64, 10, 128, 2, (3, 10)),   # a seq2seq encoder's sentences, smaller
+    ("GRU", 16, 50, 128, 3, (25, 50)),
+    ("LSTM", 16, 50, 128, 3, (25, 50)),  # a speech stack's utterances, smaller
+], ids=["seq2seq-GRU", "speech-GRU", "speech-LSTM"])
+def test_packed_bidirectional_training_peaks_within_torch_nn_memory(cell, batch, steps, size,
+                                                                    layers, lengths):
+    """A training step of a bidirectional stack on a packed sequence holds at most torch.nn's
+    memory at its peak: the workspaces keep the active rows only, the inner layers' nodes save
+    views of the concatenated outputs, and the gate gradients take the place of the
+    workspace."""
+    case = bench_lib.Case("models", "packed", cell, batch, steps, size, size, layers,
+                          bidirectional=True, packed_lengths=lengths)
+    ref, fast = bench_lib.make_pair(case, "cpu", torch.float32)
+    x = bench_lib.make_input(case, "cpu", torch.float32)
+    ours = bench_lib.peak_train_bytes_cpu(fast, x)
+    theirs = bench_lib.peak_train_bytes_cpu(ref, x)
+    assert ours <= theirs, (ours, theirs)

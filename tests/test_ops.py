@@ -664,3 +664,44 @@ def test_packed_sequence_workspace_holds_the_active_rows(cell):
     with pytest.raises(RuntimeError, match="or the sum of the lengths"):
         torch.ops.rnnfast.backward(*backward_args(args, results, torch.randn_like(output),
                                                   torch.randn_like(h_n), None))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("lengths", [None, [6, 5, 5, 2], [2, 6, 0, 5]],
+                         ids=["full", "sorted-lengths", "lengths"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gate_gradients_over_the_workspace(cell, lengths, reverse):
+    """A backward that releases the graph writes the gate gradients over the workspace (where
+    nothing else holds it); one that retains the graph, or whose workspace the caller holds,
+    leaves the workspace as it was. All give the same gradients."""
+    torch.manual_seed(0)
+    T, B, I, H = 6, 4, 5, 9  # H past a vector's lanes: no gate-packed view, which keeps its own
+    gates = _ops.GATES[cell]
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
+    cx = torch.randn(B, H, dtype=torch.float64, requires_grad=True) if cell == "lstm" else None
+    weights = [torch.randn(gates * H, n, dtype=torch.float64, requires_grad=True)
+               for n in (I, H, 0, 0)]
+    weights[2] = torch.randn(gates * H, dtype=torch.float64, requires_grad=True)
+    weights[3] = torch.randn(gates * H, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    leaves = [x, hx] + ([cx] if cx is not None else []) + weights
+    grad = torch.randn(T, B, H, dtype=torch.float64)
+
+    def gradients(retain):
+        output, h_n, _ = rnnfast.functional.layer(cell, x, hx, cx, *weights, lengths=lengths,
+                                                  reverse=reverse)
+        loss = (output * grad).sum() + h_n.square().sum()
+        return torch.autograd.grad(loss, leaves, retain_graph=retain)
+
+    expected = gradients(retain=True)
+    for a, b in zip(gradients(retain=False), expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # The op called as it is: the caller holds the workspace, which the backward leaves alone.
+    output, h_n, _, workspace = torch.ops.rnnfast.forward(
+        cell, x, hx, cx, *weights, None, lengths, reverse, True)
+    saved = workspace.clone()
+    loss = (output * grad).sum() + h_n.square().sum()
+    for a, b in zip(torch.autograd.grad(loss, leaves), expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(workspace, saved)

@@ -40,21 +40,39 @@ namespace {
 // hx, cx: undefined where the forward started from zero states. column_sums: [B, G] double
 // zeros, into whose row b the reverse loop adds row b's dgate_x of every step (not in the
 // gate-packed view, whose rows are not the gates' columns); or undefined.
+// dgate_x [T, B, G] and dgate_h [T, B, Gh] have contiguous rows at any row stride (columns of
+// the workspace, where it was handed over); packed_gate_rows: they are a packed workspace's
+// columns, [N, G] and [N, Gh] with the rows active at each step only (LayerView::saved_row).
 template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
                   const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
                   const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
-                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums) {
+                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums,
+                  bool packed_gate_rows) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
+  // (The gate-packed view's one row per step spans all batch rows.)
+  const int64_t dgx_stride = v.gate_packed ? G : dgate_x.stride(-2);
+  const auto gate_row = [&](int64_t t, int64_t b) {
+    return packed_gate_rows ? v.saved_row(t, b) : t * B + b;
+  };
+  // The recurrent product reads a step's gate gradients as [B, G]: where dgate_x's rows are not
+  // that (columns of the workspace), an LSTM's are copied into step_dgate_x for it.
+  const bool copies_step_gates =
+      !Cell::kSeparateHiddenGateGrad && (packed_gate_rows || dgx_stride != G);
+  Tensor step_dgate_x = copies_step_gates ? at::empty({B, G}, grad_output.options()) : Tensor();
+  T* step_dgx_data = copies_step_gates ? step_dgate_x.data_ptr<T>() : nullptr;
   // A cell with its own dLoss/dhg (GRU) writes a step's into step_dgate_h [B, G], which the
   // recurrent product reads; dgate_h [T, B, Gh] keeps its last Gh columns of every step (all
   // G, or the last gate's H: the gates before it are dgate_x's), for the weight gradients.
   Tensor step_dgate_h =
       Cell::kSeparateHiddenGateGrad ? at::empty({B, G}, grad_output.options()) : Tensor();
   // In the view's units (the gate-packed view's rows span the batch): G, or the last gate's H.
-  const int64_t Gh = Cell::kSeparateHiddenGateGrad && dgate_h.size(2) < dgate_x.size(2) ? H : G;
+  const int64_t Gh = Cell::kSeparateHiddenGateGrad && dgate_h.size(-1) < dgate_x.size(-1) ? H : G;
+  const int64_t dgh_stride = !Cell::kSeparateHiddenGateGrad ? 0
+                             : v.gate_packed                 ? Gh
+                                                             : dgate_h.stride(-2);
   // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
   // dh passing through). Zero for the other cells without lengths: then no buffer.
   const bool has_direct_path = Cell::kReadsPrevHidden || v.lengths != nullptr;
@@ -119,15 +137,23 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     const int64_t t = v.step_time(v.T_ - 1 - pass);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t row = t * B + b;
-      T* dgx_row = dgx_data + row * G;
+      const bool active = v.active(t, b);
+      // Packed gate gradients have no rows for the rows that have ended.
+      const bool has_gate_row = active || !packed_gate_rows;
+      T* dgx_row = has_gate_row ? dgx_data + gate_row(t, b) * dgx_stride : nullptr;
+      T* dgh_saved_row =
+          Cell::kSeparateHiddenGateGrad && has_gate_row ? dgh_data + gate_row(t, b) * dgh_stride
+                                                        : nullptr;
+      T* step_dgx_row = copies_step_gates ? step_dgx_data + b * G : nullptr;
       T* dgh_row = step_dgh_data ? step_dgh_data + b * G : nullptr;
       T* dhd_row = has_direct_path ? dhd_data + b * P : nullptr;
-      if (!v.active(t, b)) {
+      if (!active) {
         // The row's state passes through this step untouched.
-        std::fill(dgx_row, dgx_row + G, T(0));
+        if (dgx_row) std::fill(dgx_row, dgx_row + G, T(0));
+        if (step_dgx_row) std::fill(step_dgx_row, step_dgx_row + G, T(0));
         if (Cell::kSeparateHiddenGateGrad) {
           std::fill(dgh_row, dgh_row + G, T(0));
-          std::fill(dgh_data + row * Gh, dgh_data + (row + 1) * Gh, T(0));
+          if (dgh_saved_row) std::fill(dgh_saved_row, dgh_saved_row + Gh, T(0));
         }
         std::copy(dh_data + b * P, dh_data + (b + 1) * P, dhd_row);
         continue;
@@ -164,6 +190,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
         if (dc_row) store(dc_row, 0, j, dc_prev);
         if (!projecting && dhd_row) store(dhd_row, 0, j, dh_prev_direct);
       });
+      if (step_dgx_row) std::copy(dgx_row, dgx_row + G, step_dgx_row);
       if (sums_data) {
         // The row's gate gradients, just written (in L1), into the row's own sums: each sum
         // runs over the steps in order whichever thread runs the row.
@@ -173,7 +200,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       // The last gate's columns, also in the gate-packed view (there one row holds the gate's
       // units of all batch rows, in dgate_h's order).
       if (Cell::kSeparateHiddenGateGrad) {
-        std::copy(dgh_row + G - Gh, dgh_row + G, dgh_data + row * Gh);
+        std::copy(dgh_row + G - Gh, dgh_row + G, dgh_saved_row);
       }
     }
   };
@@ -184,7 +211,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     const int64_t step = v.T_ - 1 - pass;
     if (zero_initial_state && step == 0) return;
     const int64_t t = v.step_time(step);
-    const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data : dgx_data + t * B * G;
+    const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data
+                          : copies_step_gates          ? step_dgx_data
+                                                       : dgx_data + t * B * G;
     if (has_direct_path) {
       // A row that has ended passes dh through (dh_direct is dh, its gate gradients are zero):
       // where the rows go by length, those rows skip the product.
@@ -253,6 +282,135 @@ bool keeps_last_hidden_gate_only(const LayerSizes& s, at::ScalarType type) {
   return 8 * extra_values > weight_gradient_values || uses_gate_packing(s, type);
 }
 
+// Packed rows [N, K] gathered a chunk at a time from rows of a padded [T, B, K] layout, and
+// the product over them: out (+)= a[N, M]^T rows[N, K] in chunks of packed rows, a GEMM per
+// chunk. row_of(t, b) gives the source row of step t's active row b (nullptr: a zero row).
+template <typename RowOf>
+void accumulate_over_packed_rows(Tensor& out, const Tensor& a, int64_t K,
+                                 const std::vector<int64_t>& rows_before,
+                                 const std::vector<int64_t>& active, const RowOf& row_of,
+                                 const at::TensorOptions& options) {
+  // A bounded buffer: a chunk's GEMM is long enough to run at the rate of one over all rows.
+  constexpr int64_t kChunkBytes = int64_t(2) << 20;
+  const int64_t element = int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const int64_t rows = a.size(0), row_bytes = K * element;
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min(rows, kChunkBytes / std::max<int64_t>(1, row_bytes)));
+  Tensor gathered = pooled_empty({chunk, K}, options);
+  char* to = static_cast<char*>(gathered.data_ptr());
+  int64_t first = 0, filled = 0;
+  bool written = false;
+  const auto flush = [&] {
+    if (filled == 0) return;
+    kCpuGradientKernels.matmul(out, a.narrow(0, first, filled).t(), gathered.narrow(0, 0, filled),
+                               /*accumulate=*/written);
+    written = true;
+    first += filled;
+    filled = 0;
+  };
+  for (size_t t = 0; t < rows_before.size(); ++t) {
+    for (int64_t b = 0; b < active[t]; ++b) {
+      const char* from = static_cast<const char*>(row_of(int64_t(t), b));
+      char* row = to + filled * row_bytes;
+      if (from) {
+        std::memcpy(row, from, row_bytes);
+      } else {
+        std::memset(row, 0, row_bytes);
+      }
+      if (++filled == chunk) flush();
+    }
+  }
+  flush();
+  if (!written) out.zero_();
+}
+
+// finish_backward for gate gradients over a packed workspace: dgate_x [N, G] and GRU's
+// dgate_h [N, H] hold the rows active at each step only (rows_before: the rows before each
+// step), at the workspace's row stride. The input's gradient comes back padded [T, B, I] (zero
+// where a row has ended); the weight gradients are products over the packed rows, with the
+// input's rows and h_prev's (the output of the step before, hx or zero at a row's first step)
+// gathered a chunk at a time. The bias gradient was summed in the reverse loop.
+BackwardResult finish_packed_backward(const LayerSizes& s, BackwardState& state,
+                                      const std::vector<int64_t>& rows_before, const Tensor& input,
+                                      const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+                                      const Tensor& output, const Tensor& lengths, bool reverse,
+                                      bool has_bias, bool input_grad) {
+  TORCH_INTERNAL_ASSERT(!s.has_projection && state.dgate_x_column_sums.defined() == has_bias);
+  const int64_t T_ = s.steps, B = s.batch, G = s.gate_size, I = s.input_size, P = s.state_size;
+  const auto options = input.options();
+  const int64_t element = int64_t(input.element_size());
+  const int64_t N = state.dgate_x.size(0);
+  std::vector<int64_t> active(T_);
+  for (int64_t t = 0; t < T_; ++t) {
+    active[t] = (t + 1 < T_ ? rows_before[t + 1] : N) - rows_before[t];
+  }
+  if (!hx.defined()) state.dh = Tensor();
+  if (!cx.defined()) state.dc = Tensor();
+  const Tensor& dgx = state.dgate_x;  // [N, G]
+
+  // The input's gradient: the packed rows' product into its first N rows, then each step's
+  // rows to their place, the last step first (a row's place is never before its packed row,
+  // nor within a step still to move), the ended rows' zeroed.
+  Tensor grad_input = at::empty({0}, options);
+  if (input_grad) {
+    grad_input = pooled_empty({T_ * B, I}, options);
+    Tensor packed = grad_input.narrow(0, 0, N);
+    kCpuGradientKernels.matmul(packed, dgx, w_ih, /*accumulate=*/false);
+    char* data = static_cast<char*>(grad_input.data_ptr());
+    const int64_t row_bytes = I * element;
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      char* place = data + t * B * row_bytes;
+      std::memmove(place, data + rows_before[t] * row_bytes, active[t] * row_bytes);
+      std::memset(place + active[t] * row_bytes, 0, (B - active[t]) * row_bytes);
+    }
+    grad_input = grad_input.view({T_, B, I});
+  }
+
+  // grad_w_ih = dgate_x^T x over the packed rows.
+  TORCH_INTERNAL_ASSERT(input.size(2) <= 1 || input.stride(2) == 1);
+  const char* x_data = static_cast<const char*>(input.data_ptr());
+  const int64_t x_step = input.stride(0) * element, x_row = input.stride(1) * element;
+  Tensor grad_w_ih = pooled_empty({G, I}, options);
+  accumulate_over_packed_rows(
+      grad_w_ih, dgx, I, rows_before, active,
+      [&](int64_t t, int64_t b) { return x_data + t * x_step + b * x_row; }, options);
+
+  Tensor grad_b_ih = has_bias ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
+                              : at::empty({0}, options);
+  const int64_t Gh = state.dgate_h.size(-1);
+  const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
+  Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
+  if (has_bias && shared_cols < G) {
+    Tensor last = grad_b_hh.narrow(0, shared_cols, Gh);
+    kCpuGradientKernels.column_sum(last, state.dgate_h);
+  }
+
+  // grad_w_hh = dgate_h^T h_prev over the packed rows: dgate_x's first shared_cols columns,
+  // the rest dgate_h's (GRU's last gate).
+  const char* out_data = static_cast<const char*>(output.data_ptr());
+  const int64_t out_row = strided_rows_stride(output) * element;
+  const char* hx_data = hx.defined() ? static_cast<const char*>(hx.data_ptr()) : nullptr;
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  const auto h_prev_of = [&](int64_t t, int64_t b) -> const void* {
+    const bool first = reverse ? t == length[b] - 1 : t == 0;
+    if (first) return hx_data ? hx_data + b * P * element : nullptr;
+    return out_data + ((reverse ? t + 1 : t - 1) * B + b) * out_row;
+  };
+  Tensor grad_w_hh = pooled_empty({G, P}, options);
+  Tensor shared_rows = grad_w_hh.narrow(0, 0, shared_cols);
+  accumulate_over_packed_rows(shared_rows, dgx.narrow(1, 0, shared_cols), P, rows_before, active,
+                              h_prev_of, options);
+  if (shared_cols < G) {
+    Tensor last_rows = grad_w_hh.narrow(0, shared_cols, Gh);
+    accumulate_over_packed_rows(last_rows, state.dgate_h, P, rows_before, active, h_prev_of,
+                                options);
+  }
+  Tensor grad_hx = hx.defined() ? state.dh : at::empty({0}, options);
+  Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);
+  return {grad_input, grad_hx,   grad_cx,   grad_w_ih,
+          grad_w_hh,  grad_b_ih, grad_b_hh, at::empty({0}, options)};
+}
+
 // The backward op on time-major tensors (registered as backward_op<backward_time_major>).
 
 }  // namespace
@@ -288,9 +446,31 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
   const bool gate_grad_over_output_grad =
       owns_grad_output && s.gate_size == s.state_size && !s.has_projection &&
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kGates == 1; });
-  BackwardState state =
-      make_backward_state(s, args, gate_grad_over_output_grad ? grad_output : Tensor(),
-                          keeps_last_hidden_gate_only(s, input.scalar_type()));
+  // Where the workspace was handed over to this call (WorkspaceHandover), the gate gradients
+  // take its place: dgate_x its first G columns (the LSTM's i, f, g, o over themselves, GRU's
+  // r, z, n), GRU's last hidden gate the next H (hg_n). A step reads a row's saved values before
+  // it writes the row's gradients, and the LSTM's c, which the step before reads, stays.
+  // The LSTM's recurrent product then reads a copy of each step's rows (run_backward): that
+  // pays on a packed workspace only (its padded training steps ran 3-5% slower at 64-256
+  // units, 16 and 64 rows, where their peak memory is under half of torch.nn's; GRU's product
+  // reads a step buffer of its own anyway).
+  const bool separate_hidden_gate_grad =
+      dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
+  const bool gates_over_workspace =
+      !gate_grad_over_output_grad && ws_cols > 0 && !uses_gate_packing(s, input.scalar_type()) &&
+      (separate_hidden_gate_grad || workspace.dim() == 2) &&
+      WorkspaceHandover::covers(args.workspace);
+  const Tensor dgate_x_buffer = gate_grad_over_output_grad ? grad_output
+                                : gates_over_workspace     ? workspace.narrow(-1, 0, s.gate_size)
+                                                           : Tensor();
+  const Tensor dgate_h_buffer = gates_over_workspace && separate_hidden_gate_grad
+                                    ? workspace.narrow(-1, s.gate_size, s.hidden_size)
+                                    : Tensor();
+  BackwardState state = make_backward_state(
+      s, args, dgate_x_buffer,
+      gates_over_workspace || keeps_last_hidden_gate_only(s, input.scalar_type()), dgate_h_buffer);
+  // Gate gradients over a packed workspace hold its rows (LayerView::saved_rows_before).
+  std::vector<int64_t> packed_rows_before;
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -308,14 +488,17 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
           // row's sums over the steps in double, then the rows' in order: torch.nn's accuracy over
           // millions of rows, and the same sums on any number of threads.
           constexpr int64_t kLoopSumsMinValues = 1 << 16;
+          const bool packed_gate_rows = gates_over_workspace && v.saved_rows_packed();
+          if (packed_gate_rows) packed_rows_before = v.saved_rows_before;
           const bool sums_in_loop =
-              has_bias && !v.gate_packed && s.steps * s.batch * s.gate_size >= kLoopSumsMinValues;
+              has_bias && !v.gate_packed &&
+              (packed_gate_rows || s.steps * s.batch * s.gate_size >= kLoopSumsMinValues);
           Tensor row_sums =
               sums_in_loop ? at::zeros({s.batch, s.gate_size}, input.options().dtype(at::kDouble))
                            : Tensor();
           run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                        state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                       state.dprojected, row_sums);
+                                       state.dprojected, row_sums, packed_gate_rows);
           if (sums_in_loop) {
             // [1, G]: the rows' sums added in row order.
             state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());
@@ -333,6 +516,10 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
           }
         });
   });
+  if (!packed_rows_before.empty()) {
+    return finish_packed_backward(s, state, packed_rows_before, input, hx, cx, w_ih, output,
+                                  lengths, reverse, has_bias, input_grad);
+  }
   return finish_backward(s, state, input, hx, cx, w_ih, output, workspace, lengths, reverse,
                          has_bias, input_grad, kCpuGradientKernels);
 }

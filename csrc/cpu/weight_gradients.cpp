@@ -103,7 +103,7 @@ void cpu_column_sum(Tensor& out, const Tensor& x) {
                                     std::vector<double> sum(cols, 0.0);
                                     const scalar_t* data = x.data_ptr<scalar_t>();
                                     for (int64_t r = 0; r < rows; ++r) {
-                                      const scalar_t* row = data + r * cols;
+                                      const scalar_t* row = data + r * x.stride(0);
                                       for (int64_t c = 0; c < cols; ++c) sum[c] += double(row[c]);
                                     }
                                     std::copy(sum.begin(), sum.end(), out.data_ptr<scalar_t>());
