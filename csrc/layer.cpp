@@ -125,11 +125,12 @@ namespace {
 thread_local const void* handed_over_storage = nullptr;
 }  // namespace
 
-WorkspaceHandover::WorkspaceHandover(const at::Tensor& workspace) {
+WorkspaceHandover::WorkspaceHandover(const at::Tensor& workspace)
+    : previous_(handed_over_storage) {
   handed_over_storage = workspace.storage().data();
 }
 
-WorkspaceHandover::~WorkspaceHandover() { handed_over_storage = nullptr; }
+WorkspaceHandover::~WorkspaceHandover() { handed_over_storage = previous_; }
 
 bool WorkspaceHandover::covers(const at::Tensor& workspace) {
   return handed_over_storage != nullptr && workspace.numel() > 0 &&

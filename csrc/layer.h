@@ -120,8 +120,11 @@ class WorkspaceHandover {
   ~WorkspaceHandover();
   WorkspaceHandover(const WorkspaceHandover&) = delete;
   WorkspaceHandover& operator=(const WorkspaceHandover&) = delete;
-  // Whether `workspace` (or a view of all of it) is the one handed over to this thread's call.
+  // Whether `workspace` (or a view of it) is the one handed over to this thread's call.
   static bool covers(const at::Tensor& workspace);
+
+ private:
+  const void* previous_;  // the storage handed over before this one, restored after
 };
 
 // Checks a time-major backward call's own arguments against the sizes of the forward.

@@ -298,12 +298,22 @@ void accumulate_over_packed_rows(Tensor& out, const Tensor& a, int64_t K,
       std::max<int64_t>(1, std::min(rows, kChunkBytes / std::max<int64_t>(1, row_bytes)));
   Tensor gathered = pooled_empty({chunk, K}, options);
   char* to = static_cast<char*>(gathered.data_ptr());
+  // bfloat16 and float16: each chunk's product rounded once, the chunks added in double (as
+  // the engine's products over more rows than a block add their blocks).
+  const bool reduced = options.dtype() != at::kFloat && options.dtype() != at::kDouble;
+  Tensor total = reduced ? at::zeros(out.sizes(), options.dtype(at::kDouble)) : Tensor();
+  Tensor block = reduced ? at::empty(out.sizes(), options) : Tensor();
   int64_t first = 0, filled = 0;
   bool written = false;
   const auto flush = [&] {
     if (filled == 0) return;
-    kCpuGradientKernels.matmul(out, a.narrow(0, first, filled).t(), gathered.narrow(0, 0, filled),
-                               /*accumulate=*/written);
+    const Tensor rows = a.narrow(0, first, filled).t(), values = gathered.narrow(0, 0, filled);
+    if (reduced) {
+      kCpuGradientKernels.matmul(block, rows, values, /*accumulate=*/false);
+      total.add_(block);
+    } else {
+      kCpuGradientKernels.matmul(out, rows, values, /*accumulate=*/written);
+    }
     written = true;
     first += filled;
     filled = 0;
@@ -321,7 +331,11 @@ void accumulate_over_packed_rows(Tensor& out, const Tensor& a, int64_t K,
     }
   }
   flush();
-  if (!written) out.zero_();
+  if (reduced) {
+    out.copy_(total);
+  } else if (!written) {
+    out.zero_();
+  }
 }
 
 // finish_backward for gate gradients over a packed workspace: dgate_x [N, G] and GRU's
