@@ -13,8 +13,8 @@
 #include <torch/library.h>
 
 #include <array>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <type_traits>
 
 #include "layer.h"
@@ -304,12 +304,12 @@ bool share_saved_output(const Tensor& output, const Tensor& replacement) {
       !saved.sizes().equals(output.sizes()) || !saved.strides().equals(output.strides())) {
     return false;
   }
-  TORCH_CHECK(replacement.sizes().equals(output.sizes()) &&
-                  replacement.dtype() == output.dtype() &&
+  TORCH_CHECK(replacement.sizes().equals(output.sizes()) && replacement.dtype() == output.dtype() &&
                   replacement.device() == output.device(),
               "share_saved_output: the replacement must have the output's shape, dtype and "
-              "device; got ", replacement.sizes(), " ", replacement.dtype(), " for ",
-              output.sizes(), " ", output.dtype());
+              "device; got ",
+              replacement.sizes(), " ", replacement.dtype(), " for ", output.sizes(), " ",
+              output.dtype());
   // Saved detached: the node then holds no reference to the replacement's history, which
   // continues from this node (a cycle otherwise); the detached tensor keeps the replacement's
   // version counter, so an in-place change of it before the backward is still caught.

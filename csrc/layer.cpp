@@ -125,8 +125,7 @@ namespace {
 thread_local const void* handed_over_storage = nullptr;
 }  // namespace
 
-WorkspaceHandover::WorkspaceHandover(const at::Tensor& workspace)
-    : previous_(handed_over_storage) {
+WorkspaceHandover::WorkspaceHandover(const at::Tensor& workspace) : previous_(handed_over_storage) {
   handed_over_storage = workspace.storage().data();
 }
 

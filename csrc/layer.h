@@ -218,8 +218,8 @@ struct ForwardState {
 
 // packed_rows > 0: an engine that saves a packed sequence's active rows only (the CPU engine:
 // cpu/layer_view.h) gets a workspace [packed_rows, W].
-ForwardState make_forward_state(const LayerSizes& sizes, const LayerArgs& args,
-                                bool save_workspace, int64_t packed_rows = 0);
+ForwardState make_forward_state(const LayerSizes& sizes, const LayerArgs& args, bool save_workspace,
+                                int64_t packed_rows = 0);
 
 // The workspace as the forward op returns it: with lengths always 2-D, [T * B, W] (a view of
 // [T, B, W]) or an engine's packed [N, W], as the op's fake gives it ([rows, W], rows known

@@ -265,11 +265,12 @@ void check_backward_args(const LayerSizes& s, const BackwardArgs& args) {
     return;
   }
   // With lengths [rows, W]: the rows an engine saved (returned_workspace).
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) == width &&
-                  workspace.size(0) <= s.steps * s.batch,
-              "rnnfast: workspace must have shape [rows, ", width, "] with rows at most T * B = ",
-              s.steps * s.batch, " (a call with lengths; saved values), got ", workspace.sizes(),
-              "; run forward with save_workspace=True");
+  TORCH_CHECK(
+      workspace.dim() == 2 && workspace.size(1) == width && workspace.size(0) <= s.steps * s.batch,
+      "rnnfast: workspace must have shape [rows, ", width,
+      "] with rows at most T * B = ", s.steps * s.batch,
+      " (a call with lengths; saved values), got ", workspace.sizes(),
+      "; run forward with save_workspace=True");
 }
 
 }  // namespace rnnfast

@@ -47,8 +47,7 @@ template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
                   const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
                   const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
-                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums,
-                  bool packed_gate_rows) {
+                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums, bool packed_gate_rows) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
@@ -71,8 +70,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   // In the view's units (the gate-packed view's rows span the batch): G, or the last gate's H.
   const int64_t Gh = Cell::kSeparateHiddenGateGrad && dgate_h.size(-1) < dgate_x.size(-1) ? H : G;
   const int64_t dgh_stride = !Cell::kSeparateHiddenGateGrad ? 0
-                             : v.gate_packed                 ? Gh
-                                                             : dgate_h.stride(-2);
+                             : v.gate_packed                ? Gh
+                                                            : dgate_h.stride(-2);
   // dh_direct [B, P]: dLoss/dh_prev by paths other than W_hh (GRU's z gate; an inactive row's
   // dh passing through). Zero for the other cells without lengths: then no buffer.
   const bool has_direct_path = Cell::kReadsPrevHidden || v.lengths != nullptr;
@@ -141,9 +140,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       // Packed gate gradients have no rows for the rows that have ended.
       const bool has_gate_row = active || !packed_gate_rows;
       T* dgx_row = has_gate_row ? dgx_data + gate_row(t, b) * dgx_stride : nullptr;
-      T* dgh_saved_row =
-          Cell::kSeparateHiddenGateGrad && has_gate_row ? dgh_data + gate_row(t, b) * dgh_stride
-                                                        : nullptr;
+      T* dgh_saved_row = Cell::kSeparateHiddenGateGrad && has_gate_row
+                             ? dgh_data + gate_row(t, b) * dgh_stride
+                             : nullptr;
       T* step_dgx_row = copies_step_gates ? step_dgx_data + b * G : nullptr;
       T* dgh_row = step_dgh_data ? step_dgh_data + b * G : nullptr;
       T* dhd_row = has_direct_path ? dhd_data + b * P : nullptr;
@@ -212,8 +211,8 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     if (zero_initial_state && step == 0) return;
     const int64_t t = v.step_time(step);
     const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data
-                          : copies_step_gates          ? step_dgx_data
-                                                       : dgx_data + t * B * G;
+                          : copies_step_gates           ? step_dgx_data
+                                                        : dgx_data + t * B * G;
     if (has_direct_path) {
       // A row that has ended passes dh through (dh_direct is dh, its gate gradients are zero):
       // where the rows go by length, those rows skip the product.
@@ -257,11 +256,11 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
     register_layer::backward<Cell>(
-        register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps,
-        data(output), Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx),
-        data(in.cx), data(in.w_ih), data(in.w_hh), data(dh), data(dc),
-        input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
-        has_bias ? data(grad_b_ih) : nullptr, has_bias ? data(grad_b_hh) : nullptr);
+        register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps, data(output),
+        Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
+        data(in.w_ih), data(in.w_hh), data(dh), data(dc), input_grad ? data(grad_input) : nullptr,
+        data(grad_w_ih), data(grad_w_hh), has_bias ? data(grad_b_ih) : nullptr,
+        has_bias ? data(grad_b_hh) : nullptr);
   });
   Tensor grad_hx = in.hx.defined() ? dh : at::empty({0}, options);
   Tensor grad_cx = in.cx.defined() ? dc : at::empty({0}, options);
@@ -389,8 +388,8 @@ BackwardResult finish_packed_backward(const LayerSizes& s, BackwardState& state,
       grad_w_ih, dgx, I, rows_before, active,
       [&](int64_t t, int64_t b) { return x_data + t * x_step + b * x_row; }, options);
 
-  Tensor grad_b_ih = has_bias ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
-                              : at::empty({0}, options);
+  Tensor grad_b_ih =
+      has_bias ? state.dgate_x_column_sums.sum(0).to(input.scalar_type()) : at::empty({0}, options);
   const int64_t Gh = state.dgate_h.size(-1);
   const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
   Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
@@ -431,9 +430,9 @@ BackwardResult finish_packed_backward(const LayerSizes& s, BackwardState& state,
 
 BackwardResult backward_time_major(const BackwardArgs& args) {
   const bool reverse = args.layer.reverse, has_bias = args.has_bias, input_grad = args.input_grad;
-  const BackwardInputs in = prepare_backward(args, /*contiguous_grad_output=*/false,
-                                             backward_reads_input_at_strides,
-                                             /*strided_output_rows=*/true);
+  const BackwardInputs in =
+      prepare_backward(args, /*contiguous_grad_output=*/false, backward_reads_input_at_strides,
+                       /*strided_output_rows=*/true);
   const LayerSizes& s = in.sizes;
   const Tensor &input = in.input, &hx = in.hx, &cx = in.cx, &w_ih = in.w_ih, &w_hh = in.w_hh;
   const Tensor &w_hr = in.w_hr, &lengths = in.lengths;
@@ -470,10 +469,10 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
   // reads a step buffer of its own anyway).
   const bool separate_hidden_gate_grad =
       dispatch_cell(s.kind, [](auto cell) { return decltype(cell)::kSeparateHiddenGateGrad; });
-  const bool gates_over_workspace =
-      !gate_grad_over_output_grad && ws_cols > 0 && !uses_gate_packing(s, input.scalar_type()) &&
-      (separate_hidden_gate_grad || workspace.dim() == 2) &&
-      WorkspaceHandover::covers(args.workspace);
+  const bool gates_over_workspace = !gate_grad_over_output_grad && ws_cols > 0 &&
+                                    !uses_gate_packing(s, input.scalar_type()) &&
+                                    (separate_hidden_gate_grad || workspace.dim() == 2) &&
+                                    WorkspaceHandover::covers(args.workspace);
   const Tensor dgate_x_buffer = gate_grad_over_output_grad ? grad_output
                                 : gates_over_workspace     ? workspace.narrow(-1, 0, s.gate_size)
                                                            : Tensor();
@@ -495,7 +494,8 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
             TORCH_CHECK(v.rows_by_length && v.pack_saved_rows() == workspace.size(0),
                         "rnnfast: workspace must have T * B = ", s.steps * s.batch,
                         " rows, or the sum of the lengths where they never increase down the "
-                        "batch, as the forward saved it; got ", args.workspace.sizes());
+                        "batch, as the forward saved it; got ",
+                        args.workspace.sizes());
           }
           // The bias gradient summed in the reverse loop, a pass over dgate_x fewer, where that
           // pass is long enough to cost more than the sums' buffer and their reduction. Each batch

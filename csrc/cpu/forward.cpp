@@ -234,8 +234,8 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
       const bool active = v.active(t, b);
       T* out_row = out_data + row * H;
       // A packed workspace has no rows for the rows that have ended.
-      T* ws_row = ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W
-                                                                 : nullptr;
+      T* ws_row =
+          ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W : nullptr;
       const T* h_prev_row = h_prev + b * H;
       T* h_next_row = h_next + b * H;
       if (!active) {
@@ -367,8 +367,8 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
       const bool active = v.active(t, b);
       T* out_row = out_data + row * P;
       // A packed workspace has no rows for the rows that have ended.
-      T* ws_row = ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W
-                                                                 : nullptr;
+      T* ws_row =
+          ws_data && (active || !v.saved_rows_packed()) ? ws_data + v.saved_row(t, b) * W : nullptr;
       if (!active) {
         std::fill(out_row, out_row + P, T(0));
         if (ws_row) std::fill(ws_row, ws_row + W, T(0));
@@ -449,13 +449,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // (LayerView::saved_rows_before): the speech model's utterances of 100-200 frames padded to
   // 200 left a quarter of it padding. Not where its rows come from a GEMM per batch row (a
   // batch-major input) or are read by one over all rows (the projection's weight gradient).
-  const int64_t packed_rows =
-      save_workspace && ws_cols > 0 && s.has_lengths && !s.has_projection &&
-              !is_batch_major(input) && rows_by_length(lengths)
-          ? packed_row_count(lengths, s.steps)
-          : 0;
-  ForwardState state = make_forward_state(
-      s, args, save_workspace, packed_rows < s.steps * s.batch ? packed_rows : 0);
+  const int64_t packed_rows = save_workspace && ws_cols > 0 && s.has_lengths && !s.has_projection &&
+                                      !is_batch_major(input) && rows_by_length(lengths)
+                                  ? packed_row_count(lengths, s.steps)
+                                  : 0;
+  ForwardState state = make_forward_state(s, args, save_workspace,
+                                          packed_rows < s.steps * s.batch ? packed_rows : 0);
   Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
   Tensor& workspace = state.workspace;
 
@@ -621,13 +620,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
                                                  Cell::kGates, /*to_packed=*/true);
           }
           const int64_t row_stride = step_gates.stride(0);
-          const StepRows<scalar_t> xg_rows{
-              step_gates.data_ptr<scalar_t>(),
-              v.gate_packed ? v.G
-              : batch_major ? row_stride
-                            : s.batch * row_stride,
-              batch_major ? s.steps * row_stride : row_stride, 0,
-              packed_xg ? v.saved_rows_before.data() : nullptr};
+          const StepRows<scalar_t> xg_rows{step_gates.data_ptr<scalar_t>(),
+                                           v.gate_packed ? v.G
+                                           : batch_major ? row_stride
+                                                         : s.batch * row_stride,
+                                           batch_major ? s.steps * row_stride : row_stride, 0,
+                                           packed_xg ? v.saved_rows_before.data() : nullptr};
           run_forward<Cell, scalar_t>(v, StepRange{0, s.steps}, zero_initial_state, xg_rows, w_hh,
                                       step_bias, w_hr, h_state, c_state, output, workspace);
         });

@@ -432,7 +432,8 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
   // This engine's forward saves all T * B rows (prepare_backward gives them as [T, B, W]).
   TORCH_CHECK(workspace.dim() == 3,
               "rnnfast: the CUDA engine's backward needs the workspace of its own forward, with "
-              "T * B = ", s.steps * s.batch, " rows; got ", args.workspace.sizes());
+              "T * B = ",
+              s.steps * s.batch, " rows; got ", args.workspace.sizes());
   const int64_t ws_cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   BackwardState state = make_backward_state(s, args);
   // The kernels read the initial states; zero ones are materialised for them.
