@@ -680,10 +680,9 @@ def test_gate_gradients_over_the_workspace(cell, lengths, reverse):
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     hx = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
     cx = torch.randn(B, H, dtype=torch.float64, requires_grad=True) if cell == "lstm" else None
-    weights = [torch.randn(gates * H, n, dtype=torch.float64, requires_grad=True)
-               for n in (I, H, 0, 0)]
-    weights[2] = torch.randn(gates * H, dtype=torch.float64, requires_grad=True)
-    weights[3] = torch.randn(gates * H, dtype=torch.float64, requires_grad=True)
+    # w_ih, w_hh, b_ih, b_hh
+    weights = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
+               for shape in ((gates * H, I), (gates * H, H), (gates * H,), (gates * H,))]
     lengths = torch.tensor(lengths) if lengths is not None else None
     leaves = [x, hx] + ([cx] if cx is not None else []) + weights
     grad = torch.randn(T, B, H, dtype=torch.float64)
