@@ -117,11 +117,13 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   // the gate gradients.
   std::optional<WorkspaceHandover> handover;
   if (releasing_) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    workspace_.reset_data();
-  }
-  if (releasing_ && workspace.use_count() == 1 && workspace.storage().use_count() == 1) {
-    handover.emplace(workspace);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      workspace_.reset_data();
+    }
+    if (workspace.use_count() == 1 && workspace.storage().use_count() == 1) {
+      handover.emplace(workspace);
+    }
   }
   // The backward op runs time-major: the batch_first output and its gradient as views.
   const Tensor output = swap_time_and_batch(output_.unpack(self), batch_first);

@@ -155,7 +155,7 @@ ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   if (!save_workspace) {
     state.workspace = at::empty({0}, options);
-  } else if (packed_rows > 0) {
+  } else if (packed_rows > 0 && packed_rows < s.steps * s.batch) {
     state.workspace = pooled_empty({packed_rows, cols}, options);
   } else {
     state.workspace = pooled_empty({s.steps, s.batch, cols}, options);
@@ -298,6 +298,25 @@ std::vector<RowGroup> active_row_groups(const at::Tensor& lengths, int64_t T_, i
 
 }  // namespace
 
+int64_t shared_hidden_gate_cols(const BackwardState& state, int64_t gate_size) {
+  // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
+  // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
+  return state.separate_hidden_gate_grad ? gate_size - state.dgate_h.size(-1) : gate_size;
+}
+
+at::Tensor hidden_bias_gradient(const BackwardState& state, const at::Tensor& grad_b_ih,
+                                bool has_bias, const GradientKernels& kernels) {
+  if (!has_bias) return at::empty({0}, grad_b_ih.options());
+  const int64_t G = grad_b_ih.size(0), Gh = state.dgate_h.size(-1);
+  const int64_t shared_cols = shared_hidden_gate_cols(state, G);
+  at::Tensor grad_b_hh = grad_b_ih.clone();
+  if (shared_cols < G) {
+    at::Tensor last = Gh == G ? grad_b_hh : grad_b_hh.narrow(0, shared_cols, Gh);
+    kernels.column_sum(last, state.dgate_h.reshape({-1, Gh}));
+  }
+  return grad_b_hh;
+}
+
 BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const at::Tensor& input,
                                const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                                const at::Tensor& output, const at::Tensor& workspace,
@@ -367,15 +386,8 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
                          ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
                          : kernels.column_sums(dgx2d);
 
-  // dLoss/dhg: dgate_h where it holds all gates; where it holds the last gate only, the gates
-  // before it are dgate_x's columns [0, G - Gh) (Gh: dgate_h's columns).
-  const int64_t Gh = state.dgate_h.size(-1);
-  const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
-  Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
-  if (has_bias && shared_cols < G) {
-    Tensor last = Gh == G ? grad_b_hh : grad_b_hh.narrow(0, shared_cols, Gh);
-    kernels.column_sum(last, state.dgate_h.view({T_ * B, Gh}));
-  }
+  const int64_t shared_cols = shared_hidden_gate_cols(state, G);
+  Tensor grad_b_hh = hidden_bias_gradient(state, grad_b_ih, has_bias, kernels);
 
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
   // (zero where that step was inactive, matching a zero gate gradient), except at each row's

@@ -216,8 +216,9 @@ struct ForwardState {
                          // else empty
 };
 
-// packed_rows > 0: an engine that saves a packed sequence's active rows only (the CPU engine:
-// cpu/layer_view.h) gets a workspace [packed_rows, W].
+// packed_rows: an engine that saves a packed sequence's active rows only (the CPU engine:
+// cpu/layer_view.h) gets a workspace [packed_rows, W] where that is fewer rows than T * B
+// (else, and for 0, the padded [T, B, W]).
 ForwardState make_forward_state(const LayerSizes& sizes, const LayerArgs& args, bool save_workspace,
                                 int64_t packed_rows = 0);
 
@@ -291,6 +292,15 @@ BackwardResult finish_backward(const LayerSizes& sizes, BackwardState& state,
                                const at::Tensor& w_ih, const at::Tensor& output,
                                const at::Tensor& workspace, const at::Tensor& lengths, bool reverse,
                                bool has_bias, bool input_grad, const GradientKernels& kernels);
+
+// Of finish_backward's results, shared with an engine's own finish: the columns of dLoss/dhg
+// that dgate_x holds (all G, or the first G - Gh where a separate dgate_h keeps the last gate's
+// Gh), and b_hh's gradient from b_ih's (those columns' sums are the same) and dgate_h's column
+// sums (an empty tensor without biases). dgate_h: [T, B, Gh] or packed [N, Gh], rows at any
+// stride.
+int64_t shared_hidden_gate_cols(const BackwardState& state, int64_t gate_size);
+at::Tensor hidden_bias_gradient(const BackwardState& state, const at::Tensor& grad_b_ih,
+                                bool has_bias, const GradientKernels& kernels);
 
 // An engine's backward of a time-major call.
 using TimeMajorBackward = BackwardResult (*)(const BackwardArgs& args);

@@ -391,12 +391,8 @@ BackwardResult finish_packed_backward(const LayerSizes& s, BackwardState& state,
   Tensor grad_b_ih =
       has_bias ? state.dgate_x_column_sums.sum(0).to(input.scalar_type()) : at::empty({0}, options);
   const int64_t Gh = state.dgate_h.size(-1);
-  const int64_t shared_cols = state.separate_hidden_gate_grad ? G - Gh : G;
-  Tensor grad_b_hh = has_bias ? grad_b_ih.clone() : at::empty({0}, options);
-  if (has_bias && shared_cols < G) {
-    Tensor last = grad_b_hh.narrow(0, shared_cols, Gh);
-    kCpuGradientKernels.column_sum(last, state.dgate_h);
-  }
+  const int64_t shared_cols = shared_hidden_gate_cols(state, G);
+  Tensor grad_b_hh = hidden_bias_gradient(state, grad_b_ih, has_bias, kCpuGradientKernels);
 
   // grad_w_hh = dgate_h^T h_prev over the packed rows: dgate_x's first shared_cols columns,
   // the rest dgate_h's (GRU's last gate).

@@ -453,8 +453,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
                                       !is_batch_major(input) && rows_by_length(lengths)
                                   ? packed_row_count(lengths, s.steps)
                                   : 0;
-  ForwardState state = make_forward_state(s, args, save_workspace,
-                                          packed_rows < s.steps * s.batch ? packed_rows : 0);
+  ForwardState state = make_forward_state(s, args, save_workspace, packed_rows);
   Tensor &output = state.output, &h_state = state.h, &c_state = state.c;
   Tensor& workspace = state.workspace;
 
