@@ -149,7 +149,7 @@ LayerOptionsBackwardArgs layer_options_backward_args(
   TORCH_CHECK(h_prev.sizes() == at::IntArrayRef({steps, batch, state}),
               "rnnfast: h_prev must be the forward's, saved with save=True; got shape ",
               h_prev.sizes());
-  args.grad_output = grad_output.contiguous();
+  args.grad_output = with_contiguous_rows(grad_output);
   args.grad_h_n = grad_h_n.has_value() ? grad_h_n->contiguous() : at::Tensor();
   args.grad_c_n = grad_c_n.has_value() ? grad_c_n->contiguous() : at::Tensor();
   args.cell_saved = cell_saved.contiguous();

@@ -58,7 +58,8 @@ struct LayerOptionsResult {
 struct LayerOptionsBackwardArgs {
   LayerOptionsArgs layer;         // the biases and norm_cell_bias undefined: has_bias and
                                   // has_norm_cell_bias say whether they exist
-  at::Tensor grad_output;         // [T, B, P]
+  at::Tensor grad_output;         // [T, B, P], contiguous rows at any strides over t and b (an
+                                  // expanded gradient, as of output.sum(), is not copied)
   at::Tensor grad_h_n, grad_c_n;  // or undefined: zero
   at::Tensor cell_saved, h_prev, c_prev, h_cell, norm_ih, norm_hh, norm_cell, rstd;
   bool has_bias = false, has_norm_cell_bias = false, input_grad = true;

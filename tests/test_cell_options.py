@@ -210,6 +210,30 @@ def test_float32_layer_is_close_to_float64():
         torch.testing.assert_close(g.double(), e.detach(), rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("layout", ["expanded", "batch_major", "units_strided"])
+def test_output_gradient_is_read_at_its_strides(layout):
+    # The backward reads the rows of output's gradient where they lie (an expanded gradient, as
+    # of output.sum(), and a batch-major one are not copied): the same gradients as from the
+    # same values contiguous.
+    args = make_case("lstm", layer_norm=True, zoneout="mask", recurrent=True, packed=True)
+    output = functional.layer_with_options("lstm", **args)[0]
+    steps, batch, state = output.shape
+    generator = torch.Generator().manual_seed(2)
+    if layout == "expanded":
+        grad = torch.full((), 0.7, dtype=torch.float64).expand(steps, batch, state)
+    elif layout == "batch_major":
+        grad = torch.randn(batch, steps, state, generator=generator,
+                           dtype=torch.float64).transpose(0, 1)
+    else:
+        grad = torch.randn(steps, state, batch, generator=generator,
+                           dtype=torch.float64).transpose(1, 2)
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(output, tensors, grad, retain_graph=True)
+    expected = torch.autograd.grad(output, tensors, grad.contiguous())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
 # ---- the modules ----------------------------------------------------------------------------
 
 def module_reference(module, kind, x, hx, lengths, training):

@@ -455,7 +455,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   const Product recurrent_back(args.w_hh.t(), Tensor(), B, Tn);
   const Product projection_back(projecting ? args.w_hr.t() : Tensor(), Tensor(), B, Tn);
 
+  // Rows of grad_output at its strides over t and b.
   const T* grad_out = ba.grad_output.data_ptr<T>();
+  const int64_t grad_out_step = ba.grad_output.stride(0), grad_out_batch = ba.grad_output.stride(1);
   const T* mask = data_if<T>(args.recurrent_mask);
   const T* gain_hh = data_if<T>(args.norm_hh_weight);
   const T* gain_c = data_if<T>(args.norm_cell_weight);
@@ -570,7 +572,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
           std::fill(cand, cand + P, T(0));
           continue;
         }
-        const T* go = grad_out + (t * B + b) * P;
+        const T* go = grad_out + t * grad_out_step + b * grad_out_batch;
         T* carry = dhc + b * P;
         const T* mask_row = c.zoneout_row(c.h_zoneout_mask, t, b, P);
         for_unit_runs<T>(P, [&](auto j, auto zero) {

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../buffer_pool.h"
 #include "capability.h"
 #include "kernels.h"
 
@@ -41,15 +42,19 @@ template <typename T>
 void fill_mask(T* out, int64_t n, uint64_t seed, uint64_t threshold) {
   at::parallel_for(0, (n + 1) / 2, kPairsPerTask, [&](int64_t begin, int64_t end) {
     uint64_t bits[kPairsPerBatch];
+    // The halves of `bits` in element order (little-endian: output k's low half first), as
+    // one array, so that the comparisons run as vectors without lane shuffles.
+    uint32_t halves[2 * kPairsPerBatch];
     for (int64_t first = begin; first < end; first += kPairsPerBatch) {
       const int64_t count = std::min(kPairsPerBatch, end - first);
       for (int64_t k = 0; k < count; ++k) bits[k] = split_mix(seed, uint64_t(first + k));
+      for (int64_t k = 0; k < count; ++k) {
+        halves[2 * k] = uint32_t(bits[k]);
+        halves[2 * k + 1] = uint32_t(bits[k] >> 32);
+      }
       const int64_t values = std::min(2 * count, n - 2 * first);
       T* to = out + 2 * first;
-      for (int64_t i = 0; i < values; ++i) {
-        const uint64_t half = (i & 1) ? bits[i / 2] >> 32 : bits[i / 2] & 0xFFFFFFFFull;
-        to[i] = T(half < threshold ? 1 : 0);
-      }
+      for (int64_t i = 0; i < values; ++i) to[i] = T(uint64_t(halves[i]) < threshold ? 1 : 0);
     }
   });
 }
@@ -64,7 +69,9 @@ at::Tensor random_mask_cpu(const at::Tensor& seed, at::IntArrayRef size, double 
               "rnnfast.random_mask: seed must be one int64 value, got a ", seed.scalar_type(),
               " tensor of ", seed.numel(), " elements");
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "rnnfast.random_mask: p must be in [0, 1], got ", p);
-  at::Tensor out = at::empty(size, at::TensorOptions().dtype(dtype));
+  // (From the pool: a training step draws a mask of this size every call, and a fresh one costs
+  // a page fault per page.)
+  at::Tensor out = pooled_empty(size, at::TensorOptions().dtype(dtype));
   const uint64_t seed_bits = static_cast<uint64_t>(seed.item<int64_t>());
   // P(bits < threshold) = floor(p * 2^32) / 2^32 for 32 uniform bits: p to within 2^-32.
   const uint64_t threshold = static_cast<uint64_t>(p * 4294967296.0);

@@ -256,12 +256,13 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba, const Tens
   carry.dh_direct = a.dh_direct;
   carry.dh_carry = split.dh_carry;
 
+  const Tensor grad_output = ba.grad_output.contiguous().view({Tn * B, P});
   const cudaStream_t stream = current_stream();
   for (int64_t step = Tn - 1; step >= 0; --step) {
     const int64_t t = args.reverse ? Tn - 1 - step : step;
     const int64_t row = t * B;
     split.t = t;
-    split.grad_output = row_of<T>(ba.grad_output.view({Tn * B, P}), row, P);
+    split.grad_output = row_of<T>(grad_output, row, P);
     split.dh_candidate =
         projecting ? row_of<T>(dh_candidate_steps, row, P) : data_of<T>(dh_candidate);
     split.zoneout_h_mask = row_of<T>(args.zoneout_mask, row, P);
