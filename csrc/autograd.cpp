@@ -13,10 +13,10 @@
 #include <torch/library.h>
 
 #include <array>
-#include <memory>
+#include <utility>
 #include <optional>
-#include <type_traits>
 
+#include "graph_node.h"
 #include "layer.h"
 
 namespace rnnfast {
@@ -44,18 +44,6 @@ BackwardResult call_backward(const BackwardArgs& args) {
                  optional_argument(layer.cx), layer.w_ih, layer.w_hh, args.has_bias,
                  optional_argument(layer.w_hr), optional_argument(layer.lengths), layer.reverse,
                  args.output, args.workspace, args.input_grad, layer.batch_first);
-}
-
-// A new graph node, held the way the installed torch holds them (the type of Edge::function):
-// by c10::intrusive_ptr from torch 2.13 on, by std::shared_ptr before.
-template <typename NodeType>
-auto make_node() {
-  using NodeHandle = decltype(torch::autograd::Edge::function);
-  if constexpr (std::is_same_v<NodeHandle, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<NodeType>();
-  } else {
-    return c10::make_intrusive<NodeType>();
-  }
 }
 
 // The graph node of one differentiable rnnfast::forward call; its backward is the

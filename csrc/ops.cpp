@@ -286,8 +286,8 @@ TORCH_LIBRARY(rnnfast, m) {
       "lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, bool "
       "batch_first=False) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
       "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
-  // One layer with cell options (csrc/layer_options.h); its autograd formula is registered
-  // from Python (rnnfast/_ops.py).
+  // One layer with cell options (csrc/layer_options.h); its autograd is in
+  // csrc/options_autograd.cpp.
   m.def(
       "forward_with_options(str cell, Tensor input, Tensor? hx, Tensor? cx, Tensor w_ih, Tensor "
       "w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, Tensor? norm_ih_weight, Tensor? "

@@ -1,6 +1,8 @@
 """The layer with cell options (layer normalisation, zoneout, recurrent dropout) as ops:
 rnnfast::forward_with_options and rnnfast::backward_with_options (csrc/layer_options.h), their
-fake implementations for torch.compile, and the forward's autograd formula."""
+fake implementations for torch.compile, and the forward's autograd formula as the
+autograd.Function that torch.func's transforms take (the ops' own autograd, which eager calls
+and torch.compile use, is a C++ graph node: csrc/options_autograd.cpp)."""
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -81,49 +83,39 @@ _GRADIENT_OF = (None, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) + (None,) * 8
 
 
 def below_autograd(op, *arguments):
-    """op's own kernel, past the Python autograd kernel that register_autograd gives it (whose
-    redispatch costs about 10 us a call): for calls whose derivative is one of the Functions
+    """op's own kernel, past its autograd kernel: for calls whose derivative is the Function
     below, or that need none; not where torch.compile or torch.jit.trace records the op."""
     with torch._C._AutoDispatchBelowAutograd():
         return op(*arguments)
 
 
-# The start of the error of every derivative the layers do not have.
+# The start of the error of every derivative the layers do not have (csrc/options_autograd.cpp
+# raises the same).
 FIRST_DERIVATIVES_ONLY = ("rnnfast: the layers with cell options (layer_norm, zoneout, dropout "
                           "masks) have first derivatives only: ")
 
 
-def _refuse_second_derivative(ctx, *grads):
-    raise RuntimeError(FIRST_DERIVATIVES_ONLY + "their gradients cannot be taken with "
-                       "create_graph=True, nor differentiated")
-
-
-def _save(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     """What the backward needs from a differentiable call: inputs are the forward's arguments,
     output its results."""
     if not inputs[_SAVE]:
         raise RuntimeError("rnnfast: forward_with_options was run with save=False, so it cannot "
                            "be differentiated; run it with save=True where a gradient is wanted")
-    # Plain values and which tensors were given: tuples, few objects per call (the collector
-    # of Python's garbage runs by the count of objects made).
     ctx.settings = (inputs[_CELL], inputs[_B_IH] is not None, inputs[_NORM_CELL_BIAS] is not None,
                     inputs[_ZONEOUT], inputs[_ZONEOUT_CELL], inputs[_REVERSE])
     ctx.present = tuple(value is not None for value in inputs)
     ctx.save_for_backward(*(inputs[index] for index in _SAVED_INPUTS), *output[_SAVED_OUTPUTS])
     # Absent gradients need no zeros made for them.
     ctx.set_materialize_grads(False)
-
-
-def _setup_context(ctx, inputs, output):
-    _save(ctx, inputs, output)
     # What the backward reads is an output of the op without a gradient.
     ctx.mark_non_differentiable(*output[_SAVED_OUTPUTS])
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, past_autograd=False):
+def _backward(ctx, grad_output, grad_h_n, grad_c_n):
     if torch.is_grad_enabled():
         # create_graph=True: a gradient that later code differentiates; this one could not be.
-        _refuse_second_derivative(ctx)
+        raise RuntimeError(FIRST_DERIVATIVES_ONLY + "their gradients cannot be taken with "
+                           "create_graph=True, nor differentiated")
     (input, w_ih, w_hh, w_hr, norm_ih, norm_hh, norm_cell_weight, recurrent_mask, zoneout_mask,
      zoneout_cell_mask, lengths, *saved_outputs) = ctx.saved_tensors
     cell, has_bias, has_norm_cell_bias, zoneout, zoneout_cell, reverse = ctx.settings
@@ -134,24 +126,15 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, *_, past_autograd=False):
         w_hh, has_bias, w_hr, norm_ih, norm_hh, norm_cell_weight, has_norm_cell_bias,
         recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse,
         *saved_outputs, ctx.needs_input_grad[_INPUT])
-    grads = below_autograd(_BACKWARD, *arguments) if past_autograd else _BACKWARD(*arguments)
+    grads = below_autograd(_BACKWARD, *arguments)
     present, wanted = ctx.present, ctx.needs_input_grad
     return tuple(grads[place] if place is not None and present[index] and wanted[index] else None
                  for index, place in enumerate(_GRADIENT_OF))
 
 
-torch.library.register_autograd("rnnfast::forward_with_options", _backward,
-                                setup_context=_setup_context)
-# Nor is the backward op differentiated: without this, autograd would pass over it, and a
-# derivative through it would lack its terms.
-torch.library.register_autograd("rnnfast::backward_with_options", _refuse_second_derivative,
-                                setup_context=lambda ctx, inputs, output: None)
-
-
-
 class LayerWithOptionsForTransforms(torch.autograd.Function):
-    """The op with the same autograd formula in the form torch.func's transforms (grad, vjp,
-    jacrev, vmap) take, which refuse the op's registered autograd: forward without a context,
+    """The op with its autograd formula in the form torch.func's transforms (grad, vjp, jacrev,
+    vmap) take, which refuse the op's C++ graph node: forward without a context,
     setup_context, and a backward that is itself not differentiated (a second derivative
     raises). Returns all the op's results; under vmap the op runs once per vmapped slice."""
 
@@ -168,20 +151,4 @@ class LayerWithOptionsForTransforms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, grad_h_n, grad_c_n, *_):
-        return _backward(ctx, grad_output, grad_h_n, grad_c_n, past_autograd=True)
-
-
-class LayerWithOptions(torch.autograd.Function):
-    """The op with the autograd formula above, as the eager layers call it: outputs output, h_n
-    and c_n only (what the backward reads stays out of Python's sight)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        results = below_autograd(_FORWARD, *inputs)
-        _save(ctx, inputs, results)
-        return results[:3]
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n):
-        return _backward(ctx, grad_output, grad_h_n, grad_c_n, past_autograd=True)
-
+        return _backward(ctx, grad_output, grad_h_n, grad_c_n)

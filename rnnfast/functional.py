@@ -282,17 +282,15 @@ def layer_with_options(cell, input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_
             raise RuntimeError(_options_ops.FIRST_DERIVATIVES_ONLY +
                                "torch.func's nested grad transforms (second derivatives) and "
                                "forward mode (jvp, jacfwd, hessian) cannot differentiate them")
-    if torch.compiler.is_compiling() or tracing:
-        # The op with its registered autograd formula, which tracing records.
-        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
-    elif not needs_grad:
+    recorded = torch.compiler.is_compiling() or tracing
+    if not recorded and not needs_grad:
         output, h_n, c_n = _options_ops.below_autograd(_FORWARD_WITH_OPTIONS, *arguments)[:3]
-    elif transforms:
+    elif not recorded and transforms:
         output, h_n, c_n = _options_ops.LayerWithOptionsForTransforms.apply(*arguments)[:3]
     else:
-        # Eager: the same formula as a Python autograd.Function, which skips the argument
-        # handling of a custom op's Python autograd (a tenth of a millisecond a call).
-        output, h_n, c_n = _options_ops.LayerWithOptions.apply(*arguments)
+        # The op with its autograd, a C++ graph node (csrc/options_autograd.cpp), which
+        # torch.compile and torch.jit.trace record.
+        output, h_n, c_n = _FORWARD_WITH_OPTIONS(*arguments)[:3]
     if dtype != output.dtype:
         output, h_n, c_n = output.to(dtype), h_n.to(dtype), c_n.to(dtype)
     return output, h_n, c_n
