@@ -13,8 +13,8 @@
 #include <torch/library.h>
 
 #include <array>
-#include <utility>
 #include <optional>
+#include <utility>
 
 #include "graph_node.h"
 #include "layer.h"
