@@ -13,12 +13,17 @@ output.sum().backward()) of three models with the same weights:
 It reports option / plain (the cost; target <= 1.3) and loop / option (the speed-up; target
 >= 5). The loop's results are checked against the option's first (same masks, float64 for
 the check), so both sides compute the same model.
+
+It also reports each row's ceiling: the loop's time over the time the step's products alone
+take at this machine's float32 GEMM rate (a 2048^3 torch.mm on the same threads), the speed-up
+a fused layer that ran its products at that rate and did nothing else would have.
 """
 import argparse
 import json
 import os
 import platform
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,6 +139,28 @@ def check_same_model(fused, loop, x):
     return error
 
 
+def gemm_rate_gflops(size=2048, repeats=5):
+    """This machine's float32 GEMM rate on the threads in use: 2 size^3 over the best of
+    `repeats` torch.mm of [size, size] matrices, in GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def training_step_flops(cell, batch, steps, hidden):
+    """The floating-point operations of one training step's products (input size = hidden, as in
+    SHAPES; the input takes no gradient): forward x W_ih^T and h W_hh^T, backward the gradients
+    of W_ih, of h and of W_hh, each 2 * steps * batch * gates * (hidden) for its side."""
+    gates = {"LSTM": 4, "GRU": 3}[cell] * hidden
+    return 2 * steps * batch * gates * (2 * hidden + 3 * hidden)
+
+
 def _option_kwargs(options):
     defaults = functional.CellOptions()
     return {k: v for k, v in options._asdict().items() if v != getattr(defaults, k)}
@@ -159,11 +186,13 @@ def main(argv=None):
     timer = bench_lib.timer_for("cpu")
     rows = []
     load_at_start = bench_lib.load_average()
+    gemm_rate = gemm_rate_gflops(size=512 if args.quick else 2048)
     print(f"CPU: {bench_lib.cpu_model()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, load average {load_at_start}")
+          f"{torch.__version__}, load average {load_at_start}, float32 GEMM rate "
+          f"{gemm_rate:.0f} GFLOP/s")
     print("| cell | option | shape | plain ms | option ms | loop ms | cost (<= 1.3) | "
-          "speed-up (>= 5) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "speed-up (>= 5) | ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cell in CELLS:
         for feature, options in FEATURES.items():
             for name, batch, steps, hidden in SHAPES:
@@ -182,14 +211,17 @@ def main(argv=None):
                                               cfg)
                 versus_loop = bench_lib.measure_pair(train_step(loop, x), train_step(fused, x),
                                                      timer, cfg)
+                products_ms = training_step_flops(cell, batch, steps, hidden) / gemm_rate / 1e6
                 row = {"cell": cell, "feature": feature, "shape": name,
                        "plain_ms": cost["torch_median_ms"], "option_ms": cost["rnnfast_median_ms"],
                        "loop_ms": versus_loop["torch_median_ms"],
-                       "cost": 1 / cost["speedup"], "speedup_over_loop": versus_loop["speedup"]}
+                       "cost": 1 / cost["speedup"], "speedup_over_loop": versus_loop["speedup"],
+                       "speedup_ceiling": versus_loop["torch_median_ms"] / products_ms}
                 rows.append(row)
                 print(f"| {cell} | {feature} | {name} | {row['plain_ms']:.2f} | "
                       f"{row['option_ms']:.2f} | {row['loop_ms']:.2f} | {row['cost']:.2f} | "
-                      f"{row['speedup_over_loop']:.1f} |", flush=True)
+                      f"{row['speedup_over_loop']:.1f} | {row['speedup_ceiling']:.1f} |",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"environment": {"cpu_model": bench_lib.cpu_model(),
@@ -197,6 +229,7 @@ def main(argv=None):
                                        "torch": torch.__version__,
                                        "python": platform.python_version(),
                                        "load_average_at_start": load_at_start,
+                                       "gemm_rate_gflops": gemm_rate,
                                        "git": bench_lib.git_info()},
                        "rows": rows}, out, indent=1)
     return 0

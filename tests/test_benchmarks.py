@@ -227,9 +227,20 @@ def test_options_quick_run(tmp_path):
     assert [(row["cell"], row["feature"]) for row in data["rows"]] == [
         ("LSTM", "zoneout"), ("GRU", "zoneout")]
     for row in data["rows"]:
-        for key in ("plain_ms", "option_ms", "loop_ms", "cost", "speedup_over_loop"):
+        for key in ("plain_ms", "option_ms", "loop_ms", "cost", "speedup_over_loop",
+                    "speedup_ceiling"):
             assert _positive_finite(row[key])
     assert data["environment"]["cpu_model"]
+    assert _positive_finite(data["environment"]["gemm_rate_gflops"])
+
+
+def test_options_training_step_flops():
+    # The products of a 16-row, 100-step LSTM training step of 64 units (input 64, no input
+    # gradient): forward [1600, 64] x [64, 256] twice, backward the same three times.
+    import options
+
+    assert options.training_step_flops("LSTM", 16, 100, 64) == 5 * 2 * 1600 * 64 * 256
+    assert options.training_step_flops("GRU", 16, 100, 64) == 5 * 2 * 1600 * 64 * 192
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
