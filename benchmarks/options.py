@@ -187,6 +187,12 @@ def main(argv=None):
     rows = []
     load_at_start = bench_lib.load_average()
     gemm_rate = gemm_rate_gflops(size=512 if args.quick else 2048)
+    # Taken before the run: opening a committed results file for writing would show the
+    # checkout as changed.
+    environment = {"cpu_model": bench_lib.cpu_model(), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "load_average_at_start": load_at_start, "gemm_rate_gflops": gemm_rate,
+                   "git": bench_lib.git_info()}
     print(f"CPU: {bench_lib.cpu_model()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, load average {load_at_start}, float32 GEMM rate "
           f"{gemm_rate:.0f} GFLOP/s")
@@ -224,14 +230,7 @@ def main(argv=None):
                       flush=True)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"environment": {"cpu_model": bench_lib.cpu_model(),
-                                       "threads": torch.get_num_threads(),
-                                       "torch": torch.__version__,
-                                       "python": platform.python_version(),
-                                       "load_average_at_start": load_at_start,
-                                       "gemm_rate_gflops": gemm_rate,
-                                       "git": bench_lib.git_info()},
-                       "rows": rows}, out, indent=1)
+            json.dump({"environment": environment, "rows": rows}, out, indent=1)
     return 0
 
 
