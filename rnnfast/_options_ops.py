@@ -101,6 +101,8 @@ def _setup_context(ctx, inputs, output):
     if not inputs[_SAVE]:
         raise RuntimeError("rnnfast: forward_with_options was run with save=False, so it cannot "
                            "be differentiated; run it with save=True where a gradient is wanted")
+    # Plain values and which tensors were given: tuples, few objects per call (the collector
+    # of Python's garbage runs by the count of objects made).
     ctx.settings = (inputs[_CELL], inputs[_B_IH] is not None, inputs[_NORM_CELL_BIAS] is not None,
                     inputs[_ZONEOUT], inputs[_ZONEOUT_CELL], inputs[_REVERSE])
     ctx.present = tuple(value is not None for value in inputs)
