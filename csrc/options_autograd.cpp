@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "graph_node.h"
 #include "layer.h"
@@ -42,41 +43,16 @@ constexpr const char* kFirstDerivativesOnly =
 using ForwardResults = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor, Tensor, Tensor>;
 
-ForwardResults call_forward_with_options(
-    c10::string_view cell, const Tensor& input, const optional<Tensor>& hx,
-    const optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh,
-    const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-    const optional<Tensor>& norm_ih_weight, const optional<Tensor>& norm_hh_weight,
-    const optional<Tensor>& norm_cell_weight, const optional<Tensor>& norm_cell_bias,
-    const optional<Tensor>& recurrent_mask, const optional<Tensor>& zoneout_mask,
-    const optional<Tensor>& zoneout_cell_mask, double zoneout, double zoneout_cell,
-    const optional<Tensor>& lengths, bool reverse, bool save) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rnnfast::forward_with_options", "")
-                             .typed<decltype(call_forward_with_options)>();
-  return op.call(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih_weight, norm_hh_weight,
-                 norm_cell_weight, norm_cell_bias, recurrent_mask, zoneout_mask, zoneout_cell_mask,
-                 zoneout, zoneout_cell, lengths, reverse, save);
-}
+constexpr char kForwardWithOptions[] = "rnnfast::forward_with_options";
+constexpr char kBackwardWithOptions[] = "rnnfast::backward_with_options";
 
-LayerOptionsGradients call_backward_with_options(
-    c10::string_view cell, const Tensor& grad_output, const optional<Tensor>& grad_h_n,
-    const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
-    bool has_bias, const optional<Tensor>& w_hr, const optional<Tensor>& norm_ih_weight,
-    const optional<Tensor>& norm_hh_weight, const optional<Tensor>& norm_cell_weight,
-    bool has_norm_cell_bias, const optional<Tensor>& recurrent_mask,
-    const optional<Tensor>& zoneout_mask, const optional<Tensor>& zoneout_cell_mask, double zoneout,
-    double zoneout_cell, const optional<Tensor>& lengths, bool reverse, const Tensor& cell_saved,
-    const Tensor& h_prev, const Tensor& c_prev, const Tensor& h_cell, const Tensor& norm_ih,
-    const Tensor& norm_hh, const Tensor& norm_cell, const Tensor& rstd, bool input_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rnnfast::backward_with_options", "")
-                             .typed<decltype(call_backward_with_options)>();
-  return op.call(cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has_bias, w_hr,
-                 norm_ih_weight, norm_hh_weight, norm_cell_weight, has_norm_cell_bias,
-                 recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout, zoneout_cell, lengths,
-                 reverse, cell_saved, h_prev, c_prev, h_cell, norm_ih, norm_hh, norm_cell, rstd,
-                 input_grad);
+// The op `Name` called through the dispatcher, from the dispatch keys the calling thread is at;
+// Signature: its C++ function type (its autograd kernel's, below).
+template <const char* Name, typename Signature, typename... Args>
+decltype(auto) call_op(Args&&... args) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<Signature>();
+  return op.call(std::forward<Args>(args)...);
 }
 
 // The graph node of one differentiable forward_with_options call.
@@ -112,6 +88,30 @@ optional<Tensor> optional_of(const SavedVariable& saved) {
   return t.defined() ? optional<Tensor>(std::move(t)) : std::nullopt;
 }
 
+// The backward op has no derivative of its own: asking for one is an error, not a silent zero.
+LayerOptionsGradients backward_with_options_autograd(
+    c10::string_view cell, const Tensor& grad_output, const optional<Tensor>& grad_h_n,
+    const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+    bool has_bias, const optional<Tensor>& w_hr, const optional<Tensor>& norm_ih_weight,
+    const optional<Tensor>& norm_hh_weight, const optional<Tensor>& norm_cell_weight,
+    bool has_norm_cell_bias, const optional<Tensor>& recurrent_mask,
+    const optional<Tensor>& zoneout_mask, const optional<Tensor>& zoneout_cell_mask, double zoneout,
+    double zoneout_cell, const optional<Tensor>& lengths, bool reverse, const Tensor& cell_saved,
+    const Tensor& h_prev, const Tensor& c_prev, const Tensor& h_cell, const Tensor& norm_ih,
+    const Tensor& norm_hh, const Tensor& norm_cell, const Tensor& rstd, bool input_grad) {
+  TORCH_CHECK(!torch::autograd::compute_requires_grad(
+                  grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, norm_ih_weight,
+                  norm_hh_weight, norm_cell_weight, cell_saved, h_prev, c_prev, h_cell),
+              kFirstDerivativesOnly,
+              "their gradients cannot be taken with create_graph=True, nor differentiated");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call_op<kBackwardWithOptions, decltype(backward_with_options_autograd)>(
+      cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has_bias, w_hr, norm_ih_weight,
+      norm_hh_weight, norm_cell_weight, has_norm_cell_bias, recurrent_mask, zoneout_mask,
+      zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse, cell_saved, h_prev, c_prev,
+      h_cell, norm_ih, norm_hh, norm_cell, rstd, input_grad);
+}
+
 variable_list LayerWithOptionsBackward::apply(variable_list&& grads) {
   // The engine runs a backward with grad mode on exactly when create_graph=True.
   TORCH_CHECK(!at::GradMode::is_enabled(), kFirstDerivativesOnly,
@@ -127,14 +127,16 @@ variable_list LayerWithOptionsBackward::apply(variable_list&& grads) {
   const auto present = [](const Tensor& t) {
     return t.defined() ? optional<Tensor>(t) : std::nullopt;
   };
-  LayerOptionsGradients gradients = call_backward_with_options(
-      cell, grad_output, present(grads[1]), has_cell_state ? present(grads[2]) : std::nullopt,
-      input, w_ih_.unpack(), w_hh, has_bias, optional_of(w_hr_), optional_of(norm_ih_weight_),
-      optional_of(norm_hh_weight_), optional_of(norm_cell_weight_), has_norm_cell_bias,
-      optional_of(recurrent_mask_), optional_of(zoneout_mask_), optional_of(zoneout_cell_mask_),
-      zoneout, zoneout_cell, optional_of(lengths_), reverse, cell_saved_.unpack(), h_prev_.unpack(),
-      c_prev_.unpack(), h_cell_.unpack(), norm_ih_.unpack(), norm_hh_.unpack(), norm_cell_.unpack(),
-      rstd_.unpack(), task_should_compute_output(kGradInput));
+  LayerOptionsGradients gradients =
+      call_op<kBackwardWithOptions, decltype(backward_with_options_autograd)>(
+          cell, grad_output, present(grads[1]), has_cell_state ? present(grads[2]) : std::nullopt,
+          input, w_ih_.unpack(), w_hh, has_bias, optional_of(w_hr_), optional_of(norm_ih_weight_),
+          optional_of(norm_hh_weight_), optional_of(norm_cell_weight_), has_norm_cell_bias,
+          optional_of(recurrent_mask_), optional_of(zoneout_mask_), optional_of(zoneout_cell_mask_),
+          zoneout, zoneout_cell, optional_of(lengths_), reverse, cell_saved_.unpack(),
+          h_prev_.unpack(), c_prev_.unpack(), h_cell_.unpack(), norm_ih_.unpack(),
+          norm_hh_.unpack(), norm_cell_.unpack(), rstd_.unpack(),
+          task_should_compute_output(kGradInput));
   // The op returns empty tensors for the arguments the call did not have; their slots, and
   // those of gradients not asked for, stay undefined.
   variable_list result(kSlots);
@@ -159,7 +161,7 @@ ForwardResults forward_with_options_autograd(
     const optional<Tensor>& lengths, bool reverse, bool save) {
   const auto run = [&] {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward_with_options(
+    return call_op<kForwardWithOptions, decltype(forward_with_options_autograd)>(
         cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, norm_ih_weight, norm_hh_weight,
         norm_cell_weight, norm_cell_bias, recurrent_mask, zoneout_mask, zoneout_cell_mask, zoneout,
         zoneout_cell, lengths, reverse, save);
@@ -220,30 +222,6 @@ ForwardResults forward_with_options_autograd(
   node->norm_cell_ = SavedVariable(norm_cell, false);
   node->rstd_ = SavedVariable(rstd, false);
   return results;
-}
-
-// The backward op has no derivative of its own: asking for one is an error, not a silent zero.
-LayerOptionsGradients backward_with_options_autograd(
-    c10::string_view cell, const Tensor& grad_output, const optional<Tensor>& grad_h_n,
-    const optional<Tensor>& grad_c_n, const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
-    bool has_bias, const optional<Tensor>& w_hr, const optional<Tensor>& norm_ih_weight,
-    const optional<Tensor>& norm_hh_weight, const optional<Tensor>& norm_cell_weight,
-    bool has_norm_cell_bias, const optional<Tensor>& recurrent_mask,
-    const optional<Tensor>& zoneout_mask, const optional<Tensor>& zoneout_cell_mask, double zoneout,
-    double zoneout_cell, const optional<Tensor>& lengths, bool reverse, const Tensor& cell_saved,
-    const Tensor& h_prev, const Tensor& c_prev, const Tensor& h_cell, const Tensor& norm_ih,
-    const Tensor& norm_hh, const Tensor& norm_cell, const Tensor& rstd, bool input_grad) {
-  TORCH_CHECK(!torch::autograd::compute_requires_grad(
-                  grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, norm_ih_weight,
-                  norm_hh_weight, norm_cell_weight, cell_saved, h_prev, c_prev, h_cell),
-              kFirstDerivativesOnly,
-              "their gradients cannot be taken with create_graph=True, nor differentiated");
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return call_backward_with_options(
-      cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has_bias, w_hr, norm_ih_weight,
-      norm_hh_weight, norm_cell_weight, has_norm_cell_bias, recurrent_mask, zoneout_mask,
-      zoneout_cell_mask, zoneout, zoneout_cell, lengths, reverse, cell_saved, h_prev, c_prev,
-      h_cell, norm_ih, norm_hh, norm_cell, rstd, input_grad);
 }
 
 }  // namespace
