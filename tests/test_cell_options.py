@@ -234,6 +234,28 @@ def test_output_gradient_is_read_at_its_strides(layout):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_graph_node_keeps_torch_autograd_rules(cell):
+    # The layer's graph node follows autograd's rules for what it saved: a retained graph
+    # differentiates twice to the same gradients, a released one refuses a second backward, and
+    # an input changed in place after the forward is refused with torch's error.
+    args = make_case(cell, layer_norm=True, zoneout="mask", recurrent=True, packed=True)
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    output = functional.layer_with_options(cell, **args)[0]
+    assert output.grad_fn.name() == "rnnfast::LayerWithOptionsBackward"
+    first = torch.autograd.grad(output.sum(), tensors, retain_graph=True)
+    second = torch.autograd.grad(output.sum(), tensors)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(output.sum(), tensors)
+    output = functional.layer_with_options(cell, **args)[0]
+    with torch.no_grad():
+        args["w_hh"].mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(output.sum(), tensors)
+
 # ---- the modules ----------------------------------------------------------------------------
 
 def module_reference(module, kind, x, hx, lengths, training):
