@@ -156,9 +156,9 @@ def gemm_rate_gflops(size=2048, repeats=5):
 def training_step_flops(cell, batch, steps, hidden):
     """The floating-point operations of one training step's products (input size = hidden, as in
     SHAPES; the input takes no gradient): forward x W_ih^T and h W_hh^T, backward the gradients
-    of W_ih, of h and of W_hh, each 2 * steps * batch * gates * (hidden) for its side."""
+    of W_ih, of h and of W_hh, five products of 2 * steps * batch * gates * hidden each."""
     gates = {"LSTM": 4, "GRU": 3}[cell] * hidden
-    return 2 * steps * batch * gates * (2 * hidden + 3 * hidden)
+    return 5 * 2 * steps * batch * gates * hidden
 
 
 def _option_kwargs(options):

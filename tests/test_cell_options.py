@@ -210,7 +210,6 @@ def test_float32_layer_is_close_to_float64():
         torch.testing.assert_close(g.double(), e.detach(), rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("layout", ["expanded", "batch_major", "units_strided"])
 def test_output_gradient_is_read_at_its_strides(layout):
     # The backward reads the rows of output's gradient where they lie (an expanded gradient, as
@@ -255,6 +254,7 @@ def test_graph_node_keeps_torch_autograd_rules(cell):
         args["w_hh"].mul_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(output.sum(), tensors)
+
 
 # ---- the modules ----------------------------------------------------------------------------
 
