@@ -39,6 +39,9 @@ using torch::autograd::variable_list;
 constexpr const char* kFirstDerivativesOnly =
     "rnnfast: the layers with cell options (layer_norm, zoneout, dropout masks) have first "
     "derivatives only: ";
+// Its end where a gradient would be differentiated.
+constexpr const char* kNotDifferentiable =
+    "their gradients cannot be taken with create_graph=True, nor differentiated";
 
 using ForwardResults = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                   Tensor, Tensor, Tensor>;
@@ -102,8 +105,7 @@ LayerOptionsGradients backward_with_options_autograd(
   TORCH_CHECK(!torch::autograd::compute_requires_grad(
                   grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, w_hr, norm_ih_weight,
                   norm_hh_weight, norm_cell_weight, cell_saved, h_prev, c_prev, h_cell),
-              kFirstDerivativesOnly,
-              "their gradients cannot be taken with create_graph=True, nor differentiated");
+              kFirstDerivativesOnly, kNotDifferentiable);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_op<kBackwardWithOptions, decltype(backward_with_options_autograd)>(
       cell, grad_output, grad_h_n, grad_c_n, input, w_ih, w_hh, has_bias, w_hr, norm_ih_weight,
@@ -114,8 +116,7 @@ LayerOptionsGradients backward_with_options_autograd(
 
 variable_list LayerWithOptionsBackward::apply(variable_list&& grads) {
   // The engine runs a backward with grad mode on exactly when create_graph=True.
-  TORCH_CHECK(!at::GradMode::is_enabled(), kFirstDerivativesOnly,
-              "their gradients cannot be taken with create_graph=True, nor differentiated");
+  TORCH_CHECK(!at::GradMode::is_enabled(), kFirstDerivativesOnly, kNotDifferentiable);
   // grads: those of (output, h_n, c_n), undefined where no gradient flows (taken as zero).
   const Tensor input = input_.unpack(), w_hh = w_hh_.unpack();
   const Tensor grad_output =
