@@ -57,16 +57,21 @@ inline T layer_norm_row(int64_t n, const T* x, const T* gain, const T* bias, T* 
 
 // The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
 // (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-// dx may be dy. The gain's and bias's gradients are sums over rows, left to the engine.
+// dx may be dy. The row's terms of the gain's and the bias's gradients (sums over all rows)
+// are added to gain_sum += dy * x_hat and bias_sum += dy [n] in the same pass, where given.
 template <typename T>
 inline void layer_norm_row_backward(int64_t n, const T* dy, const T* normalized, T rstd,
-                                    const T* gain, T* dx) {
+                                    const T* gain, T* dx, T* gain_sum = nullptr,
+                                    T* bias_sum = nullptr) {
   using V = Vec<T>;
   V sum_g(T(0)), sum_g_x_hat(T(0));
   for_unit_runs<T>(n, [&](VectorUnits j, V) {
-    const V g = load<V>(dy, 0, j) * load<V>(gain, 0, j);
+    const V d = load<V>(dy, 0, j), x_hat = load<V>(normalized, 0, j);
+    const V g = d * load<V>(gain, 0, j);
     sum_g += g;
-    sum_g_x_hat += g * load<V>(normalized, 0, j);
+    sum_g_x_hat += g * x_hat;
+    if (gain_sum != nullptr) store(gain_sum, 0, j, load<V>(gain_sum, 0, j) + d * x_hat);
+    if (bias_sum != nullptr) store(bias_sum, 0, j, load<V>(bias_sum, 0, j) + d);
   });
   const V mean_g(lanes_sum(sum_g) / T(n)), mean_g_x_hat(lanes_sum(sum_g_x_hat) / T(n));
   for_unit_runs<T>(n, [&](VectorUnits j, V) {
