@@ -28,31 +28,73 @@ inline T lanes_sum(Vec<T> v) {
   return lanes[0];
 }
 
-// y = (x - mean) / sqrt(var + eps) * gain + bias over one row of n values (bias may be nullptr);
-// normalized gets (x - mean) / sqrt(var + eps) (may be nullptr); y may be x. Returns
-// 1 / sqrt(var + eps). Mean and variance in two passes, as torch.nn.LayerNorm's.
+// One row of a layer normalisation: y = (x - mean) / sqrt(var + eps) * gain + bias over its n
+// values (bias may be nullptr); normalized gets (x - mean) / sqrt(var + eps) (may be nullptr);
+// y may be x.
+template <typename T>
+struct NormRow {
+  const T* x;
+  const T* gain;
+  const T* bias;
+  T* y;
+  T* normalized;
+};
+
+// The second and last pass of a row's normalisation, from its mean and 1 / sqrt(var + eps).
+template <typename T>
+inline void normalise_row(int64_t n, const NormRow<T>& row, T mean, T rstd) {
+  using V = Vec<T>;
+  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
+    const V x_hat = layer_norm_normal_form(load<V>(row.x, 0, j), V(mean), V(rstd));
+    if (row.normalized != nullptr) store(row.normalized, 0, j, x_hat);
+    store(row.y, 0, j,
+          layer_norm_affine(x_hat, load<V>(row.gain, 0, j),
+                            row.bias != nullptr ? load<V>(row.bias, 0, j) : zero));
+  });
+}
+
+// Normalises `rows` rows of n values each; rstd[r] gets row r's 1 / sqrt(var + eps). Mean and
+// variance in two passes, as torch.nn.LayerNorm's. The rows' sums run in the same loops: a
+// row's normalisation is bound by the latency of its chains of dependent additions, which the
+// other rows' chains overlap (the same values as one row at a time).
+template <typename T, int rows>
+inline void layer_norm_rows(int64_t n, const NormRow<T> (&row)[rows], T (&rstd)[rows]) {
+  using V = Vec<T>;
+  V sums[rows];
+  for (int r = 0; r < rows; ++r) sums[r] = V(T(0));
+  // (Lanes past a run's end load as 0 and add nothing.)
+  for_unit_runs<T>(n, [&](VectorUnits j, V) {
+    for (int r = 0; r < rows; ++r) sums[r] += load<V>(row[r].x, 0, j);
+  });
+  T mean[rows];
+  for (int r = 0; r < rows; ++r) {
+    mean[r] = lanes_sum(sums[r]) / T(n);
+    sums[r] = V(T(0));
+  }
+  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
+    for (int r = 0; r < rows; ++r) {
+      const V centred = load<V>(row[r].x, 0, j) - V(mean[r]);
+      // Past the run's end the lanes hold -mean: they are left out.
+      sums[r] = sums[r] + V::set(zero, centred * centred, j.count);
+    }
+  });
+  for (int r = 0; r < rows; ++r) {
+    rstd[r] = layer_norm_rstd(lanes_sum(sums[r]), static_cast<int>(n));
+    normalise_row(n, row[r], mean[r], rstd[r]);
+  }
+}
+
+// One row's normalisation; returns its 1 / sqrt(var + eps).
+template <typename T>
+inline T layer_norm_row(int64_t n, const NormRow<T>& row) {
+  T rstd[1];
+  layer_norm_rows<T, 1>(n, {row}, rstd);
+  return rstd[0];
+}
+
 template <typename T>
 inline T layer_norm_row(int64_t n, const T* x, const T* gain, const T* bias, T* y, T* normalized) {
-  using V = Vec<T>;
-  V sum(T(0));
-  // (Lanes past a run's end load as 0 and add nothing.)
-  for_unit_runs<T>(n, [&](VectorUnits j, V) { sum += load<V>(x, 0, j); });
-  const T mean = lanes_sum(sum) / T(n);
-  V squares(T(0));
-  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
-    const V centred = load<V>(x, 0, j) - V(mean);
-    // Past the run's end the lanes hold -mean: they are left out.
-    squares = squares + V::set(zero, centred * centred, j.count);
-  });
-  const T rstd = layer_norm_rstd(lanes_sum(squares), static_cast<int>(n));
-  for_unit_runs<T>(n, [&](VectorUnits j, V zero) {
-    const V x_hat = layer_norm_normal_form(load<V>(x, 0, j), V(mean), V(rstd));
-    if (normalized != nullptr) store(normalized, 0, j, x_hat);
-    store(y, 0, j,
-          layer_norm_affine(x_hat, load<V>(gain, 0, j),
-                            bias != nullptr ? load<V>(bias, 0, j) : zero));
-  });
-  return rstd;
+  return layer_norm_row<T>(n, NormRow<T>{x, gain, bias, y, normalized});
 }
 
 // The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
