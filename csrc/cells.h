@@ -131,8 +131,8 @@ struct LstmCell {
   // The gates and the new cell state c = f * c_prev + i * g, returned; o_j gets the output
   // gate. saved: [i, f, g, o] into its first 4H (or nullptr).
   template <typename A, typename T, typename Index>
-  RNNFAST_HD static A cell_state(int H, Index j, const T* xg, const T* hg, A c_prev_j, A& o_j,
-                                 T* saved) {
+  RNNFAST_HD_INLINED static A cell_state(int H, Index j, const T* xg, const T* hg, A c_prev_j,
+                                         A& o_j, T* saved) {
     const A i = sigmoid(load<A>(xg, 0, j) + load<A>(hg, 0, j));
     const A f = sigmoid(load<A>(xg, H, j) + load<A>(hg, H, j));
     const A g = activate<Act>(load<A>(xg, 2 * H, j) + load<A>(hg, 2 * H, j));
