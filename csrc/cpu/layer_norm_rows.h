@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../cells.h"
 #include "capability.h"
@@ -17,8 +18,17 @@ inline namespace CPU_CAPABILITY {  // capability.h
 
 // The sum of a vector's lanes, added pairwise in halves: 4 dependent additions for 16 lanes,
 // where one running sum is 16 (a row's normalisation takes two of these sums, its gradient two).
+// With AVX-512 in registers (the intrinsics add the same halves in the same order); elsewhere
+// through memory.
 template <typename T>
 inline T lanes_sum(Vec<T> v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_reduce_add_ps(v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return _mm512_reduce_add_pd(v);
+  }
+#endif
   constexpr int kLanes = Vec<T>::size();
   alignas(64) T lanes[kLanes];
   v.store(lanes);
