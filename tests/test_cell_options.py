@@ -200,11 +200,12 @@ def test_large_layer_matches_reference():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_layer_norm_parameter_sums_over_many_steps_match_reference(cell):
-    # More steps than a batch row sums in one run before adding them into its totals, packed
-    # rows of other lengths, both directions.
-    args = make_case(cell, layer_norm=True, packed=True, steps=150, batch=3, input_size=3,
-                     hidden=4)
+@pytest.mark.parametrize("options", [dict(layer_norm=True), dict(zoneout="mask")],
+                         ids=["layer_norm", "zoneout"])
+def test_parameter_sums_over_many_steps_match_reference(cell, options):
+    # The normalisations' and the biases' gradients over more steps than a batch row sums in
+    # one run before adding them into its totals, packed rows of other lengths, both directions.
+    args = make_case(cell, packed=True, steps=150, batch=3, input_size=3, hidden=4, **options)
     check_against_reference(cell, args)
     check_against_reference(cell, args, reverse=True)
 
@@ -760,9 +761,9 @@ def test_module_layouts_and_initial_state(layout):
 ], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas", "lstm-norm-many-steps"])
 def test_results_are_the_same_on_any_number_of_threads(cell, case):
     # Rows per thread, or cells split per step; the gradients' sums in an order fixed by the
-    # shape (column sums in blocks of rows added in block order; the normalisations' sums per
-    # batch row over the steps, then over the rows in order): float32 results bit for bit the
-    # same on 1, 2 and 3 threads.
+    # shape (the weights' GEMMs; the biases' and the normalisations' sums per batch row over the
+    # steps, then over the rows in order): float32 results bit for bit the same on 1, 2 and 3
+    # threads.
     args = {name: t.detach().float().requires_grad_(t.requires_grad)
             if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for name, t in make_case(cell, **case).items()}

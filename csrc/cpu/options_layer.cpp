@@ -131,7 +131,7 @@ class ParameterSums {
         steps_since_flush_(rows, 0) {}
 
   // Row b's sum at offset (nullptr where not taken).
-  T* at(int64_t b, int64_t offset) {
+  T* row_sum(int64_t b, int64_t offset) {
     return offset < 0 ? nullptr : running_data_ + b * layout_.width + offset;
   }
 
@@ -560,9 +560,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
               Cell::output_backward(static_cast<int>(H), j, saved, load<V>(dh_row, 0, j), dxg_row));
         });
         T* dc_through_norm = dc_new + H;
-        layer_norm_row_backward<T>(H, dc_out, norm_cell_all + row * H, rstd_all[row * 3 + 2],
-                                   gain_c, dc_through_norm, parameter_sums.at(b, layout.gain_c),
-                                   parameter_sums.at(b, layout.bias_c));
+        layer_norm_row_backward<T>(
+            H, dc_out, norm_cell_all + row * H, rstd_all[row * 3 + 2], gain_c, dc_through_norm,
+            parameter_sums.row_sum(b, layout.gain_c), parameter_sums.row_sum(b, layout.bias_c));
         for_unit_runs<T>(H, [&](auto j, auto zero) {
           using V = decltype(zero);
           V dc_prev = zero;
@@ -596,19 +596,19 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     }
     if (!sums_in_loop) return;
     // The normalisations' backward, hg's before xg's, which may change dhg (as dxg) in place.
-    T* bias_hh_sum = parameter_sums.at(b, layout.bias_hh);
+    T* bias_hh_sum = parameter_sums.row_sum(b, layout.bias_hh);
     if (norm_hh) {
       layer_norm_row_backward<T>(G, dhg_row, norm_hh_all + row * G, rstd_all[row * 3 + 1], gain_hh,
-                                 dhg_raw_data + row * G, parameter_sums.at(b, layout.gain_hh),
+                                 dhg_raw_data + row * G, parameter_sums.row_sum(b, layout.gain_hh),
                                  bias_hh_sum);
     } else {
       add_row<T>(G, dhg_row, bias_hh_sum);
       if (own_dhg_raw) std::copy(dhg_row, dhg_row + G, dhg_raw_data + row * G);
     }
-    T* bias_ih_sum = parameter_sums.at(b, layout.bias_ih);
+    T* bias_ih_sum = parameter_sums.row_sum(b, layout.bias_ih);
     if (norm_ih) {
       layer_norm_row_backward<T>(G, dxg_row, norm_ih_all + row * G, rstd_all[row * 3], gain_ih,
-                                 dxg_row, parameter_sums.at(b, layout.gain_ih), bias_ih_sum);
+                                 dxg_row, parameter_sums.row_sum(b, layout.gain_ih), bias_ih_sum);
     } else {
       add_row<T>(G, dxg_row, bias_ih_sum);
     }
