@@ -102,11 +102,6 @@ inline T layer_norm_row(int64_t n, const NormRow<T>& row) {
   return rstd[0];
 }
 
-template <typename T>
-inline T layer_norm_row(int64_t n, const T* x, const T* gain, const T* bias, T* y, T* normalized) {
-  return layer_norm_row<T>(n, NormRow<T>{x, gain, bias, y, normalized});
-}
-
 // The gradient of layer_norm_row's input from dy (dLoss/dy) and what the forward kept
 // (normalized, rstd): with g = dy * gain, dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
 // dx may be dy. The row's terms of the gain's and the bias's gradients (sums over all rows)

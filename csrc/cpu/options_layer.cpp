@@ -320,8 +320,9 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
                                  saved));
         });
         // c_out = LN(c) * gain_c + bias_c into saved[4H]: the backward's act(c_out).
-        const A value = layer_norm_row<T>(H, cn_row, gain_c, bias_c, saved + 4 * H,
-                                          norm_cell_saved ? norm_cell_saved + row * H : nullptr);
+        const A value =
+            layer_norm_row<T>(H, {cn_row, gain_c, bias_c, saved + 4 * H,
+                                  norm_cell_saved ? norm_cell_saved + row * H : nullptr});
         if (rstd_saved) rstd_saved[row * 3 + 2] = value;
         for_unit_runs<T>(H, [&](auto j, auto zero) {
           using V = decltype(zero);
