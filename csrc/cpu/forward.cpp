@@ -161,6 +161,7 @@ constexpr int64_t kPanelMinSteps = 4;
 // generic kernels at half of oneDNN's rate: there the panels run every batch.
 constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
 bool blas_is_fast_here() {
   static const bool fast = [] {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -175,6 +176,7 @@ bool blas_is_fast_here() {
   }();
   return fast;
 }
+#endif
 
 // Whether the forward runs in the panel schedule: a product the BLAS would run; float or
 // double with SIMD vectors; no projection; one thread, or the threads of a region that run

@@ -65,9 +65,9 @@ inline void block(const float* a, int64_t lda, const float* const (&b_rows)[kBlo
                   std::index_sequence<J...>) {
   static_assert(sizeof...(J) == kBlockRows && kRowsA >= 1 && kRowsA <= 3);
   // Rows 0, 1 and 2 of A against the block (those past kRowsA are never used).
-  __m512 sums0[kBlockRows] = {(J, _mm512_setzero_ps())...};
-  __m512 sums1[kBlockRows] = {(J, _mm512_setzero_ps())...};
-  __m512 sums2[kBlockRows] = {(J, _mm512_setzero_ps())...};
+  __m512 sums0[kBlockRows] = {((void)J, _mm512_setzero_ps())...};
+  __m512 sums1[kBlockRows] = {((void)J, _mm512_setzero_ps())...};
+  __m512 sums2[kBlockRows] = {((void)J, _mm512_setzero_ps())...};
   // The k loop in whole vectors; the rest under a lane mask.
   for (int64_t p = 0; p < k; p += 16) {
     const __mmask16 lanes = k - p >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - p)) - 1);
