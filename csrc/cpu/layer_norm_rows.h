@@ -7,7 +7,7 @@
 // Each pass runs over whole vectors and then one partial vector (its lanes past the row's end
 // load as 0 and are not stored), with the rows' pointers in registers and what a row lacks (a
 // bias, a saved normal form) chosen outside the loop: in the time loop of the 16-row, 64-unit
-// layer-normalised LSTM these passes are what its step spends beyond the plain layer's.
+// layer-normalised LSTM these passes are most of what its step spends beyond the plain layer's.
 #pragma once
 
 #include <c10/util/Exception.h>

@@ -232,8 +232,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // form, which the backward reads, takes its place in xg. Where hg is normalised too and the
   // cell reads xg and hg only as their sum (LSTM, Elman), the two normalised rows' sum goes
   // into hg's row and the cell reads a row of zeros as xg (the 16-row, 64-unit LSTM's training
-  // step 1-2% faster than with a row of its own for each); otherwise xg's goes into a row of
-  // xg_affine [B, G].
+  // step about 1% faster than with a row of its own for each); otherwise xg's goes into a row
+  // of xg_affine [B, G].
   const bool norm_ih = args.norm_ih_weight.defined();
   const bool norms_summed = Cell::kHiddenBiasFoldable && norm_ih && norm_hh;
   Tensor xg_affine = norm_ih && !norms_summed ? at::empty({B, G}, options) : Tensor();
