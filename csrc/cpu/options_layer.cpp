@@ -239,7 +239,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   Tensor xg_affine = norm_ih && !norms_summed ? at::empty({B, G}, options) : Tensor();
   // [G] zeros: xg where the sums go into hg, and the bias of a row without one.
   Tensor zero_gates = norms_summed ? at::zeros({G}, options) : Tensor();
-  r.norm_ih = save && args.norm_ih_weight.defined() ? xg.view({Tn, B, G}) : at::empty({0}, options);
+  r.norm_ih = save && norm_ih ? xg.view({Tn, B, G}) : at::empty({0}, options);
 
   using Product = RecurrentProduct<T>;
   // hg = h_in W_hh^T + b_hh (+ b_ih where folded), or h_in W_hh^T alone where the
