@@ -6,6 +6,13 @@
 // recomputed) as this composition instead, and autograd differentiates it. The cell math is
 // csrc/cells.h's, instantiated with whole [B, H] tensors as its values, so it is not written
 // a second time.
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -7,6 +7,12 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -425,9 +431,10 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
         first_dgate = dgate[T_ - 1];
       } else {
         // Row b starts at t = len[b] - 1; rows of length 0 never run.
-        const Tensor first_rows = (lengths - 1).clamp_min(0) * B + at::arange(B, lengths.options());
+        const Tensor first_rows =
+            lengths.sub(1).clamp_min(0).mul(B).add(at::arange(B, lengths.options()));
         first_dgate = dgate.view({T_ * B, cols}).index_select(0, first_rows);
-        first_dgate = first_dgate * (lengths > 0).unsqueeze(1).to(first_dgate.scalar_type());
+        first_dgate = first_dgate.mul(lengths.gt(0).unsqueeze(1).to(first_dgate.scalar_type()));
       }
       const Tensor first_rows = count == cols ? first_dgate : first_dgate.narrow(1, 0, count);
       if (hx.defined()) {
@@ -436,7 +443,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
         // From zero states the term dgate^T 0 is 0 where a row's gate gradients are finite,
         // and NaN where one is not (0 * NaN, 0 * Inf), as torch.nn's product makes it.
         if (!written) out.zero_();
-        out.add_((first_rows * 0).sum(0).unsqueeze(1));
+        out.add_(first_rows.mul(0).sum(0).unsqueeze(1));
       }
       written = true;
     }

@@ -2,7 +2,7 @@
 // checked arguments. Shared by the CPU and CUDA engines (host code only).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string>

@@ -2,6 +2,8 @@
 // arguments and checked, with messages that name the argument.
 #include "layer_options.h"
 
+#include <ATen/ops/empty.h>
+
 #include <sstream>
 #include <string>
 #include <utility>

@@ -19,7 +19,7 @@
 //                         input's gradient was not asked for).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 #include <optional>

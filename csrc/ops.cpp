@@ -16,6 +16,7 @@
 // Layers, directions, dropout and packing are composed in Python (rnnfast/functional.py),
 // which calls the forward op through rnnfast._C.layer in eager mode (csrc/python_module.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/aminmax.h>
 #include <torch/library.h>
 
 #include <sstream>

@@ -1,11 +1,12 @@
 // The CPU engine's backward (engine.h): the reverse loop and its kernels; the weight gradients
 // after it are weight_gradients.cpp's.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>

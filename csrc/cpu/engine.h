@@ -19,7 +19,7 @@
 // why there are several) and register_ops.cpp (registers the entry points of the CPU at hand).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

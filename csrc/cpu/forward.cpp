@@ -1,10 +1,11 @@
 // The CPU engine's forward (engine.h): the input projection, the time loop and its kernels.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>

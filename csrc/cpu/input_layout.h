@@ -2,7 +2,7 @@
 // register layer, the inference's batch-major projection) instead of a time-major copy.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "../layer.h"
 #include "capability.h"

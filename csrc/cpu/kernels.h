@@ -1,7 +1,7 @@
 // The CPU engine's kernels as one instruction set's copy declares them (capability.h).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

@@ -7,8 +7,14 @@
 // the (dropped-out) state, the normalisation of its rows, the cell, the projection and zoneout;
 // the backward runs the steps in reverse and takes the weights' gradients as GEMMs and sums over
 // all steps at the end. float and double (the Python side runs bfloat16 and float16 in float).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -244,7 +250,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   using Product = RecurrentProduct<T>;
   // hg = h_in W_hh^T + b_hh (+ b_ih where folded), or h_in W_hh^T alone where the
   // normalisation adds b_hh after it.
-  const Tensor step_bias = norm_hh ? Tensor() : fold_biases ? args.b_ih + args.b_hh : args.b_hh;
+  const Tensor step_bias = norm_hh ? Tensor() : fold_biases ? args.b_ih.add(args.b_hh) : args.b_hh;
   const Product recurrent(args.w_hh, step_bias, B, Tn);
   const Product projection(args.w_hr, Tensor(), B, Tn);
   const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent);

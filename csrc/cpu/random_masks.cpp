@@ -6,9 +6,9 @@
 // counter-based generator decides each element from the seed and the element's index alone, so
 // the threads fill their parts of the mask independently and a seed gives the same mask on any
 // number of threads.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>

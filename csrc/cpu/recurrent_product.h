@@ -14,8 +14,8 @@
 // [B][gates * H], so the cell math sees all B * H units of a gate as one contiguous run.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <memory>

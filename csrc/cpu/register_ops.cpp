@@ -1,7 +1,7 @@
 // Registers the CPU engine's kernels of rnnfast::forward and rnnfast::backward: the copy compiled
 // for the instruction set ATen chose for this CPU (capability.h), and the input it reads.
-#include <ATen/ATen.h>
 #include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <string>

@@ -1,8 +1,8 @@
 // The thread schedule of a call's time loop: which threads run the steps, and the loop itself.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>

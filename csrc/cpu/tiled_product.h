@@ -8,8 +8,9 @@
 // loads of Wt, kRows broadcasts of `in` and kRows * kVectors fused multiply-adds.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <type_traits>

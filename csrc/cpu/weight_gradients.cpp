@@ -1,11 +1,12 @@
 // The CPU engine's weight gradients (engine.h): GEMMs over all steps and column sums, each in
 // an order fixed by the shape.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
