@@ -129,6 +129,15 @@ CPU_ENGINE_SOURCES = [source for source in relative_sources("csrc/cpu/*.cpp")
                       if os.path.basename(source) != "register_ops.cpp"]
 
 
+def optimization_flag():
+    """-O3, or the level RNNFAST_OPT_LEVEL names: 0 compiles the extension in about half the
+    time into code many times slower, for a debugger or a check that the sources build."""
+    level = os.environ.get("RNNFAST_OPT_LEVEL", "3")
+    if level not in ("0", "1", "2", "3"):
+        raise SystemExit(f"rnnfast: RNNFAST_OPT_LEVEL={level!r}; it must be 0, 1, 2 or 3")
+    return f"-O{level}"
+
+
 def extension():
     sources = relative_sources("csrc/*.cpp") + ["csrc/cpu/register_ops.cpp"]
     # -fopenmp: at::parallel_for is a header template whose threads are an OpenMP pragma; built
@@ -138,8 +147,9 @@ def extension():
     # time of the engine's template-heavy files and most of the binary's size;
     # RNNFAST_DEBUG_INFO=1 keeps it, for a debugger's source lines.
     debug_info = [] if os.environ.get("RNNFAST_DEBUG_INFO") == "1" else ["-g0"]
+    optimize = optimization_flag()
     # RNNFAST_AVX2_ENGINE, RNNFAST_AVX512_ENGINE: the copies register_ops.cpp may choose.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + debug_info + [
+    cxx_flags = [optimize, "-std=c++17", "-fopenmp"] + debug_info + [
         f"-DRNNFAST_{name}_ENGINE" for name, _ in cpu_capabilities() if name != "DEFAULT"]
     link_flags = ["-fopenmp"]
     if WITH_CUDA:
@@ -150,7 +160,7 @@ def extension():
             sources + CUDA_SOURCES,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DRNNFAST_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "-DRNNFAST_WITH_CUDA"],
+                "nvcc": [optimize, "-std=c++17", "-DRNNFAST_WITH_CUDA"],
             },
             extra_link_args=link_flags,
         )

@@ -58,10 +58,11 @@ def test_sdist_carries_every_source_and_no_build_output(sdist):
 def test_sdist_builds_installs_and_matches_torch_nn(sdist, tmp_path):
     """pip wheel from the tarball alone, installed into a fresh virtualenv (which sees the
     installed torch), imported from outside the checkout."""
-    # The CPU engine only, in its portable copy only: the CUDA sources' presence is checked
-    # above, and nvcc or the AVX copies (tests/test_cpu_dispatch.py) would make this build
-    # several times longer.
-    env = clean_env(RNNFAST_NO_CUDA="1", RNNFAST_CPU_CAPABILITIES="DEFAULT")
+    # The CPU engine only, in its portable copy only, unoptimised: the CUDA sources' presence is
+    # checked above, the AVX copies by tests/test_cpu_dispatch.py, the optimised code by every
+    # other test. nvcc or the AVX copies would make this build several times longer, -O3 about
+    # twice as long.
+    env = clean_env(RNNFAST_NO_CUDA="1", RNNFAST_CPU_CAPABILITIES="DEFAULT", RNNFAST_OPT_LEVEL="0")
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
                     "-w", str(wheels), str(sdist)],
