@@ -1046,6 +1046,17 @@ def test_large_weights_in_gate_panels(rf, device, spec, layout, dtype, hx_given,
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", range(1, 18))
+def test_gate_panel_row_tiles_of_every_batch(rf, device, batch, dtype):
+    """The LSTM forward in gate panels for every batch of 1 to 17 rows: GatePanels::row_tiles
+    cuts them into tiles of 1 to 6 rows, which with AVX2 are tiles of 3 rows x 4 gates and
+    tiles of 4 or 5 rows that run their gates in two passes (16 rows: 3 + 3 + 5 + 5)."""
+    sizes = dict(T=5, B=batch, I=7, H=150)
+    check_layer(rf, Spec("LSTM", "LSTM"), device, dtype, num_layers=1, bidirectional=False,
+                batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
+
+
 @pytest.mark.parametrize("layout", ["batched", "packed"])
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("spec", STANDARD, ids=str)

@@ -209,7 +209,6 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
                            Tensor& h_state, Tensor& c_state, Tensor& output, Tensor& workspace) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
-  constexpr int kRows = GatePanels<T>::rows_per_tile(Cell::kGates);
   const bool saving = workspace.dim() > 1;  // [T, B, W] or [N, W] when saving, [0] otherwise
   GatePanels<T> panels(w_hh.contiguous(), step_bias, Cell::kGates);
   Tensor hg = at::empty({B, G}, h_state.options());
@@ -221,12 +220,6 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
   T* out_data = output.data_ptr<T>();
   T* ws_data = saving && W > 0 ? workspace.data_ptr<T>() : nullptr;
-  // Row tiles over the rows of a step that may be active (all, or the packed sequence's rows
-  // that have not ended), as even as kRows allows: 20 LSTM rows as 4 tiles of 5, not
-  // 6 + 6 + 6 + 2 (a tile of 2 rows runs its multiply-adds at a third of the rate). Tile i of
-  // `rows` rows: rows tile_begin(i) .. tile_begin(i + 1) - 1.
-  const auto tiles_of = [](int64_t rows) { return (rows + kRows - 1) / kRows; };
-  const auto tile_begin = [&](int64_t tile, int64_t rows) { return tile * rows / tiles_of(rows); };
 
   // The cell math of rows b0 .. b1 - 1, units `units`, of step t, from hg.
   const auto pointwise = [&](int64_t t, int64_t b0, int64_t b1, VectorUnits units, const T* h_prev,
@@ -280,16 +273,18 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
       const T* h_prev = h_data + parity * B * H;
       T* h_next = h_data + (1 - parity) * B * H;
       const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
-      // The rows that have ended (a packed sequence's, in order of length) run no product.
-      const int64_t rows = v.active_end(t, 0, B), tiles = tiles_of(rows);
+      // The rows that have ended (a packed sequence's, in order of length) run no product. The
+      // row tiles cover the others (GatePanels::row_tiles: none of 2 rows where avoidable).
+      const int64_t rows = v.active_end(t, 0, B);
+      const auto row_tiles = GatePanels<T>::template row_tiles<Cell::kGates>(rows);
       for (int64_t block = first; block < end; ++block) {
         const VectorUnits units{static_cast<int>(panels.first_unit(block)), panels.units(block)};
         // The k loop in chunks that stay in the L1 cache over all row tiles; after the last
         // chunk of a tile, its cell math while the tile is in L1 too.
         for (int64_t k0 = 0; k0 < K; k0 += chunk) {
           const int64_t k1 = std::min(K, k0 + chunk);
-          for (int64_t row_tile = 0; row_tile < tiles; ++row_tile) {
-            const int64_t b0 = tile_begin(row_tile, rows), b1 = tile_begin(row_tile + 1, rows);
+          for (int64_t row_tile = 0; row_tile < row_tiles.count; ++row_tile) {
+            const int64_t b0 = row_tiles.begin(row_tile), b1 = row_tiles.begin(row_tile + 1);
             if (k0 == 0) fetch_cell_inputs(t, b0, b1, units);
             panels.template tile<Cell::kGates>(h_rows ? h_rows + b0 * H : nullptr,
                                                static_cast<int>(b1 - b0), block, k0, k1,
