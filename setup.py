@@ -130,7 +130,7 @@ CPU_ENGINE_SOURCES = [source for source in relative_sources("csrc/cpu/*.cpp")
 
 
 def optimization_flag():
-    """-O3, or the level RNNFAST_OPT_LEVEL names: 0 compiles the extension in about half the
+    """-O3, or the level RNNFAST_OPT_LEVEL names: 0 compiles the extension in about 60% of the
     time into code many times slower, for a debugger or a check that the sources build."""
     level = os.environ.get("RNNFAST_OPT_LEVEL", "3")
     if level not in ("0", "1", "2", "3"):
