@@ -25,13 +25,44 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "capability.h"
 
 namespace rnnfast {
 namespace cpu {
 inline namespace CPU_CAPABILITY {  // capability.h
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// to[c * to_stride + r] = from[r * from_stride + c] for r, c in 0 .. 7.
+inline void transpose_8x8(const float* from, int64_t from_stride, float* to, int64_t to_stride) {
+  __m256 rows[8], pairs[8];
+  for (int r = 0; r < 8; ++r) rows[r] = _mm256_loadu_ps(from + r * from_stride);
+  // Per 128-bit half, rows a, b -> (a0 b0 a1 b1) and (a2 b2 a3 b3).
+  for (int r = 0; r < 8; r += 2) {
+    pairs[r] = _mm256_unpacklo_ps(rows[r], rows[r + 1]);
+    pairs[r + 1] = _mm256_unpackhi_ps(rows[r], rows[r + 1]);
+  }
+  // Per half, rows a .. d -> (a0 b0 c0 d0), (a1 b1 c1 d1), (a2 ...), (a3 ...): rows[0 .. 3]
+  // hold columns 0 .. 3 of rows 0 .. 3 (low half) and columns 4 .. 7 (high half), rows[4 .. 7]
+  // the same of rows 4 .. 7.
+  for (int r = 0; r < 8; r += 4) {
+    rows[r] = _mm256_shuffle_ps(pairs[r], pairs[r + 2], 0x44);
+    rows[r + 1] = _mm256_shuffle_ps(pairs[r], pairs[r + 2], 0xEE);
+    rows[r + 2] = _mm256_shuffle_ps(pairs[r + 1], pairs[r + 3], 0x44);
+    rows[r + 3] = _mm256_shuffle_ps(pairs[r + 1], pairs[r + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(to + c * to_stride, _mm256_permute2f128_ps(rows[c], rows[c + 4], 0x20));
+    _mm256_storeu_ps(to + (c + 4) * to_stride, _mm256_permute2f128_ps(rows[c], rows[c + 4], 0x31));
+  }
+}
+#endif
 
 template <typename T>
 class GatePanels {
@@ -129,9 +160,30 @@ class GatePanels {
       // so that the panel's rows being written stay in the L1 cache while every unit and gate
       // writes its lane (written term by term over the whole panel, each value's store missed
       // the cache). The padding lanes are zeros: a partial block computes nothing undefined.
+      // In float, full blocks move squares of 8 units x 8 terms through vector registers:
+      // copied value by value, whose loads from the gates x kLanes rows kept few cache misses
+      // in flight, the packing took 5% of the time of a forward of 10 steps (the seq2seq
+      // encoder; 2-core AMD EPYC: that forward 6% faster now, the word models' 2-3%, 100 steps
+      // of 512 units 1.6%).
       const int64_t stride = gates_ * kLanes;
       for (int64_t k0 = 0; k0 < k_; k0 += kPackTerms) {
         const int64_t k1 = std::min(k_, k0 + kPackTerms);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+        if constexpr (std::is_same_v<T, float>) {
+          if (count == kLanes && k1 - k0 == kPackTerms) {
+            for (int64_t gate = 0; gate < gates_; ++gate) {
+              const T* from = w_hh_ + (gate * hidden_ + unit0) * k_ + k0;
+              T* to = panel + k0 * stride + gate * kLanes;
+              for (int64_t k = 0; k < kPackTerms; k += 8) {
+                for (int lane = 0; lane < kLanes; lane += 8) {
+                  transpose_8x8(from + lane * k_ + k, k_, to + k * stride + lane, stride);
+                }
+              }
+            }
+            continue;
+          }
+        }
+#endif
         for (int64_t gate = 0; gate < gates_; ++gate) {
           for (int lane = 0; lane < kLanes; ++lane) {
             T* to = panel + gate * kLanes + lane;
