@@ -758,7 +758,10 @@ def test_module_layouts_and_initial_state(layout):
     ("elman_tanh", dict(zoneout="mask", recurrent=True, batch=64, hidden=300, input_size=300,
                         steps=4)),
     ("lstm", dict(layer_norm=True, packed=True, batch=24, hidden=32, input_size=16, steps=150)),
-], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas", "lstm-norm-many-steps"])
+    # Too few units per step for the plain engine to split its cells: these are split.
+    ("lstm", dict(layer_norm=True, zoneout="mask", batch=20, hidden=200, input_size=50, steps=4)),
+], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas", "lstm-norm-many-steps",
+        "lstm-norm-cells-split"])
 def test_results_are_the_same_on_any_number_of_threads(cell, case):
     # Rows per thread, or cells split per step; the gradients' sums in an order fixed by the
     # shape (the weights' GEMMs; the biases' and the normalisations' sums per batch row over the
