@@ -46,6 +46,7 @@ class RecurrentProduct {
   RecurrentProduct(const at::Tensor& matrix, const at::Tensor& bias, int64_t rows, int64_t steps,
                    Packed packed = Packed::None, int64_t packed_hidden = 0, bool may_pack = false)
       : bias_(bias.defined() ? bias.contiguous() : bias),
+        bias_data_(bias_.defined() ? bias_.template data_ptr<T>() : nullptr),
         packed_(packed),
         packed_hidden_(packed_hidden) {
     if (!matrix.defined()) return;
@@ -140,7 +141,7 @@ class RecurrentProduct {
     if (widened_) {
       compute_widened(in, batch, nullptr, out);
     } else {
-      compute(in, batch, bias_.defined() ? bias_.template data_ptr<T>() : nullptr, 0, out);
+      compute(in, batch, bias_data_, 0, out);
     }
   }
 
@@ -324,6 +325,9 @@ class RecurrentProduct {
   static constexpr int64_t kPackMinRows = 4;
 
   at::Tensor matrix_, bias_;
+  // bias_'s data, read once: a step's product of a few rows ran data_ptr's type check each
+  // call (0.6% of fashion-MNIST's LSTM training step).
+  const T* bias_data_;
   // The float product that runs a bfloat16 or float16 one below kWidenedMaxWork, on float
   // copies of M and the bias; else null.
   std::shared_ptr<const RecurrentProduct<float>> widened_;
