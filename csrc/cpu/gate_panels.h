@@ -160,11 +160,11 @@ class GatePanels {
       // so that the panel's rows being written stay in the L1 cache while every unit and gate
       // writes its lane (written term by term over the whole panel, each value's store missed
       // the cache). The padding lanes are zeros: a partial block computes nothing undefined.
-      // In float, full blocks move squares of 8 units x 8 terms through vector registers:
-      // copied value by value, whose loads from the gates x kLanes rows kept few cache misses
-      // in flight, the packing took 5% of the time of a forward of 10 steps (the seq2seq
-      // encoder; 2-core AMD EPYC: that forward 6% faster now, the word models' 2-3%, 100 steps
-      // of 512 units 1.6%).
+      // In float, full blocks move squares of 8 units x 8 terms through vector registers. Value
+      // by value, the loads from the block's gates x kLanes rows of W_hh kept few cache misses
+      // in flight: the packing took 5% of a forward of 10 steps (the seq2seq encoder; on a
+      // 2-core AMD EPYC that forward runs 6% faster in squares, the word models' 2-3%, 100
+      // steps of 512 units 1.6%).
       const int64_t stride = gates_ * kLanes;
       for (int64_t k0 = 0; k0 < k_; k0 += kPackTerms) {
         const int64_t k1 = std::min(k_, k0 + kPackTerms);
