@@ -390,9 +390,9 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     std::copy(hn_row, hn_row + P, out_row);
   };
 
-  // All steps of rows b0 .. b1 - 1; the cells of a step's rows on the threads where
-  // split_cells (the rows of one thread's run otherwise).
-  const auto run_rows = [&](int64_t b0, int64_t b1, bool split_cells) {
+  // All steps of rows b0 .. b1 - 1; the cells of a step's rows split over the threads
+  // (for_rows: within a thread's run of rows per thread, on that thread).
+  const auto run_rows = [&](int64_t b0, int64_t b1) {
     T* h_old = h_buffers.data_ptr<T>();
     T* h_new = h_old + B * P;
     A* c_old = Cell::kHasCellState ? c_buffers.data_ptr<A>() : nullptr;
@@ -431,11 +431,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
           if (!projecting) finish_row(t, b, h_old + b * P, h_new + b * P);
         }
       };
-      if (split_cells) {
-        for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
-      } else {
-        cells(b0, b1);
-      }
+      for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       if (projecting) {
         projection.run(hc_data + b0 * H, rows, hcand_data + b0 * P);
         for (int64_t b = b0; b < b1; ++b) {
@@ -447,9 +443,9 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
     }
   };
   if (rows_per_thread) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+    at::parallel_for(0, B, 1, run_rows);
   } else {
-    run_rows(0, B, /*split_cells=*/true);
+    run_rows(0, B);
   }
   // After T swaps the final state is in buffer T % 2.
   r.h_n = h_buffers[Tn % 2].clone();
@@ -655,9 +651,8 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     parameter_sums.step_done(b);
   };
 
-  // All reverse steps of rows b0 .. b1 - 1; the cells of a step's rows on the threads where
-  // split_cells.
-  const auto run_rows = [&](int64_t b0, int64_t b1, bool split_cells) {
+  // All reverse steps of rows b0 .. b1 - 1; the cells of a step's rows as the forward's.
+  const auto run_rows = [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     for (int64_t step = Tn - 1; step >= 0; --step) {
       const int64_t t = c.time(step);
@@ -693,11 +688,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
           if (c.active(t, b)) cell_row(t, b);
         }
       };
-      if (split_cells) {
-        for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
-      } else {
-        cells(b0, b1);
-      }
+      for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
       // The carry into the previous step: the product's share through the dropout mask, and
       // GRU's z * h_prev.
@@ -718,9 +709,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
     }
   };
   if (rows_per_thread) {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { run_rows(b0, b1, false); });
+    at::parallel_for(0, B, 1, run_rows);
   } else {
-    run_rows(0, B, /*split_cells=*/true);
+    run_rows(0, B);
   }
 
   // The weights' gradients over all steps: GEMMs and column sums in an order fixed by the
