@@ -5,8 +5,10 @@
 //
 // There a step is a chain of dependent instructions a few dozen long, and a loop that keeps h,
 // c and the gates in memory spends it on loads of values just stored. Here lane b * H + j of a
-// vector holds unit j of batch row b; per step and gate, the input and recurrent products are a
-// lane permutation and a multiply-add per term (LaneProduct, register_product.h), the cell math
+// vector holds unit j of batch row b; per step, the input and recurrent products are a lane
+// permutation per term and a multiply-add per term and gate (GateLanes, register_product.h: the
+// gates share the permutation; a product per gate spent 13% of the adding LSTM's forward on
+// permuting the same lanes again for each gate, 8% of its training step), the cell math
 // is csrc/cells.h's on those vectors (InRegister: gate k is the k-th vector of an array), and
 // only the outputs and the saved values go to memory, in the layouts the rest of the engine
 // reads: output [T, B, H], workspace [T, saved, B, H] (the gate-packed view's). The reverse
@@ -70,30 +72,35 @@ struct Layer {
   int64_t step_time(int64_t step) const { return reverse ? T_ - 1 - step : step; }
 };
 
-// Gate k's input product (x_t [B, I] -> lanes b * H + j) and recurrent product (h [B, H] ->
-// the same lanes), and its biases as vectors.
+// The gates' input products (x_t [B, I] -> lanes b * H + j of each gate) and recurrent products
+// (h [B, H] -> the same lanes), and their biases.
+template <int Gates>
 struct GateProducts {
-  std::vector<LaneProduct> input, recurrent;
-  std::vector<std::array<float, kLanes>> input_bias, recurrent_bias;
+  GateLanes<Gates> input, recurrent;
+  alignas(64) std::array<std::array<float, kLanes>, Gates> input_bias{}, recurrent_bias{};
 
-  GateProducts(const Layer& l, int gates, const float* w_ih, const float* w_hh, const float* b_ih,
-               const float* b_hh) {
-    const int64_t H = l.H, I = l.I, units = l.units();
-    for (int g = 0; g < gates; ++g) {
-      input.emplace_back(
-          units, I, [&](int64_t o, int64_t i) { return o / H * I + i; },
-          [&](int64_t o, int64_t i) { return w_ih[(g * H + o % H) * I + i]; });
-      recurrent.emplace_back(
-          units, H, [&](int64_t o, int64_t k) { return o / H * H + k; },
-          [&](int64_t o, int64_t k) { return w_hh[(g * H + o % H) * H + k]; });
-      std::array<float, kLanes> bias_x{}, bias_h{};
-      for (int64_t o = 0; o < units; ++o) {
-        bias_x[o] = b_ih ? b_ih[g * H + o % H] : 0.0f;
-        bias_h[o] = b_hh ? b_hh[g * H + o % H] : 0.0f;
+  GateProducts(const Layer& l, const float* w_ih, const float* w_hh, const float* b_ih,
+               const float* b_hh)
+      : input(
+            l.units(), l.I, l.B * l.I > kLanes,
+            [&](int64_t o, int64_t i) { return o / l.H * l.I + i; },
+            [&](int g, int64_t o, int64_t i) { return w_ih[(g * l.H + o % l.H) * l.I + i]; }),
+        recurrent(
+            l.units(), l.H, false, [&](int64_t o, int64_t k) { return o / l.H * l.H + k; },
+            [&](int g, int64_t o, int64_t k) { return w_hh[(g * l.H + o % l.H) * l.H + k]; }) {
+    for (int g = 0; g < Gates; ++g) {
+      for (int64_t o = 0; o < l.units(); ++o) {
+        input_bias[g][o] = b_ih ? b_ih[g * l.H + o % l.H] : 0.0f;
+        recurrent_bias[g][o] = b_hh ? b_hh[g * l.H + o % l.H] : 0.0f;
       }
-      input_bias.push_back(bias_x);
-      recurrent_bias.push_back(bias_h);
     }
+  }
+
+  // The sums as the cell math takes them: gate k is the k-th vector.
+  static std::array<V, Gates> as_vectors(const typename GateLanes<Gates>::Vectors& sums) {
+    std::array<V, Gates> out;
+    for (int g = 0; g < Gates; ++g) out[g] = sums[g];
+    return out;
   }
 };
 
@@ -209,7 +216,7 @@ void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const
              const float* b_ih, const float* b_hh, float* h, float* c, float* output,
              float* workspace) {
   constexpr int gates = Cell::kGates;
-  const GateProducts products(l, gates, w_ih, w_hh, b_ih, b_hh);
+  const GateProducts<gates> products(l, w_ih, w_hh, b_ih, b_hh);
   const int64_t units = l.units();
   const lanes::Mask unit_mask = lanes::first(units);
   const InputReader input_at(input, l.T_, l.B, l.I);
@@ -220,12 +227,15 @@ void forward(const Layer& l, const StridedSteps& input, const float* w_ih, const
   for (int64_t step = 0; step < l.T_; ++step) {
     const int64_t t = l.step_time(step);
     const auto [x_low, x_high] = input_at.at(t);
-    std::array<V, gates> xg, hg;
+    typename GateLanes<gates>::Vectors x_sums, h_sums;
     for (int g = 0; g < gates; ++g) {
-      xg[g] = products.input[g].add_to(lanes::load(products.input_bias[g].data()), x_low, x_high);
-      hg[g] = products.recurrent[g].add_to(lanes::load(products.recurrent_bias[g].data()), h_now,
-                                           lanes::zero());
+      x_sums[g] = lanes::load(products.input_bias[g].data());
+      h_sums[g] = lanes::load(products.recurrent_bias[g].data());
     }
+    products.input.each(x_sums, x_low, x_high);
+    products.recurrent.each(h_sums, h_now, lanes::zero());
+    const std::array<V, gates> xg = GateProducts<gates>::as_vectors(x_sums);
+    const std::array<V, gates> hg = GateProducts<gates>::as_vectors(h_sums);
     std::array<V, Cell::kSavedPerUnit + 1> saved;  // + 1: Elman saves nothing
     V h_new(0.0f), c_new(0.0f);
     Cell::forward(1, InRegister{}, xg.data(), hg.data(), h_now, c_now, h_new, c_new,
@@ -299,20 +309,16 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
   // dh_prev lane b * H + k = sum over gates g and units j of dhg[g] lane b * H + j times
   // W_hh[g * H + j][k]; grad_input lane b * I + i (two vectors) likewise through W_ih, where
   // the input's gradient is wanted.
-  std::vector<LaneProduct> recurrent, to_input_low, to_input_high;
-  for (int g = 0; g < gates; ++g) {
-    recurrent.emplace_back(
-        units, H, [&](int64_t o, int64_t j) { return o / H * H + j; },
-        [&](int64_t o, int64_t j) { return w_hh[(g * H + j) * H + o % H]; });
-    for (int half = 0; grad_input && half < 2; ++half) {
-      const int64_t first = half * kLanes;
-      const int64_t outputs = std::max<int64_t>(0, std::min<int64_t>(kLanes, inputs - first));
-      (half == 0 ? to_input_low : to_input_high)
-          .emplace_back(
-              outputs, H, [&](int64_t o, int64_t j) { return (first + o) / I * H + j; },
-              [&](int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
-    }
-  }
+  const GateLanes<gates> recurrent(
+      units, H, false, [&](int64_t o, int64_t j) { return o / H * H + j; },
+      [&](int g, int64_t o, int64_t j) { return w_hh[(g * H + j) * H + o % H]; });
+  const auto to_input = [&](int64_t first) {
+    const int64_t outputs = std::max<int64_t>(0, std::min<int64_t>(kLanes, inputs - first));
+    return GateLanes<gates>(
+        outputs, H, false, [&](int64_t o, int64_t j) { return (first + o) / I * H + j; },
+        [&](int g, int64_t o, int64_t j) { return w_ih[(g * H + j) * I + (first + o) % I]; });
+  };
+  const GateLanes<gates> to_input_low = to_input(0), to_input_high = to_input(kLanes);
   const InputReader input_at(input, l.T_, l.B, I);
   // The reverse pass visits the steps in descending order of time.
   const RowWriter grad_input_low(grad_input, l.T_ * inputs, input_low, l.reverse);
@@ -353,40 +359,41 @@ void backward(const Layer& l, const StridedSteps& input, const StridedSteps& gra
     V dc_prev = zero, dh_prev_direct = zero;
     Cell::backward(1, InRegister{}, saved.data(), h_prev, c_prev, dh_now, dc_next, dxg.data(),
                    dhg.data(), dc_prev, dh_prev_direct);
-    // For the cells whose hg gradient is their xg gradient, dhg is left as it came.
-    const std::array<V, gates>& hidden_grad = Cell::kSeparateHiddenGateGrad ? dhg : dxg;
+    typename GateLanes<gates>::Vectors input_grad, hidden_grad;
+    for (int g = 0; g < gates; ++g) {
+      input_grad[g] = dxg[g];
+      // For the cells whose hg gradient is their xg gradient, dhg is left as it came.
+      hidden_grad[g] = Cell::kSeparateHiddenGateGrad ? dhg[g] : dxg[g];
+    }
 
     // The next (earlier) step's dh: the direct path and the gate gradients through W_hh.
-    lanes::Vector dh_prev = dh_prev_direct;
-    for (int g = 0; g < gates; ++g) {
-      dh_prev = recurrent[g].add_to(dh_prev, hidden_grad[g], lanes::zero());
-    }
-    dh_next = dh_prev;
+    dh_next = recurrent.sum(dh_prev_direct, hidden_grad);
     dc_next = dc_prev;
 
     // Off the chain of steps: this step's share of the weight and bias gradients, and of the
     // input's.
     const auto [x_low, x_high] = input_at.at(t);
     for (int g = 0; g < gates; ++g) {
-      sum_b_ih[g] = sum_b_ih[g] + dxg[g];
-      if (Cell::kSeparateHiddenGateGrad) sum_b_hh[g] = sum_b_hh[g] + hidden_grad[g];
-      for (int64_t i = 0; i < I; ++i) {
-        sum_w_ih[g * I + i] =
-            lanes::fmadd(dxg[g], lanes::permute(x_low, from_input[i], x_high), sum_w_ih[g * I + i]);
+      sum_b_ih[g] = sum_b_ih[g] + V(input_grad[g]);
+      if (Cell::kSeparateHiddenGateGrad) sum_b_hh[g] = sum_b_hh[g] + V(hidden_grad[g]);
+    }
+    for (int64_t i = 0; i < I; ++i) {
+      const lanes::Vector x_i = lanes::permute(x_low, from_input[i], x_high);
+      for (int g = 0; g < gates; ++g) {
+        sum_w_ih[g * I + i] = lanes::fmadd(input_grad[g], x_i, sum_w_ih[g * I + i]);
       }
-      for (int64_t k = 0; k < H; ++k) {
-        sum_w_hh[g * H + k] = lanes::fmadd(hidden_grad[g], lanes::permute(from_hidden[k], h_prev),
-                                           sum_w_hh[g * H + k]);
+    }
+    for (int64_t k = 0; k < H; ++k) {
+      const lanes::Vector h_k = lanes::permute(from_hidden[k], h_prev);
+      for (int g = 0; g < gates; ++g) {
+        sum_w_hh[g * H + k] = lanes::fmadd(hidden_grad[g], h_k, sum_w_hh[g * H + k]);
       }
     }
     if (grad_input) {
-      lanes::Vector low = lanes::zero(), high = lanes::zero();
-      for (int g = 0; g < gates; ++g) {
-        low = to_input_low[g].add_to(low, dxg[g], lanes::zero());
-        if (inputs > kLanes) high = to_input_high[g].add_to(high, dxg[g], lanes::zero());
+      grad_input_low.store(t * inputs, to_input_low.sum(lanes::zero(), input_grad));
+      if (inputs > kLanes) {
+        grad_input_high.store(t * inputs + kLanes, to_input_high.sum(lanes::zero(), input_grad));
       }
-      grad_input_low.store(t * inputs, low);
-      if (inputs > kLanes) grad_input_high.store(t * inputs + kLanes, high);
     }
   }
   lanes::store(dh, unit_mask, dh_next);

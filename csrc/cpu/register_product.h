@@ -8,12 +8,14 @@
 // multiply-adds per output vector, where a loop over rows, gates and units would spend a step
 // in index arithmetic.
 //
-// LaneProduct is one output vector with its inputs in registers (register_layer.h keeps the
-// whole layer there); RegisterProduct is a per-step product of the CPU engine, from and to
-// memory.
+// LaneProduct is one output vector with its inputs in registers, and RegisterProduct a per-step
+// product of the CPU engine made of them, from and to memory; GateLanes is the products of a
+// layer's gates, with inputs and outputs in registers (register_layer.h keeps the whole layer
+// there).
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -56,6 +58,7 @@ inline void store_whole(float* p, Mask mask, Vector v) { _mm512_mask_storeu_ps(p
 inline Index load_index(const int32_t* p) { return _mm512_loadu_si512(p); }
 inline Vector fmadd(Vector a, Vector b, Vector c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vector add(Vector a, Vector b) { return _mm512_add_ps(a, b); }
+inline Vector mul(Vector a, Vector b) { return _mm512_mul_ps(a, b); }
 // Lane o: lane index[o] of v.
 inline Vector permute(Index index, Vector v) { return _mm512_permutexvar_ps(index, v); }
 // Lane o: lane index[o] of the 2 * kRegisterLanes lanes of low, then high.
@@ -94,6 +97,7 @@ inline Index load_index(const int32_t* p) {
 }
 inline Vector fmadd(Vector a, Vector b, Vector c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vector add(Vector a, Vector b) { return _mm256_add_ps(a, b); }
+inline Vector mul(Vector a, Vector b) { return _mm256_mul_ps(a, b); }
 inline Vector permute(Index index, Vector v) { return _mm256_permutevar8x32_ps(v, index); }
 inline Vector permute(Vector low, Index index, Vector high) {
   // Each permute reads an index's low 3 bits; bit 3 (moved to the sign bit) picks high.
@@ -150,6 +154,102 @@ class LaneProduct {
   std::vector<int32_t> sources_;  // [terms][lanes]
   std::vector<float> weights_;    // [terms][lanes]
   int64_t terms_;
+};
+
+// The products of a layer's gates, where term s reads the same input lanes for every gate
+// (lane b * H + j of each gate reads input k of row b in term k): one lane permutation per term
+// serves all the gates, and, input by input, the gates' products are independent multiply-adds.
+//   each: out_g[o] = out_g[o] + sum_s in[source_s(o)] * weight_g,s(o)   (one input, Gates outputs)
+//   sum:  out[o] = start[o] + sum_g sum_s in_g[source_s(o)] * weight_g,s(o)   (Gates inputs of one
+//         vector each, one output)
+// Per term a product with a LaneProduct per gate permuted its input once for each gate; with AVX2
+// a permutation of two inputs is three instructions, all on the chain of a step.
+template <int Gates>
+class GateLanes {
+ public:
+  using Vectors = std::array<lanes::Vector, Gates>;
+
+  // source(o, s), weight(g, o, s) for the output lanes o < outputs; later lanes get 0. With
+  // two_inputs, sources index two input vectors (low, high) as LaneProduct's do.
+  template <typename Source, typename Weight>
+  GateLanes(int64_t outputs, int64_t terms, bool two_inputs, Source source, Weight weight)
+      : sources_(terms * kRegisterLanes, 0),
+        weights_(terms * Gates * kRegisterLanes, 0.0f),
+        terms_(terms),
+        two_inputs_(two_inputs) {
+    for (int64_t s = 0; s < terms; ++s) {
+      for (int64_t o = 0; o < outputs; ++o) {
+        sources_[s * kRegisterLanes + o] = static_cast<int32_t>(source(o, s));
+        for (int g = 0; g < Gates; ++g) {
+          weights_[(s * Gates + g) * kRegisterLanes + o] = weight(g, o, s);
+        }
+      }
+    }
+  }
+
+  // out_g += the product of the inputs low and high (high: with two_inputs only).
+  void each(Vectors& out, lanes::Vector low, lanes::Vector high) const {
+    // Odd terms go to sums of their own: half the chain of dependent multiply-adds.
+    Vectors odd;
+    int64_t s = 0;
+    for (; s + 1 < terms_; s += 2) {
+      const lanes::Vector even_in = input(s, low, high), odd_in = input(s + 1, low, high);
+      for (int g = 0; g < Gates; ++g) {
+        out[g] = lanes::fmadd(even_in, weight(s, g), out[g]);
+        odd[g] = s == 0 ? lanes::mul(odd_in, weight(1, g))
+                        : lanes::fmadd(odd_in, weight(s + 1, g), odd[g]);
+      }
+    }
+    if (s < terms_) {
+      const lanes::Vector in = input(s, low, high);
+      for (int g = 0; g < Gates; ++g) out[g] = lanes::fmadd(in, weight(s, g), out[g]);
+    }
+    if (terms_ > 1) {
+      for (int g = 0; g < Gates; ++g) out[g] = lanes::add(out[g], odd[g]);
+    }
+  }
+
+  // start + the products of the gates' inputs (one vector each).
+  lanes::Vector sum(lanes::Vector start, const Vectors& in) const {
+    // A sum per gate (the first from start), added pairwise at the end: the gates' products do
+    // not wait on each other.
+    Vectors sums;
+    const lanes::Index first = index(0);
+    for (int g = 0; g < Gates; ++g) {
+      sums[g] = g == 0 ? lanes::fmadd(lanes::permute(first, in[g]), weight(0, g), start)
+                       : lanes::mul(lanes::permute(first, in[g]), weight(0, g));
+    }
+    for (int64_t s = 1; s < terms_; ++s) {
+      const lanes::Index from = index(s);
+      for (int g = 0; g < Gates; ++g) {
+        sums[g] = lanes::fmadd(lanes::permute(from, in[g]), weight(s, g), sums[g]);
+      }
+    }
+    if constexpr (Gates == 1) {
+      return sums[0];
+    } else if constexpr (Gates == 3) {
+      return lanes::add(lanes::add(sums[0], sums[1]), sums[2]);
+    } else {
+      static_assert(Gates == 4, "the cells have 1, 3 or 4 gates");
+      return lanes::add(lanes::add(sums[0], sums[1]), lanes::add(sums[2], sums[3]));
+    }
+  }
+
+ private:
+  lanes::Index index(int64_t s) const {
+    return lanes::load_index(sources_.data() + s * kRegisterLanes);
+  }
+  lanes::Vector weight(int64_t s, int g) const {
+    return lanes::load(weights_.data() + (s * Gates + g) * kRegisterLanes);
+  }
+  lanes::Vector input(int64_t s, lanes::Vector low, lanes::Vector high) const {
+    return two_inputs_ ? lanes::permute(low, index(s), high) : lanes::permute(index(s), low);
+  }
+
+  std::vector<int32_t> sources_;  // [terms][lanes]
+  std::vector<float> weights_;    // [terms][Gates][lanes]
+  int64_t terms_;
+  bool two_inputs_;
 };
 
 #endif  // RNNFAST_LANE_KERNELS
