@@ -17,10 +17,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
-#endif
-
 #include "../buffer_pool.h"
 #include "blas.h"
 #include "capability.h"
@@ -152,33 +148,6 @@ struct StepRange {
   int64_t begin, end;
 };
 
-// The panel schedule (gate_panels.h) runs a float or double forward whose product the BLAS
-// would run, over at least this many steps (fewer do not repay the packing of W_hh).
-constexpr int64_t kPanelMinSteps = 4;
-// ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
-// GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
-// 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
-// against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
-// generic kernels at half of oneDNN's rate: there the panels run every batch.
-constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
-bool blas_is_fast_here() {
-  static const bool fast = [] {
-#if defined(__x86_64__) || defined(_M_X64)
-    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-    // "GenuineIntel" in ebx, edx, ecx; MKL is the BLAS of torch's x86 builds.
-    const bool intel = ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
-    return intel && &sgemm_ != nullptr;
-#else
-    return false;
-#endif
-  }();
-  return fast;
-}
-#endif
-
 // Whether the forward runs in the panel schedule: a product the BLAS would run; float or
 // double with SIMD vectors; no projection; one thread, or the threads of a region that run
 // concurrently (OpenMP's: StepBarrier spins).
@@ -186,12 +155,10 @@ template <typename T>
 bool runs_by_panels(const LayerView<T>& v, bool projecting) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    using Product = RecurrentProduct<T>;
     const bool concurrent_threads =
         AT_PARALLEL_OPENMP || at::get_num_threads() == 1 || at::in_parallel_region();
-    return !projecting && !v.gate_packed && v.T_ >= kPanelMinSteps && concurrent_threads &&
-           (v.product_rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
-           Product::kernel_for(v.product_rows, v.G, v.P, v.T_) == Product::Kernel::Blas;
+    return !projecting && !v.gate_packed && concurrent_threads &&
+           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_);
 #endif
   }
   (void)v, (void)projecting;

