@@ -20,6 +20,7 @@
 // faster, but 20 and 32 rows 1-4% slower than tiles of 3.)
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
@@ -204,6 +205,32 @@ class GatePanels {
         }
       }
     }
+  }
+
+  // Packs every block, the blocks split over the threads as product() splits them.
+  void pack_all() {
+    at::parallel_for(0, blocks_, 1, [&](int64_t first, int64_t end) { pack(first, end); });
+  }
+
+  // out [rows, gates * H] (row stride out_stride) = h [rows, K] W^T + bias, the blocks split
+  // over the threads: a product per step outside the forward's panel schedule (the options
+  // engine's forward, the engine's backward), which sees its whole output at once.
+  template <int Gates>
+  void product(const T* h, int64_t rows, T* out, int64_t out_stride) const {
+    const RowTiles tiles = row_tiles<Gates>(rows);
+    const int64_t chunk = chunk_terms();
+    at::parallel_for(0, blocks_, 1, [&](int64_t first, int64_t end) {
+      for (int64_t block = first; block < end; ++block) {
+        for (int64_t k0 = 0; k0 < k_; k0 += chunk) {
+          const int64_t k1 = std::min(k_, k0 + chunk);
+          for (int64_t t = 0; t < tiles.count; ++t) {
+            const int64_t r0 = tiles.begin(t), r1 = tiles.begin(t + 1);
+            tile<Gates>(h + r0 * k_, static_cast<int>(r1 - r0), block, k0, k1,
+                        out + r0 * out_stride, out_stride, t == 0);
+          }
+        }
+      }
+    });
   }
 
   // Terms per chunk of the k loop: a chunk of a panel (kChunkBytes) stays in the L1 cache

@@ -313,8 +313,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     if (!projecting && !rows_per_thread && panels_take_product<T>(B, G, P, Tn)) {
       panels.emplace(args.w_hh.contiguous(), step_bias, Cell::kGates);
-      at::parallel_for(0, panels->blocks(), 1,
-                       [&](int64_t first, int64_t end) { panels->pack(first, end); });
+      panels->pack_all();
     }
   }
 #endif
@@ -324,20 +323,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
       recurrent.run(h_rows + b0 * P, rows, hg_data + b0 * G);
       return;
     }
-    const auto row_tiles = GatePanels<T>::template row_tiles<Cell::kGates>(rows);
-    const int64_t K = panels->terms(), chunk = panels->chunk_terms();
-    at::parallel_for(0, panels->blocks(), 1, [&](int64_t first, int64_t end) {
-      for (int64_t block = first; block < end; ++block) {
-        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-          const int64_t k1 = std::min(K, k0 + chunk);
-          for (int64_t tile = 0; tile < row_tiles.count; ++tile) {
-            const int64_t r0 = b0 + row_tiles.begin(tile), r1 = b0 + row_tiles.begin(tile + 1);
-            panels->template tile<Cell::kGates>(h_rows + r0 * P, static_cast<int>(r1 - r0), block,
-                                                k0, k1, hg_data + r0 * G, G, tile == 0);
-          }
-        }
-      }
-    });
+    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G);
   };
 
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
