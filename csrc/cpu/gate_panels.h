@@ -348,8 +348,8 @@ class GatePanels {
   T* biases_data_;
 };
 
-// The panels take a float or double forward's per-step product that the BLAS would run, over
-// at least this many steps (fewer do not repay the packing of W_hh).
+// The panels take a float or double per-step product that the BLAS would run, over at least
+// this many steps (fewer do not repay the packing of W_hh).
 constexpr int64_t kPanelMinSteps = 4;
 // ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
 // GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
@@ -374,14 +374,14 @@ inline bool blas_is_fast_here() {
   return fast;
 }
 
-// Whether the panels take a forward's per-step product of `rows` batch rows, [rows, state_size]
-// x [state_size, gate_size], over `steps` steps: the engine's (forward.cpp) and the options
-// engine's (options_layer.cpp).
+// Whether the panels take a per-step product [rows, terms] x [terms, outputs] over `steps`
+// steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the backward's
+// dgates W_hh (backward.cpp).
 template <typename T>
-bool panels_take_product(int64_t rows, int64_t gate_size, int64_t state_size, int64_t steps) {
+bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps) {
   using Product = RecurrentProduct<T>;
   return steps >= kPanelMinSteps && (rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
-         Product::kernel_for(rows, gate_size, state_size, steps) == Product::Kernel::Blas;
+         Product::kernel_for(rows, outputs, terms, steps) == Product::Kernel::Blas;
 }
 #endif
 

@@ -7,8 +7,8 @@
 // c and the gates in memory spends it on loads of values just stored. Here lane b * H + j of a
 // vector holds unit j of batch row b; per step, the input and recurrent products are a lane
 // permutation per term and a multiply-add per term and gate (GateLanes, register_product.h: the
-// gates share the permutation; a product per gate spent 13% of the adding LSTM's forward on
-// permuting the same lanes again for each gate, 8% of its training step), the cell math
+// gates share the permutation; with a product per gate, which permuted the same lanes again for
+// each gate, the adding LSTM's forward ran 13% longer, its training step 8-9%), the cell math
 // is csrc/cells.h's on those vectors (InRegister: gate k is the k-th vector of an array), and
 // only the outputs and the saved values go to memory, in the layouts the rest of the engine
 // reads: output [T, B, H], workspace [T, saved, B, H] (the gate-packed view's). The reverse
