@@ -206,23 +206,10 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
     }
   };
   const bool products_skip_ended_rows = recurrent_back.runs_any_rows();
-  // Where the forward's product runs in gate panels, so does this one: W_hh^T [P, G] packed
-  // once per call as the panels of 2 "gates" of P / 2 units each (tiles of 6 rows x 2 vectors
-  // with AVX2, 12 x 2 with AVX-512), split over the threads per step, where the BLAS repacked
-  // W_hh at every step (on a 2-core AMD EPYC the training steps of 16 rows of 256 and 512 LSTM
-  // units 6-7% faster, the 650-unit word models' 2.5-4%; 20 rows of 200 units and 64 of 256
-  // unchanged). dh_prev = the panels' product, then + dh_direct.
-  std::optional<GatePanels<T>> back_panels;
-  constexpr int kBackGates = 2;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (!projecting && !v.gate_packed && P % kBackGates == 0 && recurrent_back.uses_blas() &&
-        panels_take_product<T>(v.product_rows, P, G, v.T_)) {
-      back_panels.emplace(w_hh.t().contiguous(), Tensor(), kBackGates);
-      back_panels->pack_all();
-    }
-  }
-#endif
+  // Where the forward's product runs in gate panels, so does this one (backward_panels):
+  // dh_prev = the panels' product, then + dh_direct.
+  const std::optional<GatePanels<T>> back_panels =
+      !projecting && !v.gate_packed ? backward_panels<T>(w_hh, v.product_rows, v.T_) : std::nullopt;
   const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
     // the gradient of hx alone, not needed without one.
@@ -238,16 +225,16 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const int64_t end = products_skip_ended_rows ? v.active_end(t, b_begin, b_end) : b_end;
       if (end == b_begin) return;
       if (back_panels) {
-        back_panels->template product<kBackGates>(dgate_step + b_begin * G, end - b_begin,
-                                                  dh_data + b_begin * P, P);
+        back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, end - b_begin,
+                                                           dh_data + b_begin * P, P);
         for (int64_t n = b_begin * P; n < end * P; ++n) dh_data[n] += dhd_data[n];
         return;
       }
       recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
     } else if (back_panels) {
-      back_panels->template product<kBackGates>(dgate_step + b_begin * G, b_end - b_begin,
-                                                dh_data + b_begin * P, P);
+      back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, b_end - b_begin,
+                                                         dh_data + b_begin * P, P);
     } else {
       recurrent_back.run(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                          dh_data + b_begin * P);

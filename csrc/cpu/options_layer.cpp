@@ -571,20 +571,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent_back);
   const bool rows_per_thread =
       threads == StepThreads::RowsPerThread && (!projecting || projection_back.may_split_rows());
-  // dgates W_hh in gate panels where the engine's backward runs it there (backward.cpp): the
-  // training steps of 16 rows of 256 units 4-7% faster (GRU with recurrent dropout or
-  // layer_norm, LSTM with zoneout), of 20 rows of 200 GRU units with recurrent dropout 4.5%.
-  std::optional<GatePanels<T>> back_panels;
-  constexpr int kBackGates = 2;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (!rows_per_thread && P % kBackGates == 0 && recurrent_back.uses_blas() &&
-        panels_take_product<T>(B, P, G, Tn)) {
-      back_panels.emplace(args.w_hh.t().contiguous(), Tensor(), kBackGates);
-      back_panels->pack_all();
-    }
-  }
-#endif
+  // dgates W_hh in gate panels where the engine's backward runs it there (backward_panels).
+  const std::optional<GatePanels<T>> back_panels =
+      rows_per_thread ? std::nullopt : backward_panels<T>(args.w_hh, B, Tn);
 
   // The reverse step of row b at time t: the cell's and the normalisations' backward.
   const auto cell_row = [&](int64_t t, int64_t b) {
@@ -730,8 +719,8 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       };
       for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       if (back_panels) {
-        back_panels->template product<kBackGates>(dhg_raw_data + (t * B + b0) * G, rows,
-                                                  din + b0 * P, P);
+        back_panels->template product<kBackwardPanelGates>(dhg_raw_data + (t * B + b0) * G, rows,
+                                                           din + b0 * P, P);
       } else {
         recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
       }
