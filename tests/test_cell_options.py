@@ -199,6 +199,17 @@ def test_large_layer_matches_reference():
     check_against_reference("lstm", args)
 
 
+@pytest.mark.parametrize("cell,hidden", [("lstm", 70), ("gru", 90), ("elman_tanh", 200)])
+def test_single_row_layer_in_gate_panels_matches_reference(cell, hidden):
+    # One batch row whose per-step products (16K to 64K multiply-adds) the tiled kernel would
+    # run: in gate panels, their units split over the threads, both directions.
+    args = make_case(cell, layer_norm=True, zoneout="mask", recurrent=True, steps=6, batch=1,
+                     input_size=5, hidden=hidden)
+    with torch_threads(2):
+        check_against_reference(cell, args)
+        check_against_reference(cell, args, reverse=True)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("options", [dict(layer_norm=True), dict(zoneout="mask")],
                          ids=["layer_norm", "zoneout"])

@@ -1046,6 +1046,41 @@ def test_large_weights_in_gate_panels(rf, device, spec, layout, dtype, hx_given,
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hidden", [258, 271], ids=["even", "odd"])
+@pytest.mark.parametrize("spec", [s for s in STANDARD if s.mode == "RNN"], ids=str)
+def test_elman_gate_panels_of_either_parity(rf, device, spec, hidden, layout):
+    """The Elman forward in gate panels runs its one gate as two of H / 2 units where H is
+    even (each panel's tile holds two vectors of units, j .. and H / 2 + j ..; 129 units a half
+    end in a partial vector) and as one gate where H is odd, on two threads, both directions."""
+    sizes = dict(T=7, B=11, I=6, H=hidden)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
+def test_single_row_products_in_gate_panels(rf, device, spec, dtype):
+    """One batch row whose per-step products the tiled kernel would run (16K to 64K
+    multiply-adds): the CPU engine splits their units over the threads in gate panels, forward
+    and backward, where each tile of one row runs its terms as interleaved partial sums."""
+    _skip_extra_on_torch_nn(rf, spec)
+    # W_hh: [4 x 70, 70], [3 x 90, 90], [200, 200].
+    sizes = dict(T=9, B=1, I=5, H={"LSTM": 70, "GRU": 90, "RNN": 200}[spec.mode])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_layer(rf, spec, device, dtype, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", range(1, 18))
 def test_gate_panel_row_tiles_of_every_batch(rf, device, batch, dtype):

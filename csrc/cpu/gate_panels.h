@@ -98,6 +98,16 @@ class GatePanels {
   static constexpr int max_tile_rows(int gates) {
     return splits_gates(gates) ? 5 : rows_per_tile(gates);
   }
+  // Independent multiply-add chains that keep the FMA units busy (2 units of 4 cycles' latency
+  // on Zen 3 and Skylake-X alike). A tile of fewer accumulators (one row: a batch of 1, or the
+  // last rows of a packed sequence) splits its terms over this many interleaved partial sums
+  // each, added at the end: a single row of Elman units ran one multiply-add per 4 cycles.
+  static constexpr int kMinChains = 8;
+  static constexpr int term_splits(int accumulators) {
+    return accumulators >= kMinChains ? 1
+                                      : std::min(kAccumulators / accumulators,
+                                                 (kMinChains + accumulators - 1) / accumulators);
+  }
 
   // A step's `rows` batch rows in tiles: `firsts` tiles of `first_rows` rows, then tiles of
   // `rest_rows` rows; tile i is rows begin(i) .. begin(i + 1) - 1.
@@ -299,25 +309,32 @@ class GatePanels {
     const int64_t unit0 = first_unit(block);
     const int count = units(block);
     T* out = hg + unit0 + first_gate * hidden_;
-    V acc[Rows][PassGates];
+    // acc[split]: the terms k0 + split, k0 + split + Splits, ...; acc[0] also the start.
+    constexpr int kSplits = term_splits(Rows * PassGates);
+    V acc[kSplits][Rows][PassGates];
     if (k0 == 0) {
       const T* bias = biases_data_ + (block * gates_ + first_gate) * kLanes;
       for (int g = 0; g < PassGates; ++g) {
         const V start = V::loadu(bias + g * kLanes);
-        for (int r = 0; r < Rows; ++r) acc[r][g] = start;
+        for (int r = 0; r < Rows; ++r) acc[0][r][g] = start;
       }
     } else {
       for (int r = 0; r < Rows; ++r) {
         for (int g = 0; g < PassGates; ++g) {
-          acc[r][g] = V::loadu(out + r * hg_stride + g * hidden_, count);
+          acc[0][r][g] = V::loadu(out + r * hg_stride + g * hidden_, count);
         }
+      }
+    }
+    for (int split = 1; split < kSplits; ++split) {
+      for (int r = 0; r < Rows; ++r) {
+        for (int g = 0; g < PassGates; ++g) acc[split][r][g] = V(T(0));
       }
     }
     if (h != nullptr) {
       // The pass's gates of term k: PassGates vectors from panel + k * Gates * kLanes.
       const T* panel = panels_data_ + block * panel_size() + first_gate * kLanes;
       const int64_t K = k_;
-      for (int64_t k = k0; k < k1; ++k) {
+      const auto add_term = [&](int64_t k, V(&sums)[Rows][PassGates]) {
         if constexpr (FetchAhead) {
           // All the gates of term k + kFetchAheadTerms: the next pass finds them in the L1
           // cache. Past the last panel this touches nothing: a prefetch never faults.
@@ -328,13 +345,23 @@ class GatePanels {
         for (int g = 0; g < PassGates; ++g) w[g] = V::loadu(panel + (k * Gates + g) * kLanes);
         for (int r = 0; r < Rows; ++r) {
           const V x(h[r * K + k]);
-          for (int g = 0; g < PassGates; ++g) acc[r][g] = at::vec::fmadd(x, w[g], acc[r][g]);
+          for (int g = 0; g < PassGates; ++g) sums[r][g] = at::vec::fmadd(x, w[g], sums[r][g]);
         }
+      };
+      int64_t k = k0;
+      for (; k + kSplits <= k1; k += kSplits) {
+        for (int split = 0; split < kSplits; ++split) add_term(k + split, acc[split]);
+      }
+      for (; k < k1; ++k) add_term(k, acc[0]);
+    }
+    for (int split = 1; split < kSplits; ++split) {
+      for (int r = 0; r < Rows; ++r) {
+        for (int g = 0; g < PassGates; ++g) acc[0][r][g] = acc[0][r][g] + acc[split][r][g];
       }
     }
     for (int r = 0; r < Rows; ++r) {
       for (int g = 0; g < PassGates; ++g) {
-        acc[r][g].store(out + r * hg_stride + g * hidden_, count);
+        acc[0][r][g].store(out + r * hg_stride + g * hidden_, count);
       }
     }
   }
@@ -350,7 +377,7 @@ class GatePanels {
 };
 
 // The panels take a float or double per-step product that the BLAS would run, over at least
-// this many steps (fewer do not repay the packing of W_hh).
+// this many steps (fewer do not repay the packing of W_hh) ...
 constexpr int64_t kPanelMinSteps = 4;
 // ... of at most this many batch rows where the BLAS is MKL on an Intel CPU: there MKL's packed
 // GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
@@ -375,14 +402,25 @@ inline bool blas_is_fast_here() {
   return fast;
 }
 
+// ... or a single row's product that the tiled kernel would run, of at least this many
+// multiply-adds per step: the tiled kernel runs a row on one thread, where the panels split its
+// units over the threads (on a 2-core AMD EPYC the forward of one row of 100 steps: 256 Elman
+// units 2.3x as fast, 128 units 1.5x, 64 LSTM units 1.4x, 100 LSTM units 1.7x; below, as
+// 64 Elman units (0.75x) and 50 GRU units (0.9x), the barrier per step costs more).
+constexpr int64_t kPanelMinSingleRowWork = int64_t(1) << 14;
+
 // Whether the panels take a per-step product [rows, terms] x [terms, outputs] over `steps`
 // steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the backward's
 // dgates W_hh (backward.cpp).
 template <typename T>
 bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps) {
   using Product = RecurrentProduct<T>;
-  return steps >= kPanelMinSteps && (rows <= kPanelMaxRowsBesideFastBlas || !blas_is_fast_here()) &&
-         Product::kernel_for(rows, outputs, terms, steps) == Product::Kernel::Blas;
+  if (steps < kPanelMinSteps || (rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here())) {
+    return false;
+  }
+  const auto kernel = Product::kernel_for(rows, outputs, terms, steps);
+  return kernel == Product::Kernel::Blas || (kernel == Product::Kernel::Tiled && rows == 1 &&
+                                             outputs * terms >= kPanelMinSingleRowWork);
 }
 #endif
 
