@@ -148,9 +148,9 @@ struct StepRange {
   int64_t begin, end;
 };
 
-// Whether the forward runs in the panel schedule: a product the BLAS would run; float or
-// double with SIMD vectors; no projection; one thread, or the threads of a region that run
-// concurrently (OpenMP's: StepBarrier spins).
+// Whether the forward runs in the panel schedule: a product the panels take
+// (panels_take_product); float or double with SIMD vectors; no projection; one thread, or the
+// threads of a region that run concurrently (OpenMP's: StepBarrier spins).
 template <typename T>
 bool runs_by_panels(const LayerView<T>& v, bool projecting) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {

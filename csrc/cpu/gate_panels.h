@@ -136,15 +136,22 @@ class GatePanels {
     }
   }
 
-  // w_hh: [gates * H, K] contiguous; bias: [gates * H] contiguous or undefined. Allocates the
+  // How the matrix comes: [gates * H, K] (its rows, as W_hh for h W_hh^T), or its transpose
+  // [K, gates * H] (W_hh [G, P] for the backward's dgates W_hh: panels of W_hh^T's rows, packed
+  // from W_hh as it is, where a transposed copy made the backward's peak memory W_hh larger).
+  enum class Layout { Rows, Transposed };
+
+  // w_hh: contiguous, in `layout`; bias: [gates * H] contiguous or undefined. Allocates the
   // panels; pack() fills them (each thread its own, so they start in its cache).
-  GatePanels(const at::Tensor& w_hh, const at::Tensor& bias, int64_t gates)
+  GatePanels(const at::Tensor& w_hh, const at::Tensor& bias, int64_t gates,
+             Layout layout = Layout::Rows)
       : w_hh_tensor_(w_hh),
         w_hh_(w_hh.template data_ptr<T>()),
         bias_(bias.defined() ? bias.template data_ptr<T>() : nullptr),
+        transposed_(layout == Layout::Transposed),
         gates_(gates),
-        hidden_(w_hh.size(0) / gates),
-        k_(w_hh.size(1)),
+        hidden_(w_hh.size(transposed_ ? 1 : 0) / gates),
+        k_(w_hh.size(transposed_ ? 0 : 1)),
         blocks_((hidden_ + kLanes - 1) / kLanes) {
     storage_ = at::empty({blocks_ * panel_size()}, w_hh.options());
     biases_ = at::empty({blocks_ * gates_ * kLanes}, w_hh.options());
@@ -174,6 +181,18 @@ class GatePanels {
           bias[gate * kLanes + lane] =
               bias_ && lane < count ? bias_[gate * hidden_ + unit0 + lane] : T(0);
         }
+      }
+      if (transposed_) {
+        // The block's lanes of each gate are contiguous in each row of W^T: a copy per term.
+        for (int64_t k = 0; k < k_; ++k) {
+          for (int64_t gate = 0; gate < gates_; ++gate) {
+            const T* from = w_hh_ + k * gates_ * hidden_ + gate * hidden_ + unit0;
+            T* to = panel + (k * gates_ + gate) * kLanes;
+            std::copy(from, from + count, to);
+            std::fill(to + count, to + kLanes, T(0));
+          }
+        }
+        continue;
       }
       // A transpose of the block's rows of W_hh (one per unit and gate), a few terms at a time
       // so that the panel's rows being written stay in the L1 cache while every unit and gate
@@ -369,6 +388,7 @@ class GatePanels {
   at::Tensor w_hh_tensor_;  // keeps w_hh_'s memory (a contiguous copy may be the only owner)
   const T* w_hh_;
   const T* bias_;
+  bool transposed_;  // Layout::Transposed
   int64_t gates_, hidden_, k_, blocks_;
   at::Tensor storage_;  // [blocks][K][gates][lanes]
   at::Tensor biases_;   // [blocks][gates][lanes]
@@ -425,9 +445,9 @@ bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t s
 #endif
 
 // The panels of a backward's per-step product dgates W_hh ([rows, G] x [G, P]) where
-// panels_take_product takes it: W_hh^T [P, G] packed once per call as the panels of
-// kBackwardPanelGates "gates" of P / 2 units (P even; tiles of 6 rows x 2 vectors with AVX2,
-// 12 x 2 with AVX-512), run per step by product<kBackwardPanelGates>, where the BLAS repacked
+// panels_take_product takes it: W_hh^T [P, G] packed once per call (from W_hh as it is) as the
+// panels of kBackwardPanelGates "gates" of P / 2 units (P even; tiles of 6 rows x 2 vectors with
+// AVX2, 12 x 2 with AVX-512), run per step by product<kBackwardPanelGates>, where the BLAS repacked
 // W_hh at every step (on a 2-core AMD EPYC the training steps of 16 rows of 256 and 512 LSTM
 // units 6-7% faster, the 650-unit word models' 2.5-4%, the option layers' of 16 x 256 4-7%;
 // 20 rows of 200 units and 64 of 256 unchanged). No panels elsewhere.
@@ -440,8 +460,8 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
     const int64_t gate_size = w_hh.size(0), state_size = w_hh.size(1);
     if (state_size % kBackwardPanelGates == 0 &&
         panels_take_product<T>(rows, state_size, gate_size, steps)) {
-      std::optional<GatePanels<T>> panels(std::in_place, w_hh.t().contiguous(), at::Tensor(),
-                                          kBackwardPanelGates);
+      std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
+                                          kBackwardPanelGates, GatePanels<T>::Layout::Transposed);
       panels->pack_all();
       return panels;
     }
