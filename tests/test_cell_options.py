@@ -1,7 +1,6 @@
 """Layer normalisation, zoneout, recurrent and input dropout (rnnfast's cell options) against a
 plain PyTorch loop written from the papers' equations: outputs and every gradient, float64, for
 every cell, packed and not, with and without a projection, in both directions."""
-import contextlib
 import itertools
 
 import pytest
@@ -10,6 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
 from rnnfast import functional
+from thread_count import torch_threads
 
 GATES = {"lstm": 4, "lstm_relu": 4, "gru": 3, "elman_tanh": 1, "elman_relu": 1}
 ACTIVATIONS = {"lstm": torch.tanh, "lstm_relu": torch.relu, "elman_tanh": torch.tanh,
@@ -425,17 +425,6 @@ def test_zoneout_masks_keep_each_unit_with_probability_p(p):
             both = (flat[:-lag] * flat[lag:]).mean().item()
             assert abs(both - p * p) <= 5 * (p * p * (1 - p * p) / (n - lag)) ** 0.5, lag
         assert not torch.equal(mask, functional._zoneout_mask(shape, p, torch.empty(0)))
-
-
-@contextlib.contextmanager
-def torch_threads(count):
-    """torch's thread count set to count for the block."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_zoneout_masks_follow_the_seed_on_any_number_of_threads():

@@ -21,6 +21,7 @@ import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune, which torch do
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from reference import ReferenceCell, ReferenceRNN
+from thread_count import torch_threads
 
 CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -1013,13 +1014,9 @@ def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layo
     # W_hh past the tiled kernel's 64K elements: [3 H or 4 H, H or P], and Elman's [H, H].
     sizes = dict(T=6, B=40, I=8, H=260 if spec.mode == "RNN" else 160,
                  P=150 if spec.proj else 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
                     batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1037,13 +1034,9 @@ def test_large_weights_in_gate_panels(rf, device, spec, layout, dtype, hx_given,
     _skip_extra_on_torch_nn(rf, spec)
     # W_hh: [4 H or 3 H, H], and Elman's [H, H].
     sizes = dict(T=12, B=13, I=7, H=270 if spec.mode == "RNN" else 150)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=True,
                     batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("layout", ["batched", "packed"])
@@ -1054,13 +1047,9 @@ def test_elman_gate_panels_of_either_parity(rf, device, spec, hidden, layout):
     even (each panel's tile holds two vectors of units, j .. and H / 2 + j ..; 129 units a half
     end in a partial vector) and as one gate where H is odd, on two threads, both directions."""
     sizes = dict(T=7, B=11, I=6, H=hidden)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
                     batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1072,13 +1061,9 @@ def test_single_row_products_in_gate_panels(rf, device, spec, dtype):
     _skip_extra_on_torch_nn(rf, spec)
     # W_hh: [4 x 70, 70], [3 x 90, 90], [200, 200].
     sizes = dict(T=9, B=1, I=5, H={"LSTM": 70, "GRU": 90, "RNN": 200}[spec.mode])
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         check_layer(rf, spec, device, dtype, num_layers=1, bidirectional=True,
                     batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -304,10 +304,10 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   T* h_in_data = dropping ? h_in.data_ptr<T>() : nullptr;
 
   // The product goes to the gate panels where the plain forward's would (panels_take_product):
-  // W_hh packed once per call, the panels split over the threads per
-  // step, where the BLAS repacked W_hh at every step (the training steps of 20 rows of 200 GRU
-  // units with recurrent dropout and of 16 rows of 256 LSTM units with zoneout 5% and 9%
-  // faster on a 2-core AMD EPYC).
+  // W_hh packed once per call, the panels split over the threads per step, where the BLAS
+  // repacked W_hh at every step (the training steps of 20 rows of 200 GRU units with recurrent
+  // dropout and of 16 rows of 256 LSTM units with zoneout 5% and 9% faster on a 2-core AMD
+  // EPYC).
   std::optional<GatePanels<T>> panels;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
