@@ -259,9 +259,6 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   const Tensor step_bias = norm_hh ? Tensor() : fold_biases ? args.b_ih.add(args.b_hh) : args.b_hh;
   const Product recurrent(args.w_hh, step_bias, B, Tn);
   const Product projection(args.w_hr, Tensor(), B, Tn);
-  const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent);
-  const bool rows_per_thread =
-      threads == StepThreads::RowsPerThread && (!projecting || projection.may_split_rows());
 
   // The state before and after each step (each run of rows swaps its own pointers per step),
   // the product's input and output.
@@ -307,16 +304,21 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // W_hh packed once per call, the panels split over the threads per step, where the BLAS
   // repacked W_hh at every step (the training steps of 20 rows of 200 GRU units with recurrent
   // dropout and of 16 rows of 256 LSTM units with zoneout 5% and 9% faster on a 2-core AMD
-  // EPYC).
+  // EPYC). The choice does not depend on the thread count, so neither do the results: where
+  // a core's cache holds W_hh, the schedule would run the BLAS on each thread's rows from 2
+  // threads (step_threads), in sums of another order than the panels' on one thread.
   std::optional<GatePanels<T>> panels;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (!projecting && !rows_per_thread && panels_take_product<T>(B, G, P, Tn)) {
+    if (!projecting && panels_take_product<T>(B, G, P, Tn)) {
       panels.emplace(args.w_hh.contiguous(), step_bias, Cell::kGates);
       panels->pack_all();
     }
   }
 #endif
+  const bool rows_per_thread =
+      !panels && step_threads(B, Tn, G, P, H, recurrent) == StepThreads::RowsPerThread &&
+      (!projecting || projection.may_split_rows());
   // hg [B, G] = h_rows [B, P] W_hh^T + step_bias.
   const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows) {
     if (!panels) {
@@ -568,12 +570,12 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   T* dc_scratch_data = dc_scratch.data_ptr<T>();
   T* dh_candidate_steps_data = projecting ? dh_candidate_steps.data_ptr<T>() : nullptr;
 
-  const StepThreads threads = step_threads(B, Tn, G, P, H, recurrent_back);
+  // dgates W_hh in gate panels where the engine's backward runs it there (backward_panels),
+  // on any number of threads, as the forward's product.
+  const std::optional<GatePanels<T>> back_panels = backward_panels<T>(args.w_hh, B, Tn);
   const bool rows_per_thread =
-      threads == StepThreads::RowsPerThread && (!projecting || projection_back.may_split_rows());
-  // dgates W_hh in gate panels where the engine's backward runs it there (backward_panels).
-  const std::optional<GatePanels<T>> back_panels =
-      rows_per_thread ? std::nullopt : backward_panels<T>(args.w_hh, B, Tn);
+      !back_panels && step_threads(B, Tn, G, P, H, recurrent_back) == StepThreads::RowsPerThread &&
+      (!projecting || projection_back.may_split_rows());
 
   // The reverse step of row b at time t: the cell's and the normalisations' backward.
   const auto cell_row = [&](int64_t t, int64_t b) {
