@@ -25,8 +25,8 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   2 multiprocessors, so blocks hold several rows), once with RNNFAST_SEQUENCE_KERNELS=0 (the
   GEMM-per-step loop) and once with RNNFAST_CUDA_PERSISTENT=1 (the persistent kernels: the
   hidden units split over the 2 emulated blocks, which run one after the other between grid
-  barriers) and once with RNNFAST_CUDA_WARP_KERNELS=1 (the warp kernels, float64 and float32:
-  each emulated warp is 32 host threads, one per lane, that meet at every shuffle). This checks
+  barriers) and once with RNNFAST_CUDA_WARP_KERNELS=1 (the warp kernels: each
+  emulated warp is 32 fibers on one host thread, one per lane, that meet at every shuffle). This checks
   the CUDA engine's host logic and indexing without a GPU; what it cannot check (the kernels
   running on a device, cuBLAS, barriers, L1 coherence) is for tests/test_cuda.py.
 * test_options_host_emulation: options_engine.cu in the same emulation library (built once for
@@ -321,10 +321,9 @@ def _emulation_check_autocast():
         assert result[0].dtype == torch.float64, "autocast must leave float64 alone"
 
 
-def _emulation_results(dtypes=EMULATION_DTYPES):
+def _emulation_results():
     return {f"{cell}/{name}/{dtype}": _emulation_run(cell, variant, dtype, seed)
-            for seed, (cell, name, variant, dtype) in enumerate(_emulation_cases())
-            if dtype in dtypes}
+            for seed, (cell, name, variant, dtype) in enumerate(_emulation_cases())}
 
 
 def _emulation_truth():
@@ -354,19 +353,16 @@ load(name="rnnfast_cuda_emulation", sources=sources, extra_cflags=["-O1"],
 """
 
 
-# The engine's time-loop paths the emulation runs: the environment that selects each, and the
-# dtypes it is run in. The warp kernels' emulation (a host thread per lane, meeting at every
-# shuffle) costs the most; their storage types enter only where values are rounded to T, as in
-# the other paths, so float64 and float32 check them.
+# The engine's time-loop paths the emulation runs, and the environment that selects each.
 EMULATED_PATHS = {
-    "sequence kernels": (dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                              RNNFAST_CUDA_WARP_KERNELS="0"), EMULATION_DTYPES),
-    "GEMM-per-step loop": (dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0",
-                                RNNFAST_CUDA_WARP_KERNELS="0"), EMULATION_DTYPES),
-    "persistent kernels": (dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1",
-                                RNNFAST_CUDA_WARP_KERNELS="0"), EMULATION_DTYPES),
-    "warp kernels": (dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                          RNNFAST_CUDA_WARP_KERNELS="1"), ["float64", "float32"]),
+    "sequence kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
+                             RNNFAST_CUDA_WARP_KERNELS="0"),
+    "GEMM-per-step loop": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0",
+                               RNNFAST_CUDA_WARP_KERNELS="0"),
+    "persistent kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1",
+                               RNNFAST_CUDA_WARP_KERNELS="0"),
+    "warp kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
+                         RNNFAST_CUDA_WARP_KERNELS="1"),
 }
 
 
@@ -431,11 +427,11 @@ def test_engine_host_emulation(tmp_path, emulation_library):
     # Once per path of EMULATED_PATHS: the sequence kernels (where a layer fits), the
     # GEMM-per-step loop, the persistent kernels and the warp kernels.
     emulated_runs = {}
-    for name, (settings, dtypes) in EMULATED_PATHS.items():
+    for name, settings in EMULATED_PATHS.items():
         results_file = tmp_path / f"emulated_{name}.pt"
         result = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--emulate", str(library),
-             str(results_file), *dtypes],
+             str(results_file)],
             capture_output=True, text=True, timeout=900, cwd=str(tmp_path),
             env=dict(os.environ, **settings))
         assert result.returncode == 0, (
@@ -447,10 +443,8 @@ def test_engine_host_emulation(tmp_path, emulation_library):
     expected, truth = saved["results"], saved["truth"]
     failures = []
     for name, emulated in emulated_runs.items():
-        dtypes = EMULATED_PATHS[name][1]
-        cases = {key: value for key, value in expected.items() if key.rsplit("/", 1)[1] in dtypes}
-        assert sorted(emulated) == sorted(cases)
-        failures += _emulation_failures(emulated, cases, truth, f"{name}: ")
+        assert sorted(emulated) == sorted(expected)
+        failures += _emulation_failures(emulated, expected, truth, f"{name}: ")
     assert not failures, "\n".join(failures)
 
 
@@ -653,12 +647,12 @@ def test_options_host_emulation(tmp_path, emulation_library):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 5 and sys.argv[1] == "--emulate":
+    if len(sys.argv) == 4 and sys.argv[1] == "--emulate":
         import torch
 
         torch.ops.load_library(sys.argv[2])
         _emulation_check_autocast()
-        torch.save(_emulation_results(sys.argv[4:]), sys.argv[3])
+        torch.save(_emulation_results(), sys.argv[3])
         sys.exit(0)
     if len(sys.argv) == 4 and sys.argv[1] == "--emulate-options":
         import torch
