@@ -245,8 +245,13 @@ class GatePanels {
   // out [rows, gates * H] (row stride out_stride) = h [rows, K] W^T + bias, the blocks split
   // over the threads: a product per step outside the forward's panel schedule (the options
   // engine's forward, the engine's backward), which sees its whole output at once.
+  // split_terms: whether tiles of few rows split their terms over partial sums (term_splits).
+  // Without, a row's sums are in the same order in a tile of any shape, so a thread that runs a
+  // share of a batch (rows per thread) computes each row exactly as one thread that runs the
+  // whole batch.
   template <int Gates>
-  void product(const T* h, int64_t rows, T* out, int64_t out_stride) const {
+  void product(const T* h, int64_t rows, T* out, int64_t out_stride,
+               bool split_terms = true) const {
     const RowTiles tiles = row_tiles<Gates>(rows);
     const int64_t chunk = chunk_terms();
     at::parallel_for(0, blocks_, 1, [&](int64_t first, int64_t end) {
@@ -255,8 +260,13 @@ class GatePanels {
           const int64_t k1 = std::min(k_, k0 + chunk);
           for (int64_t t = 0; t < tiles.count; ++t) {
             const int64_t r0 = tiles.begin(t), r1 = tiles.begin(t + 1);
-            tile<Gates>(h + r0 * k_, static_cast<int>(r1 - r0), block, k0, k1,
-                        out + r0 * out_stride, out_stride, t == 0);
+            const int count = static_cast<int>(r1 - r0);
+            T* tile_out = out + r0 * out_stride;
+            if (split_terms) {
+              tile<Gates>(h + r0 * k_, count, block, k0, k1, tile_out, out_stride, t == 0);
+            } else {
+              tile<Gates, false>(h + r0 * k_, count, block, k0, k1, tile_out, out_stride, t == 0);
+            }
           }
         }
       }
@@ -280,20 +290,22 @@ class GatePanels {
   // others (they find it in the L1 cache): fetch the panel a few terms ahead of the loop. A
   // thread's panels outgrow its L2 cache from a few hundred units, and the hardware's
   // prefetchers left the loop waiting on the L3 cache (20 rows of 640 LSTM units: 80 -> 100
-  // GFLOP/s on one core).
-  template <int Gates>
+  // GFLOP/s on one core). SplitTerms: as product()'s split_terms.
+  template <int Gates, bool SplitTerms = true>
   void tile(const T* h, int rows, int64_t block, int64_t k0, int64_t k1, T* hg, int64_t hg_stride,
             bool fetch_ahead) const {
     dispatch_rows<Gates>(rows, [&](auto rows_constant) {
       constexpr int kTileRows = decltype(rows_constant)::value;
       constexpr int kPassGates = kTileRows > rows_per_tile(Gates) ? Gates / 2 : Gates;
+      constexpr int kSplits = SplitTerms ? term_splits(kTileRows * kPassGates) : 1;
       for (int first_gate = 0; first_gate < Gates; first_gate += kPassGates) {
         // The first pass fetches ahead; the next finds the chunk in the L1 cache.
         if (fetch_ahead && first_gate == 0) {
-          run_tile<kTileRows, Gates, kPassGates, true>(h, block, first_gate, k0, k1, hg, hg_stride);
+          run_tile<kTileRows, Gates, kPassGates, kSplits, true>(h, block, first_gate, k0, k1, hg,
+                                                                hg_stride);
         } else {
-          run_tile<kTileRows, Gates, kPassGates, false>(h, block, first_gate, k0, k1, hg,
-                                                        hg_stride);
+          run_tile<kTileRows, Gates, kPassGates, kSplits, false>(h, block, first_gate, k0, k1, hg,
+                                                                 hg_stride);
         }
       }
     });
@@ -322,14 +334,14 @@ class GatePanels {
   // Gates first_gate .. first_gate + PassGates - 1 of the tile (of a cell of Gates gates).
   // Not inlined: inlined into the engine's step loop, GCC kept the accumulators in memory
   // as well as in registers, a store of each per term (half the rate of this kernel alone).
-  template <int Rows, int Gates, int PassGates, bool FetchAhead>
+  template <int Rows, int Gates, int PassGates, int Splits, bool FetchAhead>
   __attribute__((noinline)) void run_tile(const T* h, int64_t block, int first_gate, int64_t k0,
                                           int64_t k1, T* hg, int64_t hg_stride) const {
     const int64_t unit0 = first_unit(block);
     const int count = units(block);
     T* out = hg + unit0 + first_gate * hidden_;
     // acc[split]: the terms k0 + split, k0 + split + Splits, ...; acc[0] also the start.
-    constexpr int kSplits = term_splits(Rows * PassGates);
+    constexpr int kSplits = Splits;
     V acc[kSplits][Rows][PassGates];
     if (k0 == 0) {
       const T* bias = biases_data_ + (block * gates_ + first_gate) * kLanes;

@@ -53,6 +53,14 @@ void for_rows(int64_t rows, int64_t values_per_row, const Fn& fn) {
   for_row_shares(rows, values_per_row, kValuesPerThreadTask, fn);
 }
 
+// Whether the gate panels' tiles of a batch of `rows` rows may split their terms over partial
+// sums (GatePanels::product's split_terms): not in a batch that a schedule might run as rows per
+// thread on some number of threads, whose shares' tiles differ from the whole batch's.
+template <typename T>
+bool splits_panel_terms(int64_t rows) {
+  return rows < 2 * RecurrentProduct<T>::kMinRowsPerThread;
+}
+
 template <typename T>
 const T* data_if(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -301,12 +309,14 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   T* h_in_data = dropping ? h_in.data_ptr<T>() : nullptr;
 
   // The product goes to the gate panels where the plain forward's would (panels_take_product):
-  // W_hh packed once per call, the panels split over the threads per step, where the BLAS
-  // repacked W_hh at every step (the training steps of 20 rows of 200 GRU units with recurrent
-  // dropout and of 16 rows of 256 LSTM units with zoneout 5% and 9% faster on a 2-core AMD
-  // EPYC). The choice does not depend on the thread count, so neither do the results: where
-  // a core's cache holds W_hh, the schedule would run the BLAS on each thread's rows from 2
-  // threads (step_threads), in sums of another order than the panels' on one thread.
+  // W_hh packed once per call, where the BLAS repacked W_hh at every step (the training steps of
+  // 20 rows of 200 GRU units with recurrent dropout and of 16 rows of 256 LSTM units with zoneout
+  // 5% and 9% faster on a 2-core AMD EPYC). The choice does not depend on the thread count, so
+  // neither do the results. The panels run on each thread's rows where the schedule runs rows
+  // per thread (a core's cache holds W_hh: step_threads), else split over the threads per step
+  // (on a 2-core Xeon the training steps of 20 x 200 and 16 x 256 layers with options run 0-7%
+  // faster in panels on each thread's rows than in the BLAS there, 2-10% faster than in panels
+  // split per step).
   std::optional<GatePanels<T>> panels;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
@@ -317,7 +327,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   }
 #endif
   const bool rows_per_thread =
-      !panels && step_threads(B, Tn, G, P, H, recurrent) == StepThreads::RowsPerThread &&
+      step_threads(B, Tn, G, P, H, recurrent) == StepThreads::RowsPerThread &&
       (!projecting || projection.may_split_rows());
   // hg [B, G] = h_rows [B, P] W_hh^T + step_bias.
   const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows) {
@@ -325,7 +335,8 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
       recurrent.run(h_rows + b0 * P, rows, hg_data + b0 * G);
       return;
     }
-    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G);
+    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G,
+                                           splits_panel_terms<T>(B));
   };
 
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
@@ -574,7 +585,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   // on any number of threads, as the forward's product.
   const std::optional<GatePanels<T>> back_panels = backward_panels<T>(args.w_hh, B, Tn);
   const bool rows_per_thread =
-      !back_panels && step_threads(B, Tn, G, P, H, recurrent_back) == StepThreads::RowsPerThread &&
+      step_threads(B, Tn, G, P, H, recurrent_back) == StepThreads::RowsPerThread &&
       (!projecting || projection_back.may_split_rows());
 
   // The reverse step of row b at time t: the cell's and the normalisations' backward.
@@ -721,8 +732,8 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       };
       for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       if (back_panels) {
-        back_panels->template product<kBackwardPanelGates>(dhg_raw_data + (t * B + b0) * G, rows,
-                                                           din + b0 * P, P);
+        back_panels->template product<kBackwardPanelGates>(
+            dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P, P, splits_panel_terms<T>(B));
       } else {
         recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
       }

@@ -114,6 +114,10 @@ class RecurrentProduct {
     return Kernel::Blas;
   }
 
+  // The fewest rows of a thread's share where a schedule runs rows per thread
+  // (splits_rows_in_blas).
+  static constexpr int64_t kMinRowsPerThread = 8;
+
   // Whether the product may run on a share of the rows it was built for: so do the tiled
   // kernel and the plain loop, which a thread runs on its rows, and a product in the BLAS that
   // splits_rows_in_blas; other products in the BLAS are threaded by the BLAS, and the register
@@ -308,7 +312,7 @@ class RecurrentProduct {
   // per thread are faster split by columns of M (each core reads half of it); more, or a larger
   // M, by MKL's own threading of its packed copy of M^T (grid LSTM: 16 to 32 rows of 192 to 256
   // units ran 4-18% faster split by rows, 64 rows 3% slower, 512 units 12-30% slower).
-  static constexpr int64_t kMinRowsPerThread = 8, kMaxRowsPerThread = 16;
+  static constexpr int64_t kMaxRowsPerThread = 16;
   static bool splits_rows_in_blas(int64_t rows, int64_t n, int64_t k) {
     const int64_t threads = at::get_num_threads();
     return threads > 1 && rows >= kMinRowsPerThread * threads &&
