@@ -1055,12 +1055,13 @@ def test_elman_gate_panels_of_either_parity(rf, device, spec, hidden, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
 def test_single_row_products_in_gate_panels(rf, device, spec, dtype):
-    """One batch row whose per-step products the tiled kernel would run (16K to 64K
-    multiply-adds): the CPU engine splits their units over the threads in gate panels, forward
-    and backward, where each tile of one row runs its terms as interleaved partial sums."""
+    """One batch row whose per-step products the tiled kernel would run (48K to 64K
+    multiply-adds, where the AVX2 and the AVX-512 copies both take them): the CPU engine splits
+    their units over the threads in gate panels (the backward's too with AVX2), where each tile
+    of one row runs its terms as interleaved partial sums."""
     _skip_extra_on_torch_nn(rf, spec)
-    # W_hh: [4 x 70, 70], [3 x 90, 90], [200, 200].
-    sizes = dict(T=9, B=1, I=5, H={"LSTM": 70, "GRU": 90, "RNN": 200}[spec.mode])
+    # W_hh: [4 x 120, 120], [3 x 140, 140], [240, 240].
+    sizes = dict(T=9, B=1, I=5, H={"LSTM": 120, "GRU": 140, "RNN": 240}[spec.mode])
     with torch_threads(2):
         check_layer(rf, spec, device, dtype, num_layers=1, bidirectional=True,
                     batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)

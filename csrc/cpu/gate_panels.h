@@ -436,10 +436,17 @@ inline bool blas_is_fast_here() {
 
 // ... or a single row's product that the tiled kernel would run, of at least this many
 // multiply-adds per step: the tiled kernel runs a row on one thread, where the panels split its
-// units over the threads (on a 2-core AMD EPYC the forward of one row of 100 steps: 256 Elman
-// units 2.3x as fast, 128 units 1.5x, 64 LSTM units 1.4x, 100 LSTM units 1.7x; below, as
-// 64 Elman units (0.75x) and 50 GRU units (0.9x), the barrier per step costs more).
+// units over the threads (on a 2-core AMD EPYC, AVX2, the forward of one row of 100 steps: 256
+// Elman units 2.3x as fast, 128 units 1.5x, 64 LSTM units 1.4x, 100 LSTM units 1.7x; below, as
+// 64 Elman units (0.75x) and 50 GRU units (0.9x), the barrier per step costs more). The AVX-512
+// tiled kernel holds out longer (on a 2-core Xeon: 0.80-0.95x for 64 and 100 LSTM units, 100
+// GRU units, 128 Elman units, 16K to 40K multiply-adds; 1.09-1.27x for 128 GRU and LSTM units
+// and 256 Elman units, 48K to 64K).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kPanelMinSingleRowWork = int64_t(48) << 10;
+#else
 constexpr int64_t kPanelMinSingleRowWork = int64_t(1) << 14;
+#endif
 
 // Whether the panels take a per-step product [rows, terms] x [terms, outputs] over `steps`
 // steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the backward's
@@ -462,7 +469,10 @@ bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t s
 // AVX2, 12 x 2 with AVX-512), run per step by product<kBackwardPanelGates>, where the BLAS repacked
 // W_hh at every step (on a 2-core AMD EPYC the training steps of 16 rows of 256 and 512 LSTM
 // units 6-7% faster, the 650-unit word models' 2.5-4%, the option layers' of 16 x 256 4-7%;
-// 20 rows of 200 units and 64 of 256 unchanged). No panels elsewhere.
+// 20 rows of 200 units and 64 of 256 unchanged). No panels elsewhere; with AVX-512 none for a
+// single row, whose product without them (the tiled kernel, or row_times_matrix) ran the
+// training steps 5-26% faster on a 2-core Xeon (one row of 100 steps: 64 and 128 LSTM units,
+// 128 GRU units, 256 and 512 Elman units).
 constexpr int kBackwardPanelGates = 2;
 
 template <typename T>
@@ -470,7 +480,12 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const int64_t gate_size = w_hh.size(0), state_size = w_hh.size(1);
-    if (state_size % kBackwardPanelGates == 0 &&
+#if defined(CPU_CAPABILITY_AVX512)
+    const bool rows_fit = rows > 1;
+#else
+    const bool rows_fit = true;
+#endif
+    if (rows_fit && state_size % kBackwardPanelGates == 0 &&
         panels_take_product<T>(rows, state_size, gate_size, steps)) {
       std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
                                           kBackwardPanelGates, GatePanels<T>::Layout::Transposed);
