@@ -179,10 +179,12 @@ def test_engine_compiles(tmp_path, kernel_objects):
     includes.append(f"-I{sysconfig.get_paths()['include']}")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
 
+    # The host code unoptimised (-O0 after NVCC_FLAGS' -O3): what is checked is that it compiles
+    # and which launchers it calls; optimising it took a fifth longer (34 s against 27 on a Xeon).
     def compile_host(source):
         target = str(tmp_path / f"{os.path.splitext(source)[0]}.o")
-        _nvcc([*NVCC_FLAGS, "-arch=sm_80", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", *includes,
-               "-c", os.path.join(CUDA_DIR, source), "-o", target], timeout=900)
+        _nvcc([*NVCC_FLAGS, "-O0", "-arch=sm_80", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w",
+               *includes, "-c", os.path.join(CUDA_DIR, source), "-o", target], timeout=900)
         return source, target
 
     with ThreadPoolExecutor(max_workers=min(len(HOST_SOURCES), os.cpu_count() or 1)) as pool:
