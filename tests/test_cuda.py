@@ -35,6 +35,7 @@ pytestmark = pytest.mark.cuda
 
 import op_args  # noqa: E402
 import rnnfast  # noqa: E402
+from cuda_engine_paths import ENGINE_PATHS  # noqa: E402
 from op_args import VARIANTS, backward_args, differentiable_outputs  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -69,20 +70,6 @@ CONFIGS = {
     "many_rows": dict(kw=dict(bidirectional=True), sizes=(6, 300, 5, 16)),
 }
 
-# The ways the engine runs a layer's time loop: one sequence kernel where W_hh fits in a
-# block's shared memory (the default), the GEMM-per-step loop (RNNFAST_SEQUENCE_KERNELS=0), the
-# persistent kernels of many blocks (opt-in: RNNFAST_CUDA_PERSISTENT=1) or a warp per batch row
-# (opt-in: RNNFAST_CUDA_WARP_KERNELS=1).
-ENGINE_PATHS = {
-    "sequence": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                     RNNFAST_CUDA_WARP_KERNELS="0"),
-    "per_step": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0",
-                     RNNFAST_CUDA_WARP_KERNELS="0"),
-    "persistent": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1",
-                       RNNFAST_CUDA_WARP_KERNELS="0"),
-    "warp": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                 RNNFAST_CUDA_WARP_KERNELS="1"),
-}
 
 
 @pytest.fixture(params=list(ENGINE_PATHS))

@@ -49,6 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cuda_engine_paths import ENGINE_PATHS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 # The translation units that instantiate the launchers, one per dtype.
@@ -355,17 +357,6 @@ load(name="rnnfast_cuda_emulation", sources=sources, extra_cflags=["-O1"],
 """
 
 
-# The engine's time-loop paths the emulation runs, and the environment that selects each.
-EMULATED_PATHS = {
-    "sequence kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                             RNNFAST_CUDA_WARP_KERNELS="0"),
-    "GEMM-per-step loop": dict(RNNFAST_SEQUENCE_KERNELS="0", RNNFAST_CUDA_PERSISTENT="0",
-                               RNNFAST_CUDA_WARP_KERNELS="0"),
-    "persistent kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="1",
-                               RNNFAST_CUDA_WARP_KERNELS="0"),
-    "warp kernels": dict(RNNFAST_SEQUENCE_KERNELS="1", RNNFAST_CUDA_PERSISTENT="0",
-                         RNNFAST_CUDA_WARP_KERNELS="1"),
-}
 
 
 def _cuda_include_dir():
@@ -426,10 +417,10 @@ def test_engine_host_emulation(tmp_path, emulation_library):
     torch = pytest.importorskip("torch")
     library = emulation_library
     # The emulated engine runs in its own process: its ops.cpp defines the ops as rnnfast._C does.
-    # Once per path of EMULATED_PATHS: the sequence kernels (where a layer fits), the
+    # Once per path of ENGINE_PATHS: the sequence kernels (where a layer fits), the
     # GEMM-per-step loop, the persistent kernels and the warp kernels.
     emulated_runs = {}
-    for name, settings in EMULATED_PATHS.items():
+    for name, settings in ENGINE_PATHS.items():
         results_file = tmp_path / f"emulated_{name}.pt"
         result = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--emulate", str(library),
