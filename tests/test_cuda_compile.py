@@ -15,20 +15,21 @@ CPU-only torch these tests are the check that the CUDA sources compile at all:
   CUDA build (c10/cuda/impl/cuda_cmake_macros.h); the test writes a stand-in for it into its
   temporary folder when it is missing. No link: a CPU-only torch has no libc10_cuda to link against.
 
-* test_engine_host_emulation: engine.cu (with RNNFAST_CUDA_HOST_EMULATION: it registers
-  itself for CPU tensors) and the kernels_*.cu files compiled by the host C++ compiler, where
-  each kernel launch becomes a loop over its threads' bodies, linked into one library, loaded in a subprocess (its ops.cpp would clash
-  with rnnfast._C), and its outputs, gradients and workspace shape compared with the CPU
-  engine's (run in a subprocess too) for every cell, dtype (float64 / float32 / float16 /
-  bfloat16), projection, lengths, direction, one step and an empty batch; once with the
-  sequence kernels (each emulated block runs its rows' whole time loop; the emulated device has
-  2 multiprocessors, so blocks hold several rows), once with RNNFAST_SEQUENCE_KERNELS=0 (the
-  GEMM-per-step loop) and once with RNNFAST_CUDA_PERSISTENT=1 (the persistent kernels: the
-  hidden units split over the 2 emulated blocks, which run one after the other between grid
-  barriers) and once with RNNFAST_CUDA_WARP_KERNELS=1 (the warp kernels: each
-  emulated warp is 32 fibers on one host thread, one per lane, that meet at every shuffle). This checks
-  the CUDA engine's host logic and indexing without a GPU; what it cannot check (the kernels
-  running on a device, cuBLAS, barriers, L1 coherence) is for tests/test_cuda.py.
+* test_engine_host_emulation: engine.cu (with RNNFAST_CUDA_HOST_EMULATION: it registers itself
+  for CPU tensors) and the kernels_*.cu files compiled by the host C++ compiler, where each
+  kernel launch becomes a loop over its threads' bodies, linked into one library, loaded in a
+  subprocess (its ops.cpp would clash with rnnfast._C), and its outputs, gradients and workspace
+  shape compared with the CPU engine's (run in a subprocess too) for every cell, dtype (float64
+  / float32 / float16 / bfloat16), projection, lengths, direction, one step and an empty batch;
+  once with the sequence kernels (each emulated block runs its rows' whole time loop; the
+  emulated device has 2 multiprocessors, so blocks hold several rows), once with
+  RNNFAST_SEQUENCE_KERNELS=0 (the GEMM-per-step loop) and once with RNNFAST_CUDA_PERSISTENT=1
+  (the persistent kernels: the hidden units split over the 2 emulated blocks, which run one
+  after the other between grid barriers) and once with RNNFAST_CUDA_WARP_KERNELS=1 (the warp
+  kernels: each emulated warp is 32 fibers on one host thread, one per lane, that meet at every
+  shuffle). This checks the CUDA engine's host logic and indexing without a GPU; what it cannot
+  check (the kernels running on a device, cuBLAS, barriers, L1 coherence) is for
+  tests/test_cuda.py.
 * test_options_host_emulation: options_engine.cu in the same emulation library (built once for
   both tests), its rnnfast::forward_with_options / backward_with_options against the CPU
   engine's for every cell x OPTIONS_VARIANTS (layer normalisation of all three or of one, no
