@@ -82,20 +82,24 @@ for cell, B, T, I, H, L, bi, packed, dtype in CASES:
         assert err < tol, (cell, B, T, I, H, L, bi, packed, dtype, err)
 
 # The same results on 1 and 2 threads, bit for bit, as torch.nn's (one batch row's products
-# included, whose sums MKL would split as it chooses).
-for cell, B, H, dtype in [("LSTM", 1, 300, torch.float32), ("GRU", 1, 300, torch.float64),
-                          ("RNN", 1, 640, torch.float32), ("LSTM", 16, 256, torch.float32)]:
+# included, whose sums MKL would split as it chooses); and on 3 threads for 25 rows, which they
+# share as 9, 9 and 7 rows, each share in row tiles of its own.
+for cell, B, H, dtype, thread_counts in [
+        ("LSTM", 1, 300, torch.float32, (1, 2)), ("GRU", 1, 300, torch.float64, (1, 2)),
+        ("RNN", 1, 640, torch.float32, (1, 2)), ("LSTM", 16, 256, torch.float32, (1, 2)),
+        ("LSTM", 25, 200, torch.float32, (1, 2, 3)), ("GRU", 25, 200, torch.float32, (1, 2, 3))]:
     layer = getattr(rnnfast, cell)(24, H).to(dtype)
     x = torch.randn(12, B, 24, dtype=dtype)
     runs = []
-    for threads in (1, 2):
+    for threads in thread_counts:
         torch.set_num_threads(threads)
         xi = x.clone().requires_grad_()
         out = layer(xi)[0]
         grads = torch.autograd.grad(out.pow(2).sum(), [xi] + list(layer.parameters()))
         runs.append([out.detach()] + list(grads))
-    for one, two in zip(*runs):
-        assert torch.equal(one, two), (cell, B, H, dtype, (one - two).abs().max().item())
+    for other in runs[1:]:
+        for one, two in zip(runs[0], other):
+            assert torch.equal(one, two), (cell, B, H, dtype, (one - two).abs().max().item())
 print("ok", len(CASES))
 """
 

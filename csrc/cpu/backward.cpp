@@ -207,9 +207,11 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   };
   const bool products_skip_ended_rows = recurrent_back.runs_any_rows();
   // Where the forward's product runs in gate panels, so does this one (backward_panels):
-  // dh_prev = the panels' product, then + dh_direct.
+  // dh_prev = the panels' product, then + dh_direct; in tiles whose sums do not depend on a
+  // thread's share of the rows where the schedule may run rows per thread (splits_panel_terms).
   const std::optional<GatePanels<T>> back_panels =
       !projecting && !v.gate_packed ? backward_panels<T>(w_hh, v.product_rows, v.T_) : std::nullopt;
+  const bool split_terms = splits_panel_terms<T>(B);
   const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
     // the gradient of hx alone, not needed without one.
@@ -226,7 +228,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       if (end == b_begin) return;
       if (back_panels) {
         back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, end - b_begin,
-                                                           dh_data + b_begin * P, P);
+                                                           dh_data + b_begin * P, P, split_terms);
         for (int64_t n = b_begin * P; n < end * P; ++n) dh_data[n] += dhd_data[n];
         return;
       }
@@ -234,7 +236,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
     } else if (back_panels) {
       back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, b_end - b_begin,
-                                                         dh_data + b_begin * P, P);
+                                                         dh_data + b_begin * P, P, split_terms);
     } else {
       recurrent_back.run(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                          dh_data + b_begin * P);

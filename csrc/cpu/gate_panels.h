@@ -475,6 +475,15 @@ bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t s
 // 128 GRU units, 256 and 512 Elman units).
 constexpr int kBackwardPanelGates = 2;
 
+// Whether the panels' tiles of a product over a batch of `rows` rows may split their terms over
+// partial sums (GatePanels::product's split_terms): not in a batch that a schedule might run as
+// rows per thread on some number of threads, whose shares' tiles differ from the whole batch's
+// (3 threads share 25 rows as 9, 9 and 7; the 7 in tiles of 3 and 4 rows).
+template <typename T>
+bool splits_panel_terms(int64_t rows) {
+  return rows < 2 * RecurrentProduct<T>::kMinRowsPerThread;
+}
+
 template <typename T>
 std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t rows, int64_t steps) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)

@@ -53,14 +53,6 @@ void for_rows(int64_t rows, int64_t values_per_row, const Fn& fn) {
   for_row_shares(rows, values_per_row, kValuesPerThreadTask, fn);
 }
 
-// Whether the gate panels' tiles of a batch of `rows` rows may split their terms over partial
-// sums (GatePanels::product's split_terms): not in a batch that a schedule might run as rows per
-// thread on some number of threads, whose shares' tiles differ from the whole batch's.
-template <typename T>
-bool splits_panel_terms(int64_t rows) {
-  return rows < 2 * RecurrentProduct<T>::kMinRowsPerThread;
-}
-
 template <typename T>
 const T* data_if(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
