@@ -341,8 +341,7 @@ class GatePanels {
     const int count = units(block);
     T* out = hg + unit0 + first_gate * hidden_;
     // acc[split]: the terms k0 + split, k0 + split + Splits, ...; acc[0] also the start.
-    constexpr int kSplits = Splits;
-    V acc[kSplits][Rows][PassGates];
+    V acc[Splits][Rows][PassGates];
     if (k0 == 0) {
       const T* bias = biases_data_ + (block * gates_ + first_gate) * kLanes;
       for (int g = 0; g < PassGates; ++g) {
@@ -356,7 +355,7 @@ class GatePanels {
         }
       }
     }
-    for (int split = 1; split < kSplits; ++split) {
+    for (int split = 1; split < Splits; ++split) {
       for (int r = 0; r < Rows; ++r) {
         for (int g = 0; g < PassGates; ++g) acc[split][r][g] = V(T(0));
       }
@@ -380,12 +379,12 @@ class GatePanels {
         }
       };
       int64_t k = k0;
-      for (; k + kSplits <= k1; k += kSplits) {
-        for (int split = 0; split < kSplits; ++split) add_term(k + split, acc[split]);
+      for (; k + Splits <= k1; k += Splits) {
+        for (int split = 0; split < Splits; ++split) add_term(k + split, acc[split]);
       }
       for (; k < k1; ++k) add_term(k, acc[0]);
     }
-    for (int split = 1; split < kSplits; ++split) {
+    for (int split = 1; split < Splits; ++split) {
       for (int r = 0; r < Rows; ++r) {
         for (int g = 0; g < PassGates; ++g) acc[0][r][g] = acc[0][r][g] + acc[split][r][g];
       }
@@ -474,6 +473,11 @@ bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t s
 // training steps 5-26% faster on a 2-core Xeon (one row of 100 steps: 64 and 128 LSTM units,
 // 128 GRU units, 256 and 512 Elman units).
 constexpr int kBackwardPanelGates = 2;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kBackwardSingleRowPanels = false;
+#else
+constexpr bool kBackwardSingleRowPanels = true;
+#endif
 
 // Whether the panels' tiles of a product over a batch of `rows` rows may split their terms over
 // partial sums (GatePanels::product's split_terms): not in a batch that a schedule might run as
@@ -489,12 +493,7 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const int64_t gate_size = w_hh.size(0), state_size = w_hh.size(1);
-#if defined(CPU_CAPABILITY_AVX512)
-    const bool rows_fit = rows > 1;
-#else
-    const bool rows_fit = true;
-#endif
-    if (rows_fit && state_size % kBackwardPanelGates == 0 &&
+    if ((rows > 1 || kBackwardSingleRowPanels) && state_size % kBackwardPanelGates == 0 &&
         panels_take_product<T>(rows, state_size, gate_size, steps)) {
       std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
                                           kBackwardPanelGates, GatePanels<T>::Layout::Transposed);
