@@ -245,7 +245,6 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
   at::parallel_for(0, panels.blocks(), 1, [&](int64_t first, int64_t end) {
     panels.pack(first, end);
     const int64_t K = panels.terms(), chunk = panels.chunk_terms();
-    const bool fetch_next_chunk = panels.outgrows_core_cache(end - first);
     for (int64_t step = steps.begin; step < steps.end; ++step) {
       const int64_t t = v.step_time(step);
       const int64_t parity = (step - steps.begin) % 2;
@@ -271,12 +270,9 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
             if (k0 == 0) {
               for (const VectorUnits& units : unit_runs) fetch_cell_inputs(t, b0, b1, units);
             }
-            const auto next = fetch_next_chunk ? panels.next_chunk_share(block, k0, k1, first, end,
-                                                                         row_tile, row_tiles.count)
-                                               : typename GatePanels<T>::ChunkShare();
-            panels.template tile<PanelGates>(
-                h_rows ? h_rows + b0 * H : nullptr, static_cast<int>(b1 - b0), block, k0, k1,
-                hg_data + b0 * G, G, row_tile == 0, next.first_line, next.lines_per_term);
+            panels.template tile<PanelGates>(h_rows ? h_rows + b0 * H : nullptr,
+                                             static_cast<int>(b1 - b0), block, k0, k1,
+                                             hg_data + b0 * G, G, row_tile == 0);
             if (k1 == K) {
               for (const VectorUnits& units : unit_runs) {
                 pointwise(t, b0, b1, units, h_prev, h_next);

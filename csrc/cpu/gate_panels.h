@@ -78,8 +78,6 @@ class GatePanels {
  public:
   using V = at::vec::Vectorized<T>;
   static constexpr int kLanes = V::size();
-  // Values of a cache line.
-  static constexpr int64_t kLineValues = 64 / int64_t(sizeof(T));
   // Accumulator registers a tile may take: 32 vector registers with AVX-512 (16 with AVX2),
   // the rest left for the panel's vectors and the broadcast of h.
 #if defined(CPU_CAPABILITY_AVX512)
@@ -285,40 +283,6 @@ class GatePanels {
   }
   int64_t terms() const { return k_; }
 
-  // Where a thread's share of the panels (`blocks` of them) outgrows its core's cache, each
-  // step reads them from the L3 cache, and the first row tile of a chunk waits on it
-  // (fetch_ahead brings it only a few terms ahead): there the forward's schedule fetches the
-  // chunk after into the L2 cache while all the row tiles of a chunk run (next_chunk_share).
-  // The two 650-unit LSTM layers of the word model (3.4 MB of panels a thread) ran their
-  // forward 5% faster on a 2-core Xeon, the GRU's 4%. Not where the panels stay in the L2
-  // cache: there the prefetches cost the 16-row, 256-unit LSTM's forward 4%. (In product(),
-  // the backward's per-step product, the same fetch ran the word models' training steps 0.4-1.6%
-  // faster, within the machine's noise: not there.)
-  bool outgrows_core_cache(int64_t blocks) const {
-    return blocks * panel_size() * int64_t(sizeof(T)) > core_cache_bytes();
-  }
-
-  // Row tile `tile`'s share (of `tiles`) of the chunk that a thread running blocks [first,
-  // end) reads after terms k0 .. k1 - 1 of `block` (the block's next terms, the next block's
-  // first, or after its last block its first block's, the next step's), as tile()'s
-  // fetch_next and fetch_lines: the share's cache lines spread over the tile's terms.
-  struct ChunkShare {
-    const T* first_line = nullptr;
-    int lines_per_term = 0;
-  };
-  ChunkShare next_chunk_share(int64_t block, int64_t k0, int64_t k1, int64_t first, int64_t end,
-                              int64_t tile, int64_t tiles) const {
-    const int64_t chunk = chunk_terms();
-    const int64_t next_block = k1 < k_ ? block : block + 1 < end ? block + 1 : first;
-    const int64_t next_k0 = k1 < k_ ? k1 : 0;
-    const int64_t next_terms = std::min(k_, next_k0 + chunk) - next_k0;
-    const int64_t lines = next_terms * gates_ * kLanes / kLineValues;
-    const int64_t first_line = tile * lines / tiles;
-    const int64_t tile_lines = (tile + 1) * lines / tiles - first_line;
-    return {panel_of(next_block) + next_k0 * gates_ * kLanes + first_line * kLineValues,
-            static_cast<int>((tile_lines + (k1 - k0) - 1) / (k1 - k0))};
-  }
-
   // hg[r * hg_stride + gate * H + j] for the `rows` rows from h (row stride K; nullptr: zero
   // states) and the units j of `block`, of every gate: bias + the terms k0 .. k1 - 1 of the
   // product where k0 == 0, else hg + those terms. rows <= max_tile_rows(gates).
@@ -326,25 +290,22 @@ class GatePanels {
   // others (they find it in the L1 cache): fetch the panel a few terms ahead of the loop. A
   // thread's panels outgrow its L2 cache from a few hundred units, and the hardware's
   // prefetchers left the loop waiting on the L3 cache (20 rows of 640 LSTM units: 80 -> 100
-  // GFLOP/s on one core). fetch_next (nullptr: none): cache lines to fetch into the L2 cache
-  // while the tile runs, fetch_lines of them at each term from there on (a chunk the caller
-  // reads next). SplitTerms: as product()'s split_terms.
+  // GFLOP/s on one core). SplitTerms: as product()'s split_terms.
   template <int Gates, bool SplitTerms = true>
   void tile(const T* h, int rows, int64_t block, int64_t k0, int64_t k1, T* hg, int64_t hg_stride,
-            bool fetch_ahead, const T* fetch_next = nullptr, int fetch_lines = 0) const {
+            bool fetch_ahead) const {
     dispatch_rows<Gates>(rows, [&](auto rows_constant) {
       constexpr int kTileRows = decltype(rows_constant)::value;
       constexpr int kPassGates = kTileRows > rows_per_tile(Gates) ? Gates / 2 : Gates;
       constexpr int kSplits = SplitTerms ? term_splits(kTileRows * kPassGates) : 1;
       for (int first_gate = 0; first_gate < Gates; first_gate += kPassGates) {
         // The first pass fetches ahead; the next finds the chunk in the L1 cache.
-        const T* next = first_gate == 0 ? fetch_next : nullptr;
         if (fetch_ahead && first_gate == 0) {
           run_tile<kTileRows, Gates, kPassGates, kSplits, true>(h, block, first_gate, k0, k1, hg,
-                                                                hg_stride, next, fetch_lines);
+                                                                hg_stride);
         } else {
           run_tile<kTileRows, Gates, kPassGates, kSplits, false>(h, block, first_gate, k0, k1, hg,
-                                                                 hg_stride, next, fetch_lines);
+                                                                 hg_stride);
         }
       }
     });
@@ -375,8 +336,7 @@ class GatePanels {
   // as well as in registers, a store of each per term (half the rate of this kernel alone).
   template <int Rows, int Gates, int PassGates, int Splits, bool FetchAhead>
   __attribute__((noinline)) void run_tile(const T* h, int64_t block, int first_gate, int64_t k0,
-                                          int64_t k1, T* hg, int64_t hg_stride, const T* fetch_next,
-                                          int fetch_lines) const {
+                                          int64_t k1, T* hg, int64_t hg_stride) const {
     const int64_t unit0 = first_unit(block);
     const int count = units(block);
     T* out = hg + unit0 + first_gate * hidden_;
@@ -404,19 +364,12 @@ class GatePanels {
       // The pass's gates of term k: PassGates vectors from panel + k * Gates * kLanes.
       const T* panel = panels_data_ + block * panel_size() + first_gate * kLanes;
       const int64_t K = k_;
-      // Inlined by force: with fetch_next's loop GCC called it once per term, its sums through
-      // memory (the 650-unit word model's forward 1.6x slower).
-      const auto add_term = [&](int64_t k, V(&sums)[Rows][PassGates])
-          __attribute__((always_inline)) {
+      const auto add_term = [&](int64_t k, V(&sums)[Rows][PassGates]) {
         if constexpr (FetchAhead) {
           // All the gates of term k + kFetchAheadTerms: the next pass finds them in the L1
           // cache. Past the last panel this touches nothing: a prefetch never faults.
           const T* ahead = panel - first_gate * kLanes + (k + kFetchAheadTerms) * Gates * kLanes;
           for (int g = 0; g < Gates; ++g) __builtin_prefetch(ahead + g * kLanes, 0, 3);
-        }
-        if (fetch_next != nullptr) {
-          const T* line = fetch_next + (k - k0) * fetch_lines * kLineValues;
-          for (int l = 0; l < fetch_lines; ++l) __builtin_prefetch(line + l * kLineValues, 0, 2);
         }
         V w[PassGates];
         for (int g = 0; g < PassGates; ++g) w[g] = V::loadu(panel + (k * Gates + g) * kLanes);
