@@ -71,7 +71,6 @@ CONFIGS = {
 }
 
 
-
 @pytest.fixture(params=list(ENGINE_PATHS))
 def engine_path(request, monkeypatch):
     for variable, value in ENGINE_PATHS[request.param].items():

@@ -358,8 +358,6 @@ load(name="rnnfast_cuda_emulation", sources=sources, extra_cflags=["-O1"],
 """
 
 
-
-
 def _cuda_include_dir():
     for candidate in (os.path.join(os.path.dirname(os.path.dirname(NVCC)), "include"),
                       os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include"),

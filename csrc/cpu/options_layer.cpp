@@ -321,14 +321,16 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   const bool rows_per_thread =
       step_threads(B, Tn, G, P, H, recurrent) == StepThreads::RowsPerThread &&
       (!projecting || projection.may_split_rows());
+  // Whether the panels' tiles may split their terms into partial sums: not where the schedule
+  // may run rows per thread, whose shares must sum each row as the whole batch does.
+  const bool split_terms = splits_panel_terms<T>(B);
   // hg [B, G] = h_rows [B, P] W_hh^T + step_bias.
   const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows) {
     if (!panels) {
       recurrent.run(h_rows + b0 * P, rows, hg_data + b0 * G);
       return;
     }
-    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G,
-                                           splits_panel_terms<T>(B));
+    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G, split_terms);
   };
 
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
@@ -579,6 +581,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   const bool rows_per_thread =
       step_threads(B, Tn, G, P, H, recurrent_back) == StepThreads::RowsPerThread &&
       (!projecting || projection_back.may_split_rows());
+  const bool split_terms = splits_panel_terms<T>(B);
 
   // The reverse step of row b at time t: the cell's and the normalisations' backward.
   const auto cell_row = [&](int64_t t, int64_t b) {
@@ -724,8 +727,8 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       };
       for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       if (back_panels) {
-        back_panels->template product<kBackwardPanelGates>(
-            dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P, P, splits_panel_terms<T>(B));
+        back_panels->template product<kBackwardPanelGates>(dhg_raw_data + (t * B + b0) * G, rows,
+                                                           din + b0 * P, P, split_terms);
       } else {
         recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
       }
