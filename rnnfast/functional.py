@@ -377,4 +377,11 @@ def stacked_with_options(cell, input, hx, cx, weights, norms, num_layers, bidire
             c_n.append(c)
         x = _next_layer_input(outputs, index, num_layers, dropout, training, lengths)
     output = x.transpose(0, 1) if batch_first else x
-    return output, torch.stack(h_n), (torch.stack(c_n) if has_cell_state else None)
+    return output, _stack_states(h_n), (_stack_states(c_n) if has_cell_state else None)
+
+
+def _stack_states(states):
+    """The final states [L * D, B, width] of a stack from each layer's and direction's [B, width]:
+    for one layer in one direction a view of its state, which torch.stack would copy (with a graph
+    node of its own in the forward and in the backward)."""
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
