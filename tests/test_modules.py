@@ -1068,6 +1068,19 @@ def test_single_row_products_in_gate_panels(rf, device, spec, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [s for s in STANDARD if not s.proj], ids=str)
+def test_single_row_over_large_weights_in_gate_panels(rf, device, spec, dtype):
+    """One batch row over a W_hh of 4 MiB or more (past the L2 caches): the backward's product
+    runs in gate panels with AVX-512 too, and the forward's and the backward's threads take
+    their panels in reverse order every other step."""
+    # W_hh: [4 x 512, 512], [3 x 600, 600], [1024, 1024] (float32: 4 - 4.1 MiB).
+    sizes = dict(T=5, B=1, I=6, H={"LSTM": 512, "GRU": 600, "RNN": 1024}[spec.mode])
+    with torch_threads(2):
+        check_layer(rf, spec, device, dtype, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", range(1, 18))
 def test_gate_panel_row_tiles_of_every_batch(rf, device, batch, dtype):
     """The LSTM forward in gate panels for every batch of 1 to 17 rows: GatePanels::row_tiles

@@ -227,16 +227,16 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
       const int64_t end = products_skip_ended_rows ? v.active_end(t, b_begin, b_end) : b_end;
       if (end == b_begin) return;
       if (back_panels) {
-        back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, end - b_begin,
-                                                           dh_data + b_begin * P, P, split_terms);
+        back_panels->template product<kBackwardPanelGates>(
+            dgate_step + b_begin * G, end - b_begin, dh_data + b_begin * P, P, pass, split_terms);
         for (int64_t n = b_begin * P; n < end * P; ++n) dh_data[n] += dhd_data[n];
         return;
       }
       recurrent_back.run_accumulate(dgate_step + b_begin * G, v.rows_of_products(b_begin, end),
                                     dhd_data + b_begin * P, dh_data + b_begin * P);
     } else if (back_panels) {
-      back_panels->template product<kBackwardPanelGates>(dgate_step + b_begin * G, b_end - b_begin,
-                                                         dh_data + b_begin * P, P, split_terms);
+      back_panels->template product<kBackwardPanelGates>(
+          dgate_step + b_begin * G, b_end - b_begin, dh_data + b_begin * P, P, pass, split_terms);
     } else {
       recurrent_back.run(dgate_step + b_begin * G, v.rows_of_products(b_begin, b_end),
                          dh_data + b_begin * P);

@@ -255,7 +255,8 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
       // row tiles cover the others (GatePanels::row_tiles: none of 2 rows where avoidable).
       const int64_t rows = v.active_end(t, 0, B);
       const auto row_tiles = GatePanels<T>::template row_tiles<PanelGates>(rows);
-      for (int64_t block = first; block < end; ++block) {
+      for (int64_t index = 0; index < end - first; ++index) {
+        const int64_t block = GatePanels<T>::block_at(first, end, index, parity);
         VectorUnits unit_runs[kUnitRuns];
         for (int run = 0; run < kUnitRuns; ++run) {
           unit_runs[run] = {static_cast<int>(panels.first_unit(block) + run * run_distance),

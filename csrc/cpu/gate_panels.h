@@ -166,6 +166,16 @@ class GatePanels {
     return static_cast<int>(std::min<int64_t>(kLanes, hidden_ - block * kLanes));
   }
 
+  // The index-th block that a thread running blocks [first, end) takes at a step: in order at
+  // even steps, in reverse at odd ones. A thread's panels over a few hundred units outgrow its
+  // L2 cache, and in one order every step evicted each panel before its next use; this way a
+  // step starts on the panels the last step used last, still in the L2 cache (on a 2-core
+  // Xeon, one row of 512 LSTM units: the forward of 100 steps 4.6-4.9 -> 3.7-4.0 ms; 4 rows
+  // 13% faster, 16 and 20 rows the same). A row's sums run in the same order either way.
+  static int64_t block_at(int64_t first, int64_t end, int64_t index, int64_t step) {
+    return step % 2 == 0 ? first + index : end - 1 - index;
+  }
+
   // Terms of a block that pack() transposes at a time: a cache line of each row of W_hh.
   static constexpr int64_t kPackTerms = 64 / int64_t(sizeof(T));
 
@@ -245,17 +255,18 @@ class GatePanels {
   // out [rows, gates * H] (row stride out_stride) = h [rows, K] W^T + bias, the blocks split
   // over the threads: a product per step outside the forward's panel schedule (the options
   // engine's forward, the engine's backward), which sees its whole output at once.
-  // split_terms: whether tiles of few rows split their terms over partial sums (term_splits).
-  // Without, a row's sums are in the same order in a tile of any shape, so a thread that runs a
-  // share of a batch (rows per thread) computes each row exactly as one thread that runs the
-  // whole batch.
+  // step: the call's step, which orders each thread's blocks (block_at). split_terms: whether
+  // tiles of few rows split their terms over partial sums (term_splits). Without, a row's sums
+  // are in the same order in a tile of any shape, so a thread that runs a share of a batch
+  // (rows per thread) computes each row exactly as one thread that runs the whole batch.
   template <int Gates>
-  void product(const T* h, int64_t rows, T* out, int64_t out_stride,
+  void product(const T* h, int64_t rows, T* out, int64_t out_stride, int64_t step,
                bool split_terms = true) const {
     const RowTiles tiles = row_tiles<Gates>(rows);
     const int64_t chunk = chunk_terms();
     at::parallel_for(0, blocks_, 1, [&](int64_t first, int64_t end) {
-      for (int64_t block = first; block < end; ++block) {
+      for (int64_t index = 0; index < end - first; ++index) {
+        const int64_t block = block_at(first, end, index, step);
         for (int64_t k0 = 0; k0 < k_; k0 += chunk) {
           const int64_t k1 = std::min(k_, k0 + chunk);
           for (int64_t t = 0; t < tiles.count; ++t) {
@@ -469,14 +480,17 @@ bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t s
 // W_hh at every step (on a 2-core AMD EPYC the training steps of 16 rows of 256 and 512 LSTM
 // units 6-7% faster, the 650-unit word models' 2.5-4%, the option layers' of 16 x 256 4-7%;
 // 20 rows of 200 units and 64 of 256 unchanged). No panels elsewhere; with AVX-512 none for a
-// single row, whose product without them (the tiled kernel, or row_times_matrix) ran the
-// training steps 5-26% faster on a 2-core Xeon (one row of 100 steps: 64 and 128 LSTM units,
-// 128 GRU units, 256 and 512 Elman units).
+// single row of a W_hh under kSingleRowPanelMinBytes, whose product without them (the tiled
+// kernel, or row_times_matrix) ran the training steps 5-26% faster on a 2-core Xeon (one row of
+// 100 steps: 64 and 128 LSTM units, 128 GRU units, 256 and 512 Elman units). A larger W_hh
+// outgrows the L2 caches, where the panels' steps in alternate orders (block_at) keep part of it
+// (one row of 512 LSTM units, 4 MiB: the training step 9.1-9.8 -> 8.2-9.3 ms; 512 GRU units,
+// 3 MiB, the same either way).
 constexpr int kBackwardPanelGates = 2;
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kBackwardSingleRowPanels = false;
+constexpr int64_t kSingleRowPanelMinBytes = int64_t(4) << 20;
 #else
-constexpr bool kBackwardSingleRowPanels = true;
+constexpr int64_t kSingleRowPanelMinBytes = 0;
 #endif
 
 // Whether the panels' tiles of a product over a batch of `rows` rows may split their terms over
@@ -493,7 +507,9 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
     const int64_t gate_size = w_hh.size(0), state_size = w_hh.size(1);
-    if ((rows > 1 || kBackwardSingleRowPanels) && state_size % kBackwardPanelGates == 0 &&
+    const bool single_row_panels =
+        gate_size * state_size * int64_t(sizeof(T)) >= kSingleRowPanelMinBytes;
+    if ((rows > 1 || single_row_panels) && state_size % kBackwardPanelGates == 0 &&
         panels_take_product<T>(rows, state_size, gate_size, steps)) {
       std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
                                           kBackwardPanelGates, GatePanels<T>::Layout::Transposed);

@@ -324,13 +324,14 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // Whether the panels' tiles may split their terms into partial sums: not where the schedule
   // may run rows per thread, whose shares must sum each row as the whole batch does.
   const bool split_terms = splits_panel_terms<T>(B);
-  // hg [B, G] = h_rows [B, P] W_hh^T + step_bias.
-  const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows) {
+  // hg [B, G] = h_rows [B, P] W_hh^T + step_bias at the loop's step `step`.
+  const auto step_product = [&](const T* h_rows, int64_t b0, int64_t rows, int64_t step) {
     if (!panels) {
       recurrent.run(h_rows + b0 * P, rows, hg_data + b0 * G);
       return;
     }
-    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G, split_terms);
+    panels->template product<Cell::kGates>(h_rows + b0 * P, rows, hg_data + b0 * G, G, step,
+                                           split_terms);
   };
 
   // The cell of row b at time t, from h_prev_row (and c_prev_row) into h_cell and c_new_row.
@@ -445,7 +446,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         for (int64_t n = 0; n < rows * P; ++n) in[n] = h_rows[n] * mask[b0 * P + n];
         product_input = h_in_data;
       }
-      step_product(product_input, b0, rows);
+      step_product(product_input, b0, rows, step);
       const auto cells = [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           if (!c.active(t, b)) {
@@ -728,7 +729,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
       for_rows(rows, G, [&](int64_t begin, int64_t end) { cells(b0 + begin, b0 + end); });
       if (back_panels) {
         back_panels->template product<kBackwardPanelGates>(dhg_raw_data + (t * B + b0) * G, rows,
-                                                           din + b0 * P, P, split_terms);
+                                                           din + b0 * P, P, step, split_terms);
       } else {
         recurrent_back.run(dhg_raw_data + (t * B + b0) * G, rows, din + b0 * P);
       }
