@@ -254,6 +254,10 @@ _THREAD_SHAPES = [
     ("LSTM", (20, 1, 256, 512, 1)),
     ("RNN", (20, 1, 128, 640, 1)),
     ("GRU", (20, 1, 64, 300, 1)),  # 300 outputs: passes of 64 and a partial vector
+    # Weight gradients over many more steps' rows than outputs, as two halves of their terms
+    # (gemm_in_term_halves in csrc/cpu/blas.h); an odd count of rows.
+    ("LSTM", (50, 16, 32, 32, 1)),
+    ("GRU", (31, 7, 10, 12, 1)),
 ]
 
 

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -93,8 +94,8 @@ inline int64_t core_cache_bytes() {
 // same on any number of threads). The products that sum over many terms next to their outputs,
 // which MKL splits over its threads along the sum (the weight gradients over all steps'
 // rows, FixedBlocks, and the backward's per-step products of a few rows, Library), run as
-// gemm_in_fixed_blocks, whose sums do not depend on the thread count. OnCaller: on the calling
-// thread.
+// gemm_in_term_halves (FixedBlocks only) or gemm_in_fixed_blocks, whose sums do not depend on the
+// thread count. OnCaller: on the calling thread.
 enum class GemmThreads { SmallOnCaller, Library, FixedBlocks, OnCaller };
 constexpr int64_t kThreadedGemmMinWork = 1 << 20;
 
@@ -138,6 +139,24 @@ bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matri
   });
   return true;
 }
+
+// A product whose sum is long next to its output (a weight gradient over all steps' rows: k at
+// least kTermHalvesMinRatio times C's longer side, C of at most kTermHalvesMaxOutputBytes) runs
+// on the two halves of its terms instead of in blocks of C, each of whose calls reads and packs
+// all of the operand the blocks share. The first half's product goes into C and the second's
+// into a buffer of C's size, each a single-threaded BLAS call on a thread of its own, and the
+// buffer is then added to C: every output is the same sum in the same order on any number of
+// threads. (2-core Xeon: [256 x 1600] x [1600 x 64] on one thread, two blocks of 64 rows 213 us
+// against one half of the terms 180 us; training steps of 16 and 64 rows of 64 LSTM and GRU
+// units 0-6% faster, with cell options 6%, the fashion-MNIST LSTM's 14%.)
+constexpr int64_t kTermHalvesMinRatio = 4;
+constexpr int64_t kTermHalvesMaxOutputBytes = int64_t(1) << 20;
+
+// C[m, n] = A B + beta * C over the two halves of the k terms, as above; returns false (nothing
+// done) where the product is not such a one.
+template <typename T>
+bool gemm_in_term_halves(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta,
+                         T* c, int64_t ldc);
 
 // out[n] = start + x[k0, k1) B[k0 .. k1 - 1, n] (start: out's own values, or nullptr for zero),
 // summed term by term in order; B row-major with row stride ldb. A pass holds 64 outputs (float;
@@ -254,6 +273,9 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
           threads == GemmThreads::FixedBlocks || (threads == GemmThreads::Library && m > 1);
       // A per-step product repeats every step: 2 blocks, each packing the shared operand once.
       const int64_t max_blocks = threads == GemmThreads::Library ? 2 : 4;
+      if (threads == GemmThreads::FixedBlocks && gemm_in_term_halves(m, n, k, a, b, beta, c, ldc)) {
+        return;
+      }
       if (in_blocks && gemm_in_fixed_blocks(m, n, k, a, b, beta, c, ldc, max_blocks)) return;
       // Too small to split into blocks, or OnCaller: on the calling thread.
       const bool mkl_threads =
@@ -288,6 +310,42 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
   } else {
     c_t.addmm_(view(a, m, k), view(b, k, n));
   }
+}
+
+template <typename T>
+bool gemm_in_term_halves(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta,
+                         T* c, int64_t ldc) {
+  if (at::in_parallel_region() || k < kTermHalvesMinRatio * std::max(m, n) ||
+      m * n * int64_t(sizeof(T)) > kTermHalvesMaxOutputBytes) {
+    return false;
+  }
+  const int64_t first_terms = k / 2;
+  // op(A)[m, k] and op(B)[k, n] from term `first` on.
+  const auto a_from = [&](int64_t first) {
+    return MatrixRef<T>{a.transposed ? a.data + first * a.ld : a.data + first, a.ld, a.transposed};
+  };
+  const auto b_from = [&](int64_t first) {
+    return MatrixRef<T>{b.transposed ? b.data + first : b.data + first * b.ld, b.ld, b.transposed};
+  };
+  std::unique_ptr<T[]> second(new T[m * n]);  // [m, n]: the second half's product
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t half = begin; half < end; ++half) {
+      if (half == 0) {
+        gemm<T>(m, n, first_terms, a, b, beta, c, ldc, GemmThreads::OnCaller);
+      } else {
+        gemm<T>(m, n, k - first_terms, a_from(first_terms), b_from(first_terms), T(0), second.get(),
+                n, GemmThreads::OnCaller);
+      }
+    }
+  });
+  for_rows_in_copy_shares(m, n, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* out = c + row * ldc;
+      const T* addend = second.get() + row * n;
+      for (int64_t col = 0; col < n; ++col) out[col] += addend[col];
+    }
+  });
+  return true;
 }
 
 // The rows of C[m, n] set to those of `addend` (row stride addend_stride, 0: one row for all;
