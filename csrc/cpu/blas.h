@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -148,8 +147,9 @@ bool gemm_in_fixed_blocks(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matri
 // buffer is then added to C: every output is the same sum in the same order on any number of
 // threads. (2-core Xeon: [256 x 1600] x [1600 x 64] on one thread, two blocks of 64 rows 213 us
 // against one half of the terms 180 us; training steps of 16 and 64 rows of 64 LSTM and GRU
-// units 0-6% faster, with cell options 6%, the fashion-MNIST LSTM's 14%.)
-constexpr int64_t kTermHalvesMinRatio = 4;
+// units 0-6% faster, with cell options 6%, the fashion-MNIST LSTM's 14%, 16 rows of 256 GRU
+// units (k = 2.1 times C's side) 2-4%. At 1.6 times, 16 rows of 256 LSTM units, no gain.)
+constexpr int64_t kTermHalvesMinRatio = 2;
 constexpr int64_t kTermHalvesMaxOutputBytes = int64_t(1) << 20;
 
 // C[m, n] = A B + beta * C over the two halves of the k terms, as above; returns false (nothing
@@ -327,21 +327,24 @@ bool gemm_in_term_halves(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, Matrix
   const auto b_from = [&](int64_t first) {
     return MatrixRef<T>{b.transposed ? b.data + first : b.data + first * b.ld, b.ld, b.transposed};
   };
-  std::unique_ptr<T[]> second(new T[m * n]);  // [m, n]: the second half's product
+  // [m, n]: the second half's product (from torch's allocator, which memory measurements see)
+  const at::Tensor second_product =
+      at::empty({m, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* second = second_product.data_ptr<T>();
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
     for (int64_t half = begin; half < end; ++half) {
       if (half == 0) {
         gemm<T>(m, n, first_terms, a, b, beta, c, ldc, GemmThreads::OnCaller);
       } else {
-        gemm<T>(m, n, k - first_terms, a_from(first_terms), b_from(first_terms), T(0), second.get(),
-                n, GemmThreads::OnCaller);
+        gemm<T>(m, n, k - first_terms, a_from(first_terms), b_from(first_terms), T(0), second, n,
+                GemmThreads::OnCaller);
       }
     }
   });
   for_rows_in_copy_shares(m, n, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* out = c + row * ldc;
-      const T* addend = second.get() + row * n;
+      const T* addend = second + row * n;
       for (int64_t col = 0; col < n; ++col) out[col] += addend[col];
     }
   });
