@@ -156,7 +156,42 @@ constexpr int64_t kTermHalvesMaxOutputBytes = int64_t(1) << 20;
 // done) where the product is not such a one.
 template <typename T>
 bool gemm_in_term_halves(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta,
-                         T* c, int64_t ldc);
+                         T* c, int64_t ldc) {
+  if (at::in_parallel_region() || k < kTermHalvesMinRatio * std::max(m, n) ||
+      m * n * int64_t(sizeof(T)) > kTermHalvesMaxOutputBytes) {
+    return false;
+  }
+  const int64_t first_terms = k / 2;
+  // op(A)[m, k] and op(B)[k, n] from term `first` on.
+  const auto a_from = [&](int64_t first) {
+    return MatrixRef<T>{a.transposed ? a.data + first * a.ld : a.data + first, a.ld, a.transposed};
+  };
+  const auto b_from = [&](int64_t first) {
+    return MatrixRef<T>{b.transposed ? b.data + first : b.data + first * b.ld, b.ld, b.transposed};
+  };
+  // [m, n]: the second half's product (from torch's allocator, which memory measurements see)
+  const at::Tensor second_product =
+      at::empty({m, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* second = second_product.data_ptr<T>();
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t half = begin; half < end; ++half) {
+      if (half == 0) {
+        gemm<T>(m, n, first_terms, a, b, beta, c, ldc, GemmThreads::OnCaller);
+      } else {
+        gemm<T>(m, n, k - first_terms, a_from(first_terms), b_from(first_terms), T(0), second, n,
+                GemmThreads::OnCaller);
+      }
+    }
+  });
+  for_rows_in_copy_shares(m, n, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* out = c + row * ldc;
+      const T* addend = second + row * n;
+      for (int64_t col = 0; col < n; ++col) out[col] += addend[col];
+    }
+  });
+  return true;
+}
 
 // out[n] = start + x[k0, k1) B[k0 .. k1 - 1, n] (start: out's own values, or nullptr for zero),
 // summed term by term in order; B row-major with row stride ldb. A pass holds 64 outputs (float;
@@ -310,45 +345,6 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
   } else {
     c_t.addmm_(view(a, m, k), view(b, k, n));
   }
-}
-
-template <typename T>
-bool gemm_in_term_halves(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T beta,
-                         T* c, int64_t ldc) {
-  if (at::in_parallel_region() || k < kTermHalvesMinRatio * std::max(m, n) ||
-      m * n * int64_t(sizeof(T)) > kTermHalvesMaxOutputBytes) {
-    return false;
-  }
-  const int64_t first_terms = k / 2;
-  // op(A)[m, k] and op(B)[k, n] from term `first` on.
-  const auto a_from = [&](int64_t first) {
-    return MatrixRef<T>{a.transposed ? a.data + first * a.ld : a.data + first, a.ld, a.transposed};
-  };
-  const auto b_from = [&](int64_t first) {
-    return MatrixRef<T>{b.transposed ? b.data + first : b.data + first * b.ld, b.ld, b.transposed};
-  };
-  // [m, n]: the second half's product (from torch's allocator, which memory measurements see)
-  const at::Tensor second_product =
-      at::empty({m, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* second = second_product.data_ptr<T>();
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t half = begin; half < end; ++half) {
-      if (half == 0) {
-        gemm<T>(m, n, first_terms, a, b, beta, c, ldc, GemmThreads::OnCaller);
-      } else {
-        gemm<T>(m, n, k - first_terms, a_from(first_terms), b_from(first_terms), T(0), second, n,
-                GemmThreads::OnCaller);
-      }
-    }
-  });
-  for_rows_in_copy_shares(m, n, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* out = c + row * ldc;
-      const T* addend = second + row * n;
-      for (int64_t col = 0; col < n; ++col) out[col] += addend[col];
-    }
-  });
-  return true;
 }
 
 // The rows of C[m, n] set to those of `addend` (row stride addend_stride, 0: one row for all;
