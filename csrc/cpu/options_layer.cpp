@@ -147,8 +147,7 @@ class ParameterSums {
         rows_(rows),
         running_(zeros_filled<T>({rows, layout.width}, options)),
         running_data_(running_.data_ptr<T>()),
-        steps_since_flush_(rows, 0),
-        flushed_(rows, false) {}
+        steps_since_flush_(rows, 0) {}
 
   // Row b's sum at offset (nullptr where not taken).
   T* row_sum(int64_t b, int64_t offset) {
@@ -160,17 +159,17 @@ class ParameterSums {
     if (++steps_since_flush_[b] == kStepsPerFlush) flush(b);
   }
 
-  // The sums at offset [n] over all rows, after the loop: per row its total plus what it has
-  // added since its last flush, the rows in order.
+  // The sums at offset [n] over all rows, after the loop: per row its total (none before the
+  // first flush) plus what it has added since its last flush, the rows in order.
   Tensor total(int64_t offset, int64_t n) const {
     std::vector<double> sums(n, 0.0);
     for (int64_t b = 0; b < rows_; ++b) {
       const T* running = running_data_ + b * layout_.width + offset;
-      if (flushed_[b]) {
+      if (totals_.empty()) {
+        for (int64_t k = 0; k < n; ++k) sums[k] += double(running[k]);
+      } else {
         const double* row = totals_.data() + b * layout_.width + offset;
         for (int64_t k = 0; k < n; ++k) sums[k] += row[k] + double(running[k]);
-      } else {
-        for (int64_t k = 0; k < n; ++k) sums[k] += double(running[k]);
       }
     }
     Tensor out = at::empty({n}, running_.options());
@@ -179,17 +178,14 @@ class ParameterSums {
   }
 
  private:
-  // (The double totals are made at the first flush: most calls run fewer steps than one flush
-  // takes, and zeroing them cost microseconds a call.)
+  // (The double totals, zeros, are made at the first flush: most calls run fewer steps than one
+  // flush takes, and zeroing them cost microseconds a call.)
   void flush(int64_t b) {
-    if (totals_.empty()) totals_.resize(rows_ * layout_.width);
+    if (totals_.empty()) totals_.resize(rows_ * layout_.width, 0.0);
     T* running = running_data_ + b * layout_.width;
     double* total = totals_.data() + b * layout_.width;
-    for (int64_t k = 0; k < layout_.width; ++k) {
-      total[k] = (flushed_[b] ? total[k] : 0.0) + double(running[k]);
-    }
+    for (int64_t k = 0; k < layout_.width; ++k) total[k] += double(running[k]);
     std::fill(running, running + layout_.width, T(0));
-    flushed_[b] = true;
     steps_since_flush_[b] = 0;
   }
 
@@ -199,7 +195,6 @@ class ParameterSums {
   T* running_data_;
   std::vector<double> totals_;  // [rows, width] from the first flush on
   std::vector<int64_t> steps_since_flush_;
-  std::vector<bool> flushed_;  // per row: whether totals_ holds its sums
 };
 
 // sum += row over n values (sum may be nullptr: nothing).
@@ -285,7 +280,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // The state before and after each step (each run of rows swaps its own pointers per step),
   // the product's input and output.
   Tensor h_buffers = at::empty({2, B, P}, options);
-  // (Zero states set in place: a tensor of zeros and its copy cost microseconds a call.)
+  // (Zero states filled in place, as zeros_filled's, not copied from a tensor of zeros.)
   const auto set_initial = [](Tensor& buffers, const Tensor& state) {
     if (state.defined()) {
       buffers[0].copy_(state);
