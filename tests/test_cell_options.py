@@ -759,13 +759,15 @@ def test_module_layouts_and_initial_state(layout):
     ("elman_tanh", dict(zoneout="mask", recurrent=True, batch=64, hidden=300, input_size=300,
                         steps=4)),
     ("lstm", dict(layer_norm=True, packed=True, batch=24, hidden=32, input_size=16, steps=150)),
+    # Every row's sums flush at the same step on all threads at once.
+    ("lstm", dict(layer_norm=True, batch=16, hidden=64, input_size=64, steps=100)),
     # Too few units per step for the plain engine to split its cells: these are split.
     ("lstm", dict(layer_norm=True, zoneout="mask", batch=20, hidden=200, input_size=50, steps=4)),
     # Where a core's cache holds W_hh (2 MiB of L2 cache): rows per thread in gate panels, on 3
     # threads shares of 9, 9 and 7 rows, each in row tiles of its own.
     ("elman_tanh", dict(zoneout="mask", batch=25, hidden=300, input_size=50, steps=5)),
 ], ids=["lstm-rows-per-thread", "gru-packed", "elman-blas", "lstm-norm-many-steps",
-        "lstm-norm-cells-split", "elman-uneven-shares"])
+        "lstm-norm-flush-together", "lstm-norm-cells-split", "elman-uneven-shares"])
 def test_results_are_the_same_on_any_number_of_threads(cell, case):
     # Rows per thread, or cells split per step; the gradients' sums in an order fixed by the
     # shape (the weights' GEMMs; the biases' and the normalisations' sums per batch row over the

@@ -142,11 +142,17 @@ struct ParameterSumsLayout {
 template <typename T>
 class ParameterSums {
  public:
-  ParameterSums(const ParameterSumsLayout& layout, int64_t rows, const at::TensorOptions& options)
+  // steps: the most steps a row adds.
+  ParameterSums(const ParameterSumsLayout& layout, int64_t rows, int64_t steps,
+                const at::TensorOptions& options)
       : layout_(layout),
         rows_(rows),
         running_(zeros_filled<T>({rows, layout.width}, options)),
         running_data_(running_.data_ptr<T>()),
+        // Made here, where no other thread can see them: rows on different threads flush at
+        // once. Only for a call whose rows may flush: most calls run fewer steps than one flush
+        // takes, and zeroing the totals cost microseconds a call.
+        totals_(steps >= kStepsPerFlush ? rows * layout.width : 0, 0.0),
         steps_since_flush_(rows, 0) {}
 
   // Row b's sum at offset (nullptr where not taken).
@@ -159,8 +165,8 @@ class ParameterSums {
     if (++steps_since_flush_[b] == kStepsPerFlush) flush(b);
   }
 
-  // The sums at offset [n] over all rows, after the loop: per row its total (none before the
-  // first flush) plus what it has added since its last flush, the rows in order.
+  // The sums at offset [n] over all rows, after the loop: per row its total (none in a call too
+  // short to flush) plus what it has added since its last flush, the rows in order.
   Tensor total(int64_t offset, int64_t n) const {
     std::vector<double> sums(n, 0.0);
     for (int64_t b = 0; b < rows_; ++b) {
@@ -178,10 +184,7 @@ class ParameterSums {
   }
 
  private:
-  // (The double totals, zeros, are made at the first flush: most calls run fewer steps than one
-  // flush takes, and zeroing them cost microseconds a call.)
   void flush(int64_t b) {
-    if (totals_.empty()) totals_.resize(rows_ * layout_.width, 0.0);
     T* running = running_data_ + b * layout_.width;
     double* total = totals_.data() + b * layout_.width;
     for (int64_t k = 0; k < layout_.width; ++k) total[k] += double(running[k]);
@@ -193,7 +196,7 @@ class ParameterSums {
   int64_t rows_;
   Tensor running_;  // [rows, width]
   T* running_data_;
-  std::vector<double> totals_;  // [rows, width] from the first flush on
+  std::vector<double> totals_;  // [rows, width], or empty where no row flushes
   std::vector<int64_t> steps_since_flush_;
 };
 
@@ -558,7 +561,7 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   layout.bias_hh = layout.take(ba.has_bias && !dhg.is_same(dxg), G);
   layout.gain_c = layout.take(norm_cell, H);
   layout.bias_c = layout.take(norm_cell && ba.has_norm_cell_bias, H);
-  ParameterSums<T> parameter_sums(layout, sums_in_loop ? B : 0, options);
+  ParameterSums<T> parameter_sums(layout, sums_in_loop ? B : 0, Tn, options);
 
   // dLoss/dh and dLoss/dc of the state each step leaves, carried back step by step.
   Tensor dh_carry = ba.grad_h_n.defined() ? ba.grad_h_n.clone() : zeros_filled<T>({B, P}, options);
