@@ -345,12 +345,30 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   // A packed sequence's rows that have ended skip the product (their step reads no hg): a
   // seq2seq encoder's sentences of 3-10 words padded to 10 ran a third of its products on them.
   const bool products_skip_ended_rows = recurrent.runs_any_rows();
+  // Where the product runs in the BLAS and the cell reads xg and hg only as their sum (LSTM,
+  // Elman), the step's GEMM adds h W_hh^T into the step's rows of xg in place (any step's rows
+  // are xg.batch apart), and the cell reads that sum as hg and the step bias (or zeros) as xg.
+  // The GEMM reads the rows of xg as it goes, where the cells read them from memory after it
+  // (no_grad forward of 64 rows, 100 steps, on a 2-core Xeon: 256 LSTM units 4-6% faster on 1
+  // thread and the same on 2, 512 units 3.5% faster on 1 thread and 2% on 2).
+  const bool sums_into_xg = (std::is_same_v<T, float> || std::is_same_v<T, double>) &&
+                            Cell::kHiddenBiasFoldable && !projecting && !v.gate_packed &&
+                            recurrent.uses_blas();
+  const std::vector<T> zero_bias(sums_into_xg && !pointwise_bias ? G : 0, T(0));
+  const T* sum_bias = pointwise_bias ? pointwise_bias : zero_bias.data();
   const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
-    // Every row active at the first step starts there; from zero states hg is step_bias alone.
+    // Every row active at the first step starts there; from zero states hg is step_bias alone
+    // (and, summed into xg, nothing to add).
     const bool from_zero = zero_initial_state && step == 0;
     const int64_t end =
         products_skip_ended_rows ? v.active_end(v.step_time(step), b_begin, b_end) : b_end;
     if (end == b_begin) return;
+    if (sums_into_xg) {
+      if (from_zero) return;
+      recurrent.run_into(h_data + b_begin * P, v.rows_of_products(b_begin, end),
+                         const_cast<T*>(xg.row(v.step_time(step), b_begin)), xg.batch);
+      return;
+    }
     recurrent.run(from_zero ? nullptr : h_data + b_begin * P, v.rows_of_products(b_begin, end),
                   hg_data + b_begin * G);
   };
@@ -370,9 +388,9 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
       }
       // Where xg lives in the workspace or the output, the cell overwrites it in place: it
       // reads all gates of a unit before it writes any.
-      const T* xg_row = xg.row(t, b);
-      T* hg_row = hg_data + b * G;
-      if (pointwise_bias) {
+      const T* xg_row = sums_into_xg ? sum_bias : xg.row(t, b);
+      T* hg_row = sums_into_xg ? const_cast<T*>(xg.row(t, b)) : hg_data + b * G;
+      if (pointwise_bias && !sums_into_xg) {
         for_unit_runs<T>(G, [&](auto n, auto zero) {
           using V = decltype(zero);
           store(hg_row, 0, n, load<V>(hg_row, 0, n) + load<V>(pointwise_bias, 0, n));

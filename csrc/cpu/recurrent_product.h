@@ -158,6 +158,20 @@ class RecurrentProduct {
     }
   }
 
+  // sums[B, N] += in[B, K] M^T in place, sums' rows `sums_stride` apart; no bias. Products in
+  // the BLAS only (uses_blas()), whose GEMM reads the rows of sums itself.
+  void run_into(const T* in, int64_t batch, T* sums, int64_t sums_stride) const {
+    TORCH_INTERNAL_ASSERT(uses_blas() && !widened_);
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_operand_.usable() && packed_operand_.m() == batch) {
+        packed_operand_.multiply(in, k_, 1.0f, sums, sums_stride);
+        return;
+      }
+    }
+    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, T(1), sums, sums_stride,
+            GemmThreads::Library);
+  }
+
  private:
   // bfloat16 and float16 products run in float below kWidenedMaxWork multiply-adds per step:
   // ATen's GEMM of these types took 3.5 of the 6.4 ms of fashion-MNIST's LSTM forward (128
