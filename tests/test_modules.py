@@ -1019,6 +1019,20 @@ def test_large_weights_and_batch_on_two_threads(rf, device, spec, hx_given, layo
                     batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
 
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("spec", [s for s in STANDARD if not s.proj], ids=str)
+def test_large_weights_and_batch_without_bias(rf, device, spec, hx_given, layout):
+    """The products in the BLAS of the test above, without biases: the LSTM's and Elman's steps
+    sum h W_hh^T into the input projection's rows and the cell adds a row of zeros for the bias.
+    In float64 (the BLAS's double GEMM; torch.nn's float32 LSTM there, oneDNN's, has given
+    outputs 1.3e-5 apart on the same inputs from one process to the next)."""
+    sizes = dict(T=6, B=40, I=8, H=260 if spec.mode == "RNN" else 160, P=0)
+    with torch_threads(2):
+        check_layer(rf, spec, device, torch.float64, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=False, layout=layout, hx_given=hx_given, sizes=sizes)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("dtype", DTYPES)
