@@ -313,7 +313,6 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
                                                  h_state, c_state, output, workspace);
     return;
   }
-  Tensor hg = at::empty({B, G}, h_state.options());
   Tensor h_unprojected = projecting ? at::empty({B, H}, h_state.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, h_state.options()) : Tensor();
   using Product = RecurrentProduct<T>;
@@ -334,7 +333,6 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   // h = h_unprojected W_hr^T
   const Product projection(w_hr, Tensor(), v.product_rows, v.T_);
 
-  T* hg_data = hg.data_ptr<T>();
   T* h_data = h_state.data_ptr<T>();                                  // [B, P]
   A* c_data = Cell::kHasCellState ? c_state.data_ptr<A>() : nullptr;  // [B, H]
   T* out_data = output.data_ptr<T>();
@@ -356,6 +354,9 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
                             recurrent.uses_blas();
   const std::vector<T> zero_bias(sums_into_xg && !pointwise_bias ? G : 0, T(0));
   const T* sum_bias = pointwise_bias ? pointwise_bias : zero_bias.data();
+  // A step's h W_hh^T [B, G], where it does not go into xg.
+  Tensor hg = at::empty({sums_into_xg ? 0 : B, G}, h_state.options());
+  T* hg_data = hg.data_ptr<T>();
   const auto recurrent_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     // Every row active at the first step starts there; from zero states hg is step_bias alone
     // (and, summed into xg, nothing to add).

@@ -171,12 +171,8 @@ class ParameterSums {
     std::vector<double> sums(n, 0.0);
     for (int64_t b = 0; b < rows_; ++b) {
       const T* running = running_data_ + b * layout_.width + offset;
-      if (totals_.empty()) {
-        for (int64_t k = 0; k < n; ++k) sums[k] += double(running[k]);
-      } else {
-        const double* row = totals_.data() + b * layout_.width + offset;
-        for (int64_t k = 0; k < n; ++k) sums[k] += row[k] + double(running[k]);
-      }
+      const double* total = totals_.empty() ? nullptr : totals_.data() + b * layout_.width + offset;
+      for (int64_t k = 0; k < n; ++k) sums[k] += (total ? total[k] : 0.0) + double(running[k]);
     }
     Tensor out = at::empty({n}, running_.options());
     std::copy(sums.begin(), sums.end(), out.data_ptr<T>());
