@@ -375,7 +375,17 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   };
   const auto pointwise_step = [&](int64_t step, int64_t b_begin, int64_t b_end) {
     const int64_t t = v.step_time(step);
+    // Each row's xg of the next step is fetched into the L2 cache as the row's cell runs: the
+    // projection over all steps lies beyond it (64 rows of 64 LSTM units: 6.5 MB), and the
+    // next step reads the row there (by its product or its cell). No_grad forward of 100 steps
+    // on a 2-core Xeon, 1 thread: 64 rows of 64 LSTM units 4.12-4.17 -> 4.00-4.05 ms, 64 GRU
+    // units 3.41-3.45 -> 3.33-3.34, fashion-MNIST's 128 rows of 30 LSTM units 0.785-0.789 ->
+    // 0.756-0.761; on 2 threads 1-2% (256 units: the same).
+    const bool fetches_next = !v.gate_packed && step + 1 < steps.end;
+    const int64_t next_t = fetches_next ? v.step_time(step + 1) : t;
     for (int64_t b = b_begin; b < b_end; ++b) {
+      // (A packed xg has no row for a row that has ended.)
+      if (fetches_next && v.active(next_t, b)) prefetch_to_l2(xg.row(next_t, b), G);
       const int64_t row = t * B + b;
       const bool active = v.active(t, b);
       T* out_row = out_data + row * P;

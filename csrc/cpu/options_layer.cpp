@@ -469,8 +469,12 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
         product_input = h_in_data;
       }
       step_product(product_input, b0, rows, step);
+      // Each row's xg of the next step is fetched into the L2 cache as the row's cell runs (as
+      // the plain forward's, forward.cpp): the normalisation's passes read it next step.
+      const T* next_xg = step + 1 < Tn ? xg_data + c.time(step + 1) * B * G : nullptr;
       const auto cells = [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
+          if (next_xg) prefetch_to_l2(next_xg + b * G, G);
           if (!c.active(t, b)) {
             // The row keeps its state and writes a zero output.
             std::copy(h_old + b * P, h_old + (b + 1) * P, h_new + b * P);

@@ -186,6 +186,17 @@ inline void store(T* row, int offset, VectorUnits units, A value) {
   }
 }
 
+// Fetches `count` values from `row` on into the L2 cache: a hint (it neither faults nor waits)
+// for a row that a later step reads from beyond the cache.
+template <typename T>
+inline void prefetch_to_l2(const T* row, int64_t count) {
+  constexpr int64_t kCacheLineBytes = 64;  // x86-64's
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += kCacheLineBytes) {
+    __builtin_prefetch(bytes + byte, /*rw=*/0, /*locality=*/2);  // prefetcht1: into L2
+  }
+}
+
 // Calls fn(index, A{}) for runs of units covering begin .. end - 1: SIMD vectors of units where
 // the storage type has them (float, double) or is computed in float vectors (bfloat16,
 // float16), else one unit at a time in the accumulation type.
