@@ -993,6 +993,21 @@ def test_tiny_layers_over_many_steps(rf, device, spec, B, H, I, hx_given, layout
                 batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("sizes", [dict(T=6, B=9, I=7, H=5), dict(T=5, B=14, I=4, H=3)],
+                         ids=["9x5", "14x3"])
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_gate_packed_rows_beyond_the_register_product(rf, device, spec, sizes, hx_given, dtype):
+    """Hidden sizes under a vector's lanes, with more batch rows than the register product
+    takes (B * H over 32): the CPU engine's gate-packed per-step products, forward and
+    backward, run four batch rows at a time, and 9 and 14 rows leave one and two over.
+    Outputs and all gradients are torch.nn's, through two bidirectional layers."""
+    sizes = dict(sizes, P=sizes["H"] - 1 if spec.proj else 0)
+    check_layer(rf, spec, device, dtype, num_layers=2, bidirectional=True, batch_first=False,
+                bias=True, layout="batched", hx_given=hx_given, sizes=sizes)
+
+
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
 def test_large_weights_over_many_steps(rf, device, spec, hx_given):
