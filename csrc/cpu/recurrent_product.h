@@ -165,14 +165,7 @@ class RecurrentProduct {
   // the BLAS only (uses_blas()), whose GEMM reads the rows of sums itself.
   void run_into(const T* in, int64_t batch, T* sums, int64_t sums_stride) const {
     TORCH_INTERNAL_ASSERT(uses_blas() && !widened_);
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_operand_.usable() && packed_operand_.m() == batch) {
-        packed_operand_.multiply(in, k_, 1.0f, sums, sums_stride);
-        return;
-      }
-    }
-    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, T(1), sums, sums_stride,
-            GemmThreads::Library);
+    blas_product(in, batch, T(1), sums, sums_stride);
   }
 
  private:
@@ -226,12 +219,12 @@ class RecurrentProduct {
       tiled_product(in, batch, tiled_, addend, addend_stride, out, n_);
       return;
     }
-    const T* m = use_loop_ ? matrix_.template data_ptr<T>() : nullptr;
     if (packed_ != Packed::None) {
       compute_packed(in, batch, addend, addend_stride, out);
       return;
     }
     if (use_loop_) {
+      const T* m = matrix_.template data_ptr<T>();
       for (int64_t b = 0; b < batch; ++b) {
         const T* in_row = in + b * k_;
         for (int64_t n = 0; n < n_; ++n) {
@@ -244,13 +237,19 @@ class RecurrentProduct {
       return;
     }
     const T beta = copy_addend_rows(batch, n_, addend, addend_stride, out, n_);
+    blas_product(in, batch, beta, out, n_);
+  }
+
+  // out[B, N] = in[B, K] M^T + beta * out (beta 0 or 1), out's rows ldo apart: MKL's packed
+  // copy of M^T where it was made for this batch, else the GEMM.
+  void blas_product(const T* in, int64_t batch, T beta, T* out, int64_t ldo) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_operand_.usable() && packed_operand_.m() == batch) {
-        packed_operand_.multiply(in, k_, beta, out, n_);
+        packed_operand_.multiply(in, k_, beta, out, ldo);
         return;
       }
     }
-    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, n_,
+    gemm<T>(batch, n_, k_, {in, k_, false}, matrix_transposed_, beta, out, ldo,
             GemmThreads::Library);
   }
 
