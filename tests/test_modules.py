@@ -1081,6 +1081,45 @@ def test_elman_gate_panels_of_either_parity(rf, device, spec, hidden, layout):
                     batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
 
 
+# Hidden sizes per cell whose W_hh is past the tiled kernel's 64K elements.
+PANEL_HIDDEN = {"LSTM": (200, 300), "GRU": (200, 300), "RNN": (300, 400)}
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("case", [dict(T=9, B=8, I=37, which=0), dict(T=6, B=20, I=64, which=1),
+                                  dict(T=7, B=5, I=20, which=1)], ids=["8x37", "20x64", "5x20"])
+@pytest.mark.parametrize("spec", [s for s in STANDARD if not s.proj], ids=str)
+def test_input_projected_in_gate_panels(rf, device, spec, case, hx_given, layout, grad):
+    """From 8 batch rows, where each thread's share of [W_ih | W_hh] fits in half of its core's
+    cache, the CPU engine's LSTM and Elman forward project the input in the gate panels' tiles
+    (x_t W_ih^T + h W_hh^T, no GEMM over all steps): inputs of a partial and of whole cache
+    lines of terms, batch-major (no_grad) and time-major rows, both directions, two layers.
+    The GRU's panels (and all cells' under 8 rows) take h alone; from zero states the first
+    step's tile of W_hh's several chunks of terms is the bias alone. Outputs, and in training
+    every gradient, are torch.nn's."""
+    sizes = dict(T=case["T"], B=case["B"], I=case["I"], H=PANEL_HIDDEN[spec.mode][case["which"]])
+    with torch_threads(2):
+        if grad:
+            check_layer(rf, spec, device, torch.float32, num_layers=2, bidirectional=True,
+                        batch_first=True, bias=True, layout=layout, hx_given=hx_given,
+                        sizes=sizes)
+            return
+        cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True,
+                                          batch_first=True, bias=True, layout=layout,
+                                          hx_given=hx_given, dtype=torch.float32, sizes=sizes)
+        expected = expected_layer(spec, cfg, torch.float32)
+        actual = rnnfast_layer(rf, spec, cfg, torch.float32, device)
+        actual.load_state_dict(expected.state_dict(), strict=True)
+        call = layer_call(spec.mode == "LSTM", lengths, batch_first=True)
+        with torch.no_grad():
+            exp, _ = call(expected, leaves)
+            got, _ = call(actual, {k: v.to(device) for k, v in leaves.items()})
+    for k in exp:
+        assert_close_rel(got[k].cpu(), exp[k], k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
 def test_single_row_products_in_gate_panels(rf, device, spec, dtype):

@@ -143,16 +143,24 @@ class GatePanels {
 
   // w_hh: contiguous, in `layout`; bias: [gates * H] contiguous or undefined. Allocates the
   // panels; pack() fills them (each thread its own, so they start in its cache).
+  // w_ih: [gates * H, I] contiguous, or undefined; Layout::Rows only. Where defined, the panels
+  // hold the rows of [W_ih | W_hh]: terms 0 .. I - 1 from W_ih, then W_hh's, so that a tile
+  // computes x W_ih^T + h W_hh^T + bias from the rows of both (the forward's projection of the
+  // input in its steps, forward.cpp).
   GatePanels(const at::Tensor& w_hh, const at::Tensor& bias, int64_t gates,
-             Layout layout = Layout::Rows)
+             Layout layout = Layout::Rows, const at::Tensor& w_ih = at::Tensor())
       : w_hh_tensor_(w_hh),
+        w_ih_tensor_(w_ih),
         w_hh_(w_hh.template data_ptr<T>()),
+        w_ih_(w_ih.defined() ? w_ih.template data_ptr<T>() : nullptr),
         bias_(bias.defined() ? bias.template data_ptr<T>() : nullptr),
         transposed_(layout == Layout::Transposed),
         gates_(gates),
         hidden_(w_hh.size(transposed_ ? 1 : 0) / gates),
-        k_(w_hh.size(transposed_ ? 0 : 1)),
+        input_terms_(w_ih.defined() ? w_ih.size(1) : 0),
+        k_(w_hh.size(transposed_ ? 0 : 1) + input_terms_),
         blocks_((hidden_ + kLanes - 1) / kLanes) {
+    TORCH_INTERNAL_ASSERT(!w_ih.defined() || layout == Layout::Rows);
     storage_ = at::empty({blocks_ * panel_size()}, w_hh.options());
     biases_ = at::empty({blocks_ * gates_ * kLanes}, w_hh.options());
     panels_data_ = storage_.template data_ptr<T>();
@@ -204,46 +212,8 @@ class GatePanels {
         }
         continue;
       }
-      // A transpose of the block's rows of W_hh (one per unit and gate), a few terms at a time
-      // so that the panel's rows being written stay in the L1 cache while every unit and gate
-      // writes its lane (written term by term over the whole panel, each value's store missed
-      // the cache). The padding lanes are zeros: a partial block computes nothing undefined.
-      // In float, full blocks move squares of 8 units x 8 terms through vector registers. Value
-      // by value, the loads from the block's gates x kLanes rows of W_hh kept few cache misses
-      // in flight: the packing took 5% of a forward of 10 steps (the seq2seq encoder; on a
-      // 2-core AMD EPYC that forward runs 6% faster in squares, the word models' 2-3%, 100
-      // steps of 512 units 1.6%).
-      const int64_t stride = gates_ * kLanes;
-      for (int64_t k0 = 0; k0 < k_; k0 += kPackTerms) {
-        const int64_t k1 = std::min(k_, k0 + kPackTerms);
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-        if constexpr (std::is_same_v<T, float>) {
-          if (count == kLanes && k1 - k0 == kPackTerms) {
-            for (int64_t gate = 0; gate < gates_; ++gate) {
-              const T* from = w_hh_ + (gate * hidden_ + unit0) * k_ + k0;
-              T* to = panel + k0 * stride + gate * kLanes;
-              for (int64_t k = 0; k < kPackTerms; k += 8) {
-                for (int lane = 0; lane < kLanes; lane += 8) {
-                  transpose_8x8(from + lane * k_ + k, k_, to + k * stride + lane, stride);
-                }
-              }
-            }
-            continue;
-          }
-        }
-#endif
-        for (int64_t gate = 0; gate < gates_; ++gate) {
-          for (int lane = 0; lane < kLanes; ++lane) {
-            T* to = panel + gate * kLanes + lane;
-            if (lane < count) {
-              const T* from = w_hh_ + (gate * hidden_ + unit0 + lane) * k_;
-              for (int64_t k = k0; k < k1; ++k) to[k * stride] = from[k];
-            } else {
-              for (int64_t k = k0; k < k1; ++k) to[k * stride] = T(0);
-            }
-          }
-        }
-      }
+      if (w_ih_) pack_rows(w_ih_, input_terms_, 0, panel, unit0, count);
+      pack_rows(w_hh_, k_ - input_terms_, input_terms_, panel, unit0, count);
     }
   }
 
@@ -273,10 +243,11 @@ class GatePanels {
             const int64_t r0 = tiles.begin(t), r1 = tiles.begin(t + 1);
             const int count = static_cast<int>(r1 - r0);
             T* tile_out = out + r0 * out_stride;
+            const T* tile_h = h ? h + r0 * k_ + k0 : nullptr;
             if (split_terms) {
-              tile<Gates>(h + r0 * k_, count, block, k0, k1, tile_out, out_stride, t == 0);
+              tile<Gates>(tile_h, k_, count, block, k0, k1, tile_out, out_stride, t == 0);
             } else {
-              tile<Gates, false>(h + r0 * k_, count, block, k0, k1, tile_out, out_stride, t == 0);
+              tile<Gates, false>(tile_h, k_, count, block, k0, k1, tile_out, out_stride, t == 0);
             }
           }
         }
@@ -294,17 +265,18 @@ class GatePanels {
   }
   int64_t terms() const { return k_; }
 
-  // hg[r * hg_stride + gate * H + j] for the `rows` rows from h (row stride K; nullptr: zero
-  // states) and the units j of `block`, of every gate: bias + the terms k0 .. k1 - 1 of the
-  // product where k0 == 0, else hg + those terms. rows <= max_tile_rows(gates).
+  // hg[r * hg_stride + gate * H + j] for the `rows` rows of h and the units j of `block`, of
+  // every gate: bias + the terms k0 .. k1 - 1 of the product where k0 == 0, else hg + those
+  // terms. h: row r's terms k0 .. k1 - 1 at h + r * h_stride; nullptr: zeros (where k0 == 0,
+  // the bias alone). rows <= max_tile_rows(gates).
   // fetch_ahead: for the first row tile of a chunk, which meets the chunk's panel before the
   // others (they find it in the L1 cache): fetch the panel a few terms ahead of the loop. A
   // thread's panels outgrow its L2 cache from a few hundred units, and the hardware's
   // prefetchers left the loop waiting on the L3 cache (20 rows of 640 LSTM units: 80 -> 100
   // GFLOP/s on one core). SplitTerms: as product()'s split_terms.
   template <int Gates, bool SplitTerms = true>
-  void tile(const T* h, int rows, int64_t block, int64_t k0, int64_t k1, T* hg, int64_t hg_stride,
-            bool fetch_ahead) const {
+  void tile(const T* h, int64_t h_stride, int rows, int64_t block, int64_t k0, int64_t k1, T* hg,
+            int64_t hg_stride, bool fetch_ahead) const {
     dispatch_rows<Gates>(rows, [&](auto rows_constant) {
       constexpr int kTileRows = decltype(rows_constant)::value;
       constexpr int kPassGates = kTileRows > rows_per_tile(Gates) ? Gates / 2 : Gates;
@@ -312,11 +284,11 @@ class GatePanels {
       for (int first_gate = 0; first_gate < Gates; first_gate += kPassGates) {
         // The first pass fetches ahead; the next finds the chunk in the L1 cache.
         if (fetch_ahead && first_gate == 0) {
-          run_tile<kTileRows, Gates, kPassGates, kSplits, true>(h, block, first_gate, k0, k1, hg,
-                                                                hg_stride);
+          run_tile<kTileRows, Gates, kPassGates, kSplits, true>(h, h_stride, block, first_gate, k0,
+                                                                k1, hg, hg_stride);
         } else {
-          run_tile<kTileRows, Gates, kPassGates, kSplits, false>(h, block, first_gate, k0, k1, hg,
-                                                                 hg_stride);
+          run_tile<kTileRows, Gates, kPassGates, kSplits, false>(h, h_stride, block, first_gate, k0,
+                                                                 k1, hg, hg_stride);
         }
       }
     });
@@ -326,6 +298,52 @@ class GatePanels {
   int64_t panel_size() const { return k_ * gates_ * kLanes; }
   T* panel_of(int64_t block) const { return panels_data_ + block * panel_size(); }
   T* bias_of(int64_t block) const { return biases_data_ + block * gates_ * kLanes; }
+
+  // Packs the block's rows of w [gates * H, terms] (units unit0 .. unit0 + count - 1 of each
+  // gate) as the panel's terms first_term .. first_term + terms - 1.
+  void pack_rows(const T* w, int64_t terms, int64_t first_term, T* panel, int64_t unit0,
+                 int count) const {
+    // A transpose of the block's rows of w (one per unit and gate), a few terms at a time
+    // so that the panel's rows being written stay in the L1 cache while every unit and gate
+    // writes its lane (written term by term over the whole panel, each value's store missed
+    // the cache). The padding lanes are zeros: a partial block computes nothing undefined.
+    // In float, full blocks move squares of 8 units x 8 terms through vector registers. Value
+    // by value, the loads from the block's gates x kLanes rows of w kept few cache misses
+    // in flight: the packing took 5% of a forward of 10 steps (the seq2seq encoder; on a
+    // 2-core AMD EPYC that forward runs 6% faster in squares, the word models' 2-3%, 100
+    // steps of 512 units 1.6%).
+    const int64_t stride = gates_ * kLanes;
+    for (int64_t k0 = 0; k0 < terms; k0 += kPackTerms) {
+      const int64_t k1 = std::min(terms, k0 + kPackTerms);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<T, float>) {
+        if (count == kLanes && k1 - k0 == kPackTerms) {
+          for (int64_t gate = 0; gate < gates_; ++gate) {
+            const T* from = w + (gate * hidden_ + unit0) * terms + k0;
+            T* to = panel + (first_term + k0) * stride + gate * kLanes;
+            for (int64_t k = 0; k < kPackTerms; k += 8) {
+              for (int lane = 0; lane < kLanes; lane += 8) {
+                transpose_8x8(from + lane * terms + k, terms, to + k * stride + lane, stride);
+              }
+            }
+          }
+          continue;
+        }
+      }
+#endif
+      for (int64_t gate = 0; gate < gates_; ++gate) {
+        for (int lane = 0; lane < kLanes; ++lane) {
+          T* to = panel + first_term * stride + gate * kLanes + lane;
+          if (lane < count) {
+            const T* from = w + (gate * hidden_ + unit0 + lane) * terms;
+            for (int64_t k = k0; k < k1; ++k) to[k * stride] = from[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) to[k * stride] = T(0);
+          }
+        }
+      }
+    }
+  }
 
   // fn(std::integral_constant<int, rows>) for rows in 1 .. max_tile_rows(Gates).
   template <int Gates, int Rows = 1, typename Fn>
@@ -346,8 +364,9 @@ class GatePanels {
   // Not inlined: inlined into the engine's step loop, GCC kept the accumulators in memory
   // as well as in registers, a store of each per term (half the rate of this kernel alone).
   template <int Rows, int Gates, int PassGates, int Splits, bool FetchAhead>
-  __attribute__((noinline)) void run_tile(const T* h, int64_t block, int first_gate, int64_t k0,
-                                          int64_t k1, T* hg, int64_t hg_stride) const {
+  __attribute__((noinline)) void run_tile(const T* h, int64_t h_stride, int64_t block,
+                                          int first_gate, int64_t k0, int64_t k1, T* hg,
+                                          int64_t hg_stride) const {
     const int64_t unit0 = first_unit(block);
     const int count = units(block);
     T* out = hg + unit0 + first_gate * hidden_;
@@ -374,7 +393,6 @@ class GatePanels {
     if (h != nullptr) {
       // The pass's gates of term k: PassGates vectors from panel + k * Gates * kLanes.
       const T* panel = panels_data_ + block * panel_size() + first_gate * kLanes;
-      const int64_t K = k_;
       const auto add_term = [&](int64_t k, V(&sums)[Rows][PassGates]) {
         if constexpr (FetchAhead) {
           // All the gates of term k + kFetchAheadTerms: the next pass finds them in the L1
@@ -385,7 +403,7 @@ class GatePanels {
         V w[PassGates];
         for (int g = 0; g < PassGates; ++g) w[g] = V::loadu(panel + (k * Gates + g) * kLanes);
         for (int r = 0; r < Rows; ++r) {
-          const V x(h[r * K + k]);
+          const V x(h[r * h_stride + (k - k0)]);
           for (int g = 0; g < PassGates; ++g) sums[r][g] = at::vec::fmadd(x, w[g], sums[r][g]);
         }
       };
@@ -407,11 +425,13 @@ class GatePanels {
     }
   }
 
-  at::Tensor w_hh_tensor_;  // keeps w_hh_'s memory (a contiguous copy may be the only owner)
+  // keep w_hh_'s and w_ih_'s memory (a contiguous copy may be the only owner)
+  at::Tensor w_hh_tensor_, w_ih_tensor_;
   const T* w_hh_;
+  const T* w_ih_;  // nullptr: the panels hold W_hh's terms only
   const T* bias_;
   bool transposed_;  // Layout::Transposed
-  int64_t gates_, hidden_, k_, blocks_;
+  int64_t gates_, hidden_, input_terms_, k_, blocks_;
   at::Tensor storage_;  // [blocks][K][gates][lanes]
   at::Tensor biases_;   // [blocks][gates][lanes]
   T* panels_data_;
