@@ -499,9 +499,10 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
 // tile then reads each panel's terms of W_ih for several rows, as the GEMM does. On 2 threads
 // of a Xeon, no_grad forward of 100 steps of LSTM: 16 rows of 256 units 7.15-7.34 -> 6.58-6.72
 // ms, 20 of 200 6.68-6.93 -> 5.88-6.11, 32 of 256 14.1-14.4 -> 13.3-13.5; the 200-unit word
-// model's 4.95 -> 4.68 ms; on 1 thread the same. 64 rows of 256 ran 2.5% slower than MKL's
-// GEMM per step (panels_take_product's limit stays), and panels past the core's cache (16 rows
-// of 384 units) 3% slower than the GEMM over all steps.
+// model's 4.95 -> 4.68 ms. On 1 thread 20 rows of 200 units 3-4% faster, 16 of 256 (panels of
+// 2 MiB, that Xeon's L2 cache) 0-5% slower. 64 rows of 256 ran 2.5% slower than MKL's GEMM
+// per step (panels_take_product's limit stays), and panels past the core's cache (16 rows of
+// 384 units) 3% slower than the GEMM over all steps.
 constexpr int64_t kStepProjectionMinRows = 8;
 
 // Whether the forward projects the input [T, B, I] in its steps (StepInput): in the panel
