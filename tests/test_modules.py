@@ -298,6 +298,20 @@ def check_layer(rf, spec, device, dtype, *, train=True, make_actual=None, make_e
         compare_meta(got_meta, cpu_meta)
 
 
+def check_layer_no_grad(rf, spec, device, dtype, *, sizes, **case):
+    """The outputs under no_grad (the engine's inference forward) against torch.nn's."""
+    cfg, leaves, lengths = layer_case(spec, dtype=dtype, sizes=sizes, **case)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", lengths, cfg["batch_first"])
+    with torch.no_grad():
+        exp, _ = call(expected, leaves)
+        got, _ = call(actual, {k: v.to(device) for k, v in leaves.items()})
+    for k in exp:
+        assert_close_rel(got[k].cpu(), exp[k], k)
+
+
 def check_cell(rf, spec, device, dtype, *, bias, unbatched, hx_given, make_actual=None, sizes=None):
     s = sizes or dict(B=rand_int(1, 4), I=rand_int(1, 4), H=rand_int(1, 5))
     cfg = dict(input_size=s["I"], hidden_size=s["H"], bias=bias)
@@ -938,18 +952,8 @@ def test_batch_first_inference(rf, device, spec, sizes, bidirectional):
     _skip_extra_on_torch_nn(rf, spec)
     dtype = torch.float32
     sizes = dict(sizes, P=sizes["H"] // 2 if spec.proj else 0)
-    cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=bidirectional, batch_first=True,
-                                bias=True, layout="batched", hx_given=True, dtype=dtype,
-                                sizes=sizes)
-    expected = expected_layer(spec, cfg, dtype)
-    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
-    actual.load_state_dict(expected.state_dict(), strict=True)
-    call = layer_call(spec.mode == "LSTM", None, batch_first=True)
-    with torch.no_grad():
-        exp, _ = call(expected, leaves)
-        got, _ = call(actual, {k: v.to(device) for k, v in leaves.items()})
-    for k in exp:
-        assert_close_rel(got[k].cpu(), exp[k], k)
+    check_layer_no_grad(rf, spec, device, dtype, num_layers=1, bidirectional=bidirectional,
+                        batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1100,24 +1104,10 @@ def test_input_projected_in_gate_panels(rf, device, spec, case, hx_given, layout
     step's tile of W_hh's several chunks of terms is the bias alone. Outputs, and in training
     every gradient, are torch.nn's."""
     sizes = dict(T=case["T"], B=case["B"], I=case["I"], H=PANEL_HIDDEN[spec.mode][case["which"]])
+    check = check_layer if grad else check_layer_no_grad
     with torch_threads(2):
-        if grad:
-            check_layer(rf, spec, device, torch.float32, num_layers=2, bidirectional=True,
-                        batch_first=True, bias=True, layout=layout, hx_given=hx_given,
-                        sizes=sizes)
-            return
-        cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True,
-                                          batch_first=True, bias=True, layout=layout,
-                                          hx_given=hx_given, dtype=torch.float32, sizes=sizes)
-        expected = expected_layer(spec, cfg, torch.float32)
-        actual = rnnfast_layer(rf, spec, cfg, torch.float32, device)
-        actual.load_state_dict(expected.state_dict(), strict=True)
-        call = layer_call(spec.mode == "LSTM", lengths, batch_first=True)
-        with torch.no_grad():
-            exp, _ = call(expected, leaves)
-            got, _ = call(actual, {k: v.to(device) for k, v in leaves.items()})
-    for k in exp:
-        assert_close_rel(got[k].cpu(), exp[k], k)
+        check(rf, spec, device, torch.float32, num_layers=2, bidirectional=True, batch_first=True,
+              bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
