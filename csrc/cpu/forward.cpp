@@ -160,33 +160,21 @@ struct StepRange {
   int64_t begin, end;
 };
 
-// Whether the panel schedule may run this forward: float or double with SIMD vectors; no
-// projection; one thread, or the threads of a region that run concurrently (OpenMP's:
-// StepBarrier spins).
+// Whether the forward runs in the panel schedule: a product the panels take
+// (panels_take_product); float or double with SIMD vectors; no projection; one thread, or the
+// threads of a region that run concurrently (OpenMP's: StepBarrier spins).
 template <typename T>
-bool panel_schedule_runs(const LayerView<T>& v, bool projecting) {
+bool runs_by_panels(const LayerView<T>& v, bool projecting) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     const bool concurrent_threads =
         AT_PARALLEL_OPENMP || at::get_num_threads() == 1 || at::in_parallel_region();
-    return !projecting && !v.gate_packed && concurrent_threads;
+    return !projecting && !v.gate_packed && concurrent_threads &&
+           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_);
 #endif
   }
   (void)v, (void)projecting;
   return false;
-}
-
-// Whether the forward runs in the panel schedule: one it may run (panel_schedule_runs), of a
-// product the panels take (panels_take_product).
-template <typename T>
-bool runs_by_panels(const LayerView<T>& v, bool projecting) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return panel_schedule_runs(v, projecting) &&
-         panels_take_product<T>(v.product_rows, v.G, v.P, v.T_);
-#else
-  (void)v, (void)projecting;
-  return false;
-#endif
 }
 
 // The forward in the panel schedule: one parallel region, each thread on its panels (blocks of
@@ -212,11 +200,11 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, G = v.G, W = v.W;  // no projection: P == H
   const bool saving = workspace.dim() > 1;  // [T, B, W] or [N, W] when saving, [0] otherwise
+  static_assert(PanelGates % Cell::kGates == 0);
   // The runs of units a panel serves, H / kUnitRuns apart.
   constexpr int kUnitRuns = PanelGates / Cell::kGates;
   const int64_t run_distance = H / kUnitRuns;
   const bool projects_input = input.defined();
-  static_assert(PanelGates % Cell::kGates == 0);
   GatePanels<T> panels(w_hh.contiguous(), step_bias, PanelGates, GatePanels<T>::Layout::Rows,
                        projects_input ? input.w_ih.contiguous() : Tensor());
   const int64_t input_terms = projects_input ? input.w_ih.size(1) : 0;
@@ -359,7 +347,7 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
   const bool saving = workspace.dim() > 1;  // [T, B, W] or [N, W] when saving, [0] otherwise
-  if (input.defined() || runs_by_panels(v, projecting)) {
+  if (runs_by_panels(v, projecting)) {
     if constexpr (Cell::kGates == 1) {  // the Elman cell's gate as two (run_forward_by_panels)
       if (H % 2 == 0) {
         run_forward_by_panels<Cell, T, 2>(v, steps, zero_initial_state, xg, input, w_hh, step_bias,
@@ -371,6 +359,7 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
                                                  step_bias, h_state, c_state, output, workspace);
     return;
   }
+  TORCH_INTERNAL_ASSERT(!input.defined(), "rnnfast: the input is projected in the panel schedule");
   Tensor h_unprojected = projecting ? at::empty({B, H}, h_state.options()) : Tensor();
   Tensor h_projected = projecting ? at::empty({B, P}, h_state.options()) : Tensor();
   using Product = RecurrentProduct<T>;
@@ -506,30 +495,19 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
 constexpr int64_t kStepProjectionMinRows = 8;
 
 // Whether the forward projects the input [T, B, I] in its steps (StepInput): in the panel
-// schedule, for a cell that reads xg and hg only as their sum, with no bias of the input's
-// own to add (adds_input_bias: b_ih without b_hh), on rows of unit stride, where the per-step
-// product would run in the BLAS (and the panels take its batch, panels_take_product) and the
-// panels of [W_ih | W_hh] fit in a core's cache (so that on two threads each thread's share
-// fits in half of its own, read from there at every step). The rule does not depend on the
-// thread count: a call sums each output in the same order on any number of threads.
+// schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run),
+// for a cell that reads xg and hg only as their sum, with no bias of the input's own to add
+// (adds_input_bias: b_ih without b_hh), on rows of unit stride, where the panels of
+// [W_ih | W_hh] fit in a core's cache (so that on two threads each thread's share fits in half
+// of its own, read from there at every step). The rule does not depend on the thread count: a
+// call sums each output in the same order on any number of threads.
 template <typename Cell, typename T>
 bool projects_input_in_steps(const LayerView<T>& v, bool projecting, const Tensor& input,
                              bool adds_input_bias) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if (!Cell::kHiddenBiasFoldable || adds_input_bias || input.stride(2) != 1 ||
-      v.product_rows < kStepProjectionMinRows || v.T_ < kPanelMinSteps ||
-      (v.product_rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here()) ||
-      !panel_schedule_runs(v, projecting)) {
-    return false;
-  }
   const int64_t panel_bytes = (input.size(2) + v.H) * v.G * int64_t(sizeof(T));
-  return panel_bytes <= core_cache_bytes() &&
-         RecurrentProduct<T>::kernel_for(v.product_rows, v.G, v.P, v.T_) ==
-             RecurrentProduct<T>::Kernel::Blas;
-#else
-  (void)v, (void)projecting, (void)input, (void)adds_input_bias;
-  return false;
-#endif
+  return Cell::kHiddenBiasFoldable && !adds_input_bias && input.stride(2) == 1 &&
+         v.product_rows >= kStepProjectionMinRows && panel_bytes <= core_cache_bytes() &&
+         runs_by_panels(v, projecting);
 }
 
 // An inference call's input projection in chunks of this many bytes (at least kMinChunkSteps
