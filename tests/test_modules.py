@@ -1140,6 +1140,27 @@ def test_input_projected_in_gate_panels(rf, device, spec, case, hx_given, layout
               bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
+@pytest.mark.parametrize("batch", [16, 21])
+@pytest.mark.parametrize("spec", [s for s in STANDARD if not s.proj and s.mode != "RNN"], ids=str)
+def test_gate_panels_split_over_batch_rows(rf, device, spec, batch, hx_given, layout, grad,
+                                           threads):
+    """From 16 batch rows, where the steps read the input's projection (the GRU's; the LSTM's
+    over an input too wide for [W_ih | W_hh] to fit in a core's cache) and all of W_hh's panels
+    fit in one core's cache, the CPU engine's forward gives each thread a share of the batch
+    rows over all panels (21 rows: shares of 11 and 10). As rows of a packed sequence end, a
+    share's active rows shrink on their own. Outputs, and in training every gradient, are
+    torch.nn's, both directions, two layers, on one thread and two."""
+    sizes = dict(T=6, B=batch, I=1100 if spec.mode == "LSTM" else 40, H=150)
+    check = check_layer if grad else check_layer_no_grad
+    with torch_threads(threads):
+        check(rf, spec, device, torch.float32, num_layers=2, bidirectional=True, batch_first=True,
+              bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [s for s in ALL_SPECS if not s.proj], ids=str)
 def test_single_row_products_in_gate_panels(rf, device, spec, dtype):

@@ -248,6 +248,9 @@ _THREAD_SHAPES = [
     ("RNN", (20, 64, 256, 256, 1)),
     ("LSTM", (10, 16, 128, 128, 1)),
     ("GRU", (12, 24, 32, 160, 1)),  # the backward's BLAS products on each thread's rows
+    # The forward's gate panels split by batch rows (an input too wide for the steps to
+    # project it), in shares of 9 rows.
+    ("LSTM", (8, 18, 1100, 150, 1)),
     # One batch row past the engine's own kernels: the backward's per-step products of one row
     # (row_times_matrix in csrc/cpu/blas.h), in one block of terms and in two.
     ("GRU", (20, 1, 64, 256, 1)),
