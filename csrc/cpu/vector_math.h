@@ -186,15 +186,21 @@ inline void store(T* row, int offset, VectorUnits units, A value) {
   }
 }
 
-// Fetches `count` values from `row` on into the L2 cache: a hint (it neither faults nor waits)
-// for a row that a later step reads from beyond the cache.
-template <typename T>
-inline void prefetch_to_l2(const T* row, int64_t count) {
+// Fetches `count` values from `row` on into the cache of __builtin_prefetch's `Locality` (3: the
+// L1 cache, 2: the L2): a hint (it neither faults nor waits) for a row read soon from beyond it.
+template <int Locality, typename T>
+inline void prefetch_row(const T* row, int64_t count) {
   constexpr int64_t kCacheLineBytes = 64;  // x86-64's
   const char* bytes = reinterpret_cast<const char*>(row);
   for (int64_t byte = 0; byte < count * int64_t(sizeof(T)); byte += kCacheLineBytes) {
-    __builtin_prefetch(bytes + byte, /*rw=*/0, /*locality=*/2);  // prefetcht1: into L2
+    __builtin_prefetch(bytes + byte, /*rw=*/0, Locality);
   }
+}
+
+// Into the L2 cache (prefetcht1): for a row that a later step reads from beyond the cache.
+template <typename T>
+inline void prefetch_to_l2(const T* row, int64_t count) {
+  prefetch_row<2>(row, count);
 }
 
 // Calls fn(index, A{}) for runs of units covering begin .. end - 1: SIMD vectors of units where
