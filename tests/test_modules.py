@@ -139,10 +139,10 @@ def expected_layer_in_float64(spec, cfg):
     def cast(value, dtype):
         if value is None:
             return None
-        if isinstance(value, tuple) and not isinstance(value, PackedSequence):
-            return tuple(cast(v, dtype) for v in value)
         if isinstance(value, PackedSequence):
             return value._replace(data=value.data.to(dtype))
+        if isinstance(value, tuple):
+            return tuple(cast(v, dtype) for v in value)
         return value.to(dtype)
 
     def forward(x, hx=None):

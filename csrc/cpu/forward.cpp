@@ -195,7 +195,7 @@ bool panels_split_rows(int64_t rows, int64_t terms, int64_t gate_columns, bool p
          terms * gate_columns * int64_t(sizeof(T)) <= core_cache_bytes();
 }
 
-// The panel schedule fetches a step's rows of h_{t-1} up to this many bytes before its tiles.
+// The panel schedule split by panels fetches h_{t-1} up to this many bytes before a step's tiles.
 // (Medians of 4-5 runs, no_grad forward of 100 steps on 2 threads of a Xeon: the LSTM's 1 row of
 // 256 units 0.91 -> 0.87 ms, 4 rows 2.09 -> 1.99, 16 rows 6.68 -> 6.56; the Elman's 1 row of
 // 512 units 0.97 -> 0.92; on 1 thread the same. 16 rows of 512 LSTM units and the 650-unit word
@@ -300,6 +300,12 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     const T* rows;
     int64_t stride;
   };
+  const bool split_rows = panels_split_rows<T>(B, K, G, projects_input);
+  // Split by panels, each thread wrote its units of h_{t-1} in the last step, and the tiles'
+  // broadcasts reached the other core's lines one at a time as their terms came: where h is
+  // small, a step fetches all of it into the L1 cache before its tiles. (Split by rows, each
+  // thread's rows are its own, in its cache already.)
+  const bool fetches_state = !split_rows && B * H * int64_t(sizeof(T)) <= kFetchedStateBytes;
   // Step `step` of blocks [first, end) (in block_at's order) for batch rows [r0, r1). Inlined
   // into both schedules' loops (its tiles' row dispatch is in the hottest path).
   const auto run_step = [&](int64_t step, int64_t first, int64_t end, int64_t r0, int64_t r1,
@@ -309,12 +315,7 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     const T* h_prev = h_data + parity * B * H;
     T* h_next = h_data + (1 - parity) * B * H;
     const T* h_rows = zero_initial_state && step == 0 ? nullptr : h_prev;
-    // The rows of h_{t-1} that the step's tiles read, where they are few: fetched into the L1
-    // cache all at once. Split by panels, each thread wrote its units of them in the last step,
-    // and the tiles' broadcasts reached the other core's lines one at a time as their terms came.
-    if (h_rows && (r1 - r0) * H * int64_t(sizeof(T)) <= kFetchedStateBytes) {
-      prefetch_row</*Locality=*/3>(h_rows + r0 * H, (r1 - r0) * H);
-    }
+    if (h_rows && fetches_state) prefetch_row</*Locality=*/3>(h_rows, B * H);
     // The input's terms (0 .. I - 1, where the steps project it), then h's (I .. K - 1), which
     // add nothing from zero states: then, where no input's terms run, a tile without terms
     // sets the bias.
@@ -364,7 +365,7 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     }
   };
 
-  if (panels_split_rows<T>(B, K, G, projects_input)) {
+  if (split_rows) {
     // Each thread runs all panels for its share of the rows, every step: its rows of h are its
     // own, so no thread waits for another. A row's sums run in the same order in a tile of any
     // shape without split terms, so on any number of threads.
