@@ -1329,6 +1329,114 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     compare_results(got, exp)
 
 
+def _count_single_layer_calls(monkeypatch, enabled):
+    """Replaces rnnfast's C++ forward of one-layer modules (_C.single_layer) by a wrapper that
+    counts the calls it answers, or, with enabled=False, by one that always declines, so that
+    the modules' Python forward runs. Returns the list of answered calls' cells."""
+    from rnnfast import _ops
+    original = _ops._C.single_layer
+    answered = []
+
+    def single_layer(*args):
+        result = original(*args) if enabled else NotImplemented
+        if result is not NotImplemented:
+            answered.append(args[0])
+        return result
+
+    monkeypatch.setattr(_ops._C, "single_layer", single_layer)
+    return answered
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("hx_given", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_layer_forward_in_cpp_equals_the_python_forward(rf, device, spec, batch_first,
+                                                             hx_given, bias, monkeypatch):
+    """A one-layer, one-direction module's forward runs in C++ (_C.single_layer) where its
+    arguments are the plain case: bit for bit the results and gradients of its Python forward,
+    and torch.nn's (or the reference's) to the tolerance."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("rnnfast's own forward paths")
+    dtype = torch.float64
+    cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=False, batch_first=batch_first,
+                                bias=bias, layout="batched", hx_given=hx_given, dtype=dtype)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = layer_call(spec.mode == "LSTM", None, batch_first)
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    results = {}
+    for enabled in (True, False):
+        with monkeypatch.context() as patch:
+            answered = _count_single_layer_calls(patch, enabled)
+            results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
+        assert len(answered) == (1 if enabled else 0), f"C++ forward answered {answered}"
+    compare_results(results[True], exp)
+    for key, value in results[False].items():
+        assert torch.equal(results[True][key], value), f"{key}: the two forwards differ"
+
+
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+def test_one_layer_forward_declines_what_python_handles(rf, device, spec, monkeypatch):
+    """What the C++ forward of one-layer modules leaves to the Python forward: a weight that
+    weight_norm computes, unbatched and packed inputs, a dtype or a state shape that torch.nn
+    refuses (with its error), and modules with cell options. Each gives torch.nn's results or
+    error."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("rnnfast's own forward paths")
+    dtype = torch.float64
+    is_lstm = spec.mode == "LSTM"
+    sizes = dict(T=4, B=3, I=3, H=5, P=3 if spec.proj else 0)
+    cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=False, batch_first=False,
+                                bias=True, layout="batched", hx_given=True, dtype=dtype,
+                                sizes=sizes)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    answered = _count_single_layer_calls(monkeypatch, enabled=True)
+    call = layer_call(is_lstm, None, False)
+
+    for m in (expected, actual):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp, "weight_norm: ")
+    assert answered == [], "a parametrized weight must take the Python forward"
+    nn.utils.parametrize.remove_parametrizations(actual, "weight_hh_l0")
+
+    unbatched = {"input": leaves["input"][:, 0]}
+    unbatched.update({k: leaves[k][:, 0] for k in ("h0", "c0") if k in leaves})
+    nn.utils.parametrize.remove_parametrizations(expected, "weight_hh_l0")
+    exp, _, w = evaluate(expected, CPU, unbatched, call)
+    got, _, _ = evaluate(actual, device, unbatched, call, w)
+    compare_results(got, exp, "unbatched: ")
+
+    lengths = torch.tensor([4, 2, 3])
+    packed_call = layer_call(is_lstm, lengths, False)
+    exp, exp_meta, w = evaluate(expected, CPU, leaves, packed_call)
+    got, got_meta, _ = evaluate(actual, device, leaves, packed_call, w)
+    compare_results(got, exp, "packed: ")
+    compare_meta(got_meta, exp_meta)
+    assert answered == [], f"unbatched and packed inputs must take the Python forward: {answered}"
+
+    x = leaves["input"].to(device)
+    h0 = leaves["h0"].to(device)
+    wrong_state = h0[:, :2]
+    hx = (wrong_state, leaves["c0"].to(device)) if is_lstm else wrong_state
+    with pytest.raises(RuntimeError, match=r"Expected hidden(\[0\])? size \(1, 3, \d\), got \[1, 2, \d\]"):
+        actual(x, hx)
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float32\) does not match weight dtype"):
+        actual(x.float())
+    assert answered == []
+
+    options = getattr(rf, spec.mode)(3, 5, zoneout=0.5, dtype=dtype).to(device).eval()
+    options(x)
+    assert answered == [], "a module with cell options must take the Python forward"
+    actual(x)
+    assert len(answered) == 1
+
+
 @pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
 def test_parametrized_cell_weights(rf, device, spec):
     _skip_extra_on_torch_nn(rf, spec)
