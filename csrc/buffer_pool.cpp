@@ -3,8 +3,11 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+
+#include <cstring>
 
 #if defined(__GLIBC__)
 #include <malloc.h>  // malloc_trim
@@ -129,6 +132,13 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   return at::Tensor(at::detail::empty_generic(
       sizes, &BufferPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
       c10::typeMetaToScalarType(options.dtype()), std::nullopt));
+}
+
+at::Tensor zeros_by_memset(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::zeros(sizes, options);
+  at::Tensor zeros = at::detail::empty_cpu(sizes, options);
+  std::memset(zeros.data_ptr(), 0, zeros.nbytes());
+  return zeros;
 }
 
 }  // namespace rnnfast

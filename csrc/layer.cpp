@@ -149,14 +149,14 @@ ForwardState make_forward_state(const LayerSizes& s, const LayerArgs& args, bool
   const auto acc_type = at::toOpMathType(args.input.scalar_type());
   ForwardState state;
   state.output = pooled_empty({s.steps, s.batch, s.state_size}, options);
-  state.h =
-      s.has_initial_state ? hx.contiguous().clone() : at::zeros({s.batch, s.state_size}, options);
+  state.h = s.has_initial_state ? hx.contiguous().clone()
+                                : zeros_by_memset({s.batch, s.state_size}, options);
   if (!has_cell_state(s.kind)) {
     state.c = at::empty({0}, options.dtype(acc_type));
   } else if (s.has_initial_state) {
     state.c = cx.to(acc_type).contiguous().clone();
   } else {
-    state.c = at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+    state.c = zeros_by_memset({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   const int64_t cols = workspace_width(s.kind, s.hidden_size, s.has_projection);
   if (!save_workspace) {
@@ -184,11 +184,12 @@ std::pair<at::Tensor, at::Tensor> final_state_gradients(const LayerSizes& s,
   const auto options = args.layer.input.options();
   const auto acc_type = at::toOpMathType(args.layer.input.scalar_type());
   at::Tensor dh = args.grad_h_n.defined() ? args.grad_h_n.contiguous().clone()
-                                          : at::zeros({s.batch, s.state_size}, options);
+                                          : zeros_by_memset({s.batch, s.state_size}, options);
   at::Tensor dc;
   if (has_cell_state(s.kind)) {
-    dc = args.grad_c_n.defined() ? args.grad_c_n.to(acc_type).contiguous().clone()
-                                 : at::zeros({s.batch, s.hidden_size}, options.dtype(acc_type));
+    dc = args.grad_c_n.defined()
+             ? args.grad_c_n.to(acc_type).contiguous().clone()
+             : zeros_by_memset({s.batch, s.hidden_size}, options.dtype(acc_type));
   }
   return {dh, dc};
 }

@@ -97,7 +97,7 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   // Zero initial states read as a zero row.
   const bool zero_initial_state = !hx.defined();
   Tensor zero_row =
-      zero_initial_state ? at::zeros({std::max(P, H)}, grad_output.options()) : Tensor();
+      zero_initial_state ? zeros_by_memset({std::max(P, H)}, grad_output.options()) : Tensor();
   const T* hx_data = zero_initial_state ? nullptr : hx.data_ptr<T>();
   const T* cx_data = Cell::kHasCellState && !zero_initial_state ? cx.data_ptr<T>() : nullptr;
   const T* zero_data = zero_initial_state ? zero_row.data_ptr<T>() : nullptr;

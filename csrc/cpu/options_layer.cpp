@@ -51,15 +51,6 @@ void for_rows(int64_t rows, int64_t values_per_row, const Fn& fn) {
   for_row_shares(rows, values_per_row, kValuesPerThreadTask, fn);
 }
 
-// A small tensor of zeros, filled here: at::zeros fills through a TensorIterator, about 2 us
-// each for the few that a call makes.
-template <typename T>
-Tensor zeros_filled(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  std::fill_n(t.data_ptr<T>(), t.numel(), T(0));
-  return t;
-}
-
 template <typename T>
 const T* data_if(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -147,7 +138,7 @@ class ParameterSums {
                 const at::TensorOptions& options)
       : layout_(layout),
         rows_(rows),
-        running_(zeros_filled<T>({rows, layout.width}, options)),
+        running_(zeros_by_memset({rows, layout.width}, options)),
         running_data_(running_.data_ptr<T>()),
         // Made here, where no other thread can see them: rows on different threads flush at
         // once. Only for a call whose rows may flush: most calls run fewer steps than one flush
@@ -266,7 +257,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   const bool norms_summed = Cell::kHiddenBiasFoldable && norm_ih && norm_hh;
   Tensor xg_affine = norm_ih && !norms_summed ? at::empty({B, G}, options) : Tensor();
   // [G] zeros: xg where the sums go into hg, and the bias of a row without one.
-  Tensor zero_gates = norms_summed ? zeros_filled<T>({G}, options) : Tensor();
+  Tensor zero_gates = norms_summed ? zeros_by_memset({G}, options) : Tensor();
   r.norm_ih = save && norm_ih ? xg.view({Tn, B, G}) : at::empty({0}, options);
 
   using Product = RecurrentProduct<T>;
@@ -279,7 +270,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   // The state before and after each step (each run of rows swaps its own pointers per step),
   // the product's input and output.
   Tensor h_buffers = at::empty({2, B, P}, options);
-  // (Zero states filled in place, as zeros_filled's, not copied from a tensor of zeros.)
+  // (Zero states filled in place, as zeros_by_memset's, not copied from a tensor of zeros.)
   const auto set_initial = [](Tensor& buffers, const Tensor& state) {
     if (state.defined()) {
       buffers[0].copy_(state);
@@ -564,9 +555,9 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   ParameterSums<T> parameter_sums(layout, sums_in_loop ? B : 0, Tn, options);
 
   // dLoss/dh and dLoss/dc of the state each step leaves, carried back step by step.
-  Tensor dh_carry = ba.grad_h_n.defined() ? ba.grad_h_n.clone() : zeros_filled<T>({B, P}, options);
+  Tensor dh_carry = ba.grad_h_n.defined() ? ba.grad_h_n.clone() : zeros_by_memset({B, P}, options);
   Tensor dc_carry = Cell::kHasCellState ? (ba.grad_c_n.defined() ? ba.grad_c_n.clone()
-                                                                 : zeros_filled<T>({B, H}, options))
+                                                                 : zeros_by_memset({B, H}, options))
                                         : Tensor();
   Tensor dh_candidate = at::empty({B, P}, options);  // of the step's h before zoneout
   Tensor dh_cell = projecting ? at::empty({B, H}, options) : dh_candidate;  // before projection
