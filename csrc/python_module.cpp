@@ -9,6 +9,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -97,6 +98,20 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// The cell named by a Python string, or nullptr where it is none of the engines' cells.
+const rnnfast::CellName* cell_named(PyObject* name) {
+  if (!PyUnicode_Check(name)) return nullptr;
+  const char* text = PyUnicode_AsUTF8(name);
+  if (text == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  for (const rnnfast::CellName& cell : rnnfast::kCellNames) {
+    if (std::strcmp(cell.name, text) == 0) return &cell;
+  }
+  return nullptr;
+}
+
 // A state argument of single_layer: an exact tensor [1, batch, width] of the input's dtype and
 // device, or nullopt (with *plain set false) where it is anything else.
 std::optional<Tensor> layer_state(PyObject* object, const Tensor& input, int64_t batch,
@@ -132,9 +147,7 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   }
   PyObject *input_object = args[1], *hx_object = args[2], *parameters = args[3], *names = args[4],
            *weights = args[5];
-  Py_ssize_t cell_size = 0;
-  const char* cell =
-      PyUnicode_Check(args[0]) ? PyUnicode_AsUTF8AndSize(args[0], &cell_size) : nullptr;
+  const rnnfast::CellName* cell = cell_named(args[0]);
   if (cell == nullptr || !THPVariable_CheckExact(input_object) || !PyDict_Check(parameters) ||
       !PyList_Check(names) || !PyList_Check(weights) || !PyLong_Check(args[6]) ||
       !PyBool_Check(args[7]) || at::impl::torch_function_mode_enabled()) {
@@ -170,8 +183,7 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     Py_RETURN_NOTIMPLEMENTED;
   }
   const int64_t batch = input.size(batch_first ? 0 : 1);
-  const std::string cell_name(cell, cell_size);
-  const bool is_lstm = rnnfast::has_cell_state(rnnfast::cell_from_name(cell_name));
+  const bool is_lstm = rnnfast::has_cell_state(cell->kind);
   bool plain = true;
   std::optional<Tensor> hx, cx;
   if (hx_object != Py_None) {
@@ -197,14 +209,109 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     const bool save_workspace =
         torch::jit::tracer::isTracing() ||
         torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-    auto [output, h_n, c_n, workspace] = rnnfast::call_forward(
-        rnnfast::LayerArgs::of(cell_name, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, std::nullopt,
-                               /*reverse=*/false, batch_first),
-        save_workspace);
+    auto [output, h_n, c_n, workspace] =
+        rnnfast::call_forward(rnnfast::LayerArgs::of(cell->name, input, h0, c0, w_ih, w_hh, b_ih,
+                                                     b_hh, w_hr, std::nullopt,
+                                                     /*reverse=*/false, batch_first),
+                              save_workspace);
     results = {std::move(output), h_n.unsqueeze(0), is_lstm ? c_n.unsqueeze(0) : Tensor()};
   }
   return tensor_triple(std::move(std::get<0>(results)), std::move(std::get<1>(results)),
                        std::move(std::get<2>(results)));
+  END_HANDLE_TH_ERRORS
+}
+
+// A weight of a cell, parameters[name]: *weight its tensor, or nullopt for None (an absent
+// bias); false where it is neither (a parametrization or pruning has moved it).
+bool cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* weight) {
+  PyObject* value = PyDict_GetItemString(parameters, name);
+  if (value == Py_None) return true;
+  if (value == nullptr || !THPVariable_CheckExact(value)) return false;
+  *weight = THPVariable_Unpack(value);
+  return true;
+}
+
+// A state of single_step: an exact tensor [batch, width] of the input's dtype and device, or
+// nullopt (with *plain set false) where it is anything else but None.
+std::optional<Tensor> step_state(PyObject* object, const Tensor& input, int64_t width,
+                                 bool* plain) {
+  if (object == Py_None) return std::nullopt;
+  if (!THPVariable_CheckExact(object)) {
+    *plain = false;
+    return std::nullopt;
+  }
+  const Tensor& state = THPVariable_Unpack(object);
+  if (state.dim() != 2 || state.size(0) != input.size(0) || state.size(1) != width ||
+      state.scalar_type() != input.scalar_type() || state.device() != input.device()) {
+    *plain = false;
+    return std::nullopt;
+  }
+  return state;
+}
+
+// _C.single_step(cell, input, h, c, parameters, input_size, hidden_size) -> (h', c' or None):
+// one step of a cell module without cell options (rnnfast/modules.py) on a batched input
+// [B, I], states [B, H] or None, as its Python forward computes it (the one-layer op over a
+// sequence of one step). As single_layer, it returns NotImplemented where a check behind
+// torch.nn's errors fails or the call is not the plain case (unbatched input, a weight that a
+// parametrization or pruning computes, an unknown cell), and the Python forward runs.
+PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7) {
+    PyErr_Format(PyExc_TypeError, "rnnfast._C.single_step takes 7 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* parameters = args[4];
+  const rnnfast::CellName* cell = cell_named(args[0]);
+  if (cell == nullptr || !THPVariable_CheckExact(args[1]) || !PyDict_Check(parameters) ||
+      !PyLong_Check(args[5]) || !PyLong_Check(args[6]) || at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  std::optional<Tensor> w_ih, w_hh, b_ih, b_hh;
+  if (!cell_weight(parameters, "weight_ih", &w_ih) ||
+      !cell_weight(parameters, "weight_hh", &w_hh) || !cell_weight(parameters, "bias_ih", &b_ih) ||
+      !cell_weight(parameters, "bias_hh", &b_hh) || !w_ih || !w_hh) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const Tensor& input = THPVariable_Unpack(args[1]);
+  const int64_t input_size = PyLong_AsLongLong(args[5]);
+  const int64_t hidden_size = PyLong_AsLongLong(args[6]);
+  if (input.dim() != 2 || input.size(1) != input_size || input.size(0) == 0 || hidden_size == 0 ||
+      input.scalar_type() != w_ih->scalar_type() || input.device() != w_ih->device()) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const bool is_lstm = rnnfast::has_cell_state(cell->kind);
+  bool plain = true;
+  const std::optional<Tensor> h = step_state(args[2], input, hidden_size, &plain);
+  const std::optional<Tensor> c =
+      is_lstm ? step_state(args[3], input, hidden_size, &plain) : std::nullopt;
+  if (!plain) Py_RETURN_NOTIMPLEMENTED;
+  Tensor h_new, c_new;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const Tensor sequence = input.unsqueeze(0);  // [1, B, I], as the Python forward's
+    const bool save_workspace =
+        torch::jit::tracer::isTracing() ||
+        torch::autograd::compute_requires_grad(sequence, h, c, *w_ih, *w_hh, b_ih, b_hh);
+    auto [output, h_n, c_n, workspace] = rnnfast::call_forward(
+        rnnfast::LayerArgs::of(cell->name, sequence, h, c, *w_ih, *w_hh, b_ih, b_hh, std::nullopt,
+                               std::nullopt, /*reverse=*/false, /*batch_first=*/false),
+        save_workspace);
+    h_new = std::move(h_n);
+    if (is_lstm) c_new = std::move(c_n);
+  }
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) return nullptr;
+  PyTuple_SET_ITEM(pair, 0, THPVariable_Wrap(std::move(h_new)));
+  if (is_lstm) {
+    PyTuple_SET_ITEM(pair, 1, THPVariable_Wrap(std::move(c_new)));
+  } else {
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(pair, 1, Py_None);
+  }
+  return pair;
   END_HANDLE_TH_ERRORS
 }
 
@@ -249,6 +356,9 @@ PyMethodDef module_methods[] = {
      METH_FASTCALL,
      "The forward of a one-layer, one-direction module in torch.nn's layout, or NotImplemented "
      "where the module's Python forward must run."},
+    {"single_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(single_step)),
+     METH_FASTCALL,
+     "One step of a cell module, or NotImplemented where the module's Python forward must run."},
     {"share_saved_output",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(share_saved_output)), METH_FASTCALL,
      "Makes the graph node of a layer's output save another tensor of the same values instead."},

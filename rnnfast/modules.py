@@ -612,6 +612,14 @@ class _RecurrentCell:
 
     def _step(self, cell, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
+        if (self._options is _RecurrentCell._options and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active() and not _onnx.exporting()):
+            # The plain case in C++ (checks included), or NotImplemented for what needs the
+            # rest of this function: its errors, unbatched input, computed weights.
+            result = _ops._C.single_step(cell, input, h, c, self._parameters, self.input_size,
+                                         self.hidden_size)
+            if result is not NotImplemented:
+                return result
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
             raise NotATensorError(f"{name}: input must be a Tensor, got {type(input).__name__}")

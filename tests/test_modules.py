@@ -1329,21 +1329,22 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     compare_results(got, exp)
 
 
-def _count_single_layer_calls(monkeypatch, enabled):
-    """Replaces rnnfast's C++ forward of one-layer modules (_C.single_layer) by a wrapper that
-    counts the calls it answers, or, with enabled=False, by one that always declines, so that
-    the modules' Python forward runs. Returns the list of answered calls' cells."""
+def _count_cpp_forward_calls(monkeypatch, enabled, entry="single_layer"):
+    """Replaces rnnfast's C++ forward of one-layer modules (_C.single_layer) or of cells
+    (_C.single_step) by a wrapper that counts the calls it answers, or, with enabled=False, by
+    one that always declines, so that the modules' Python forward runs. Returns the list of
+    answered calls' cells."""
     from rnnfast import _ops
-    original = _ops._C.single_layer
+    original = getattr(_ops._C, entry)
     answered = []
 
-    def single_layer(*args):
+    def counted(*args):
         result = original(*args) if enabled else NotImplemented
         if result is not NotImplemented:
             answered.append(args[0])
         return result
 
-    monkeypatch.setattr(_ops._C, "single_layer", single_layer)
+    monkeypatch.setattr(_ops._C, entry, counted)
     return answered
 
 
@@ -1369,7 +1370,7 @@ def test_one_layer_forward_in_cpp_equals_the_python_forward(rf, device, spec, ba
     results = {}
     for enabled in (True, False):
         with monkeypatch.context() as patch:
-            answered = _count_single_layer_calls(patch, enabled)
+            answered = _count_cpp_forward_calls(patch, enabled)
             results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
         assert len(answered) == (1 if enabled else 0), f"C++ forward answered {answered}"
     compare_results(results[True], exp)
@@ -1394,7 +1395,7 @@ def test_one_layer_forward_declines_what_python_handles(rf, device, spec, monkey
     expected = expected_layer(spec, cfg, dtype)
     actual = rnnfast_layer(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
-    answered = _count_single_layer_calls(monkeypatch, enabled=True)
+    answered = _count_cpp_forward_calls(monkeypatch, enabled=True)
     call = layer_call(is_lstm, None, False)
 
     for m in (expected, actual):
@@ -1434,6 +1435,92 @@ def test_one_layer_forward_declines_what_python_handles(rf, device, spec, monkey
     options(x)
     assert answered == [], "a module with cell options must take the Python forward"
     actual(x)
+    assert len(answered) == 1
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD + CELL_EXTRAS, ids=str)
+@pytest.mark.parametrize("hx_given", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_forward_in_cpp_equals_the_python_forward(rf, device, spec, hx_given, bias,
+                                                       monkeypatch):
+    """A cell's step runs in C++ (_C.single_step) where its arguments are the plain case: bit
+    for bit the results and gradients of its Python forward, and torch.nn's (or the
+    reference's) to the tolerance."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("rnnfast's own forward paths")
+    dtype = torch.float64
+    cfg = dict(input_size=rand_int(1, 4), hidden_size=rand_int(1, 5), bias=bias)
+    leaves = {"input": torch.randn(rand_int(1, 4), cfg["input_size"], dtype=dtype)}
+    if hx_given:
+        leaves["h0"] = torch.randn(leaves["input"].size(0), cfg["hidden_size"], dtype=dtype)
+        if spec.mode == "LSTM":
+            leaves["c0"] = torch.randn_like(leaves["h0"])
+    expected = expected_cell(spec, cfg, dtype)
+    actual = rnnfast_cell(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    call = cell_call(spec.mode == "LSTM")
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    results = {}
+    for enabled in (True, False):
+        with monkeypatch.context() as patch:
+            answered = _count_cpp_forward_calls(patch, enabled, "single_step")
+            results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
+        assert len(answered) == (1 if enabled else 0), f"C++ step answered {answered}"
+    compare_results(results[True], exp)
+    for key, value in results[False].items():
+        assert torch.equal(results[True][key], value), f"{key}: the two forwards differ"
+
+
+@pytest.mark.parametrize("spec", CELL_STANDARD, ids=str)
+def test_cell_forward_declines_what_python_handles(rf, device, spec, monkeypatch):
+    """What the C++ step of cells leaves to the Python forward: weights that weight_norm or
+    pruning compute, unbatched input, a state shape or dtype that torch.nn refuses (with its
+    error), cell options. Each gives torch.nn's results or error."""
+    if getattr(rf, "IS_TORCH_NN", False):
+        pytest.skip("rnnfast's own forward paths")
+    dtype = torch.float64
+    is_lstm = spec.mode == "LSTM"
+    cfg = dict(input_size=3, hidden_size=4, bias=True)
+    leaves = {"input": torch.randn(2, 3, dtype=dtype), "h0": torch.randn(2, 4, dtype=dtype)}
+    if is_lstm:
+        leaves["c0"] = torch.randn(2, 4, dtype=dtype)
+    expected = expected_cell(spec, cfg, dtype)
+    actual = rnnfast_cell(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    answered = _count_cpp_forward_calls(monkeypatch, True, "single_step")
+    call = cell_call(is_lstm)
+
+    for m in (expected, actual):
+        nn.utils.parametrizations.weight_norm(m, "weight_hh")
+        torch.nn.utils.prune.l1_unstructured(m, "weight_ih", amount=0.4)
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    got, _, _ = evaluate(actual, device, leaves, call, w)
+    compare_results(got, exp, "weight_norm and pruning: ")
+    assert answered == [], "computed weights must take the Python forward"
+
+    plain = rnnfast_cell(rf, spec, cfg, dtype, device)
+    reference = expected_cell(spec, cfg, dtype)
+    plain.load_state_dict(reference.state_dict(), strict=True)
+    unbatched = {k: v[0] for k, v in leaves.items()}
+    exp, _, w = evaluate(reference, CPU, unbatched, call)
+    got, _, _ = evaluate(plain, device, unbatched, call, w)
+    compare_results(got, exp, "unbatched: ")
+    assert answered == [], "unbatched input must take the Python forward"
+
+    x = leaves["input"].to(device)
+    h = leaves["h0"].to(device)
+    wrong = h[:1]
+    hx = (wrong, leaves["c0"].to(device)) if is_lstm else wrong
+    with pytest.raises(RuntimeError, match=r"Input batch size 2 doesn't match hidden0 batch size 1"):
+        plain(x, hx)
+    with pytest.raises(RuntimeError, match=r"must have the dtype of"):
+        plain(x.float())
+    assert answered == []
+
+    options = getattr(rf, spec.mode + "Cell")(3, 4, zoneout=0.5, dtype=dtype).to(device).eval()
+    options(x)
+    assert answered == [], "a cell with options must take the Python forward"
+    plain(x)
     assert len(answered) == 1
 
 
