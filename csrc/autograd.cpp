@@ -38,13 +38,13 @@ BackwardResult call_backward(const BackwardArgs& args) {
                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
                                 const Tensor&, const Tensor&, bool, const std::optional<Tensor>&,
                                 const std::optional<Tensor>&, bool, const Tensor&, const Tensor&,
-                                bool, bool)>();
+                                bool, bool, bool)>();
   const LayerArgs& layer = args.layer;
   return op.call(layer.cell, args.grad_output, optional_argument(args.grad_h_n),
                  optional_argument(args.grad_c_n), layer.input, optional_argument(layer.hx),
                  optional_argument(layer.cx), layer.w_ih, layer.w_hh, args.has_bias,
                  optional_argument(layer.w_hr), optional_argument(layer.lengths), layer.reverse,
-                 args.output, args.workspace, args.input_grad, layer.batch_first);
+                 args.output, args.workspace, args.input_grad, layer.batch_first, args.state_grad);
 }
 
 // The graph node of one differentiable rnnfast::forward call; its backward is the
@@ -119,6 +119,7 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   const Tensor grad_output =
       grads[0].defined() ? swap_time_and_batch(grads[0], batch_first) : at::zeros_like(output);
   const bool input_grad = task_should_compute_output(kInput);
+  const bool state_grad = task_should_compute_output(kHx) || task_should_compute_output(kCx);
   BackwardArgs args;
   args.layer = {cell,
                 input,
@@ -139,12 +140,13 @@ variable_list LayerBackward::apply(variable_list&& grads) {
   args.workspace = workspace;
   args.has_bias = has_bias;
   args.input_grad = input_grad;
+  args.state_grad = state_grad;
   auto [g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr] = call_backward(args);
   // The op returns empty tensors for gradients it did not compute; their slots stay undefined.
   variable_list result(kSlots);
   if (input_grad) result[kInput] = swap_time_and_batch(g_input, batch_first);
-  if (hx.defined()) result[kHx] = std::move(g_hx);
-  if (cx.defined()) result[kCx] = std::move(g_cx);
+  if (hx.defined() && state_grad) result[kHx] = std::move(g_hx);
+  if (cx.defined() && state_grad) result[kCx] = std::move(g_cx);
   result[kWih] = std::move(g_w_ih);
   result[kWhh] = std::move(g_w_hh);
   if (has_bias) {
@@ -311,12 +313,15 @@ bool share_saved_output(const Tensor& output, const Tensor& replacement) {
 namespace {
 
 // The backward op has no derivative of its own: asking for one is an error, not a silent zero.
-BackwardResult backward_autograd(
-    c10::string_view cell, const Tensor& grad_output, const std::optional<Tensor>& grad_h_n,
-    const std::optional<Tensor>& grad_c_n, const Tensor& input, const std::optional<Tensor>& hx,
-    const std::optional<Tensor>& cx, const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
-    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& lengths, bool reverse,
-    const Tensor& output, const Tensor& workspace, bool input_grad, bool batch_first) {
+BackwardResult backward_autograd(c10::string_view cell, const Tensor& grad_output,
+                                 const std::optional<Tensor>& grad_h_n,
+                                 const std::optional<Tensor>& grad_c_n, const Tensor& input,
+                                 const std::optional<Tensor>& hx, const std::optional<Tensor>& cx,
+                                 const Tensor& w_ih, const Tensor& w_hh, bool has_bias,
+                                 const std::optional<Tensor>& w_hr,
+                                 const std::optional<Tensor>& lengths, bool reverse,
+                                 const Tensor& output, const Tensor& workspace, bool input_grad,
+                                 bool batch_first, bool state_grad) {
   if (torch::autograd::GradMode::is_enabled()) {
     for (const Tensor& t : {grad_output, grad_h_n.value_or(Tensor()), input, hx.value_or(Tensor()),
                             w_ih, w_hh, output}) {
@@ -327,7 +332,7 @@ BackwardResult backward_autograd(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_backward(BackwardArgs::of(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih,
                                         w_hh, has_bias, w_hr, lengths, reverse, output, workspace,
-                                        input_grad, batch_first));
+                                        input_grad, batch_first, state_grad));
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 #include <string>
@@ -71,6 +72,9 @@ struct BackwardArgs {
   at::Tensor workspace;    // the forward's workspace, [T, B, W]
   bool has_bias = false;
   bool input_grad = true;  // whether the input's gradient is wanted
+  // Whether the gradients of hx and cx are wanted: without, an engine may skip the product that
+  // carries dLoss/dh back through the first step and return them empty.
+  bool state_grad = true;
 
   static BackwardArgs of(c10::string_view cell, const at::Tensor& grad_output,
                          const std::optional<at::Tensor>& grad_h_n,
@@ -80,7 +84,7 @@ struct BackwardArgs {
                          const std::optional<at::Tensor>& w_hr,
                          const std::optional<at::Tensor>& lengths, bool reverse,
                          const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
-                         bool batch_first);
+                         bool batch_first, bool state_grad = true);
   // The same call on time-major tensors (views), batch_first false.
   BackwardArgs time_major() const&;
   BackwardArgs time_major() &&;
@@ -317,12 +321,18 @@ BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
                            const std::optional<at::Tensor>& w_hr,
                            const std::optional<at::Tensor>& lengths, bool reverse,
                            const at::Tensor& output, const at::Tensor& workspace, bool input_grad,
-                           bool batch_first) {
-  BackwardResult gradients = time_major(
-      BackwardArgs::of(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                       w_hr, lengths, reverse, output, workspace, input_grad, batch_first)
-          .time_major());
+                           bool batch_first, bool state_grad) {
+  BackwardResult gradients =
+      time_major(BackwardArgs::of(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh,
+                                  has_bias, w_hr, lengths, reverse, output, workspace, input_grad,
+                                  batch_first, state_grad)
+                     .time_major());
   std::get<0>(gradients) = swap_time_and_batch(std::get<0>(gradients), batch_first);
+  if (!state_grad) {
+    // Not wanted: an engine may have skipped the product that makes them.
+    std::get<1>(gradients) = at::empty({0}, grad_output.options());
+    std::get<2>(gradients) = at::empty({0}, grad_output.options());
+  }
   return gradients;
 }
 

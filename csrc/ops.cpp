@@ -107,13 +107,16 @@ LayerArgs LayerArgs::time_major() && {
   return std::move(*this);
 }
 
-BackwardArgs BackwardArgs::of(
-    c10::string_view cell, const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_h_n,
-    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
-    const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
-    const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
-    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    const at::Tensor& output, const at::Tensor& workspace, bool input_grad, bool batch_first) {
+BackwardArgs BackwardArgs::of(c10::string_view cell, const at::Tensor& grad_output,
+                              const std::optional<at::Tensor>& grad_h_n,
+                              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+                              const std::optional<at::Tensor>& hx,
+                              const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, bool has_bias,
+                              const std::optional<at::Tensor>& w_hr,
+                              const std::optional<at::Tensor>& lengths, bool reverse,
+                              const at::Tensor& output, const at::Tensor& workspace,
+                              bool input_grad, bool batch_first, bool state_grad) {
   return {LayerArgs::of(cell, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, lengths,
                         reverse, batch_first),
           grad_output,
@@ -122,7 +125,8 @@ BackwardArgs BackwardArgs::of(
           output,
           workspace,
           has_bias,
-          input_grad};
+          input_grad,
+          state_grad};
 }
 
 BackwardArgs BackwardArgs::time_major() const& { return BackwardArgs(*this).time_major(); }
@@ -285,8 +289,9 @@ TORCH_LIBRARY(rnnfast, m) {
       "backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor? hx, Tensor? cx, Tensor w_ih, Tensor w_hh, bool has_bias, Tensor? w_hr, Tensor? "
       "lengths, bool reverse, Tensor output, Tensor workspace, bool input_grad, bool "
-      "batch_first=False) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor grad_w_ih, "
-      "Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
+      "batch_first=False, bool state_grad=True) -> (Tensor grad_input, Tensor grad_hx, Tensor "
+      "grad_cx, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh, Tensor "
+      "grad_w_hr)");
   // One layer with cell options (csrc/layer_options.h); its autograd is in
   // csrc/options_autograd.cpp.
   m.def(

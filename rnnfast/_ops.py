@@ -93,7 +93,8 @@ def _forward_fake(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, re
 
 @torch.library.register_fake("rnnfast::backward")
 def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w_hh, has_bias,
-                   w_hr, lengths, reverse, output, workspace, input_grad, batch_first=False):
+                   w_hr, lengths, reverse, output, workspace, input_grad, batch_first=False,
+                   state_grad=True):
     # An absent gradient is an empty tensor of its own (outputs must not alias).
     if not input_grad:
         grad_input = input.new_empty(0)
@@ -104,8 +105,8 @@ def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, hx, cx, w_ih, w
         grad_input = torch.empty_like(input)
     return (
         grad_input,
-        torch.empty_like(hx) if hx is not None else input.new_empty(0),
-        torch.empty_like(cx) if cx is not None else input.new_empty(0),
+        torch.empty_like(hx) if hx is not None and state_grad else input.new_empty(0),
+        torch.empty_like(cx) if cx is not None and state_grad else input.new_empty(0),
         torch.empty_like(w_ih),
         torch.empty_like(w_hh),
         input.new_empty(w_ih.shape[0] if has_bias else 0),

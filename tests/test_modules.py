@@ -1379,6 +1379,47 @@ def test_one_layer_forward_in_cpp_equals_the_python_forward(rf, device, spec, ba
 
 
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+def test_initial_state_without_gradient(rf, device, spec, layout):
+    """An initial state that needs no gradient (a carried, detached state; explicit zeros): the
+    backward skips its gradient's product, and every other gradient is torch.nn's, and bit for
+    bit the one of the same call whose state asks for its gradient."""
+    dtype = torch.float64
+    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                      bias=True, layout=layout, hx_given=True, dtype=dtype)
+    expected = expected_layer(spec, cfg, dtype)
+    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
+    actual.load_state_dict(expected.state_dict(), strict=True)
+    is_lstm = spec.mode == "LSTM"
+    call = layer_call(is_lstm, lengths, False)
+
+    def without_state_grad(module, values):
+        x = values["input"]
+        if lengths is not None:
+            x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        states = {k: values[k].detach() for k in ("h0", "c0") if k in values}
+        hx = (states["h0"], states["c0"]) if is_lstm else states["h0"]
+        output, h_n = module(x, hx)
+        output = output.data if lengths is not None else output
+        outs = {"output": output}
+        if is_lstm:
+            outs["h_n"], outs["c_n"] = h_n
+        else:
+            outs["h_n"] = h_n
+        return outs, None
+
+    exp, _, w = evaluate(expected, CPU, leaves, without_state_grad)
+    got, _, _ = evaluate(actual, device, leaves, without_state_grad, w)
+    assert got.pop("grad_h0") is None and exp.pop("grad_h0") is None
+    if is_lstm:
+        assert got.pop("grad_c0") is None and exp.pop("grad_c0") is None
+    compare_results(got, exp)
+    with_grad, _, _ = evaluate(actual, device, leaves, call, w)
+    for key, value in got.items():
+        assert torch.equal(value, with_grad[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
 def test_one_layer_forward_declines_what_python_handles(rf, device, spec, monkeypatch):
     """What the C++ forward of one-layer modules leaves to the Python forward: a weight that
     weight_norm computes, unbatched and packed inputs, a dtype or a state shape that torch.nn

@@ -54,6 +54,26 @@ def test_backward_op_is_linear_in_incoming_gradients(cell):
         torch.testing.assert_close(c, 2 * a - 3 * b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
+@pytest.mark.parametrize("variant", ["plain", "reverse", "lengths", "sorted_lengths"])
+def test_backward_op_without_state_gradients(cell, variant, device):
+    """state_grad=False: the gradients of hx and cx come back empty and every other gradient is
+    bit for bit the one of state_grad=True."""
+    args = make_args(cell, seed=11, requires_grad=False, device=device, **VARIANTS[variant])
+    results = torch.ops.rnnfast.forward(*args)
+    output, h_n, c_n, _ = results
+    grads = (torch.randn_like(output), torch.randn_like(h_n),
+             torch.randn_like(c_n) if c_n.numel() else None)
+    call = backward_args(args, results, *grads)
+    full = torch.ops.rnnfast.backward(*call)
+    without = torch.ops.rnnfast.backward(*call, False, False)
+    assert full[1].shape == args[2].shape and without[1].numel() == 0
+    assert without[2].numel() == 0
+    for index in (0, 3, 4, 5, 6, 7):
+        assert torch.equal(without[index], full[index]), f"gradient {index} differs"
+    torch.library.opcheck(torch.ops.rnnfast.backward.default, call + (False, False))
+
+
 def _grad_output_layouts(grad):
     """The values of grad [T, B, P] in the layouts an incoming gradient comes in."""
     T, B, P = grad.shape

@@ -49,7 +49,8 @@ template <typename Cell, typename T>
 void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor& hx,
                   const Tensor& cx, const Tensor& w_hh, const Tensor& w_hr, const Tensor& output,
                   const Tensor& workspace, Tensor& dh_state, Tensor& dc_state, Tensor& dgate_x,
-                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums, bool packed_gate_rows) {
+                  Tensor& dgate_h, Tensor& dprojected, Tensor& column_sums, bool packed_gate_rows,
+                  bool state_grad) {
   using A = at::opmath_type<T>;
   const int64_t B = v.B, H = v.H, P = v.P, G = v.G, W = v.W;
   const bool projecting = w_hr.defined();
@@ -214,9 +215,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const bool split_terms = splits_panel_terms<T>(B);
   const auto recurrent_step = [&](int64_t pass, int64_t b_begin, int64_t b_end) {
     // dh_prev = dh_direct + dgate_h[t] W_hh. After the last step (every row's first) it is
-    // the gradient of hx alone, not needed without one.
+    // the gradient of hx alone, not needed without one or where it is not wanted.
     const int64_t step = v.T_ - 1 - pass;
-    if (zero_initial_state && step == 0) return;
+    if ((zero_initial_state || !state_grad) && step == 0) return;
     const int64_t t = v.step_time(step);
     const T* dgate_step = Cell::kSeparateHiddenGateGrad ? step_dgh_data
                           : copies_step_gates           ? step_dgx_data
@@ -525,7 +526,8 @@ BackwardResult backward_time_major(const BackwardArgs& args) {
                            : Tensor();
           run_backward<Cell, scalar_t>(v, grad_output, hx, cx, w_hh, w_hr, output, workspace,
                                        state.dh, state.dc, state.dgate_x, state.dgate_h,
-                                       state.dprojected, row_sums, packed_gate_rows);
+                                       state.dprojected, row_sums, packed_gate_rows,
+                                       args.state_grad);
           if (sums_in_loop) {
             // [1, G]: the rows' sums added in row order.
             state.dgate_x_column_sums = at::empty({1, s.gate_size}, row_sums.options());

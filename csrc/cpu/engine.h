@@ -44,7 +44,8 @@ using BackwardKernel = BackwardResult (*)(
     const std::optional<at::Tensor>& hx, const std::optional<at::Tensor>& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, bool has_bias,
     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths, bool reverse,
-    const at::Tensor& output, const at::Tensor& workspace, bool input_grad, bool batch_first);
+    const at::Tensor& output, const at::Tensor& workspace, bool input_grad, bool batch_first,
+    bool state_grad);
 
 // The CPU engine compiled for one instruction set (capability.h).
 struct Engine {
