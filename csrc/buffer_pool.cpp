@@ -137,7 +137,7 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 at::Tensor zeros_by_memset(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::zeros(sizes, options);
   at::Tensor zeros = at::detail::empty_cpu(sizes, options);
-  std::memset(zeros.data_ptr(), 0, zeros.nbytes());
+  if (zeros.nbytes() > 0) std::memset(zeros.data_ptr(), 0, zeros.nbytes());
   return zeros;
 }
 

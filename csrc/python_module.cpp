@@ -32,19 +32,20 @@ std::optional<Tensor> optional_tensor(PyObject* object, bool* plain) {
   return THPVariable_Unpack(object);
 }
 
-// The tuple (a, b, c) of Python tensors, None for an undefined c.
-PyObject* tensor_triple(Tensor a, Tensor b, Tensor c) {
-  PyObject* triple = PyTuple_New(3);
-  if (triple == nullptr) return nullptr;
-  PyTuple_SET_ITEM(triple, 0, THPVariable_Wrap(std::move(a)));
-  PyTuple_SET_ITEM(triple, 1, THPVariable_Wrap(std::move(b)));
-  if (c.defined()) {
-    PyTuple_SET_ITEM(triple, 2, THPVariable_Wrap(std::move(c)));
-  } else {
-    Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(triple, 2, Py_None);
+// A Python tuple of the tensors, None for an undefined one.
+PyObject* tensor_tuple(std::vector<Tensor> tensors) {
+  PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(tensors.size()));
+  if (tuple == nullptr) return nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    PyObject* item = Py_None;
+    if (tensors[i].defined()) {
+      item = THPVariable_Wrap(std::move(tensors[i]));
+    } else {
+      Py_INCREF(Py_None);
+    }
+    PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), item);
   }
-  return triple;
+  return tuple;
 }
 
 // _C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_first)
@@ -93,8 +94,8 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
                                b_ih, b_hh, w_hr, lengths, reverse, batch_first),
         save_workspace);
   }
-  return tensor_triple(std::move(std::get<0>(results)), std::move(std::get<1>(results)),
-                       std::move(std::get<2>(results)));
+  return tensor_tuple({std::move(std::get<0>(results)), std::move(std::get<1>(results)),
+                       std::move(std::get<2>(results))});
   END_HANDLE_TH_ERRORS
 }
 
@@ -112,17 +113,17 @@ const rnnfast::CellName* cell_named(PyObject* name) {
   return nullptr;
 }
 
-// A state argument of single_layer: an exact tensor [1, batch, width] of the input's dtype and
-// device, or nullopt (with *plain set false) where it is anything else.
-std::optional<Tensor> layer_state(PyObject* object, const Tensor& input, int64_t batch,
-                                  int64_t width, bool* plain) {
+// A state argument of single_layer or single_step: an exact tensor of the expected sizes and of
+// the input's dtype and device, or nullopt (with *plain set false) where it is anything else.
+std::optional<Tensor> plain_state(PyObject* object, const Tensor& input, at::IntArrayRef expected,
+                                  bool* plain) {
   if (!THPVariable_CheckExact(object)) {
     *plain = false;
     return std::nullopt;
   }
   const Tensor& state = THPVariable_Unpack(object);
-  if (state.dim() != 3 || state.size(0) != 1 || state.size(1) != batch || state.size(2) != width ||
-      state.scalar_type() != input.scalar_type() || state.device() != input.device()) {
+  if (!state.sizes().equals(expected) || state.scalar_type() != input.scalar_type() ||
+      state.device() != input.device()) {
     *plain = false;
     return std::nullopt;
   }
@@ -193,10 +194,10 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
       if (!pair) Py_RETURN_NOTIMPLEMENTED;
       PyObject* h_object = PySequence_Fast_GET_ITEM(hx_object, 0);
       PyObject* c_object = PySequence_Fast_GET_ITEM(hx_object, 1);
-      hx = layer_state(h_object, input, batch, w_hh.size(1), &plain);
-      if (plain) cx = layer_state(c_object, input, batch, w_ih.size(0) / 4, &plain);
+      hx = plain_state(h_object, input, {1, batch, w_hh.size(1)}, &plain);
+      if (plain) cx = plain_state(c_object, input, {1, batch, w_ih.size(0) / 4}, &plain);
     } else {
-      hx = layer_state(hx_object, input, batch, w_hh.size(1), &plain);
+      hx = plain_state(hx_object, input, {1, batch, w_hh.size(1)}, &plain);
     }
     if (!plain) Py_RETURN_NOTIMPLEMENTED;
   }
@@ -216,8 +217,8 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
                               save_workspace);
     results = {std::move(output), h_n.unsqueeze(0), is_lstm ? c_n.unsqueeze(0) : Tensor()};
   }
-  return tensor_triple(std::move(std::get<0>(results)), std::move(std::get<1>(results)),
-                       std::move(std::get<2>(results)));
+  return tensor_tuple({std::move(std::get<0>(results)), std::move(std::get<1>(results)),
+                       std::move(std::get<2>(results))});
   END_HANDLE_TH_ERRORS
 }
 
@@ -229,24 +230,6 @@ bool cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* 
   if (value == nullptr || !THPVariable_CheckExact(value)) return false;
   *weight = THPVariable_Unpack(value);
   return true;
-}
-
-// A state of single_step: an exact tensor [batch, width] of the input's dtype and device, or
-// nullopt (with *plain set false) where it is anything else but None.
-std::optional<Tensor> step_state(PyObject* object, const Tensor& input, int64_t width,
-                                 bool* plain) {
-  if (object == Py_None) return std::nullopt;
-  if (!THPVariable_CheckExact(object)) {
-    *plain = false;
-    return std::nullopt;
-  }
-  const Tensor& state = THPVariable_Unpack(object);
-  if (state.dim() != 2 || state.size(0) != input.size(0) || state.size(1) != width ||
-      state.scalar_type() != input.scalar_type() || state.device() != input.device()) {
-    *plain = false;
-    return std::nullopt;
-  }
-  return state;
 }
 
 // _C.single_step(cell, input, h, c, parameters, input_size, hidden_size) -> (h', c' or None):
@@ -284,9 +267,13 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   }
   const bool is_lstm = rnnfast::has_cell_state(cell->kind);
   bool plain = true;
-  const std::optional<Tensor> h = step_state(args[2], input, hidden_size, &plain);
-  const std::optional<Tensor> c =
-      is_lstm ? step_state(args[3], input, hidden_size, &plain) : std::nullopt;
+  // None, or a state [B, H].
+  const auto state = [&](PyObject* object) -> std::optional<Tensor> {
+    if (object == Py_None) return std::nullopt;
+    return plain_state(object, input, {input.size(0), hidden_size}, &plain);
+  };
+  const std::optional<Tensor> h = state(args[2]);
+  const std::optional<Tensor> c = is_lstm ? state(args[3]) : std::nullopt;
   if (!plain) Py_RETURN_NOTIMPLEMENTED;
   Tensor h_new, c_new;
   {
@@ -302,16 +289,7 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
     h_new = std::move(h_n);
     if (is_lstm) c_new = std::move(c_n);
   }
-  PyObject* pair = PyTuple_New(2);
-  if (pair == nullptr) return nullptr;
-  PyTuple_SET_ITEM(pair, 0, THPVariable_Wrap(std::move(h_new)));
-  if (is_lstm) {
-    PyTuple_SET_ITEM(pair, 1, THPVariable_Wrap(std::move(c_new)));
-  } else {
-    Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(pair, 1, Py_None);
-  }
-  return pair;
+  return tensor_tuple({std::move(h_new), std::move(c_new)});
   END_HANDLE_TH_ERRORS
 }
 

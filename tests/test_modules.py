@@ -1348,6 +1348,22 @@ def _count_cpp_forward_calls(monkeypatch, enabled, entry="single_layer"):
     return answered
 
 
+def _check_cpp_forward_equals_python(monkeypatch, entry, expected, actual, device, leaves, call):
+    """actual's results and gradients with its C++ forward (entry answering the one call) and
+    with its Python forward (entry declining): bit for bit the same, and expected's to the
+    tolerance."""
+    exp, _, w = evaluate(expected, CPU, leaves, call)
+    results = {}
+    for enabled in (True, False):
+        with monkeypatch.context() as patch:
+            answered = _count_cpp_forward_calls(patch, enabled, entry)
+            results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
+        assert len(answered) == (1 if enabled else 0), f"{entry} answered {answered}"
+    compare_results(results[True], exp)
+    for key, value in results[False].items():
+        assert torch.equal(results[True][key], value), f"{key}: the two forwards differ"
+
+
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("hx_given", [False, True])
@@ -1366,16 +1382,8 @@ def test_one_layer_forward_in_cpp_equals_the_python_forward(rf, device, spec, ba
     actual = rnnfast_layer(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
     call = layer_call(spec.mode == "LSTM", None, batch_first)
-    exp, _, w = evaluate(expected, CPU, leaves, call)
-    results = {}
-    for enabled in (True, False):
-        with monkeypatch.context() as patch:
-            answered = _count_cpp_forward_calls(patch, enabled)
-            results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
-        assert len(answered) == (1 if enabled else 0), f"C++ forward answered {answered}"
-    compare_results(results[True], exp)
-    for key, value in results[False].items():
-        assert torch.equal(results[True][key], value), f"{key}: the two forwards differ"
+    _check_cpp_forward_equals_python(monkeypatch, "single_layer", expected, actual, device,
+                                     leaves, call)
 
 
 @pytest.mark.parametrize("spec", STANDARD, ids=str)
@@ -1500,16 +1508,8 @@ def test_cell_forward_in_cpp_equals_the_python_forward(rf, device, spec, hx_give
     actual = rnnfast_cell(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
     call = cell_call(spec.mode == "LSTM")
-    exp, _, w = evaluate(expected, CPU, leaves, call)
-    results = {}
-    for enabled in (True, False):
-        with monkeypatch.context() as patch:
-            answered = _count_cpp_forward_calls(patch, enabled, "single_step")
-            results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
-        assert len(answered) == (1 if enabled else 0), f"C++ step answered {answered}"
-    compare_results(results[True], exp)
-    for key, value in results[False].items():
-        assert torch.equal(results[True][key], value), f"{key}: the two forwards differ"
+    _check_cpp_forward_equals_python(monkeypatch, "single_step", expected, actual, device,
+                                     leaves, call)
 
 
 @pytest.mark.parametrize("spec", CELL_STANDARD, ids=str)
