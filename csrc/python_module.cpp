@@ -48,10 +48,23 @@ PyObject* tensor_tuple(std::vector<Tensor> tensors) {
   return tuple;
 }
 
+// rnnfast::call_forward(args), saving the workspace where a gradient will be asked for: grad
+// mode on and a tensor argument requiring grad, or a trace being recorded. torch.jit.trace
+// records the flag as a constant, which the traced module then passes in any grad mode (and the
+// trace's check runs under no_grad): a trace always saves the workspace, so that the traced
+// module can be differentiated.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_saving_as_needed(
+    const rnnfast::LayerArgs& args) {
+  const bool save_workspace =
+      torch::jit::tracer::isTracing() ||
+      torch::autograd::compute_requires_grad(args.input, args.hx, args.cx, args.w_ih, args.w_hh,
+                                             args.b_ih, args.b_hh, args.w_hr);
+  return rnnfast::call_forward(args, save_workspace);
+}
+
 // _C.layer(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, batch_first)
-// -> (output, h_n, c_n): rnnfast::forward, saving the workspace where a gradient will be asked for
-// (grad mode on and a tensor argument requiring grad, or a trace being recorded), called through
-// the dispatcher from C++.
+// -> (output, h_n, c_n): rnnfast::forward (forward_saving_as_needed), called through the
+// dispatcher from C++.
 // torch.ops' call from Python goes through the op's boxed form: at the small sizes recurrent
 // layers often run at, that is a large share of the call (2 of the 7 us of a one-step layer's
 // forward under no_grad). Arguments torch.ops would treat otherwise return NotImplemented: a
@@ -83,16 +96,9 @@ PyObject* layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   std::tuple<Tensor, Tensor, Tensor, Tensor> results;
   {
     pybind11::gil_scoped_release no_gil;
-    // torch.jit.trace records the flag as a constant, which the traced module then passes in
-    // any grad mode (and the trace's check runs under no_grad): a trace always saves the
-    // workspace, so that the traced module can be differentiated.
-    const bool save_workspace =
-        torch::jit::tracer::isTracing() ||
-        torch::autograd::compute_requires_grad(*input, hx, cx, *w_ih, *w_hh, b_ih, b_hh, w_hr);
-    results = rnnfast::call_forward(
+    results = forward_saving_as_needed(
         rnnfast::LayerArgs::of(c10::string_view(cell, cell_size), *input, hx, cx, *w_ih, *w_hh,
-                               b_ih, b_hh, w_hr, lengths, reverse, batch_first),
-        save_workspace);
+                               b_ih, b_hh, w_hr, lengths, reverse, batch_first));
   }
   return tensor_tuple({std::move(std::get<0>(results)), std::move(std::get<1>(results)),
                        std::move(std::get<2>(results))});
@@ -207,14 +213,9 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     // As the Python forward: the layer's states are the first (only) layer's, hx[0].
     const std::optional<Tensor> h0 = hx ? std::optional<Tensor>(hx->select(0, 0)) : std::nullopt;
     const std::optional<Tensor> c0 = cx ? std::optional<Tensor>(cx->select(0, 0)) : std::nullopt;
-    const bool save_workspace =
-        torch::jit::tracer::isTracing() ||
-        torch::autograd::compute_requires_grad(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-    auto [output, h_n, c_n, workspace] =
-        rnnfast::call_forward(rnnfast::LayerArgs::of(cell->name, input, h0, c0, w_ih, w_hh, b_ih,
-                                                     b_hh, w_hr, std::nullopt,
-                                                     /*reverse=*/false, batch_first),
-                              save_workspace);
+    auto [output, h_n, c_n, workspace] = forward_saving_as_needed(
+        rnnfast::LayerArgs::of(cell->name, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                               std::nullopt, /*reverse=*/false, batch_first));
     results = {std::move(output), h_n.unsqueeze(0), is_lstm ? c_n.unsqueeze(0) : Tensor()};
   }
   return tensor_tuple({std::move(std::get<0>(results)), std::move(std::get<1>(results)),
@@ -279,13 +280,9 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   {
     pybind11::gil_scoped_release no_gil;
     const Tensor sequence = input.unsqueeze(0);  // [1, B, I], as the Python forward's
-    const bool save_workspace =
-        torch::jit::tracer::isTracing() ||
-        torch::autograd::compute_requires_grad(sequence, h, c, *w_ih, *w_hh, b_ih, b_hh);
-    auto [output, h_n, c_n, workspace] = rnnfast::call_forward(
+    auto [output, h_n, c_n, workspace] = forward_saving_as_needed(
         rnnfast::LayerArgs::of(cell->name, sequence, h, c, *w_ih, *w_hh, b_ih, b_hh, std::nullopt,
-                               std::nullopt, /*reverse=*/false, /*batch_first=*/false),
-        save_workspace);
+                               std::nullopt, /*reverse=*/false, /*batch_first=*/false));
     h_new = std::move(h_n);
     if (is_lstm) c_new = std::move(c_n);
   }
