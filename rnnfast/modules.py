@@ -50,16 +50,45 @@ def _not_a_pair(hx):
     return type(hx).__name__
 
 
+def _lstm_not_a_pair(name, hx):
+    """The error for an LSTM's hx that is not a pair: torch.nn's wording where its own code
+    says something of such an hx (a sequence of 3 or more states: 'lstm expects two hidden
+    states'; of 0 or 1, the IndexError of taking hx[1]), then rnnfast's detail."""
+    detail = f"hx must be a tuple (h_0, c_0), got {_not_a_pair(hx)}"
+    if isinstance(hx, (tuple, list)):
+        words = ("lstm expects two hidden states" if len(hx) > 2
+                 else f"{type(hx).__name__} index out of range")
+        return HiddenStatePairError(f"{name}: {words} ({detail})")
+    return HiddenStatePairError(f"{name}: {detail}")
+
+
 def _shape(t):
     return tuple(t.shape)
 
 
-def _check_matches(owner, argument, tensor, reference, reference_name):
+def _no_dim(value):
+    """torch.nn's error for a value that is not a tensor where it calls .dim() on it."""
+    return f"'{type(value).__name__}' object has no attribute 'dim'"
+
+
+def _scalar_type_name(dtype):
+    """ATen's name of a dtype in its messages: Float, Double, BFloat16, Long ..."""
+    return torch.empty((), dtype=dtype).type().rsplit(".", 1)[-1].removesuffix("Tensor")
+
+
+def _check_matches(owner, argument, tensor, reference, reference_name, multiplied=False):
     """dtype and device of `tensor` must be those of `reference` (named reference_name); under
-    autocast, where the op casts its tensors to one dtype, the device only."""
+    autocast, where the op casts its tensors to one dtype, the device only. multiplied: torch.nn
+    multiplies `tensor` by a weight of reference's dtype there, and its error is that product's
+    (mat1 and mat2)."""
     if tensor.dtype != reference.dtype and not torch._C._is_any_autocast_enabled():
-        raise RuntimeError(f"{owner}: {argument} must have the dtype of {reference_name} "
-                           f"({reference.dtype}), got {tensor.dtype}")
+        detail = (f"{argument} must have the dtype of {reference_name} ({reference.dtype}), got "
+                  f"{tensor.dtype}")
+        if multiplied:
+            raise RuntimeError(f"{owner}: mat1 and mat2 must have the same dtype, but got "
+                               f"{_scalar_type_name(tensor.dtype)} and "
+                               f"{_scalar_type_name(reference.dtype)} ({detail})")
+        raise RuntimeError(f"{owner}: {detail}")
     if tensor.device != reference.device:
         raise RuntimeError(f"{owner}: {argument} must be on the device of {reference_name} "
                            f"({reference.device}), got {tensor.device}")
@@ -206,7 +235,9 @@ class _RecurrentLayer:
                 text += (f" (for unbatched input: shape {(expected[0], expected[2])}, got "
                          f"{_shape(state.squeeze(1))})")
             raise RuntimeError(text)
-        _check_matches(name, argument, state, input, "input")
+        # torch.nn's GRU and RNN layers multiply the state by W_hh, whose error a wrong dtype
+        # gets; its LSTM (oneDNN's) raises an error of its own kernel's.
+        _check_matches(name, argument, state, input, "input", multiplied=self.mode != "LSTM")
 
     def _run(self, input, hx):
         """Shared forward: returns (output, h_n, c_n or None) in torch.nn's layout.
@@ -242,8 +273,8 @@ class _RecurrentLayer:
             batched = True
         else:
             if not isinstance(input, torch.Tensor):
-                raise NotATensorError(f"{name}: input must be a Tensor or a PackedSequence, "
-                                      f"got {type(input).__name__}")
+                raise NotATensorError(f"{name}: {_no_dim(input)} (input must be a Tensor or a "
+                                      f"PackedSequence, got {type(input).__name__})")
             if input.dim() not in (2, 3):
                 raise ValueError(f"{self._kind}: Expected input to be 2D or 3D, got "
                                  f"{input.dim()}D{self._rank_noun} instead")
@@ -256,16 +287,15 @@ class _RecurrentLayer:
         if hx is not None:
             if is_lstm:
                 if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0), got "
-                                               f"{_not_a_pair(hx)}")
+                    raise _lstm_not_a_pair(name, hx)
                 h0, c0 = hx
             else:
                 h0 = hx
             for argument, state in (("h_0 (hx[0])" if is_lstm else "hx", h0),
                                     ("c_0 (hx[1])", c0)):
                 if state is not None and not isinstance(state, torch.Tensor):
-                    raise NotATensorError(f"{name}: {argument} must be a Tensor, got "
-                                          f"{type(state).__name__}")
+                    raise NotATensorError(f"{name}: {_no_dim(state)} ({argument} must be a "
+                                          f"Tensor, got {type(state).__name__})")
             if not packed:
                 expected_dim = 3 if batched else 2
                 ranks = [h0.dim()] + ([c0.dim()] if is_lstm else [])
@@ -622,7 +652,8 @@ class _RecurrentCell:
                 return result
         name = type(self).__name__
         if not isinstance(input, torch.Tensor):
-            raise NotATensorError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+            raise NotATensorError(f"{name}: {_no_dim(input)} (input must be a Tensor, got "
+                                  f"{type(input).__name__})")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D "
                              f"instead")
@@ -634,8 +665,8 @@ class _RecurrentCell:
             if state is None:
                 continue
             if not isinstance(state, torch.Tensor):
-                raise NotATensorError(f"{name}: {argument} must be a Tensor, got "
-                                      f"{type(state).__name__}")
+                raise NotATensorError(f"{name}: {_no_dim(state)} ({argument} must be a Tensor, "
+                                      f"got {type(state).__name__})")
             if state.dim() not in (1, 2):
                 raise ValueError(f"{name}: Expected {word} to be 1D or 2D, got {state.dim()}D "
                                  f"instead ({argument} of shape {_shape(state)})")
@@ -650,7 +681,7 @@ class _RecurrentCell:
                                f"expected {self.input_size}")
         # Read once: a parametrized weight (weight_norm) is computed at each read.
         w_ih = self.weight_ih
-        _check_matches(name, "input", x, w_ih, "the module's parameters")
+        _check_matches(name, "input", x, w_ih, "the module's parameters", multiplied=True)
         states = []
         for index, (argument, state) in enumerate((("hx", h), ("cx", c))):
             if state is None:
@@ -665,7 +696,8 @@ class _RecurrentCell:
             if s.size(1) != self.hidden_size or s.dim() != 2:
                 raise RuntimeError(f"{name}: hidden{index} has inconsistent hidden_size: got "
                                    f"{s.size(1)}, expected {self.hidden_size}" + detail)
-            _check_matches(name, argument, s, x, "input")
+            # torch.nn multiplies h by W_hh; the LSTM's c it only adds (promoting its dtype).
+            _check_matches(name, argument, s, x, "input", multiplied=argument == "hx")
             states.append(s)
         h, c = states
         if self.hidden_size == 0:
@@ -707,8 +739,16 @@ class LSTMCell(_RecurrentCell, nn.LSTMCell):
         h = c = None
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise HiddenStatePairError(f"LSTMCell: hx must be a tuple (h, c), got "
-                                           f"{_not_a_pair(hx)}")
+                # torch.nn's lstm_cell's words for such an hx, then rnnfast's detail
+                if isinstance(hx, (tuple, list)):
+                    words = "lstm_cell expects two hidden states"
+                elif isinstance(hx, torch.Tensor):
+                    words = "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, " \
+                            "not Tensor"
+                else:
+                    words = f"'{type(hx).__name__}' object is not iterable"
+                raise HiddenStatePairError(f"LSTMCell: {words} (hx must be a tuple (h, c), got "
+                                           f"{_not_a_pair(hx)})")
             h, c = hx
         cell = "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
         return self._step(cell, input, h, c)

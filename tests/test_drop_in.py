@@ -119,16 +119,47 @@ CASES = {
     "LSTMCell batch 0": lambda n: n.LSTMCell(3, 4)(randn(0, 3)),
 }
 
-# torch.nn's words for these come from the kernels it happens to run (oneDNN, a matmul): the
+# A state or input of another dtype than the weights: torch.nn's GRU and RNN layers and its cells
+# multiply it by a weight, and raise that product's error.
+CASES.update({
+    "GRU hx float64": lambda n: n.GRU(3, 4)(randn(5, 2, 3), randn(1, 2, 4, dtype=torch.float64)),
+    "RNN hx float16 unbatched": lambda n: n.RNN(3, 4)(randn(5, 3), randn(1, 4).half()),
+    "GRUCell float64 input": lambda n: n.GRUCell(3, 4)(randn(2, 3, dtype=torch.float64)),
+    "RNNCell hx int64": lambda n: n.RNNCell(3, 4)(randn(2, 3), torch.zeros(2, 4).long()),
+    "LSTMCell hx float64": lambda n: n.LSTMCell(3, 4)(
+        randn(2, 3), (randn(2, 4, dtype=torch.float64), randn(2, 4))),
+    "GRUCell float32 input, float64 module": lambda n: n.GRUCell(3, 4, dtype=torch.float64)(
+        randn(2, 3)),
+})
+
+# torch.nn's words for these come from the kernel it happens to run (oneDNN's LSTM): the
 # exception type is the same, rnnfast names the argument and both dtypes. (torch.nn.LSTMCell
 # promotes a float64 cx to a float64 c'; rnnfast refuses it like the other mismatches.)
 SAME_TYPE_ONLY = {
     "LSTM hx float64": lambda n: n.LSTM(3, 4)(
         randn(5, 2, 3), (randn(1, 2, 4, dtype=torch.float64), randn(1, 2, 4))),
-    "GRU hx float64": lambda n: n.GRU(3, 4)(randn(5, 2, 3), randn(1, 2, 4, dtype=torch.float64)),
-    "GRUCell float64 input": lambda n: n.GRUCell(3, 4)(randn(2, 3, dtype=torch.float64)),
-    "LSTMCell hx float64": lambda n: n.LSTMCell(3, 4)(
-        randn(2, 3), (randn(2, 4, dtype=torch.float64), randn(2, 4))),
+    "LSTM cx float64": lambda n: n.LSTM(3, 4)(
+        randn(5, 2, 3), (randn(1, 2, 4), randn(1, 2, 4, dtype=torch.float64))),
+}
+
+# Where torch.nn's error depends on what its code happens to do with a value of the wrong kind
+# (AttributeError from .dim(), IndexError from hx[1], RuntimeError or TypeError from the cell's
+# op), rnnfast raises one exception class that is all of those types (NotATensorError,
+# HiddenStatePairError): it is an instance of torch.nn's type, with torch.nn's message in its own.
+SUBCLASS_OF_TORCH_TYPE = {
+    "GRU list input": lambda n: n.GRU(3, 4)([1, 2]),
+    "RNN None input": lambda n: n.RNN(3, 4)(None),
+    "LSTMCell list input": lambda n: n.LSTMCell(3, 4)([1.0, 2.0, 3.0]),
+    "GRU list hx": lambda n: n.GRU(3, 4)(randn(5, 2, 3), [1, 2]),
+    "LSTM list c_0": lambda n: n.LSTM(3, 4)(randn(5, 2, 3), (randn(1, 2, 4), [1])),
+    "GRUCell int hx": lambda n: n.GRUCell(3, 4)(randn(2, 3), 3),
+    "LSTM hx of 3": lambda n: n.LSTM(3, 4)(randn(5, 2, 3), (randn(1, 2, 4),) * 3),
+    "LSTM hx of 1": lambda n: n.LSTM(3, 4)(randn(5, 2, 3), (randn(1, 2, 4),)),
+    "LSTM hx list of 0": lambda n: n.LSTM(3, 4)(randn(5, 2, 3), []),
+    "LSTMCell hx of 1": lambda n: n.LSTMCell(3, 4)(randn(2, 3), (randn(2, 4),)),
+    "LSTMCell hx list of 3": lambda n: n.LSTMCell(3, 4)(randn(2, 3), [randn(2, 4)] * 3),
+    "LSTMCell hx tensor": lambda n: n.LSTMCell(3, 4)(randn(2, 3), randn(2, 4)),
+    "LSTMCell hx int": lambda n: n.LSTMCell(3, 4)(randn(2, 3), 5),
 }
 
 
@@ -162,6 +193,16 @@ def test_mismatched_state_dtypes_raise_torch_nn_type(name):
     assert expected_error is not None
     assert type(error) is type(expected_error)
     assert "float64" in str(error) and "float32" in str(error)
+
+
+@pytest.mark.parametrize("name", list(SUBCLASS_OF_TORCH_TYPE))
+def test_values_of_the_wrong_kind_raise_torch_nn_type_and_words(name):
+    expected_error, _ = _outcome(SUBCLASS_OF_TORCH_TYPE[name], nn)
+    error, _ = _outcome(SUBCLASS_OF_TORCH_TYPE[name], rnnfast)
+    assert expected_error is not None
+    assert isinstance(error, type(expected_error)), (
+        f"{name}: torch.nn raises {expected_error!r}, rnnfast {error!r}")
+    assert str(expected_error) in str(error)
 
 
 REPR_ARGUMENTS = {
@@ -462,3 +503,4 @@ def test_jit_trace_gives_the_module_outputs():
     x = torch.randn(4, 2, 3)
     for got, want in zip(traced(x)[1], module(x)[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
