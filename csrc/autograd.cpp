@@ -82,10 +82,34 @@ struct LayerBackward final : public torch::autograd::Node {
   // saved undefined and unpacks undefined. The biases are read by apply_differentiably only.
   bool saved_caller_input = false;
   SavedVariable input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_, output_, workspace_;
+  // output_ holds the output's data under a version counter of its own: torch.nn's GRU and RNN
+  // layers let the caller change their output in place before the backward (their graphs keep
+  // copies of the states), which a saved output would refuse. output_version is the version
+  // counter of the output the caller got, and output_saved_version its version when saved:
+  // where it has moved, the backward computes the output again (forward_output_again) rather
+  // than read the changed values.
+  c10::VariableVersion output_version;
+  uint32_t output_saved_version = 0;
 
  private:
+  // The forward's output [T, B, P], computed again from the saved inputs (time-major, as the
+  // backward op reads them): the same call of the same kernels, so the same values.
+  Tensor forward_output_again(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                              const Tensor& w_ih, const Tensor& w_hh, const Tensor& w_hr,
+                              const Tensor& lengths);
+
   bool releasing_ = false;
 };
+
+Tensor LayerBackward::forward_output_again(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                           const Tensor& w_ih, const Tensor& w_hh,
+                                           const Tensor& w_hr, const Tensor& lengths) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const LayerArgs args{
+      cell,           input,          hx,   cx,      w_ih,    w_hh,
+      b_ih_.unpack(), b_hh_.unpack(), w_hr, lengths, reverse, /*batch_first=*/false};
+  return std::get<0>(call_forward(args, /*save_workspace=*/true));
+}
 
 variable_list LayerBackward::apply(variable_list&& grads) {
   // grads: those of (output, h_n, c_n), undefined where no gradient flows (taken as zero).
@@ -115,7 +139,9 @@ variable_list LayerBackward::apply(variable_list&& grads) {
     }
   }
   // The backward op runs time-major: the batch_first output and its gradient as views.
-  const Tensor output = swap_time_and_batch(output_.unpack(self), batch_first);
+  const Tensor output = output_version.current_version() == output_saved_version
+                            ? swap_time_and_batch(output_.unpack(self), batch_first)
+                            : forward_output_again(input, hx, cx, w_ih, w_hh, w_hr, lengths);
   const Tensor grad_output =
       grads[0].defined() ? swap_time_and_batch(grads[0], batch_first) : at::zeros_like(output);
   const bool input_grad = task_should_compute_output(kInput);
@@ -281,7 +307,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
   node->b_hh_ = SavedVariable(b_hh, false);
   node->w_hr_ = SavedVariable(w_hr, false);
   node->lengths_ = SavedVariable(lengths, false);
-  node->output_ = SavedVariable(output, true);
+  node->output_ = SavedVariable(output.variable_data(), false);
+  node->output_version = output.unsafeGetTensorImpl()->version_counter();
+  node->output_saved_version = output._version();
   node->workspace_ = SavedVariable(workspace, false);
   return {output, h_n, c_n, workspace};
 }
@@ -303,10 +331,12 @@ bool share_saved_output(const Tensor& output, const Tensor& replacement) {
               "device; got ",
               replacement.sizes(), " ", replacement.dtype(), " for ", output.sizes(), " ",
               output.dtype());
-  // Saved detached: the node then holds no reference to the replacement's history, which
-  // continues from this node (a cycle otherwise); the detached tensor keeps the replacement's
-  // version counter, so an in-place change of it before the backward is still caught.
-  node->output_ = SavedVariable(replacement.detach(), /*is_output=*/false);
+  // Saved as its data: the node then holds no reference to the replacement's history, which
+  // continues from this node (a cycle otherwise). The version the backward checks is the
+  // replacement's: changed in place, the backward computes the output again.
+  node->output_ = SavedVariable(replacement.variable_data(), /*is_output=*/false);
+  node->output_version = replacement.unsafeGetTensorImpl()->version_counter();
+  node->output_saved_version = replacement._version();
   return true;
 }
 

@@ -504,3 +504,53 @@ def test_jit_trace_gives_the_module_outputs():
     for got, want in zip(traced(x)[1], module(x)[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+
+def _forward_op_calls(run):
+    """How many times run() calls rnnfast's forward op."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run()
+    return sum(event.count for event in profiler.key_averages() if event.key == "rnnfast::forward")
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("GRU", {}), ("RNN", {"nonlinearity": "relu"}), ("GRU", {"num_layers": 2}),
+    ("RNN", {"batch_first": True}), ("LSTM", {}), ("LSTM", {"proj_size": 2}),
+], ids=str)
+def test_output_changed_in_place_before_backward(kind, options):
+    """torch.nn's GRU and RNN layers let the caller change their output in place before the
+    backward (its LSTM refuses); rnnfast's layers all do, and the gradients are those of the
+    values the forward computed, as with the change made out of place."""
+    batch_first = options.get("batch_first", False)
+    reference = getattr(nn, kind)(3, 5, **options)
+    layer = getattr(rnnfast, kind)(3, 5, **options)
+    layer.load_state_dict(reference.state_dict())
+    x = randn(2, 4, 3) if batch_first else randn(4, 2, 3)
+    state_size = options.get("proj_size", 5)
+    h0 = randn(options.get("num_layers", 1), 2, state_size)
+    hx = (h0, randn(options.get("num_layers", 1), 2, 5)) if kind == "LSTM" else h0
+    weights = randn(*x.shape[:2], state_size)
+
+    def gradients(module, in_place):
+        inputs = [t.clone().requires_grad_() for t in (x, *(hx if kind == "LSTM" else (hx,)))]
+        module.zero_grad()
+        state = tuple(inputs[1:]) if kind == "LSTM" else inputs[1]
+        output, _ = module(inputs[0], state)
+        if in_place:
+            output.mul_(weights)
+            output[..., :2].add_(1.0)  # through a view, whose change is the output's
+        else:
+            output = output * weights
+            output = torch.cat([output[..., :2] + 1.0, output[..., 2:]], dim=-1)
+        (output.tanh() * weights).sum().backward()
+        return [t.grad for t in inputs] + [p.grad.clone() for p in module.parameters()]
+
+    expected = gradients(layer, in_place=False)
+    # the backward computes the changed output again, and only that
+    assert (_forward_op_calls(lambda: gradients(layer, in_place=True))
+            == _forward_op_calls(lambda: gradients(layer, in_place=False)) + 1)
+    got = gradients(layer, in_place=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    if kind != "LSTM":
+        for g, e in zip(got, gradients(reference, in_place=True)):
+            torch.testing.assert_close(g, e)

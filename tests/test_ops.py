@@ -555,17 +555,34 @@ def test_input_changed_in_place_after_the_forward(sizes, batch_first):
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
-@pytest.mark.parametrize("modify", ["weight", "output"])
-def test_tensors_changed_in_place_after_the_forward_are_refused(modify, batch_first):
-    """The backward reads tensors saved by the forward: changing one in place in between must
-    raise autograd's version error, not give gradients of other values."""
+def test_weight_changed_in_place_after_the_forward_is_refused(batch_first):
+    """The backward reads the weights saved by the forward: changing one in place in between
+    must raise autograd's version error, not give gradients of other values."""
     model = rnnfast.RNN(2, 3, batch_first=batch_first)
     output, _ = model(torch.randn(4, 1, 2))
     loss = output.sum()
     with torch.no_grad():
-        (model.weight_hh_l0 if modify == "weight" else output).add_(1.0)
+        model.weight_hh_l0.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+def test_output_changed_in_place_after_the_forward(batch_first):
+    """The output changed in place between the passes (torch.nn's RNN allows it): the backward
+    computes the output again from the saved inputs and gives the gradients of the values the
+    forward returned, not of the changed ones."""
+    model = rnnfast.RNN(2, 3, batch_first=batch_first)
+    x = torch.randn(4, 1, 2)
+    weights = torch.randn(4, 1, 3)  # a loss whose backward reads no saved output
+    output, _ = model(x)
+    expected = torch.autograd.grad((output * weights).sum(), model.weight_hh_l0)[0]
+    output, _ = model(x)
+    loss = (output * weights).sum()
+    with torch.no_grad():
+        output.add_(1.0)
+    got = torch.autograd.grad(loss, model.weight_hh_l0)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 @pytest.mark.parametrize("change, match", [
     (lambda a: a.__setitem__(0, "lstm_tanh"), "cell must be one of"),
@@ -626,8 +643,9 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
 def test_saved_output_shared_with_the_concatenation(cell, lengths, hidden):
     """A bidirectional stack's graph nodes may save views of the directions' concatenation in
     place of their own outputs (functional._next_layer_input): the gradients are those of the
-    unshared graph, and the views are saved as the concatenation's, so that changing it in
-    place before the backward is refused."""
+    unshared graph, and the views are saved as the concatenation's, so that where it is changed
+    in place before the backward (torch.nn's bidirectional layers allow it) the nodes compute
+    their outputs again, and the gradients stay those of the values the forward returned."""
     torch.manual_seed(0)
     T, B, I, H = 5, 3, 4, hidden
     gates = _ops.GATES[cell]
@@ -657,8 +675,9 @@ def test_saved_output_shared_with_the_concatenation(cell, lengths, hidden):
     both = concatenation(True)
     with torch.no_grad():
         both.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(both, leaves, grad)
+    got = torch.autograd.grad(both, leaves, grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
