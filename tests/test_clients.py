@@ -1,5 +1,5 @@
-"""Real clients: the training loops of pytorch/examples' word_language_model and of the
-pytorch/tutorials chatbot, run a few steps from the same seed with torch.nn's recurrent layers
+"""Real clients: the training loops of pytorch/examples' word_language_model and
+time_sequence_prediction and of the pytorch/tutorials chatbot, run a few steps from the same seed with torch.nn's recurrent layers
 and with rnnfast's (the model code takes the namespace the layers come from, as `import
 rnnfast as rnn` would): the losses and the trained weights agree to float64 rounding."""
 import pytest
@@ -184,3 +184,73 @@ def test_chatbot_training_matches_torch_nn():
     expected = train_chatbot(nn, batches, vocabulary=19)
     losses = train_chatbot(rnnfast, batches, vocabulary=19)
     assert losses == pytest.approx(expected, rel=1e-10, abs=0)
+
+
+# ---- time_sequence_prediction (pytorch/examples): two LSTMCells stepped in Python over sine
+# waves, float64, zero states given, LBFGS, then a prediction of future steps from its own
+# output under no_grad ------------------------------------------------------------------------
+
+class SinePredictor(nn.Module):
+    """time_sequence_prediction's Sequence: LSTMCell(1, H), LSTMCell(H, H), Linear(H, 1), one
+    step at a time; past the input, each step's prediction is the next step's input."""
+
+    def __init__(self, recurrent, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.first = recurrent.LSTMCell(1, hidden_size)
+        self.second = recurrent.LSTMCell(hidden_size, hidden_size)
+        self.readout = nn.Linear(hidden_size, 1)
+
+    def forward(self, waves, future=0):
+        rows = waves.size(0)
+        # explicit zero states, as the example makes them: states that need no gradient
+        states = [torch.zeros(rows, self.hidden_size, dtype=DTYPE) for _ in range(4)]
+        h1, c1, h2, c2 = states
+        predictions = []
+        for value in waves.split(1, dim=1):
+            h1, c1 = self.first(value, (h1, c1))
+            h2, c2 = self.second(h1, (h2, c2))
+            predictions.append(self.readout(h2))
+        for _ in range(future):
+            h1, c1 = self.first(predictions[-1], (h1, c1))
+            h2, c2 = self.second(h1, (h2, c2))
+            predictions.append(self.readout(h2))
+        return torch.cat(predictions, dim=1)
+
+
+def sine_waves(rows, length, period=20):
+    """Sine waves [rows, length] shifted by random phases, as the example's data."""
+    shifts = torch.randint(-4 * period, 4 * period, (rows, 1))
+    return torch.sin((torch.arange(length) + shifts).to(DTYPE) / period)
+
+
+def train_sine_predictor(recurrent, waves, steps, future):
+    """Each closure's loss over `steps` LBFGS steps, and the prediction of `future` steps
+    after them."""
+    torch.manual_seed(0)
+    model = SinePredictor(recurrent, hidden_size=13).to(DTYPE)
+    train, test = waves[2:], waves[:2]
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.8, max_iter=4)
+    losses = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(train[:, :-1]), train[:, 1:])
+        losses.append(loss.item())
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        optimizer.step(closure)
+    with torch.no_grad():
+        prediction = model(test[:, :-1], future=future)
+    return losses, prediction
+
+
+def test_time_sequence_prediction_training_matches_torch_nn():
+    waves = sine_waves(rows=6, length=40)
+    expected_losses, expected_prediction = train_sine_predictor(nn, waves, steps=2, future=10)
+    losses, prediction = train_sine_predictor(rnnfast, waves, steps=2, future=10)
+    assert len(losses) == len(expected_losses) > 2
+    assert losses == pytest.approx(expected_losses, rel=1e-10, abs=0)
+    torch.testing.assert_close(prediction, expected_prediction)
