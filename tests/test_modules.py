@@ -1189,6 +1189,24 @@ def test_single_row_over_large_weights_in_gate_panels(rf, device, spec, dtype):
                     batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
 
 
+# relu's: of the 10^5 pre-activations of 13 rows x 1024 units x 4 steps x 2 directions, some lie
+# within float32 rounding of 0, where either side's rounding flips the unit's derivative.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["batched", "packed"])
+@pytest.mark.parametrize("spec", [s for s in STANDARD if not s.proj and s.act != "relu"],
+                         ids=str)
+def test_row_tiles_over_large_weights_in_gate_panels(rf, device, spec, layout, threads):
+    """13 batch rows over a W_hh of 4 MiB or more (past a core's L2 cache): the row tiles after
+    a chunk's first fetch the next chunk of the panel (or the next panel's first) while they
+    run, in the forward's panels and the backward's, in both step orders and as a packed
+    sequence's rows end. Outputs and every gradient are torch.nn's (not relu's, above)."""
+    # W_hh: [4 x 512, 512], [3 x 600, 600], [1024, 1024] (float32: 4 - 4.1 MiB).
+    sizes = dict(T=4, B=13, I=6, H={"LSTM": 512, "GRU": 600, "RNN": 1024}[spec.mode])
+    with torch_threads(threads):
+        check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
+                    batch_first=True, bias=True, layout=layout, hx_given=True, sizes=sizes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", range(1, 18))
 def test_gate_panel_row_tiles_of_every_batch(rf, device, batch, dtype):

@@ -349,9 +349,13 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
             }
             const T* tile_rows =
                 terms.rows ? terms.rows + b0 * terms.stride + (k0 - terms.begin) : nullptr;
+            const int64_t next_block = index + 1 < end - first
+                                           ? GatePanels<T>::block_at(first, end, index + 1, parity)
+                                           : -1;
             panels.template tile<PanelGates, decltype(split_terms)::value>(
                 tile_rows, terms.stride, static_cast<int>(b1 - b0), block, k0, k1, hg_data + b0 * G,
-                G, row_tile == 0);
+                G, row_tile == 0,
+                panels.next_chunk(block, k1, next_block, row_tile, row_tiles.count));
             if (last_chunk) {
               for (const VectorUnits& units : unit_runs) {
                 pointwise(t, b0, b1, units, h_prev, h_next);
