@@ -864,12 +864,8 @@ def test_gradient_requirements(rf, device, spec, layout, what):
     """Forward under no_grad / inference_mode / with only some tensors requiring
     grad gives the same outputs, and exactly the requested gradients, right."""
     _skip_extra_on_torch_nn(rf, spec)
-    dtype = torch.float64
-    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
-                                      bias=True, layout=layout, hx_given=True, dtype=dtype)
-    expected = expected_layer(spec, cfg, dtype)
-    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
-    actual.load_state_dict(expected.state_dict(), strict=True)
+    expected, actual, leaves, lengths = _two_layer_bidirectional_pair(rf, spec, device,
+                                                                      layout=layout)
     call = layer_call(spec.mode == "LSTM", lengths, False)
     full, _, w = evaluate(expected, CPU, leaves, call)
 
@@ -1241,24 +1237,24 @@ def test_cell_larger_sizes(rf, device, spec, H, dtype):
                sizes=dict(B=5, I=9, H=H))
 
 
-def _two_layer_bidirectional_pair(rf, spec, device, sizes):
-    """(expected module, rnnfast's with its state dict, leaves with h0 / c0) of 2 bidirectional
-    layers in float64, time-major, with biases."""
+def _two_layer_bidirectional_pair(rf, spec, device, sizes=None, layout="batched"):
+    """(expected module, rnnfast's with its state dict, leaves with h0 / c0, lengths or None) of
+    2 bidirectional layers in float64, time-major, with biases."""
     dtype = torch.float64
-    cfg, leaves, _ = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
-                                bias=True, layout="batched", hx_given=True, dtype=dtype,
-                                sizes=sizes)
+    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
+                                      bias=True, layout=layout, hx_given=True, dtype=dtype,
+                                      sizes=sizes)
     expected = expected_layer(spec, cfg, dtype)
     actual = rnnfast_layer(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
-    return expected, actual, leaves
+    return expected, actual, leaves, lengths
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=str)
 def test_non_contiguous_inputs(rf, device, spec):
     """A transposed input and strided slices of larger tensors as h0/c0."""
     _skip_extra_on_torch_nn(rf, spec)
-    expected, actual, leaves = _two_layer_bidirectional_pair(
+    expected, actual, leaves, _ = _two_layer_bidirectional_pair(
         rf, spec, device, dict(T=5, B=3, I=4, H=5, P=2 if spec.proj else 0))
     call = layer_call(spec.mode == "LSTM", None, False)
     exp, _, _ = evaluate(expected, CPU, leaves, call)
@@ -1334,7 +1330,7 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     _skip_extra_on_torch_nn(rf, spec)
     # weight_hh_l0 rows of 2+ values (weight_norm's gradient of a one-value row's direction
     # is zero, up to rounding).
-    expected, actual, leaves = _two_layer_bidirectional_pair(
+    expected, actual, leaves, _ = _two_layer_bidirectional_pair(
         rf, spec, device, dict(T=4, B=3, I=3, H=5, P=3 if spec.proj else 0))
     for m in (expected, actual):
         nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
@@ -1410,12 +1406,8 @@ def test_initial_state_without_gradient(rf, device, spec, layout):
     """An initial state that needs no gradient (a carried, detached state; explicit zeros): the
     backward skips its gradient's product, and every other gradient is torch.nn's, and bit for
     bit the one of the same call whose state asks for its gradient."""
-    dtype = torch.float64
-    cfg, leaves, lengths = layer_case(spec, num_layers=2, bidirectional=True, batch_first=False,
-                                      bias=True, layout=layout, hx_given=True, dtype=dtype)
-    expected = expected_layer(spec, cfg, dtype)
-    actual = rnnfast_layer(rf, spec, cfg, dtype, device)
-    actual.load_state_dict(expected.state_dict(), strict=True)
+    expected, actual, leaves, lengths = _two_layer_bidirectional_pair(rf, spec, device,
+                                                                      layout=layout)
     is_lstm = spec.mode == "LSTM"
     call = layer_call(is_lstm, lengths, False)
 

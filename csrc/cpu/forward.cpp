@@ -329,6 +329,9 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     const auto row_tiles = GatePanels<T>::template row_tiles<PanelGates>(rows_end - r0);
     for (int64_t index = 0; index < end - first; ++index) {
       const int64_t block = GatePanels<T>::block_at(first, end, index, parity);
+      // the block after it, whose first chunk the last chunk's tiles fetch (-1: none)
+      const int64_t next_block =
+          index + 1 < end - first ? GatePanels<T>::block_at(first, end, index + 1, parity) : -1;
       VectorUnits unit_runs[kUnitRuns];
       for (int run = 0; run < kUnitRuns; ++run) {
         unit_runs[run] = {static_cast<int>(panels.first_unit(block) + run * run_distance),
@@ -349,9 +352,6 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
             }
             const T* tile_rows =
                 terms.rows ? terms.rows + b0 * terms.stride + (k0 - terms.begin) : nullptr;
-            const int64_t next_block = index + 1 < end - first
-                                           ? GatePanels<T>::block_at(first, end, index + 1, parity)
-                                           : -1;
             panels.template tile<PanelGates, decltype(split_terms)::value>(
                 tile_rows, terms.stride, static_cast<int>(b1 - b0), block, k0, k1, hg_data + b0 * G,
                 G, row_tile == 0,

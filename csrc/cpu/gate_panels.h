@@ -273,6 +273,8 @@ class GatePanels {
     at::parallel_for(0, blocks_, 1, [&](int64_t first, int64_t end) {
       for (int64_t index = 0; index < end - first; ++index) {
         const int64_t block = block_at(first, end, index, step);
+        const int64_t next_block =
+            index + 1 < end - first ? block_at(first, end, index + 1, step) : -1;
         for (int64_t k0 = 0; k0 < k_; k0 += chunk) {
           const int64_t k1 = std::min(k_, k0 + chunk);
           for (int64_t t = 0; t < tiles.count; ++t) {
@@ -280,8 +282,6 @@ class GatePanels {
             const int count = static_cast<int>(r1 - r0);
             T* tile_out = out + r0 * out_stride;
             const T* tile_h = h ? h + r0 * k_ + k0 : nullptr;
-            const int64_t next_block =
-                index + 1 < end - first ? block_at(first, end, index + 1, step) : -1;
             const NextChunk next = next_chunk(block, k1, next_block, t, tiles.count);
             if (split_terms) {
               tile<Gates>(tile_h, k_, count, block, k0, k1, tile_out, out_stride, t == 0, next);
