@@ -637,6 +637,40 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
         assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
 
 
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU])
+@pytest.mark.parametrize("input_size, hidden", [(16, 32), (512, 4)],
+                         ids=["one-product", "chunks-added-in-double"])
+def test_half_precision_weight_gradients_over_packed_rows(cls, input_size, hidden):
+    """bfloat16 weight gradients over a packed sequence's rows, gathered from the padded
+    layout: one product over all rows, or (where the rows outweigh a double total of the
+    gradient: 2,500 rows of 512 inputs for 4 units) products of chunks of rows added in double.
+    Within a few units of bfloat16's rounding of a float64 run on the same rounded values."""
+    torch.manual_seed(4)
+    dtype, steps, batch = torch.bfloat16, 50, 64
+    model = cls(input_size, hidden).to(dtype)
+    reference = cls(input_size, hidden).double()
+    reference.load_state_dict(model.double().state_dict())
+    model = model.to(dtype)
+    lengths = torch.randint(30, steps + 1, (batch,)).sort(descending=True).values
+    lengths[0] = steps
+    x = torch.randn(steps, batch, input_size).to(dtype)
+    grad = torch.randn(steps, batch, hidden).to(dtype)
+
+    def run(module, values, grad_values):
+        packed = nn.utils.rnn.pack_padded_sequence(values, lengths)
+        out, _ = nn.utils.rnn.pad_packed_sequence(module(packed)[0])
+        (out * grad_values).sum().backward()
+        return out
+
+    out = run(model, x, grad)
+    expected = run(reference, x.double(), grad.double())
+    limit = 4 * torch.finfo(dtype).eps
+    assert (out.double() - expected).abs().max() <= limit * expected.abs().max()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert p.grad.dtype == dtype
+        assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "elman_tanh"])
 @pytest.mark.parametrize("lengths", [None, [5, 3, 2]], ids=["full", "lengths"])
 @pytest.mark.parametrize("hidden", [6, 40], ids=["gate-packed", "rows"])
