@@ -388,13 +388,7 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
                      /*accumulate=*/b > 0);
     }
   }
-  Tensor grad_b_ih = !has_bias ? at::empty({0}, options)
-                     : state.dgate_x_column_sums.defined()
-                         ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
-                         : kernels.column_sums(dgx2d);
-
   const int64_t shared_cols = shared_hidden_gate_cols(state, G);
-  Tensor grad_b_hh = hidden_bias_gradient(state, grad_b_ih, has_bias, kernels);
 
   // grad_w_hh = sum_t dgate_h[t]^T h_prev[t]. h_prev is the output of the previous step
   // (zero where that step was inactive, matching a zero gate gradient), except at each row's
@@ -459,6 +453,13 @@ BackwardResult finish_backward(const LayerSizes& s, BackwardState& state, const 
     const Tensor h_unprojected = workspace.view({T_ * B, cols}).narrow(1, cols - H, H);
     grad_w_hr = kernels.product(state.dprojected.view({T_ * B, P}).t(), h_unprojected);
   }
+  // The bias gradients last: they are not yet held while the weight gradients' products run,
+  // whose buffers (ATen's GEMM of bfloat16 makes one of its own) are the backward's peak.
+  Tensor grad_b_ih = !has_bias ? at::empty({0}, options)
+                     : state.dgate_x_column_sums.defined()
+                         ? state.dgate_x_column_sums.sum(0).to(input.scalar_type())
+                         : kernels.column_sums(dgx2d);
+  Tensor grad_b_hh = hidden_bias_gradient(state, grad_b_ih, has_bias, kernels);
   Tensor grad_hx = hx.defined() ? state.dh : at::empty({0}, options);
   Tensor grad_cx = cx.defined() ? state.dc.to(input.scalar_type()) : at::empty({0}, options);
   return {grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr};

@@ -254,6 +254,19 @@ def test_options_loop_computes_the_fused_model(cell, feature):
     options.check_same_model(fused, options.LoopModel(fused), torch.randn(4, 3, 6))
 
 
+@pytest.mark.parametrize("cell", ["Elman", "GRU", "LSTM"])
+def test_bfloat16_training_step_of_one_row_peaks_within_torch_nn_memory(cell):
+    """The benchmark's grid row of one batch row of 256 units in bfloat16: the per-step products
+    run in float on the tiled kernel's copy of W_hh^T, converted from W_hh as it is copied, with
+    no float copy of W_hh beside it (which made the Elman layer's peak 1.09x torch.nn's)."""
+    case = bench_lib.Case("grid", "B1-T100-H256", cell, 1, 100, 256, 256, 1)
+    ref, fast = bench_lib.make_pair(case, "cpu", torch.bfloat16)
+    x = bench_lib.make_input(case, "cpu", torch.bfloat16)
+    ours = bench_lib.peak_train_bytes_cpu(fast, x)
+    theirs = bench_lib.peak_train_bytes_cpu(ref, x)
+    assert ours <= theirs, (ours, theirs)
+
+
 @pytest.mark.parametrize("cell, batch, steps, size, layers, lengths, dtype", [
     ("GRU", 64, 10, 128, 2, (3, 10), torch.float32),  # a seq2seq encoder's sentences, smaller
     ("GRU", 16, 50, 128, 3, (25, 50), torch.float32),

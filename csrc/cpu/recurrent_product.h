@@ -55,9 +55,12 @@ class RecurrentProduct {
     n_ = matrix.size(0);
     k_ = matrix.size(1);
     if (kWidened && rows * n_ * k_ < kWidenedMaxWork) {
+      // The tiled kernel converts M as it copies it (no float copy of M beside its own).
+      const bool tiled = RecurrentProduct<float>::kernel_for(rows, n_, k_, steps, packed) ==
+                         RecurrentProduct<float>::Kernel::Tiled;
       widened_ = std::make_shared<const RecurrentProduct<float>>(
-          matrix.to(at::kFloat), bias.defined() ? bias.to(at::kFloat) : bias, rows, steps, packed,
-          packed_hidden, may_pack);
+          tiled ? matrix : matrix.to(at::kFloat), bias.defined() ? bias.to(at::kFloat) : bias, rows,
+          steps, packed, packed_hidden, may_pack);
       return;
     }
     switch (kernel_for(rows, n_, k_, steps, packed)) {

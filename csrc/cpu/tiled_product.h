@@ -8,12 +8,14 @@
 // loads of Wt, kRows broadcasts of `in` and kRows * kVectors fused multiply-adds.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "capability.h"
 
@@ -31,12 +33,22 @@ class TiledWeights {
   TiledWeights() = default;
 
   // From M [N, K] (any strides): Wt = M^T. Made once per layer call, so made by hand: ATen's
-  // zero fill and strided copy cost several times the few steps of a short sequence.
+  // zero fill and strided copy cost several times the few steps of a short sequence. M may be
+  // bfloat16 or float16 for a float Wt (a reduced type's product run in float,
+  // recurrent_product.h), converted as it is copied: a float copy of M beside Wt was the peak
+  // memory of those layers' calls.
   explicit TiledWeights(const at::Tensor& matrix)
       : n_(matrix.size(0)), k_(matrix.size(1)), padded_n_((n_ + kLanes - 1) / kLanes * kLanes) {
-    storage_ = at::empty({k_, padded_n_}, matrix.options());
+    storage_ =
+        at::empty({k_, padded_n_}, matrix.options().dtype(c10::CppTypeToScalarType<T>::value));
     T* wt = storage_.template data_ptr<T>();
-    if (matrix.stride(0) == 1) {
+    if (matrix.scalar_type() != storage_.scalar_type()) {
+      TORCH_INTERNAL_ASSERT((std::is_same_v<T, float>), "rnnfast: only float Wt converts its M");
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(matrix.scalar_type(), "rnnfast_tiled_weights", [&] {
+        copy_transposed(matrix.template data_ptr<scalar_t>(), matrix.stride(0), matrix.stride(1),
+                        wt);
+      });
+    } else if (matrix.stride(0) == 1) {
       // M's columns are contiguous, and they are the rows of M^T: row copies.
       const T* m = matrix.template data_ptr<T>();
       for (int64_t k = 0; k < k_; ++k) {
@@ -61,6 +73,30 @@ class TiledWeights {
   const T* data() const { return storage_.template data_ptr<T>(); }
 
  private:
+  // wt[k][n] = M[n][k] converted to T (M's element (n, k) at m + n * stride_n + k * stride_k):
+  // where M's columns are contiguous, row by row of Wt; else a block of M's rows at a time,
+  // converted into a buffer and transposed from there as M's own rows are.
+  template <typename S>
+  void copy_transposed(const S* m, int64_t stride_n, int64_t stride_k, T* wt) const {
+    if (stride_n == 1) {
+      for (int64_t k = 0; k < k_; ++k) {
+        std::copy(m + k * stride_k, m + k * stride_k + n_, wt + k * padded_n_);
+      }
+      return;
+    }
+    constexpr int64_t kBlockRows = 16;
+    std::vector<T> block(kBlockRows * k_);
+    for (int64_t n0 = 0; n0 < n_; n0 += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, n_ - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const S* row = m + (n0 + r) * stride_n;
+        for (int64_t k = 0; k < k_; ++k) block[r * k_ + k] = static_cast<T>(row[k * stride_k]);
+      }
+      at::vec::transpose_mxn<T>(block.data(), k_, wt + n0, padded_n_, static_cast<int>(rows),
+                                static_cast<int>(k_));
+    }
+  }
+
   int64_t n_ = 0, k_ = 0, padded_n_ = 0;
   at::Tensor storage_;
 };
