@@ -6,8 +6,8 @@
 // tiniest products run as a plain loop over the rows of M. Larger products, and calls of too
 // few steps to repay the copy, go to the BLAS.
 //
-// bfloat16 and float16 products run in float on a float copy of M made once per call, up to a
-// size (see RecurrentProduct::widened_).
+// bfloat16 and float16 products run in float on a float copy of M made once per call (the tiled
+// kernel's M^T, converted as it is copied), up to a size (see RecurrentProduct::widened_).
 //
 // Gate-packed layout (small hidden sizes, see layer_view.h): the gate side of the product (the
 // output in the forward, the input in the backward) may be stored as [gates][B][H] instead of
