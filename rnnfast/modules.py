@@ -62,6 +62,19 @@ def _lstm_not_a_pair(name, hx):
     return HiddenStatePairError(f"{name}: {detail}")
 
 
+def _lstm_cell_not_a_pair(hx):
+    """The error for an LSTMCell's hx that is not a pair: torch.nn's lstm_cell's words for such
+    an hx, then rnnfast's detail."""
+    if isinstance(hx, (tuple, list)):
+        words = "lstm_cell expects two hidden states"
+    elif isinstance(hx, torch.Tensor):
+        words = "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor"
+    else:
+        words = f"'{type(hx).__name__}' object is not iterable"
+    return HiddenStatePairError(f"LSTMCell: {words} (hx must be a tuple (h, c), got "
+                                f"{_not_a_pair(hx)})")
+
+
 def _shape(t):
     return tuple(t.shape)
 
@@ -739,16 +752,7 @@ class LSTMCell(_RecurrentCell, nn.LSTMCell):
         h = c = None
         if hx is not None:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                # torch.nn's lstm_cell's words for such an hx, then rnnfast's detail
-                if isinstance(hx, (tuple, list)):
-                    words = "lstm_cell expects two hidden states"
-                elif isinstance(hx, torch.Tensor):
-                    words = "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, " \
-                            "not Tensor"
-                else:
-                    words = f"'{type(hx).__name__}' object is not iterable"
-                raise HiddenStatePairError(f"LSTMCell: {words} (hx must be a tuple (h, c), got "
-                                           f"{_not_a_pair(hx)})")
+                raise _lstm_cell_not_a_pair(hx)
             h, c = hx
         cell = "lstm" if self.activation == "tanh" else f"lstm_{self.activation}"
         return self._step(cell, input, h, c)

@@ -1,7 +1,8 @@
 """Real clients: the training loops of pytorch/examples' word_language_model and
-time_sequence_prediction and of the pytorch/tutorials chatbot, run a few steps from the same seed with torch.nn's recurrent layers
-and with rnnfast's (the model code takes the namespace the layers come from, as `import
-rnnfast as rnn` would): the losses and the trained weights agree to float64 rounding."""
+time_sequence_prediction and of the pytorch/tutorials chatbot, run a few steps from the same
+seed with torch.nn's recurrent layers and with rnnfast's (the model code takes the namespace the
+layers come from, as `import rnnfast as rnn` would): the losses and the trained weights agree to
+float64 rounding."""
 import pytest
 import torch
 import torch.nn.functional as F

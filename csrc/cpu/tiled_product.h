@@ -42,23 +42,19 @@ class TiledWeights {
     storage_ =
         at::empty({k_, padded_n_}, matrix.options().dtype(c10::CppTypeToScalarType<T>::value));
     T* wt = storage_.template data_ptr<T>();
-    if (matrix.scalar_type() != storage_.scalar_type()) {
+    if (matrix.scalar_type() == storage_.scalar_type() && matrix.stride(0) != 1) {
+      // Rows of M: a blocked SIMD transpose.
+      const at::Tensor rows = matrix.contiguous();
+      at::vec::transpose_mxn<T>(rows.template data_ptr<T>(), k_, wt, padded_n_,
+                                static_cast<int>(n_), static_cast<int>(k_));
+    } else if (matrix.scalar_type() == storage_.scalar_type()) {
+      copy_transposed(matrix.template data_ptr<T>(), matrix.stride(0), matrix.stride(1), wt);
+    } else {
       TORCH_INTERNAL_ASSERT((std::is_same_v<T, float>), "rnnfast: only float Wt converts its M");
       AT_DISPATCH_REDUCED_FLOATING_TYPES(matrix.scalar_type(), "rnnfast_tiled_weights", [&] {
         copy_transposed(matrix.template data_ptr<scalar_t>(), matrix.stride(0), matrix.stride(1),
                         wt);
       });
-    } else if (matrix.stride(0) == 1) {
-      // M's columns are contiguous, and they are the rows of M^T: row copies.
-      const T* m = matrix.template data_ptr<T>();
-      for (int64_t k = 0; k < k_; ++k) {
-        std::copy(m + k * matrix.stride(1), m + k * matrix.stride(1) + n_, wt + k * padded_n_);
-      }
-    } else {
-      // Rows of M: a blocked SIMD transpose.
-      const at::Tensor rows = matrix.contiguous();
-      at::vec::transpose_mxn<T>(rows.template data_ptr<T>(), k_, wt, padded_n_,
-                                static_cast<int>(n_), static_cast<int>(k_));
     }
     // The padding columns: the k loop multiplies them too (whole vectors, outputs not stored),
     // and uninitialised memory could hold denormals, which slow the multiply-adds.
@@ -74,8 +70,8 @@ class TiledWeights {
 
  private:
   // wt[k][n] = M[n][k] converted to T (M's element (n, k) at m + n * stride_n + k * stride_k):
-  // where M's columns are contiguous, row by row of Wt; else a block of M's rows at a time,
-  // converted into a buffer and transposed from there as M's own rows are.
+  // where M's columns are contiguous (they are the rows of M^T), row copies; else a block of
+  // M's rows at a time, converted into a buffer and transposed from there as M's own rows are.
   template <typename S>
   void copy_transposed(const S* m, int64_t stride_n, int64_t stride_k, T* wt) const {
     if (stride_n == 1) {
