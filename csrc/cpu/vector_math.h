@@ -150,10 +150,29 @@ struct VectorUnits {
 template <typename T>
 constexpr bool kComputedInFloat = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The lanes of a run of units (AVX-512 mask).
+inline __mmask16 unit_lanes(VectorUnits units) {
+  return units.count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << units.count) - 1);
+}
+#endif
+
 template <typename A, typename T>
 inline A load(const T* row, int offset, VectorUnits units) {
   const T* from = row + offset + units.j;
   if constexpr (kComputedInFloat<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // A masked load of the run's 16-bit values, widened in registers: a conversion loop took a
+    // fifth of the 16-row, 256-unit bfloat16 LSTM's forward (AMX products, 2-core Xeon).
+    const __m256i values = _mm256_maskz_loadu_epi16(unit_lanes(units), from);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      __m512 widened;
+      at::vec::cvtbf16_fp32(values, widened);
+      return Vec<float>(widened);
+    } else {
+      return Vec<float>(_mm512_cvtph_ps(values));
+    }
+#else
     constexpr int lanes = Vec<float>::size();
     alignas(64) float values[lanes];
     // A whole vector's loop has a fixed count, which the compiler vectorises (one loop of
@@ -164,6 +183,7 @@ inline A load(const T* row, int offset, VectorUnits units) {
       for (int i = 0; i < units.count; ++i) values[i] = static_cast<float>(from[i]);
     }
     return Vec<float>::loadu(values, units.count);
+#endif
   } else {
     return A::loadu(from, units.count);
   }
@@ -173,6 +193,16 @@ template <typename T, typename A>
 inline void store(T* row, int offset, VectorUnits units, A value) {
   T* to = row + offset + units.j;
   if constexpr (kComputedInFloat<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // Rounded to nearest, ties to even, as T(float) rounds (a NaN stays a NaN).
+    __m256i values;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      values = at::vec::cvtfp32_bf16(__m512(value));
+    } else {
+      values = _mm512_cvtps_ph(__m512(value), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16(to, unit_lanes(units), values);
+#else
     constexpr int lanes = Vec<float>::size();
     alignas(64) float values[lanes];
     value.store(values);
@@ -181,6 +211,7 @@ inline void store(T* row, int offset, VectorUnits units, A value) {
     } else {
       for (int i = 0; i < units.count; ++i) to[i] = T(values[i]);
     }
+#endif
   } else {
     value.store(to, units.count);
   }
