@@ -323,6 +323,12 @@ PyObject* cpu_capability(PyObject* /*module*/, PyObject* /*args*/) {
   return PyUnicode_FromString(rnnfast::cpu::engine().capability);
 }
 
+// _C.cpu_amx() -> whether that copy runs bfloat16 layers' per-step products on AMX tiles here
+// (cpu/amx_product.h; RNNFAST_CPU_AMX=0 turns them off).
+PyObject* cpu_amx(PyObject* /*module*/, PyObject* /*args*/) {
+  return PyBool_FromLong(rnnfast::cpu::engine().runs_amx());
+}
+
 PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
      "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
@@ -342,6 +348,8 @@ PyMethodDef module_methods[] = {
      "(bytes, blocks) of free buffers the CPU engine keeps for reuse."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The instruction set of the CPU engine's copy that runs on this CPU."},
+    {"cpu_amx", cpu_amx, METH_NOARGS,
+     "Whether that copy runs bfloat16 layers' per-step products on AMX tiles here."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

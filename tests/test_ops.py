@@ -10,6 +10,7 @@ from torch import nn
 import rnnfast
 from op_args import VARIANTS, backward_args, differentiable_outputs, make_args
 from rnnfast import _ops
+from thread_count import torch_threads
 
 # Every cell, from the one table of cells (csrc/cells.h).
 CELLS = list(_ops.CELLS)
@@ -635,6 +636,57 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
     for p, q in zip(model.parameters(), reference.parameters()):
         assert p.grad.dtype == dtype
         assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
+
+
+@pytest.mark.skipif(not _ops._C.cpu_amx(), reason="this CPU runs no AMX tiles")
+@pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
+@pytest.mark.parametrize("batch,hidden,packed", [(1, 64, False), (37, 100, False),
+                                                 (20, 160, True)],
+                         ids=["one-row", "row-tiles", "packed"])
+def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch):
+    """bfloat16 per-step products on AMX tiles (csrc/cpu/amx_product.h), forward and backward:
+    outputs and gradients within a few units of bfloat16's rounding of a float64 run on the same
+    rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take a tile of one
+    row, tiles of 16 rows and a last one of 5, terms that do not fill the last chunk of 32 (100
+    units), and batches that shrink as a packed sequence's rows end; a batch of at most 16 rows
+    splits its outputs over the threads, a larger one its rows, and either gives the results of
+    one thread."""
+    torch.manual_seed(5)
+    dtype, steps = torch.bfloat16, 6
+    model = cls(8, hidden, bidirectional=True).to(dtype)
+    reference = cls(8, hidden, bidirectional=True).double()
+    reference.load_state_dict({name: value.double() for name, value in model.state_dict().items()})
+    x = torch.randn(steps, batch, 8).to(dtype)
+    grad = torch.randn(steps, batch, 2 * hidden).to(dtype)
+    lengths = torch.randint(1, steps + 1, (batch,)).sort(descending=True).values
+    lengths[0] = steps
+
+    def run(module, values, grad_values):
+        module.zero_grad()
+        if packed:
+            out, _ = nn.utils.rnn.pad_packed_sequence(
+                module(nn.utils.rnn.pack_padded_sequence(values, lengths))[0])
+        else:
+            out = module(values)[0]
+        (out * grad_values).sum().backward()
+        return out.detach(), [p.grad.clone() for p in module.parameters()]
+
+    expected, expected_grads = run(reference, x.double(), grad.double())
+    limit = 4 * torch.finfo(dtype).eps
+    for amx in ("1", "0"):
+        monkeypatch.setenv("RNNFAST_CPU_AMX", amx)
+        out, grads = run(model, x, grad)
+        assert (out.double() - expected).abs().max() <= limit * expected.abs().max()
+        for got, want in zip(grads, expected_grads):
+            assert got.dtype == dtype
+            assert (got.double() - want).abs().max() <= 2 * limit * want.abs().max()
+    monkeypatch.setenv("RNNFAST_CPU_AMX", "1")
+    with torch_threads(2):
+        two_threads = run(model, x, grad)
+    with torch_threads(1):
+        one_thread = run(model, x, grad)
+    for got, want in zip([two_threads[0], *two_threads[1]], [one_thread[0], *one_thread[1]]):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU])

@@ -3,6 +3,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include "amx_product.h"
 #include "capability.h"
 #include "input_layout.h"
 #include "kernels.h"
@@ -27,7 +28,8 @@ const Engine kEngine{C10_STRINGIZE(CPU_CAPABILITY),
                      &reads_input_at_strides,
                      &forward_with_options_cpu,
                      &backward_with_options_cpu,
-                     &random_mask_cpu};
+                     &random_mask_cpu,
+                     &amx::usable};
 
 }  // namespace
 }  // namespace CPU_CAPABILITY

@@ -62,6 +62,8 @@ struct Engine {
   // rnnfast::random_mask (random_masks.cpp).
   at::Tensor (*random_mask)(const at::Tensor& seed, at::IntArrayRef size, double p,
                             at::ScalarType dtype);
+  // Whether bfloat16 layers run their per-step products on AMX tiles here (amx_product.h).
+  bool (*runs_amx)();
 };
 
 // Each compiled copy's entry points (engine.cpp); the AVX ones where setup.py built them.

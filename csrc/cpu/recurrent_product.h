@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_product.h"
 #include "blas.h"
 #include "capability.h"
 #include "register_product.h"
@@ -54,6 +55,14 @@ class RecurrentProduct {
     if (!matrix.defined()) return;
     n_ = matrix.size(0);
     k_ = matrix.size(1);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (packed == Packed::None && n_ * k_ >= kAmxMinWeights && amx::usable()) {
+        amx_ = amx::AmxWeights(matrix);
+        amx_splits_outputs_ =
+            at::get_num_threads() > 1 && rows <= amx::kTileRows && amx_.passes() > 1;
+        return;
+      }
+    }
     if (kWidened && rows * n_ * k_ < kWidenedMaxWork) {
       // The tiled kernel converts M as it copies it (no float copy of M beside its own).
       const bool tiled = RecurrentProduct<float>::kernel_for(rows, n_, k_, steps, packed) ==
@@ -130,7 +139,8 @@ class RecurrentProduct {
   // product is built for the whole batch.
   bool may_split_rows() const {
     if (widened_) return widened_->may_split_rows();
-    return n_ > 0 && (tiled_.n() > 0 || use_loop_ || splits_blas_rows_);
+    return n_ > 0 && (tiled_.n() > 0 || use_loop_ || splits_blas_rows_ ||
+                      (amx_.n() > 0 && !amx_splits_outputs_));
   }
 
   // Whether the product runs on any number of rows up to the batch it was built for (all but
@@ -140,10 +150,14 @@ class RecurrentProduct {
     return !register_.usable();
   }
 
+  // Whether the product splits its own work over the threads: in the BLAS, or on AMX tiles by
+  // outputs.
+  bool threads_itself() const { return uses_blas() || amx_splits_outputs_; }
+
   // Whether the product runs in the BLAS (the larger matrices).
   bool uses_blas() const {
     if (widened_) return widened_->uses_blas();
-    return n_ > 0 && !register_.usable() && tiled_.n() == 0 && !use_loop_;
+    return n_ > 0 && !register_.usable() && tiled_.n() == 0 && !use_loop_ && amx_.n() == 0;
   }
 
   // out[B, N] = in[B, K] M^T (+ bias); in == nullptr stands for zeros (out = bias, or 0).
@@ -179,6 +193,9 @@ class RecurrentProduct {
   // units ran 27 ms against 53 in float, of 256 units 11 against 17, 16 rows of 512 units 12
   // against 16 ms; 16 rows of 256 units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads).
   static constexpr bool kWidened = kComputedInFloat<T>;
+  // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them, from M of this
+  // many weights.
+  static constexpr int64_t kAmxMinWeights = 1 << 10;
   static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
 
   // The widened product: in [batch, K] (or nullptr: zeros) and addend [batch, N] (or nullptr:
@@ -208,6 +225,12 @@ class RecurrentProduct {
     if (in == nullptr) {
       compute_from_zero(batch, addend, addend_stride, out);
       return;
+    }
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (amx_.n() > 0) {
+        compute_amx(in, batch, addend, addend_stride, out);
+        return;
+      }
     }
     if constexpr (std::is_same_v<T, float>) {
       // The register product's bias is the bias row; another addend is read in output order,
@@ -241,6 +264,39 @@ class RecurrentProduct {
     }
     const T beta = copy_addend_rows(batch, n_, addend, addend_stride, out, n_);
     blas_product(in, batch, beta, out, n_);
+  }
+
+  // The product on AMX tiles: the float sums of in M^T, plus the addend in float, rounded to T
+  // once (as the widened product rounds).
+  void compute_amx(const T* in, int64_t batch, const T* addend, int64_t addend_stride,
+                   T* out) const {
+    const int64_t ldo = amx_.padded_n();
+    // Per thread: threads may run the product on their own rows at once.
+    thread_local std::vector<float> sums_buffer;
+    sums_buffer.resize(batch * ldo);
+    float* sums = sums_buffer.data();
+    // Passes [first, end) and their outputs.
+    const auto passes = [&](int64_t first, int64_t end) {
+      amx_.product(in, batch, sums, first, end);
+      const int64_t n0 = first * amx::kPassOutputs, n1 = std::min(n_, end * amx::kPassOutputs);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* row_sums = sums + b * ldo;
+        const T* addend_row = addend ? addend + b * addend_stride : nullptr;
+        T* out_row = out + b * n_;
+        for_unit_runs<T>(n0, n1, [&](auto j, auto zero) {
+          using V = decltype(zero);
+          V sum = load<V>(row_sums, 0, j);
+          if (addend_row) sum = sum + load<V>(addend_row, 0, j);
+          store(out_row, 0, j, sum);
+        });
+      }
+    };
+    if (amx_splits_outputs_) {
+      // Each output's sum runs in the same order on any thread.
+      at::parallel_for(0, amx_.passes(), 1, passes);
+    } else {
+      passes(0, amx_.passes());
+    }
   }
 
   // out[B, N] = in[B, K] M^T + beta * out (beta 0 or 1), out's rows ldo apart: MKL's packed
@@ -408,6 +464,10 @@ class RecurrentProduct {
   RegisterProduct register_;   // the whole product in registers (float, tiny sizes)
   int64_t register_rows_ = 0;  // the batch register_ was built for
   TiledWeights<T> tiled_;      // M^T for the tiled kernel, when it runs the product
+  amx::AmxWeights amx_;        // M packed for AMX tiles, when they run the product (bfloat16)
+  // The AMX product splits its outputs over the threads at each call (a batch of at most a
+  // tile's rows: split by rows, each thread would read all of M for half a tile).
+  bool amx_splits_outputs_ = false;
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
   std::vector<T> packed_terms_;   // the gate-packed products' terms (make_packed_terms)

@@ -21,7 +21,8 @@ inline namespace CPU_CAPABILITY {  // capability.h
 // one thread (a region costs more). The register product (a few rows, bound by the latency of
 // each step) stays on one thread.
 constexpr int64_t kParallelMinWork = 1 << 18;
-// Products in the BLAS are threaded by the BLAS, each thread on its share of the weights. The
+// Products in the BLAS are threaded by the BLAS, each thread on its share of the weights (and so
+// are AMX's products of a few rows, recurrent_product.h). The
 // pointwise pass between them is split over the threads per step where a step has at least
 // this many hidden units (below, a parallel region per step costs more than it saves).
 constexpr int64_t kPointwiseSplitMinUnits = 1 << 12;
@@ -36,7 +37,7 @@ StepThreads step_threads(int64_t rows, int64_t steps, int64_t gate_size, int64_t
     return rows * steps * gate_size * state_size >= kParallelMinWork ? StepThreads::RowsPerThread
                                                                      : StepThreads::Serial;
   }
-  return product.uses_blas() && rows * hidden_size >= kPointwiseSplitMinUnits
+  return product.threads_itself() && rows * hidden_size >= kPointwiseSplitMinUnits
              ? StepThreads::PointwisePerStep
              : StepThreads::Serial;
 }

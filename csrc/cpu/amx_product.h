@@ -1,0 +1,223 @@
+// The per-step product of bfloat16 layers on AMX tiles (Intel's Advanced Matrix Extensions, from
+// Sapphire Rapids on): sums[B, N] = in[B, K] M[N, K]^T in float, from bfloat16 in and M.
+//
+// torch.nn's bfloat16 LSTM runs oneDNN's kernel on these tiles; the float product that ran the
+// steps here before (recurrent_product.h: widened) took 2-3 times its time from 16 rows of 256
+// units on (2-core Xeon, no_grad forward of 100 steps). A tile multiply-add (TDPBF16PS) sums 16
+// rows x 16 outputs x 32 terms: per pair of terms, the product of two bfloat16 values is exact
+// in float and added to the float sum, so each output is a float sum of exact products, as the
+// float product's is (the order of the additions differs).
+//
+// M is packed once per layer call (AmxWeights), for the tiles' B operand: per block of 16
+// outputs and chunk of 32 terms, a tile [16 term pairs][16 outputs][2] (1 KiB), zero past N and
+// K, in block order then chunk order. A pass over a tile of rows holds the sums of 4 blocks (64
+// outputs) in tiles 0-3 over all chunks, with the rows' chunk in tile 4 and M's in tiles 5-7.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "capability.h"
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__linux__) && defined(__x86_64__) && defined(__GNUC__)
+#define RNNFAST_AMX_PRODUCT 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace rnnfast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
+namespace amx {
+
+constexpr int64_t kTileRows = 16;      // rows of A's and C's tiles; term pairs of B's
+constexpr int64_t kChunkTerms = 32;    // bfloat16 terms of a row of an A tile (64 bytes)
+constexpr int64_t kBlockOutputs = 16;  // float outputs of a row of a C tile (64 bytes)
+constexpr int64_t kPassBlocks = 4;     // C tiles of a pass (tiles 0-3)
+constexpr int64_t kTileElements = kTileRows * kChunkTerms;  // bfloat16 values of A's and B's tiles
+constexpr int64_t kPassOutputs = kPassBlocks * kBlockOutputs;  // outputs of a pass
+
+#if defined(RNNFAST_AMX_PRODUCT)
+
+// Whether this process runs AMX's bfloat16 tiles: the CPU has them (CPUID leaf 7: AMX-TILE,
+// AMX-BF16) and Linux grants the process their register state (arch_prctl's
+// ARCH_REQ_XCOMP_PERM for XTILEDATA, which a process asks for once before its first tile
+// instruction; torch's oneDNN asks for it too). RNNFAST_CPU_AMX=0 turns them off (read per
+// layer call).
+inline bool usable() {
+  static const bool granted = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  const char* setting = std::getenv("RNNFAST_CPU_AMX");
+  return granted && !(setting != nullptr && std::strcmp(setting, "0") == 0);
+}
+
+// The tile configuration (palette 1): tiles 0-3 C [rows x 16 floats], 4 A [rows x 32
+// bfloat16], 5-7 B [16 term pairs x 16 outputs x 2].
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+
+  explicit TileConfig(int64_t c_rows) {
+    for (int tile = 0; tile < 8; ++tile) {
+      bytes_per_row[tile] = 64;
+      rows[tile] = static_cast<uint8_t>(tile <= 4 ? c_rows : kTileRows);
+    }
+  }
+};
+
+class AmxWeights {
+ public:
+  AmxWeights() = default;
+
+  // M [N, K] bfloat16, any strides.
+  explicit AmxWeights(const at::Tensor& matrix)
+      : n_(matrix.size(0)),
+        k_(matrix.size(1)),
+        passes_((n_ + kPassOutputs - 1) / kPassOutputs),
+        chunks_((k_ + kChunkTerms - 1) / kChunkTerms) {
+    const int64_t blocks = passes_ * kPassBlocks;
+    tiles_ = at::zeros({blocks * chunks_ * kTileElements}, matrix.options());
+    auto* tiles = tiles_.data_ptr<at::BFloat16>();
+    const auto* m = matrix.data_ptr<at::BFloat16>();
+    const int64_t row_stride = matrix.stride(0), term_stride = matrix.stride(1);
+    // Term 2p + h of chunk c of output row `row` is value (p, row % 16, h) of tile (block, c);
+    // M's rows are read in order. Split over the threads by blocks from kPackGrain weights a
+    // share (the 1024 x 256 W_hh of a 256-unit LSTM took 4% of its forward packed on one).
+    constexpr int64_t kPackGrain = int64_t(1) << 16;
+    const int64_t grain =
+        std::max<int64_t>(1, kPackGrain / (kBlockOutputs * std::max<int64_t>(k_, 1)));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin * kBlockOutputs; row < std::min(n_, end * kBlockOutputs); ++row) {
+        const at::BFloat16* from = m + row * row_stride;
+        at::BFloat16* block_tiles = tiles + row / kBlockOutputs * chunks_ * kTileElements;
+        const int64_t lane = row % kBlockOutputs;
+        for (int64_t term = 0; term < k_; ++term) {
+          const int64_t chunk = term / kChunkTerms, pair = term % kChunkTerms / 2;
+          block_tiles[chunk * kTileElements + (pair * kBlockOutputs + lane) * 2 + term % 2] =
+              from[term * term_stride];
+        }
+      }
+    });
+  }
+
+  int64_t n() const { return n_; }
+  // Columns of product()'s sums: N rounded up to a pass's outputs.
+  int64_t padded_n() const { return passes_ * kPassOutputs; }
+
+  // Passes of 64 outputs (padded_n() / 64).
+  int64_t passes() const { return passes_; }
+
+  // sums[batch, padded_n()] = in[batch, K] M^T (in's rows K apart), passes [first_pass,
+  // end_pass) of it: outputs 64 * first_pass .. 64 * end_pass - 1.
+  __attribute__((target("amx-tile,amx-bf16"))) void product(const at::BFloat16* in, int64_t batch,
+                                                            float* sums, int64_t first_pass,
+                                                            int64_t end_pass) const {
+    const int64_t padded_k = chunks_ * kChunkTerms, ldo = padded_n();
+    // A tile's rows with K padded to whole chunks (zeros: a term past K, whatever its value,
+    // must add nothing, and padding past the row would read the next row's NaN or infinity).
+    thread_local std::vector<at::BFloat16> rows;
+    rows.resize(kTileRows * padded_k);
+    const auto* packed = tiles_.data_ptr<at::BFloat16>();
+    int64_t configured_rows = 0;
+    for (int64_t r0 = 0; r0 < batch; r0 += kTileRows) {
+      const int64_t count = std::min(kTileRows, batch - r0);
+      if (count != configured_rows) {
+        const TileConfig config(count);
+        _tile_loadconfig(&config);
+        configured_rows = count;
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        at::BFloat16* row = rows.data() + r * padded_k;
+        std::copy(in + (r0 + r) * k_, in + (r0 + r + 1) * k_, row);
+        std::fill(row + k_, row + padded_k, at::BFloat16(0.0f));
+      }
+      for (int64_t pass = first_pass; pass < end_pass; ++pass) {
+        const at::BFloat16* block0 = packed + pass * kPassBlocks * chunks_ * kTileElements;
+        const int64_t block_step = chunks_ * kTileElements;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t chunk = 0; chunk < chunks_; ++chunk) {
+          const at::BFloat16* b = block0 + chunk * kTileElements;
+          // M's next chunk of each block, fetched into the L1 cache while this chunk's tiles
+          // run: the tile loads alone read M from the L2 cache at a fraction of its rate
+          // (16 rows x 1024 x 256 on one core of a Xeon: 26 -> 23 us).
+          const bool fetches = chunk + 1 < chunks_;
+          _tile_loadd(4, rows.data() + chunk * kChunkTerms, padded_k * 2);
+          _tile_loadd(5, b, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          if (fetches) fetch_tile(b + kTileElements);
+          _tile_loadd(6, b + block_step, 64);
+          _tile_dpbf16ps(1, 4, 6);
+          if (fetches) fetch_tile(b + block_step + kTileElements);
+          _tile_loadd(7, b + 2 * block_step, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          if (fetches) fetch_tile(b + 2 * block_step + kTileElements);
+          _tile_loadd(5, b + 3 * block_step, 64);
+          _tile_dpbf16ps(3, 4, 5);
+          if (fetches) fetch_tile(b + 3 * block_step + kTileElements);
+        }
+        float* out = sums + r0 * ldo + pass * kPassOutputs;
+        _tile_stored(0, out, ldo * 4);
+        _tile_stored(1, out + kBlockOutputs, ldo * 4);
+        _tile_stored(2, out + 2 * kBlockOutputs, ldo * 4);
+        _tile_stored(3, out + 3 * kBlockOutputs, ldo * 4);
+      }
+    }
+    // The tiles' state is large: released, a context switch need not save it.
+    _tile_release();
+  }
+
+ private:
+  // A tile of M (1 KiB: 16 cache lines) into the L1 cache.
+  static void fetch_tile(const at::BFloat16* tile) {
+    const char* bytes = reinterpret_cast<const char*>(tile);
+    for (int line = 0; line < 16; ++line) _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
+  }
+
+  at::Tensor tiles_;
+  int64_t n_ = 0, k_ = 0, passes_ = 0, chunks_ = 0;
+};
+
+#else  // no AMX in this copy of the engine
+
+inline bool usable() { return false; }
+
+class AmxWeights {
+ public:
+  AmxWeights() = default;
+  explicit AmxWeights(const at::Tensor&) {}
+  int64_t n() const { return 0; }
+  int64_t padded_n() const { return 0; }
+  int64_t passes() const { return 0; }
+  void product(const at::BFloat16*, int64_t, float*, int64_t, int64_t) const {
+    TORCH_INTERNAL_ASSERT(false, "rnnfast: AMX tiles in an engine compiled without them");
+  }
+};
+
+#endif
+
+}  // namespace amx
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace rnnfast
