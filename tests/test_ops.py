@@ -640,17 +640,17 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
 
 @pytest.mark.skipif(not _ops._C.cpu_amx(), reason="this CPU runs no AMX tiles")
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
-@pytest.mark.parametrize("batch,hidden,packed", [(1, 64, False), (37, 100, False),
+@pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (37, 100, False),
                                                  (20, 160, True)],
                          ids=["one-row", "row-tiles", "packed"])
 def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch):
     """bfloat16 per-step products on AMX tiles (csrc/cpu/amx_product.h), forward and backward:
     outputs and gradients within a few units of bfloat16's rounding of a float64 run on the same
     rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take a tile of one
-    row, tiles of 16 rows and a last one of 5, terms that do not fill the last chunk of 32 (100
-    units), and batches that shrink as a packed sequence's rows end; a batch of at most 16 rows
-    splits its outputs over the threads, a larger one its rows, and either gives the results of
-    one thread."""
+    row (the LSTM's and GRU's 512 units; the Elman's runs in float), tiles of 16 rows and a last
+    one of 5, terms that do not fill the last chunk of 32 (100 units), and batches that shrink
+    as a packed sequence's rows end; the one row splits its outputs over the threads, 20 and 37
+    rows split their rows, and either gives the results of one thread."""
     torch.manual_seed(5)
     dtype, steps = torch.bfloat16, 6
     model = cls(8, hidden, bidirectional=True).to(dtype)

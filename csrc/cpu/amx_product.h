@@ -16,6 +16,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 
@@ -99,12 +100,55 @@ class AmxWeights {
     auto* tiles = tiles_.data_ptr<at::BFloat16>();
     const auto* m = matrix.data_ptr<at::BFloat16>();
     const int64_t row_stride = matrix.stride(0), term_stride = matrix.stride(1);
-    // Term 2p + h of chunk c of output row `row` is value (p, row % 16, h) of tile (block, c);
-    // M's rows are read in order. Split over the threads by blocks from kPackGrain weights a
-    // share (the 1024 x 256 W_hh of a 256-unit LSTM took 4% of its forward packed on one).
+    // Split over the threads by blocks from kPackGrain weights a share.
     constexpr int64_t kPackGrain = int64_t(1) << 16;
     const int64_t grain =
         std::max<int64_t>(1, kPackGrain / (kBlockOutputs * std::max<int64_t>(k_, 1)));
+    if (term_stride == 1 && k_ % 2 == 0 && row_stride % 2 == 0) {
+      // M's rows as pairs of terms (32 bits each): tile (block, chunk) is the transpose of the
+      // block's 16 rows by the chunk's 16 pairs, 16 x 16 transposes in vector registers (a
+      // loop of single values took 4% of a 256-unit LSTM's 100-step forward, and more than the
+      // steps of the 2-layer energy models' 2).
+      const float* pairs = reinterpret_cast<const float*>(m);
+      const int64_t pair_stride = row_stride / 2, row_pairs = k_ / 2;
+      at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t rows = std::min(kBlockOutputs, n_ - block * kBlockOutputs);
+          for (int64_t chunk = 0; rows > 0 && chunk < chunks_; ++chunk) {
+            const int64_t count = std::min(kTileRows, row_pairs - chunk * kTileRows);
+            at::vec::transpose_mxn_16x16(
+                pairs + block * kBlockOutputs * pair_stride + chunk * kTileRows, pair_stride,
+                reinterpret_cast<float*>(tiles + (block * chunks_ + chunk) * kTileElements),
+                kBlockOutputs, static_cast<int>(rows), static_cast<int>(count));
+          }
+        }
+      });
+      return;
+    }
+    if (row_stride == 1) {
+      // M's columns contiguous (W_hh^T, the backward's product of W_hh): row p of tile (block,
+      // chunk) interleaves the block's 16 outputs of terms 2p and 2p + 1, two runs of 16 values.
+      at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t rows = std::min(kBlockOutputs, n_ - block * kBlockOutputs);
+          if (rows <= 0) continue;
+          const __mmask16 lanes = __mmask16((1u << rows) - 1);
+          const at::BFloat16* first = m + block * kBlockOutputs;
+          for (int64_t term = 0; term < k_; term += 2) {
+            const __m512i even =
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, first + term * term_stride));
+            const __m512i odd = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                term + 1 < k_ ? lanes : __mmask16(0), first + (term + 1) * term_stride));
+            at::BFloat16* tile = tiles + (block * chunks_ + term / kChunkTerms) * kTileElements;
+            _mm512_storeu_si512(tile + term % kChunkTerms * kBlockOutputs,
+                                _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+          }
+        }
+      });
+      return;
+    }
+    // Any other strides: term 2p + h of chunk c of output row `row` is value (p, row % 16, h) of
+    // tile (block, c), M's rows read in order.
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin * kBlockOutputs; row < std::min(n_, end * kBlockOutputs); ++row) {
         const at::BFloat16* from = m + row * row_stride;

@@ -56,10 +56,9 @@ class RecurrentProduct {
     n_ = matrix.size(0);
     k_ = matrix.size(1);
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (packed == Packed::None && n_ * k_ >= kAmxMinWeights && amx::usable()) {
+      if (runs_on_amx(rows, steps, packed) && amx::usable()) {
         amx_ = amx::AmxWeights(matrix);
-        amx_splits_outputs_ =
-            at::get_num_threads() > 1 && rows <= amx::kTileRows && amx_.passes() > 1;
+        amx_splits_outputs_ = amx_splits_outputs(rows);
         return;
       }
     }
@@ -193,9 +192,29 @@ class RecurrentProduct {
   // units ran 27 ms against 53 in float, of 256 units 11 against 17, 16 rows of 512 units 12
   // against 16 ms; 16 rows of 256 units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads).
   static constexpr bool kWidened = kComputedInFloat<T>;
-  // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them, from M of this
-  // many weights.
+  // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them: in calls of
+  // kTiledMinSteps steps or more (fewer do not repay M's packing: the 2-layer energy models' 2
+  // steps ran 1.7x slower), from M of kAmxMinWeights weights, for 4 rows or more (a tile's 16
+  // rows hold 1 to 3 of them: one row of 64-256 LSTM, GRU and Elman units ran up to 2x slower
+  // than in float) or an M of kAmxMinRowWeights (1 row of 512 LSTM and GRU units 14% and 48%
+  // faster: its rows are half the bytes to read).
   static constexpr int64_t kAmxMinWeights = 1 << 10;
+  static constexpr int64_t kAmxMinRows = 4;
+  static constexpr int64_t kAmxMinRowWeights = 1 << 19;
+  bool runs_on_amx(int64_t rows, int64_t steps, Packed packed) const {
+    return packed == Packed::None && steps >= kTiledMinSteps && n_ * k_ >= kAmxMinWeights &&
+           (rows >= kAmxMinRows || n_ * k_ >= kAmxMinRowWeights);
+  }
+  // Whether the AMX product of `rows` rows splits its outputs over the threads at each call:
+  // where split by rows each thread would read all of M for part of a tile (at most a tile's
+  // rows) or from beyond its L2 cache (M past half of it), and the product is worth a parallel
+  // region at each step (kThreadedGemmMinWork: 16 rows of 64 LSTM units split so ran 1.4x
+  // slower).
+  bool amx_splits_outputs(int64_t rows) const {
+    const bool outgrows_cache = n_ * k_ * int64_t(sizeof(T)) > core_cache_bytes() / 2;
+    return at::get_num_threads() > 1 && amx_.passes() > 1 &&
+           rows * n_ * k_ >= kThreadedGemmMinWork && (rows <= amx::kTileRows || outgrows_cache);
+  }
   static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
 
   // The widened product: in [batch, K] (or nullptr: zeros) and addend [batch, N] (or nullptr:
@@ -461,13 +480,11 @@ class RecurrentProduct {
   // The float product that runs a bfloat16 or float16 one below kWidenedMaxWork, on float
   // copies of M and the bias; else null.
   std::shared_ptr<const RecurrentProduct<float>> widened_;
-  RegisterProduct register_;   // the whole product in registers (float, tiny sizes)
-  int64_t register_rows_ = 0;  // the batch register_ was built for
-  TiledWeights<T> tiled_;      // M^T for the tiled kernel, when it runs the product
-  amx::AmxWeights amx_;        // M packed for AMX tiles, when they run the product (bfloat16)
-  // The AMX product splits its outputs over the threads at each call (a batch of at most a
-  // tile's rows: split by rows, each thread would read all of M for half a tile).
-  bool amx_splits_outputs_ = false;
+  RegisterProduct register_;         // the whole product in registers (float, tiny sizes)
+  int64_t register_rows_ = 0;        // the batch register_ was built for
+  TiledWeights<T> tiled_;            // M^T for the tiled kernel, when it runs the product
+  amx::AmxWeights amx_;              // M packed for AMX tiles, when they run the product (bfloat16)
+  bool amx_splits_outputs_ = false;  // amx_splits_outputs(the batch it was built for)
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
   std::vector<T> packed_terms_;   // the gate-packed products' terms (make_packed_terms)
