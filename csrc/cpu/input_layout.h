@@ -93,14 +93,17 @@ constexpr int64_t kBatchMajorTrainingMinRowWork = int64_t(1) << 20;
 // does for small GEMMs per row (fashion-MNIST's 128 rows of 28 x 28 x 120: 20% slower) and past
 // kBatchMajorTrainingMaxWeightBytes, where each of those GEMMs reads all of W_ih and W_ih's
 // gradient is summed over them, out of a core's cache (16 and 64 rows of 512 LSTM units
-// trained 17% and 5% slower, 64 rows of 512 GRU units 8%). float and double only, the BLAS's
-// types: a bfloat16 or float16 GEMM goes through ATen at tens of microseconds a call (64 rows of
-// 64 bfloat16 LSTM units spent half their training step in the GEMMs per row).
+// trained 17% and 5% slower, 64 rows of 512 GRU units 8%). In bfloat16 and float16, whose
+// GEMMs go through ATen at tens of microseconds a call, up to kBatchMajorReducedMaxRows batch
+// rows (64 rows of 64 bfloat16 LSTM units spent half their training step in the GEMMs per row;
+// the copy took 16 and 20 rows of Elman units over torch.nn's peak memory).
+constexpr int64_t kBatchMajorReducedMaxRows = 32;
+
 inline bool trains_on_batch_major_input(const Tensor& input, int64_t gate_size, int64_t hidden_size,
                                         bool has_lengths, bool has_projection) {
   const int64_t element_bytes = int64_t(input.element_size());
   const bool blas_type = input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble;
-  return blas_type && is_batch_major(input) &&
+  return is_batch_major(input) && (blas_type || input.size(1) <= kBatchMajorReducedMaxRows) &&
          input.numel() * element_bytes >= kBatchMajorTrainingMinBytes &&
          gate_size * input.size(2) * element_bytes <= kBatchMajorTrainingMaxWeightBytes &&
          input.size(0) * input.size(2) * gate_size >= kBatchMajorTrainingMinRowWork &&
