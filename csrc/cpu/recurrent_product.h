@@ -192,12 +192,13 @@ class RecurrentProduct {
   // units ran 27 ms against 53 in float, of 256 units 11 against 17, 16 rows of 512 units 12
   // against 16 ms; 16 rows of 256 units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads).
   static constexpr bool kWidened = kComputedInFloat<T>;
+  static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
   // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them: in calls of
-  // kTiledMinSteps steps or more (fewer do not repay M's packing: the 2-layer energy models' 2
-  // steps ran 1.7x slower), from M of kAmxMinWeights weights, for 4 rows or more (a tile's 16
-  // rows hold 1 to 3 of them: one row of 64-256 LSTM, GRU and Elman units ran up to 2x slower
-  // than in float) or an M of kAmxMinRowWeights (1 row of 512 LSTM and GRU units 14% and 48%
-  // faster: its rows are half the bytes to read).
+  // kTiledMinSteps steps or more (fewer do not repay M's packing: packed value by value, the
+  // 2-layer energy models' 2 steps ran 1.7x slower), from M of kAmxMinWeights weights, for 4 rows
+  // or more (a tile's 16 rows hold 1 to 3 of them: one row of 64-256 LSTM, GRU and Elman units ran
+  // up to 2x slower than in float) or an M of kAmxMinRowWeights (1 row of 512 LSTM and GRU units
+  // 14% and 48% faster: its rows are half the bytes to read).
   static constexpr int64_t kAmxMinWeights = 1 << 10;
   static constexpr int64_t kAmxMinRows = 4;
   static constexpr int64_t kAmxMinRowWeights = 1 << 19;
@@ -215,7 +216,6 @@ class RecurrentProduct {
     return at::get_num_threads() > 1 && amx_.passes() > 1 &&
            rows * n_ * k_ >= kThreadedGemmMinWork && (rows <= amx::kTileRows || outgrows_cache);
   }
-  static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
 
   // The widened product: in [batch, K] (or nullptr: zeros) and addend [batch, N] (or nullptr:
   // the bias) converted to float, the float product, its result rounded to T once. Both sides

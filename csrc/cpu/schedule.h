@@ -22,9 +22,9 @@ inline namespace CPU_CAPABILITY {  // capability.h
 // each step) stays on one thread.
 constexpr int64_t kParallelMinWork = 1 << 18;
 // Products in the BLAS are threaded by the BLAS, each thread on its share of the weights (and so
-// are AMX's products of a few rows, recurrent_product.h). The
-// pointwise pass between them is split over the threads per step where a step has at least
-// this many hidden units (below, a parallel region per step costs more than it saves).
+// are AMX's products of a few rows, recurrent_product.h). The pointwise pass between them is
+// split over the threads per step where a step has at least this many hidden units (below, a
+// parallel region per step costs more than it saves).
 constexpr int64_t kPointwiseSplitMinUnits = 1 << 12;
 
 enum class StepThreads { Serial, RowsPerThread, PointwisePerStep };
