@@ -176,10 +176,12 @@ class AmxWeights {
                                                             float* sums, int64_t first_pass,
                                                             int64_t end_pass) const {
     const int64_t padded_k = chunks_ * kChunkTerms, ldo = padded_n();
-    // A tile's rows with K padded to whole chunks (zeros: a term past K, whatever its value,
-    // must add nothing, and padding past the row would read the next row's NaN or infinity).
-    thread_local std::vector<at::BFloat16> rows;
-    rows.resize(kTileRows * padded_k);
+    // A tile's rows: in's own where K is whole chunks, else copies with K padded to whole
+    // chunks (zeros: a term past K, whatever its value, must add nothing, and reading past the
+    // row would read the next row's NaN or infinity).
+    const bool padded = padded_k != k_;
+    thread_local std::vector<at::BFloat16> padded_rows;
+    if (padded) padded_rows.resize(kTileRows * padded_k);
     const auto* packed = tiles_.data_ptr<at::BFloat16>();
     int64_t configured_rows = 0;
     for (int64_t r0 = 0; r0 < batch; r0 += kTileRows) {
@@ -189,11 +191,12 @@ class AmxWeights {
         _tile_loadconfig(&config);
         configured_rows = count;
       }
-      for (int64_t r = 0; r < count; ++r) {
-        at::BFloat16* row = rows.data() + r * padded_k;
+      for (int64_t r = 0; padded && r < count; ++r) {
+        at::BFloat16* row = padded_rows.data() + r * padded_k;
         std::copy(in + (r0 + r) * k_, in + (r0 + r + 1) * k_, row);
         std::fill(row + k_, row + padded_k, at::BFloat16(0.0f));
       }
+      const at::BFloat16* rows = padded ? padded_rows.data() : in + r0 * k_;
       for (int64_t pass = first_pass; pass < end_pass; ++pass) {
         const at::BFloat16* block0 = packed + pass * kPassBlocks * chunks_ * kTileElements;
         const int64_t block_step = chunks_ * kTileElements;
@@ -207,7 +210,7 @@ class AmxWeights {
           // run: the tile loads alone read M from the L2 cache at a fraction of its rate
           // (16 rows x 1024 x 256 on one core of a Xeon: 26 -> 23 us).
           const bool fetches = chunk + 1 < chunks_;
-          _tile_loadd(4, rows.data() + chunk * kChunkTerms, padded_k * 2);
+          _tile_loadd(4, rows + chunk * kChunkTerms, padded_k * 2);
           _tile_loadd(5, b, 64);
           _tile_dpbf16ps(0, 4, 5);
           if (fetches) fetch_tile(b + kTileElements);
