@@ -2,6 +2,8 @@
 // the engines); its functions are the eager entry to the forward op and the CPU buffer pool's
 // controls.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ops/dropout.h>
+#include <ATen/ops/stack.h>
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -119,7 +121,7 @@ const rnnfast::CellName* cell_named(PyObject* name) {
   return nullptr;
 }
 
-// A state argument of single_layer or single_step: an exact tensor of the expected sizes and of
+// A state argument of plain_layers or single_step: an exact tensor of the expected sizes and of
 // the input's dtype and device, or nullopt (with *plain set false) where it is anything else.
 std::optional<Tensor> plain_state(PyObject* object, const Tensor& input, at::IntArrayRef expected,
                                   bool* plain) {
@@ -136,20 +138,24 @@ std::optional<Tensor> plain_state(PyObject* object, const Tensor& input, at::Int
   return state;
 }
 
-// _C.single_layer(cell, input, hx, parameters, flat_names, flat_weights, input_size, batch_first)
-// -> (output, h_n, c_n or None): the forward of a one-layer, one-direction module without cell
-// options (rnnfast/modules.py) on a batched tensor, in torch.nn's layout (h_n [1, B, P]), as its
-// Python forward computes it: the same ops on the same tensors. The checks behind torch.nn's
-// errors run here as comparisons; where any fails, or the call is anything but the plain case
-// (an unbatched or empty input, a state that is not a tensor of the expected shape, dtype and
-// device, a weight that a parametrization has replaced: parameters[name] is not flat_weights[i]),
-// it returns NotImplemented and the Python forward, which raises torch.nn's errors, runs
-// instead. At the small sizes of many models the Python forward's checks and calls cost a
-// quarter of a training step (16 rows, 32 units, one step: 15-18 of 110 us).
-PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+// _C.plain_layers(cell, input, hx, parameters, flat_names, flat_weights, input_size, batch_first,
+//                 num_layers, dropout, training)
+// -> (output, h_n, c_n or None): the forward of a one-direction module without cell options
+// (rnnfast/modules.py) on a batched tensor, in torch.nn's layout (h_n [L, B, P]), as its Python
+// forward computes it: the same ops on the same tensors (functional.stacked: each layer's op on
+// the last one's output, dropout between layers in training, the states stacked). The checks
+// behind torch.nn's errors run here as comparisons; where any fails, or the call is anything but
+// the plain case (an unbatched or empty input, a state that is not a tensor of the expected
+// shape, dtype and device, a weight of another dtype or device than the input, a weight that a
+// parametrization has replaced: parameters[name] is not flat_weights[i]), it returns
+// NotImplemented and the Python forward, which raises torch.nn's errors, runs instead. At the
+// small sizes of many models the Python forward's checks and calls cost a quarter of a training
+// step (16 rows, 32 units, one step: 15-18 of 110 us; two layers of 66 steps of 50 GRU units,
+// one row: 10 of 150 us of the forward).
+PyObject* plain_layers(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 8) {
-    PyErr_Format(PyExc_TypeError, "rnnfast._C.single_layer takes 8 arguments, got %zd", nargs);
+  if (nargs != 11) {
+    PyErr_Format(PyExc_TypeError, "rnnfast._C.plain_layers takes 11 arguments, got %zd", nargs);
     return nullptr;
   }
   PyObject *input_object = args[1], *hx_object = args[2], *parameters = args[3], *names = args[4],
@@ -157,14 +163,28 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
   const rnnfast::CellName* cell = cell_named(args[0]);
   if (cell == nullptr || !THPVariable_CheckExact(input_object) || !PyDict_Check(parameters) ||
       !PyList_Check(names) || !PyList_Check(weights) || !PyLong_Check(args[6]) ||
-      !PyBool_Check(args[7]) || at::impl::torch_function_mode_enabled()) {
+      !PyBool_Check(args[7]) || !PyLong_Check(args[8]) || !PyFloat_Check(args[9]) ||
+      !PyBool_Check(args[10]) || at::impl::torch_function_mode_enabled()) {
     PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
-  // [w_ih, w_hh], then [b_ih, b_hh] where the module has biases, then w_hr where it projects.
+  const int64_t num_layers = PyLong_AsLongLong(args[8]);
+  const double dropout = PyFloat_AS_DOUBLE(args[9]);
+  const bool training = args[10] == Py_True;
+  const Tensor& input = THPVariable_Unpack(input_object);
+  const bool batch_first = args[7] == Py_True;
+  const int64_t input_size = PyLong_AsLongLong(args[6]);
+  // Per layer [w_ih, w_hh], then [b_ih, b_hh] where the module has biases, then w_hr where it
+  // projects.
   const Py_ssize_t count = PyList_GET_SIZE(weights);
-  if (count < 2 || count > 5 || PyList_GET_SIZE(names) != count) Py_RETURN_NOTIMPLEMENTED;
-  std::optional<Tensor> flat[5];
+  if (num_layers < 1 || count % num_layers != 0 || PyList_GET_SIZE(names) != count ||
+      input.dim() != 3 || input.size(2) != input_size || input.numel() == 0) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const Py_ssize_t per_layer = count / num_layers;
+  if (per_layer < 2 || per_layer > 5) Py_RETURN_NOTIMPLEMENTED;
+  std::vector<Tensor> flat(count);
   for (Py_ssize_t i = 0; i < count; ++i) {
     PyObject* weight = PyList_GET_ITEM(weights, i);
     PyObject* registered = PyDict_GetItemWithError(parameters, PyList_GET_ITEM(names, i));
@@ -173,23 +193,20 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
       Py_RETURN_NOTIMPLEMENTED;
     }
     flat[i] = THPVariable_Unpack(weight);
+    if (flat[i].scalar_type() != input.scalar_type() || flat[i].device() != input.device()) {
+      Py_RETURN_NOTIMPLEMENTED;
+    }
   }
-  const bool has_bias = count >= 4, projects = count == 3 || count == 5;
-  const Tensor& w_ih = *flat[0];
-  const Tensor& w_hh = *flat[1];
-  const std::optional<Tensor> b_ih = has_bias ? flat[2] : std::nullopt;
-  const std::optional<Tensor> b_hh = has_bias ? flat[3] : std::nullopt;
-  const std::optional<Tensor> w_hr = projects ? flat[count - 1] : std::nullopt;
+  const bool has_bias = per_layer >= 4, projects = per_layer == 3 || per_layer == 5;
+  const auto layer_weight = [&](int64_t layer, Py_ssize_t index) -> const Tensor& {
+    return flat[layer * per_layer + index];
+  };
+  const auto optional_weight = [&](bool present, int64_t layer, Py_ssize_t index) {
+    return present ? std::optional<Tensor>(layer_weight(layer, index)) : std::nullopt;
+  };
 
-  const Tensor& input = THPVariable_Unpack(input_object);
-  const bool batch_first = args[7] == Py_True;
-  const int64_t input_size = PyLong_AsLongLong(args[6]);
-  if (input.dim() != 3 || input.size(2) != input_size || input.numel() == 0 ||
-      input.scalar_type() != w_ih.scalar_type() || input.device() != w_ih.device()) {
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
-  }
   const int64_t batch = input.size(batch_first ? 0 : 1);
+  const int64_t state_size = layer_weight(0, 1).size(1);
   const bool is_lstm = rnnfast::has_cell_state(cell->kind);
   bool plain = true;
   std::optional<Tensor> hx, cx;
@@ -200,23 +217,41 @@ PyObject* single_layer(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
       if (!pair) Py_RETURN_NOTIMPLEMENTED;
       PyObject* h_object = PySequence_Fast_GET_ITEM(hx_object, 0);
       PyObject* c_object = PySequence_Fast_GET_ITEM(hx_object, 1);
-      hx = plain_state(h_object, input, {1, batch, w_hh.size(1)}, &plain);
-      if (plain) cx = plain_state(c_object, input, {1, batch, w_ih.size(0) / 4}, &plain);
+      hx = plain_state(h_object, input, {num_layers, batch, state_size}, &plain);
+      const int64_t hidden_size = layer_weight(0, 0).size(0) / 4;
+      if (plain) cx = plain_state(c_object, input, {num_layers, batch, hidden_size}, &plain);
     } else {
-      hx = plain_state(hx_object, input, {1, batch, w_hh.size(1)}, &plain);
+      hx = plain_state(hx_object, input, {num_layers, batch, state_size}, &plain);
     }
     if (!plain) Py_RETURN_NOTIMPLEMENTED;
   }
   std::tuple<Tensor, Tensor, Tensor> results;
   {
     pybind11::gil_scoped_release no_gil;
-    // As the Python forward: the layer's states are the first (only) layer's, hx[0].
-    const std::optional<Tensor> h0 = hx ? std::optional<Tensor>(hx->select(0, 0)) : std::nullopt;
-    const std::optional<Tensor> c0 = cx ? std::optional<Tensor>(cx->select(0, 0)) : std::nullopt;
-    auto [output, h_n, c_n, workspace] = forward_saving_as_needed(
-        rnnfast::LayerArgs::of(cell->name, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                               std::nullopt, /*reverse=*/false, batch_first));
-    results = {std::move(output), h_n.unsqueeze(0), is_lstm ? c_n.unsqueeze(0) : Tensor()};
+    Tensor x = input;
+    std::vector<Tensor> h_n(num_layers), c_n(is_lstm ? num_layers : 0);
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+      // As the Python forward: layer l's states are hx[l].
+      const std::optional<Tensor> h0 =
+          hx ? std::optional<Tensor>(hx->select(0, layer)) : std::nullopt;
+      const std::optional<Tensor> c0 =
+          cx ? std::optional<Tensor>(cx->select(0, layer)) : std::nullopt;
+      auto [output, h, c, workspace] = forward_saving_as_needed(rnnfast::LayerArgs::of(
+          cell->name, x, h0, c0, layer_weight(layer, 0), layer_weight(layer, 1),
+          optional_weight(has_bias, layer, 2), optional_weight(has_bias, layer, 3),
+          optional_weight(projects, layer, per_layer - 1), std::nullopt, /*reverse=*/false,
+          batch_first));
+      h_n[layer] = std::move(h);
+      if (is_lstm) c_n[layer] = std::move(c);
+      // torch.nn's dropout of each layer's output but the last, in training (F.dropout's op).
+      x = dropout > 0 && training && layer + 1 < num_layers ? at::dropout(output, dropout, true)
+                                                            : std::move(output);
+    }
+    // (One layer: its state unsqueezed, as the Python forward's.)
+    const auto stacked = [&](std::vector<Tensor>& states) {
+      return num_layers == 1 ? states[0].unsqueeze(0) : at::stack(states);
+    };
+    results = {std::move(x), stacked(h_n), is_lstm ? stacked(c_n) : Tensor()};
   }
   return tensor_tuple({std::move(std::get<0>(results)), std::move(std::get<1>(results)),
                        std::move(std::get<2>(results))});
@@ -236,7 +271,7 @@ bool cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* 
 // _C.single_step(cell, input, h, c, parameters, input_size, hidden_size) -> (h', c' or None):
 // one step of a cell module without cell options (rnnfast/modules.py) on a batched input
 // [B, I], states [B, H] or None, as its Python forward computes it (the one-layer op over a
-// sequence of one step). As single_layer, it returns NotImplemented where a check behind
+// sequence of one step). As plain_layers, it returns NotImplemented where a check behind
 // torch.nn's errors fails or the call is not the plain case (unbatched input, a weight that a
 // parametrization or pruning computes, an unknown cell), and the Python forward runs.
 PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -333,10 +368,10 @@ PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
      "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
      "arguments only torch.ops handles."},
-    {"single_layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(single_layer)),
+    {"plain_layers", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(plain_layers)),
      METH_FASTCALL,
-     "The forward of a one-layer, one-direction module in torch.nn's layout, or NotImplemented "
-     "where the module's Python forward must run."},
+     "The forward of a one-direction module without cell options in torch.nn's layout, or "
+     "NotImplemented where the module's Python forward must run."},
     {"single_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(single_step)),
      METH_FASTCALL,
      "One step of a cell module, or NotImplemented where the module's Python forward must run."},

@@ -258,15 +258,16 @@ class _RecurrentLayer:
         hx is None, a Tensor (GRU / RNN) or a tuple (h_0, c_0) (LSTM); its shape follows the
         input: [L * D, B, P] for batched input, [L * D, P] for unbatched.
         """
-        if (self.num_layers == 1 and not self.bidirectional
+        if (not self.bidirectional
                 and self._options is _RecurrentLayer._options
                 and not torch.compiler.is_compiling()
                 and not torch._C._are_functorch_transforms_active()):
             # The plain case in C++ (checks included), or NotImplemented for what needs the
             # rest of this function: its errors, unbatched or packed input.
-            result = _ops._C.single_layer(self._cell, input, hx, self._parameters,
+            result = _ops._C.plain_layers(self._cell, input, hx, self._parameters,
                                           self._flat_weights_names, self._flat_weights,
-                                          self.input_size, self.batch_first)
+                                          self.input_size, self.batch_first, self.num_layers,
+                                          self.dropout, self.training)
             if result is not NotImplemented:
                 return result
         name = type(self).__name__

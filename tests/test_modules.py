@@ -1343,8 +1343,8 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     compare_results(got, exp)
 
 
-def _count_cpp_forward_calls(monkeypatch, enabled, entry="single_layer"):
-    """Replaces rnnfast's C++ forward of one-layer modules (_C.single_layer) or of cells
+def _count_cpp_forward_calls(monkeypatch, enabled, entry="plain_layers"):
+    """Replaces rnnfast's C++ forward of one-direction modules (_C.plain_layers) or of cells
     (_C.single_step) by a wrapper that counts the calls it answers, or, with enabled=False, by
     one that always declines, so that the modules' Python forward runs. Returns the list of
     answered calls' cells."""
@@ -1382,21 +1382,47 @@ def _check_cpp_forward_equals_python(monkeypatch, entry, expected, actual, devic
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("hx_given", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_layer_forward_in_cpp_equals_the_python_forward(rf, device, spec, batch_first,
-                                                             hx_given, bias, monkeypatch):
-    """A one-layer, one-direction module's forward runs in C++ (_C.single_layer) where its
-    arguments are the plain case: bit for bit the results and gradients of its Python forward,
-    and torch.nn's (or the reference's) to the tolerance."""
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_one_direction_forward_in_cpp_equals_the_python_forward(rf, device, spec, batch_first,
+                                                                hx_given, bias, num_layers,
+                                                                monkeypatch):
+    """A one-direction module's forward runs in C++ (_C.plain_layers) where its arguments are
+    the plain case: bit for bit the results and gradients of its Python forward, and torch.nn's
+    (or the reference's) to the tolerance."""
+    _check_one_direction_forward_in_cpp(rf, device, spec, batch_first, hx_given, bias,
+                                        num_layers, 0.0, monkeypatch)
+
+
+@pytest.mark.parametrize("spec", STANDARD, ids=str)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("hx_given", [False, True])
+def test_one_direction_forward_in_cpp_with_dropout(rf, device, spec, batch_first, hx_given,
+                                                   monkeypatch):
+    """The same in training with dropout between three layers: from the same seed, the masks
+    of torch.nn and of the Python forward."""
+    _check_one_direction_forward_in_cpp(rf, device, spec, batch_first, hx_given, True, 3, 0.4,
+                                        monkeypatch)
+
+
+def _check_one_direction_forward_in_cpp(rf, device, spec, batch_first, hx_given, bias,
+                                        num_layers, dropout, monkeypatch):
     if getattr(rf, "IS_TORCH_NN", False):
         pytest.skip("rnnfast's own forward paths")
     dtype = torch.float64
-    cfg, leaves, _ = layer_case(spec, num_layers=1, bidirectional=False, batch_first=batch_first,
-                                bias=bias, layout="batched", hx_given=hx_given, dtype=dtype)
+    cfg, leaves, _ = layer_case(spec, num_layers=num_layers, bidirectional=False,
+                                batch_first=batch_first, bias=bias, layout="batched",
+                                hx_given=hx_given, dtype=dtype, dropout=dropout)
     expected = expected_layer(spec, cfg, dtype)
     actual = rnnfast_layer(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
-    call = layer_call(spec.mode == "LSTM", None, batch_first)
-    _check_cpp_forward_equals_python(monkeypatch, "single_layer", expected, actual, device,
+    unseeded = layer_call(spec.mode == "LSTM", None, batch_first)
+    seed = torch.randint(0, 2**31, ()).item()
+
+    def call(module, values):
+        torch.manual_seed(seed)  # the same dropout masks in each of the three forwards
+        return unseeded(module, values)
+
+    _check_cpp_forward_equals_python(monkeypatch, "plain_layers", expected, actual, device,
                                      leaves, call)
 
 
