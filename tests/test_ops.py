@@ -640,19 +640,20 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
 
 @pytest.mark.skipif(not _ops._C.cpu_amx(), reason="this CPU runs no AMX tiles")
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
-@pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (37, 100, False),
-                                                 (20, 160, True)],
-                         ids=["one-row", "row-tiles", "packed"])
+@pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (3, 100, False),
+                                                 (37, 100, False), (20, 160, True)],
+                         ids=["one-row", "dot-rows", "row-tiles", "packed"])
 def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch):
     """bfloat16 per-step products on AMX tiles (csrc/cpu/amx_product.h), forward and backward:
     outputs and gradients within a few units of bfloat16's rounding of a float64 run on the same
-    rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take a tile of one
-    row (the LSTM's and GRU's 512 units; the Elman's runs in float), tiles of 16 rows and a last
-    one of 5, terms that do not fill the last chunk of 32 (100 units), and batches that shrink
-    as a packed sequence's rows end; the one row splits its outputs over the threads, 20 and 37
-    rows split their rows, and either gives the results of one thread."""
+    rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take the dot
+    products of fewer than 4 rows (one row of 512 units, whose LSTM splits its outputs over the
+    threads; 3 rows of 100 units), tiles of 16 rows and a last one of 5 (37 rows of 100 units),
+    terms that do not fill the last chunk of 32 (100 units), and batches that shrink as a packed
+    sequence's rows end; 20 and 37 rows split their rows over the threads, and every split gives
+    the results of one thread."""
     torch.manual_seed(5)
-    dtype, steps = torch.bfloat16, 6
+    dtype, steps = torch.bfloat16, 16  # (the dot products run in calls of 16 steps or more)
     model = cls(8, hidden, bidirectional=True).to(dtype)
     reference = cls(8, hidden, bidirectional=True).double()
     reference.load_state_dict({name: value.double() for name, value in model.state_dict().items()})

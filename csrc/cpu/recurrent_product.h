@@ -58,6 +58,7 @@ class RecurrentProduct {
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (runs_on_amx(rows, steps, packed) && amx::usable()) {
         amx_ = amx::AmxWeights(matrix);
+        amx_rows_by_dots_ = rows < kAmxMinRows && amx::has_bf16_dot_products();
         amx_splits_outputs_ = amx_splits_outputs(rows);
         return;
       }
@@ -196,15 +197,25 @@ class RecurrentProduct {
   // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them: in calls of
   // kTiledMinSteps steps or more (fewer do not repay M's packing: packed value by value, the
   // 2-layer energy models' 2 steps ran 1.7x slower), from M of kAmxMinWeights weights, for 4 rows
-  // or more (a tile's 16 rows hold 1 to 3 of them: one row of 64-256 LSTM, GRU and Elman units ran
-  // up to 2x slower than in float) or an M of kAmxMinRowWeights (1 row of 512 LSTM and GRU units
-  // 14% and 48% faster: its rows are half the bytes to read).
+  // or more. Fewer rows (a tile's 16 rows would hold 1 to 3 of them: one row of 64-256 LSTM, GRU
+  // and Elman units ran up to 2x slower on tiles than in float) run as dot products of bfloat16
+  // pairs on the same packed M (AmxWeights::row_product; every CPU with AMX has them), for an M
+  // of kAmxMinRowWeights (half the bytes of float's to read) or in calls of kDotMinSteps steps or
+  // more, which repay M's packing (one row of 100 LSTM units over 12 steps ran its forward 15%
+  // slower than in float; over 30 steps 64 units 13% faster; over 100 steps 128-512 LSTM units
+  // 1.2-2.5x, 256 GRU units 1.8x; 2 threads of a Xeon). On those, a product of kDotSplitMinWork
+  // multiply-adds or more splits its outputs over the threads (one row of 256 LSTM and GRU units
+  // 1.3x and 1.1x faster so; 128 LSTM units and 256 Elman units, 64K multiply-adds, 10-18%
+  // slower).
   static constexpr int64_t kAmxMinWeights = 1 << 10;
   static constexpr int64_t kAmxMinRows = 4;
   static constexpr int64_t kAmxMinRowWeights = 1 << 19;
+  static constexpr int64_t kDotMinSteps = 16;
+  static constexpr int64_t kDotSplitMinWork = 1 << 17;
   bool runs_on_amx(int64_t rows, int64_t steps, Packed packed) const {
     return packed == Packed::None && steps >= kTiledMinSteps && n_ * k_ >= kAmxMinWeights &&
-           (rows >= kAmxMinRows || n_ * k_ >= kAmxMinRowWeights);
+           (rows >= kAmxMinRows || n_ * k_ >= kAmxMinRowWeights ||
+            (steps >= kDotMinSteps && amx::has_bf16_dot_products()));
   }
   // Whether the AMX product of `rows` rows splits its outputs over the threads at each call:
   // where split by rows each thread would read all of M for part of a tile (at most a tile's
@@ -213,8 +224,9 @@ class RecurrentProduct {
   // slower).
   bool amx_splits_outputs(int64_t rows) const {
     const bool outgrows_cache = n_ * k_ * int64_t(sizeof(T)) > core_cache_bytes() / 2;
-    return at::get_num_threads() > 1 && amx_.passes() > 1 &&
-           rows * n_ * k_ >= kThreadedGemmMinWork && (rows <= amx::kTileRows || outgrows_cache);
+    const int64_t min_work = rows < kAmxMinRows ? kDotSplitMinWork : kThreadedGemmMinWork;
+    return at::get_num_threads() > 1 && amx_.passes() > 1 && rows * n_ * k_ >= min_work &&
+           (rows <= amx::kTileRows || outgrows_cache);
   }
 
   // The widened product: in [batch, K] (or nullptr: zeros) and addend [batch, N] (or nullptr:
@@ -296,7 +308,11 @@ class RecurrentProduct {
     float* sums = sums_buffer.data();
     // Passes [first, end) and their outputs.
     const auto passes = [&](int64_t first, int64_t end) {
-      amx_.product(in, batch, sums, first, end);
+      if (amx_rows_by_dots_) {
+        amx_.row_product(in, batch, sums, first, end);
+      } else {
+        amx_.product(in, batch, sums, first, end);
+      }
       const int64_t n0 = first * amx::kPassOutputs, n1 = std::min(n_, end * amx::kPassOutputs);
       for (int64_t b = 0; b < batch; ++b) {
         const float* row_sums = sums + b * ldo;
@@ -485,6 +501,7 @@ class RecurrentProduct {
   TiledWeights<T> tiled_;            // M^T for the tiled kernel, when it runs the product
   amx::AmxWeights amx_;              // M packed for AMX tiles, when they run the product (bfloat16)
   bool amx_splits_outputs_ = false;  // amx_splits_outputs(the batch it was built for)
+  bool amx_rows_by_dots_ = false;    // AmxWeights::row_product (a batch of under kAmxMinRows)
   MatrixRef<T> matrix_transposed_{nullptr, 0, false};  // M^T for gemm
   PackedOperand packed_operand_;  // M^T packed for the BLAS (float, several steps)
   std::vector<T> packed_terms_;   // the gate-packed products' terms (make_packed_terms)
