@@ -647,8 +647,8 @@ def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch)
     """bfloat16 per-step products on AMX tiles (csrc/cpu/amx_product.h), forward and backward:
     outputs and gradients within a few units of bfloat16's rounding of a float64 run on the same
     rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take the dot
-    products of fewer than 4 rows (one row of 512 units, whose LSTM splits its outputs over the
-    threads; 3 rows of 100 units), tiles of 16 rows and a last one of 5 (37 rows of 100 units),
+    products of fewer than 4 rows (one row of 512 units, whose outputs split over the threads;
+    3 rows of 100 units), tiles of 16 rows and a last one of 5 (37 rows of 100 units),
     terms that do not fill the last chunk of 32 (100 units), and batches that shrink as a packed
     sequence's rows end; 20 and 37 rows split their rows over the threads, and every split gives
     the results of one thread."""
