@@ -259,14 +259,20 @@ class AmxWeights {
                                                                  int64_t end_pass) const {
     const int64_t padded_k = chunks_ * kChunkTerms, ldo = padded_n(),
                   block_step = chunks_ * kTileElements;
-    // The row's terms as pairs (32 bits), zeros past K (a term past K must add nothing).
+    // A row's terms as pairs (32 bits), as product() reads its rows: in's own where K is whole
+    // chunks, else a copy with K padded to whole chunks (zeros: a term past K must add nothing).
+    const bool padded = padded_k != k_;
     thread_local std::vector<at::BFloat16> padded_row;
-    padded_row.resize(padded_k);
+    if (padded) padded_row.resize(padded_k);
     const auto* packed = tiles_.data_ptr<at::BFloat16>();
     for (int64_t r = 0; r < batch; ++r) {
-      std::copy(in + r * k_, in + (r + 1) * k_, padded_row.data());
-      std::fill(padded_row.begin() + k_, padded_row.end(), at::BFloat16(0.0f));
-      const auto* pairs = reinterpret_cast<const int32_t*>(padded_row.data());
+      const at::BFloat16* terms = in + r * k_;
+      if (padded) {
+        std::copy(terms, terms + k_, padded_row.data());
+        std::fill(padded_row.begin() + k_, padded_row.end(), at::BFloat16(0.0f));
+        terms = padded_row.data();
+      }
+      const auto* pairs = reinterpret_cast<const int32_t*>(terms);
       for (int64_t pass = first_pass; pass < end_pass; ++pass) {
         const at::BFloat16* block0 = packed + pass * kPassBlocks * block_step;
         __m512 even[kPassBlocks], odd[kPassBlocks];
