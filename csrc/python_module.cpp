@@ -2,6 +2,7 @@
 // the engines); its functions are the eager entry to the forward op and the CPU buffer pool's
 // controls.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/dropout.h>
 #include <ATen/ops/stack.h>
 #include <Python.h>
@@ -325,6 +326,139 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// A cell option's parameter, parameters[name]: *weight its tensor, or nullopt where the key is
+// absent or None; false where it is anything else (a parametrization has moved it).
+bool optional_cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* weight) {
+  PyObject* value = PyDict_GetItemString(parameters, name);
+  if (value == nullptr || value == Py_None) return true;
+  if (!THPVariable_CheckExact(value)) return false;
+  *weight = THPVariable_Unpack(value);
+  return true;
+}
+
+// The one-step op with cell options (rnnfast::forward_with_options) through the dispatcher, as
+// functional.layer_with_options calls it: its autograd kernel makes the graph node where a
+// gradient will be asked for.
+std::tuple<Tensor, Tensor, Tensor> forward_with_options_step(
+    const char* cell, const Tensor& input, const std::optional<Tensor>& h,
+    const std::optional<Tensor>& c, const std::optional<Tensor> (&weights)[8], double zoneout,
+    double zoneout_cell, bool save) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rnnfast::forward_with_options", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                               Tensor, Tensor, Tensor, Tensor, Tensor>(
+                                 c10::string_view, const Tensor&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                 const std::optional<Tensor>&, const std::optional<Tensor>&, double,
+                                 double, const std::optional<Tensor>&, bool, bool)>();
+  const auto& [w_ih, w_hh, b_ih, b_hh, norm_ih, norm_hh, norm_cell_weight, norm_cell_bias] =
+      weights;
+  auto results = op.call(cell, input.unsqueeze(0), h, c, *w_ih, *w_hh, b_ih, b_hh, std::nullopt,
+                         norm_ih, norm_hh, norm_cell_weight, norm_cell_bias, std::nullopt,
+                         std::nullopt, std::nullopt, zoneout, zoneout_cell, std::nullopt,
+                         /*reverse=*/false, save);
+  return {std::move(std::get<0>(results)), std::move(std::get<1>(results)),
+          std::move(std::get<2>(results))};
+}
+
+// _C.options_step(cell, input, h, c, parameters, input_size, hidden_size, layer_norm, zoneout,
+//                 zoneout_cell) -> (h', c' or None): one step of a cell module with cell options
+//                 (layer_norm, or zoneout with
+// no masks to draw: in evaluation its expectation) on a batched float or double input [B, I] on
+// the CPU, states [B, H] or None, as its Python forward computes it (functional.layer_with_options
+// over a sequence of one step). As single_step, it returns NotImplemented where a check behind
+// torch.nn's errors fails or the call is not this case (unbatched input, another dtype or device,
+// a weight that a parametrization computes, a forward-mode AD tangent), and the Python forward
+// runs. The Python forward's checks and calls took more than half of the step of 16 rows of 64
+// layer-normalised LSTM units (27 of 49 us under no_grad).
+PyObject* options_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 10) {
+    PyErr_Format(PyExc_TypeError, "rnnfast._C.options_step takes 10 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* parameters = args[4];
+  const rnnfast::CellName* cell = cell_named(args[0]);
+  if (cell == nullptr || !THPVariable_CheckExact(args[1]) || !PyDict_Check(parameters) ||
+      !PyLong_Check(args[5]) || !PyLong_Check(args[6]) || !PyBool_Check(args[7]) ||
+      !PyFloat_Check(args[8]) || !PyFloat_Check(args[9]) ||
+      at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  // weight_ih, weight_hh, bias_ih, bias_hh, then layer_norm's gains and the cell state's bias.
+  constexpr const char* kNames[8] = {"weight_ih",
+                                     "weight_hh",
+                                     "bias_ih",
+                                     "bias_hh",
+                                     "layer_norm_ih_weight",
+                                     "layer_norm_hh_weight",
+                                     "layer_norm_cell_weight",
+                                     "layer_norm_cell_bias"};
+  std::optional<Tensor> weights[8];
+  for (int i = 0; i < 8; ++i) {
+    if (!optional_cell_weight(parameters, kNames[i], &weights[i])) {
+      PyErr_Clear();
+      Py_RETURN_NOTIMPLEMENTED;
+    }
+  }
+  const Tensor& input = THPVariable_Unpack(args[1]);
+  const int64_t input_size = PyLong_AsLongLong(args[5]);
+  const int64_t hidden_size = PyLong_AsLongLong(args[6]);
+  const bool layer_norm = args[7] == Py_True;
+  const double zoneout = PyFloat_AsDouble(args[8]), zoneout_cell = PyFloat_AsDouble(args[9]);
+  const bool floating = input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble;
+  if (!weights[0] || !weights[1] || input.dim() != 2 || input.size(1) != input_size ||
+      input.size(0) == 0 || hidden_size == 0 || !floating || !input.is_cpu() ||
+      input._fw_grad(/*level=*/0).defined()) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  for (const std::optional<Tensor>& weight : weights) {
+    if (weight && (weight->scalar_type() != input.scalar_type() ||
+                   weight->device() != input.device() || weight->_fw_grad(0).defined())) {
+      Py_RETURN_NOTIMPLEMENTED;
+    }
+  }
+  const bool is_lstm = rnnfast::has_cell_state(cell->kind);
+  // layer_norm's gains where it is on (absent from the parameters where a parametrization or
+  // pruning computes them), none where it is off.
+  const bool gains_as_expected = layer_norm
+                                     ? weights[4] && weights[5] && (!is_lstm || weights[6])
+                                     : !weights[4] && !weights[5] && !weights[6] && !weights[7];
+  if (!gains_as_expected) Py_RETURN_NOTIMPLEMENTED;
+  bool plain = true;
+  // None, or a state [B, H].
+  const auto state = [&](PyObject* object) -> std::optional<Tensor> {
+    if (object == Py_None) return std::nullopt;
+    std::optional<Tensor> value = plain_state(object, input, {input.size(0), hidden_size}, &plain);
+    if (value && value->_fw_grad(0).defined()) plain = false;
+    return value;
+  };
+  const std::optional<Tensor> h = state(args[2]);
+  const std::optional<Tensor> c = is_lstm ? state(args[3]) : std::nullopt;
+  if (!plain) Py_RETURN_NOTIMPLEMENTED;
+  // A gradient will be asked for (or a trace recorded, which always saves:
+  // forward_saving_as_needed).
+  const bool save = torch::jit::tracer::isTracing() ||
+                    torch::autograd::compute_requires_grad(input, h, c, weights[0], weights[1],
+                                                           weights[2], weights[3], weights[4],
+                                                           weights[5], weights[6], weights[7]);
+  Tensor h_new, c_new;
+  {
+    pybind11::gil_scoped_release no_gil;
+    auto [output, h_n, c_n] =
+        forward_with_options_step(cell->name, input, h, c, weights, zoneout, zoneout_cell, save);
+    h_new = std::move(h_n);
+    if (is_lstm) c_new = std::move(c_n);
+  }
+  return tensor_tuple({std::move(h_new), std::move(c_new)});
+  END_HANDLE_TH_ERRORS
+}
+
 // _C.share_saved_output(output, replacement) -> bool: rnnfast::share_saved_output (layer.h).
 PyObject* share_saved_output(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -375,6 +509,10 @@ PyMethodDef module_methods[] = {
     {"single_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(single_step)),
      METH_FASTCALL,
      "One step of a cell module, or NotImplemented where the module's Python forward must run."},
+    {"options_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(options_step)),
+     METH_FASTCALL,
+     "One step of a cell module with cell options and no masks to draw, or NotImplemented where "
+     "the module's Python forward must run."},
     {"share_saved_output",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(share_saved_output)), METH_FASTCALL,
      "Makes the graph node of a layer's output save another tensor of the same values instead."},

@@ -656,12 +656,22 @@ class _RecurrentCell:
 
     def _step(self, cell, input, h, c):
         """input [B, I] or [I]; h, c [B, H] / [H] or None. Returns (h', c' or None)."""
-        if (self._options is _RecurrentCell._options and not torch.compiler.is_compiling()
-                and not torch._C._are_functorch_transforms_active() and not _onnx.exporting()):
+        options = self._options
+        if (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+                and not _onnx.exporting()):
             # The plain case in C++ (checks included), or NotImplemented for what needs the
-            # rest of this function: its errors, unbatched input, computed weights.
-            result = _ops._C.single_step(cell, input, h, c, self._parameters, self.input_size,
-                                         self.hidden_size)
+            # rest of this function: its errors, unbatched input, computed weights. With cell
+            # options likewise, where no zoneout masks are to be drawn (evaluation, or p = 0).
+            if options is _RecurrentCell._options:
+                result = _ops._C.single_step(cell, input, h, c, self._parameters,
+                                             self.input_size, self.hidden_size)
+            elif not (self.training and (options.zoneout or options.zoneout_cell)):
+                result = _ops._C.options_step(cell, input, h, c, self._parameters,
+                                              self.input_size, self.hidden_size,
+                                              options.layer_norm, options.zoneout,
+                                              options.zoneout_cell)
+            else:
+                result = NotImplemented
             if result is not NotImplemented:
                 return result
         name = type(self).__name__

@@ -868,3 +868,105 @@ def test_second_derivatives_raise():
         torch.autograd.grad(module(x)[0].sum(), module.weight_hh_l0, create_graph=True)
     # Without create_graph the first derivative is as before.
     assert torch.autograd.grad(module(x)[0].sum(), x)[0].shape == x.shape
+
+
+def _count_options_steps(monkeypatch, enabled):
+    """Replaces the C++ step of cells with options (_C.options_step) by a wrapper that counts the
+    calls it answers, or, with enabled=False, by one that declines so that the Python forward
+    runs. Returns the list of answered calls' cells."""
+    from rnnfast import _ops
+    original = _ops._C.options_step
+    answered = []
+
+    def counted(*args):
+        result = original(*args) if enabled else NotImplemented
+        if result is not NotImplemented:
+            answered.append(args[0])
+        return result
+
+    monkeypatch.setattr(_ops._C, "options_step", counted)
+    return answered
+
+
+CELL_MODULES = {"lstm": rnnfast.LSTMCell, "gru": rnnfast.GRUCell, "elman_tanh": rnnfast.RNNCell}
+
+
+@pytest.mark.parametrize("kind", list(CELL_MODULES))
+@pytest.mark.parametrize("options,training", [
+    (dict(layer_norm=True), True), (dict(layer_norm=True), False), (dict(zoneout=0.3), False),
+    (dict(layer_norm=True, zoneout=0.4), False)], ids=str)
+@pytest.mark.parametrize("hx_given", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_step_in_cpp_equals_the_python_forward(kind, options, training, hx_given, bias,
+                                                    monkeypatch):
+    """A cell with options whose step draws no masks (layer_norm, zoneout in evaluation) runs its
+    step in C++ (_C.options_step): bit for bit the results and gradients (input, state and
+    every parameter) of its Python forward."""
+    lstm = kind == "lstm"
+    extra = dict(zoneout_cell=0.2) if lstm and "zoneout" in options else {}
+    cell = CELL_MODULES[kind](5, 6, bias=bias, dtype=torch.float64, **options, **extra)
+    cell.train(training)
+    with torch.no_grad():
+        for parameter in cell.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    batch = int(torch.randint(1, 5, ()))
+    x = torch.randn(batch, 5, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(batch, 6, dtype=torch.float64, requires_grad=True)
+              for _ in range(2 if lstm else 1)]
+    hx = (tuple(states) if lstm else states[0]) if hx_given else None
+    results = {}
+    for enabled in (True, False):
+        with monkeypatch.context() as patch:
+            answered = _count_options_steps(patch, enabled)
+            result = cell(x, hx)
+        assert len(answered) == (1 if enabled else 0), f"options_step answered {answered}"
+        outputs = list(result) if lstm else [result]
+        leaves = [x, *states] if hx_given else [x]
+        weights = [torch.ones_like(o) * (i + 1) for i, o in enumerate(outputs)]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)),
+                                    [*leaves, *cell.parameters()])
+        results[enabled] = [o.detach() for o in outputs] + list(grads)
+    for got, want in zip(results[True], results[False]):
+        assert torch.equal(got, want)
+
+
+def test_cell_step_in_cpp_declines_what_python_handles(monkeypatch):
+    """What the C++ step of cells with options leaves to the Python forward: zoneout masks to
+    draw (training), a gain that a parametrization computes, unbatched input, bfloat16, a
+    forward-mode AD tangent. Each gives the Python forward's results or error."""
+    torch.manual_seed(0)
+    answered = _count_options_steps(monkeypatch, True)
+    x = torch.randn(3, 4)
+    training = rnnfast.GRUCell(4, 5, zoneout=0.3)
+    torch.manual_seed(1)
+    h = training(x)
+    torch.manual_seed(1)
+    mask = functional._zoneout_mask((1, 3, 5), 0.3, x)
+    _, expected, _ = reference_layer("gru", x.unsqueeze(0), None, None, training.weight_ih,
+                                     training.weight_hh, training.bias_ih, training.bias_hh, None,
+                                     None, None, None, None, None, mask, None, 0.3, 0.0, None,
+                                     False)
+    torch.testing.assert_close(h, expected)
+    assert answered == [], "zoneout in training draws masks: the Python forward"
+
+    cell = rnnfast.LSTMCell(4, 5, layer_norm=True).eval()
+    plain = cell(x)[0]
+    assert answered == ["lstm"]
+    torch.nn.utils.parametrize.register_parametrization(cell, "layer_norm_ih_weight", _Double())
+    doubled = cell(x)[0]
+    assert not torch.allclose(doubled, plain), "the parametrized gain must be used"
+    assert answered == ["lstm"], "a parametrized gain: the Python forward"
+
+    unbatched = rnnfast.GRUCell(4, 5, layer_norm=True).eval()
+    torch.testing.assert_close(unbatched(x[0]), unbatched(x)[0])
+    assert answered == ["lstm", "gru"], "unbatched input: the Python forward (batched: C++)"
+
+    bf16 = rnnfast.GRUCell(4, 5, layer_norm=True, dtype=torch.bfloat16).eval()
+    assert bf16(x.bfloat16()).dtype == torch.bfloat16
+    assert len(answered) == 2, "bfloat16 (run in float): the Python forward"
+
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            unbatched(dual)
+    assert len(answered) == 2, "a tangent: the Python forward's error"
