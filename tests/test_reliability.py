@@ -261,6 +261,12 @@ _THREAD_SHAPES = [
     # (gemm_in_term_halves in csrc/cpu/blas.h); an odd count of rows.
     ("LSTM", (50, 16, 32, 32, 1)),
     ("GRU", (31, 7, 10, 12, 1)),
+    # The forward's gate panels split by panels over an odd count of them (13 blocks of 16
+    # units; Elman's 450 units as two gates of 225, 15 blocks): the threads' shares cut between
+    # halves of a block's rows.
+    ("LSTM", (9, 13, 20, 200, 1)),
+    ("GRU", (9, 12, 20, 200, 1)),
+    ("RNN", (9, 9, 30, 450, 1)),
 ]
 
 
