@@ -9,6 +9,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfast
 from rnnfast import functional
+from cpp_entries import count_cpp_forward_calls
 from thread_count import torch_threads
 
 GATES = {"lstm": 4, "lstm_relu": 4, "gru": 3, "elman_tanh": 1, "elman_relu": 1}
@@ -870,24 +871,6 @@ def test_second_derivatives_raise():
     assert torch.autograd.grad(module(x)[0].sum(), x)[0].shape == x.shape
 
 
-def _count_options_steps(monkeypatch, enabled):
-    """Replaces the C++ step of cells with options (_C.options_step) by a wrapper that counts the
-    calls it answers, or, with enabled=False, by one that declines so that the Python forward
-    runs. Returns the list of answered calls' cells."""
-    from rnnfast import _ops
-    original = _ops._C.options_step
-    answered = []
-
-    def counted(*args):
-        result = original(*args) if enabled else NotImplemented
-        if result is not NotImplemented:
-            answered.append(args[0])
-        return result
-
-    monkeypatch.setattr(_ops._C, "options_step", counted)
-    return answered
-
-
 CELL_MODULES = {"lstm": rnnfast.LSTMCell, "gru": rnnfast.GRUCell, "elman_tanh": rnnfast.RNNCell}
 
 
@@ -917,7 +900,7 @@ def test_cell_step_in_cpp_equals_the_python_forward(kind, options, training, hx_
     results = {}
     for enabled in (True, False):
         with monkeypatch.context() as patch:
-            answered = _count_options_steps(patch, enabled)
+            answered = count_cpp_forward_calls(patch, enabled, "options_step")
             result = cell(x, hx)
         assert len(answered) == (1 if enabled else 0), f"options_step answered {answered}"
         outputs = list(result) if lstm else [result]
@@ -935,7 +918,7 @@ def test_cell_step_in_cpp_declines_what_python_handles(monkeypatch):
     draw (training), a gain that a parametrization computes, unbatched input, bfloat16, a
     forward-mode AD tangent. Each gives the Python forward's results or error."""
     torch.manual_seed(0)
-    answered = _count_options_steps(monkeypatch, True)
+    answered = count_cpp_forward_calls(monkeypatch, True, "options_step")
     x = torch.randn(3, 4)
     training = rnnfast.GRUCell(4, 5, zoneout=0.3)
     torch.manual_seed(1)

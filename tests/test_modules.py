@@ -20,6 +20,7 @@ from torch import nn
 import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune, which torch does not import)
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from cpp_entries import count_cpp_forward_calls
 from reference import ReferenceCell, ReferenceRNN
 from thread_count import torch_threads
 
@@ -1343,25 +1344,6 @@ def test_parametrized_and_pruned_weights(rf, device, spec):
     compare_results(got, exp)
 
 
-def _count_cpp_forward_calls(monkeypatch, enabled, entry="plain_layers"):
-    """Replaces rnnfast's C++ forward of one-direction modules (_C.plain_layers) or of cells
-    (_C.single_step) by a wrapper that counts the calls it answers, or, with enabled=False, by
-    one that always declines, so that the modules' Python forward runs. Returns the list of
-    answered calls' cells."""
-    from rnnfast import _ops
-    original = getattr(_ops._C, entry)
-    answered = []
-
-    def counted(*args):
-        result = original(*args) if enabled else NotImplemented
-        if result is not NotImplemented:
-            answered.append(args[0])
-        return result
-
-    monkeypatch.setattr(_ops._C, entry, counted)
-    return answered
-
-
 def _check_cpp_forward_equals_python(monkeypatch, entry, expected, actual, device, leaves, call):
     """actual's results and gradients with its C++ forward (entry answering the one call) and
     with its Python forward (entry declining): bit for bit the same, and expected's to the
@@ -1370,7 +1352,7 @@ def _check_cpp_forward_equals_python(monkeypatch, entry, expected, actual, devic
     results = {}
     for enabled in (True, False):
         with monkeypatch.context() as patch:
-            answered = _count_cpp_forward_calls(patch, enabled, entry)
+            answered = count_cpp_forward_calls(patch, enabled, entry)
             results[enabled], _, _ = evaluate(actual, device, leaves, call, w)
         assert len(answered) == (1 if enabled else 0), f"{entry} answered {answered}"
     compare_results(results[True], exp)
@@ -1480,7 +1462,7 @@ def test_one_layer_forward_declines_what_python_handles(rf, device, spec, monkey
     expected = expected_layer(spec, cfg, dtype)
     actual = rnnfast_layer(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
-    answered = _count_cpp_forward_calls(monkeypatch, enabled=True)
+    answered = count_cpp_forward_calls(monkeypatch, enabled=True)
     call = layer_call(is_lstm, None, False)
 
     for m in (expected, actual):
@@ -1564,7 +1546,7 @@ def test_cell_forward_declines_what_python_handles(rf, device, spec, monkeypatch
     expected = expected_cell(spec, cfg, dtype)
     actual = rnnfast_cell(rf, spec, cfg, dtype, device)
     actual.load_state_dict(expected.state_dict(), strict=True)
-    answered = _count_cpp_forward_calls(monkeypatch, True, "single_step")
+    answered = count_cpp_forward_calls(monkeypatch, True, "single_step")
     call = cell_call(is_lstm)
 
     for m in (expected, actual):
