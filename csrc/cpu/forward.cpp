@@ -399,7 +399,7 @@ void run_forward_by_panels(const LayerView<T>& v, StepRange steps, bool zero_ini
     // [0, half_rows) and [half_rows, B)), so that a share may end in the middle of a block: 13
     // blocks on 2 threads, split 7 and 6 (a thread waited for the other a seventh of each step),
     // run as 6.5 each (one layer of 20 rows of 200 LSTM units, the word model's, 43.1 -> 41.4 us
-    // a step under no_grad on 2 threads of a Xeon; means of three runs of each build). Only
+    // a step under no_grad on 2 threads of a Xeon; means of three processes of each). Only
     // where every tile of both halves and of the whole batch sums its terms
     // in one chain (tiles_sum_in_order): a row's sums are then the same whichever share runs it,
     // on any number of threads.
