@@ -222,6 +222,11 @@ class CellOptions(NamedTuple):
         training only, so an evaluating layer with no other option is torch.nn's layer."""
         return self.in_the_cell(training) or (training and self.input_dropout > 0)
 
+    def draws_masks(self, training):
+        """Whether the layer draws random masks from torch's generator in this mode."""
+        return training and (self.zoneout > 0 or self.zoneout_cell > 0
+                             or self.recurrent_dropout > 0 or self.input_dropout > 0)
+
     def in_the_cell(self, training):
         """Whether an option acts inside the time loop in this mode, so that the layer runs the
         options' op: the input dropout multiplies x before it, and the plain op runs the rest."""

@@ -258,16 +258,23 @@ class _RecurrentLayer:
         hx is None, a Tensor (GRU / RNN) or a tuple (h_0, c_0) (LSTM); its shape follows the
         input: [L * D, B, P] for batched input, [L * D, P] for unbatched.
         """
+        options = self._options
         if (not self.bidirectional
-                and self._options is _RecurrentLayer._options
                 and not torch.compiler.is_compiling()
                 and not torch._C._are_functorch_transforms_active()):
             # The plain case in C++ (checks included), or NotImplemented for what needs the
-            # rest of this function: its errors, unbatched or packed input.
-            result = _ops._C.plain_layers(self._cell, input, hx, self._parameters,
-                                          self._flat_weights_names, self._flat_weights,
-                                          self.input_size, self.batch_first, self.num_layers,
-                                          self.dropout, self.training)
+            # rest of this function: its errors, unbatched or packed input. With cell options
+            # likewise, where they draw no masks (layer_norm; zoneout in evaluation).
+            arguments = (self._cell, input, hx, self._parameters, self._flat_weights_names,
+                         self._flat_weights, self.input_size, self.batch_first, self.num_layers,
+                         self.dropout, self.training)
+            if not options.acting(self.training):
+                result = _ops._C.plain_layers(*arguments)
+            elif not options.draws_masks(self.training):
+                result = _ops._C.options_layers(*arguments, self._norm_names, options.zoneout,
+                                                options.zoneout_cell)
+            else:
+                result = NotImplemented
             if result is not NotImplemented:
                 return result
         name = type(self).__name__
@@ -355,10 +362,10 @@ class _RecurrentLayer:
             raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
 
         lengths = lengths_cpu.to(sequence.device) if packed else None
-        if self._options.acting(self.training):
+        if options.acting(self.training):
             output, h_n, c_n = functional.stacked_with_options(
                 self._cell, sequence, h0, c0, weights, self._layer_norms(), self.num_layers,
-                self.bidirectional, self._options, self.dropout, self.training, lengths,
+                self.bidirectional, options, self.dropout, self.training, lengths,
                 batch_first)
         else:
             output, h_n, c_n = functional.stacked(

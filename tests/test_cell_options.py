@@ -953,3 +953,110 @@ def test_cell_step_in_cpp_declines_what_python_handles(monkeypatch):
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             unbatched(dual)
     assert len(answered) == 2, "a tangent: the Python forward's error"
+
+
+LAYER_MODULES = {"lstm": rnnfast.LSTM, "gru": rnnfast.GRU, "elman_tanh": rnnfast.RNN}
+
+
+@pytest.mark.parametrize("kind", list(LAYER_MODULES))
+@pytest.mark.parametrize("options,training", [
+    (dict(layer_norm=True), True), (dict(layer_norm=True), False), (dict(zoneout=0.3), False),
+    (dict(layer_norm=True, zoneout=0.4), False)], ids=str)
+@pytest.mark.parametrize("layers,batch_first,hx_given,bias,proj_size", [
+    (1, False, False, True, 0), (2, True, True, True, 0), (2, False, True, False, 0),
+    (3, True, False, True, 2)])
+def test_layers_in_cpp_equal_the_python_forward(kind, options, training, layers, batch_first,
+                                                hx_given, bias, proj_size, monkeypatch):
+    """A one-direction module with options that draw no masks (layer_norm, zoneout in
+    evaluation) runs its stack in C++ (_C.options_layers): bit for bit the results and
+    gradients (input, states and every parameter) of its Python forward, with torch.nn's
+    dropout between layers drawn alike from the same seed."""
+    lstm = kind == "lstm"
+    proj_size = proj_size if lstm else 0  # (the GRU's and Elman's case: 3 layers, no projection)
+    extra = dict(zoneout_cell=0.2) if lstm and "zoneout" in options else {}
+    if proj_size:
+        extra["proj_size"] = proj_size
+    module = LAYER_MODULES[kind](5, 6, layers, bias=bias, batch_first=batch_first,
+                                 dropout=0.25 if layers > 1 else 0.0, dtype=torch.float64,
+                                 **options, **extra)
+    module.train(training)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    batch, steps = (int(n) for n in torch.randint(1, 5, (2,)))
+    x = torch.randn(*((batch, steps) if batch_first else (steps, batch)), 5,
+                    dtype=torch.float64, requires_grad=True)
+    state_size = proj_size or 6
+    states = [torch.randn(layers, batch, size, dtype=torch.float64, requires_grad=True)
+              for size in ((state_size, 6) if lstm else (state_size,))]
+    hx = (tuple(states) if lstm else states[0]) if hx_given else None
+    seed = int(torch.randint(0, 2**31, ()))
+    results = {}
+    for enabled in (True, False):
+        with monkeypatch.context() as patch:
+            answered = count_cpp_forward_calls(patch, enabled, "options_layers")
+            torch.manual_seed(seed)
+            output, state = module(x, hx)
+        assert len(answered) == (1 if enabled else 0), f"options_layers answered {answered}"
+        outputs = [output, *(state if lstm else [state])]
+        leaves = [x, *states] if hx_given else [x]
+        # (Drawn after the forward: alike only where both forwards drew the same numbers.)
+        weights = [torch.randn_like(o) for o in outputs]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)),
+                                    [*leaves, *module.parameters()])
+        results[enabled] = [o.detach() for o in outputs] + list(grads)
+    for got, want in zip(results[True], results[False]):
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_layers_in_cpp_decline_what_python_handles(monkeypatch):
+    """What the C++ stack of modules with options leaves to the Python forward: masks to draw
+    (zoneout, recurrent and input dropout in training), bidirectional, packed or unbatched
+    input, bfloat16, a gain that a parametrization computes, a forward-mode AD tangent. Each
+    gives the Python forward's results or error. Options that do not act in evaluation (the
+    dropouts) leave torch.nn's layer, which the plain C++ stack runs."""
+    torch.manual_seed(0)
+    answered = count_cpp_forward_calls(monkeypatch, True, "options_layers")
+    x = torch.randn(4, 3, 5)
+    for options in (dict(zoneout=0.3), dict(layer_norm=True, recurrent_dropout=0.2),
+                    dict(layer_norm=True, input_dropout=0.2)):
+        module = rnnfast.GRU(5, 6, **options).train()
+        torch.manual_seed(1)
+        output = module(x)[0]
+        torch.manual_seed(1)
+        assert torch.equal(module(x)[0], output), "seeded: the same masks"
+        assert answered == [], f"{options} in training draw masks: the Python forward"
+
+    bidirectional = rnnfast.LSTM(5, 6, bidirectional=True, layer_norm=True).eval()
+    assert bidirectional(x)[0].shape == (4, 3, 12)
+    packed = pack_padded_sequence(x, [4, 3, 2])
+    unpacked = pad_packed_sequence(rnnfast.LSTM(5, 6, layer_norm=True)(packed)[0])[0]
+    assert unpacked.shape == (4, 3, 6)
+    assert answered == [], "bidirectional and packed input: the Python forward"
+
+    module = rnnfast.LSTM(5, 6, 2, layer_norm=True).eval()
+    batched = module(x)[0]
+    assert answered == ["lstm"]
+    torch.testing.assert_close(module(x[:, 0])[0], batched[:, 0], rtol=1e-6, atol=1e-6)
+    assert answered == ["lstm"], "unbatched input: the Python forward"
+    bf16 = rnnfast.GRU(5, 6, layer_norm=True, dtype=torch.bfloat16).eval()
+    assert bf16(x.bfloat16())[0].dtype == torch.bfloat16
+    assert answered == ["lstm"], "bfloat16 (run in float): the Python forward"
+    torch.nn.utils.parametrize.register_parametrization(module, "layer_norm_hh_weight_l1",
+                                                        _Double())
+    doubled = module(x)[0]
+    assert not torch.allclose(doubled, batched), "the parametrized gain must be used"
+    assert answered == ["lstm"], "a parametrized gain: the Python forward"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            rnnfast.GRU(5, 6, layer_norm=True)(dual)
+    assert answered == ["lstm"], "a tangent: the Python forward's error"
+
+    plain_answered = count_cpp_forward_calls(monkeypatch, True, "plain_layers")
+    dropouts = rnnfast.LSTM(5, 6, recurrent_dropout=0.3, input_dropout=0.3).eval()
+    plain = rnnfast.LSTM(5, 6).eval()
+    plain.load_state_dict(dropouts.state_dict())
+    assert torch.equal(dropouts(x)[0], plain(x)[0])
+    assert plain_answered == ["lstm", "lstm"], "the dropouts in evaluation: the plain stack"
