@@ -725,7 +725,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
           // place (row t * B + b), the last first, so that none is overwritten before it moves.
           // A padded row's xg is never read. (The chatbot encoder's sentences of 3-10 words of
           // 10 leave a third of the rows padding.) packed: xg is a packed workspace's, whose rows
-          // stay where the GEMM writes them.
+          // stay where the GEMM writes them. Only for a GEMM of kGatherMinWork multiply-adds or
+          // more (the gathering measured on those: the chatbot encoder's).
+          constexpr int64_t kGatherMinWork = 1 << 20;
           const auto project_steps = [&](int64_t t0, int64_t count, scalar_t beta,
                                          scalar_t* xg_data, int64_t xg_stride, bool packed) {
             std::vector<int64_t> active(count);
@@ -736,7 +738,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
             }
             const bool pays = packed || (!batch_major_input && v.rows_by_length &&
                                          8 * rows <= 7 * count * s.batch &&
-                                         rows * s.input_size * s.gate_size >= kThreadedGemmMinWork);
+                                         rows * s.input_size * s.gate_size >= kGatherMinWork);
             if (!pays || rows == count * s.batch) {
               project_time_major(t0, count, beta, xg_data, xg_stride);
               return;

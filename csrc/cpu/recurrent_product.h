@@ -220,11 +220,12 @@ class RecurrentProduct {
   // Whether the AMX product of `rows` rows splits its outputs over the threads at each call:
   // where split by rows each thread would read all of M for part of a tile (at most a tile's
   // rows) or from beyond its L2 cache (M past half of it), and the product is worth a parallel
-  // region at each step (kThreadedGemmMinWork: 16 rows of 64 LSTM units split so ran 1.4x
+  // region at each step (kAmxSplitMinWork: 16 rows of 64 LSTM units split so ran 1.4x
   // slower).
+  static constexpr int64_t kAmxSplitMinWork = 1 << 20;
   bool amx_splits_outputs(int64_t rows) const {
     const bool outgrows_cache = n_ * k_ * int64_t(sizeof(T)) > core_cache_bytes() / 2;
-    const int64_t min_work = rows < kAmxMinRows ? kDotSplitMinWork : kThreadedGemmMinWork;
+    const int64_t min_work = rows < kAmxMinRows ? kDotSplitMinWork : kAmxSplitMinWork;
     return at::get_num_threads() > 1 && amx_.passes() > 1 && rows * n_ * k_ >= min_work &&
            (rows <= amx::kTileRows || outgrows_cache);
   }
