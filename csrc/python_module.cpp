@@ -295,13 +295,58 @@ PyObject* plain_layers(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
 }
 
 // A weight of a cell, parameters[name]: *weight its tensor, or nullopt for None (an absent
-// bias); false where it is neither (a parametrization or pruning has moved it).
-bool cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* weight) {
+// bias) and, where absent_is_none, for a missing key (a cell option's parameter the module does
+// not have); false where it is anything else (a parametrization or pruning has moved it).
+bool cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* weight,
+                 bool absent_is_none = false) {
   PyObject* value = PyDict_GetItemString(parameters, name);
-  if (value == Py_None) return true;
+  if (value == Py_None || (value == nullptr && absent_is_none)) return true;
   if (value == nullptr || !THPVariable_CheckExact(value)) return false;
   *weight = THPVariable_Unpack(value);
   return true;
+}
+
+// Whether a tensor carries a forward-mode AD tangent.
+bool has_tangent(const std::optional<Tensor>& t) { return t && t->_fw_grad(/*level=*/0).defined(); }
+
+// A cell's step (single_step, options_step) as read from the first 7 arguments of those
+// functions: (cell, input, h, c, parameters, input_size, hidden_size).
+struct CellCall {
+  const rnnfast::CellName* cell = nullptr;
+  Tensor input;  // [B, I]
+  PyObject* parameters = nullptr;
+  bool is_lstm = false;
+  std::optional<Tensor> h, c;  // [B, H], or nullopt: zeros
+};
+
+// Reads a cell's step into *call: false where it is not the plain case of a batched tensor
+// (an unbatched or empty input, a state that is not a tensor [B, H] of the input's dtype and
+// device, an unknown cell) or where a check behind torch.nn's errors fails.
+bool read_cell_call(PyObject* const* args, CellCall* call) {
+  call->cell = cell_named(args[0]);
+  call->parameters = args[4];
+  if (call->cell == nullptr || !THPVariable_CheckExact(args[1]) ||
+      !PyDict_Check(call->parameters) || !PyLong_Check(args[5]) || !PyLong_Check(args[6]) ||
+      at::impl::torch_function_mode_enabled()) {
+    return false;
+  }
+  call->input = THPVariable_Unpack(args[1]);
+  const Tensor& input = call->input;
+  const int64_t input_size = PyLong_AsLongLong(args[5]);
+  const int64_t hidden_size = PyLong_AsLongLong(args[6]);
+  if (input.dim() != 2 || input.size(1) != input_size || input.size(0) == 0 || hidden_size == 0) {
+    return false;
+  }
+  call->is_lstm = rnnfast::has_cell_state(call->cell->kind);
+  bool plain = true;
+  // None, or a state [B, H].
+  const auto state = [&](PyObject* object) -> std::optional<Tensor> {
+    if (object == Py_None) return std::nullopt;
+    return plain_state(object, input, {input.size(0), hidden_size}, &plain);
+  };
+  call->h = state(args[2]);
+  if (call->is_lstm) call->c = state(args[3]);
+  return plain;
 }
 
 // _C.single_step(cell, input, h, c, parameters, input_size, hidden_size) -> (h', c' or None):
@@ -316,37 +361,20 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
     PyErr_Format(PyExc_TypeError, "rnnfast._C.single_step takes 7 arguments, got %zd", nargs);
     return nullptr;
   }
-  PyObject* parameters = args[4];
-  const rnnfast::CellName* cell = cell_named(args[0]);
-  if (cell == nullptr || !THPVariable_CheckExact(args[1]) || !PyDict_Check(parameters) ||
-      !PyLong_Check(args[5]) || !PyLong_Check(args[6]) || at::impl::torch_function_mode_enabled()) {
-    Py_RETURN_NOTIMPLEMENTED;
-  }
+  CellCall call;
   std::optional<Tensor> w_ih, w_hh, b_ih, b_hh;
-  if (!cell_weight(parameters, "weight_ih", &w_ih) ||
-      !cell_weight(parameters, "weight_hh", &w_hh) || !cell_weight(parameters, "bias_ih", &b_ih) ||
-      !cell_weight(parameters, "bias_hh", &b_hh) || !w_ih || !w_hh) {
+  if (!read_cell_call(args, &call) || !cell_weight(call.parameters, "weight_ih", &w_ih) ||
+      !cell_weight(call.parameters, "weight_hh", &w_hh) ||
+      !cell_weight(call.parameters, "bias_ih", &b_ih) ||
+      !cell_weight(call.parameters, "bias_hh", &b_hh) || !w_ih || !w_hh ||
+      call.input.scalar_type() != w_ih->scalar_type() || call.input.device() != w_ih->device()) {
     PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
-  const Tensor& input = THPVariable_Unpack(args[1]);
-  const int64_t input_size = PyLong_AsLongLong(args[5]);
-  const int64_t hidden_size = PyLong_AsLongLong(args[6]);
-  if (input.dim() != 2 || input.size(1) != input_size || input.size(0) == 0 || hidden_size == 0 ||
-      input.scalar_type() != w_ih->scalar_type() || input.device() != w_ih->device()) {
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  const bool is_lstm = rnnfast::has_cell_state(cell->kind);
-  bool plain = true;
-  // None, or a state [B, H].
-  const auto state = [&](PyObject* object) -> std::optional<Tensor> {
-    if (object == Py_None) return std::nullopt;
-    return plain_state(object, input, {input.size(0), hidden_size}, &plain);
-  };
-  const std::optional<Tensor> h = state(args[2]);
-  const std::optional<Tensor> c = is_lstm ? state(args[3]) : std::nullopt;
-  if (!plain) Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& input = call.input;
+  const rnnfast::CellName* cell = call.cell;
+  const std::optional<Tensor>&h = call.h, &c = call.c;
+  const bool is_lstm = call.is_lstm;
   Tensor h_new, c_new;
   {
     pybind11::gil_scoped_release no_gil;
@@ -359,16 +387,6 @@ PyObject* single_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   }
   return tensor_tuple({std::move(h_new), std::move(c_new)});
   END_HANDLE_TH_ERRORS
-}
-
-// A cell option's parameter, parameters[name]: *weight its tensor, or nullopt where the key is
-// absent or None; false where it is anything else (a parametrization has moved it).
-bool optional_cell_weight(PyObject* parameters, const char* name, std::optional<Tensor>* weight) {
-  PyObject* value = PyDict_GetItemString(parameters, name);
-  if (value == nullptr || value == Py_None) return true;
-  if (!THPVariable_CheckExact(value)) return false;
-  *weight = THPVariable_Unpack(value);
-  return true;
 }
 
 // The op with cell options (rnnfast::forward_with_options) on a sequence [T, B, I] through the
@@ -417,14 +435,16 @@ PyObject* options_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     PyErr_Format(PyExc_TypeError, "rnnfast._C.options_step takes 10 arguments, got %zd", nargs);
     return nullptr;
   }
-  PyObject* parameters = args[4];
-  const rnnfast::CellName* cell = cell_named(args[0]);
-  if (cell == nullptr || !THPVariable_CheckExact(args[1]) || !PyDict_Check(parameters) ||
-      !PyLong_Check(args[5]) || !PyLong_Check(args[6]) || !PyBool_Check(args[7]) ||
-      !PyFloat_Check(args[8]) || !PyFloat_Check(args[9]) ||
-      at::impl::torch_function_mode_enabled()) {
+  CellCall call;
+  if (!PyBool_Check(args[7]) || !PyFloat_Check(args[8]) || !PyFloat_Check(args[9]) ||
+      !read_cell_call(args, &call)) {
+    PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
   }
+  const Tensor& input = call.input;
+  const rnnfast::CellName* cell = call.cell;
+  const std::optional<Tensor>&h = call.h, &c = call.c;
+  const bool is_lstm = call.is_lstm;
   // weight_ih, weight_hh, bias_ih, bias_hh, then layer_norm's gains and the cell state's bias.
   constexpr const char* kNames[8] = {"weight_ih",
                                      "weight_hh",
@@ -436,47 +456,30 @@ PyObject* options_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
                                      "layer_norm_cell_bias"};
   std::optional<Tensor> weights[8];
   for (int i = 0; i < 8; ++i) {
-    if (!optional_cell_weight(parameters, kNames[i], &weights[i])) {
+    if (!cell_weight(call.parameters, kNames[i], &weights[i], /*absent_is_none=*/true)) {
       PyErr_Clear();
       Py_RETURN_NOTIMPLEMENTED;
     }
   }
-  const Tensor& input = THPVariable_Unpack(args[1]);
-  const int64_t input_size = PyLong_AsLongLong(args[5]);
-  const int64_t hidden_size = PyLong_AsLongLong(args[6]);
   const bool layer_norm = args[7] == Py_True;
   const double zoneout = PyFloat_AsDouble(args[8]), zoneout_cell = PyFloat_AsDouble(args[9]);
   const bool floating = input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble;
-  if (!weights[0] || !weights[1] || input.dim() != 2 || input.size(1) != input_size ||
-      input.size(0) == 0 || hidden_size == 0 || !floating || !input.is_cpu() ||
-      input._fw_grad(/*level=*/0).defined()) {
-    PyErr_Clear();
+  if (!weights[0] || !weights[1] || !floating || !input.is_cpu() || has_tangent(input) ||
+      has_tangent(h) || has_tangent(c)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   for (const std::optional<Tensor>& weight : weights) {
     if (weight && (weight->scalar_type() != input.scalar_type() ||
-                   weight->device() != input.device() || weight->_fw_grad(0).defined())) {
+                   weight->device() != input.device() || has_tangent(weight))) {
       Py_RETURN_NOTIMPLEMENTED;
     }
   }
-  const bool is_lstm = rnnfast::has_cell_state(cell->kind);
   // layer_norm's gains where it is on (absent from the parameters where a parametrization or
   // pruning computes them), none where it is off.
   const bool gains_as_expected = layer_norm
                                      ? weights[4] && weights[5] && (!is_lstm || weights[6])
                                      : !weights[4] && !weights[5] && !weights[6] && !weights[7];
   if (!gains_as_expected) Py_RETURN_NOTIMPLEMENTED;
-  bool plain = true;
-  // None, or a state [B, H].
-  const auto state = [&](PyObject* object) -> std::optional<Tensor> {
-    if (object == Py_None) return std::nullopt;
-    std::optional<Tensor> value = plain_state(object, input, {input.size(0), hidden_size}, &plain);
-    if (value && value->_fw_grad(0).defined()) plain = false;
-    return value;
-  };
-  const std::optional<Tensor> h = state(args[2]);
-  const std::optional<Tensor> c = is_lstm ? state(args[3]) : std::nullopt;
-  if (!plain) Py_RETURN_NOTIMPLEMENTED;
   // A gradient will be asked for (or a trace recorded, which always saves:
   // forward_saving_as_needed).
   const bool save = torch::jit::tracer::isTracing() ||
@@ -526,9 +529,6 @@ PyObject* options_layers(PyObject* /*module*/, PyObject* const* args, Py_ssize_t
   const Tensor& input = call.input;
   const bool floating = input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble;
   // (Forward-mode AD: the Python forward raises the op's error.)
-  const auto has_tangent = [](const std::optional<Tensor>& t) {
-    return t && t->_fw_grad(/*level=*/0).defined();
-  };
   if (!floating || !input.is_cpu() || has_tangent(input) || has_tangent(call.hx) ||
       has_tangent(call.cx)) {
     Py_RETURN_NOTIMPLEMENTED;

@@ -672,7 +672,7 @@ class _RecurrentCell:
             if options is _RecurrentCell._options:
                 result = _ops._C.single_step(cell, input, h, c, self._parameters,
                                              self.input_size, self.hidden_size)
-            elif not (self.training and (options.zoneout or options.zoneout_cell)):
+            elif not options.draws_masks(self.training):
                 result = _ops._C.options_step(cell, input, h, c, self._parameters,
                                               self.input_size, self.hidden_size,
                                               options.layer_norm, options.zoneout,
