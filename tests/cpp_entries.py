@@ -4,9 +4,10 @@ that they compute what the modules' Python forward computes."""
 
 def count_cpp_forward_calls(monkeypatch, enabled, entry="plain_layers"):
     """Replaces one of rnnfast's C++ forward entries (_C.plain_layers of one-direction modules,
-    _C.single_step of cells, _C.options_step of cells with options) by a wrapper that counts the
-    calls it answers, or, with enabled=False, by one that always declines, so that the modules'
-    Python forward runs. Returns the list of answered calls' cells."""
+    _C.options_layers of those with options, _C.single_step of cells, _C.options_step of cells
+    with options) by a wrapper that counts the calls it answers, or, with enabled=False, by one
+    that always declines, so that the modules' Python forward runs. Returns the list of answered
+    calls' cells."""
     from rnnfast import _ops
     original = getattr(_ops._C, entry)
     answered = []
