@@ -598,20 +598,43 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
 // 384 units) 3% slower than the GEMM over all steps.
 constexpr int64_t kStepProjectionMinRows = 8;
 
+// Where the BLAS is not MKL on an Intel CPU (blas_is_fast_here), the panels project the input
+// in the steps up to this many bytes of panels, past a core's L2 cache: their tiles, reading
+// the panels from the L3 cache at every step, still run faster than MKL's GEMM over all steps,
+// whose generic kernels reach 75-80% of an AMD core's multiply-add rate (85-89 of 115 GFLOP/s
+// per core of a Zen 4 EPYC). (2-core AMD EPYC, Zen 4, L2 1 MiB per core, L3 32 MiB; LSTM
+// forward under no_grad, 2 threads: 16 rows x 100 steps of 256 units (2 MiB of panels) 10.6
+// -> 9.3 ms, of 512 units (8 MiB) 41.8 -> 38.3, 64 rows of 256 41.9 -> 35.4, of 512 152 ->
+// 143; training steps 3-7% faster, the Elman's forward of 64 rows of 512 units 17%; 1 thread:
+// 16 rows of 256 units 24.1 -> 18.8 ms, of 512 79.4 -> 72.4; 16 rows x 50 steps of 768 units
+// (19 MB) 48.2 -> 43.6 ms; of 1024 units (34 MB, past the L3 cache) 79 -> 100 ms: not taken.)
+constexpr int64_t kStepProjectionMaxBytesBesideSlowBlas = int64_t(20) << 20;
+
+// The largest panels of [W_ih | W_hh], in bytes, whose steps project the input: a core's L2
+// cache (so that on two threads each thread's share fits in half of its own, read from there at
+// every step), or more beside a slow BLAS (above).
+int64_t step_projection_max_panel_bytes() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (!blas_is_fast_here()) {
+    return std::max(core_cache_bytes(), kStepProjectionMaxBytesBesideSlowBlas);
+  }
+#endif
+  return core_cache_bytes();
+}
+
 // Whether the forward projects the input [T, B, I] in its steps (StepInput): in the panel
 // schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run),
 // for a cell that reads xg and hg only as their sum, with no bias of the input's own to add
 // (adds_input_bias: b_ih without b_hh), on rows of unit stride, where the panels of
-// [W_ih | W_hh] fit in a core's cache (so that on two threads each thread's share fits in half
-// of its own, read from there at every step). The rule does not depend on the thread count: a
-// call sums each output in the same order on any number of threads.
+// [W_ih | W_hh] are at most step_projection_max_panel_bytes. The rule does not depend on the
+// thread count: a call sums each output in the same order on any number of threads.
 template <typename Cell, typename T>
 bool projects_input_in_steps(const LayerView<T>& v, bool projecting, const Tensor& input,
                              bool adds_input_bias) {
   const int64_t panel_bytes = (input.size(2) + v.H) * v.G * int64_t(sizeof(T));
   return Cell::kHiddenBiasFoldable && !adds_input_bias && input.stride(2) == 1 &&
-         v.product_rows >= kStepProjectionMinRows && panel_bytes <= core_cache_bytes() &&
-         runs_by_panels(v, projecting);
+         v.product_rows >= kStepProjectionMinRows &&
+         panel_bytes <= step_projection_max_panel_bytes() && runs_by_panels(v, projecting);
 }
 
 // An inference call's input projection in chunks of this many bytes (at least kMinChunkSteps
