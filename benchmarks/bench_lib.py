@@ -691,18 +691,27 @@ def evaluate_targets(device, groups):
 # --------------------------------------------------------------------------------------------
 
 def _cpuinfo_field(name):
+    """The first processor's `name` field in /proc/cpuinfo (None where it has none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith(name):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip().lower() == name:
+                    return value.strip()
     except OSError:
         pass
     return None
 
 
 def cpu_model():
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    """The CPU's name, and its family and model numbers where /proc/cpuinfo gives them: a
+    virtual machine's name is often generic ("AMD EPYC"), while the numbers tell a Zen 3 EPYC
+    (family 25, model 1) from a Zen 4 one (family 25, model 17)."""
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    if family and model:
+        name += f" (family {family}, model {model})"
+    return name
 
 
 def cpu_vendor():
