@@ -601,13 +601,14 @@ constexpr int64_t kStepProjectionMinRows = 8;
 // Where the BLAS is not MKL on an Intel CPU (blas_is_fast_here), the panels project the input
 // in the steps up to this many bytes of panels, past a core's L2 cache: their tiles, reading
 // the panels from the L3 cache at every step, still run faster than MKL's GEMM over all steps,
-// whose generic kernels reach 75-80% of an AMD core's multiply-add rate (85-89 of 115 GFLOP/s
-// per core of a Zen 4 EPYC). (2-core AMD EPYC, Zen 4, L2 1 MiB per core, L3 32 MiB; LSTM
-// forward under no_grad, 2 threads: 16 rows x 100 steps of 256 units (2 MiB of panels) 10.6
-// -> 9.3 ms, of 512 units (8 MiB) 41.8 -> 38.3, 64 rows of 256 41.9 -> 35.4, of 512 152 ->
-// 143; training steps 3-7% faster, the Elman's forward of 64 rows of 512 units 17%; 1 thread:
-// 16 rows of 256 units 24.1 -> 18.8 ms, of 512 79.4 -> 72.4; 16 rows x 50 steps of 768 units
-// (19 MB) 48.2 -> 43.6 ms; of 1024 units (34 MB, past the L3 cache) 79 -> 100 ms: not taken.)
+// whose generic kernels reach 75-85% of an AMD core's multiply-add rate (85-98 of 115 GFLOP/s
+// on one core of a Zen 4 EPYC, on the engine's shapes). (2-core AMD EPYC, Zen 4, L2 1 MiB per
+// core, L3 32 MiB; LSTM forward under no_grad, 2 threads: 16 rows x 100 steps of 256 units
+// (2 MiB of panels) 10.6 -> 9.3 ms, of 512 units (8 MiB) 41.8 -> 38.3, 64 rows of 256 41.9 ->
+// 35.4, of 512 152 -> 143; training steps 3-7% faster, the Elman's forward of 64 rows of 512
+// units 17%; 1 thread: 16 rows of 256 units 24.1 -> 18.8 ms, of 512 79.4 -> 72.4; 16 rows x
+// 50 steps of 768 units (19 MB) 48.2 -> 43.6 ms; of 1024 units (34 MB, past the L3 cache) 79
+// -> 100 ms: not taken.)
 constexpr int64_t kStepProjectionMaxBytesBesideSlowBlas = int64_t(20) << 20;
 
 // The largest panels of [W_ih | W_hh], in bytes, whose steps project the input: a core's L2
