@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -70,6 +71,16 @@ inline void transpose_8x8(const float* from, int64_t from_stride, float* to, int
     _mm256_storeu_ps(to + c * to_stride, _mm256_permute2f128_ps(rows[c], rows[c + 4], 0x20));
     _mm256_storeu_ps(to + (c + 4) * to_stride, _mm256_permute2f128_ps(rows[c], rows[c + 4], 0x31));
   }
+}
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+// Whether CPUID names this CPU's vendor `vendor` ("GenuineIntel", "AuthenticAMD"): its 12
+// characters in ebx, edx and ecx.
+inline bool cpu_vendor_is(const char (&vendor)[13]) {
+  unsigned int eax = 0, name[3] = {0, 0, 0};
+  return __get_cpuid(0, &eax, &name[0], &name[2], &name[1]) &&
+         std::memcmp(name, vendor, sizeof(name)) == 0;
 }
 #endif
 
@@ -159,7 +170,8 @@ class GatePanels {
         hidden_(w_hh.size(transposed_ ? 1 : 0) / gates),
         input_terms_(w_ih.defined() ? w_ih.size(1) : 0),
         k_(w_hh.size(transposed_ ? 0 : 1) + input_terms_),
-        blocks_((hidden_ + kLanes - 1) / kLanes) {
+        blocks_((hidden_ + kLanes - 1) / kLanes),
+        chunk_terms_(std::max<int64_t>(1, chunk_bytes() / (gates * kLanes * int64_t(sizeof(T))))) {
     TORCH_INTERNAL_ASSERT(!w_ih.defined() || layout == Layout::Rows);
     storage_ = at::empty({blocks_ * panel_size()}, w_hh.options());
     outgrows_core_cache_ = storage_.nbytes() > static_cast<size_t>(core_cache_bytes());
@@ -311,19 +323,12 @@ class GatePanels {
   static constexpr int64_t kSpillingChunkBytes = 64 << 10;
   static int64_t chunk_bytes() {
 #if defined(CPU_CAPABILITY_AVX512) && (defined(__x86_64__) || defined(_M_X64))
-    static const bool amd = [] {
-      unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-      // "AuthenticAMD" in ebx, edx, ecx.
-      return __get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && edx == 0x69746e65 &&
-             ecx == 0x444d4163;
-    }();
+    static const bool amd = cpu_vendor_is("AuthenticAMD");
     if (amd) return kSpillingChunkBytes;
 #endif
     return kChunkBytes;
   }
-  int64_t chunk_terms() const {
-    return std::max<int64_t>(1, chunk_bytes() / (gates_ * kLanes * int64_t(sizeof(T))));
-  }
+  int64_t chunk_terms() const { return chunk_terms_; }
   int64_t terms() const { return k_; }
 
   // hg[r * hg_stride + gate * H + j] for the `rows` rows of h and the units j of `block`, of
@@ -509,8 +514,9 @@ class GatePanels {
   const T* bias_;
   bool transposed_;  // Layout::Transposed
   int64_t gates_, hidden_, input_terms_, k_, blocks_;
-  at::Tensor storage_;  // [blocks][K][gates][lanes]
-  at::Tensor biases_;   // [blocks][gates][lanes]
+  int64_t chunk_terms_;  // terms per chunk of the k loop (chunk_bytes of a panel)
+  at::Tensor storage_;   // [blocks][K][gates][lanes]
+  at::Tensor biases_;    // [blocks][gates][lanes]
   T* panels_data_;
   T* biases_data_;
   bool outgrows_core_cache_;  // the panels are larger than a core's L2 cache (next_chunk)
@@ -530,11 +536,8 @@ constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
 inline bool blas_is_fast_here() {
   static const bool fast = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-    // "GenuineIntel" in ebx, edx, ecx; MKL is the BLAS of torch's x86 builds.
-    const bool intel = ebx == 0x756e6547 && edx == 0x49656e69 && ecx == 0x6c65746e;
-    return intel && &sgemm_ != nullptr;
+    // MKL is the BLAS of torch's x86 builds.
+    return cpu_vendor_is("GenuineIntel") && &sgemm_ != nullptr;
 #else
     return false;
 #endif
