@@ -183,9 +183,11 @@ inline T layer_norm_row(int64_t n, const NormRow<T>& row) {
 // read instead of two. Both biases are given (a row of zeros for an absent one); rstd as
 // layer_norm_rows'.
 template <typename T>
-inline void layer_norm_rows_into_sum(int64_t n, const NormRow<T>& a, const NormRow<T>& b, T* sum,
-                                     T (&rstd)[2]) {
+inline void layer_norm_rows_into_sum(int64_t n, const NormRow<T>& row_a, const NormRow<T>& row_b,
+                                     T* sum, T (&rstd)[2]) {
   using V = Vec<T>;
+  // Local copies of the rows' pointers, as layer_norm_rows_backward_as's.
+  const NormRow<T> a = row_a, b = row_b;
   T mean[2];
   row_moments<T, 2>(n, {a.x, b.x}, mean, rstd);
   const V mean_a(mean[0]), rstd_a(rstd[0]), mean_b(mean[1]), rstd_b(rstd[1]);
@@ -229,9 +231,15 @@ struct NormGradRow {
 // dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)). A row's dx may be its dy, or the other
 // row's dy (each vector of both rows' dx is computed before either is stored).
 template <typename T, int rows, bool kBias0, bool kBias1>
-inline void layer_norm_rows_backward_as(int64_t n, const NormGradRow<T>& r0,
-                                        const NormGradRow<T>& r1) {
+inline void layer_norm_rows_backward_as(int64_t n, const NormGradRow<T>& row0,
+                                        const NormGradRow<T>& row1) {
   using V = Vec<T>;
+  // The rows' pointers as local copies (kept in registers): read through the references, each
+  // was loaded again after every store, which may alias them (a vector store writes bytes). (The
+  // 16-row, 64-unit layer-normalised LSTM's training step on 1 thread of a Zen 4 EPYC: this
+  // function's CPU time 24% less, layer_norm_rows_into_sum's 34%; perf samples against the
+  // product kernel's.)
+  const NormGradRow<T> r0 = row0, r1 = row1;
   // Per row, the sums of g and g * x_hat in two halves each.
   V g00(T(0)), g01(T(0)), gx00(T(0)), gx01(T(0)), g10(T(0)), g11(T(0)), gx10(T(0)), gx11(T(0));
   const auto add_terms = [&](const NormGradRow<T>& r, auto with_bias, int64_t j, auto count,
