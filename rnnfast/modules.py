@@ -288,8 +288,12 @@ class _RecurrentLayer:
             _check_packed_sequence(name, input)
             batch_sizes = input.batch_sizes
             steps = batch_sizes.size(0)
-            # [T, B, I] in the packed (sorted by length) batch order, and lengths [B].
-            pad = _pad_outside_graph if torch.compiler.is_compiling() else _pad
+            # [T, B, I] in the packed (sorted by length) batch order, and lengths [B]. Under
+            # torch.compile _pad and _pack run outside the graph (a graph break around each), as
+            # torch.nn's layers run there: their output shapes are the values of batch_sizes and
+            # lengths, which tracing cannot know; the layers between them are traced, on a
+            # padded sequence of symbolic T and B.
+            pad = functional._outside_graph(_pad) if torch.compiler.is_compiling() else _pad
             sequence, lengths_cpu = pad(input.data, batch_sizes, steps)
             batched = True
         else:
@@ -373,7 +377,7 @@ class _RecurrentLayer:
                 self.dropout, self.training, lengths, batch_first)
 
         if packed:
-            pack = _pack_outside_graph if torch.compiler.is_compiling() else _pack
+            pack = functional._outside_graph(_pack) if torch.compiler.is_compiling() else _pack
             data = pack(output, lengths_cpu)
             output = PackedSequence(data, input.batch_sizes, input.sorted_indices,
                                     input.unsorted_indices)
@@ -398,14 +402,6 @@ def _pad(data, batch_sizes, steps):
 def _pack(output, lengths_cpu):
     """The rows of output [T, B, P] that lie within their lengths, packed: [sum(lengths), P]."""
     return torch._pack_padded_sequence(output, lengths_cpu, False)[0]
-
-
-# _pad and _pack under torch.compile: run outside the graph (a graph break around each), as
-# torch.nn's layers run there. Their output shapes are the values of batch_sizes and lengths,
-# which tracing cannot know; the layers between them are traced, on a padded sequence of
-# symbolic T and B.
-_pad_outside_graph = torch.compiler.disable(_pad)
-_pack_outside_graph = torch.compiler.disable(_pack)
 
 
 def _check_packed_sequence(owner, packed):

@@ -1,4 +1,5 @@
-"""`import rnnfast` explains a missing or stale compiled extension instead of failing bare."""
+"""`import rnnfast` explains a missing or stale compiled extension instead of failing bare, and
+loads nothing of torch beyond what `import torch` loads."""
 import glob
 import os
 import shutil
@@ -52,3 +53,14 @@ def test_stale_extension_is_refused(tmp_path):
     code, stderr = import_error_of(tmp_path)
     assert code != 0
     assert "stale" in stderr and "pip install -e . --no-build-isolation" in stderr
+
+
+def test_import_leaves_torch_compile_unloaded():
+    """`import rnnfast` loads no more of torch than `import torch` does: torch._dynamo (1.2 s
+    and 800 modules, sympy's among them) only once a model is compiled."""
+    probe = ("import sys, torch; before = set(sys.modules); import rnnfast; "
+             "added = sorted(set(sys.modules) - before); "
+             "heavy = [m for m in added if m.startswith(('torch._dynamo', 'sympy', 'torch.onnx'))]; "
+             "assert not heavy, heavy[:5]")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
