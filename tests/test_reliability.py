@@ -251,6 +251,9 @@ _THREAD_SHAPES = [
     # The forward's gate panels split by batch rows (an input too wide for the steps to
     # project it), in shares of 9 rows.
     ("LSTM", (8, 18, 1100, 150, 1)),
+    # The backward's gate panels on each thread's rows through all steps (W_hh within a core's
+    # L2 cache), in shares of 9 and 8 rows, the GRU's with dh through z beside the product.
+    ("GRU", (8, 17, 20, 150, 1)),
     # One batch row past the engine's own kernels: the backward's per-step products of one row
     # (row_times_matrix in csrc/cpu/blas.h), in one block of terms and in two.
     ("GRU", (20, 1, 64, 256, 1)),

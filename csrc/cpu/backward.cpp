@@ -243,8 +243,9 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
                          dh_data + b_begin * P);
     }
   };
-  run_steps(B, 0, v.T_, step_threads(B, v.T_, G, P, H, recurrent_back), projection_step,
-            pointwise_step, recurrent_step);
+  const StepThreads threads =
+      backward_step_threads(B, v.T_, G, P, H, recurrent_back, back_panels && !split_terms);
+  run_steps(B, 0, v.T_, threads, projection_step, pointwise_step, recurrent_step);
 }
 
 #if defined(RNNFAST_LANE_KERNELS)

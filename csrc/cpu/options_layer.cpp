@@ -601,10 +601,11 @@ std::vector<Tensor> backward_impl(const LayerOptionsBackwardArgs& ba) {
   // dgates W_hh in gate panels where the engine's backward runs it there (backward_panels),
   // on any number of threads, as the forward's product.
   const std::optional<GatePanels<T>> back_panels = backward_panels<T>(args.w_hh, B, Tn);
-  const bool rows_per_thread =
-      step_threads(B, Tn, G, P, H, recurrent_back) == StepThreads::RowsPerThread &&
-      (!projecting || projection_back.may_split_rows());
   const bool split_terms = splits_panel_terms<T>(B);
+  const bool rows_per_thread =
+      backward_step_threads(B, Tn, G, P, H, recurrent_back, back_panels && !split_terms) ==
+          StepThreads::RowsPerThread &&
+      (!projecting || projection_back.may_split_rows());
 
   // The reverse step of row b at time t: the cell's and the normalisations' backward.
   const auto cell_row = [&](int64_t t, int64_t b) {

@@ -42,6 +42,27 @@ StepThreads step_threads(int64_t rows, int64_t steps, int64_t gate_size, int64_t
              : StepThreads::Serial;
 }
 
+// The reverse loop's schedule where its product dh_prev = dgates W_hh runs in the backward's
+// gate panels (backward_panels) in tiles that do not split their terms (splits_panel_terms),
+// so that a thread computes its rows as the whole batch computes them: rows per thread (each
+// thread takes its rows through all steps, reading all of W_hh at each, with no barrier per
+// step) where W_hh fits in a core's L2 cache, and otherwise step_threads' schedule (a step's
+// product split over the threads by the panels' units, whose share of W_hh stays in cache).
+// On a 2-core AMD EPYC, training steps in one process against step_threads' schedule: 20 rows
+// x 35 steps of 200 LSTM units 5% faster, GRU's 16 and 64 rows of 256 units 5-6%, LSTM's 1-2%;
+// 16 rows of 512 units (W_hh of 3-4 MiB) the same either way.
+template <typename T>
+StepThreads backward_step_threads(int64_t rows, int64_t steps, int64_t gate_size,
+                                  int64_t state_size, int64_t hidden_size,
+                                  const RecurrentProduct<T>& product, bool whole_row_panels) {
+  if (whole_row_panels && at::get_num_threads() > 1 &&
+      gate_size * state_size * int64_t(sizeof(T)) <= core_cache_bytes() &&
+      rows * steps * gate_size * state_size >= kParallelMinWork) {
+    return StepThreads::RowsPerThread;
+  }
+  return step_threads(rows, steps, gate_size, state_size, hidden_size, product);
+}
+
 // Runs steps [step_begin, step_end) of a call over batch rows [0, rows) in the schedule
 // `threads`: per step before(step, begin, end), pointwise(step, begin, end) and
 // after(step, begin, end) on rows begin .. end - 1 (before and after run the products; with
