@@ -55,12 +55,12 @@ def test_stale_extension_is_refused(tmp_path):
     assert "stale" in stderr and "pip install -e . --no-build-isolation" in stderr
 
 
-def test_import_leaves_torch_compile_unloaded():
-    """`import rnnfast` loads no more of torch than `import torch` does: torch._dynamo (1.2 s
-    and 800 modules, sympy's among them) only once a model is compiled."""
+def test_import_loads_no_more_of_torch():
+    """`import rnnfast` loads no module of torch that `import torch` did not: torch._dynamo
+    (1.2 s and 800 modules, sympy's among them) only once a model is compiled."""
     probe = ("import sys, torch; before = set(sys.modules); import rnnfast; "
              "added = sorted(set(sys.modules) - before); "
-             "heavy = [m for m in added if m.startswith(('torch._dynamo', 'sympy', 'torch.onnx'))]; "
-             "assert not heavy, heavy[:5]")
+             "loaded = [m for m in added if m.split('.')[0] in ('torch', 'sympy')]; "
+             "assert not loaded, loaded[:5]")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
