@@ -187,8 +187,15 @@ def _dropout_between_layers(x, p, lengths):
 def _outside_graph(function):
     """function to be run outside torch.compile's graph (a graph break around each call). Only
     called while compiling: torch.compiler.disable imports torch._dynamo, which at import time
-    would add 1.2 s and 800 modules to `import rnnfast`."""
-    return torch.compiler.disable(function)
+    would add 1.2 s and 800 modules to `import rnnfast`. Each function is wrapped once: the
+    compiled model's eager code between its graphs calls this at every call (5 us a wrapping)."""
+    wrapped = _OUTSIDE_GRAPH.get(function)
+    if wrapped is None:
+        wrapped = _OUTSIDE_GRAPH[function] = torch.compiler.disable(function)
+    return wrapped
+
+
+_OUTSIDE_GRAPH = {}
 
 
 def _packed_dropout(x, p, lengths):
