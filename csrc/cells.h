@@ -74,13 +74,15 @@ RNNFAST_HD void store(T* row, int offset, int j, A value) {
   row[offset + j] = T(value);
 }
 
+// sigmoid and activate are always inlined, as the vector math under them (csrc/cpu/vector_math.h
+// says why).
 template <typename A>
-RNNFAST_HD A sigmoid(A x) {
+RNNFAST_HD_INLINED A sigmoid(A x) {
   return Math<A>::sigmoid(x);
 }
 
 template <Activation Act, typename A>
-RNNFAST_HD A activate(A x) {
+RNNFAST_HD_INLINED A activate(A x) {
   if constexpr (Act == Activation::Tanh) {
     return Math<A>::tanh(x);
   } else if constexpr (Act == Activation::Relu) {

@@ -187,8 +187,10 @@ class GateLanes {
     }
   }
 
-  // out_g += the product of the inputs low and high (high: with two_inputs only).
-  void each(Vectors& out, lanes::Vector low, lanes::Vector high) const {
+  // out_g += the product of the inputs low and high (high: with two_inputs only). Inlined, as
+  // sum(): out of line, each call's sums went through memory, on the chain of a step.
+  __attribute__((always_inline)) void each(Vectors& out, lanes::Vector low,
+                                           lanes::Vector high) const {
     // Odd terms go to sums of their own: half the chain of dependent multiply-adds.
     Vectors odd;
     int64_t s = 0;
@@ -210,7 +212,7 @@ class GateLanes {
   }
 
   // start + the products of the gates' inputs (one vector each).
-  lanes::Vector sum(lanes::Vector start, const Vectors& in) const {
+  __attribute__((always_inline)) lanes::Vector sum(lanes::Vector start, const Vectors& in) const {
     // A sum per gate (the first from start), added pairwise at the end: the gates' products do
     // not wait on each other.
     Vectors sums;
