@@ -1023,6 +1023,17 @@ def test_tiny_layers_over_many_steps(rf, device, spec, B, H, I, hx_given, layout
                 batch_first=True, bias=True, layout=layout, hx_given=hx_given, sizes=sizes)
 
 
+@pytest.mark.parametrize("B,H,I", [(3, 2, 3), (2, 4, 8), (2, 5, 3)])
+@pytest.mark.parametrize("spec", EXTRAS, ids=str)
+def test_tiny_layers_of_keras_activations(rf, device, spec, B, H, I):
+    """The Keras activations (sigmoid Elman, relu and sigmoid LSTM) on batches whose steps fit
+    in vector registers: the CPU engine's register layer on 256-bit registers (at most 8 units
+    and 16 inputs, AVX-512) and on 512-bit ones (10 units)."""
+    sizes = dict(T=40, B=B, I=I, H=H, P=H - 1 if spec.proj else 0)
+    check_layer(rf, spec, device, torch.float32, num_layers=1, bidirectional=True,
+                batch_first=True, bias=True, layout="batched", hx_given=True, sizes=sizes)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "no-hx"])
 @pytest.mark.parametrize("sizes", [dict(T=6, B=9, I=7, H=5), dict(T=5, B=14, I=4, H=3)],

@@ -274,12 +274,15 @@ BackwardResult backward_in_registers(const LayerSizes& s, const BackwardInputs& 
   const register_layer::StridedSteps grad_output_steps = strided_steps(grad_output);
   dispatch_cell(s.kind, [&](auto cell_type) {
     using Cell = decltype(cell_type);
-    register_layer::backward<Cell>(
-        register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps, data(output),
-        Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx), data(in.cx),
-        data(in.w_ih), data(in.w_hh), data(dh), data(dc), input_grad ? data(grad_input) : nullptr,
-        data(grad_w_ih), data(grad_w_hh), has_bias ? data(grad_b_ih) : nullptr,
-        has_bias ? data(grad_b_hh) : nullptr);
+    register_layer::with_narrowest_lanes(
+        s.batch * s.hidden_size, s.batch * s.input_size, [&](auto lanes_type) {
+          register_layer::backward<Cell, decltype(lanes_type)>(
+              register_layer_sizes(s, reverse), strided_steps(in.input), grad_output_steps,
+              data(output), Cell::kSavedPerUnit > 0 ? data(in.workspace) : nullptr, data(in.hx),
+              data(in.cx), data(in.w_ih), data(in.w_hh), data(dh), data(dc),
+              input_grad ? data(grad_input) : nullptr, data(grad_w_ih), data(grad_w_hh),
+              has_bias ? data(grad_b_ih) : nullptr, has_bias ? data(grad_b_hh) : nullptr);
+        });
   });
   Tensor grad_hx = in.hx.defined() ? dh : at::empty({0}, options);
   Tensor grad_cx = in.cx.defined() ? dc : at::empty({0}, options);

@@ -691,13 +691,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 #if defined(RNNFAST_LANE_KERNELS)
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (register_layer_reads_input(s, input)) {
-              register_layer::forward<Cell>(
-                  register_layer_sizes(s, reverse), strided_steps(input), w_ih.data_ptr<float>(),
-                  w_hh.data_ptr<float>(), data_or_null<float>(b_ih), data_or_null<float>(b_hh),
-                  h_state.data_ptr<float>(),
-                  Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
-                  output.data_ptr<float>(),
-                  save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
+              register_layer::with_narrowest_lanes(
+                  s.batch * s.hidden_size, s.batch * s.input_size, [&](auto lanes_type) {
+                    register_layer::forward<Cell, decltype(lanes_type)>(
+                        register_layer_sizes(s, reverse), strided_steps(input),
+                        w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), data_or_null<float>(b_ih),
+                        data_or_null<float>(b_hh), h_state.data_ptr<float>(),
+                        Cell::kHasCellState ? c_state.data_ptr<float>() : nullptr,
+                        output.data_ptr<float>(),
+                        save_workspace && ws_cols > 0 ? workspace.data_ptr<float>() : nullptr);
+                  });
               return;
             }
           }

@@ -36,6 +36,35 @@ struct VectorMath {
   }
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Eight float lanes in a 256-bit register, for the AVX-512 copy's register layer on layers of
+// at most 8 units (register_layer.h's with_narrowest_lanes). On Zen 4 a 512-bit operation takes
+// a 256-bit unit for two cycles, and the adding problem's step (6 units, a chain of a few dozen
+// dependent operations and about 150 independent ones) was bound by those units: on 256-bit
+// registers its LSTM's forward of 3000 steps ran 0.142 -> 0.103 ms, its training step 0.37 ->
+// 0.26 ms (2-core Zen 4 EPYC, 2 threads). The cell math needs + - * and vectors from a float;
+// the rational tanh below fmadd and reciprocal.
+struct FloatVector8 {
+  __m256 values;
+  FloatVector8() = default;
+  FloatVector8(float x) : values(_mm256_set1_ps(x)) {}  // NOLINT: a float is every lane
+  FloatVector8(__m256 v) : values(v) {}                 // NOLINT: to and from the register
+  operator __m256() const { return values; }            // NOLINT
+};
+RNNFAST_HD_INLINED FloatVector8 operator+(FloatVector8 a, FloatVector8 b) {
+  return _mm256_add_ps(a, b);
+}
+RNNFAST_HD_INLINED FloatVector8 operator-(FloatVector8 a, FloatVector8 b) {
+  return _mm256_sub_ps(a, b);
+}
+RNNFAST_HD_INLINED FloatVector8 operator*(FloatVector8 a, FloatVector8 b) {
+  return _mm256_mul_ps(a, b);
+}
+RNNFAST_HD_INLINED FloatVector8 fmadd(FloatVector8 a, FloatVector8 b, FloatVector8 c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+#endif
+
 // 1 / q for q > 0 bounded away from 0: the hardware estimate (14 bits on AVX-512, 12 on AVX2)
 // and one Newton step, to within an ulp or two of the division at a fraction of its latency.
 RNNFAST_HD_INLINED Vec<float> reciprocal(Vec<float> q) {
@@ -52,6 +81,60 @@ RNNFAST_HD_INLINED Vec<float> reciprocal(Vec<float> q) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+RNNFAST_HD_INLINED FloatVector8 reciprocal(FloatVector8 q) {
+  const __m256 r0 = _mm256_rcp14_ps(q);
+  const __m256 error = _mm256_fnmadd_ps(q, r0, _mm256_set1_ps(1.0f));  // 1 - q r0
+  return _mm256_fmadd_ps(r0, error, r0);
+}
+#endif
+
+// The selections the rational tanh makes, per vector type: AVX-512's compare masks and masked
+// moves (at::vec's blendv turns each compare into a vector and back into a mask, three
+// instructions more per blend, in the hottest loop of the cells), AVX2's blends.
+//
+// +-1 with the sign of x where |x| >= limit, else `otherwise` (NaN x: `otherwise`).
+RNNFAST_HD_INLINED Vec<float> unit_where_abs_at_least(Vec<float> x, float limit,
+                                                      Vec<float> otherwise) {
+  using F = Vec<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 at_least = _mm512_cmp_ps_mask(_mm512_abs_ps(x), F(limit), _CMP_GE_OQ);
+  const __m512 one_signed_as_x = _mm512_or_ps(_mm512_and_ps(x, F(-0.0f)), F(1.0f));
+  return _mm512_mask_mov_ps(otherwise, at_least, one_signed_as_x);
+#else
+  const F unit = F::blendv(F(-1.0f), F(1.0f), x > F(0.0f));
+  return F::blendv(otherwise, unit, x.abs() >= F(limit));
+#endif
+}
+
+// x where |x| < limit, else `otherwise`.
+RNNFAST_HD_INLINED Vec<float> self_where_abs_below(Vec<float> x, float limit,
+                                                   Vec<float> otherwise) {
+  using F = Vec<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 below = _mm512_cmp_ps_mask(_mm512_abs_ps(x), F(limit), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(otherwise, below, x);
+#else
+  return F::blendv(otherwise, x, x.abs() < F(limit));
+#endif
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+RNNFAST_HD_INLINED __m256 abs_of(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+RNNFAST_HD_INLINED FloatVector8 unit_where_abs_at_least(FloatVector8 x, float limit,
+                                                        FloatVector8 otherwise) {
+  const __mmask8 at_least = _mm256_cmp_ps_mask(abs_of(x), _mm256_set1_ps(limit), _CMP_GE_OQ);
+  const __m256 one_signed_as_x =
+      _mm256_or_ps(_mm256_and_ps(x, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(1.0f));
+  return _mm256_mask_mov_ps(otherwise, at_least, one_signed_as_x);
+}
+RNNFAST_HD_INLINED FloatVector8 self_where_abs_below(FloatVector8 x, float limit,
+                                                     FloatVector8 otherwise) {
+  const __mmask8 below = _mm256_cmp_ps_mask(abs_of(x), _mm256_set1_ps(limit), _CMP_LT_OQ);
+  return _mm256_mask_mov_ps(otherwise, below, x);
+}
+#endif
+
 // tanh of float vectors as an odd/even rational function (the minimax fit Eigen uses), several
 // times faster than SLEEF's tanh, which is the LSTM's and GRU's hottest function. In the
 // recurrent chain of a step its latency is what counts, so the numerator is evaluated by
@@ -60,9 +143,9 @@ RNNFAST_HD_INLINED Vec<float> reciprocal(Vec<float> q) {
 // all floats (tests/test_vector_math.py checks it against torch.tanh).
 //
 // tanh_ratio is the rational form alone, right for 0.0004 <= |x| < kTanhLimit; rational_tanh
-// and saturated_tanh mend the rest.
+// and saturated_tanh mend the rest. F: Vec<float>, or FloatVector8.
 //
-// These functions, reciprocal and the Math specialisation's tanh and sigmoid below are always
+// These functions, reciprocal and the Math specialisations' tanh and sigmoid below are always
 // inlined. GCC left some of them out of line in the register layer's step (register_layer.h),
 // a chain of dependent instructions where each call stored the live vectors and loaded them
 // back (every vector register is the caller's to save): inlined, the adding LSTM's forward of
@@ -71,8 +154,8 @@ RNNFAST_HD_INLINED Vec<float> reciprocal(Vec<float> q) {
 constexpr float kTanhLimit = 7.90531110763549805f;  // tanh rounds to +-1 beyond
 constexpr float kTanhLinearBelow = 0.0004f;         // tanh(x) rounds to x below
 
-RNNFAST_HD_INLINED Vec<float> tanh_ratio(Vec<float> x) {
-  using F = Vec<float>;
+template <typename F>
+RNNFAST_HD_INLINED F tanh_ratio(F x) {
   using at::vec::fmadd;
   const F x2 = x * x;
   const F x4 = x2 * x2;
@@ -93,33 +176,16 @@ RNNFAST_HD_INLINED Vec<float> tanh_ratio(Vec<float> x) {
 // (where sigmoid adds it to 1). Past the limit exactly +-1, whatever the rational form gives
 // there (even inf or NaN: x needs no clamp on the way in; the refined reciprocal may leave the
 // ratio an ulp short of 1); NaN stays NaN.
-RNNFAST_HD_INLINED Vec<float> saturated_tanh(Vec<float> x) {
-  using F = Vec<float>;
-  const F ratio = tanh_ratio(x);
-#if defined(CPU_CAPABILITY_AVX512)
-  // Compare masks and masked moves: at::vec's blendv turns each compare into a vector and back
-  // into a mask, three instructions more per blend, in the hottest loop of the cells.
-  const __m512 abs_x = _mm512_abs_ps(x);
-  const __mmask16 saturated = _mm512_cmp_ps_mask(abs_x, F(kTanhLimit), _CMP_GE_OQ);
-  const __m512 one_signed_as_x = _mm512_or_ps(_mm512_and_ps(x, F(-0.0f)), F(1.0f));
-  return _mm512_mask_mov_ps(ratio, saturated, one_signed_as_x);
-#else
-  const F saturated = F::blendv(F(-1.0f), F(1.0f), x > F(0.0f));
-  return F::blendv(ratio, saturated, x.abs() >= F(kTanhLimit));
-#endif
+template <typename F>
+RNNFAST_HD_INLINED F saturated_tanh(F x) {
+  return unit_where_abs_at_least(x, kTanhLimit, tanh_ratio(x));
 }
 
 // tanh(x) to within 4 float epsilons (relative) over all floats: tiny |x| gives x itself, to
 // float precision tanh there (the rational form would lose the last bits).
-RNNFAST_HD_INLINED Vec<float> rational_tanh(Vec<float> x) {
-  using F = Vec<float>;
-  const F tanh_x = saturated_tanh(x);
-#if defined(CPU_CAPABILITY_AVX512)
-  const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), F(kTanhLinearBelow), _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(tanh_x, tiny, x);
-#else
-  return F::blendv(tanh_x, x, x.abs() < F(kTanhLinearBelow));
-#endif
+template <typename F>
+RNNFAST_HD_INLINED F rational_tanh(F x) {
+  return self_where_abs_below(x, kTanhLinearBelow, saturated_tanh(x));
 }
 
 }  // namespace CPU_CAPABILITY
@@ -127,18 +193,44 @@ RNNFAST_HD_INLINED Vec<float> rational_tanh(Vec<float> x) {
 
 // The cells' math on vectors: specialisations of csrc/cells.h's Math, which must lie in its
 // namespace; Vec is a different type in each instruction set's copy (capability.h).
-template <>
-struct Math<cpu::Vec<float>> : cpu::VectorMath<float> {
-  using Vec = cpu::Vec<float>;
-  RNNFAST_HD_INLINED static Vec tanh(Vec x) { return cpu::rational_tanh(x); }
+//
+// tanh and sigmoid of float vectors F, from the inlined rational tanh.
+template <typename F>
+struct RationalMath {
+  RNNFAST_HD_INLINED static F tanh(F x) { return cpu::rational_tanh(x); }
   // sigmoid(x) = (1 + tanh(x / 2)) / 2: the inlined rational tanh instead of a call to SLEEF's
   // exp and a division of its own. Within 3e-7 of sigmoid (absolute); for tiny x, tanh's last
   // bits vanish in the sum with 1, so the saturated form does.
-  RNNFAST_HD_INLINED static Vec sigmoid(Vec x) {
-    const Vec half(0.5f);
-    return at::vec::fmadd(half, cpu::saturated_tanh(half * x), half);
+  RNNFAST_HD_INLINED static F sigmoid(F x) {
+    using at::vec::fmadd;
+    const F half(0.5f);
+    return fmadd(half, cpu::saturated_tanh(half * x), half);
   }
 };
+
+template <>
+struct Math<cpu::Vec<float>> : cpu::VectorMath<float>, RationalMath<cpu::Vec<float>> {
+  using RationalMath<cpu::Vec<float>>::tanh;
+  using RationalMath<cpu::Vec<float>>::sigmoid;
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+struct Math<cpu::FloatVector8> : RationalMath<cpu::FloatVector8> {
+  using F = cpu::FloatVector8;
+  // As at::vec::maximum(x, 0) (VectorMath's relu): a NaN x gives a NaN.
+  static F relu(F x) {
+    const __mmask8 nan = _mm256_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm256_mask_mov_ps(_mm256_max_ps(x, _mm256_setzero_ps()), nan, x);
+  }
+  // 0 where y <= 0, else grad (also where y is NaN, as torch's relu gradient).
+  static F relu_grad(F grad, F y) {
+    const __mmask8 at_most_zero = _mm256_cmp_ps_mask(y, _mm256_setzero_ps(), _CMP_LE_OQ);
+    return _mm256_mask_mov_ps(grad, at_most_zero, _mm256_setzero_ps());
+  }
+};
+#endif
+
 template <>
 struct Math<cpu::Vec<double>> : cpu::VectorMath<double> {};
 
