@@ -150,7 +150,7 @@ struct StridedSteps {
 
 // Lanes first .. first + L::kLanes - 1 of the T steps of a StridedSteps: one masked load per
 // step where a step's B * W values are contiguous, else a gather (off the chain of steps, where
-// the latency of a step hides it).
+// the latency of a step hides it); steps that are all the same, once.
 template <typename L>
 class StepReader {
  public:
@@ -159,15 +159,21 @@ class StepReader {
         first_(first),
         last_whole_(T > 0 ? (T - 1) * steps.step + B * W - L::kLanes : -1),
         mask_(L::first(B * W - first)),
-        contiguous_(steps.column == 1 && steps.row == W) {
+        contiguous_(steps.column == 1 && steps.row == W),
+        same_every_step_(steps.step == 0 && T > 0),
+        every_step_(L::zero()) {
     alignas(64) std::array<int32_t, L::kLanes> offsets{};
     for (int64_t o = first; o < std::min<int64_t>(B * W, first + L::kLanes); ++o) {
       offsets[o - first] = static_cast<int32_t>(o / W * steps.row + o % W * steps.column);
     }
     offsets_ = L::load_index(offsets.data());
+    if (same_every_step_) every_step_ = read(0);
   }
 
-  typename L::Vector at(int64_t t) const {
+  typename L::Vector at(int64_t t) const { return same_every_step_ ? every_step_ : read(t); }
+
+ private:
+  typename L::Vector read(int64_t t) const {
     const float* step = steps_.data + t * steps_.step;
     if (!contiguous_) return L::gather(mask_, offsets_, step);
     const int64_t offset = t * steps_.step + first_;
@@ -175,13 +181,15 @@ class StepReader {
                                  : L::load(mask_, steps_.data + offset);
   }
 
- private:
   StridedSteps steps_;
   int64_t first_;
   int64_t last_whole_;  // the last offset whose whole vector lies within the steps' memory
   typename L::Mask mask_;
   bool contiguous_;
+  // Steps at stride 0 (a broadcast, as the gradient of output.sum()) are read once.
+  bool same_every_step_;
   typename L::Index offsets_;
+  typename L::Vector every_step_;
 };
 
 // Rows of `length` floats of memory read under a mask (saved values, outputs): a row whose
