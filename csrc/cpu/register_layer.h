@@ -77,10 +77,11 @@ struct CellVectorOf<Lanes256> {
 template <typename L>
 using CellVector = typename CellVectorOf<L>::type;
 
-// Calls fn(L{}) with the lanes of the narrowest register that holds a step of `l`: on 256-bit
-// registers, where a step's units (B * H) and inputs (B * I) fit, the AVX-512 copy runs the
-// same instructions at half the width, which Zen 4 runs in half the cycles (its 512-bit
-// operations take a 256-bit unit twice; vector_math.h's FloatVector8 has the numbers).
+// Calls fn(L{}) with the lanes of the narrowest register that holds a step of `units` hidden
+// units (B * H) and `inputs` inputs (B * I, in two registers): on 256-bit registers, where they
+// fit, the AVX-512 copy runs the same instructions at half the width, which Zen 4 runs in half
+// the cycles (its 512-bit operations take a 256-bit unit twice; vector_math.h's FloatVector8
+// has the numbers).
 template <typename Fn>
 inline void with_narrowest_lanes(int64_t units, int64_t inputs, Fn&& fn) {
 #if defined(CPU_CAPABILITY_AVX512)
