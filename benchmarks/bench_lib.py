@@ -309,6 +309,20 @@ class CpuTimer:
     def sync(self):
         pass
 
+    def thread_round_trip_ns(self):
+        """The round trip of a value between ATen's first two threads now, in nanoseconds
+        (rnnfast's probe), or None on one thread or without rnnfast's extension. Taken beside
+        the samples: on a cloud machine it says whether the threads' cores sat close together or
+        far apart while they were measured (see benchmarks/README.md, "Run-to-run spread")."""
+        if torch.get_num_threads() < 2:
+            return None
+        try:
+            from rnnfast._ops import _C
+        except ImportError:
+            return None
+        value = _C.thread_round_trip_ns(2000)
+        return None if math.isnan(value) else value
+
     def time(self, fn, n):
         t0 = time.perf_counter()
         for _ in range(n):
@@ -355,7 +369,8 @@ def measure_pair(fn_torch, fn_fast, timer, cfg):
 
     Both are warmed up first; each sample runs a side n times in a row (n chosen so a sample
     takes about cfg.sample_s, at least 1); per repeat, torch and rnnfast are sampled one after
-    the other, and which goes first alternates from repeat to repeat."""
+    the other, and which goes first alternates from repeat to repeat. After each repeat the
+    timer's thread_round_trip_ns probe runs where it has one (CpuTimer)."""
     est_t = _warmup(fn_torch, timer, cfg)
     est_f = _warmup(fn_fast, timer, cfg)
     n_t = max(1, int(round(cfg.sample_s / est_t)))
@@ -369,12 +384,17 @@ def measure_pair(fn_torch, fn_fast, timer, cfg):
         if repeats * per_repeat > cfg.cap_s:  # slow steps (or a busy machine): bound the run
             repeats = max(min(3, repeats), int(cfg.cap_s / per_repeat))
     samples_t, samples_f = [], []
+    probe = getattr(timer, "thread_round_trip_ns", None)
+    round_trips = []
     for r in range(repeats):
         order = ((fn_torch, n_t, samples_t), (fn_fast, n_f, samples_f))
         if r % 2:
             order = order[::-1]
         for fn, n, samples in order:
             samples.append(timer.time(fn, n) * 1000.0)
+        value = probe() if probe else None
+        if value is not None:
+            round_trips.append(value)
     med_t, med_f = statistics.median(samples_t), statistics.median(samples_f)
     return {
         "torch_ms": samples_t,
@@ -386,7 +406,17 @@ def measure_pair(fn_torch, fn_fast, timer, cfg):
         "rnnfast_min_ms": min(samples_f),
         "calls_per_sample": {"torch": n_t, "rnnfast": n_f},
         "repeats": repeats,
+        # per repeat, after its two samples (empty on one thread): CpuTimer.thread_round_trip_ns
+        "thread_round_trip_ns": round_trips,
     }
+
+
+def round_trip_note(row):
+    """"  threads 58-366 ns": the least and the most thread round trip probed while a row's
+    forward and training step were measured (measure_pair), or "" where none was."""
+    values = [v for mode in ("forward", "train")
+              for v in (row.get(mode) or {}).get("thread_round_trip_ns", [])]
+    return f"  threads {min(values):.0f}-{max(values):.0f} ns" if values else ""
 
 
 # --------------------------------------------------------------------------------------------

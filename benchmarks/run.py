@@ -176,7 +176,8 @@ def main(argv=None):
                 else:
                     status = (f"fwd {row['forward']['speedup']:6.2f}x  "
                               f"train {row['train']['speedup']:6.2f}x  "
-                              f"mem {row['memory']['ratio'] or float('nan'):.2f}")
+                              f"mem {row['memory']['ratio'] or float('nan'):.2f}"
+                              f"{bench_lib.round_trip_note(row)}")
                 print(f"[{i:3d}/{n_total}] {dtype_name:8s} {case.label:36s} {status}  "
                       f"({time.perf_counter() - t0:.1f}s)", flush=True)
                 if args.json:  # keep what is measured so far if the run is cut short

@@ -1,6 +1,7 @@
 // The Python module rnnfast._C: importing it loads the op registrations (ops.cpp, autograd.cpp,
 // the engines); its functions are the eager entry to the forward op and the CPU buffer pool's
 // controls.
+#include <ATen/Parallel.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/dropout.h>
@@ -12,6 +13,9 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -621,6 +625,65 @@ PyObject* cpu_amx(PyObject* /*module*/, PyObject* /*args*/) {
   return PyBool_FromLong(rnnfast::cpu::engine().runs_amx());
 }
 
+// The mean time in nanoseconds for a value written by one of ATen's first two threads to reach
+// the other and an answer to come back, over `round_trips` round trips; NaN where ATen runs
+// fewer than two threads (or the two did not run at once within a second). On a cloud machine
+// it shows where the two threads' cores sit: on a 2-vCPU AMD EPYC it moved between about
+// 45-90 ns and 310-450 ns, for milliseconds to tens of seconds at a time, and at the far times
+// every two-thread step that hands data from one thread to the other ran slower
+// (benchmarks/README.md, "Run-to-run spread").
+double thread_round_trip_ns(int64_t round_trips) {
+  using Clock = std::chrono::steady_clock;
+  if (at::get_num_threads() < 2 || at::in_parallel_region() || round_trips < 1) return NAN;
+  // The ball: the last hit's number, odd ones from thread 0, even ones from thread 1.
+  alignas(64) std::atomic<int64_t> ball{0};
+  alignas(64) std::atomic<int> arrived{0};
+  std::atomic<bool> gave_up{false};
+  double nanoseconds = NAN;
+  const auto deadline = Clock::now() + std::chrono::seconds(1);
+  // Spins until `done` or the deadline (then it gives up, for both threads).
+  const auto wait_for = [&](const auto& done) {
+    for (int64_t spins = 0; !done(); ++spins) {
+      if (gave_up.load(std::memory_order_relaxed)) return false;
+      if (spins % 4096 == 4095 && Clock::now() > deadline) {
+        gave_up.store(true);
+        return false;
+      }
+    }
+    return true;
+  };
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    if (end - begin != 1) return;  // one thread ran both: nothing to measure
+    const bool first = begin == 0;
+    arrived.fetch_add(1);
+    if (!wait_for([&] { return arrived.load() == 2; })) return;
+    const auto start = Clock::now();
+    for (int64_t hit = 1; hit <= 2 * round_trips; hit += 2) {
+      const int64_t mine = first ? hit : hit + 1;  // thread 0 serves, thread 1 returns
+      if (!wait_for([&] { return ball.load(std::memory_order_acquire) == mine - 1; })) return;
+      ball.store(mine, std::memory_order_release);
+    }
+    if (first && wait_for([&] { return ball.load() == 2 * round_trips; })) {
+      nanoseconds = std::chrono::duration<double, std::nano>(Clock::now() - start).count() /
+                    static_cast<double>(round_trips);
+    }
+  });
+  return gave_up.load() ? NAN : nanoseconds;
+}
+
+// _C.thread_round_trip_ns(round_trips) -> float: thread_round_trip_ns above (the benchmarks
+// record it beside their timings).
+PyObject* thread_round_trip(PyObject* /*module*/, PyObject* arg) {
+  const long long round_trips = PyLong_AsLongLong(arg);
+  if (round_trips == -1 && PyErr_Occurred()) return nullptr;
+  double nanoseconds = NAN;
+  {
+    pybind11::gil_scoped_release released;  // the probe spins for up to a second
+    nanoseconds = thread_round_trip_ns(round_trips);
+  }
+  return PyFloat_FromDouble(nanoseconds);
+}
+
 PyMethodDef module_methods[] = {
     {"layer", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(layer)), METH_FASTCALL,
      "rnnfast::forward for one layer from eager Python: (output, h_n, c_n), or NotImplemented for "
@@ -650,6 +713,9 @@ PyMethodDef module_methods[] = {
      "The instruction set of the CPU engine's copy that runs on this CPU."},
     {"cpu_amx", cpu_amx, METH_NOARGS,
      "Whether that copy runs bfloat16 layers' per-step products on AMX tiles here."},
+    {"thread_round_trip_ns", thread_round_trip, METH_O,
+     "Mean nanoseconds of a round trip of a value between ATen's first two threads (NaN with "
+     "fewer than two)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

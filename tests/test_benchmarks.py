@@ -140,6 +140,34 @@ def test_harness_on_torch_nn_both_sides(one_thread):
     assert _positive_finite(res["speedup"])
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two threads need two CPUs to meet")
+def test_thread_round_trip_probe_beside_the_samples():
+    """The probe times round trips between two of ATen's threads (more than nothing, far less
+    than the millisecond of a thread waiting for a CPU), gives NaN where ATen runs one thread,
+    and measure_pair takes it after every repeat on two threads."""
+    from rnnfast._ops import _C
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        value = _C.thread_round_trip_ns(1000)
+        assert 0.0 < value < 1e6
+        assert math.isnan(_C.thread_round_trip_ns(0))
+        case = bench_lib.Case("grid", "tiny", "GRU", 4, 10, 8, 16, 1)
+        ref, other = bench_lib.make_pair(case, "cpu", torch.float32, rnnfast_module=torch.nn)
+        x = bench_lib.make_input(case, "cpu", torch.float32)
+        cfg = bench_lib.TimingConfig(warmup_calls=1, warmup_s=0.0, sample_s=0.001, repeats=3)
+        res = bench_lib.measure_pair(bench_lib.train_step(ref, x),
+                                     bench_lib.train_step(other, x), bench_lib.CpuTimer(), cfg)
+        assert len(res["thread_round_trip_ns"]) == 3
+        assert all(0.0 < v < 1e6 for v in res["thread_round_trip_ns"])
+        assert bench_lib.round_trip_note({"train": res}).startswith("  threads ")
+        torch.set_num_threads(1)
+        assert math.isnan(_C.thread_round_trip_ns(1000))
+        assert bench_lib.CpuTimer().thread_round_trip_ns() is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_peak_memory_is_sensible_on_torch_nn(one_thread):
     """The profiler-based CPU peak counts what a training step must hold at least: the output
     and the parameter gradients it creates."""
