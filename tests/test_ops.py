@@ -638,20 +638,33 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
         assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
 
 
-@pytest.mark.skipif(not _ops._C.cpu_amx(), reason="this CPU runs no AMX tiles")
+def _runs_bf16_dot_products():
+    """Whether the AVX-512 engine runs here on a CPU with AVX512-BF16's dot products, which run
+    the bfloat16 per-step products where AMX's tiles do not (Linux's CPU flags)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+    except OSError:
+        return False
+    return rnnfast.cpu_capability() == "AVX512" and "avx512_bf16" in flags
+
+
+@pytest.mark.skipif(not (_ops._C.cpu_amx() or _runs_bf16_dot_products()),
+                    reason="this CPU runs neither AMX tiles nor AVX512-BF16 dot products")
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
 @pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (3, 100, False),
                                                  (37, 100, False), (20, 160, True)],
                          ids=["one-row", "dot-rows", "row-tiles", "packed"])
 def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch):
-    """bfloat16 per-step products on AMX tiles (csrc/cpu/amx_product.h), forward and backward:
-    outputs and gradients within a few units of bfloat16's rounding of a float64 run on the same
-    rounded values, as the float products' (RNNFAST_CPU_AMX=0) are. The sizes take the dot
-    products of fewer than 4 rows (one row of 512 units, whose outputs split over the threads;
-    3 rows of 100 units), tiles of 16 rows and a last one of 5 (37 rows of 100 units),
-    terms that do not fill the last chunk of 32 (100 units), and batches that shrink as a packed
-    sequence's rows end; 20 and 37 rows split their rows over the threads, and every split gives
-    the results of one thread."""
+    """bfloat16 per-step products on AMX tiles, or without them as AVX512-BF16 dot products
+    (csrc/cpu/amx_product.h), forward and backward: outputs and gradients within a few units of
+    bfloat16's rounding of a float64 run on the same rounded values, as the float products'
+    (RNNFAST_CPU_AMX=0) are. The sizes take the dot products of fewer than 4 rows (one row of 512
+    units, whose outputs split over the threads; 3 rows of 100 units: a pair and one alone),
+    tiles of 16 rows and a last one of 5 (37 rows of 100 units; without tiles, pairs of rows and
+    one alone), terms that do not fill the last chunk of 32 (100 units), and batches that shrink
+    as a packed sequence's rows end; 20 and 37 rows split their rows over the threads, and every
+    split gives the results of one thread."""
     torch.manual_seed(5)
     dtype, steps = torch.bfloat16, 16  # (the dot products run in calls of 16 steps or more)
     model = cls(8, hidden, bidirectional=True).to(dtype)

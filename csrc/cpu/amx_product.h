@@ -51,11 +51,17 @@ constexpr int64_t kPassOutputs = kPassBlocks * kBlockOutputs;  // outputs of a p
 
 #if defined(RNNFAST_AMX_PRODUCT)
 
+// Whether RNNFAST_CPU_AMX=0 turns off the products here (AMX's tiles and the dot products of
+// row_product; read per layer call).
+inline bool turned_off() {
+  const char* setting = std::getenv("RNNFAST_CPU_AMX");
+  return setting != nullptr && std::strcmp(setting, "0") == 0;
+}
+
 // Whether this process runs AMX's bfloat16 tiles: the CPU has them (CPUID leaf 7: AMX-TILE,
 // AMX-BF16) and Linux grants the process their register state (arch_prctl's
 // ARCH_REQ_XCOMP_PERM for XTILEDATA, which a process asks for once before its first tile
-// instruction; torch's oneDNN asks for it too). RNNFAST_CPU_AMX=0 turns them off (read per
-// layer call).
+// instruction; torch's oneDNN asks for it too), unless turned_off.
 inline bool usable() {
   static const bool granted = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
@@ -65,8 +71,7 @@ inline bool usable() {
     constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
     return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
-  const char* setting = std::getenv("RNNFAST_CPU_AMX");
-  return granted && !(setting != nullptr && std::strcmp(setting, "0") == 0);
+  return granted && !turned_off();
 }
 
 // Whether the CPU has AVX512-BF16's dot products of bfloat16 pairs (CPUID leaf 7, subleaf 1:
@@ -78,6 +83,11 @@ inline bool has_bf16_dot_products() {
   }();
   return has;
 }
+
+// Whether row_product's dot products run here: the CPU has them, unless turned_off. Where AMX's
+// tiles are not usable (an AMD EPYC of the Zen 4 family, a Xeon of Cooper Lake) they run every
+// bfloat16 product that the tiles would run.
+inline bool dot_products_usable() { return has_bf16_dot_products() && !turned_off(); }
 
 // The tile configuration (palette 1): tiles 0-3 C [rows x 16 floats], 4 A [rows x 32
 // bfloat16], 5-7 B [16 term pairs x 16 outputs x 2].
@@ -246,63 +256,86 @@ class AmxWeights {
     _tile_release();
   }
 
-  // product()'s sums for a batch of a few rows, by AVX512-BF16 dot products (VDPBF16PS) on the
-  // same packed M: row p of a tile holds 16 outputs' terms 2p and 2p + 1, multiplied by the
-  // row's pair of terms (broadcast) and added to the 16 float sums. A tile multiply-add would
-  // spend a tile of 16 rows on these few (one row of 256 LSTM units ran in float instead, at
-  // 0.7x of torch.nn's oneDNN on AMX; as dot products at 1.6x). Each product of a pair is exact
-  // in float, as a tile's; the even and odd pairs of a chunk go to two sums per block (8 chains
-  // of dependent additions), added at the end. Sums in the same order on any thread.
+  // product()'s sums by AVX512-BF16 dot products (VDPBF16PS) on the same packed M, for a batch
+  // of a few rows, or of any size on a CPU without AMX's tiles: row p of a tile holds 16
+  // outputs' terms 2p and 2p + 1, multiplied by a row's pair of terms (broadcast) and added to
+  // the row's 16 float sums. A tile multiply-add would spend a tile of 16 rows on a few (one row
+  // of 256 LSTM units ran in float instead, at 0.7x of torch.nn's oneDNN on AMX; as dot products
+  // at 1.6x). Each product of a pair is exact in float, as a tile's; the even and odd pairs of a
+  // chunk go to two sums per block (8 chains of dependent additions per row), added at the end.
+  // Rows run two at a time (each of M's vectors loaded once for both), the last alone where the
+  // batch is odd; a row's sums run in the same order either way, so on any thread.
   __attribute__((target("avx512f,avx512bf16"))) void row_product(const at::BFloat16* in,
                                                                  int64_t batch, float* sums,
                                                                  int64_t first_pass,
                                                                  int64_t end_pass) const {
+    int64_t r = 0;
+    for (; r + 2 <= batch; r += 2) rows_product<2>(in, r, sums, first_pass, end_pass);
+    if (r < batch) rows_product<1>(in, r, sums, first_pass, end_pass);
+  }
+
+ private:
+  // row_product's sums of rows r .. r + Rows - 1.
+  template <int Rows>
+  __attribute__((target("avx512f,avx512bf16"))) void rows_product(const at::BFloat16* in, int64_t r,
+                                                                  float* sums, int64_t first_pass,
+                                                                  int64_t end_pass) const {
     const int64_t padded_k = chunks_ * kChunkTerms, ldo = padded_n(),
                   block_step = chunks_ * kTileElements;
     // A row's terms as pairs (32 bits), as product() reads its rows: in's own where K is whole
     // chunks, else a copy with K padded to whole chunks (zeros: a term past K must add nothing).
     const bool padded = padded_k != k_;
-    thread_local std::vector<at::BFloat16> padded_row;
-    if (padded) padded_row.resize(padded_k);
-    const auto* packed = tiles_.data_ptr<at::BFloat16>();
-    for (int64_t r = 0; r < batch; ++r) {
-      const at::BFloat16* terms = in + r * k_;
+    thread_local std::vector<at::BFloat16> padded_rows;
+    const int32_t* pairs[Rows];
+    if (padded) padded_rows.assign(Rows * padded_k, at::BFloat16(0.0f));
+    for (int row = 0; row < Rows; ++row) {
+      const at::BFloat16* terms = in + (r + row) * k_;
       if (padded) {
-        std::copy(terms, terms + k_, padded_row.data());
-        std::fill(padded_row.begin() + k_, padded_row.end(), at::BFloat16(0.0f));
-        terms = padded_row.data();
+        at::BFloat16* copy = padded_rows.data() + row * padded_k;
+        std::copy(terms, terms + k_, copy);
+        terms = copy;
       }
-      const auto* pairs = reinterpret_cast<const int32_t*>(terms);
-      for (int64_t pass = first_pass; pass < end_pass; ++pass) {
-        const at::BFloat16* block0 = packed + pass * kPassBlocks * block_step;
-        __m512 even[kPassBlocks], odd[kPassBlocks];
+      pairs[row] = reinterpret_cast<const int32_t*>(terms);
+    }
+    const auto* packed = tiles_.data_ptr<at::BFloat16>();
+    for (int64_t pass = first_pass; pass < end_pass; ++pass) {
+      const at::BFloat16* block0 = packed + pass * kPassBlocks * block_step;
+      __m512 even[Rows][kPassBlocks], odd[Rows][kPassBlocks];
+      for (int row = 0; row < Rows; ++row) {
         for (int64_t block = 0; block < kPassBlocks; ++block) {
-          even[block] = odd[block] = _mm512_setzero_ps();
+          even[row][block] = odd[row][block] = _mm512_setzero_ps();
         }
-        for (int64_t chunk = 0; chunk < chunks_; ++chunk) {
-          const at::BFloat16* tile = block0 + chunk * kTileElements;
-          const int32_t* chunk_pairs = pairs + chunk * kTileRows;
-          for (int64_t pair = 0; pair < kTileRows; pair += 2) {
-            const __m512bh x_even = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair]);
-            const __m512bh x_odd = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair + 1]);
-            for (int64_t block = 0; block < kPassBlocks; ++block) {
-              const at::BFloat16* row = tile + block * block_step + pair * 2 * kBlockOutputs;
-              even[block] =
-                  _mm512_dpbf16_ps(even[block], (__m512bh)_mm512_loadu_si512(row), x_even);
-              odd[block] = _mm512_dpbf16_ps(
-                  odd[block], (__m512bh)_mm512_loadu_si512(row + 2 * kBlockOutputs), x_odd);
+      }
+      for (int64_t chunk = 0; chunk < chunks_; ++chunk) {
+        const at::BFloat16* tile = block0 + chunk * kTileElements;
+        for (int64_t pair = 0; pair < kTileRows; pair += 2) {
+          __m512bh x_even[Rows], x_odd[Rows];
+          for (int row = 0; row < Rows; ++row) {
+            const int32_t* chunk_pairs = pairs[row] + chunk * kTileRows;
+            x_even[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair]);
+            x_odd[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair + 1]);
+          }
+          for (int64_t block = 0; block < kPassBlocks; ++block) {
+            const at::BFloat16* m_row = tile + block * block_step + pair * 2 * kBlockOutputs;
+            const __m512bh m_even = (__m512bh)_mm512_loadu_si512(m_row);
+            const __m512bh m_odd = (__m512bh)_mm512_loadu_si512(m_row + 2 * kBlockOutputs);
+            for (int row = 0; row < Rows; ++row) {
+              even[row][block] = _mm512_dpbf16_ps(even[row][block], m_even, x_even[row]);
+              odd[row][block] = _mm512_dpbf16_ps(odd[row][block], m_odd, x_odd[row]);
             }
           }
         }
-        float* out = sums + r * ldo + pass * kPassOutputs;
+      }
+      for (int row = 0; row < Rows; ++row) {
+        float* out = sums + (r + row) * ldo + pass * kPassOutputs;
         for (int64_t block = 0; block < kPassBlocks; ++block) {
-          _mm512_storeu_ps(out + block * kBlockOutputs, _mm512_add_ps(even[block], odd[block]));
+          _mm512_storeu_ps(out + block * kBlockOutputs,
+                           _mm512_add_ps(even[row][block], odd[row][block]));
         }
       }
     }
   }
 
- private:
   // A tile of M (1 KiB: 16 cache lines) into the L1 cache.
   static void fetch_tile(const at::BFloat16* tile) {
     const char* bytes = reinterpret_cast<const char*>(tile);
@@ -317,6 +350,7 @@ class AmxWeights {
 
 inline bool usable() { return false; }
 inline bool has_bf16_dot_products() { return false; }
+inline bool dot_products_usable() { return false; }
 
 class AmxWeights {
  public:
