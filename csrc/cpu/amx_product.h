@@ -264,74 +264,78 @@ class AmxWeights {
   // at 1.6x). Each product of a pair is exact in float, as a tile's; the even and odd pairs of a
   // chunk go to two sums per block (8 chains of dependent additions per row), added at the end.
   // Rows run two at a time (each of M's vectors loaded once for both), the last alone where the
-  // batch is odd; a row's sums run in the same order either way, so on any thread.
+  // batch is odd; a row's sums run in the same order either way, so on any thread. Pass by pass,
+  // each over all rows: a pass's part of M (chunks_ KiB per block) stays in the L2 cache for
+  // every row, where M itself may not (2 MiB at 512 LSTM units). On 2 threads of a Zen 4 EPYC,
+  // against each pair of rows through all passes: the forward of 16 and 64 rows of 512 LSTM
+  // units 24.1 -> 22.1 and 88.8 -> 82.6 ms, the 650-unit word model's 36.8 -> 34.5.
   __attribute__((target("avx512f,avx512bf16"))) void row_product(const at::BFloat16* in,
                                                                  int64_t batch, float* sums,
                                                                  int64_t first_pass,
                                                                  int64_t end_pass) const {
-    int64_t r = 0;
-    for (; r + 2 <= batch; r += 2) rows_product<2>(in, r, sums, first_pass, end_pass);
-    if (r < batch) rows_product<1>(in, r, sums, first_pass, end_pass);
+    // The rows' terms as pairs (32 bits), as product() reads its rows: in's own where K is whole
+    // chunks, else copies with K padded to whole chunks (zeros: a term past K must add nothing).
+    const int64_t padded_k = chunks_ * kChunkTerms;
+    const at::BFloat16* rows = in;
+    if (padded_k != k_) {
+      thread_local std::vector<at::BFloat16> padded_rows;
+      padded_rows.assign(batch * padded_k, at::BFloat16(0.0f));
+      for (int64_t r = 0; r < batch; ++r) {
+        std::copy(in + r * k_, in + (r + 1) * k_, padded_rows.data() + r * padded_k);
+      }
+      rows = padded_rows.data();
+    }
+    for (int64_t pass = first_pass; pass < end_pass; ++pass) {
+      int64_t r = 0;
+      for (; r + 2 <= batch; r += 2) rows_pass<2>(rows, padded_k, r, sums, pass);
+      if (r < batch) rows_pass<1>(rows, padded_k, r, sums, pass);
+    }
   }
 
  private:
-  // row_product's sums of rows r .. r + Rows - 1.
+  // row_product's sums of rows r .. r + Rows - 1 (`row_terms` apart in `rows`) for pass `pass`.
   template <int Rows>
-  __attribute__((target("avx512f,avx512bf16"))) void rows_product(const at::BFloat16* in, int64_t r,
-                                                                  float* sums, int64_t first_pass,
-                                                                  int64_t end_pass) const {
-    const int64_t padded_k = chunks_ * kChunkTerms, ldo = padded_n(),
-                  block_step = chunks_ * kTileElements;
-    // A row's terms as pairs (32 bits), as product() reads its rows: in's own where K is whole
-    // chunks, else a copy with K padded to whole chunks (zeros: a term past K must add nothing).
-    const bool padded = padded_k != k_;
-    thread_local std::vector<at::BFloat16> padded_rows;
+  __attribute__((target("avx512f,avx512bf16"))) void rows_pass(const at::BFloat16* rows,
+                                                               int64_t row_terms, int64_t r,
+                                                               float* sums, int64_t pass) const {
+    const int64_t block_step = chunks_ * kTileElements;
     const int32_t* pairs[Rows];
-    if (padded) padded_rows.assign(Rows * padded_k, at::BFloat16(0.0f));
     for (int row = 0; row < Rows; ++row) {
-      const at::BFloat16* terms = in + (r + row) * k_;
-      if (padded) {
-        at::BFloat16* copy = padded_rows.data() + row * padded_k;
-        std::copy(terms, terms + k_, copy);
-        terms = copy;
-      }
-      pairs[row] = reinterpret_cast<const int32_t*>(terms);
+      pairs[row] = reinterpret_cast<const int32_t*>(rows + (r + row) * row_terms);
     }
-    const auto* packed = tiles_.data_ptr<at::BFloat16>();
-    for (int64_t pass = first_pass; pass < end_pass; ++pass) {
-      const at::BFloat16* block0 = packed + pass * kPassBlocks * block_step;
-      __m512 even[Rows][kPassBlocks], odd[Rows][kPassBlocks];
-      for (int row = 0; row < Rows; ++row) {
-        for (int64_t block = 0; block < kPassBlocks; ++block) {
-          even[row][block] = odd[row][block] = _mm512_setzero_ps();
-        }
+    const at::BFloat16* block0 = tiles_.data_ptr<at::BFloat16>() + pass * kPassBlocks * block_step;
+    __m512 even[Rows][kPassBlocks], odd[Rows][kPassBlocks];
+    for (int row = 0; row < Rows; ++row) {
+      for (int64_t block = 0; block < kPassBlocks; ++block) {
+        even[row][block] = odd[row][block] = _mm512_setzero_ps();
       }
-      for (int64_t chunk = 0; chunk < chunks_; ++chunk) {
-        const at::BFloat16* tile = block0 + chunk * kTileElements;
-        for (int64_t pair = 0; pair < kTileRows; pair += 2) {
-          __m512bh x_even[Rows], x_odd[Rows];
+    }
+    for (int64_t chunk = 0; chunk < chunks_; ++chunk) {
+      const at::BFloat16* tile = block0 + chunk * kTileElements;
+      for (int64_t pair = 0; pair < kTileRows; pair += 2) {
+        __m512bh x_even[Rows], x_odd[Rows];
+        for (int row = 0; row < Rows; ++row) {
+          const int32_t* chunk_pairs = pairs[row] + chunk * kTileRows;
+          x_even[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair]);
+          x_odd[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair + 1]);
+        }
+        for (int64_t block = 0; block < kPassBlocks; ++block) {
+          const at::BFloat16* m_row = tile + block * block_step + pair * 2 * kBlockOutputs;
+          const __m512bh m_even = (__m512bh)_mm512_loadu_si512(m_row);
+          const __m512bh m_odd = (__m512bh)_mm512_loadu_si512(m_row + 2 * kBlockOutputs);
           for (int row = 0; row < Rows; ++row) {
-            const int32_t* chunk_pairs = pairs[row] + chunk * kTileRows;
-            x_even[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair]);
-            x_odd[row] = (__m512bh)_mm512_set1_epi32(chunk_pairs[pair + 1]);
-          }
-          for (int64_t block = 0; block < kPassBlocks; ++block) {
-            const at::BFloat16* m_row = tile + block * block_step + pair * 2 * kBlockOutputs;
-            const __m512bh m_even = (__m512bh)_mm512_loadu_si512(m_row);
-            const __m512bh m_odd = (__m512bh)_mm512_loadu_si512(m_row + 2 * kBlockOutputs);
-            for (int row = 0; row < Rows; ++row) {
-              even[row][block] = _mm512_dpbf16_ps(even[row][block], m_even, x_even[row]);
-              odd[row][block] = _mm512_dpbf16_ps(odd[row][block], m_odd, x_odd[row]);
-            }
+            even[row][block] = _mm512_dpbf16_ps(even[row][block], m_even, x_even[row]);
+            odd[row][block] = _mm512_dpbf16_ps(odd[row][block], m_odd, x_odd[row]);
           }
         }
       }
-      for (int row = 0; row < Rows; ++row) {
-        float* out = sums + (r + row) * ldo + pass * kPassOutputs;
-        for (int64_t block = 0; block < kPassBlocks; ++block) {
-          _mm512_storeu_ps(out + block * kBlockOutputs,
-                           _mm512_add_ps(even[row][block], odd[row][block]));
-        }
+    }
+    const int64_t ldo = padded_n();
+    for (int row = 0; row < Rows; ++row) {
+      float* out = sums + (r + row) * ldo + pass * kPassOutputs;
+      for (int64_t block = 0; block < kPassBlocks; ++block) {
+        _mm512_storeu_ps(out + block * kBlockOutputs,
+                         _mm512_add_ps(even[row][block], odd[row][block]));
       }
     }
   }
