@@ -655,7 +655,7 @@ def _runs_bf16_dot_products():
 @pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (3, 100, False),
                                                  (37, 100, False), (20, 160, True)],
                          ids=["one-row", "dot-rows", "row-tiles", "packed"])
-def test_bfloat16_products_on_amx_tiles(cls, batch, hidden, packed, monkeypatch):
+def test_bfloat16_products_on_amx_tiles_or_dot_products(cls, batch, hidden, packed, monkeypatch):
     """bfloat16 per-step products on AMX tiles, or without them as AVX512-BF16 dot products
     (csrc/cpu/amx_product.h), forward and backward: outputs and gradients within a few units of
     bfloat16's rounding of a float64 run on the same rounded values, as the float products'
