@@ -279,9 +279,11 @@ class AmxWeights {
     const at::BFloat16* rows = in;
     if (padded_k != k_) {
       thread_local std::vector<at::BFloat16> padded_rows;
-      padded_rows.assign(batch * padded_k, at::BFloat16(0.0f));
+      padded_rows.resize(batch * padded_k);
       for (int64_t r = 0; r < batch; ++r) {
-        std::copy(in + r * k_, in + (r + 1) * k_, padded_rows.data() + r * padded_k);
+        at::BFloat16* terms_end =
+            std::copy(in + r * k_, in + (r + 1) * k_, padded_rows.data() + r * padded_k);
+        std::fill(terms_end, terms_end + (padded_k - k_), at::BFloat16(0.0f));
       }
       rows = padded_rows.data();
     }

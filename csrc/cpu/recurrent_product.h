@@ -235,8 +235,8 @@ class RecurrentProduct {
     // Dot products alone (no tiles) on a batch of kAmxMinRows rows or more run on each thread's
     // rows (2-core AMD EPYC, Zen 4, bfloat16, 2 threads: the 16-row, 256-unit GRU's forward 7.09
     // -> 5.08 ms, the LSTM's 6.01 -> 5.84, the 200-unit word model's LSTM 6.58 -> 6.26; 16 rows
-    // of 512 LSTM units 21.0 -> 21.3).
-    if (rows >= kAmxMinRows && !amx::usable()) return false;
+    // of 512 LSTM units 21.0 -> 21.3). amx_rows_by_dots_ is set before this is called.
+    if (rows >= kAmxMinRows && amx_rows_by_dots_) return false;
     return at::get_num_threads() > 1 && amx_.passes() > 1 && rows * n_ * k_ >= min_work &&
            (rows <= amx::kTileRows || outgrows_cache);
   }
