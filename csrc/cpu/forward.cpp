@@ -170,7 +170,7 @@ bool runs_by_panels(const LayerView<T>& v, bool projecting) {
     const bool concurrent_threads =
         AT_PARALLEL_OPENMP || at::get_num_threads() == 1 || at::in_parallel_region();
     return !projecting && !v.gate_packed && concurrent_threads &&
-           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_);
+           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_, static_cast<int>(v.G / v.H));
 #endif
   }
   (void)v, (void)projecting;

@@ -529,15 +529,33 @@ constexpr int64_t kPanelMinSteps = 4;
 // GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
 // 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
 // against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
-// generic kernels at half of oneDNN's rate: there the panels run every batch.
+// generic kernels at half of oneDNN's rate: there the panels run every batch ...
 constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
+// ... but for tiles that run their gates in two passes (splits_gates: the float LSTM with AVX2,
+// whose 16 registers hold 3 rows of every gate), which take at most this many rows beside MKL on
+// any CPU: on a 2-core AMD EPYC of the Zen 3 generation (AVX2, no AVX-512; MKL runs its AVX2
+// kernels for Zen there) MKL's packed GEMM per step ran the LSTM forward faster from 20 rows
+// (2 threads, in one process: 20 rows x 35 steps of 650 units, two layers, 115 -> 92 ms, of
+// 200 units 10.2 -> 9.7; 32 rows x 100 steps of 256 units 44.5 -> 33.9, 64 rows 89 -> 71; the
+// training steps 3-15% faster), 16 rows slower (256 units 18.4 against 19.5 ms, 512 units 65
+// against 70). The GRU's tiles of 4 rows ran 64 rows faster in the panels there (40 against
+// 46 ms).
+constexpr int64_t kSplitGatePanelMaxRowsBesideMkl = 16;
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
+// MKL is the BLAS of torch's x86 builds (sgemm_ is weak: null without it).
+inline bool blas_is_mkl() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return &sgemm_ != nullptr;
+#else
+  return false;
+#endif
+}
+
 inline bool blas_is_fast_here() {
   static const bool fast = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    // MKL is the BLAS of torch's x86 builds.
-    return cpu_vendor_is("GenuineIntel") && &sgemm_ != nullptr;
+    return cpu_vendor_is("GenuineIntel") && blas_is_mkl();
 #else
     return false;
 #endif
@@ -559,13 +577,16 @@ constexpr int64_t kPanelMinSingleRowWork = int64_t(48) << 10;
 constexpr int64_t kPanelMinSingleRowWork = int64_t(1) << 14;
 #endif
 
-// Whether the panels take a per-step product [rows, terms] x [terms, outputs] over `steps`
-// steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the backward's
-// dgates W_hh (backward.cpp).
+// Whether the panels of `gates` gates take a per-step product [rows, terms] x [terms, outputs]
+// over `steps` steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the
+// backward's dgates W_hh (backward.cpp).
 template <typename T>
-bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps) {
+bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps, int gates) {
   using Product = RecurrentProduct<T>;
-  if (steps < kPanelMinSteps || (rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here())) {
+  const bool weak_tiles =
+      std::is_same_v<T, float> && GatePanels<T>::splits_gates(gates) && blas_is_mkl();
+  if (steps < kPanelMinSteps || (weak_tiles && rows > kSplitGatePanelMaxRowsBesideMkl) ||
+      (rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here())) {
     return false;
   }
   const auto kernel = Product::kernel_for(rows, outputs, terms, steps);
@@ -611,7 +632,7 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
     const bool single_row_panels =
         gate_size * state_size * int64_t(sizeof(T)) >= kSingleRowPanelMinBytes;
     if ((rows > 1 || single_row_panels) && state_size % kBackwardPanelGates == 0 &&
-        panels_take_product<T>(rows, state_size, gate_size, steps)) {
+        panels_take_product<T>(rows, state_size, gate_size, steps, kBackwardPanelGates)) {
       std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
                                           kBackwardPanelGates, GatePanels<T>::Layout::Transposed);
       panels->pack_all();
