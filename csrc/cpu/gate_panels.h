@@ -12,12 +12,18 @@
 // blocking, with the gates of a unit side by side).
 //
 // Where the registers hold fewer than 4 rows of every gate (the LSTM with AVX2: 3 rows x 4
-// gates), the rows a batch leaves over after its tiles of 3 go into tiles of 4 or 5 rows that
-// run their gates in two passes of half of them (5 rows x 2 gates, twice), not into a tile of
-// 2 rows x 4 gates, whose 8 accumulators leave the multiply-adds waiting on each other: it ran
-// at 60% of the rate of a tile of 3. (On a 2-core AMD EPYC: the 16-row forward 3-7% faster,
-// other batches within 1%. Tiles of 5 or 6 rows in two passes for every batch ran 16 rows 9%
-// faster, but 20 and 32 rows 1-4% slower than tiles of 3.)
+// gates), a batch of fewer than 9 rows runs in tiles of 3, and the rows left over go into a
+// tile of 4 or 5 rows that runs its gates in two passes of half of them (5 rows x 2 gates,
+// twice), not into a tile of 2 rows x 4 gates, whose 8 accumulators leave the multiply-adds
+// waiting on each other: it ran at 60% of the rate of a tile of 3. From 9 rows every tile runs
+// in two passes, as even as tiles of at most 6 rows allow (16 rows as 5 + 5 + 6): a tile reads
+// each term's panel vectors once for its rows, half as often per row as a tile of 3. (On a
+// 2-core AMD EPYC of the Zen 3 generation, LSTM forward under no_grad, 1 thread: 9 rows x 100
+// steps of 256 units 20.0 -> 16.6 ms, 12 rows 29.1 -> 19.5, 16 rows 25.8 -> 23.3, 16 rows of 512
+// units 113 -> 94; 2 threads, 16 rows of 256 and 512 units 13.5 -> 12.0 and 64.7 -> 50.9 ms. A
+// tile of 6 rows in two passes ran 6 rows of 512 units slower than two tiles of 3, 41.7 against
+// 35.9 ms; 7 and 8 rows measured the same either way. Batches of more than 16 rows go to MKL
+// beside it: kSplitGatePanelMaxRowsBesideMkl.)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -106,8 +112,12 @@ class GatePanels {
   static constexpr bool splits_gates(int gates) {
     return rows_per_tile(gates) == 3 && gates % 2 == 0;
   }
+  // The most rows of a tile that runs its gates in two passes, and the batch from which every
+  // tile does (the note at the top of this file).
+  static constexpr int kMaxSplitTileRows = 6;
+  static constexpr int64_t kSplitTilesMinRows = 9;
   static constexpr int max_tile_rows(int gates) {
-    return splits_gates(gates) ? 5 : rows_per_tile(gates);
+    return splits_gates(gates) ? kMaxSplitTileRows : rows_per_tile(gates);
   }
   // Independent multiply-add chains that keep the FMA units busy (2 units of 4 cycles' latency
   // on Zen 3 and Skylake-X alike). A tile of fewer accumulators (one row: a batch of 1, or the
@@ -132,19 +142,22 @@ class GatePanels {
   static RowTiles row_tiles(int64_t rows) {
     constexpr int64_t kFull = rows_per_tile(Gates);
     if constexpr (splits_gates(Gates)) {
-      // Tiles of 3, and the 1 or 2 rows left over: 2 as one tile of 5 (3 + 2); 1 as two
-      // tiles of 5 (3 + 3 + 3 + 1), or one of 4 in a batch of 4 or 7.
+      if (rows >= kSplitTilesMinRows) return even_tiles(rows, kMaxSplitTileRows);
+      // Tiles of 3, and the 1 or 2 rows left over: 2 as one tile of 5 (3 + 2); 1 as one of 4.
       const int64_t threes = rows / kFull, left = rows % kFull;
       if (left == 0 || threes == 0) return {threes + (left > 0), threes, kFull, left};
       if (left == 2) return {threes, threes - 1, kFull, kFull + 2};
-      if (threes >= 3) return {threes - 1, threes - 3, kFull, kFull + 2};
       return {threes, threes - 1, kFull, kFull + 1};
     } else {
       // As even as kFull allows: 20 AVX-512 LSTM rows as 4 tiles of 5, not 6 + 6 + 6 + 2.
-      const int64_t count = (rows + kFull - 1) / kFull;
-      if (count == 0) return {0, 0, 0, 0};
-      return {count, count - rows % count, rows / count, rows / count + 1};
+      return even_tiles(rows, kFull);
     }
+  }
+  // `rows` rows in as few tiles of at most `most` rows as they take, as even as they allow.
+  static RowTiles even_tiles(int64_t rows, int64_t most) {
+    const int64_t count = (rows + most - 1) / most;
+    if (count == 0) return {0, 0, 0, 0};
+    return {count, count - rows % count, rows / count, rows / count + 1};
   }
 
   // How the matrix comes: [gates * H, K] (its rows, as W_hh for h W_hh^T), or its transpose
