@@ -22,8 +22,9 @@
 // steps of 256 units 20.0 -> 16.6 ms, 12 rows 29.1 -> 19.5, 16 rows 25.8 -> 23.3, 16 rows of 512
 // units 113 -> 94; 2 threads, 16 rows of 256 and 512 units 13.5 -> 12.0 and 64.7 -> 50.9 ms. A
 // tile of 6 rows in two passes ran 6 rows of 512 units slower than two tiles of 3, 41.7 against
-// 35.9 ms; 7 and 8 rows measured the same either way. Batches of more than 16 rows go to MKL
-// beside it: kSplitGatePanelMaxRowsBesideMkl.)
+// 35.9 ms; 7 and 8 rows measured the same either way. Double's tiles, of 4 lanes, take the same
+// shapes, not measured. A float batch of more than 16 rows goes to MKL beside it:
+// kSplitGatePanelMaxRowsBesideMkl.)
 #pragma once
 
 #include <ATen/Parallel.h>
