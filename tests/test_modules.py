@@ -1139,9 +1139,9 @@ def test_input_projected_in_gate_panels(rf, device, spec, case, hx_given, layout
     (x_t W_ih^T + h W_hh^T, no GEMM over all steps): inputs of a partial and of whole cache
     lines of terms, batch-major (no_grad) and time-major rows, both directions, two layers.
     The GRU's panels (and all cells' under 8 rows) take h alone; from zero states the first
-    step's tile of W_hh's several chunks of terms is the bias alone. 16 rows: the most the
-    LSTM's panels take with AVX2 beside MKL. Outputs, and in training every gradient, are
-    torch.nn's."""
+    step's tile of W_hh's several chunks of terms is the bias alone. 16 rows: the most whose
+    input the LSTM's panels project in the steps with AVX2. Outputs, and in training every
+    gradient, are torch.nn's."""
     sizes = dict(T=case["T"], B=case["B"], I=case["I"], H=PANEL_HIDDEN[spec.mode][case["which"]])
     check = check_layer if grad else check_layer_no_grad
     with torch_threads(2):
@@ -1161,9 +1161,8 @@ def test_gate_panels_split_over_batch_rows(rf, device, spec, batch, hx_given, la
     over an input too wide for [W_ih | W_hh] to fit in a core's cache) and all of W_hh's panels
     fit in one core's cache, the CPU engine's forward gives each thread a share of the batch
     rows over all panels (21 rows: shares of 11 and 10). As rows of a packed sequence end, a
-    share's active rows shrink on their own (the LSTM with AVX2 beside MKL: 16 rows; it runs 21
-    in MKL's product per step). Outputs, and in training every gradient, are torch.nn's, both
-    directions, two layers, on one thread and two."""
+    share's active rows shrink on their own. Outputs, and in training every gradient, are
+    torch.nn's, both directions, two layers, on one thread and two."""
     sizes = dict(T=6, B=batch, I=1100 if spec.mode == "LSTM" else 40, H=150)
     check = check_layer if grad else check_layer_no_grad
     with torch_threads(threads):

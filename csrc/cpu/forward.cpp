@@ -170,7 +170,7 @@ bool runs_by_panels(const LayerView<T>& v, bool projecting) {
     const bool concurrent_threads =
         AT_PARALLEL_OPENMP || at::get_num_threads() == 1 || at::in_parallel_region();
     return !projecting && !v.gate_packed && concurrent_threads &&
-           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_, static_cast<int>(v.G / v.H));
+           panels_take_product<T>(v.product_rows, v.G, v.P, v.T_);
 #endif
   }
   (void)v, (void)projecting;
@@ -597,6 +597,13 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
 // per step (panels_take_product's limit stays), and panels past the core's cache (16 rows of
 // 384 units) 3% slower than the GEMM over all steps.
 constexpr int64_t kStepProjectionMinRows = 8;
+// Tiles that run their gates in two passes (GatePanels::splits_gates: the LSTM with AVX2) project
+// the input in their steps up to this many rows: beyond, the tiles of W_hh alone after the GEMM
+// over all steps ran as fast or faster (2-core AMD EPYC, Zen 3, in one process, no_grad forward;
+// 1 thread: 32 rows x 100 steps of 256 units 56.2 -> 50.0 ms, 64 rows of 512 units 414 -> 356,
+// 20 rows x 35 steps of 650 units, two layers, 183 -> 160; 2 threads: 20-64 rows of 200-650
+// units 10% slower to 10% faster, the training step of 64 rows of 512 units 611 -> 536).
+constexpr int64_t kSplitGateStepProjectionMaxRows = 16;
 
 // Where the BLAS is not MKL on an Intel CPU (blas_is_fast_here), the panels project the input
 // in the steps up to this many bytes of panels, past a core's L2 cache: their tiles, reading
@@ -624,7 +631,8 @@ int64_t step_projection_max_panel_bytes() {
 }
 
 // Whether the forward projects the input [T, B, I] in its steps (StepInput): in the panel
-// schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run),
+// schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run, to
+// kSplitGateStepProjectionMaxRows for tiles in two passes),
 // for a cell that reads xg and hg only as their sum, with no bias of the input's own to add
 // (adds_input_bias: b_ih without b_hh), on rows of unit stride, where the panels of
 // [W_ih | W_hh] are at most step_projection_max_panel_bytes. The rule does not depend on the
@@ -633,8 +641,10 @@ template <typename Cell, typename T>
 bool projects_input_in_steps(const LayerView<T>& v, bool projecting, const Tensor& input,
                              bool adds_input_bias) {
   const int64_t panel_bytes = (input.size(2) + v.H) * v.G * int64_t(sizeof(T));
-  return Cell::kHiddenBiasFoldable && !adds_input_bias && input.stride(2) == 1 &&
-         v.product_rows >= kStepProjectionMinRows &&
+  const bool rows_in_range = v.product_rows >= kStepProjectionMinRows &&
+                             (!GatePanels<T>::splits_gates(Cell::kGates) ||
+                              v.product_rows <= kSplitGateStepProjectionMaxRows);
+  return Cell::kHiddenBiasFoldable && !adds_input_bias && input.stride(2) == 1 && rows_in_range &&
          panel_bytes <= step_projection_max_panel_bytes() && runs_by_panels(v, projecting);
 }
 

@@ -23,8 +23,7 @@
 // units 113 -> 94; 2 threads, 16 rows of 256 and 512 units 13.5 -> 12.0 and 64.7 -> 50.9 ms. A
 // tile of 6 rows in two passes ran 6 rows of 512 units slower than two tiles of 3, 41.7 against
 // 35.9 ms; 7 and 8 rows measured the same either way. Double's tiles, of 4 lanes, take the same
-// shapes, not measured. A float batch of more than 16 rows goes to MKL beside it:
-// kSplitGatePanelMaxRowsBesideMkl.)
+// shapes, not measured.)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -543,18 +542,18 @@ constexpr int64_t kPanelMinSteps = 4;
 // GEMM per step ran the 64-row LSTM forward faster (256 and 512 units: 31 and 117 ms against
 // 36 and 131, 2 threads of a Xeon), from 16 to 20 rows slower (16 rows of 256 units: 8.2
 // against 10.8 ms; 20 rows of 650, two layers: 54 against 62). MKL on AMD CPUs runs its
-// generic kernels at half of oneDNN's rate: there the panels run every batch ...
+// generic kernels at half of oneDNN's rate: there the panels run every batch. So do the float
+// LSTM's tiles with AVX2 (3 rows of every gate, or 6 in two passes): on a 2-core AMD EPYC of the
+// Zen 3 generation, where MKL runs its AVX2 kernels for Zen, MKL's packed GEMM per step ran 20-64
+// rows faster than tiles of 3 rows alone, and slower than the tiles of 6 (2 threads, in one
+// process, forward under no_grad: 32 rows x 100 steps of 256 units 3-26% faster in three runs,
+// of 512 units 150 -> 124 ms, 64 rows of 512 units 223 -> 193 and 210 -> 178, of 256 units 1-4%
+// faster; 20 rows x 35 steps of 200 units, two layers, 10.7 -> 9.5, of 512 units 74 -> 57; of
+// 650 units 12% slower to 5% faster in five runs of batch-first input, 2% slower time-major
+// (the word model's layout); 100 steps of 650 units 154 -> 135; the layer-normalised LSTM of 32
+// rows of 256 units 33.9 -> 29.8; training steps 3% slower to 15% faster, but one run of the
+// 650-unit two layers, 14% slower, the same in a second).
 constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
-// ... but for tiles that run their gates in two passes (splits_gates: the float LSTM with AVX2,
-// whose 16 registers hold 3 rows of every gate), which take at most this many rows beside MKL on
-// any CPU: on a 2-core AMD EPYC of the Zen 3 generation (AVX2, no AVX-512; MKL runs its AVX2
-// kernels for Zen there) MKL's packed GEMM per step ran the LSTM forward faster from 20 rows
-// (2 threads, in one process: 20 rows x 35 steps of 650 units, two layers, 115 -> 92 ms, of
-// 200 units 10.2 -> 9.7; 32 rows x 100 steps of 256 units 44.5 -> 33.9, 64 rows 89 -> 71; the
-// training steps 3-15% faster), 16 rows slower (256 units 18.4 against 19.5 ms, 512 units 65
-// against 70). The GRU's tiles of 4 rows ran 64 rows faster in the panels there (40 against
-// 46 ms).
-constexpr int64_t kSplitGatePanelMaxRowsBesideMkl = 16;
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
 // MKL is the BLAS of torch's x86 builds (sgemm_ is weak: null without it).
@@ -595,12 +594,9 @@ constexpr int64_t kPanelMinSingleRowWork = int64_t(1) << 14;
 // over `steps` steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the
 // backward's dgates W_hh (backward.cpp).
 template <typename T>
-bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps, int gates) {
+bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps) {
   using Product = RecurrentProduct<T>;
-  const bool weak_tiles =
-      std::is_same_v<T, float> && GatePanels<T>::splits_gates(gates) && blas_is_mkl();
-  if (steps < kPanelMinSteps || (weak_tiles && rows > kSplitGatePanelMaxRowsBesideMkl) ||
-      (rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here())) {
+  if (steps < kPanelMinSteps || (rows > kPanelMaxRowsBesideFastBlas && blas_is_fast_here())) {
     return false;
   }
   const auto kernel = Product::kernel_for(rows, outputs, terms, steps);
@@ -646,7 +642,7 @@ std::optional<GatePanels<T>> backward_panels(const at::Tensor& w_hh, int64_t row
     const bool single_row_panels =
         gate_size * state_size * int64_t(sizeof(T)) >= kSingleRowPanelMinBytes;
     if ((rows > 1 || single_row_panels) && state_size % kBackwardPanelGates == 0 &&
-        panels_take_product<T>(rows, state_size, gate_size, steps, kBackwardPanelGates)) {
+        panels_take_product<T>(rows, state_size, gate_size, steps)) {
       std::optional<GatePanels<T>> panels(std::in_place, w_hh.contiguous(), at::Tensor(),
                                           kBackwardPanelGates, GatePanels<T>::Layout::Transposed);
       panels->pack_all();

@@ -325,7 +325,7 @@ LayerOptionsResult forward_impl(const LayerOptionsArgs& args, bool save) {
   std::optional<GatePanels<T>> panels;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (!projecting && panels_take_product<T>(B, G, P, Tn, Cell::kGates)) {
+    if (!projecting && panels_take_product<T>(B, G, P, Tn)) {
       panels.emplace(args.w_hh.contiguous(), step_bias, Cell::kGates);
       panels->pack_all();
     }
