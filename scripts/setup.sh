@@ -34,7 +34,7 @@ if build_is_current; then
   echo "rnnfast: the installed build is current; nothing to compile"
 else
   # Without build isolation, so the build sees the installed torch. The first build compiles
-  # the whole extension (about 2.5 minutes on 2 cores for the CPU engine alone).
+  # the whole extension (README.md says how long it takes).
   "$PYTHON" -m pip install --no-build-isolation -e .
 fi
 "$PYTHON" -c "import rnnfast, torch; print('rnnfast', rnnfast.__version__, 'built for torch', torch.__version__)"
