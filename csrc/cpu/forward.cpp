@@ -597,13 +597,6 @@ void run_forward(const LayerView<T>& v, StepRange steps, bool zero_initial_state
 // per step (panels_take_product's limit stays), and panels past the core's cache (16 rows of
 // 384 units) 3% slower than the GEMM over all steps.
 constexpr int64_t kStepProjectionMinRows = 8;
-// Tiles that run their gates in two passes (GatePanels::splits_gates: the LSTM with AVX2) project
-// the input in their steps up to this many rows: beyond, the tiles of W_hh alone after the GEMM
-// over all steps ran as fast or faster (2-core AMD EPYC, Zen 3, in one process, no_grad forward;
-// 1 thread: 32 rows x 100 steps of 256 units 56.2 -> 50.0 ms, 64 rows of 512 units 414 -> 356,
-// 20 rows x 35 steps of 650 units, two layers, 183 -> 160; 2 threads: 20-64 rows of 200-650
-// units 10% slower to 10% faster, the training step of 64 rows of 512 units 611 -> 536).
-constexpr int64_t kSplitGateStepProjectionMaxRows = 16;
 
 // Where the BLAS is not MKL on an Intel CPU (blas_is_fast_here), the panels project the input
 // in the steps up to this many bytes of panels, past a core's L2 cache: their tiles, reading
@@ -631,20 +624,23 @@ int64_t step_projection_max_panel_bytes() {
 }
 
 // Whether the forward projects the input [T, B, I] in its steps (StepInput): in the panel
-// schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run, to
-// kSplitGateStepProjectionMaxRows for tiles in two passes),
+// schedule (runs_by_panels; from kStepProjectionMinRows rows, a product the BLAS would run),
 // for a cell that reads xg and hg only as their sum, with no bias of the input's own to add
 // (adds_input_bias: b_ih without b_hh), on rows of unit stride, where the panels of
-// [W_ih | W_hh] are at most step_projection_max_panel_bytes. The rule does not depend on the
-// thread count: a call sums each output in the same order on any number of threads.
+// [W_ih | W_hh] are at most step_projection_max_panel_bytes. Not in tiles that run their gates
+// in two passes (GatePanels::splits_gates: the LSTM with AVX2), whose tiles of W_hh after the
+// GEMM over all steps ran as fast or faster (2-core AMD EPYC, Zen 3, in one process, no_grad
+// forward; 1 thread: 16 rows x 100 steps of 512 units 114 -> 88 ms, 32 rows of 256 units 56.2
+// -> 50.0, 64 rows of 512 units 414 -> 356, 20 rows x 35 steps of 650 units, two layers, 183 ->
+// 160; 2 threads: 8-16 rows of 256-512 units the same to 8% faster, 20-64 rows of 200-650 units
+// 10% slower to 10% faster; training steps 5% slower to 14% faster). The rule does not depend on
+// the thread count: a call sums each output in the same order on any number of threads.
 template <typename Cell, typename T>
 bool projects_input_in_steps(const LayerView<T>& v, bool projecting, const Tensor& input,
                              bool adds_input_bias) {
   const int64_t panel_bytes = (input.size(2) + v.H) * v.G * int64_t(sizeof(T));
-  const bool rows_in_range = v.product_rows >= kStepProjectionMinRows &&
-                             (!GatePanels<T>::splits_gates(Cell::kGates) ||
-                              v.product_rows <= kSplitGateStepProjectionMaxRows);
-  return Cell::kHiddenBiasFoldable && !adds_input_bias && input.stride(2) == 1 && rows_in_range &&
+  return Cell::kHiddenBiasFoldable && !GatePanels<T>::splits_gates(Cell::kGates) &&
+         !adds_input_bias && input.stride(2) == 1 && v.product_rows >= kStepProjectionMinRows &&
          panel_bytes <= step_projection_max_panel_bytes() && runs_by_panels(v, projecting);
 }
 
