@@ -556,19 +556,11 @@ constexpr int64_t kPanelMinSteps = 4;
 constexpr int64_t kPanelMaxRowsBesideFastBlas = 32;
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)  // the panels' copies only
-// MKL is the BLAS of torch's x86 builds (sgemm_ is weak: null without it).
-inline bool blas_is_mkl() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return &sgemm_ != nullptr;
-#else
-  return false;
-#endif
-}
-
 inline bool blas_is_fast_here() {
   static const bool fast = [] {
 #if defined(__x86_64__) || defined(_M_X64)
-    return cpu_vendor_is("GenuineIntel") && blas_is_mkl();
+    // MKL is the BLAS of torch's x86 builds.
+    return cpu_vendor_is("GenuineIntel") && &sgemm_ != nullptr;
 #else
     return false;
 #endif
@@ -590,9 +582,9 @@ constexpr int64_t kPanelMinSingleRowWork = int64_t(48) << 10;
 constexpr int64_t kPanelMinSingleRowWork = int64_t(1) << 14;
 #endif
 
-// Whether the panels of `gates` gates take a per-step product [rows, terms] x [terms, outputs]
-// over `steps` steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the
-// backward's dgates W_hh (backward.cpp).
+// Whether the panels take a per-step product [rows, terms] x [terms, outputs] over `steps`
+// steps: the forward's h W_hh^T (forward.cpp, options_layer.cpp) and the backward's
+// dgates W_hh (backward.cpp).
 template <typename T>
 bool panels_take_product(int64_t rows, int64_t outputs, int64_t terms, int64_t steps) {
   using Product = RecurrentProduct<T>;
