@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -245,21 +244,32 @@ at::Tensor GradientKernels::column_sums(const at::Tensor& x) const {
 
 namespace {
 
+// Whether any of `count` floating-point values, as their bits, has every exponent bit set (NaN
+// and Inf alone do): an OR of per-value tests, an integer reduction that the compiler vectorizes.
+template <typename Bits>
+bool any_exponent_all_ones(const void* values, int64_t count, Bits exponent) {
+  const Bits* bits = static_cast<const Bits*>(values);
+  Bits non_finite = 0;
+  for (int64_t i = 0; i < count; ++i) non_finite |= Bits((bits[i] & exponent) == exponent);
+  return non_finite != 0;
+}
+
 // Whether gate gradients (contiguous rows) may hold a NaN or Inf: a scan of a CPU tensor's
-// exponent bits (an integer reduction that vectorizes); any other device's are taken as maybe
-// (a check there would wait for the device).
+// exponent bits, in every floating type (at::isfinite, taken for all but float, made four
+// temporaries of the gradients' size: see run_forward's product of no terms); any other
+// device's are taken as maybe (a check there would wait for the device).
 bool may_be_non_finite(const at::Tensor& dgate) {
   if (!dgate.device().is_cpu()) return true;
   const at::Tensor values = dgate.contiguous();
+  const void* data = values.data_ptr();
   const int64_t n = values.numel();
-  if (values.scalar_type() == at::kFloat) {
-    const uint32_t* bits = static_cast<const uint32_t*>(values.data_ptr());
-    constexpr uint32_t kExponent = 0x7f800000u;  // all ones only in NaN and Inf
-    uint32_t non_finite = 0;  // an OR of per-value tests, which the compiler vectorizes
-    for (int64_t i = 0; i < n; ++i) non_finite |= uint32_t((bits[i] & kExponent) == kExponent);
-    return non_finite != 0;
+  switch (values.scalar_type()) {
+    case at::kFloat: return any_exponent_all_ones<uint32_t>(data, n, 0x7f800000u);
+    case at::kDouble: return any_exponent_all_ones<uint64_t>(data, n, 0x7ff0000000000000u);
+    case at::kBFloat16: return any_exponent_all_ones<uint16_t>(data, n, 0x7f80u);
+    case at::kHalf: return any_exponent_all_ones<uint16_t>(data, n, 0x7c00u);
+    default: TORCH_INTERNAL_ASSERT(false, "rnnfast: gate gradients of ", values.scalar_type());
   }
-  return !at::isfinite(values).all().item<bool>();
 }
 
 // Rows [first, first + count) of [T * B] that one product takes; rows [first + count, end) after

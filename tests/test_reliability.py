@@ -115,6 +115,31 @@ def test_non_finite_weights_propagate_as_in_torch_nn(name, kwargs, steps, batch,
         _assert_same_pattern(grads, reference_grads, f"{parameter}: gradients")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["float32", "float64", "bfloat16", "float16"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("name,kwargs", LAYERS, ids=[n + kw.get("nonlinearity", "")
+                                                       for n, kw in LAYERS])
+def test_non_finite_first_step_gradients_reach_w_hh_as_in_torch_nn(name, kwargs, value, dtype):
+    """Without hx, W_hh's gradient leaves out the first step's term dgate^T h_0, which is zero,
+    unless that step's gate gradients hold a NaN or an Inf (the term is then NaN, as in
+    torch.nn): the scan of their bits, in every floating type."""
+    torch.manual_seed(0)
+    reference, ours = _pair(name, kwargs, 3, 5)
+    reference.to(dtype)
+    ours.to(dtype)
+    x = torch.randn(4, 2, 3, dtype=dtype)
+    grad_out = [torch.randn(4, 2, 5, dtype=dtype), torch.randn(1, 2, 5, dtype=dtype)]
+    if name == "LSTM":
+        grad_out.append(torch.randn(1, 2, 5, dtype=dtype))
+    grad_out[0][0, 1, 2] = value  # the first step's output, row 1, unit 2
+    _, reference_grads = _run(reference, x, None, grad_out, False)
+    _, grads = _run(ours, x, None, grad_out, False)
+    # W_hh's gradient, after x's and W_ih's
+    assert torch.isnan(reference_grads[2]).any()
+    _assert_same_pattern(grads[2:3], reference_grads[2:3], "W_hh's gradient")
+
+
 @pytest.mark.parametrize("name,kwargs", LAYERS, ids=[n + kw.get("nonlinearity", "")
                                                        for n, kw in LAYERS])
 def test_weights_changed_in_place_are_scanned_again(name, kwargs):

@@ -81,10 +81,15 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   Tensor dh_direct = has_direct_path ? at::empty({B, P}, grad_output.options()) : Tensor();
   Tensor dh_unprojected = projecting ? at::empty({B, H}, grad_output.options()) : Tensor();
   using Product = RecurrentProduct<T>;
-  // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]
-  const Product recurrent_back(w_hh.t(), Tensor(), v.product_rows, v.T_,
-                               v.gate_packed ? Product::Packed::Input : Product::Packed::None,
-                               v.unit_hidden);
+  // Zero initial states read as a zero row.
+  const bool zero_initial_state = !hx.defined();
+  // dh_prev = dh_direct + dgate_h W_hh  [B, G] x [G, P]. In a call of one step without hx's
+  // gradient (recurrent_step skips step 0's product) a product of no terms ([P, 0]), which
+  // copies nothing, as the forward's (run_forward).
+  const bool multiplies = v.T_ > 1 || (!zero_initial_state && state_grad);
+  const Product recurrent_back(
+      multiplies ? w_hh.t() : w_hh.t().narrow(1, 0, 0), Tensor(), v.product_rows, v.T_,
+      v.gate_packed ? Product::Packed::Input : Product::Packed::None, v.unit_hidden);
   // dh_unprojected = dprojected W_hr  [B, P] x [P, H]
   const Product projection_back(projecting ? w_hr.t() : Tensor(), Tensor(), v.product_rows, v.T_);
 
@@ -95,8 +100,6 @@ void run_backward(const LayerView<T>& v, const Tensor& grad_output, const Tensor
   const auto grad_output_row = [&](int64_t t, int64_t b) {
     return go_data + t * go_step + b * go_batch;
   };
-  // Zero initial states read as a zero row.
-  const bool zero_initial_state = !hx.defined();
   Tensor zero_row =
       zero_initial_state ? zeros_by_memset({std::max(P, H)}, grad_output.options()) : Tensor();
   const T* hx_data = zero_initial_state ? nullptr : hx.data_ptr<T>();
