@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import rnnfast
+from cpu_features import runs_bf16_dot_products
 from op_args import VARIANTS, backward_args, differentiable_outputs, make_args
 from rnnfast import _ops
 from thread_count import torch_threads
@@ -638,18 +639,7 @@ def test_half_precision_on_cpu(cls, dtype, batch, hidden):
         assert (p.grad.double() - q.grad).abs().max() <= 2 * limit * q.grad.abs().max()
 
 
-def _runs_bf16_dot_products():
-    """Whether the AVX-512 engine runs here on a CPU with AVX512-BF16's dot products, which run
-    the bfloat16 per-step products where AMX's tiles do not (Linux's CPU flags)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return rnnfast.cpu_capability() == "AVX512" and "avx512_bf16" in flags
-
-
-@pytest.mark.skipif(not (_ops._C.cpu_amx() or _runs_bf16_dot_products()),
+@pytest.mark.skipif(not (_ops._C.cpu_amx() or runs_bf16_dot_products()),
                     reason="this CPU runs neither AMX tiles nor AVX512-BF16 dot products")
 @pytest.mark.parametrize("cls", [rnnfast.LSTM, rnnfast.GRU, rnnfast.RNN])
 @pytest.mark.parametrize("batch,hidden,packed", [(1, 512, False), (3, 100, False),

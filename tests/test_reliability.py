@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import rnnfast
+from cpu_features import runs_bf16_dot_products
 
 # (rnnfast class, torch.nn class, keyword arguments): every layer and cell type.
 LAYERS = [
@@ -298,6 +299,34 @@ _THREAD_SHAPES = [
     ("GRU", (9, 12, 20, 200, 1)),
     ("RNN", (9, 9, 30, 450, 1)),
 ]
+
+
+# bfloat16 products past the engine's float ones (the widened product's limit), in MKL's
+# bfloat16 GEMM where the CPU has no AVX512-BF16 (csrc/cpu/blas.h: gemm_with_float_sums): per-step
+# products in several blocks of columns, products over all steps in blocks of rows too.
+_BFLOAT16_THREAD_SHAPES = [("LSTM", (3, 20, 650, 650, 1)), ("GRU", (3, 64, 300, 500, 1))]
+
+
+@pytest.mark.skipif(runs_bf16_dot_products(),
+                    reason="this CPU's bfloat16 GEMMs run on its AVX512-BF16 instructions")
+@pytest.mark.parametrize("name,sizes", _BFLOAT16_THREAD_SHAPES,
+                         ids=[f"{n}-T{s[0]}-B{s[1]}-I{s[2]}-H{s[3]}"
+                              for n, s in _BFLOAT16_THREAD_SHAPES])
+def test_bfloat16_results_do_not_depend_on_the_thread_count(name, sizes):
+    steps, batch, input_size, hidden, layers = sizes
+    module = getattr(rnnfast, name)(input_size, hidden, num_layers=layers).bfloat16()
+    x = torch.randn(steps, batch, input_size, dtype=torch.bfloat16)
+    grad_out = torch.randn(steps, batch, hidden, dtype=torch.bfloat16)
+    threads_before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_forward_backward(module, x, None, grad_out))
+    finally:
+        torch.set_num_threads(threads_before)
+    for index, (one, two) in enumerate(zip(*results)):
+        assert torch.equal(one, two), f"result {index} differs between 1 and 2 threads"
 
 
 def _forward_backward(module, x, hx, grad_out):

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #endif
 
 #include "../parallel_rows.h"
+#include "amx_product.h"
 #include "capability.h"
 #include "row_dot_product.h"
 
@@ -42,6 +44,10 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+// MKL's GEMM of bfloat16 operands (MKL_BF16: their bits) with float sums into a float C.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
 // MKL's thread count for the calling thread's next calls (0: back to the global setting);
 // returns the previous one. (The C entry point: the lower-case names are Fortran's, which take
 // a pointer.)
@@ -270,6 +276,71 @@ void row_times_matrix(int64_t n, int64_t k, const T* x, const T* b, int64_t ldb,
   }
 }
 
+// Whether bfloat16 GEMMs run in MKL's bfloat16 GEMM (gemm_with_float_sums) rather than ATen's:
+// where the CPU has no AVX512-BF16 instructions, on which ATen's runs. Without them ATen's ran
+// at 15-19 GFLOP/s and MKL's, which reads the operands as they are, at 84-142 (2 threads of a
+// 2-core Zen 3 EPYC: the per-step products of 16-64 rows of 512 units and 20 rows of 650, and
+// the products over all steps of the 650-unit word model; float's own GEMM ran 57-162).
+inline bool bfloat16_gemm_in_mkl() {
+  static const bool chosen = &cblas_gemm_bf16bf16f32 != nullptr && !amx::has_bf16_dot_products();
+  return chosen;
+}
+
+// C[m, n] = A B + beta * C in bfloat16 by MKL's GEMM with float sums, each output rounded to
+// bfloat16 once. C in blocks of at most kFloatSumRows x kFloatSumColumns, each computed by the
+// single-threaded BLAS into a float buffer of the thread's (loaded from C where beta is 1) and
+// then rounded into C: the blocks are fixed by the shape alone, so every output is the same sum
+// on any number of threads, and the float values never take more than a block's buffer. A
+// product of fewer than kThreadedGemmMinWork multiply-adds, or one inside a parallel region,
+// runs its blocks on the calling thread.
+constexpr int64_t kFloatSumRows = 128;
+constexpr int64_t kFloatSumColumns = 512;
+inline void gemm_with_float_sums(int64_t m, int64_t n, int64_t k, MatrixRef<at::BFloat16> a,
+                                 MatrixRef<at::BFloat16> b, at::BFloat16 beta, at::BFloat16* c,
+                                 int64_t ldc, bool threaded) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  const int64_t row_blocks = (m + kFloatSumRows - 1) / kFloatSumRows;
+  const int64_t column_blocks = (n + kFloatSumColumns - 1) / kFloatSumColumns;
+  const bool accumulate = float(beta) == 1.0f;
+  const auto run_blocks = [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> sums;
+    sums.resize(kFloatSumRows * kFloatSumColumns);
+    const bool one_thread = &MKL_Set_Num_Threads_Local != nullptr;
+    const int threads_before = one_thread ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row0 = block / column_blocks * kFloatSumRows;
+      const int64_t col0 = block % column_blocks * kFloatSumColumns;
+      const int64_t rows = std::min(kFloatSumRows, m - row0);
+      const int64_t cols = std::min(kFloatSumColumns, n - col0);
+      at::BFloat16* c_block = c + row0 * ldc + col0;
+      if (accumulate) {
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(c_block + r * ldc, c_block + r * ldc + cols, sums.data() + r * cols);
+        }
+      }
+      // op(A)'s rows row0 .. and op(B)'s columns col0 .. (a transposed operand is stored
+      // [k, m] or [n, k]).
+      const at::BFloat16* a_rows = a.transposed ? a.data + row0 : a.data + row0 * a.ld;
+      const at::BFloat16* b_cols = b.transposed ? b.data + col0 * b.ld : b.data + col0;
+      cblas_gemm_bf16bf16f32(kRowMajor, a.transposed ? kTrans : kNoTrans,
+                             b.transposed ? kTrans : kNoTrans, int(rows), int(cols), int(k), 1.0f,
+                             reinterpret_cast<const uint16_t*>(a_rows), int(a.ld),
+                             reinterpret_cast<const uint16_t*>(b_cols), int(b.ld),
+                             accumulate ? 1.0f : 0.0f, sums.data(), int(cols));
+      for (int64_t r = 0; r < rows; ++r) {
+        at::vec::convert(sums.data() + r * cols, c_block + r * ldc, cols);
+      }
+    }
+    if (one_thread) MKL_Set_Num_Threads_Local(threads_before);
+  };
+  const int64_t blocks = row_blocks * column_blocks;
+  if (threaded && blocks > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, blocks, 1, run_blocks);
+  } else {
+    run_blocks(0, blocks);
+  }
+}
+
 // C[m, n] = A[m, k] B[k, n] + beta * C (row-major, C's leading dimension ldc; beta 0 or 1).
 // Inside a parallel region the BLAS runs on the calling thread only.
 template <typename T>
@@ -336,6 +407,13 @@ void gemm(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, T bet
         dgemm_(&tb, &ta, &ni, &mi, &ki, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldci);
       }
       if (one_thread) MKL_Set_Num_Threads_Local(threads_before);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (bfloat16_gemm_in_mkl() && fits_int && k > 0) {
+      gemm_with_float_sums(m, n, k, a, b, beta, c, ldc,
+                           threads != GemmThreads::OnCaller && m * n * k >= kThreadedGemmMinWork);
       return;
     }
   }

@@ -198,10 +198,11 @@ class RecurrentProduct {
  private:
   // bfloat16 and float16 products run in float below kWidenedMaxWork multiply-adds per step:
   // ATen's GEMM of these types took 3.5 of the 6.4 ms of fashion-MNIST's LSTM forward (128
-  // rows, 30 units; torch.nn's whole forward: 0.44 ms). From there ATen's GEMM of the type
-  // (oneDNN, on AMX where the CPU has it) is the faster one: the 64-row LSTM's forward of 512
-  // units ran 27 ms against 53 in float, of 256 units 11 against 17, 16 rows of 512 units 12
-  // against 16 ms; 16 rows of 256 units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads).
+  // rows, 30 units; torch.nn's whole forward: 0.44 ms). From there the GEMM of the type is the
+  // faster one (blas.h: ATen's, oneDNN on AMX where the CPU has it; MKL's where the CPU has no
+  // bfloat16 instructions): the 64-row LSTM's forward of 512 units ran 27 ms against 53 in
+  // float, of 256 units 11 against 17, 16 rows of 512 units 12 against 16 ms; 16 rows of 256
+  // units ran 4.0 ms in float against 6.1 (bfloat16, 2 threads of a Xeon).
   static constexpr bool kWidened = kComputedInFloat<T>;
   static constexpr int64_t kWidenedMaxWork = int64_t(1) << 23;
   // bfloat16 products run on AMX tiles (amx_product.h), where the CPU has them: in calls of
