@@ -13,6 +13,7 @@ from torch import nn
 
 import rnnfast
 from cpu_features import runs_bf16_dot_products
+from thread_count import torch_threads
 
 # (rnnfast class, torch.nn class, keyword arguments): every layer and cell type.
 LAYERS = [
@@ -317,14 +318,10 @@ def test_bfloat16_results_do_not_depend_on_the_thread_count(name, sizes):
     module = getattr(rnnfast, name)(input_size, hidden, num_layers=layers).bfloat16()
     x = torch.randn(steps, batch, input_size, dtype=torch.bfloat16)
     grad_out = torch.randn(steps, batch, hidden, dtype=torch.bfloat16)
-    threads_before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    results = []
+    for threads in (1, 2):
+        with torch_threads(threads):
             results.append(_forward_backward(module, x, None, grad_out))
-    finally:
-        torch.set_num_threads(threads_before)
     for index, (one, two) in enumerate(zip(*results)):
         assert torch.equal(one, two), f"result {index} differs between 1 and 2 threads"
 
